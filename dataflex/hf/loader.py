@@ -1,0 +1,82 @@
+"""Reaching into the Trainer's prepared DataLoader without subclassing the Trainer.
+
+Layout pinned by ``tests/test_hf_loader_layout.py`` (transformers 5.x, accelerate 1.x):
+
+* one process: ``DataLoaderShard.batch_sampler`` is a ``BatchSampler`` whose ``.sampler`` we replace;
+* several processes: ``DataLoaderShard.batch_sampler`` is accelerate's ``BatchSamplerShard`` wrapping
+  that ``BatchSampler``; ranks take consecutive batches round-robin.
+
+We never rely on the loader to tell us which examples a batch holds. Instead the positions (within the
+epoch) of every batch this rank will see are computed by running the *same* batching and sharding
+classes over ``range(num_samples)``; the sampler maps positions to example ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import BatchSampler
+
+
+@dataclass
+class LoaderLayout:
+    """Where the sampler sits and how batches are dealt to ranks."""
+
+    batch_sampler: BatchSampler  # the BatchSampler whose ``.sampler`` dataflex replaces
+    shard: Any | None  # accelerate BatchSamplerShard, or None in a single process
+    batch_size: int
+    num_workers: int
+    prefetch_factor: int
+
+    @property
+    def world_size(self) -> int:
+        return int(self.shard.num_processes) if self.shard is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return int(self.shard.process_index) if self.shard is not None else 0
+
+
+def inspect_loader(loader: Any) -> LoaderLayout:
+    """Find the replaceable BatchSampler inside a (possibly accelerate-prepared) DataLoader."""
+    outer = getattr(loader, "batch_sampler", None)
+    if outer is None:
+        raise TypeError(
+            f"the train DataLoader ({type(loader).__name__}) has no batch_sampler: dataflex needs a map-style "
+            "dataset (an IterableDataset is read in its own order and cannot be re-mixed)"
+        )
+    shard = None
+    inner = outer
+    if type(outer).__name__ == "BatchSamplerShard":
+        shard, inner = outer, outer.batch_sampler
+    if not (hasattr(inner, "sampler") and hasattr(inner, "batch_size")):
+        raise TypeError(
+            f"unexpected batch sampler layout {type(outer).__name__} -> {type(inner).__name__}: dataflex expects "
+            "a torch BatchSampler (optionally inside accelerate's BatchSamplerShard)"
+        )
+    if getattr(shard, "split_batches", False):
+        # With split_batches each global batch is cut across ranks; the position arithmetic below
+        # would still hold, but it is untested, so refuse rather than mislabel examples.
+        raise NotImplementedError("accelerate split_batches=True is not supported by dataflex yet")
+    workers = int(getattr(loader, "num_workers", 0) or 0)
+    prefetch = int(getattr(loader, "prefetch_factor", None) or (2 if workers > 0 else 0))
+    return LoaderLayout(inner, shard, int(inner.batch_size), workers, prefetch)
+
+
+def rank_position_batches(num_samples: int, layout: LoaderLayout) -> list[np.ndarray]:
+    """Positions (within an epoch) of each batch this rank receives, in order."""
+    base = BatchSampler(range(num_samples), layout.batch_size, bool(layout.batch_sampler.drop_last))
+    if layout.shard is None:
+        batches = base
+    else:
+        shard_cls = type(layout.shard)
+        batches = shard_cls(
+            base,
+            num_processes=layout.shard.num_processes,
+            process_index=layout.shard.process_index,
+            split_batches=layout.shard.split_batches,
+            even_batches=layout.shard.even_batches,
+        )
+    return [np.asarray(b, dtype=np.int64) for b in batches]

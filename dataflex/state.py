@@ -1,0 +1,120 @@
+"""Resumable state: the ``Stateful`` protocol, the dataset fingerprint and the versioned envelope.
+
+Every piece of dataflex that changes during training (samplers, schedules, policies, score stores)
+exposes ``state_dict() -> dict`` and ``load_state_dict(dict)``, with the same shape as torchdata's
+``Stateful``. The dicts hold only JSON types (no tensors, no NaN), so a checkpoint is one readable
+JSON file that survives a round-trip through any tool.
+
+The envelope adds a format version and a fingerprint of the dataset (example count, domain names and
+a hash of the per-example domain labels). Loading a state written for another dataset would silently
+replay the wrong examples, so it is refused with an error that shows both fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+STATE_FORMAT = "dataflex.state"
+STATE_VERSION = 1
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An object whose progress can be saved to and restored from a JSON-safe dict."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class DatasetFingerprint:
+    """Identity of a training set as seen by dataflex: ids 0..n-1 and one domain label each."""
+
+    num_examples: int
+    domain_names: tuple[str, ...]
+    labels_sha256: str
+
+    @classmethod
+    def from_labels(cls, domain_ids: np.ndarray, domain_names: Sequence[str]) -> DatasetFingerprint:
+        ids = np.ascontiguousarray(np.asarray(domain_ids, dtype=np.int64))
+        digest = hashlib.sha256()
+        digest.update("\x1f".join(domain_names).encode())
+        digest.update(ids.tobytes())
+        return cls(int(ids.shape[0]), tuple(domain_names), digest.hexdigest())
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["domain_names"] = list(self.domain_names)
+        return d
+
+    def check_matches(self, saved: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if a saved fingerprint describes a different dataset."""
+        mine = self.to_json()
+        if saved != mine:
+            diffs = [f"{k}: checkpoint={saved.get(k)!r} vs this run={mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+            raise ValueError(
+                "dataflex state was saved for a different dataset, refusing to resume on this one "
+                "(the example order would not be reproduced). Differences: " + "; ".join(diffs)
+            )
+
+
+def wrap_state(fingerprint: DatasetFingerprint, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "fingerprint": fingerprint.to_json(),
+        **payload,
+    }
+
+
+def unwrap_state(state: dict[str, Any], fingerprint: DatasetFingerprint) -> dict[str, Any]:
+    """Check format, version and fingerprint; return the payload keys."""
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"not a dataflex state (format={state.get('format')!r}, expected {STATE_FORMAT!r})")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"dataflex state version {state.get('version')!r} is not supported by this release "
+            f"(supports version {STATE_VERSION})"
+        )
+    fingerprint.check_matches(state["fingerprint"])
+    return {k: v for k, v in state.items() if k not in ("format", "version", "fingerprint")}
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON so that a crash mid-write leaves either the old file or the new one, never half."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".dataflex-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def floats_to_json(values: np.ndarray) -> list[float | None]:
+    """JSON has no NaN: store missing values as ``null``."""
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64).tolist()]
+
+
+def floats_from_json(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)

@@ -1,0 +1,142 @@
+"""Per-example scores and per-domain statistics, synchronised across ranks.
+
+The training hook adds one record per micro-batch (example ids, per-example loss, whether the
+example had any counted token). Records stay on the model's device until :meth:`ScoreStore.flush`,
+which is called once per policy update: it gathers every rank's records, reduces them to per-domain
+statistics in a canonical order (sorted by example id, float64), and keeps each example's latest
+loss with the step it was measured at. Every rank therefore hands bit-identical statistics to its
+policy, and so computes bit-identical weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataflex import dist
+from dataflex.state import floats_from_json, floats_to_json
+
+
+@dataclass
+class DomainStats:
+    """Per-domain loss statistics over one update window, identical on every rank."""
+
+    loss_sum: np.ndarray  # (K,) sum of finite per-example losses
+    count: np.ndarray  # (K,) number of examples with a finite loss
+    seen: np.ndarray  # (K,) every example seen, valid or not
+    non_finite: int  # examples whose loss was NaN/Inf although they had counted tokens
+    masked: int  # examples whose labels were all ignore_index
+
+    @property
+    def mean_loss(self) -> np.ndarray:
+        """Mean loss per domain; NaN for a domain with no valid example in the window."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1), np.nan)
+
+    @property
+    def total(self) -> int:
+        return int(self.count.sum())
+
+
+def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class ScoreStore:
+    """Collects per-example losses between updates and remembers each example's latest loss."""
+
+    def __init__(self, domain_ids: np.ndarray, num_domains: int) -> None:
+        self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
+        self.num_domains = int(num_domains)
+        n = self.domain_ids.shape[0]
+        self.last_loss = np.full(n, np.nan)
+        self.last_step = np.full(n, -1, dtype=np.int64)
+        self.total_non_finite = 0
+        self.total_masked = 0
+        # Records of this rank not yet gathered: (ids, loss, has_tokens), loss on the model's device.
+        self._local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Records already gathered from all ranks (identical everywhere): restored from a checkpoint.
+        self._gathered: list[np.ndarray] = []
+
+    def add(self, ids: torch.Tensor | np.ndarray, loss: torch.Tensor, has_tokens: torch.Tensor) -> None:
+        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if not isinstance(ids, torch.Tensor) else ids
+        if ids_t.shape[0] != loss.shape[0] or loss.shape != has_tokens.shape:
+            raise ValueError(
+                f"ids {tuple(ids_t.shape)}, loss {tuple(loss.shape)} and has_tokens {tuple(has_tokens.shape)} "
+                "must have one entry per example"
+            )
+        self._local.append((ids_t.cpu(), loss.detach(), has_tokens.detach()))
+
+    def _local_array(self) -> np.ndarray:
+        """This rank's pending records as an ``(m, 3)`` float64 array [id, loss, has_tokens]."""
+        if not self._local:
+            return np.zeros((0, 3))
+        ids = torch.cat([r[0] for r in self._local]).double()
+        loss = torch.cat([r[1].float() for r in self._local]).double().cpu()  # one device sync
+        has = torch.cat([r[2] for r in self._local]).double().cpu()
+        return torch.stack([ids, loss, has], dim=1).numpy()
+
+    def gather_pending(self) -> np.ndarray:
+        """Move every rank's pending records into the gathered list (collective: call on all ranks)."""
+        parts = dist.all_gather_objects(self._local_array())
+        self._local.clear()
+        self._gathered.extend(p for p in parts if p.shape[0])
+        return np.concatenate(self._gathered) if self._gathered else np.zeros((0, 3))
+
+    def flush(self, step: int) -> DomainStats:
+        """Gather all ranks' records, update per-example memory and return per-domain statistics."""
+        records = self.gather_pending()
+        self._gathered.clear()
+        # Canonical order makes float sums independent of rank count and of checkpoint boundaries.
+        if records.shape[0]:
+            records = records[np.lexsort((records[:, 1], records[:, 0]))]
+        ids = records[:, 0].astype(np.int64)
+        loss = records[:, 1]
+        has = records[:, 2] > 0.5
+        finite = np.isfinite(loss)
+        valid = has & finite
+        domains = self.domain_ids[ids]
+        k = self.num_domains
+        stats = DomainStats(
+            loss_sum=np.bincount(domains[valid], weights=loss[valid], minlength=k).astype(np.float64),
+            count=np.bincount(domains[valid], minlength=k).astype(np.int64),
+            seen=np.bincount(domains, minlength=k).astype(np.int64),
+            non_finite=int((has & ~finite).sum()),
+            masked=int((~has).sum()),
+        )
+        self.last_loss[ids[valid]] = loss[valid]
+        self.last_step[ids[valid]] = step
+        self.total_non_finite += stats.non_finite
+        self.total_masked += stats.masked
+        return stats
+
+    # -- Stateful --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Collective when records are pending: every rank must call it (the callback does, in on_save)."""
+        pending = self.gather_pending()
+        return {
+            "last_loss": floats_to_json(self.last_loss),
+            "last_step": self.last_step.tolist(),
+            "total_non_finite": self.total_non_finite,
+            "total_masked": self.total_masked,
+            # JSON has no NaN: a non-finite loss is stored as null with has_tokens kept.
+            "pending": [[int(i), None if not np.isfinite(v) else float(v), int(h)] for i, v, h in pending.tolist()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        last_loss = floats_from_json(state["last_loss"])
+        if last_loss.shape != self.last_loss.shape:
+            raise ValueError(f"score store was saved for {last_loss.shape[0]} examples, this run has "
+                             f"{self.last_loss.shape[0]}")
+        self.last_loss = last_loss
+        self.last_step = np.asarray(state["last_step"], dtype=np.int64)
+        self.total_non_finite = int(state["total_non_finite"])
+        self.total_masked = int(state["total_masked"])
+        self._local.clear()
+        pending = np.array(
+            [[i, np.nan if v is None else v, h] for i, v, h in state["pending"]], dtype=np.float64
+        ).reshape(-1, 3)
+        self._gathered = [pending] if pending.shape[0] else []

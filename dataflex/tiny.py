@@ -1,0 +1,115 @@
+"""Tiny models and byte-level text for demos, tests and benchmarks (nothing is downloaded).
+
+Models are built from a config with a fixed seed; text is tokenised as raw UTF-8 bytes, so no
+tokenizer has to be trained or fetched. ``transformers`` and ``datasets`` are imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PAD_ID = 256  # byte values are 0..255; one extra id pads and ends sequences
+VOCAB_SIZE = 257
+
+
+def default_data_dir() -> Path:
+    """``$DATAFLEX_DATA`` if set, else the ``data/`` folder bundled with the repository."""
+    env = os.environ.get("DATAFLEX_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+
+
+def load_jsonl_dir(folder: str | os.PathLike[str], max_per_file: int | None = None) -> list[dict[str, Any]]:
+    """Read every ``*.jsonl`` in ``folder`` (sorted by name), keeping the first ``max_per_file`` records."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no .jsonl files in {folder}")
+    records: list[dict[str, Any]] = []
+    for path in files:
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if max_per_file is not None and i >= max_per_file:
+                    break
+                records.append(json.loads(line))
+    return records
+
+
+def encode_bytes(text: str, max_len: int) -> list[int]:
+    """UTF-8 bytes of ``text`` followed by the end id, cut to ``max_len`` tokens."""
+    return (list(text.encode("utf-8")) + [PAD_ID])[:max_len]
+
+
+def byte_dataset(records: Sequence[dict[str, Any]], max_len: int, text_key: str = "text") -> Any:
+    """A ``datasets.Dataset`` with ``input_ids`` and every other field of the records kept."""
+    from datasets import Dataset
+
+    rows = {key: [r[key] for r in records] for key in records[0] if key != text_key}
+    rows["input_ids"] = [encode_bytes(r[text_key], max_len) for r in records]
+    return Dataset.from_dict(rows)
+
+
+def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids``; labels are the inputs with padding set to -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        row = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        ids[i, : row.numel()] = row
+        mask[i, : row.numel()] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tiny_gpt2(
+    *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 256, seed: int = 0, dropout: float = 0.0
+) -> Any:
+    """A GPT-2 of a few hundred thousand parameters over the byte vocabulary, initialised from ``seed``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=PAD_ID,
+        eos_token_id=PAD_ID,
+        pad_token_id=PAD_ID,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+@torch.no_grad()
+def per_domain_loss(
+    model: Any, dataset: Any, domains: Sequence[str], batch_size: int = 32
+) -> dict[str, float]:
+    """Token-mean loss per domain (tokens pooled within a domain), in eval mode."""
+    from dataflex.losses import per_example_token_loss
+
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate_causal(rows).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, valid = per_example_token_loss(logits, batch["labels"])
+        tokens = (batch["labels"][:, 1:] != -100).sum(1)
+        for j, dom in enumerate(domains[start : start + len(rows)]):
+            if bool(valid[j]):
+                sums[dom] = sums.get(dom, 0.0) + float(loss[j]) * int(tokens[j])
+                counts[dom] = counts.get(dom, 0) + int(tokens[j])
+    return {d: sums[d] / counts[d] for d in sorted(sums)}

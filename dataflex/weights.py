@@ -1,0 +1,88 @@
+"""Domain-weight vectors: validation, flooring and entropy.
+
+Every policy returns a weight vector over the domains, in the order of ``domain_names``. The helpers
+here are the single place where a vector is checked, so every error message has the same shape: it
+shows the bad value and says what would be valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+#: Tolerance on ``sum(weights) == 1`` for user-given weights.
+SUM_TOLERANCE = 1e-6
+
+
+def weights_from_mapping(weights: Mapping[str, float], domain_names: Sequence[str]) -> np.ndarray:
+    """Turn ``{"code": 0.3, ...}`` into a vector ordered like ``domain_names``.
+
+    Domains missing from the mapping get weight 0; names that are not domains raise.
+    """
+    unknown = sorted(set(weights) - set(domain_names))
+    if unknown:
+        raise ValueError(f"unknown domain name(s) {unknown}; valid domains are {list(domain_names)}")
+    return np.array([float(weights.get(name, 0.0)) for name in domain_names], dtype=np.float64)
+
+
+def validate_weights(
+    weights: Sequence[float] | np.ndarray | Mapping[str, float],
+    domain_names: Sequence[str],
+    *,
+    what: str = "weights",
+) -> np.ndarray:
+    """Check a user-supplied weight vector and return it as float64.
+
+    Valid means: one entry per domain, all finite, none negative, at least one positive, and summing
+    to 1 within ``SUM_TOLERANCE``. We do not silently renormalise: a vector that does not sum to 1 is
+    usually a typo (a missing domain, a percent instead of a fraction), and guessing hides it.
+    """
+    if isinstance(weights, Mapping):
+        vec = weights_from_mapping(weights, domain_names)
+    else:
+        vec = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if vec.shape[0] != len(domain_names):
+            raise ValueError(
+                f"{what} has {vec.shape[0]} entries but there are {len(domain_names)} domains "
+                f"{list(domain_names)}; give one weight per domain"
+            )
+    named = dict(zip(domain_names, vec.tolist()))
+    bad = {k: v for k, v in named.items() if not np.isfinite(v)}
+    if bad:
+        raise ValueError(f"{what} must be finite; got non-finite values {bad}")
+    neg = {k: v for k, v in named.items() if v < 0}
+    if neg:
+        raise ValueError(f"{what} must be >= 0; got negative values {neg}")
+    total = float(vec.sum())
+    if total <= 0:
+        raise ValueError(f"{what} must have at least one positive entry; got {named}")
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        raise ValueError(
+            f"{what} must sum to 1 (within {SUM_TOLERANCE}); got sum {total:.8g} for {named}. "
+            "Divide by the sum if you meant proportions."
+        )
+    return vec / total
+
+
+def apply_floor(weights: np.ndarray, floor: float) -> np.ndarray:
+    """Mix ``weights`` with the uniform vector so every entry is at least ``floor``.
+
+    ``w' = floor + (1 - K * floor) * w / sum(w)``: this keeps the ordering of the weights, sums to 1,
+    and guarantees a minimum share. For example K = 8, floor = 0.01 maps a one-hot vector to
+    (0.93, 0.01, ..., 0.01). Non-finite entries are treated as 0 so a bad update cannot poison the mix.
+    """
+    k = weights.shape[0]
+    if not 0.0 <= floor * k < 1.0:
+        raise ValueError(f"floor={floor} is too large for {k} domains: need 0 <= floor < 1/{k} = {1 / k:.4g}")
+    w = np.where(np.isfinite(weights) & (weights > 0), weights, 0.0).astype(np.float64)
+    total = w.sum()
+    w = np.full(k, 1.0 / k) if total <= 0 else w / total
+    return floor + (1.0 - k * floor) * w
+
+
+def entropy(weights: np.ndarray) -> float:
+    """Shannon entropy in nats; ``log(K)`` for uniform, 0 for one-hot. Used to spot collapse."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w[w > 0]
+    return float(-(w * np.log(w)).sum())

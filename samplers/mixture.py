@@ -1,0 +1,279 @@
+"""Domain-mixture sampler: draws examples so that domain shares follow a :class:`WeightSchedule`.
+
+Determinism contract
+--------------------
+For fixed domain labels, seed, epoch length and schedule, the order of example ids in an epoch is a
+pure function of ``(seed, epoch, schedule)``:
+
+* position ``i`` of epoch ``e`` picks its domain from a uniform number ``u_i`` drawn by a generator
+  seeded with ``SeedSequence([seed, e, i // chunk_size])`` (never a global RNG), mapped through the
+  inverse CDF of the weights the schedule gives for global index ``e * num_samples + i``;
+* inside a domain, examples come from a permutation seeded with ``SeedSequence([seed, e, 1, d, pass])``
+  (without replacement) or from a second uniform per position (with replacement).
+
+Because the uniforms do not depend on the weights, a schedule change alters only positions at or after
+its ``effective_at`` index. Resuming after ``k`` consumed samples replays the cheap per-position
+bookkeeping up to ``k`` and then yields exactly positions ``k, k+1, ...``.
+
+Every rank builds the same global sequence; a distributed wrapper (accelerate's ``BatchSamplerShard``)
+deals consecutive batches to ranks. See ``tests/test_sampler_sharding.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from dataflex.domains import encode_domains
+from dataflex.schedule import WeightSchedule
+from dataflex.state import DatasetFingerprint
+
+ExhaustionMode = Literal["reshuffle", "redistribute"]
+_WITHIN_DOMAIN_STREAM = 1
+
+
+class DomainMixtureSampler(Sampler[int]):
+    """Sample example indices so each domain's share follows the schedule's weights.
+
+    Args:
+        domain_ids: domain index (0..K-1) of every example, in dataset order.
+        schedule: weights over the K domains by global sample index; the sampler reads it lazily.
+        seed: base seed of every random stream.
+        num_samples: epoch length; defaults to the dataset size.
+        replacement: draw each example independently (True) or walk a per-domain permutation (False).
+        when_exhausted: without replacement, what to do when a domain has been fully used in an epoch:
+            ``"reshuffle"`` starts a fresh permutation of it (small domains are upsampled and the
+            weights are honoured exactly); ``"redistribute"`` retires it for the rest of the epoch
+            and renormalises the other domains' weights (no example repeats within an epoch).
+        chunk_size: positions per seeded random chunk.
+    """
+
+    def __init__(
+        self,
+        domain_ids: Sequence[int] | np.ndarray,
+        schedule: WeightSchedule,
+        *,
+        seed: int = 0,
+        num_samples: int | None = None,
+        replacement: bool = False,
+        when_exhausted: ExhaustionMode = "reshuffle",
+        chunk_size: int = 4096,
+    ) -> None:
+        ids = np.asarray(domain_ids, dtype=np.int64).reshape(-1)
+        k = len(schedule.domain_names)
+        if ids.size == 0:
+            raise ValueError("domain_ids is empty: the sampler needs at least one example")
+        if ids.min() < 0 or ids.max() >= k:
+            raise ValueError(f"domain ids must lie in [0, {k}) for domains {schedule.domain_names}; got range "
+                             f"[{ids.min()}, {ids.max()}]")
+        counts = np.bincount(ids, minlength=k)
+        empty = [schedule.domain_names[d] for d in np.flatnonzero(counts == 0)]
+        if empty:
+            raise ValueError(f"domain(s) {empty} have no examples; every scheduled domain needs at least one")
+        if when_exhausted not in ("reshuffle", "redistribute"):
+            raise ValueError(f"when_exhausted={when_exhausted!r}; valid values are 'reshuffle', 'redistribute'")
+        if num_samples is not None and num_samples <= 0:
+            raise ValueError(f"num_samples must be positive; got {num_samples}")
+        if when_exhausted == "redistribute" and not replacement and num_samples is not None and num_samples > ids.size:
+            raise ValueError(f"num_samples={num_samples} exceeds the dataset size {ids.size}, which "
+                             "when_exhausted='redistribute' without replacement cannot supply")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+        self.domain_ids = ids
+        self.schedule = schedule
+        self.seed = int(seed)
+        self.num_samples = int(num_samples) if num_samples is not None else int(ids.size)
+        self.replacement = bool(replacement)
+        self.when_exhausted: ExhaustionMode = when_exhausted
+        self.chunk_size = int(chunk_size)
+        self.members = [np.flatnonzero(ids == d) for d in range(k)]
+        self.fingerprint = DatasetFingerprint.from_labels(ids, schedule.domain_names)
+        self.epoch = 0
+        self._resume_position = 0
+        self._yielded = 0
+        self._active_epoch: int | None = None  # epoch of the iteration most recently started
+        self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
+        # Order generated so far in the current epoch (-1 = not yet generated); read by the HF callback
+        # to name the examples of each batch without an extra dataset column.
+        self._order_epoch = -1
+        self._order = np.full(self.num_samples, -1, dtype=np.int64)
+
+    @classmethod
+    def from_labels(
+        cls,
+        labels: Sequence[str],
+        weights: Sequence[float] | dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> DomainMixtureSampler:
+        """Build from string labels; ``weights`` default to uniform over domains."""
+        ids, names = encode_domains(labels)
+        if weights is None:
+            weights = np.full(len(names), 1.0 / len(names))
+        return cls(ids, WeightSchedule(names, weights), **kwargs)
+
+    # -- Sampler ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._resume_position = 0
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.epoch, self._resume_position
+        self._active_epoch = epoch
+        self._resume_position = 0
+        self._yielded = start
+        self._begin_order(epoch)
+        for pos, example in self._generate(epoch):
+            if pos < start:
+                continue
+            self._yielded = pos + 1
+            yield example
+        # A finished epoch moves on, so a state saved now resumes at the start of the next one.
+        self.epoch = epoch + 1
+        self._yielded = 0
+
+    # -- order -----------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int, upto: int | None = None) -> np.ndarray:
+        """Example ids of positions ``0..upto-1`` of ``epoch`` (the whole epoch by default).
+
+        Pure function of the schedule for positions the sampler has not yet passed; used by tests and
+        by anyone who wants to inspect the order without consuming the sampler.
+        """
+        upto = self.num_samples if upto is None else min(int(upto), self.num_samples)
+        out = np.empty(upto, dtype=np.int64)
+        if upto == 0:
+            return out
+        for pos, example in self._generate(epoch, record=False):
+            out[pos] = example
+            if pos + 1 >= upto:
+                break
+        return out
+
+    def ids_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Example ids at ``positions`` of ``epoch``, which the sampler must already have generated."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if epoch == self._order_epoch:
+            ids = self._order[positions]
+            if (ids >= 0).all():
+                return ids
+        # Not generated in this process (for example after a resume that skipped ahead): replay.
+        order = self.epoch_order(epoch, upto=int(positions.max()) + 1)
+        return order[positions]
+
+    def _begin_order(self, epoch: int) -> None:
+        if epoch != self._order_epoch:
+            self._order_epoch = epoch
+            self._order.fill(-1)
+            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] == epoch}
+
+    def _permutation(self, epoch: int, domain: int, pass_index: int) -> np.ndarray:
+        key = (epoch, domain, pass_index)
+        perm = self._perm_cache.get(key)
+        if perm is None:
+            rng = np.random.default_rng(
+                np.random.SeedSequence([self.seed, epoch, _WITHIN_DOMAIN_STREAM, domain, pass_index])
+            )
+            perm = rng.permutation(self.members[domain])
+            self._perm_cache[key] = perm
+        return perm
+
+    def _generate(self, epoch: int, record: bool = True) -> Iterator[tuple[int, int]]:
+        """Yield ``(position, example_id)`` for the whole epoch, in order."""
+        n, k = self.num_samples, len(self.members)
+        base = epoch * n
+        sizes = np.array([m.size for m in self.members])
+        drawn = np.zeros(k, dtype=np.int64)
+        retired = np.zeros(k, dtype=bool)
+        cdf: np.ndarray | None = None
+        segment_end = -1  # global index where the cached cdf stops being valid
+        seen_version = -1  # schedule events added while we run must invalidate the cache
+        for chunk_start in range(0, n, self.chunk_size):
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, chunk_start // self.chunk_size]))
+            u_domain = rng.random(self.chunk_size)
+            u_within = rng.random(self.chunk_size)
+            for j in range(min(self.chunk_size, n - chunk_start)):
+                pos = chunk_start + j
+                g = base + pos
+                if cdf is None or g >= segment_end or self.schedule.version != seen_version:
+                    seen_version = self.schedule.version
+                    cdf = self._cdf(g, retired)
+                    nxt = self.schedule.next_change_after(g)
+                    segment_end = nxt if nxt is not None else np.iinfo(np.int64).max
+                d = min(int(np.searchsorted(cdf, u_domain[j] * cdf[-1], side="right")), k - 1)
+                if self.replacement:
+                    example = int(self.members[d][int(u_within[j] * sizes[d])])
+                else:
+                    pass_index, offset = divmod(int(drawn[d]), int(sizes[d]))
+                    example = int(self._permutation(epoch, d, pass_index)[offset])
+                    drawn[d] += 1
+                    if self.when_exhausted == "redistribute" and drawn[d] == sizes[d]:
+                        retired[d] = True
+                        cdf = None
+                if record:
+                    self.schedule.mark_generated(g)
+                    if epoch == self._order_epoch:
+                        self._order[pos] = example
+                yield pos, example
+
+    def _cdf(self, global_index: int, retired: np.ndarray) -> np.ndarray:
+        w = self.schedule.weights_at(global_index)
+        if retired.any():
+            w = np.where(retired, 0.0, w)
+            if w.sum() <= 0:
+                # Every domain with weight left is used up: fall back to uniform over what remains.
+                w = (~retired).astype(np.float64)
+        return np.cumsum(w)
+
+    # -- Stateful --------------------------------------------------------------------------------
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Save progress. ``consumed`` = samples of the current epoch the *consumer* has used.
+
+        With data-loader workers the sampler runs ahead of training, so pass the consumer's count;
+        without it the number of yielded samples is used (exact only for ``num_workers=0``).
+        ``consumed`` counts within the epoch of the iteration most recently started, even if the
+        sampler has already produced that whole epoch (workers prefetch ahead of the consumer).
+        """
+        if consumed is None or self._active_epoch is None:
+            position, epoch = (self._yielded if consumed is None else int(consumed)), self.epoch
+        else:
+            position, epoch = int(consumed), self._active_epoch
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"consumed={position} is outside the epoch [0, {self.num_samples}]")
+        if position == self.num_samples:
+            epoch, position = epoch + 1, 0
+        return {
+            "fingerprint": self.fingerprint.to_json(),
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "replacement": self.replacement,
+            "when_exhausted": self.when_exhausted,
+            "chunk_size": self.chunk_size,
+            "epoch": epoch,
+            "position": position,
+            "schedule": self.schedule.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_position: bool = True) -> None:
+        """Restore seed-checked settings, schedule and epoch.
+
+        ``restore_position=False`` restores everything but the position within the epoch: use it when
+        the consumer fast-forwards by itself (the HF Trainer skips consumed batches on resume, so the
+        sampler must start the epoch from 0 or the data would be skipped twice).
+        """
+        self.fingerprint.check_matches(state["fingerprint"])
+        for key in ("seed", "num_samples", "replacement", "when_exhausted", "chunk_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state has {key}={state[key]!r} but this sampler has {key}={getattr(self, key)!r}; "
+                    "the order would differ, so the state cannot be resumed here"
+                )
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = int(state["epoch"])
+        self._resume_position = int(state["position"]) if restore_position else 0
+        self._yielded = self._resume_position

@@ -1,0 +1,84 @@
+"""Shared fixtures and the resume helper used across sampler tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader, Dataset
+
+from dataflex.samplers import DomainMixtureSampler
+from dataflex.schedule import WeightSchedule
+
+DOMAINS = ["a", "b", "c", "d"]
+# Very different sizes on purpose: d is tiny and runs dry quickly under uniform weights.
+SIZES = [60, 25, 12, 3]
+
+
+class IndexDataset(Dataset):
+    """Returns the index itself, so a DataLoader yields example ids."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def make_domain_ids(sizes=SIZES, seed: int = 0) -> np.ndarray:
+    ids = np.concatenate([np.full(s, d) for d, s in enumerate(sizes)])
+    return np.random.default_rng(seed).permutation(ids)
+
+
+def make_sampler(domain_ids, events=(), **kwargs) -> DomainMixtureSampler:
+    k = int(domain_ids.max()) + 1
+    schedule = WeightSchedule(DOMAINS[:k], np.full(k, 1.0 / k))
+    for at, w in events:
+        schedule.add(at, w)
+    kwargs.setdefault("chunk_size", 16)  # small chunks so several chunk seeds are exercised
+    return DomainMixtureSampler(domain_ids, schedule, **kwargs)
+
+
+def run_loader(sampler, batch_size: int, num_workers: int, num_batches: int | None = None) -> list[int]:
+    loader = DataLoader(IndexDataset(len(sampler.domain_ids)), batch_size=batch_size, sampler=sampler,
+                        num_workers=num_workers)
+    out: list[int] = []
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        out.extend(int(x) for x in batch)
+    return out
+
+
+def assert_resumes_exactly(build, stop_batches, *, batch_size=4, num_workers=0, epochs=2):
+    """Interrupt after each of ``stop_batches`` batches, save to JSON, rebuild, resume: same ids.
+
+    ``build()`` must return a fresh sampler (fresh schedule too) each time it is called.
+    """
+    reference = []
+    full = build()
+    for epoch in range(epochs):
+        full.set_epoch(epoch)
+        reference.append(run_loader(full, batch_size, num_workers))
+    for stop in stop_batches:
+        first = build()
+        first.set_epoch(0)
+        head = run_loader(first, batch_size, num_workers, num_batches=stop)
+        consumed = len(head)
+        state = json.loads(json.dumps(first.state_dict(consumed=consumed)))
+        second = build()
+        second.load_state_dict(state)
+        tail = run_loader(second, batch_size, num_workers)
+        assert head + tail == reference[0], f"epoch 0 differs after resuming at batch {stop}"
+        second.set_epoch(1)
+        assert run_loader(second, batch_size, num_workers) == reference[1]
+    return reference
+
+
+@pytest.fixture
+def domain_ids() -> np.ndarray:
+    return make_domain_ids()

@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import DOMAINS, assert_resumes_exactly, make_domain_ids, make_sampler, run_loader
+from dataflex.schedule import LateScheduleChangeError
+
+SKEWED = [0.1, 0.2, 0.3, 0.4]
+EVENTS = [(9, SKEWED), (70, [0.7, 0.1, 0.1, 0.1])]  # one before every stop point, one after most
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("replacement,when_exhausted", [(False, "reshuffle"), (False, "redistribute"), (True, "reshuffle")])
+def test_resume_exact_at_several_stop_points(domain_ids, num_workers, replacement, when_exhausted):
+    def build():
+        return make_sampler(domain_ids, EVENTS, seed=3, replacement=replacement, when_exhausted=when_exhausted)
+
+    ref = assert_resumes_exactly(build, stop_batches=[0, 1, 3, 10, 24], num_workers=num_workers)
+    assert len(ref[0]) == len(domain_ids)
+    assert ref[0] != ref[1], "epochs must differ"
+
+
+def test_schedule_change_after_checkpoint_added_live(domain_ids):
+    """A change scheduled while running (after the checkpoint) lands at the same sample either way."""
+    def build():
+        return make_sampler(domain_ids, [(9, SKEWED)], seed=1)
+
+    full = build()
+    it = iter(full)
+    ref = [next(it) for _ in range(40)]
+    full.schedule.add(60, [0.25, 0.25, 0.0, 0.5])
+    ref += list(it)
+
+    first = build()
+    it = iter(first)
+    head = [next(it) for _ in range(30)]
+    state = json.loads(json.dumps(first.state_dict()))
+    second = build()
+    second.load_state_dict(state)
+    second.schedule.add(60, [0.25, 0.25, 0.0, 0.5])
+    assert head + list(second) == ref
+    # the zero-weight domain "c" never appears after the change takes effect (with reshuffle)
+    c_members = set(np.flatnonzero(domain_ids == 2).tolist())
+    assert not c_members & set(ref[60:])
+
+
+def test_negative_control_wrong_state_is_detected_or_differs(domain_ids):
+    full = make_sampler(domain_ids, EVENTS, seed=3)
+    ref = run_loader(full, 4, 0)
+    first = make_sampler(domain_ids, EVENTS, seed=3)
+    head = run_loader(first, 4, 0, num_batches=5)
+    # forgetting the state: the resumed loader replays from the start, so the concatenation is wrong
+    fresh = make_sampler(domain_ids, EVENTS, seed=3)
+    assert head + run_loader(fresh, 4, 0)[: len(ref) - len(head)] != ref
+    # a state from a different seed is refused
+    state = first.state_dict(consumed=len(head))
+    other = make_sampler(domain_ids, EVENTS, seed=4)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+    # a state from a different dataset is refused by the fingerprint
+    foreign = make_sampler(make_domain_ids(seed=9), EVENTS, seed=3)
+    with pytest.raises(ValueError, match="different dataset"):
+        foreign.load_state_dict(state)
+
+
+def test_order_is_pure_function_of_seed_epoch_schedule(domain_ids):
+    a = make_sampler(domain_ids, EVENTS, seed=5)
+    b = make_sampler(domain_ids, EVENTS, seed=5)
+    assert a.epoch_order(1).tolist() == b.epoch_order(1).tolist()
+    b.set_epoch(1)
+    assert list(b) == a.epoch_order(1).tolist()
+    c = make_sampler(domain_ids, [(9, SKEWED)], seed=5)  # same up to the second event
+    assert c.epoch_order(0)[:70].tolist() == a.epoch_order(0)[:70].tolist()
+    assert c.epoch_order(0)[70:].tolist() != a.epoch_order(0)[70:].tolist()
+
+
+def test_late_schedule_change_raises(domain_ids):
+    s = make_sampler(domain_ids, seed=0)
+    it = iter(s)
+    for _ in range(20):
+        next(it)
+    with pytest.raises(LateScheduleChangeError, match="sample 19"):
+        s.schedule.add(19, SKEWED)
+    s.schedule.add(20, SKEWED)  # the next sample is still open
+
+
+def test_weights_are_honoured_with_very_different_domain_sizes():
+    ids = make_domain_ids([5000, 500, 50, 5])
+    target = np.array([0.1, 0.2, 0.3, 0.4])
+    s = make_sampler(ids, [(1, target)], seed=0, chunk_size=4096)
+    order = s.epoch_order(0)
+    shares = np.bincount(ids[order], minlength=4) / len(order)
+    assert np.allclose(shares, target, atol=0.02), shares
+    # without replacement, the tiny domain is reshuffled: every member appears, none far more than others
+    tiny = order[ids[order] == 3]
+    counts = np.bincount(tiny, minlength=len(ids))[np.flatnonzero(ids == 3)]
+    assert counts.max() - counts.min() <= 1
+
+
+def test_redistribute_never_repeats_and_covers_everything(domain_ids):
+    s = make_sampler(domain_ids, [(1, [0.05, 0.05, 0.1, 0.8])], seed=2, when_exhausted="redistribute")
+    order = s.epoch_order(0)
+    assert sorted(order.tolist()) == list(range(len(domain_ids)))
+    # the heavily weighted tiny domain runs dry early and is sampled first
+    d_positions = np.flatnonzero(domain_ids[order] == 3)
+    assert d_positions.max() < len(order) // 4
+
+
+def test_replacement_draws_from_the_right_domain():
+    ids = make_domain_ids([30, 30, 30, 30])
+    s = make_sampler(ids, [(1, [1.0, 0.0, 0.0, 0.0])], seed=0, replacement=True)
+    order = s.epoch_order(0)
+    assert set(ids[order[1:]].tolist()) == {0}
+
+
+def test_bad_sampler_arguments(domain_ids):
+    with pytest.raises(ValueError, match="when_exhausted='sometimes'"):
+        make_sampler(domain_ids, when_exhausted="sometimes")
+    with pytest.raises(ValueError, match="num_samples"):
+        make_sampler(domain_ids, num_samples=0)
+    with pytest.raises(ValueError, match=r"domain\(s\) \['d'\] have no examples"):
+        make_sampler(np.array([0, 1, 2, 0, 2]), events=[], seed=0).__class__(
+            np.array([0, 1, 2, 0, 2]),
+            __import__("dataflex.schedule", fromlist=["WeightSchedule"]).WeightSchedule(DOMAINS, [0.25] * 4),
+        )
