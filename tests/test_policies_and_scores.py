@@ -1,0 +1,117 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dataflex.losses import per_example_token_loss
+from dataflex.policies import ODM, Natural, Static, Temperature, Uniform
+from dataflex.store import DomainStats, ScoreStore
+
+NAMES = ["a", "b", "c"]
+SIZES = np.array([100.0, 10.0, 1.0])
+
+
+def bound(policy):
+    policy.bind(NAMES, SIZES)
+    return policy
+
+
+def assert_valid(w, floor=0.0):
+    assert np.isfinite(w).all() and math.isclose(w.sum(), 1.0, abs_tol=1e-9) and (w >= floor - 1e-12).all(), w
+
+
+def test_static_policies():
+    assert np.allclose(bound(Uniform()).initial_weights(), 1 / 3)
+    assert np.allclose(bound(Natural()).initial_weights(), SIZES / SIZES.sum())
+    t = bound(Temperature(2.0)).initial_weights()
+    assert np.allclose(t, np.sqrt(SIZES) / np.sqrt(SIZES).sum())
+    assert np.allclose(bound(Static({"a": 0.5, "c": 0.5})).initial_weights(), [0.5, 0, 0.5])
+    with pytest.raises(ValueError, match=r"unknown domain name\(s\) \['z'\]"):
+        bound(Static({"a": 0.5, "z": 0.5})).initial_weights()
+    with pytest.raises(ValueError, match="tau must be a positive"):
+        Temperature(0)
+
+
+def stats(loss_sum, count, non_finite=0, masked=0):
+    count = np.asarray(count)
+    return DomainStats(np.asarray(loss_sum, float), count, count, non_finite, masked)
+
+
+def test_odm_exploration_schedule_and_reward_credit():
+    odm = bound(ODM(floor=0.01))
+    w = odm.initial_weights()
+    assert np.allclose(w, 1 / 3)
+    # domain b has the highest loss of its own examples; a's loss is low although a dominates the batch
+    for _ in range(200):
+        w = odm.update(stats([100 * 1.0, 5 * 4.0, 1 * 2.0], [100, 5, 1]), w)
+        assert_valid(w, 0.01)
+    assert w[1] == w.max(), w
+    # exploration: eps_t = min(1/K, sqrt(ln K / (K t)))
+    assert odm.exploration(1) == pytest.approx(1 / 3)
+    assert odm.exploration(10_000) == pytest.approx(math.sqrt(math.log(3) / (3 * 10_000)))
+
+
+def test_odm_is_invariant_to_relabelling_domains():
+    perm = [2, 0, 1]
+    a, b = bound(ODM()), ODM()
+    b.bind([NAMES[i] for i in perm], SIZES[perm])
+    wa, wb = a.initial_weights(), b.initial_weights()
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        loss = rng.uniform(1, 5, 3)
+        wa = a.update(stats(loss * 10, [10, 10, 10]), wa)
+        wb = b.update(stats((loss * 10)[perm], [10, 10, 10]), wb)
+    assert np.allclose(wa[perm], wb)
+
+
+def test_odm_survives_nan_and_missing_domains():
+    odm = bound(ODM(floor=0.02))
+    w = odm.initial_weights()
+    for i in range(30):
+        s = stats([np.nan if i % 3 == 0 else 3.0, 0.0, 2.0], [0 if i % 3 == 0 else 4, 0, 2], non_finite=1)
+        w = odm.update(s, w)
+        assert_valid(w, 0.02)
+
+
+def test_per_example_loss_matches_manual_and_masks():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[1, 2:] = -100
+    labels[2, 1:] = -100  # after the shift nothing is counted
+    loss, valid = per_example_token_loss(logits, labels)
+    for i in range(2):
+        keep = labels[i, 1:] != -100
+        manual = torch.nn.functional.cross_entropy(logits[i, :-1][keep], labels[i, 1:][keep])
+        assert torch.allclose(loss[i], manual, atol=1e-6)
+    assert valid.tolist() == [True, True, False] and torch.isnan(loss[2])
+    with pytest.raises(ValueError, match="expected logits"):
+        per_example_token_loss(logits[0], labels)
+
+
+def test_store_masks_and_counts_non_finite():
+    domain_ids = np.array([0, 1, 2, 0, 1, 2])
+    store = ScoreStore(domain_ids, 3)
+    store.add(np.array([0, 1, 2]), torch.tensor([1.0, float("nan"), float("inf")]), torch.tensor([True, True, True]))
+    store.add(np.array([3, 4, 5]), torch.tensor([3.0, 2.0, float("nan")]), torch.tensor([True, True, False]))
+    s = store.flush(step=7)
+    assert s.count.tolist() == [2, 1, 0] and s.loss_sum.tolist() == [4.0, 2.0, 0.0]
+    assert s.non_finite == 2 and s.masked == 1
+    assert np.isnan(s.mean_loss[2])
+    assert store.last_step.tolist() == [7, -1, -1, 7, 7, -1]
+    odm = bound(ODM())
+    w = odm.update(s, odm.initial_weights())
+    assert_valid(w)
+
+
+def test_store_state_keeps_pending_records():
+    store = ScoreStore(np.array([0, 1, 0]), 2)
+    store.add(np.array([0, 1]), torch.tensor([1.5, float("inf")]), torch.tensor([True, True]))
+    import json
+
+    state = json.loads(json.dumps(store.state_dict()))
+    other = ScoreStore(np.array([0, 1, 0]), 2)
+    other.load_state_dict(state)
+    s = other.flush(step=1)
+    assert s.loss_sum.tolist() == [1.5, 0.0] and s.non_finite == 1

@@ -1,0 +1,171 @@
+"""A stock transformers.Trainer with DataFlexCallback: losses, weights, logging, crash-and-resume."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from transformers import TrainerCallback
+
+import dataflex.hf.callback as callback_module
+from dataflex import DataFlexCallback
+from dataflex.policies import ODM, Static, Uniform
+from hf_helpers import CrashAt, StepRecorder, make_trainer, params, single_example_loss, small_dataset
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return small_dataset()
+
+
+class VerifyLosses(TrainerCallback):
+    """Before each optimizer step (parameters as in the forward), recompute each example alone."""
+
+    def __init__(self, dfx, ds):
+        self.dfx, self.ds, self.checked, self.max_err = dfx, ds, 0, 0.0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        ids, losses, valid = self.dfx.last_step_records()
+        was_training = model.training
+        model.eval()  # dropout is 0, eval only avoids the hook recording these forwards
+        for i, loss in zip(ids, losses):
+            ref = single_example_loss(model, self.ds[int(i)])
+            self.max_err = max(self.max_err, abs(ref - float(loss)))
+            self.checked += 1
+        model.train(was_training)
+
+
+@pytest.mark.parametrize("accum,workers", [(1, 0), (2, 2)])
+def test_losses_equal_recomputation_and_weights_change(ds, tmp_path, accum, workers):
+    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
+    verify = VerifyLosses(dfx, ds)
+    trainer = make_trainer(ds, dfx, tmp_path, max_steps=10, accum=accum, workers=workers, save_steps=100,
+                           extra=[verify])
+    trainer.train()
+    assert verify.checked == 10 * 4 * accum
+    assert verify.max_err < 1e-4, verify.max_err
+    first, last = np.array(dfx.history[0]["weights"]), np.array(dfx.history[-1]["weights"])
+    assert not np.allclose(first, last), "ODM weights never moved"
+    logged = [h for h in trainer.state.log_history if "dataflex/entropy" in h]
+    assert len(logged) == 10 - 0 and {f"dataflex/weight/{d}" for d in dfx.domain_names} <= set(logged[-1])
+    assert logged[-1]["dataflex/weight/code"] == pytest.approx(last[dfx.domain_names.index("code")])
+
+
+def test_sampler_follows_the_policy_weights(ds, tmp_path):
+    dfx = DataFlexCallback(Static({"code": 1.0}), domains=ds["domain"])
+    rec = StepRecorder(dfx)
+    make_trainer(ds, dfx, tmp_path, max_steps=4, save_steps=100, extra=[rec]).train()
+    seen = {ds[i]["domain"] for ids in rec.ids.values() for i in ids}
+    assert seen == {"code"}
+
+
+@pytest.mark.parametrize("accum,workers", [(1, 0), (2, 2)])
+def test_crash_and_resume_reproduces_the_uninterrupted_run(ds, tmp_path, accum, workers):
+    def run(out, crash_at=None, resume=None, **kw):
+        dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=2, **kw)
+        rec = StepRecorder(dfx)
+        extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
+        trainer = make_trainer(ds, dfx, out, max_steps=12, accum=accum, workers=workers, extra=extra)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except KeyboardInterrupt:
+            pass
+        return dfx, rec, trainer
+
+    full, full_rec, full_tr = run(tmp_path / "full")
+    _, head_rec, _ = run(tmp_path / "crash", crash_at=8)
+    assert max(head_rec.ids) == 8
+    ckpt = tmp_path / "crash" / "checkpoint-8"
+    assert (ckpt / "dataflex_state.json").is_file()
+    resumed, tail_rec, resumed_tr = run(tmp_path / "crash", resume=str(ckpt))
+    ids = {**head_rec.ids, **tail_rec.ids}
+    assert ids == full_rec.ids
+    assert resumed.history == full.history
+    assert resumed.weights == full.weights
+    p_full, p_res = params(full_tr.model), params(resumed_tr.model)
+    assert all(np.array_equal(p_full[k], p_res[k]) for k in p_full)
+
+    # Negative control: without the dataflex state the resume is refused ...
+    os.remove(ckpt / "dataflex_state.json")
+    with pytest.raises(FileNotFoundError, match="no dataflex state"):
+        run(tmp_path / "crash", resume=str(ckpt))
+    # ... and if forced, the run diverges from the uninterrupted one.
+    forced, forced_rec, _ = run(tmp_path / "crash", resume=str(ckpt), allow_missing_state=True)
+    assert {**head_rec.ids, **forced_rec.ids} != full_rec.ids or forced.history != full.history
+
+
+def test_state_for_another_dataset_is_refused(ds, tmp_path):
+    dfx = DataFlexCallback(Uniform(), domains=ds["domain"])
+    make_trainer(ds, dfx, tmp_path, max_steps=4, save_steps=4).train()
+    other = small_dataset(per_domain=20)
+    dfx2 = DataFlexCallback(Uniform(), domains=other["domain"])
+    with pytest.raises(ValueError, match="different dataset"):
+        make_trainer(other, dfx2, tmp_path, max_steps=6).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_nan_losses_are_masked_counted_and_weights_stay_valid(ds, tmp_path, monkeypatch):
+    real = callback_module.per_example_token_loss
+
+    def poisoned(logits, labels):
+        loss, valid = real(logits, labels)
+        loss = loss.clone()
+        loss[0] = float("nan")
+        loss[1] = float("inf")
+        return loss, valid
+
+    monkeypatch.setattr(callback_module, "per_example_token_loss", poisoned)
+    dfx = DataFlexCallback(ODM(floor=0.01), domains=ds["domain"], update_every=1)
+    trainer = make_trainer(ds, dfx, tmp_path, max_steps=6, save_steps=100)
+    trainer.train()
+    assert dfx.store.total_non_finite == 12
+    for h in dfx.history:
+        w = np.array(h["weights"])
+        assert np.isfinite(w).all() and abs(w.sum() - 1) < 1e-9 and w.min() >= 0.01 - 1e-12
+    logged = [h["dataflex/non_finite"] for h in trainer.state.log_history if "dataflex/non_finite" in h]
+    assert logged and all(v == 2 for v in logged)
+
+
+def test_all_masked_examples_are_counted(ds, tmp_path, monkeypatch):
+    import dataflex.tiny as tiny
+
+    def collate_masking_first(features):
+        batch = tiny.collate_causal(features)
+        batch["labels"][0, :] = -100
+        return batch
+
+    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
+    trainer = make_trainer(ds, dfx, tmp_path, max_steps=3, save_steps=100)
+    trainer.data_collator = collate_masking_first
+    trainer.train()
+    assert dfx.store.total_masked == 3
+    assert all(np.isfinite(h["weights"]).all() for h in dfx.history)
+
+
+def test_bad_inputs_give_clear_errors(ds, tmp_path):
+    with pytest.raises(ValueError, match="no column 'domain'"):
+        make_trainer(ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2).train()
+    with pytest.raises(ValueError, match="got 3 domain labels for a training set of"):
+        make_trainer(ds, DataFlexCallback(Uniform(), domains=["a", "b", "c"]), tmp_path, max_steps=2).train()
+    with pytest.raises(ValueError, match=r"unknown domain name\(s\) \['poetry'\]"):
+        dfx = DataFlexCallback(Static({"code": 0.5, "poetry": 0.5}), domains=ds["domain"])
+        make_trainer(ds, dfx, tmp_path, max_steps=2).train()
+    with pytest.raises(ValueError, match="update_every must be a positive integer; got 0"):
+        DataFlexCallback(Uniform(), update_every=0)
+    with pytest.raises(TypeError, match="has no bind"):
+        DataFlexCallback(object())
+
+
+def test_domain_column_is_read_when_columns_are_kept(ds, tmp_path):
+    dfx = DataFlexCallback(Uniform(), update_every=1)
+    trainer = make_trainer(ds, dfx, tmp_path, max_steps=2, save_steps=100)
+    trainer.args.remove_unused_columns = False
+
+    def collate_dropping_domain(features):
+        from dataflex.tiny import collate_causal
+
+        return collate_causal([{"input_ids": f["input_ids"]} for f in features])
+
+    trainer.data_collator = collate_dropping_domain
+    trainer.train()
+    assert dfx.domain_names == sorted(set(ds["domain"]))

@@ -1,0 +1,63 @@
+import math
+
+import numpy as np
+import pytest
+
+from dataflex.schedule import WeightSchedule
+from dataflex.weights import apply_floor, entropy, validate_weights
+
+NAMES = ["code", "math", "wiki"]
+
+
+def test_valid_weights_pass_through():
+    assert validate_weights({"code": 0.5, "math": 0.5}, NAMES).tolist() == [0.5, 0.5, 0.0]
+    assert np.allclose(validate_weights([0.2, 0.3, 0.5], NAMES), [0.2, 0.3, 0.5])
+
+
+@pytest.mark.parametrize(
+    "weights,match",
+    [
+        ({"code": 0.5, "poetry": 0.5}, r"unknown domain name\(s\) \['poetry'\]; valid domains are"),
+        ([0.5, -0.1, 0.6], r"negative values \{'math': -0.1\}"),
+        ([0.5, float("nan"), 0.5], r"non-finite values \{'math': nan\}"),
+        ([0.5, float("inf"), 0.5], "non-finite"),
+        ([20, 30, 50], r"must sum to 1 .* got sum 100"),
+        ([0.0, 0.0, 0.0], "at least one positive"),
+        ([0.5, 0.5], "has 2 entries but there are 3 domains"),
+    ],
+)
+def test_bad_weights_name_the_bad_value(weights, match):
+    with pytest.raises(ValueError, match=match):
+        validate_weights(weights, NAMES)
+
+
+def test_floor_keeps_order_and_sums_to_one():
+    w = apply_floor(np.array([1.0, 0.0, 0.0]), 0.01)
+    assert w.min() >= 0.01 - 1e-12 and math.isclose(w.sum(), 1.0)
+    assert w[0] > w[1]
+    w = apply_floor(np.array([np.nan, np.inf, -1.0]), 0.05)  # garbage in: uniform, still valid
+    assert np.allclose(w, 1 / 3)
+    with pytest.raises(ValueError, match="floor=0.5 is too large for 3 domains"):
+        apply_floor(np.ones(3) / 3, 0.5)
+
+
+def test_entropy():
+    assert math.isclose(entropy(np.ones(4) / 4), math.log(4))
+    assert entropy(np.array([1.0, 0.0])) == 0.0
+
+
+def test_schedule_lookup_and_state_roundtrip():
+    s = WeightSchedule(NAMES, [1 / 3] * 3)
+    s.add(10, [0.2, 0.3, 0.5])
+    s.add(25, [0.6, 0.2, 0.2])
+    assert s.weights_at(9).tolist() == [1 / 3] * 3
+    assert s.weights_at(10).tolist() == [0.2, 0.3, 0.5]
+    assert s.weights_at(10_000).tolist() == [0.6, 0.2, 0.2]
+    assert s.next_change_after(10) == 25
+    with pytest.raises(ValueError, match="strictly increasing"):
+        s.add(25, [0.6, 0.2, 0.2])
+    t = WeightSchedule(NAMES, [1 / 3] * 3)
+    t.load_state_dict(s.state_dict())
+    assert [(a, w.tolist()) for a, w in t.events] == [(a, w.tolist()) for a, w in s.events]
+    with pytest.raises(ValueError, match="saved for domains"):
+        WeightSchedule(["x", "y", "z"], [1 / 3] * 3).load_state_dict(s.state_dict())
