@@ -7,9 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def encode_domains(
-    labels: Sequence[str], domain_names: Sequence[str] | None = None
-) -> tuple[np.ndarray, list[str]]:
+def encode_domains(labels: Sequence[str], domain_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Map per-example domain labels to ids.
 
     Without ``domain_names`` the domains are the sorted unique labels, so the order is the same on

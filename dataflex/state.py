@@ -60,7 +60,9 @@ class DatasetFingerprint:
         """Raise ``ValueError`` if a saved fingerprint describes a different dataset."""
         mine = self.to_json()
         if saved != mine:
-            diffs = [f"{k}: checkpoint={saved.get(k)!r} vs this run={mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+            diffs = [
+                f"{k}: checkpoint={saved.get(k)!r} vs this run={mine[k]!r}" for k in mine if saved.get(k) != mine[k]
+            ]
             raise ValueError(
                 "dataflex state was saved for a different dataset, refusing to resume on this one "
                 "(the example order would not be reproduced). Differences: " + "; ".join(diffs)

@@ -129,8 +129,9 @@ class ScoreStore:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         last_loss = floats_from_json(state["last_loss"])
         if last_loss.shape != self.last_loss.shape:
-            raise ValueError(f"score store was saved for {last_loss.shape[0]} examples, this run has "
-                             f"{self.last_loss.shape[0]}")
+            raise ValueError(
+                f"score store was saved for {last_loss.shape[0]} examples, this run has {self.last_loss.shape[0]}"
+            )
         self.last_loss = last_loss
         self.last_step = np.asarray(state["last_step"], dtype=np.int64)
         self.total_non_finite = int(state["total_non_finite"])

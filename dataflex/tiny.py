@@ -92,9 +92,7 @@ def tiny_gpt2(
 
 
 @torch.no_grad()
-def per_domain_loss(
-    model: Any, dataset: Any, domains: Sequence[str], batch_size: int = 32
-) -> dict[str, float]:
+def per_domain_loss(model: Any, dataset: Any, domains: Sequence[str], batch_size: int = 32) -> dict[str, float]:
     """Token-mean loss per domain (tokens pooled within a domain), in eval mode."""
     from dataflex.losses import per_example_token_loss
 

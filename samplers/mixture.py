@@ -67,8 +67,10 @@ class DomainMixtureSampler(Sampler[int]):
         if ids.size == 0:
             raise ValueError("domain_ids is empty: the sampler needs at least one example")
         if ids.min() < 0 or ids.max() >= k:
-            raise ValueError(f"domain ids must lie in [0, {k}) for domains {schedule.domain_names}; got range "
-                             f"[{ids.min()}, {ids.max()}]")
+            raise ValueError(
+                f"domain ids must lie in [0, {k}) for domains {schedule.domain_names}; got range "
+                f"[{ids.min()}, {ids.max()}]"
+            )
         counts = np.bincount(ids, minlength=k)
         empty = [schedule.domain_names[d] for d in np.flatnonzero(counts == 0)]
         if empty:
@@ -78,8 +80,10 @@ class DomainMixtureSampler(Sampler[int]):
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"num_samples must be positive; got {num_samples}")
         if when_exhausted == "redistribute" and not replacement and num_samples is not None and num_samples > ids.size:
-            raise ValueError(f"num_samples={num_samples} exceeds the dataset size {ids.size}, which "
-                             "when_exhausted='redistribute' without replacement cannot supply")
+            raise ValueError(
+                f"num_samples={num_samples} exceeds the dataset size {ids.size}, which "
+                "when_exhausted='redistribute' without replacement cannot supply"
+            )
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive; got {chunk_size}")
         self.domain_ids = ids

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from dataflex.samplers import DomainMixtureSampler
 from torch.utils.data import DataLoader, Dataset
 
-from dataflex.samplers import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 
 DOMAINS = ["a", "b", "c", "d"]
@@ -44,8 +44,9 @@ def make_sampler(domain_ids, events=(), **kwargs) -> DomainMixtureSampler:
 
 
 def run_loader(sampler, batch_size: int, num_workers: int, num_batches: int | None = None) -> list[int]:
-    loader = DataLoader(IndexDataset(len(sampler.domain_ids)), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers)
+    loader = DataLoader(
+        IndexDataset(len(sampler.domain_ids)), batch_size=batch_size, sampler=sampler, num_workers=num_workers
+    )
     out: list[int] = []
     for i, batch in enumerate(loader):
         if num_batches is not None and i >= num_batches:

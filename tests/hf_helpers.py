@@ -12,8 +12,11 @@ DOMAINS3 = ("code", "literature", "trivia")
 
 
 def small_dataset(per_domain: int = 24, max_len: int = 48, domains=DOMAINS3):
-    recs = [r for r in load_jsonl_dir(default_data_dir() / "textmix" / "train", max_per_file=per_domain)
-            if r["domain"] in domains]
+    recs = [
+        r
+        for r in load_jsonl_dir(default_data_dir() / "textmix" / "train", max_per_file=per_domain)
+        if r["domain"] in domains
+    ]
     return byte_dataset(recs, max_len)
 
 
@@ -54,8 +57,7 @@ def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_ste
         disable_tqdm=True,
     )
     model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
-    return Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal,
-                   callbacks=[dfx, *extra])
+    return Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[dfx, *extra])
 
 
 def params(model) -> dict[str, np.ndarray]:

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import DOMAINS, assert_resumes_exactly, make_domain_ids, make_sampler, run_loader
+
 from dataflex.schedule import LateScheduleChangeError
 
 SKEWED = [0.1, 0.2, 0.3, 0.4]
@@ -11,7 +11,9 @@ EVENTS = [(9, SKEWED), (70, [0.7, 0.1, 0.1, 0.1])]  # one before every stop poin
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("replacement,when_exhausted", [(False, "reshuffle"), (False, "redistribute"), (True, "reshuffle")])
+@pytest.mark.parametrize(
+    "replacement,when_exhausted", [(False, "reshuffle"), (False, "redistribute"), (True, "reshuffle")]
+)
 def test_resume_exact_at_several_stop_points(domain_ids, num_workers, replacement, when_exhausted):
     def build():
         return make_sampler(domain_ids, EVENTS, seed=3, replacement=replacement, when_exhausted=when_exhausted)
@@ -23,6 +25,7 @@ def test_resume_exact_at_several_stop_points(domain_ids, num_workers, replacemen
 
 def test_schedule_change_after_checkpoint_added_live(domain_ids):
     """A change scheduled while running (after the checkpoint) lands at the same sample either way."""
+
     def build():
         return make_sampler(domain_ids, [(9, SKEWED)], seed=1)
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
+from conftest import make_domain_ids, make_sampler
 from torch.utils.data import BatchSampler
 
-from conftest import make_domain_ids, make_sampler
 from dataflex.hf.loader import LoaderLayout, rank_position_batches
 
 
@@ -28,8 +28,13 @@ def test_ranks_are_disjoint_equal_and_merge_to_global_order(world):
     # disjoint positions: each global position is dealt to exactly one rank
     seen_positions = []
     for rank in range(world):
-        layout = LoaderLayout(BatchSampler(range(n), batch, False),
-                              BatchSamplerShard(BatchSampler(range(n), batch, False), world, rank), batch, 0, 0)
+        layout = LoaderLayout(
+            BatchSampler(range(n), batch, False),
+            BatchSamplerShard(BatchSampler(range(n), batch, False), world, rank),
+            batch,
+            0,
+            0,
+        )
         pos = rank_position_batches(n, layout)
         assert [global_order[p] for b in pos for p in b] == [x for b in per_rank[rank] for x in b]
         seen_positions += [int(p) for b in pos for p in b]
@@ -46,8 +51,13 @@ def test_uneven_epoch_positions_match_accelerate(world):
         order = sampler.epoch_order(0)
         shard = BatchSamplerShard(BatchSampler(sampler, batch, False), world, rank)
         actual = [list(b) for b in shard]
-        layout = LoaderLayout(BatchSampler(range(n), batch, False),
-                              BatchSamplerShard(BatchSampler(range(n), batch, False), world, rank), batch, 0, 0)
+        layout = LoaderLayout(
+            BatchSampler(range(n), batch, False),
+            BatchSamplerShard(BatchSampler(range(n), batch, False), world, rank),
+            batch,
+            0,
+            0,
+        )
         predicted = [order[p].tolist() for p in rank_position_batches(n, layout)]
         assert predicted == actual
     assert np.unique(order).size > 1

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
+from hf_helpers import CrashAt, StepRecorder, make_trainer, params, single_example_loss, small_dataset
 from transformers import TrainerCallback
 
 import dataflex.hf.callback as callback_module
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM, Static, Uniform
-from hf_helpers import CrashAt, StepRecorder, make_trainer, params, single_example_loss, small_dataset
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,9 @@ class VerifyLosses(TrainerCallback):
 def test_losses_equal_recomputation_and_weights_change(ds, tmp_path, accum, workers):
     dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
     verify = VerifyLosses(dfx, ds)
-    trainer = make_trainer(ds, dfx, tmp_path, max_steps=10, accum=accum, workers=workers, save_steps=100,
-                           extra=[verify])
+    trainer = make_trainer(
+        ds, dfx, tmp_path, max_steps=10, accum=accum, workers=workers, save_steps=100, extra=[verify]
+    )
     trainer.train()
     assert verify.checked == 10 * 4 * accum
     assert verify.max_err < 1e-4, verify.max_err
@@ -61,7 +62,10 @@ def test_sampler_follows_the_policy_weights(ds, tmp_path):
 
 
 @pytest.mark.parametrize("accum,workers", [(1, 0), (2, 2)])
-def test_crash_and_resume_reproduces_the_uninterrupted_run(ds, tmp_path, accum, workers):
+def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, accum, workers):
+    # 36 examples, batch 4: 9 micro-batches an epoch, so 12 steps cross an epoch boundary (with
+    # accumulation 2 the epoch ends on a short accumulation step of one micro-batch).
+    ds = small_dataset(per_domain=12)
     def run(out, crash_at=None, resume=None, **kw):
         dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=2, **kw)
         rec = StepRecorder(dfx)
@@ -76,6 +80,7 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(ds, tmp_path, accum, 
     full, full_rec, full_tr = run(tmp_path / "full")
     _, head_rec, _ = run(tmp_path / "crash", crash_at=8)
     assert max(head_rec.ids) == 8
+    assert len(full_rec.ids) == 12 and full._updates_per_epoch < 12, "the run should cross an epoch"
     ckpt = tmp_path / "crash" / "checkpoint-8"
     assert (ckpt / "dataflex_state.json").is_file()
     resumed, tail_rec, resumed_tr = run(tmp_path / "crash", resume=str(ckpt))

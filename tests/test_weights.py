@@ -61,3 +61,16 @@ def test_schedule_lookup_and_state_roundtrip():
     assert [(a, w.tolist()) for a, w in t.events] == [(a, w.tolist()) for a, w in s.events]
     with pytest.raises(ValueError, match="saved for domains"):
         WeightSchedule(["x", "y", "z"], [1 / 3] * 3).load_state_dict(s.state_dict())
+
+
+def test_encode_domains_errors_and_order():
+    from dataflex.domains import encode_domains
+
+    ids, names = encode_domains(["b", "a", "b"])
+    assert names == ["a", "b"] and ids.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"domain\(s\) \['c'\] have no examples"):
+        encode_domains(["a", "b"], domain_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"labels \['z'\] are not among domain_names"):
+        encode_domains(["a", "z"], domain_names=["a"])
+    with pytest.raises(ValueError, match="no examples"):
+        encode_domains([])

@@ -303,8 +303,10 @@ class DataFlexCallback(TrainerCallback):
         proposed = np.asarray(self.policy.update(stats, current), dtype=np.float64)
         rejected = not (np.isfinite(proposed).all() and (proposed >= 0).all() and abs(proposed.sum() - 1) < 1e-6)
         if rejected:
-            warnings.warn(f"policy returned invalid weights {proposed.tolist()} at step {step}; keeping the "
-                          "current mixture", stacklevel=2)
+            warnings.warn(
+                f"policy returned invalid weights {proposed.tolist()} at step {step}; keeping the current mixture",
+                stacklevel=2,
+            )
             proposed = current
         effective_at = self.consumed_samples(step) + self._lookahead_samples
         self.sampler.schedule.add(effective_at, proposed)

@@ -1,0 +1,126 @@
+"""Step-time overhead of DataFlexCallback (per-example loss capture + ODM) on a stock HF Trainer.
+
+    python benchmarks/overhead.py                  # ~3 minutes on 2 CPU cores
+    python benchmarks/overhead.py --pairs 3 --steps 40
+
+Same model, data and seed in both arms; runs are interleaved (baseline, dataflex, baseline, ...)
+so machine noise hits both alike. A step's time is the wall time between consecutive
+``on_step_end`` events (data loading, forward, backward, optimizer, callbacks). For each run we
+take the median step time after a warm-up; the reported number is the median over pairs of
+``dataflex / baseline``. Writes ``benchmarks/results/overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from dataflex import DataFlexCallback
+from dataflex.policies import ODM
+from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stamps.append(time.perf_counter())
+
+    def step_times(self, skip: int) -> list[float]:
+        return [b - a for a, b in zip(self.stamps[skip:], self.stamps[skip + 1 :])]
+
+
+def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> float:
+    timer = StepTimer()
+    callbacks: list[TrainerCallback] = [timer]
+    if with_dataflex:
+        callbacks.insert(0, DataFlexCallback(ODM(), domains=ds["domain"], update_every=args.update_every))
+    targs = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    model = tiny_gpt2(n_layer=args.layers, n_embd=args.width, n_head=4, n_positions=args.max_len, seed=0)
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate_causal, callbacks=callbacks)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.train()
+    return statistics.median(timer.step_times(skip=args.warmup))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=default_data_dir() / "textmix")
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--update-every", type=int, default=10)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    # Every example is filled to exactly max_len bytes (its text repeated), so both arms do the same
+    # compute per step even though they see different examples in a different order.
+    records = [
+        {**r, "text": (r["text"] + " ") * (args.max_len // max(1, len(r["text"].encode())) + 1)}
+        for r in load_jsonl_dir(args.data / "train")
+    ]
+    ds = byte_dataset(records, args.max_len)
+    scratch = Path("/tmp") / "dataflex_overhead"
+    base, flex, ratios = [], [], []
+    for i in range(args.pairs):
+        b = run(ds, False, args, scratch)
+        f = run(ds, True, args, scratch)
+        base.append(b)
+        flex.append(f)
+        ratios.append(f / b)
+        print(
+            f"pair {i + 1}/{args.pairs}: baseline {b * 1e3:.1f} ms/step, dataflex {f * 1e3:.1f} ms/step, "
+            f"ratio {f / b:.3f}"
+        )
+    result = {
+        "median_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "baseline_ms": [x * 1e3 for x in base],
+        "dataflex_ms": [x * 1e3 for x in flex],
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+        "command": "python benchmarks/overhead.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("data", "out")),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
+    md = (
+        "| arm | median step time (ms), per pair |\n|---|---|\n"
+        f"| stock Trainer | {', '.join(f'{x * 1e3:.1f}' for x in base)} |\n"
+        f"| + DataFlexCallback(ODM) | {', '.join(f'{x * 1e3:.1f}' for x in flex)} |\n"
+        f"| ratio | {', '.join(f'{r:.3f}' for r in ratios)} |\n\n"
+        f"**median ratio: {result['median_ratio']:.3f}** (goal <= 1.05)\n\n"
+        f"command: `{result['command']}`  \nmachine: {result['machine']}\n"
+    )
+    (args.out / "overhead.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
