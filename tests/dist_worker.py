@@ -1,7 +1,8 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU).
 
-Each rank trains the same tiny GPT-2 with DataFlexCallback(ODM) and writes what it saw to
-<out>/rank<r>.json: the weight history, the final weights and the example ids of each step.
+Each rank trains the same tiny GPT-2 with DataFlexCallback(ODM) three times: uninterrupted, crashed
+after the checkpoint at step 4, and resumed from that checkpoint. It writes what it saw to
+<out>/rank<r>.json: weight histories, final weights and the example ids of each step.
 """
 
 import json
@@ -11,28 +12,44 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from hf_helpers import StepRecorder, make_trainer, small_dataset  # noqa: E402
+from hf_helpers import CrashAt, StepRecorder, make_trainer, small_dataset  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
 
+STEPS, CRASH = 8, 4
 
-def main(out: str) -> None:
-    ds = small_dataset()
+
+def run(ds, out: Path, crash_at=None, resume=None):
     dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
     rec = StepRecorder(dfx)
-    trainer = make_trainer(ds, dfx, Path(out) / "trainer", max_steps=8, save_steps=100, extra=[rec])
-    trainer.train()
+    extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
+    trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        pass
+    return dfx, rec
+
+
+def main(out: str) -> None:
+    ds = small_dataset(per_domain=12)  # 36 examples, global batch 8: the run crosses an epoch
+    full, full_rec = run(ds, Path(out) / "full")
+    _, head_rec = run(ds, Path(out) / "crash", crash_at=CRASH)
+    resumed, tail_rec = run(ds, Path(out) / "crash", resume=str(Path(out) / "crash" / f"checkpoint-{CRASH}"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     Path(out, f"rank{rank}.json").write_text(
         json.dumps(
             {
                 "world": world,
-                "history": dfx.history,
-                "weights": dfx.weights,
-                "ids": rec.ids,
-                "global_order": dfx.sampler.epoch_order(0, upto=8 * 4 * world).tolist(),
+                "history": full.history,
+                "weights": full.weights,
+                "ids": full_rec.ids,
+                "global_order": full.sampler.epoch_order(0, upto=len(ds)).tolist(),
+                "resumed_history": resumed.history,
+                "resumed_weights": resumed.weights,
+                "resumed_ids": {**head_rec.ids, **tail_rec.ids},
             }
         )
     )

@@ -66,6 +66,7 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, accum, work
     # 36 examples, batch 4: 9 micro-batches an epoch, so 12 steps cross an epoch boundary (with
     # accumulation 2 the epoch ends on a short accumulation step of one micro-batch).
     ds = small_dataset(per_domain=12)
+
     def run(out, crash_at=None, resume=None, **kw):
         dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=2, **kw)
         rec = StepRecorder(dfx)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from dataflex import dist
 from dataflex.domains import encode_domains
 from dataflex.hf.loader import LoaderLayout, inspect_loader, rank_position_batches
 from dataflex.losses import IGNORE_INDEX, per_example_token_loss
@@ -328,13 +329,14 @@ class DataFlexCallback(TrainerCallback):
     # -- checkpoints -----------------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
         payload = self.state_dict(global_step=state.global_step)  # collective: every rank calls it
-        if not state.is_world_process_zero:
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(folder):
-            warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
-            return
-        write_json_atomic(os.path.join(folder, STATE_FILENAME), payload)
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                write_json_atomic(os.path.join(folder, STATE_FILENAME), payload)
+            else:
+                warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
+        # No rank may run ahead (and possibly crash and resume) before the state is on disk.
+        dist.barrier()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
