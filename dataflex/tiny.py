@@ -91,6 +91,27 @@ def tiny_gpt2(
         return GPT2LMHeadModel(config)
 
 
+def tiny_llama(*, n_layer: int = 2, hidden: int = 64, n_head: int = 4, n_positions: int = 256, seed: int = 0) -> Any:
+    """A Llama-architecture causal LM (RoPE, RMSNorm, SwiGLU) over the byte vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head,
+        max_position_embeddings=n_positions,
+        bos_token_id=PAD_ID,
+        eos_token_id=PAD_ID,
+        pad_token_id=PAD_ID,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
 @torch.no_grad()
 def per_domain_loss(model: Any, dataset: Any, domains: Sequence[str], batch_size: int = 32) -> dict[str, float]:
     """Token-mean loss per domain (tokens pooled within a domain), in eval mode."""

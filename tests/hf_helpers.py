@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
+from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2, tiny_llama
 
 DOMAINS3 = ("code", "literature", "trivia")
 
@@ -41,7 +41,7 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash before step {self.step + 1}")
 
 
-def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_steps=4, extra=(), seed=0):
+def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_steps=4, extra=(), seed=0, arch="gpt2"):
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=4,
@@ -56,7 +56,12 @@ def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_ste
         dataloader_num_workers=workers,
         disable_tqdm=True,
     )
-    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
+    if arch == "gpt2":
+        model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
+    elif arch == "llama":
+        model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
+    else:
+        raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
     return Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[dfx, *extra])
 
 

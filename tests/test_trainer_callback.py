@@ -36,12 +36,12 @@ class VerifyLosses(TrainerCallback):
         model.train(was_training)
 
 
-@pytest.mark.parametrize("accum,workers", [(1, 0), (2, 2)])
-def test_losses_equal_recomputation_and_weights_change(ds, tmp_path, accum, workers):
+@pytest.mark.parametrize("arch,accum,workers", [("gpt2", 1, 0), ("gpt2", 2, 2), ("llama", 2, 0)])
+def test_losses_equal_recomputation_and_weights_change(ds, tmp_path, arch, accum, workers):
     dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
     verify = VerifyLosses(dfx, ds)
     trainer = make_trainer(
-        ds, dfx, tmp_path, max_steps=10, accum=accum, workers=workers, save_steps=100, extra=[verify]
+        ds, dfx, tmp_path, max_steps=10, accum=accum, workers=workers, save_steps=100, extra=[verify], arch=arch
     )
     trainer.train()
     assert verify.checked == 10 * 4 * accum
