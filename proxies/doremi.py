@@ -1,0 +1,224 @@
+"""Offline DoReMi (arXiv 2305.10429): reference model -> Group-DRO proxy -> exported domain weights.
+
+Stages, each skipped when its output already exists and each resumable mid-way from its checkpoint:
+
+1. ``reference/``: a model trained on a fixed mixture (uniform or natural) -> ``model.pt``.
+2. ``reference_losses.npy``: the reference's per-token losses on every training example, so the proxy
+   stage never runs the reference again (``NaN`` marks tokens that do not count).
+3. ``proxy/``: the proxy trained with Group DRO (:class:`GroupDROObjective`) on batches drawn from the
+   reference mixture -> ``doremi_weights.json`` with the averaged weights and their trajectory.
+
+The main run then reads the weights with :func:`load_doremi_weights` and trains with
+``Static(weights)`` (see ``recipes/doremi_offline.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from dataflex.proxies.loop import LoopResult, train_mixture
+
+from dataflex.losses import IGNORE_INDEX
+from dataflex.policies.doremi import group_dro_step, token_cross_entropy
+from dataflex.policies.static import Natural, Uniform
+from dataflex.state import write_json_atomic
+from dataflex.tiny import collate_causal
+
+WEIGHTS_FILE = "doremi_weights.json"
+
+
+@torch.no_grad()
+def reference_token_losses(model: torch.nn.Module, dataset: Any, batch_size: int = 64) -> np.ndarray:
+    """Per-token loss of ``model`` on every example: ``(N, max_len - 1)`` float32, NaN where not counted."""
+    model.eval()
+    device = next(model.parameters()).device
+    width = max(len(x) for x in dataset["input_ids"]) - 1
+    out = np.full((len(dataset), width), np.nan, dtype=np.float32)
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate_causal(rows).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tok = token_cross_entropy(logits, batch["labels"]).cpu().numpy()
+        counted = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu().numpy()
+        tok[~counted] = np.nan
+        out[start : start + len(rows), : tok.shape[1]] = tok
+    return out
+
+
+class GroupDROObjective:
+    """The proxy's loss: alpha-weighted per-domain loss, with alpha moved by DoReMi's update each step.
+
+    Reference per-token losses come from the cache (looked up by example id), so the reference model
+    is not needed while the proxy trains.
+    """
+
+    def __init__(self, ref_losses: np.ndarray, num_domains: int, eta: float = 1.0, smoothing: float = 1e-3) -> None:
+        self.ref_losses = ref_losses
+        self.eta, self.smoothing = float(eta), float(smoothing)
+        self.alpha = np.full(num_domains, 1.0 / num_domains)
+        self.alpha_sum = np.zeros(num_domains)
+        self.steps = 0
+        self.trajectory: list[list[float]] = []
+
+    def __call__(self, model, batch, ids, row_domain):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        proxy_tok = token_cross_entropy(out.logits, batch["labels"])
+        ref = np.nan_to_num(self.ref_losses[ids, : proxy_tok.shape[1]], nan=0.0)
+        ref_tok = torch.as_tensor(ref, device=proxy_tok.device, dtype=proxy_tok.dtype)
+        if ref_tok.shape != proxy_tok.shape:
+            raise ValueError(
+                f"cached reference losses {tuple(ref_tok.shape)} do not match batch {tuple(proxy_tok.shape)}"
+            )
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(proxy_tok.dtype)
+        self.alpha, loss = group_dro_step(proxy_tok, ref_tok, mask, row_domain, self.alpha, self.eta, self.smoothing)
+        self.alpha_sum += self.alpha
+        self.steps += 1
+        self.trajectory.append(self.alpha.tolist())
+        return loss, out.logits
+
+    @property
+    def average_weights(self) -> np.ndarray:
+        return self.alpha_sum / max(self.steps, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha.tolist(),
+            "alpha_sum": self.alpha_sum.tolist(),
+            "steps": self.steps,
+            "trajectory": self.trajectory,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
+        self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
+        self.steps = int(state["steps"])
+        self.trajectory = [list(r) for r in state["trajectory"]]
+
+
+def load_doremi_weights(path: str | os.PathLike[str], domain_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Read exported weights; with ``domain_names`` check they cover exactly those domains."""
+    with open(path) as f:
+        data = json.load(f)
+    weights = dict(zip(data["domain_names"], data["weights"]))
+    if domain_names is not None and sorted(weights) != sorted(domain_names):
+        raise ValueError(f"{path} has weights for {sorted(weights)}, this run has domains {sorted(domain_names)}")
+    return weights
+
+
+def train_reference(
+    make_model: Callable[[], torch.nn.Module],
+    train_ds: Any,
+    domain_ids: np.ndarray,
+    domain_names: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    mixture: Literal["uniform", "natural"] = "uniform",
+    **loop_kwargs: Any,
+) -> torch.nn.Module:
+    """Stage 1: train (or load) the reference model on a fixed mixture."""
+    out = Path(out_dir)
+    model = make_model()
+    if (out / "model.pt").is_file():
+        model.load_state_dict(torch.load(out / "model.pt", map_location="cpu"))
+        return model
+    if mixture not in ("uniform", "natural"):
+        raise ValueError(f"mixture={mixture!r}; valid values are 'uniform', 'natural'")
+    policy = Uniform() if mixture == "uniform" else Natural()
+    train_mixture(
+        model, train_ds, domain_ids, domain_names, policy, ckpt_dir=out / "ckpt", desc="reference", **loop_kwargs
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.tmp")
+    os.replace(out / "model.tmp", out / "model.pt")
+    return model
+
+
+def train_proxy(
+    make_model: Callable[[], torch.nn.Module],
+    train_ds: Any,
+    domain_ids: np.ndarray,
+    domain_names: Sequence[str],
+    ref_losses: np.ndarray,
+    out_dir: str | os.PathLike[str],
+    *,
+    mixture: Literal["uniform", "natural"] = "uniform",
+    eta: float = 1.0,
+    smoothing: float = 1e-3,
+    **loop_kwargs: Any,
+) -> dict[str, Any]:
+    """Stage 3: Group-DRO proxy training; writes and returns the exported weights."""
+    out = Path(out_dir)
+    if (out / WEIGHTS_FILE).is_file():
+        return json.loads((out / WEIGHTS_FILE).read_text())
+    objective = GroupDROObjective(ref_losses, len(domain_names), eta=eta, smoothing=smoothing)
+    policy = Uniform() if mixture == "uniform" else Natural()
+    result: LoopResult = train_mixture(
+        make_model(),
+        train_ds,
+        domain_ids,
+        domain_names,
+        policy,
+        objective=objective,
+        ckpt_dir=out / "ckpt",
+        desc="proxy",
+        **loop_kwargs,
+    )
+    if loop_kwargs.get("stop_after") is not None and result.steps < loop_kwargs.get("steps", 0):
+        return {}  # pre-empted: the checkpoint holds the progress, nothing to export yet
+    export = {
+        "domain_names": list(domain_names),
+        "weights": objective.average_weights.tolist(),
+        "final_weights": objective.alpha.tolist(),
+        "trajectory": objective.trajectory[:: max(1, len(objective.trajectory) // 200)],
+        "eta": eta,
+        "smoothing": smoothing,
+        "proxy_seconds": result.seconds,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / WEIGHTS_FILE, export)
+    return export
+
+
+def run_doremi_offline(
+    make_model: Callable[[], torch.nn.Module],
+    train_ds: Any,
+    domain_ids: np.ndarray,
+    domain_names: Sequence[str],
+    work_dir: str | os.PathLike[str],
+    *,
+    reference_mixture: Literal["uniform", "natural"] = "uniform",
+    eta: float = 1.0,
+    smoothing: float = 1e-3,
+    **loop_kwargs: Any,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Stages 1-3 in one call; returns the reference model and the exported weights."""
+    work = Path(work_dir)
+    reference = train_reference(
+        make_model, train_ds, domain_ids, domain_names, work / "reference", mixture=reference_mixture, **loop_kwargs
+    )
+    cache = work / "reference_losses.npy"
+    if cache.is_file():
+        ref_losses = np.load(cache)
+    else:
+        ref_losses = reference_token_losses(reference, train_ds)
+        np.save(work / "reference_losses.tmp.npy", ref_losses)
+        os.replace(work / "reference_losses.tmp.npy", cache)
+    export = train_proxy(
+        make_model,
+        train_ds,
+        domain_ids,
+        domain_names,
+        ref_losses,
+        work / "proxy",
+        mixture=reference_mixture,
+        eta=eta,
+        smoothing=smoothing,
+        **loop_kwargs,
+    )
+    return reference, export

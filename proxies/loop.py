@@ -1,0 +1,272 @@
+"""A plain, resumable PyTorch training loop driven by a domain-mixture sampler (no HF Trainer).
+
+Used for the reference and proxy stages of DoReMi and by ``recipes/mixture.py`` for main runs. It is
+``accelerate``-aware: ``accelerator.prepare`` shards the DataLoader (ranks take consecutive batches)
+and per-domain statistics are gathered across ranks before the policy sees them, so the recipe runs
+unchanged under ``accelerate launch --cpu --num_processes 2``.
+
+Checkpoints (every ``ckpt_every`` steps, and at the end) hold the model, optimizer, sampler, policy,
+score store and objective state; a run restarted with the same arguments continues exactly where the
+last checkpoint left off. Here the loop owns the sampler position (unlike the HF path, nothing else
+fast-forwards the DataLoader).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from dataflex.samplers.mixture import DomainMixtureSampler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dataflex import dist
+from dataflex.hf.loader import inspect_loader, rank_position_batches
+from dataflex.losses import per_example_token_loss
+from dataflex.policies.base import MixingPolicy
+from dataflex.schedule import WeightSchedule
+from dataflex.state import read_json, write_json_atomic
+from dataflex.store import ScoreStore
+from dataflex.tiny import collate_causal
+
+
+class Objective(Protocol):
+    """Computes the training loss of a micro-batch; may keep state (e.g. DoReMi's alpha)."""
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ids: np.ndarray, row_domain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class MeanTokenLoss:
+    """The usual causal-LM objective: token-mean cross-entropy of the batch."""
+
+    def __call__(self, model, batch, ids, row_domain):
+        out = model(**batch)
+        return out.loss, out.logits
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass
+class LoopResult:
+    history: list[dict[str, Any]] = field(default_factory=list)  # scheduled mixtures
+    curve: list[dict[str, Any]] = field(default_factory=list)  # evaluations during training
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_mixture(
+    model: torch.nn.Module,
+    train_ds: Any,
+    domain_ids: np.ndarray,
+    domain_names: Sequence[str],
+    policy: MixingPolicy,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    update_every: int = 10,
+    accelerator: Any = None,
+    objective: Objective | None = None,
+    ckpt_dir: str | os.PathLike[str] | None = None,
+    ckpt_every: int = 0,
+    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> LoopResult:
+    """Train ``model`` for ``steps`` optimizer steps on batches mixed by ``policy``.
+
+    ``domain_ids`` gives each example's domain (0..K-1, in ``domain_names`` order). With an
+    ``accelerator`` the model, optimizer and DataLoader are prepared by it; ``batch_size`` is per rank.
+    ``stop_after`` ends this call after that many total steps (a simulated pre-emption; the schedule
+    is still that of a ``steps``-long run, and a later call with the same ``ckpt_dir`` continues).
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    objective = objective or MeanTokenLoss()
+    k = len(domain_names)
+    sizes = np.bincount(domain_ids, minlength=k)
+    policy.bind(domain_names, sizes)
+    schedule = WeightSchedule(domain_names, policy.initial_weights())
+    world = accelerator.num_processes
+    global_batch = batch_size * world
+    num_samples = (len(train_ds) // global_batch) * global_batch
+    if num_samples == 0:
+        raise ValueError(
+            f"the training set ({len(train_ds)} examples) is smaller than one global batch ({global_batch})"
+        )
+    sampler = DomainMixtureSampler(domain_ids, schedule, seed=seed, num_samples=num_samples)
+    loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_causal, drop_last=True)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    layout = inspect_loader(loader)
+    positions = rank_position_batches(num_samples, layout)
+    steps_per_epoch = len(positions)
+    store = ScoreStore(domain_ids, k)
+    result = LoopResult(history=[{"step": 0, "effective_at": 0, "weights": schedule.current.tolist()}])
+    lookahead = 3 * global_batch  # DataLoaderShard prefetches one batch; no workers here
+    ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
+    start = 0
+    if ckpt is not None and (ckpt / "loop_state.json").is_file():
+        start = _load(ckpt, accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result)
+    unwrapped = accelerator.unwrap_model(model)
+    domain_t = torch.as_tensor(domain_ids)
+    t0 = time.perf_counter() - result.seconds
+    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, disable=not progress or accelerator.process_index)
+
+    def epoch_iterator(epoch: int):
+        # accelerate re-applies its own epoch counter on iter(); keep it equal to ours.
+        loader.set_epoch(epoch)
+        return iter(loader)
+
+    iterator = epoch_iterator(start // steps_per_epoch)
+    offset = (start % steps_per_epoch) * global_batch  # the sampler resumes mid-epoch at this position
+    for step in range(start, min(steps, stop_after or steps)):
+        epoch, k_in_epoch = divmod(step, steps_per_epoch)
+        if k_in_epoch == 0 and step > start:
+            iterator, offset = epoch_iterator(epoch), 0
+        batch = next(iterator)
+        local = k_in_epoch - (start % steps_per_epoch if epoch == start // steps_per_epoch else 0)
+        ids = sampler.ids_at(epoch, offset + positions[local])
+        row_domain = domain_t[ids].to(batch["input_ids"].device)
+        model.train()
+        loss, logits = objective(model, batch, ids, row_domain)
+        ex_loss, _ = per_example_token_loss(logits.detach(), batch["labels"])
+        store.add(ids, ex_loss, (batch["labels"][:, 1:] != -100).any(1))
+        observe = getattr(policy, "observe", None)
+        if observe is not None:
+            observe(batch, row_domain)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        if done % update_every == 0 and done < steps:
+            stats = store.flush(done)
+            weights = np.asarray(policy.update(stats, schedule.current), dtype=np.float64)
+            effective_at = done * global_batch + lookahead
+            schedule.add(effective_at, weights)
+            result.history.append({"step": done, "effective_at": effective_at, "weights": weights.tolist()})
+        if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
+            result.curve.append({"step": done, **eval_fn(unwrapped)})
+        bar.update(1)
+        if ckpt is not None and ckpt_every and (done % ckpt_every == 0 or done in (steps, stop_after)):
+            result.seconds, result.steps = time.perf_counter() - t0, done
+            _save(
+                ckpt,
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                sampler,
+                policy,
+                store,
+                objective,
+                result,
+                done,
+                steps_per_epoch,
+                global_batch,
+            )
+    bar.close()
+    result.seconds, result.steps = time.perf_counter() - t0, min(steps, stop_after or steps)
+    return result
+
+
+def _save(
+    ckpt,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    sampler,
+    policy,
+    store,
+    objective,
+    result,
+    step,
+    steps_per_epoch,
+    global_batch,
+) -> None:
+    store_state = store.state_dict()  # collective
+    if accelerator.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if hasattr(policy, "proxy_state_dict"):
+            tensors["policy_tensors"] = policy.proxy_state_dict()
+        tmp = ckpt / "tensors.pt.tmp"
+        torch.save(tensors, tmp)
+        os.replace(tmp, ckpt / "tensors.pt")
+        write_json_atomic(
+            ckpt / "loop_state.json",
+            {
+                "step": step,
+                # The loop consumes whole global batches, so the position follows from the step.
+                "sampler": {
+                    **sampler.state_dict(),
+                    "epoch": step // steps_per_epoch,
+                    "position": (step % steps_per_epoch) * global_batch,
+                },
+                "policy": policy.state_dict(),
+                "store": store_state,
+                "objective": objective.state_dict(),
+                "history": result.history,
+                "curve": result.curve,
+                "seconds": result.seconds,
+            },
+        )
+    dist.barrier()
+
+
+def _load(ckpt, accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result) -> int:
+    state = read_json(ckpt / "loop_state.json")
+    tensors = torch.load(ckpt / "tensors.pt", map_location="cpu", weights_only=False)
+    accelerator.unwrap_model(model).load_state_dict(tensors["model"])
+    optimizer.load_state_dict(tensors["optimizer"])
+    scheduler.load_state_dict(tensors["scheduler"])
+    torch.set_rng_state(tensors["torch_rng"])
+    if "policy_tensors" in tensors:
+        policy.load_proxy_state_dict(tensors["policy_tensors"])
+    sampler.load_state_dict(state["sampler"], restore_position=True)
+    policy.load_state_dict(state["policy"])
+    store.load_state_dict(state["store"])
+    objective.load_state_dict(state["objective"])
+    result.history = state["history"]
+    result.curve = state["curve"]
+    result.seconds = state["seconds"]
+    return int(state["step"])
