@@ -25,9 +25,11 @@ import torch
 from dataflex.proxies.loop import LoopResult, train_mixture
 
 from dataflex.losses import IGNORE_INDEX
-from dataflex.policies.doremi import group_dro_step, token_cross_entropy
+from dataflex.policies.base import BoundPolicy
+from dataflex.policies.doremi import DoReMiOnline, group_dro_step, token_cross_entropy
 from dataflex.policies.static import Natural, Uniform
 from dataflex.state import write_json_atomic
+from dataflex.weights import validate_weights
 from dataflex.tiny import collate_causal
 
 WEIGHTS_FILE = "doremi_weights.json"
@@ -222,3 +224,59 @@ def run_doremi_offline(
         **loop_kwargs,
     )
     return reference, export
+
+
+class DoReMiOffline(BoundPolicy):
+    """Main-run policy with the weights of offline DoReMi (static once computed).
+
+    ``prepare`` (called by ``recipes/mixture.py`` before training) runs or reuses the three stages in
+    ``work_dir``; alternatively pass ``weights_path`` to a ``doremi_weights.json`` exported earlier.
+    ``proxy_steps`` overrides the number of reference/proxy steps (default: the main run's).
+    """
+
+    def __init__(
+        self,
+        reference_mixture: Literal["uniform", "natural"] = "uniform",
+        eta: float = 1.0,
+        smoothing: float = 1e-3,
+        proxy_steps: int | None = None,
+        weights_path: str | None = None,
+    ) -> None:
+        self.reference_mixture, self.eta, self.smoothing = reference_mixture, eta, smoothing
+        self.proxy_steps, self.weights_path = proxy_steps, weights_path
+        self.weights: dict[str, float] | None = None
+        self.export: dict[str, Any] = {}
+
+    def prepare(self, make_model, train_ds, domain_ids, domain_names, work_dir, loop_kwargs) -> None:
+        if self.weights_path is not None:
+            self.weights = load_doremi_weights(self.weights_path, domain_names)
+            return
+        kwargs = {**loop_kwargs, **({"steps": self.proxy_steps} if self.proxy_steps else {})}
+        _, self.export = run_doremi_offline(make_model, train_ds, domain_ids, domain_names, work_dir,
+                                            reference_mixture=self.reference_mixture, eta=self.eta,
+                                            smoothing=self.smoothing, **kwargs)
+        self.weights = dict(zip(self.export["domain_names"], self.export["weights"]))
+
+    def initial_weights(self) -> np.ndarray:
+        self._require_bound()
+        if self.weights is None:
+            if self.weights_path is None:
+                raise RuntimeError("DoReMiOffline has no weights: call prepare() or pass weights_path")
+            self.weights = load_doremi_weights(self.weights_path, self.domain_names)
+        return validate_weights(self.weights, self.domain_names, what="DoReMi weights")
+
+
+class PreparedDoReMiOnline(DoReMiOnline):
+    """:class:`DoReMiOnline` whose reference is trained (or reused) by ``prepare`` and whose proxy is a
+    fresh model of the same architecture, so a config needs no model objects."""
+
+    def __init__(self, reference_mixture: Literal["uniform", "natural"] = "uniform", reference_steps: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(None, None, **kwargs)
+        self.reference_mixture, self.reference_steps = reference_mixture, reference_steps
+
+    def prepare(self, make_model, train_ds, domain_ids, domain_names, work_dir, loop_kwargs) -> None:
+        kwargs = {**loop_kwargs, **({"steps": self.reference_steps} if self.reference_steps else {})}
+        reference = train_reference(make_model, train_ds, domain_ids, domain_names, Path(work_dir) / "reference",
+                                    mixture=self.reference_mixture, **kwargs)
+        self.set_models(make_model(), reference)

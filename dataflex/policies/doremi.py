@@ -133,8 +133,8 @@ class DoReMiOnline(BoundPolicy):
 
     def __init__(
         self,
-        proxy: torch.nn.Module,
-        reference: torch.nn.Module,
+        proxy: torch.nn.Module | None,
+        reference: torch.nn.Module | None,
         *,
         eta: float = 1.0,
         smoothing: float = 1e-3,
@@ -142,18 +142,27 @@ class DoReMiOnline(BoundPolicy):
         use_average: bool = True,
         floor: float = 0.01,
     ) -> None:
-        self.proxy = proxy
-        self.reference = reference.eval().requires_grad_(False)
         self.eta, self.smoothing, self.lr, self.use_average = float(eta), float(smoothing), float(lr), use_average
         self.floor = float(floor)
-        self.optimizer = torch.optim.AdamW(self.proxy.parameters(), lr=self.lr)
+        self.proxy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        if proxy is not None and reference is not None:
+            self.set_models(proxy, reference)
         self.alpha: np.ndarray | None = None
         self.alpha_sum: np.ndarray | None = None
         self.steps = 0
         self.proxy_seconds = 0.0
 
+    def set_models(self, proxy: torch.nn.Module, reference: torch.nn.Module) -> None:
+        """Attach the proxy (trained here) and the reference (frozen)."""
+        self.proxy = proxy
+        self.reference = reference.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.proxy.parameters(), lr=self.lr)
+
     def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None:
         super().bind(domain_names, domain_sizes)
+        if self.proxy is None or self.reference is None:
+            raise RuntimeError("DoReMiOnline needs a proxy and a reference model: pass them or call set_models()")
         self.alpha = np.full(self.num_domains, 1.0 / self.num_domains)
         self.alpha_sum = np.zeros(self.num_domains)
         self.steps = 0
