@@ -29,8 +29,8 @@ from dataflex.policies.base import BoundPolicy
 from dataflex.policies.doremi import DoReMiOnline, group_dro_step, token_cross_entropy
 from dataflex.policies.static import Natural, Uniform
 from dataflex.state import write_json_atomic
-from dataflex.weights import validate_weights
 from dataflex.tiny import collate_causal
+from dataflex.weights import validate_weights
 
 WEIGHTS_FILE = "doremi_weights.json"
 
@@ -132,10 +132,11 @@ def train_reference(
     if mixture not in ("uniform", "natural"):
         raise ValueError(f"mixture={mixture!r}; valid values are 'uniform', 'natural'")
     policy = Uniform() if mixture == "uniform" else Natural()
-    train_mixture(
+    result = train_mixture(
         model, train_ds, domain_ids, domain_names, policy, ckpt_dir=out / "ckpt", desc="reference", **loop_kwargs
     )
     out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "meta.json", {"train_seconds": result.seconds, "mixture": mixture})
     torch.save(model.state_dict(), out / "model.tmp")
     os.replace(out / "model.tmp", out / "model.pt")
     return model
@@ -252,9 +253,17 @@ class DoReMiOffline(BoundPolicy):
             self.weights = load_doremi_weights(self.weights_path, domain_names)
             return
         kwargs = {**loop_kwargs, **({"steps": self.proxy_steps} if self.proxy_steps else {})}
-        _, self.export = run_doremi_offline(make_model, train_ds, domain_ids, domain_names, work_dir,
-                                            reference_mixture=self.reference_mixture, eta=self.eta,
-                                            smoothing=self.smoothing, **kwargs)
+        _, self.export = run_doremi_offline(
+            make_model,
+            train_ds,
+            domain_ids,
+            domain_names,
+            work_dir,
+            reference_mixture=self.reference_mixture,
+            eta=self.eta,
+            smoothing=self.smoothing,
+            **kwargs,
+        )
         self.weights = dict(zip(self.export["domain_names"], self.export["weights"]))
 
     def initial_weights(self) -> np.ndarray:
@@ -270,13 +279,24 @@ class PreparedDoReMiOnline(DoReMiOnline):
     """:class:`DoReMiOnline` whose reference is trained (or reused) by ``prepare`` and whose proxy is a
     fresh model of the same architecture, so a config needs no model objects."""
 
-    def __init__(self, reference_mixture: Literal["uniform", "natural"] = "uniform", reference_steps: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        reference_mixture: Literal["uniform", "natural"] = "uniform",
+        reference_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(None, None, **kwargs)
         self.reference_mixture, self.reference_steps = reference_mixture, reference_steps
 
     def prepare(self, make_model, train_ds, domain_ids, domain_names, work_dir, loop_kwargs) -> None:
         kwargs = {**loop_kwargs, **({"steps": self.reference_steps} if self.reference_steps else {})}
-        reference = train_reference(make_model, train_ds, domain_ids, domain_names, Path(work_dir) / "reference",
-                                    mixture=self.reference_mixture, **kwargs)
+        reference = train_reference(
+            make_model,
+            train_ds,
+            domain_ids,
+            domain_names,
+            Path(work_dir) / "reference",
+            mixture=self.reference_mixture,
+            **kwargs,
+        )
         self.set_models(make_model(), reference)

@@ -3,7 +3,10 @@
 Single process, several processes, or a Hydra sweep (configs/ composes model x data x policy)::
 
     python recipes/mixture.py policy=odm seed=1
-    accelerate launch --cpu --num_processes 2 recipes/mixture.py policy=doremi_online steps=200
+    accelerate launch --multi_gpu --num_processes 2 recipes/mixture.py policy=doremi_online steps=200
+
+(On a machine without GPUs, ``--multi_gpu`` still starts two processes through torchrun and the
+Accelerator falls back to gloo on CPU; accelerate's ``--cpu --num_processes 2`` needs MPI.)
     python -m dataflex.recipes.mixture -m policy=uniform,natural,odm,ado,doremi,doremi_online seed=0,1,2
 
 Each run writes ``results.json`` (per-domain validation loss, the weight history, timings) into its
@@ -17,15 +20,16 @@ reference/proxy stages under ``work_dir``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from dataflex.proxies.loop import train_mixture
 
 from dataflex.domains import encode_domains
-from dataflex.proxies.loop import train_mixture
 from dataflex.tiny import byte_dataset, default_data_dir, load_jsonl_dir, per_domain_loss
 
 
@@ -51,16 +55,24 @@ def run_experiment(
     curve_per_domain: int = 50,
     accelerator: Any = None,
     train_ds: Any = None,
+    train_per_domain: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one model with ``policy`` and evaluate it; returns a JSON-safe result dict."""
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    train_ds = train_ds if train_ds is not None else load_split(data_root, "train", max_len)
+    train_ds = train_ds if train_ds is not None else load_split(data_root, "train", max_len, train_per_domain)
     domain_ids, names = encode_domains(train_ds["domain"])
-    loop_kwargs = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, update_every=update_every,
-                       accelerator=accelerator, progress=progress)
+    loop_kwargs = dict(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        update_every=update_every,
+        accelerator=accelerator,
+        progress=progress,
+    )
     prepare_seconds = 0.0
     if hasattr(policy, "prepare"):
         start = time.perf_counter()
@@ -74,8 +86,17 @@ def run_experiment(
 
     torch.manual_seed(seed)
     model = make_model()
-    result = train_mixture(model, train_ds, domain_ids, names, policy, eval_fn=curve_eval, eval_every=eval_every,
-                           desc=type(policy).__name__, **loop_kwargs)
+    result = train_mixture(
+        model,
+        train_ds,
+        domain_ids,
+        names,
+        policy,
+        eval_fn=curve_eval,
+        eval_every=eval_every,
+        desc=type(policy).__name__,
+        **loop_kwargs,
+    )
     model = accelerator.unwrap_model(model)
     out: dict[str, Any] = {
         "policy": type(policy).__name__,
@@ -111,16 +132,28 @@ def _hydra_main() -> None:
 
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
         result = run_experiment(
-            policy=policy, make_model=make_model, data_root=root, steps=cfg.steps, batch_size=cfg.batch_size,
-            lr=cfg.lr, seed=cfg.seed, update_every=cfg.update_every, eval_every=cfg.eval_every,
-            max_len=cfg.data.max_len, val_per_domain=cfg.data.val_per_domain,
+            policy=policy,
+            make_model=make_model,
+            data_root=root,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            update_every=cfg.update_every,
+            eval_every=cfg.eval_every,
+            max_len=cfg.data.max_len,
+            val_per_domain=cfg.data.val_per_domain,
             work_dir=Path(cfg.work_dir) / f"seed{cfg.seed}",
+            train_per_domain=cfg.data.train_per_domain,
         )
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank holds the same result
+            (out_dir / "results.json").write_text(json.dumps(result, indent=1))
         val = result["validation_loss"]
-        print(f"{result['policy']} seed {cfg.seed}: mean val loss {np.mean(list(val.values())):.4f}, "
-              f"worst {max(val.values()):.4f} ({max(val, key=val.get)})")
+        print(
+            f"{result['policy']} seed {cfg.seed}: mean val loss {np.mean(list(val.values())):.4f}, "
+            f"worst {max(val.values()):.4f} ({max(val, key=val.get)})"
+        )
 
     main()
 

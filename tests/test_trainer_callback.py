@@ -175,3 +175,18 @@ def test_domain_column_is_read_when_columns_are_kept(ds, tmp_path):
     trainer.data_collator = collate_dropping_domain
     trainer.train()
     assert dfx.domain_names == sorted(set(ds["domain"]))
+
+
+def test_online_doremi_through_the_callback(ds, tmp_path):
+    from dataflex.policies import DoReMiOnline
+    from dataflex.tiny import tiny_gpt2
+
+    policy = DoReMiOnline(
+        tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=1),
+        tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=2),
+        use_average=False,
+    )
+    dfx = DataFlexCallback(policy, domains=ds["domain"], update_every=2)
+    make_trainer(ds, dfx, tmp_path, max_steps=6, accum=2, save_steps=100).train()
+    assert policy.steps == 12 and policy.proxy_seconds > 0  # one proxy step per micro-batch
+    assert not np.allclose(dfx.history[-1]["weights"], dfx.history[0]["weights"])

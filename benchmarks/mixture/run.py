@@ -34,10 +34,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "recipes"))
 
+from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline  # noqa: E402
 from mixture import load_split, run_experiment  # noqa: E402
 
 from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform  # noqa: E402
-from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline  # noqa: E402
 from dataflex.tiny import default_data_dir, per_domain_loss, tiny_gpt2  # noqa: E402
 
 METHODS = ["natural", "uniform", "temperature", "odm", "ado", "doremi", "doremi_online"]
@@ -85,7 +85,9 @@ def plot_weights(runs: dict[str, list[dict]], out: Path) -> list[str]:
         weights = np.array([h["weights"] for h in first["history"]])
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.stackplot(steps, weights.T, labels=first["domain_names"], step="post")
-        ax.set(xlabel="step", ylabel="sampling weight", ylim=(0, 1), title=f"{name}: domain weights (seed {first['seed']})")
+        ax.set(
+            xlabel="step", ylabel="sampling weight", ylim=(0, 1), title=f"{name}: domain weights (seed {first['seed']})"
+        )
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.tight_layout()
         path = out / f"weights_{name}.png"
@@ -119,6 +121,7 @@ def main() -> None:
     eval_every = max(10, args.steps // 10)
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     reference_loss: list[dict[str, float]] = []
+    ref_seconds: list[float] = []
     for seed in args.seeds:
         work = args.work / f"steps{args.steps}" / f"seed{seed}"
 
@@ -141,6 +144,10 @@ def main() -> None:
             ref.load_state_dict(torch.load(ref_path, map_location="cpu"))
             test = load_split(args.data, "test", args.max_len)
             reference_loss.append(per_domain_loss(ref, test, test["domain"]))
+            meta = json.loads((work / "reference" / "meta.json").read_text())
+            ref_seconds.append(float(meta["train_seconds"]))
+        else:
+            ref_seconds.append(0.0)
 
     domains = runs["uniform"][0]["domain_names"]
     summary: dict[str, Any] = {}
@@ -153,7 +160,11 @@ def main() -> None:
         )  # fmt: skip
         targets = [u["curve"][-1]["mean"] for u in runs["uniform"]]
         reach = [steps_to_reach(r["curve"], t) for r, t in zip(seeds, targets)]
-        seconds = [r["train_seconds"] + r["prepare_seconds"] for r in seeds]
+        # Full cost: main run + stages it ran; online DoReMi reuses the seed's reference, so add its cost.
+        seconds = [
+            r["train_seconds"] + r["prepare_seconds"] + (ref_seconds[i] if name == "doremi_online" else 0.0)
+            for i, r in enumerate(seeds)
+        ]
         uni_seconds = [u["train_seconds"] for u in runs["uniform"]]
         summary[name] = {
             "per_domain": {d: statistics.median(r["test_loss"][d] for r in seeds) for d in domains},
@@ -161,7 +172,7 @@ def main() -> None:
             "worst": worsts,
             "worst_excess_over_reference": excess,
             "steps_to_uniform_final": reach,
-            "wallclock_ratio_to_uniform": [s / u for s, u in zip(seeds and seconds, uni_seconds)],
+            "wallclock_ratio_to_uniform": [s / u for s, u in zip(seconds, uni_seconds)],
             "proxy_seconds": [r["proxy_seconds"] for r in seeds],
             "final_weights": [r["history"][-1]["weights"] for r in seeds],
         }
@@ -177,7 +188,8 @@ def main() -> None:
         "Test-split loss (nats/byte), median over seeds [min, max]. Steps-to-target: first evaluation at which the "
         f"mean validation loss (50/domain subset, every {eval_every} steps) reaches uniform's final value.",
         "",
-        "| method | mean | worst domain | worst excess over reference | steps to uniform's final | wall-clock / uniform |",
+        "| method | mean | worst domain | worst excess over reference | steps to uniform's final "
+        "| wall-clock / uniform |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
@@ -187,21 +199,34 @@ def main() -> None:
             f"| {name} | {spread(s['mean'])} | {spread(s['worst'])} | {spread(s['worst_excess_over_reference'])} | "
             f"{reach_txt} (of {args.steps}) | {spread(s['wallclock_ratio_to_uniform'])} |"
         )
-    lines += ["", "Per-domain test loss (median over seeds):", "",
-              "| domain | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
+    lines += [
+        "",
+        "Per-domain test loss (median over seeds):",
+        "",
+        "| domain | " + " | ".join(summary) + " |",
+        "|---|" + "---|" * len(summary),
+    ]
     for d in domains:
         lines.append(f"| {d} | " + " | ".join(f"{summary[m]['per_domain'][d]:.3f}" for m in summary) + " |")
-    lines += ["", "Final weights (seed " + str(args.seeds[0]) + "):", "",
-              "| domain | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
+    lines += [
+        "",
+        "Final weights (seed " + str(args.seeds[0]) + "):",
+        "",
+        "| domain | " + " | ".join(summary) + " |",
+        "|---|" + "---|" * len(summary),
+    ]
     for i, d in enumerate(domains):
         lines.append(f"| {d} | " + " | ".join(f"{summary[m]['final_weights'][0][i]:.3f}" for m in summary) + " |")
     lines += ["", "Weight trajectories: " + ", ".join(f"`{p}`" for p in plots)]
     table = "\n".join(lines) + "\n"
     suffix = "_quick" if args.quick else ""
     (args.out / f"results{suffix}.md").write_text(table)
-    (args.out / f"results{suffix}.json").write_text(json.dumps(
-        {"command": command, "machine": machine, "minutes": total_minutes, "args": {k: str(v) for k, v in vars(args).items()},
-         "summary": summary, "reference_test_loss": reference_loss, "runs": runs}, indent=1))  # fmt: skip
+    payload = {
+        "command": command, "machine": machine, "minutes": total_minutes,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "summary": summary, "reference_test_loss": reference_loss, "runs": runs,
+    }  # fmt: skip
+    (args.out / f"results{suffix}.json").write_text(json.dumps(payload, indent=1))
     print(table)
 
 

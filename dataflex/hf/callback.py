@@ -252,6 +252,10 @@ class DataFlexCallback(TrainerCallback):
         has_tokens = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
         self.store.add(ids, loss, has_tokens)
         self._step_records.append((ids, loss, has_tokens))
+        observe = getattr(self.policy, "observe", None)
+        if observe is not None:  # online DoReMi: the proxy steps on this very micro-batch
+            batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels") if kwargs.get(k) is not None}
+            observe(batch, torch.as_tensor(self.sampler.domain_ids[ids], device=labels.device))
         self._micro += 1
 
     def _check_ids(self, ids: np.ndarray, kwargs: dict) -> None:

@@ -1,0 +1,36 @@
+"""Tabulate a Hydra sweep of recipes/mixture.py: median over seeds of mean / worst validation loss.
+
+python -m dataflex.recipes.mixture -m policy=uniform,natural,odm,ado,doremi,doremi_online seed=0,1,2
+python benchmarks/mixture/summarize.py multirun/mixture
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def summarize(root: Path) -> str:
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(root.glob("**/results.json")):
+        res = json.loads(path.read_text())
+        rows[path.parent.parent.name].append(res)
+    if not rows:
+        raise SystemExit(f"no results.json under {root}")
+    lines = ["| policy | seeds | mean val loss | worst val loss | train s |", "|---|---|---|---|---|"]
+    for policy, results in sorted(rows.items()):
+        means = [statistics.fmean(r["validation_loss"].values()) for r in results]
+        worsts = [max(r["validation_loss"].values()) for r in results]
+        secs = [r["train_seconds"] for r in results]
+        lines.append(
+            f"| {policy} | {len(results)} | {statistics.median(means):.4f} | {statistics.median(worsts):.4f} | "
+            f"{statistics.median(secs):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summarize(Path(sys.argv[1] if len(sys.argv) > 1 else "multirun/mixture")))
