@@ -178,7 +178,7 @@ def main() -> None:
         }
     plots = plot_weights(runs, args.out)
     total_minutes = (time.perf_counter() - started) / 60
-    command = "python benchmarks/mixture/run.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/mixture/run.py " + " ".join(sys.argv[1:])
     machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
     lines = [
