@@ -25,17 +25,17 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from torch.utils.data import Sampler
 
 from dataflex.domains import encode_domains
 from dataflex.schedule import WeightSchedule
+from dataflex.samplers.base import ScheduledSampler
 from dataflex.state import DatasetFingerprint
 
 ExhaustionMode = Literal["reshuffle", "redistribute"]
 _WITHIN_DOMAIN_STREAM = 1
 
 
-class DomainMixtureSampler(Sampler[int]):
+class DomainMixtureSampler(ScheduledSampler):
     """Sample example indices so each domain's share follows the schedule's weights.
 
     Args:
@@ -77,8 +77,6 @@ class DomainMixtureSampler(Sampler[int]):
             raise ValueError(f"domain(s) {empty} have no examples; every scheduled domain needs at least one")
         if when_exhausted not in ("reshuffle", "redistribute"):
             raise ValueError(f"when_exhausted={when_exhausted!r}; valid values are 'reshuffle', 'redistribute'")
-        if num_samples is not None and num_samples <= 0:
-            raise ValueError(f"num_samples must be positive; got {num_samples}")
         if when_exhausted == "redistribute" and not replacement and num_samples is not None and num_samples > ids.size:
             raise ValueError(
                 f"num_samples={num_samples} exceeds the dataset size {ids.size}, which "
@@ -86,24 +84,18 @@ class DomainMixtureSampler(Sampler[int]):
             )
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+        super().__init__(
+            int(num_samples) if num_samples is not None else int(ids.size),
+            schedule,
+            seed,
+            DatasetFingerprint.from_labels(ids, schedule.domain_names),
+        )
         self.domain_ids = ids
-        self.schedule = schedule
-        self.seed = int(seed)
-        self.num_samples = int(num_samples) if num_samples is not None else int(ids.size)
         self.replacement = bool(replacement)
         self.when_exhausted: ExhaustionMode = when_exhausted
         self.chunk_size = int(chunk_size)
         self.members = [np.flatnonzero(ids == d) for d in range(k)]
-        self.fingerprint = DatasetFingerprint.from_labels(ids, schedule.domain_names)
-        self.epoch = 0
-        self._resume_position = 0
-        self._yielded = 0
-        self._active_epoch: int | None = None  # epoch of the iteration most recently started
         self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
-        # Order generated so far in the current epoch (-1 = not yet generated); read by the HF callback
-        # to name the examples of each batch without an extra dataset column.
-        self._order_epoch = -1
-        self._order = np.full(self.num_samples, -1, dtype=np.int64)
 
     @classmethod
     def from_labels(
@@ -118,68 +110,12 @@ class DomainMixtureSampler(Sampler[int]):
             weights = np.full(len(names), 1.0 / len(names))
         return cls(ids, WeightSchedule(names, weights), **kwargs)
 
-    # -- Sampler ---------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._resume_position = 0
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, start = self.epoch, self._resume_position
-        self._active_epoch = epoch
-        self._resume_position = 0
-        self._yielded = start
-        self._begin_order(epoch)
-        for pos, example in self._generate(epoch):
-            if pos < start:
-                continue
-            self._yielded = pos + 1
-            yield example
-        # A finished epoch moves on, so a state saved now resumes at the start of the next one.
-        self.epoch = epoch + 1
-        self._yielded = 0
-
-    # -- order -----------------------------------------------------------------------------------
-    def epoch_order(self, epoch: int, upto: int | None = None) -> np.ndarray:
-        """Example ids of positions ``0..upto-1`` of ``epoch`` (the whole epoch by default).
-
-        Pure function of the schedule for positions the sampler has not yet passed; used by tests and
-        by anyone who wants to inspect the order without consuming the sampler.
-        """
-        upto = self.num_samples if upto is None else min(int(upto), self.num_samples)
-        out = np.empty(upto, dtype=np.int64)
-        if upto == 0:
-            return out
-        for pos, example in self._generate(epoch, record=False):
-            out[pos] = example
-            if pos + 1 >= upto:
-                break
-        return out
-
-    def ids_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        """Example ids at ``positions`` of ``epoch``, which the sampler must already have generated."""
-        positions = np.asarray(positions, dtype=np.int64)
-        if epoch == self._order_epoch:
-            ids = self._order[positions]
-            if (ids >= 0).all():
-                return ids
-        # Not generated in this process (for example after a resume that skipped ahead): replay.
-        order = self.epoch_order(epoch, upto=int(positions.max()) + 1)
-        return order[positions]
-
-    def _begin_order(self, epoch: int) -> None:
-        if epoch != self._order_epoch:
-            self._order_epoch = epoch
-            self._order.fill(-1)
-            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] == epoch}
-
     def _permutation(self, epoch: int, domain: int, pass_index: int) -> np.ndarray:
         key = (epoch, domain, pass_index)
         perm = self._perm_cache.get(key)
         if perm is None:
+            if len(self._perm_cache) > 8 * len(self.members) + 64:
+                self._perm_cache.clear()  # bound memory across epochs; entries are cheap to rebuild
             rng = np.random.default_rng(
                 np.random.SeedSequence([self.seed, epoch, _WITHIN_DOMAIN_STREAM, domain, pass_index])
             )
@@ -187,7 +123,7 @@ class DomainMixtureSampler(Sampler[int]):
             self._perm_cache[key] = perm
         return perm
 
-    def _generate(self, epoch: int, record: bool = True) -> Iterator[tuple[int, int]]:
+    def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
         """Yield ``(position, example_id)`` for the whole epoch, in order."""
         n, k = self.num_samples, len(self.members)
         base = epoch * n
@@ -219,10 +155,6 @@ class DomainMixtureSampler(Sampler[int]):
                     if self.when_exhausted == "redistribute" and drawn[d] == sizes[d]:
                         retired[d] = True
                         cdf = None
-                if record:
-                    self.schedule.mark_generated(g)
-                    if epoch == self._order_epoch:
-                        self._order[pos] = example
                 yield pos, example
 
     def _cdf(self, global_index: int, retired: np.ndarray) -> np.ndarray:
@@ -234,50 +166,11 @@ class DomainMixtureSampler(Sampler[int]):
                 w = (~retired).astype(np.float64)
         return np.cumsum(w)
 
-    # -- Stateful --------------------------------------------------------------------------------
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Save progress. ``consumed`` = samples of the current epoch the *consumer* has used.
-
-        With data-loader workers the sampler runs ahead of training, so pass the consumer's count;
-        without it the number of yielded samples is used (exact only for ``num_workers=0``).
-        ``consumed`` counts within the epoch of the iteration most recently started, even if the
-        sampler has already produced that whole epoch (workers prefetch ahead of the consumer).
-        """
-        if consumed is None or self._active_epoch is None:
-            position, epoch = (self._yielded if consumed is None else int(consumed)), self.epoch
-        else:
-            position, epoch = int(consumed), self._active_epoch
-        if not 0 <= position <= self.num_samples:
-            raise ValueError(f"consumed={position} is outside the epoch [0, {self.num_samples}]")
-        if position == self.num_samples:
-            epoch, position = epoch + 1, 0
+    def _settings(self) -> dict[str, Any]:
         return {
-            "fingerprint": self.fingerprint.to_json(),
             "seed": self.seed,
             "num_samples": self.num_samples,
             "replacement": self.replacement,
             "when_exhausted": self.when_exhausted,
             "chunk_size": self.chunk_size,
-            "epoch": epoch,
-            "position": position,
-            "schedule": self.schedule.state_dict(),
         }
-
-    def load_state_dict(self, state: dict[str, Any], *, restore_position: bool = True) -> None:
-        """Restore seed-checked settings, schedule and epoch.
-
-        ``restore_position=False`` restores everything but the position within the epoch: use it when
-        the consumer fast-forwards by itself (the HF Trainer skips consumed batches on resume, so the
-        sampler must start the epoch from 0 or the data would be skipped twice).
-        """
-        self.fingerprint.check_matches(state["fingerprint"])
-        for key in ("seed", "num_samples", "replacement", "when_exhausted", "chunk_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state has {key}={state[key]!r} but this sampler has {key}={getattr(self, key)!r}; "
-                    "the order would differ, so the state cannot be resumed here"
-                )
-        self.schedule.load_state_dict(state["schedule"])
-        self.epoch = int(state["epoch"])
-        self._resume_position = int(state["position"]) if restore_position else 0
-        self._yielded = self._resume_position

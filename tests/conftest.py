@@ -45,7 +45,7 @@ def make_sampler(domain_ids, events=(), **kwargs) -> DomainMixtureSampler:
 
 def run_loader(sampler, batch_size: int, num_workers: int, num_batches: int | None = None) -> list[int]:
     loader = DataLoader(
-        IndexDataset(len(sampler.domain_ids)), batch_size=batch_size, sampler=sampler, num_workers=num_workers
+        IndexDataset(sampler.fingerprint.num_examples), batch_size=batch_size, sampler=sampler, num_workers=num_workers
     )
     out: list[int] = []
     for i, batch in enumerate(loader):

@@ -1,0 +1,115 @@
+"""Gradient-influence scores: LESS (arXiv 2402.04333) and TracIn (arXiv 2002.08484).
+
+Each example is represented by its projected, normalised gradient of the trainable (LoRA) parameters;
+the score of a training example is the cosine with the mean such feature of a target set (the few
+validation examples of the task we want to improve). TracIn uses the raw SGD gradient. LESS uses the
+Adam update direction the example would produce from the live optimizer state::
+
+    m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2,   Gamma = m'_hat / (sqrt(v'_hat) + eps)
+
+with the usual bias corrections. Per-example gradients come from :class:`PerExampleGradients` (one
+batched backward), never from a loop over examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dataflex.grads import PerExampleGradients, RademacherProjector
+from dataflex.losses import IGNORE_INDEX
+
+
+def per_example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy of each example *with* gradient (causal shift, -100 ignored)."""
+    shifted = labels[:, 1:]
+    tok = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        shifted.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shifted.shape)
+    counted = (shifted != IGNORE_INDEX).sum(1).clamp(min=1)
+    return tok.sum(1) / counted
+
+
+class GradientFeaturizer:
+    """Projected per-example gradient features of some linear layers, optionally Adam-preconditioned.
+
+    Args:
+        model: a causal LM (typically a peft LoRA model).
+        layers: the linear layers to differentiate (e.g. ``lora_linears(model)``).
+        dim: projection dimension.
+        seed: projection seed.
+        mode: ``"tracin"`` (raw gradient) or ``"less"`` (Adam direction from ``optimizer``'s state).
+        optimizer: the live Adam/AdamW optimizer (required for ``"less"``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Linear],
+        *,
+        dim: int = 1024,
+        seed: int = 0,
+        mode: Literal["tracin", "less"] = "tracin",
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if mode not in ("tracin", "less"):
+            raise ValueError(f"mode={mode!r}; valid values are 'tracin', 'less'")
+        if mode == "less" and optimizer is None:
+            raise ValueError("mode='less' needs the training optimizer (its Adam moments precondition the gradient)")
+        self.model, self.mode, self.optimizer = model, mode, optimizer
+        self.capture = PerExampleGradients(layers)
+        self.projector = RademacherProjector(dim, seed=seed)
+
+    def _precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert self.optimizer is not None
+        out = {}
+        for name, g in grads.items():
+            param = self.capture.layers[name].weight
+            state = self.optimizer.state.get(param, {})
+            group = next(gr for gr in self.optimizer.param_groups if any(p is param for p in gr["params"]))
+            b1, b2 = group.get("betas", (0.9, 0.999))
+            eps = group.get("eps", 1e-8)
+            step = float(state.get("step", 0)) + 1
+            m = state.get("exp_avg", torch.zeros_like(param)).unsqueeze(0)
+            v = state.get("exp_avg_sq", torch.zeros_like(param)).unsqueeze(0)
+            m_new = (b1 * m + (1 - b1) * g) / (1 - b1**step)
+            v_new = (b2 * v + (1 - b2) * g * g) / (1 - b2**step)
+            out[name] = m_new / (v_new.sqrt() + eps)
+        return out
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(batch, dim)`` unit-norm features of the examples in ``batch`` (needs ``labels``)."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        was_training = self.model.training
+        self.model.eval()  # no dropout: a feature must not depend on the random mask
+        try:
+            self.model.zero_grad(set_to_none=True)
+            with self.capture.recording():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+                per_example_mean_loss(logits, batch["labels"]).sum().backward()
+            grads = self.capture.per_example()
+            self.model.zero_grad(set_to_none=True)
+        finally:
+            self.model.train(was_training)
+        if self.mode == "less":
+            grads = self._precondition(grads)
+        feats = self.projector.project(grads)
+        return feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def influence_scores(
+    featurizer: GradientFeaturizer,
+    train_batches: Sequence[dict[str, Any]],
+    target_batches: Sequence[dict[str, Any]],
+) -> torch.Tensor:
+    """Cosine of each training example's feature with the mean target feature, in batch order."""
+    target = torch.cat([featurizer.features(b) for b in target_batches]).mean(0)
+    target = target / target.norm().clamp(min=1e-12)
+    return torch.cat([featurizer.features(b) @ target for b in train_batches]).cpu()

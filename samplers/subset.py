@@ -1,0 +1,74 @@
+"""Subset sampler: trains on whichever examples the current selection holds, with exact resume.
+
+Selections (loss focus, RHO-LOSS, influence, random; see :mod:`dataflex.selection`) are events of a
+:class:`~dataflex.schedule.SubsetSchedule`. Position ``i`` of epoch ``e`` (global index ``g``) falls in
+the selection segment ``s`` in force at ``g``; counting ``k`` positions from the later of the segment's
+start and the epoch's start, it takes element ``k mod |S|`` of a permutation of the subset seeded by
+``(seed, e, s, k // |S|)``. So every position is computed directly — no replay is needed to resume —
+and the order is a pure function of ``(seed, epoch, schedule)``: within a segment every selected example
+is seen once before any is repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from dataflex.samplers.base import ScheduledSampler
+from dataflex.schedule import SubsetSchedule
+from dataflex.state import DatasetFingerprint
+
+_SUBSET_STREAM = 2
+
+
+class SubsetSampler(ScheduledSampler):
+    """Sample the selected subset in force at each position.
+
+    Args:
+        schedule: the selections over a pool of ``schedule.num_examples`` examples.
+        seed: base seed.
+        num_samples: epoch length (default: the pool size, so epochs line up with the Trainer's).
+        labels: optional per-example labels (e.g. task names) for the dataset fingerprint.
+    """
+
+    def __init__(
+        self,
+        schedule: SubsetSchedule,
+        *,
+        seed: int = 0,
+        num_samples: int | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        n = schedule.num_examples
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for a pool of {n} examples")
+        names = sorted({str(x) for x in labels}) if labels is not None else ["pool"]
+        index = {name: i for i, name in enumerate(names)}
+        ids = np.array([index[str(x)] for x in labels], dtype=np.int64) if labels is not None else np.zeros(n, np.int64)
+        super().__init__(num_samples or n, schedule, seed, DatasetFingerprint.from_labels(ids, names))
+        self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def _permutation(self, epoch: int, segment: int, pass_index: int, subset: np.ndarray) -> np.ndarray:
+        key = (epoch, segment, pass_index)
+        perm = self._perm_cache.get(key)
+        if perm is None:
+            if len(self._perm_cache) > 64:
+                self._perm_cache.clear()
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _SUBSET_STREAM, segment, pass_index]))
+            perm = self._perm_cache[key] = rng.permutation(subset)
+        return perm
+
+    def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
+        base = epoch * self.num_samples
+        for pos in range(self.num_samples):
+            g = base + pos
+            segment = self.schedule.segment_index(g)
+            subset = self.schedule.subset_at(g)
+            start = max(self.schedule.start_of(segment), base)
+            pass_index, offset = divmod(g - start, subset.shape[0])
+            yield pos, int(self._permutation(epoch, segment, pass_index, subset)[offset])
+
+    def _settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "num_samples": self.num_samples}

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
+
+
+def test_loss_focus_picks_the_expected_examples():
+    losses = np.array([0.5, 3.0, 1.0, np.nan, 2.0, 0.1, 1.5, 2.5])
+    assert select_by_loss(losses, 0.25, "hard").tolist() == [1, 7]  # 3.0 and 2.5
+    assert select_by_loss(losses, 0.25, "easy").tolist() == [0, 5]  # 0.1 and 0.5
+    # 7 scored losses sorted: 0.1 0.5 1.0 1.5 2.0 2.5 3.0 -> the middle two are 1.0 and 1.5
+    assert select_by_loss(losses, 0.25, "medium").tolist() == [2, 6]
+    assert 3 not in select_by_loss(losses, 0.75, "hard")  # unscored examples come last
+    with pytest.raises(ValueError, match="mode='hardest'"):
+        select_by_loss(losses, 0.5, "hardest")
+
+
+def test_rho_loss_prefers_learnable_over_noisy_or_learnt():
+    # example 0: high loss but also high irreducible loss (noise); 1: learnable; 2: already learnt
+    loss = np.array([4.0, 3.0, 0.5, 2.0])
+    irreducible = np.array([3.9, 1.0, 0.4, 1.5])
+    assert select_reducible(loss, irreducible, 0.25).tolist() == [1]
+    assert select_by_loss(loss, 0.25, "hard").tolist() == [0]  # plain loss focus would take the noise
+    with pytest.raises(ValueError, match="differ in shape"):
+        select_reducible(loss, irreducible[:2], 0.5)
+
+
+def test_top_random_and_budget():
+    scores = np.array([0.1, 0.9, 0.9, -1.0])
+    assert select_top(scores, 0.5).tolist() == [1, 2]
+    a, b = select_random(100, 0.05, seed=1), select_random(100, 0.05, seed=1)
+    assert a.tolist() == b.tolist() and len(a) == 5 and len(set(a.tolist())) == 5
+    assert select_random(100, 0.05, seed=2).tolist() != a.tolist()
+    assert budget(10, 0.01) == 1
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        budget(10, 0.0)
