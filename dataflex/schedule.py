@@ -170,10 +170,14 @@ class SubsetSchedule(EventSchedule[np.ndarray]):
         self._append(effective_at, self._validate(ids))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_examples": self.num_examples, "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)]}
+        return {
+            "num_examples": self.num_examples,
+            "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["num_examples"]) != self.num_examples:
-            raise ValueError(f"subset schedule was saved for {state['num_examples']} examples, this pool has "
-                             f"{self.num_examples}")
+            raise ValueError(
+                f"subset schedule was saved for {state['num_examples']} examples, this pool has {self.num_examples}"
+            )
         self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])

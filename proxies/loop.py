@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dataflex import dist
-from dataflex.hf.loader import inspect_loader, rank_position_batches
+from dataflex.batching import inspect_loader, rank_position_batches
 from dataflex.losses import per_example_token_loss
 from dataflex.policies.base import MixingPolicy
 from dataflex.schedule import WeightSchedule

@@ -25,10 +25,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
+from dataflex.samplers.base import ScheduledSampler
 
 from dataflex.domains import encode_domains
 from dataflex.schedule import WeightSchedule
-from dataflex.samplers.base import ScheduledSampler
 from dataflex.state import DatasetFingerprint
 
 ExhaustionMode = Literal["reshuffle", "redistribute"]

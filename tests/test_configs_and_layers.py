@@ -44,7 +44,8 @@ def test_mixture_configs_compose_and_instantiate(model, data):
 def test_core_imports_only_torch_and_numpy():
     code = (
         "import sys, dataflex, dataflex.policies, dataflex.samplers, dataflex.store, dataflex.state, "
-        "dataflex.schedule, dataflex.losses, dataflex.dist, dataflex.tiny;"
+        "dataflex.schedule, dataflex.losses, dataflex.dist, dataflex.tiny, dataflex.batching, dataflex.selection, "
+        "dataflex.grads, dataflex.influence, dataflex.weighting;"
         "bad = [m for m in ('transformers', 'accelerate', 'datasets', 'faiss', 'hydra', 'sklearn', 'wandb') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

@@ -69,8 +69,10 @@ def test_batched_per_example_gradients_equal_a_loop(arch):
 
 def test_projection_is_seeded_and_nearly_preserves_inner_products():
     rng = np.random.default_rng(0)
-    grads = {"a": torch.tensor(rng.normal(size=(20, 16, 64)), dtype=torch.float32),
-             "b": torch.tensor(rng.normal(size=(20, 64, 16)), dtype=torch.float32)}
+    grads = {
+        "a": torch.tensor(rng.normal(size=(20, 16, 64)), dtype=torch.float32),
+        "b": torch.tensor(rng.normal(size=(20, 64, 16)), dtype=torch.float32),
+    }
     p1 = RademacherProjector(1024, seed=3, chunk_rows=300).project(grads)
     p2 = RademacherProjector(1024, seed=3, chunk_rows=300, cache_bytes=0).project(grads)  # regenerated chunks
     torch.testing.assert_close(p1, p2)
@@ -120,8 +122,14 @@ def test_influence_ranks_examples_like_the_target_first():
     model = lora_model()
     layers = lora_linears(model)
     math_like = [f"{a} + {b} = {a + b}" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)]]
-    prose = ["the quick brown fox", "once upon a time", "it was the best", "call me ishmael", "all happy families",
-             "in a hole in the"]
+    prose = [
+        "the quick brown fox",
+        "once upon a time",
+        "it was the best",
+        "call me ishmael",
+        "all happy families",
+        "in a hole in the",
+    ]
     featurizer = GradientFeaturizer(model, layers, dim=512, seed=0)
     train = [batch_of(math_like[:4] + prose[:4])]
     target = [batch_of(math_like[4:])]

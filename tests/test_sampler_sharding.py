@@ -6,7 +6,7 @@ from accelerate.data_loader import BatchSamplerShard
 from conftest import make_domain_ids, make_sampler
 from torch.utils.data import BatchSampler
 
-from dataflex.hf.loader import LoaderLayout, rank_position_batches
+from dataflex.batching import LoaderLayout, rank_position_batches
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])

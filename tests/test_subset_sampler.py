@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
-from torch.utils.data import BatchSampler
-
 from conftest import assert_resumes_exactly
 from dataflex.samplers import SubsetSampler
+from torch.utils.data import BatchSampler
+
 from dataflex.schedule import LateScheduleChangeError, SubsetSchedule
 
 N = 50
@@ -30,7 +30,7 @@ def test_resume_exact_with_selection_changes_before_and_after(num_workers):
 def test_selection_is_honoured_and_covered_before_repeats():
     order = build().epoch_order(0)
     assert set(order[9:70].tolist()) <= set(FIRST.tolist())
-    assert sorted(order[9:9 + FIRST.size].tolist()) == FIRST.tolist()  # one full pass before any repeat
+    assert sorted(order[9 : 9 + FIRST.size].tolist()) == FIRST.tolist()  # one full pass before any repeat
     assert set(order[70:].tolist()) <= set(SECOND.tolist())
     epoch1 = build().epoch_order(1)  # global indices 50..99: FIRST until 70, then SECOND
     assert set(epoch1[:20].tolist()) <= set(FIRST.tolist()) and set(epoch1[20:].tolist()) <= set(SECOND.tolist())

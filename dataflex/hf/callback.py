@@ -29,8 +29,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from dataflex import dist
+from dataflex.batching import LoaderLayout, inspect_loader, rank_position_batches
 from dataflex.domains import encode_domains
-from dataflex.hf.loader import LoaderLayout, inspect_loader, rank_position_batches
 from dataflex.losses import IGNORE_INDEX, per_example_token_loss
 from dataflex.policies.base import MixingPolicy
 from dataflex.samplers.mixture import DomainMixtureSampler, ExhaustionMode

@@ -1,6 +1,6 @@
-"""Reaching into the Trainer's prepared DataLoader without subclassing the Trainer.
+"""Reaching into a (possibly accelerate-prepared) DataLoader: where the sampler sits, which positions each rank gets.
 
-Layout pinned by ``tests/test_hf_loader_layout.py`` (transformers 5.x, accelerate 1.x):
+Layout pinned by ``tests/test_sampler_sharding.py`` and the Trainer tests (transformers 5.x, accelerate 1.x):
 
 * one process: ``DataLoaderShard.batch_sampler`` is a ``BatchSampler`` whose ``.sampler`` we replace;
 * several processes: ``DataLoaderShard.batch_sampler`` is accelerate's ``BatchSamplerShard`` wrapping

@@ -1,0 +1,90 @@
+"""Per-example loss weights inside backprop (loss reweighting).
+
+Each example's loss is standardised over the *global* batch (every rank's examples), mapped through
+``f`` and exponentiated: ``w_i ∝ exp(f(z_i) / T)`` with ``z = (l - mean) / std``; the weights are then
+scaled to mean 1 over the global batch, so the loss keeps its scale and every rank uses the same
+normalisation. ``f`` is ``+z`` to focus on hard examples and ``-z`` to down-weight them (robust to
+label noise); ``T → ∞`` recovers the plain mean. Weights never carry gradient.
+
+:class:`ExampleWeightedLoss` plugs this into a stock ``transformers.Trainer`` through its
+``compute_loss_func`` argument — no subclass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from dataflex import dist
+from dataflex.influence import per_example_mean_loss
+
+
+def loss_weights(
+    losses: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    direction: Literal["hard", "easy"] = "hard",
+    max_weight: float = 10.0,
+) -> torch.Tensor:
+    """Weights for this rank's examples, normalised over all ranks' examples (mean 1, finite, <= max_weight).
+
+    Non-finite losses get weight 0 and do not enter the statistics.
+    """
+    if not temperature > 0:  # also rejects NaN; inf means uniform weights
+        raise ValueError(f"temperature must be > 0 (inf for uniform weights); got {temperature}")
+    if direction not in ("hard", "easy"):
+        raise ValueError(f"direction={direction!r}; valid values are 'hard', 'easy'")
+    local = losses.detach().float()
+    finite = torch.isfinite(local)
+    parts = dist.all_gather_objects(local.cpu().numpy())
+    everything = np.concatenate(parts)
+    good = everything[np.isfinite(everything)]
+    if good.size == 0:
+        return torch.zeros_like(local)
+    mean, std = float(good.mean()), float(good.std())
+    sign = 1.0 if direction == "hard" else -1.0
+
+    def raw(x: np.ndarray) -> np.ndarray:
+        z = (x - mean) / (std + 1e-8)
+        logit = np.zeros_like(z) if np.isinf(temperature) else np.clip(sign * z / temperature, -30, 30)
+        return np.where(np.isfinite(x), np.exp(logit), 0.0)
+
+    scale = good.size / raw(everything).sum()  # mean 1 over the finite examples of the global batch
+    w = np.minimum(raw(local.cpu().numpy()) * scale, max_weight)
+    return torch.as_tensor(w, dtype=local.dtype, device=local.device) * finite
+
+
+class ExampleWeightedLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer`` that weights each example's token-mean loss.
+
+    ``Trainer(..., compute_loss_func=ExampleWeightedLoss(temperature=1.0, gradient_accumulation_steps=k))``.
+    The Trainer does not divide a custom loss by the accumulation steps, so it is done here.
+    ``last_weights`` keeps the weights of the latest micro-batch for logging and tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        direction: Literal["hard", "easy"] = "hard",
+        max_weight: float = 10.0,
+        gradient_accumulation_steps: int = 1,
+    ) -> None:
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1; got {gradient_accumulation_steps}")
+        self.temperature, self.direction, self.max_weight = temperature, direction, max_weight
+        self.accumulation = int(gradient_accumulation_steps)
+        self.last_weights: torch.Tensor | None = None
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        per_example = per_example_mean_loss(logits, labels.to(logits.device))
+        has_tokens = (labels[:, 1:] != -100).any(1).to(per_example.device)
+        per_example = torch.where(has_tokens, per_example, torch.full_like(per_example, float("nan")))
+        weights = loss_weights(per_example, temperature=self.temperature, direction=self.direction,
+                               max_weight=self.max_weight)  # fmt: skip
+        self.last_weights = weights
+        safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
+        return (weights * safe).sum() / max(per_example.shape[0], 1) / self.accumulation

@@ -1,0 +1,81 @@
+"""Per-example loss weights: finite, normalised over the global batch, identical across ranks; Trainer hook-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+import dataflex.weighting as weighting
+from dataflex.tiny import collate_causal, default_data_dir, encode_bytes, load_jsonl_dir, tiny_gpt2
+from dataflex.weighting import ExampleWeightedLoss, loss_weights
+
+
+def test_weights_are_finite_normalised_and_ordered():
+    losses = torch.tensor([1.0, 2.0, 3.0, float("nan"), 10.0])
+    w = loss_weights(losses, temperature=1.0, direction="hard", max_weight=100)
+    assert torch.isfinite(w).all() and w[3] == 0
+    assert abs(float(w[[0, 1, 2, 4]].mean()) - 1) < 1e-5
+    assert (w[[0, 1, 2, 4]].diff() > 0).all()
+    easy = loss_weights(losses, temperature=1.0, direction="easy", max_weight=100)
+    assert (easy[[0, 1, 2, 4]].diff() < 0).all()
+    assert torch.equal(loss_weights(losses, temperature=float("inf")), torch.tensor([1.0, 1, 1, 0, 1]))
+    assert float(loss_weights(losses, temperature=0.01, max_weight=3.0).max()) == 3.0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        loss_weights(losses, temperature=0.0)
+
+
+def test_normalisation_is_global_and_equal_across_ranks(monkeypatch):
+    rank_losses = [np.array([1.0, 4.0, 2.0]), np.array([0.5, 8.0, 3.0])]
+    together = loss_weights(torch.tensor(np.concatenate(rank_losses), dtype=torch.float32), max_weight=100)
+    per_rank = []
+    for r in range(2):  # each rank sees the same gathered list, in rank order
+        monkeypatch.setattr(
+            weighting.dist, "all_gather_objects", lambda obj: [x.astype(np.float32) for x in rank_losses]
+        )
+        per_rank.append(loss_weights(torch.tensor(rank_losses[r], dtype=torch.float32), max_weight=100))
+    torch.testing.assert_close(torch.cat(per_rank), together)
+    assert abs(float(torch.cat(per_rank).mean()) - 1) < 1e-5
+
+
+def fixed_length_dataset(n=48, length=32):
+    from datasets import Dataset
+
+    texts = [
+        r["text"]
+        for r in load_jsonl_dir(default_data_dir() / "textmix" / "train", max_per_file=40)
+        if len(r["text"].encode()) >= length
+    ][:n]
+    return Dataset.from_dict({"input_ids": [encode_bytes(t, length) for t in texts]})
+
+
+def train(ds, tmp_path, loss_func, accum=2):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accum,
+        max_steps=5,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=100,
+    )
+    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+    Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, compute_loss_func=loss_func).train()
+    return model
+
+
+def test_uniform_weights_reproduce_stock_training_and_weighting_changes_it(tmp_path):
+    ds = fixed_length_dataset()  # equal lengths: mean of per-example means == token mean
+    stock = train(ds, tmp_path / "a", None)
+    uniform = train(ds, tmp_path / "b", ExampleWeightedLoss(temperature=float("inf"), gradient_accumulation_steps=2))
+    for a, b in zip(stock.parameters(), uniform.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    func = ExampleWeightedLoss(temperature=0.5, gradient_accumulation_steps=2)
+    weighted = train(ds, tmp_path / "c", func)
+    assert func.last_weights is not None and abs(float(func.last_weights.mean()) - 1) < 1e-4
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(stock.parameters(), weighted.parameters()))
