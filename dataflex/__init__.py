@@ -15,18 +15,19 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from dataflex.hf.callback import DataFlexCallback
+    from dataflex.hf.select_callback import DataFlexSelectCallback
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DataFlexCallback":
+    if name in ("DataFlexCallback", "DataFlexSelectCallback"):
         try:
-            from dataflex.hf.callback import DataFlexCallback
+            import dataflex.hf as hf
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "DataFlexCallback needs `transformers`; install it with `pip install dataflex` (core deps)"
+                f"{name} needs `transformers`; install it with `pip install dataflex` (core deps)"
             ) from err
-        return DataFlexCallback
+        return getattr(hf, name)
     raise AttributeError(f"module 'dataflex' has no attribute {name!r}")
 
 
-__all__ = ["DataFlexCallback", "__version__"]
+__all__ = ["DataFlexCallback", "DataFlexSelectCallback", "__version__"]

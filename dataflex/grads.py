@@ -120,7 +120,7 @@ class RademacherProjector:
         if mat is None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, layer, chunk]))
             signs = rng.integers(0, 2, size=(rows, self.dim), dtype=np.int8) * 2 - 1
-            mat = torch.from_numpy(signs.astype(np.float32) / np.sqrt(self.dim))
+            mat = torch.from_numpy((signs / np.sqrt(self.dim)).astype(np.float32))
             if self._cached + mat.numel() * 4 <= self.cache_bytes:
                 self._cache[key] = mat
                 self._cached += mat.numel() * 4

@@ -56,6 +56,9 @@ class ScoreStore:
         self.last_step = np.full(n, -1, dtype=np.int64)
         self.total_non_finite = 0
         self.total_masked = 0
+        # Scores a selector computed at re-selection time (same on every rank), with their step.
+        self.score = np.full(n, np.nan)
+        self.score_step = np.full(n, -1, dtype=np.int64)
         # Records of this rank not yet gathered: (ids, loss, has_tokens), loss on the model's device.
         self._local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Records already gathered from all ranks (identical everywhere): restored from a checkpoint.
@@ -113,6 +116,12 @@ class ScoreStore:
         self.total_masked += stats.masked
         return stats
 
+    def record_scores(self, ids: np.ndarray, values: np.ndarray, step: int) -> None:
+        """Keep selector scores (already identical on every rank) with the step they were taken at."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.score[ids] = np.asarray(values, dtype=np.float64)
+        self.score_step[ids] = step
+
     # -- Stateful --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Collective when records are pending: every rank must call it (the callback does, in on_save)."""
@@ -122,6 +131,8 @@ class ScoreStore:
             "last_step": self.last_step.tolist(),
             "total_non_finite": self.total_non_finite,
             "total_masked": self.total_masked,
+            "score": floats_to_json(self.score),
+            "score_step": self.score_step.tolist(),
             # JSON has no NaN: a non-finite loss is stored as null with has_tokens kept.
             "pending": [[int(i), None if not np.isfinite(v) else float(v), int(h)] for i, v, h in pending.tolist()],
         }
@@ -136,6 +147,8 @@ class ScoreStore:
         self.last_step = np.asarray(state["last_step"], dtype=np.int64)
         self.total_non_finite = int(state["total_non_finite"])
         self.total_masked = int(state["total_masked"])
+        self.score = floats_from_json(state["score"])
+        self.score_step = np.asarray(state["score_step"], dtype=np.int64)
         self._local.clear()
         pending = np.array(
             [[i, np.nan if v is None else v, h] for i, v, h in state["pending"]], dtype=np.float64

@@ -1,5 +1,6 @@
 """Adapters for Hugging Face ``transformers`` (needs the ``transformers`` package)."""
 
 from dataflex.hf.callback import DataFlexCallback
+from dataflex.hf.select_callback import DataFlexSelectCallback
 
-__all__ = ["DataFlexCallback"]
+__all__ = ["DataFlexCallback", "DataFlexSelectCallback"]

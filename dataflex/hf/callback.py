@@ -88,6 +88,9 @@ class DataFlexCallback(TrainerCallback):
             then differ from the uninterrupted run); by default that raises.
     """
 
+    POLICY_METHODS = ("bind", "initial_weights", "update", "state_dict", "load_state_dict")
+    POLICY_KIND = "dataflex.policies"
+
     def __init__(
         self,
         policy: MixingPolicy,
@@ -109,9 +112,9 @@ class DataFlexCallback(TrainerCallback):
             raise ValueError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
         if lookahead_batches is not None and lookahead_batches < 1:
             raise ValueError(f"lookahead_batches must be >= 1; got {lookahead_batches!r}")
-        for method in ("bind", "initial_weights", "update", "state_dict", "load_state_dict"):
+        for method in self.POLICY_METHODS:
             if not callable(getattr(policy, method, None)):
-                raise TypeError(f"policy {policy!r} has no {method}(); use one of dataflex.policies")
+                raise TypeError(f"policy {policy!r} has no {method}(); use one of {self.POLICY_KIND}")
         self.policy = policy
         self.domains = None if domains is None else [str(d) for d in domains]
         self.domain_column = domain_column
@@ -178,21 +181,15 @@ class DataFlexCallback(TrainerCallback):
         layout = inspect_loader(train_dataloader)
         dataset = train_dataloader.dataset
         domain_ids, self.domain_names = encode_domains(self._labels(dataset))
-        sizes = np.bincount(domain_ids, minlength=len(self.domain_names))
-        self.policy.bind(self.domain_names, sizes)
-        schedule = WeightSchedule(self.domain_names, self.policy.initial_weights())
-        self.sampler = DomainMixtureSampler(
-            domain_ids,
-            schedule,
-            seed=args.seed if self.seed is None else self.seed,
-            num_samples=len(dataset),
-            replacement=self.replacement,
-            when_exhausted=self.when_exhausted,
-        )
+        self.sampler = self._build_sampler(domain_ids, args.seed if self.seed is None else self.seed, len(dataset))
         layout.batch_sampler.sampler = self.sampler
         self.store = ScoreStore(domain_ids, len(self.domain_names))
         self._layout = layout
         self._dataset = dataset
+        self._model = model
+        self._optimizer = kwargs.get("optimizer")
+        self._collate = train_dataloader.collate_fn
+        self._args = args
         self._positions = rank_position_batches(self.sampler.num_samples, layout)
         accum = args.gradient_accumulation_steps
         self._accum = accum
@@ -208,7 +205,24 @@ class DataFlexCallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state, resume_dir)
         elif not self.history:
-            self.history.append({"step": 0, "effective_at": 0, "weights": schedule.current.tolist()})
+            self.history.append(self._history_entry(0, 0))
+
+    def _build_sampler(self, domain_ids: np.ndarray, seed: int, num_samples: int) -> DomainMixtureSampler:
+        """The sampler dataflex installs; subclasses with another kind of decision override this."""
+        sizes = np.bincount(domain_ids, minlength=len(self.domain_names))
+        self.policy.bind(self.domain_names, sizes)
+        schedule = WeightSchedule(self.domain_names, self.policy.initial_weights())
+        return DomainMixtureSampler(
+            domain_ids,
+            schedule,
+            seed=seed,
+            num_samples=num_samples,
+            replacement=self.replacement,
+            when_exhausted=self.when_exhausted,
+        )
+
+    def _history_entry(self, step: int, effective_at: int) -> dict[str, Any]:
+        return {"step": step, "effective_at": effective_at, "weights": self.sampler.schedule.current.tolist()}
 
     def _restore(self, args, state, resume_dir: str | None) -> None:
         folder = resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -315,7 +329,7 @@ class DataFlexCallback(TrainerCallback):
             proposed = current
         effective_at = self.consumed_samples(step) + self._lookahead_samples
         self.sampler.schedule.add(effective_at, proposed)
-        self.history.append({"step": step, "effective_at": effective_at, "weights": proposed.tolist()})
+        self.history.append(self._history_entry(step, effective_at))
         self._log(step, proposed, stats, rejected)
 
     def _log(self, step: int, weights: np.ndarray, stats: DomainStats, rejected: bool) -> None:
@@ -325,6 +339,10 @@ class DataFlexCallback(TrainerCallback):
         logs["dataflex/masked"] = float(stats.masked)
         logs["dataflex/non_finite_total"] = float(self.store.total_non_finite)
         logs["dataflex/rejected_update"] = float(rejected)
+        self._emit(step, logs)
+
+    def _emit(self, step: int, logs: dict[str, float]) -> None:
+        """Send metrics through Trainer.log (TensorBoard, wandb, log_history), or the logger without one."""
         if self._trainer is not None:
             self._trainer.log(logs)
         else:

@@ -1,0 +1,204 @@
+"""Selectors: re-choose, every few steps, the subset of examples training sees next.
+
+A selector turns scores of a candidate pool into a subset (via :mod:`dataflex.selection`). Scores are
+computed *batched* on the model's device at re-selection time for the candidates only (never the
+whole pool at batch size 1); candidates are split across ranks and the scores gathered, so every rank
+chooses the same subset. Each score is kept in the :class:`~dataflex.store.ScoreStore` with its step.
+
+* :class:`LossFocus` — hard / medium / easy by current loss.
+* :class:`RhoLoss` — reducible loss = current loss − irreducible loss (arXiv 2206.07137); the
+  irreducible losses come from a model trained on a holdout split, precomputed and cached.
+* :class:`Influence` — LESS / TracIn cosine with a target set's mean gradient (arXiv 2402.04333,
+  2002.08484), from batched per-example LoRA gradients.
+* :class:`RandomSelection` — the same budget at random; always reported as the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from dataflex import dist
+from dataflex.losses import per_example_token_loss
+from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
+
+
+@dataclass
+class SelectionContext:
+    """What a selector may use at re-selection time."""
+
+    model: torch.nn.Module
+    dataset: Any  # indexable: dataset[i] -> features dict
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    step: int
+    seed: int
+    optimizer: torch.optim.Optimizer | None = None
+    batch_size: int = 32
+
+
+def candidate_pool(n: int, fraction: float, seed: int, step: int) -> np.ndarray:
+    """A seeded random candidate pool (all examples when ``fraction`` is 1)."""
+    if fraction >= 1:
+        return np.arange(n)
+    k = budget(n, fraction)
+    return np.sort(np.random.default_rng(np.random.SeedSequence([seed, step, 7])).choice(n, size=k, replace=False))
+
+
+def _batches(ids: np.ndarray, ctx: SelectionContext):
+    for start in range(0, len(ids), ctx.batch_size):
+        chunk = ids[start : start + ctx.batch_size]
+        yield chunk, ctx.collate([ctx.dataset[int(i)] for i in chunk])
+
+
+def scored_across_ranks(ids: np.ndarray, score_part: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Score ``ids`` with each rank taking every ``world``-th id, then gather: same result on all ranks."""
+    world, rank = dist.world_size(), dist.rank()
+    mine = ids[rank::world]
+    parts = dist.all_gather_objects((mine, score_part(mine) if len(mine) else np.zeros(0)))
+    out = np.full(len(ids), np.nan)
+    index = {int(i): j for j, i in enumerate(ids)}
+    for part_ids, part_scores in parts:
+        for i, s in zip(part_ids.tolist(), np.asarray(part_scores).tolist()):
+            out[index[i]] = s
+    return out
+
+
+@torch.no_grad()
+def current_losses(ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
+    """Per-example token-mean loss of ``ids`` under the current model (eval mode, batched)."""
+    model = ctx.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for _, batch in _batches(ids, ctx):
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            labels = batch.pop("labels")
+            loss, valid = per_example_token_loss(model(**batch).logits, labels)
+            out.append(torch.where(valid, loss, torch.full_like(loss, float("nan"))).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+class Selector:
+    """Base: ``fraction`` of the pool is trained on; ``candidates`` of the pool is scored per re-selection."""
+
+    def __init__(self, fraction: float, candidates: float = 1.0) -> None:
+        budget(10_000, fraction)  # validates fraction
+        if not 0 < candidates <= 1:
+            raise ValueError(f"candidates must lie in (0, 1]; got {candidates}")
+        if candidates < fraction:
+            raise ValueError(f"candidates={candidates} must be at least fraction={fraction}")
+        self.fraction, self.candidates = float(fraction), float(candidates)
+        self.last_scores: tuple[np.ndarray, np.ndarray] | None = None  # (ids, scores) of the last scoring
+
+    def initial_subset(self, n: int) -> np.ndarray:
+        """Before the first scores exist (warm-up), train on the whole pool."""
+        return np.arange(n)
+
+    def select(self, ctx: SelectionContext) -> np.ndarray:
+        n = len(ctx.dataset)
+        pool = candidate_pool(n, self.candidates, ctx.seed, ctx.step)
+        scores = self.score(pool, ctx)
+        self.last_scores = (pool, scores)
+        k = budget(n, self.fraction)
+        chosen_in_pool = self.choose(scores, k / len(pool))
+        return pool[chosen_in_pool]
+
+    def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
+        raise NotImplementedError
+
+    def choose(self, scores: np.ndarray, fraction: float) -> np.ndarray:
+        return select_top(scores, fraction)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class LossFocus(Selector):
+    """Train on the hardest / medium / easiest ``fraction`` of the pool by current loss."""
+
+    def __init__(self, fraction: float, mode: Literal["hard", "medium", "easy"] = "hard", candidates: float = 1.0):
+        super().__init__(fraction, candidates)
+        if mode not in ("hard", "medium", "easy"):
+            raise ValueError(f"mode={mode!r}; valid values are 'hard', 'medium', 'easy'")
+        self.mode = mode
+
+    def score(self, ids, ctx):
+        return scored_across_ranks(ids, lambda part: current_losses(part, ctx))
+
+    def choose(self, scores, fraction):
+        return select_by_loss(scores, fraction, self.mode)
+
+
+class RhoLoss(Selector):
+    """RHO-LOSS: the highest reducible loss; ``irreducible[i]`` is example i's loss under a holdout model."""
+
+    def __init__(self, fraction: float, irreducible: np.ndarray | Sequence[float], candidates: float = 1.0):
+        super().__init__(fraction, candidates)
+        self.irreducible = np.asarray(irreducible, dtype=np.float64)
+
+    def score(self, ids, ctx):
+        if self.irreducible.shape[0] != len(ctx.dataset):
+            raise ValueError(f"{self.irreducible.shape[0]} irreducible losses for a pool of {len(ctx.dataset)}")
+        losses = scored_across_ranks(ids, lambda part: current_losses(part, ctx))
+        return losses - self.irreducible[ids]
+
+    def choose(self, scores, fraction):
+        return select_reducible(scores, np.zeros_like(scores), fraction)
+
+
+class RandomSelection(Selector):
+    """The same budget uniformly at random (re-drawn at every re-selection)."""
+
+    def score(self, ids, ctx):
+        return np.zeros(len(ids))
+
+    def select(self, ctx):
+        n = len(ctx.dataset)
+        return select_random(n, self.fraction, seed=ctx.seed * 1_000_003 + ctx.step)
+
+
+class Influence(Selector):
+    """LESS / TracIn: cosine of each candidate's projected LoRA gradient with the target set's mean.
+
+    Args:
+        target: examples (feature dicts, as the dataset returns them) of the task to improve.
+        mode: ``"less"`` (Adam-preconditioned with the live optimizer) or ``"tracin"``.
+        dim: projection dimension; ``seed``: projection seed.
+    """
+
+    def __init__(self, fraction: float, target: Sequence[dict[str, Any]], mode: Literal["less", "tracin"] = "less",
+                 dim: int = 1024, seed: int = 0, candidates: float = 1.0) -> None:  # fmt: skip
+        super().__init__(fraction, candidates)
+        if not target:
+            raise ValueError("the influence target set is empty: give at least one target example")
+        self.target, self.mode, self.dim, self.proj_seed = list(target), mode, int(dim), int(seed)
+
+    def score(self, ids, ctx):
+        from dataflex.grads import lora_linears
+        from dataflex.influence import GradientFeaturizer
+
+        optimizer = ctx.optimizer if self.mode == "less" else None
+        featurizer = GradientFeaturizer(
+            ctx.model, lora_linears(ctx.model), dim=self.dim, seed=self.proj_seed, mode=self.mode, optimizer=optimizer
+        )
+        target_feats = [featurizer.features(ctx.collate(self.target[i : i + ctx.batch_size]))
+                        for i in range(0, len(self.target), ctx.batch_size)]  # fmt: skip
+        direction = torch.cat(target_feats).mean(0)
+        direction = direction / direction.norm().clamp(min=1e-12)
+
+        def part_scores(part: np.ndarray) -> np.ndarray:
+            return np.concatenate([(featurizer.features(batch) @ direction).cpu().numpy()
+                                   for _, batch in _batches(part, ctx)])  # fmt: skip
+
+        return scored_across_ranks(ids, part_scores)
