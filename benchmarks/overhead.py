@@ -136,8 +136,13 @@ def main() -> None:
     scratch = Path("/tmp") / "dataflex_overhead"
     base, flex, ratios, inside, inside_ratios = [], [], [], [], []
     for i in range(args.pairs):
-        b, _ = run(ds, False, args, scratch)
-        f, own = run(ds, True, args, scratch)
+        # Alternate which arm goes first, so warm-up effects of the machine do not favour one arm.
+        if i % 2 == 0:
+            b, _ = run(ds, False, args, scratch)
+            f, own = run(ds, True, args, scratch)
+        else:
+            f, own = run(ds, True, args, scratch)
+            b, _ = run(ds, False, args, scratch)
         base.append(b)
         flex.append(f)
         ratios.append(f / b)

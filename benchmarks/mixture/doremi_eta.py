@@ -1,0 +1,93 @@
+"""Ablation: DoReMi's step size eta, reusing the references and cached reference losses of run.py.
+
+    python benchmarks/mixture/run.py                 # first: trains the per-seed references
+    python benchmarks/mixture/doremi_eta.py --eta 0.1
+
+For each seed, trains a Group-DRO proxy with the given eta on the cached reference losses, then a main
+run with the averaged weights, and reports the test loss next to run.py's uniform and eta=1 results.
+Writes ``doremi_eta<eta>.md`` beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "recipes"))
+
+from dataflex.proxies.doremi import DoReMiOffline, train_proxy  # noqa: E402
+from mixture import load_split, run_experiment  # noqa: E402
+
+from dataflex.domains import encode_domains  # noqa: E402
+from dataflex.tiny import default_data_dir, tiny_gpt2  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eta", type=float, required=True)
+    p.add_argument("--data", type=Path, default=default_data_dir() / "textmix")
+    p.add_argument("--work", type=Path, default=Path("/tmp/dataflex_mixture_bench"))
+    p.add_argument("--results", type=Path, default=HERE / "results.json")
+    args = p.parse_args()
+    base = json.loads(args.results.read_text())
+    run_args = base["args"]
+    steps, seeds = int(run_args["steps"]), [int(s) for s in run_args["seeds"].strip("[]").split(",")]
+    train_ds = load_split(args.data, "train", int(run_args["max_len"]))
+    ids, names = encode_domains(train_ds["domain"])
+    rows = []
+    for seed in seeds:
+        work = args.work / f"steps{steps}" / f"seed{seed}"
+
+        def make_model(seed: int = seed):
+            return tiny_gpt2(n_layer=2, n_embd=96, n_head=4, n_positions=int(run_args["max_len"]), seed=seed)
+
+        ref_losses = np.load(work / "reference_losses.npy")
+        loop = dict(steps=steps, batch_size=int(run_args["batch_size"]), lr=float(run_args["lr"]), seed=seed,
+                    update_every=int(run_args["update_every"]))  # fmt: skip
+        export = train_proxy(make_model, train_ds, ids, names, ref_losses, work / f"proxy_eta{args.eta}",
+                             eta=args.eta, **loop)  # fmt: skip
+        policy = DoReMiOffline(weights_path=str(work / f"proxy_eta{args.eta}" / "doremi_weights.json"))
+        res = run_experiment(policy=policy, make_model=make_model, data_root=args.data, steps=steps,
+                             batch_size=loop["batch_size"], lr=loop["lr"], seed=seed,
+                             update_every=loop["update_every"], eval_every=max(10, steps // 10),
+                             max_len=int(run_args["max_len"]), val_per_domain=None, work_dir=work,
+                             eval_splits=("test",), train_ds=train_ds)  # fmt: skip
+        test = res["test_loss"]
+        traj = np.array(export["trajectory"])
+        rows.append({
+            "seed": seed, "mean": float(np.mean(list(test.values()))), "worst": float(max(test.values())),
+            "weights": export["weights"],
+            "max_weight_in_trajectory": float(traj.max()),
+        })  # fmt: skip
+    summary = base["summary"]
+    lines = [
+        f"DoReMi eta ablation: `python benchmarks/mixture/doremi_eta.py --eta {args.eta}` (same seeds, budget and "
+        "references as run.py). Test loss, median [min, max] over seeds.",
+        "",
+        "| method | mean | worst domain | max alpha during proxy training |",
+        "|---|---|---|---|",
+    ]
+    for name in ("uniform", "doremi"):
+        s = summary[name]
+        lines.append(f"| {name} (run.py) | {statistics.median(s['mean']):.3f} [{min(s['mean']):.3f}, "
+                     f"{max(s['mean']):.3f}] | {statistics.median(s['worst']):.3f} | |")  # fmt: skip
+    means, worsts = [r["mean"] for r in rows], [r["worst"] for r in rows]
+    lines.append(
+        f"| doremi eta={args.eta} | {statistics.median(means):.3f} [{min(means):.3f}, {max(means):.3f}] | "
+        f"{statistics.median(worsts):.3f} | {', '.join(format(r['max_weight_in_trajectory'], '.2f') for r in rows)} |"
+    )
+    lines += ["", f"Averaged weights (seed {rows[0]['seed']}): "
+              + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, rows[0]["weights"]))]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    (HERE / f"doremi_eta{args.eta}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
