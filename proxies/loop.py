@@ -136,9 +136,11 @@ def train_mixture(
     result = LoopResult(history=[{"step": 0, "effective_at": 0, "weights": schedule.current.tolist()}])
     lookahead = 3 * global_batch  # DataLoaderShard prefetches one batch; no workers here
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
+    parts = _Parts(accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result,
+                   steps_per_epoch, global_batch)  # fmt: skip
     start = 0
     if ckpt is not None and (ckpt / "loop_state.json").is_file():
-        start = _load(ckpt, accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result)
+        start = _load(ckpt, parts)
     unwrapped = accelerator.unwrap_model(model)
     domain_t = torch.as_tensor(domain_ids)
     t0 = time.perf_counter() - result.seconds
@@ -183,90 +185,80 @@ def train_mixture(
         bar.update(1)
         if ckpt is not None and ckpt_every and (done % ckpt_every == 0 or done in (steps, stop_after)):
             result.seconds, result.steps = time.perf_counter() - t0, done
-            _save(
-                ckpt,
-                accelerator,
-                model,
-                optimizer,
-                scheduler,
-                sampler,
-                policy,
-                store,
-                objective,
-                result,
-                done,
-                steps_per_epoch,
-                global_batch,
-            )
+            _save(ckpt, parts, done)
     bar.close()
     result.seconds, result.steps = time.perf_counter() - t0, min(steps, stop_after or steps)
     return result
 
 
-def _save(
-    ckpt,
-    accelerator,
-    model,
-    optimizer,
-    scheduler,
-    sampler,
-    policy,
-    store,
-    objective,
-    result,
-    step,
-    steps_per_epoch,
-    global_batch,
-) -> None:
-    store_state = store.state_dict()  # collective
-    if accelerator.is_main_process:
+@dataclass
+class _Parts:
+    """Everything a checkpoint holds, bundled so saving and loading name each part once."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: DomainMixtureSampler
+    policy: Any
+    store: ScoreStore
+    objective: Any
+    result: LoopResult
+    steps_per_epoch: int
+    global_batch: int
+
+
+def _save(ckpt: Path, parts: _Parts, step: int) -> None:
+    store_state = parts.store.state_dict()  # collective: every rank calls it
+    if parts.accelerator.is_main_process:
         ckpt.mkdir(parents=True, exist_ok=True)
         tensors = {
-            "model": accelerator.unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "model": parts.accelerator.unwrap_model(parts.model).state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        if hasattr(policy, "proxy_state_dict"):
-            tensors["policy_tensors"] = policy.proxy_state_dict()
+        if hasattr(parts.policy, "proxy_state_dict"):
+            tensors["policy_tensors"] = parts.policy.proxy_state_dict()
         tmp = ckpt / "tensors.pt.tmp"
         torch.save(tensors, tmp)
         os.replace(tmp, ckpt / "tensors.pt")
+        # The loop consumes whole global batches, so the sampler position follows from the step.
+        sampler_state = {
+            **parts.sampler.state_dict(),
+            "epoch": step // parts.steps_per_epoch,
+            "position": (step % parts.steps_per_epoch) * parts.global_batch,
+        }
         write_json_atomic(
             ckpt / "loop_state.json",
             {
                 "step": step,
-                # The loop consumes whole global batches, so the position follows from the step.
-                "sampler": {
-                    **sampler.state_dict(),
-                    "epoch": step // steps_per_epoch,
-                    "position": (step % steps_per_epoch) * global_batch,
-                },
-                "policy": policy.state_dict(),
+                "sampler": sampler_state,
+                "policy": parts.policy.state_dict(),
                 "store": store_state,
-                "objective": objective.state_dict(),
-                "history": result.history,
-                "curve": result.curve,
-                "seconds": result.seconds,
+                "objective": parts.objective.state_dict(),
+                "history": parts.result.history,
+                "curve": parts.result.curve,
+                "seconds": parts.result.seconds,
             },
         )
     dist.barrier()
 
 
-def _load(ckpt, accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result) -> int:
+def _load(ckpt: Path, parts: _Parts) -> int:
     state = read_json(ckpt / "loop_state.json")
     tensors = torch.load(ckpt / "tensors.pt", map_location="cpu", weights_only=False)
-    accelerator.unwrap_model(model).load_state_dict(tensors["model"])
-    optimizer.load_state_dict(tensors["optimizer"])
-    scheduler.load_state_dict(tensors["scheduler"])
+    parts.accelerator.unwrap_model(parts.model).load_state_dict(tensors["model"])
+    parts.optimizer.load_state_dict(tensors["optimizer"])
+    parts.scheduler.load_state_dict(tensors["scheduler"])
     torch.set_rng_state(tensors["torch_rng"])
     if "policy_tensors" in tensors:
-        policy.load_proxy_state_dict(tensors["policy_tensors"])
-    sampler.load_state_dict(state["sampler"], restore_position=True)
-    policy.load_state_dict(state["policy"])
-    store.load_state_dict(state["store"])
-    objective.load_state_dict(state["objective"])
-    result.history = state["history"]
-    result.curve = state["curve"]
-    result.seconds = state["seconds"]
+        parts.policy.load_proxy_state_dict(tensors["policy_tensors"])
+    parts.sampler.load_state_dict(state["sampler"], restore_position=True)
+    parts.policy.load_state_dict(state["policy"])
+    parts.store.load_state_dict(state["store"])
+    parts.objective.load_state_dict(state["objective"])
+    parts.result.history = state["history"]
+    parts.result.curve = state["curve"]
+    parts.result.seconds = state["seconds"]
     return int(state["step"])

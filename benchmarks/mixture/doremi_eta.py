@@ -57,30 +57,38 @@ def main() -> None:
                              batch_size=loop["batch_size"], lr=loop["lr"], seed=seed,
                              update_every=loop["update_every"], eval_every=max(10, steps // 10),
                              max_len=int(run_args["max_len"]), val_per_domain=None, work_dir=work,
-                             eval_splits=("test",), train_ds=train_ds)  # fmt: skip
-        test = res["test_loss"]
+                             eval_splits=("validation", "test"), train_ds=train_ds)  # fmt: skip
+        test, val = res["test_loss"], res["validation_loss"]
         traj = np.array(export["trajectory"])
         rows.append({
             "seed": seed, "mean": float(np.mean(list(test.values()))), "worst": float(max(test.values())),
+            "val_mean": float(np.mean(list(val.values()))), "val_worst": float(max(val.values())),
             "weights": export["weights"],
             "max_weight_in_trajectory": float(traj.max()),
         })  # fmt: skip
     summary = base["summary"]
     lines = [
         f"DoReMi eta ablation: `python benchmarks/mixture/doremi_eta.py --eta {args.eta}` (same seeds, budget and "
-        "references as run.py). Test loss, median [min, max] over seeds.",
+        "references as run.py). Median [min, max] over seeds; the validation columns are the ones to judge by.",
         "",
-        "| method | mean | worst domain | max alpha during proxy training |",
-        "|---|---|---|---|",
+        "| method | val mean | val worst | test mean | test worst | max alpha during proxy training |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
     for name in ("uniform", "doremi"):
+        runs = base["runs"][name]
+        val_mean = [float(np.mean(list(r["validation_loss"].values()))) for r in runs]
+        val_worst = [float(max(r["validation_loss"].values())) for r in runs]
         s = summary[name]
-        lines.append(f"| {name} (run.py) | {statistics.median(s['mean']):.3f} [{min(s['mean']):.3f}, "
-                     f"{max(s['mean']):.3f}] | {statistics.median(s['worst']):.3f} | |")  # fmt: skip
-    means, worsts = [r["mean"] for r in rows], [r["worst"] for r in rows]
+        lines.append(f"| {name} (run.py) | {cell(val_mean)} | {cell(val_worst)} | {cell(s['mean'])} | "
+                     f"{cell(s['worst'])} | |")  # fmt: skip
+    alphas = ", ".join(format(r["max_weight_in_trajectory"], ".2f") for r in rows)
     lines.append(
-        f"| doremi eta={args.eta} | {statistics.median(means):.3f} [{min(means):.3f}, {max(means):.3f}] | "
-        f"{statistics.median(worsts):.3f} | {', '.join(format(r['max_weight_in_trajectory'], '.2f') for r in rows)} |"
+        f"| doremi eta={args.eta} | {cell([r['val_mean'] for r in rows])} | {cell([r['val_worst'] for r in rows])} | "
+        f"{cell([r['mean'] for r in rows])} | {cell([r['worst'] for r in rows])} | {alphas} |"
     )
     lines += ["", f"Averaged weights (seed {rows[0]['seed']}): "
               + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, rows[0]["weights"]))]  # fmt: skip
