@@ -1,0 +1,58 @@
+"""Irreducible losses for RHO-LOSS (Mindermann et al., arXiv 2206.07137).
+
+RHO-LOSS trains on the examples with the highest *reducible* loss: current loss minus the loss a model
+trained on a separate holdout split reaches on them. That holdout ("irreducible loss") model is trained
+once with the plain loop and its per-example token-mean losses on the training pool are cached to a
+``.npy`` file that :class:`dataflex.selectors.RhoLoss` reads; an existing cache is reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dataflex.proxies.doremi import reference_token_losses
+from dataflex.proxies.loop import train_mixture
+
+from dataflex.domains import encode_domains
+from dataflex.policies.static import Uniform
+
+
+def irreducible_losses(
+    make_model: Callable[[], torch.nn.Module],
+    holdout_ds: Any,
+    pool_ds: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    label_column: str | None = None,
+    **loop_kwargs: Any,
+) -> np.ndarray:
+    """Train (or reuse) the holdout model and return its per-example loss on ``pool_ds`` (NaN if unscored).
+
+    ``label_column`` (e.g. the task) balances the holdout batches across labels; without it the holdout
+    set is sampled uniformly over examples.
+    """
+    out = Path(out_dir)
+    cache = out / "irreducible_losses.npy"
+    if cache.is_file():
+        losses = np.load(cache)
+        if losses.shape[0] != len(pool_ds):
+            raise ValueError(f"{cache} holds {losses.shape[0]} losses but the pool has {len(pool_ds)} examples")
+        return losses
+    labels = holdout_ds[label_column] if label_column else ["holdout"] * len(holdout_ds)
+    domain_ids, names = encode_domains(labels)
+    model = make_model()
+    train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout",
+                  **loop_kwargs)  # fmt: skip
+    tokens = reference_token_losses(model, pool_ds)
+    counted = np.isfinite(tokens).sum(1)
+    with np.errstate(invalid="ignore"):
+        losses = np.where(counted > 0, np.nansum(tokens, 1) / np.maximum(counted, 1), np.nan)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "irreducible_losses.tmp.npy", losses)
+    os.replace(out / "irreducible_losses.tmp.npy", cache)
+    return losses
