@@ -41,6 +41,13 @@ class LoaderLayout:
 
 def inspect_loader(loader: Any) -> LoaderLayout:
     """Find the replaceable BatchSampler inside a (possibly accelerate-prepared) DataLoader."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(getattr(loader, "dataset", None), IterableDataset):
+        raise TypeError(
+            f"the training dataset is an IterableDataset ({type(loader.dataset).__name__}): it is read in its own "
+            "order and cannot be re-mixed or re-selected; use a map-style dataset (e.g. datasets.Dataset)"
+        )
     outer = getattr(loader, "batch_sampler", None)
     if outer is None:
         raise TypeError(

@@ -61,3 +61,17 @@ def test_uneven_epoch_positions_match_accelerate(world):
         predicted = [order[p].tolist() for p in rank_position_batches(n, layout)]
         assert predicted == actual
     assert np.unique(order).size > 1
+
+
+def test_iterable_datasets_are_refused_with_a_clear_error():
+    import pytest
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from dataflex.batching import inspect_loader
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    with pytest.raises(TypeError, match="IterableDataset .*cannot be re-mixed"):
+        inspect_loader(DataLoader(Stream(), batch_size=2))
