@@ -26,7 +26,7 @@ from dataflex.proxies.loop import LoopResult, train_mixture
 
 from dataflex.losses import IGNORE_INDEX
 from dataflex.policies.base import BoundPolicy
-from dataflex.policies.doremi import DoReMiOnline, group_dro_step, token_cross_entropy
+from dataflex.policies.doremi import DoReMiOnline, GroupDROWeights, token_cross_entropy
 from dataflex.policies.static import Natural, Uniform
 from dataflex.state import write_json_atomic
 from dataflex.tiny import collate_causal
@@ -62,11 +62,7 @@ class GroupDROObjective:
 
     def __init__(self, ref_losses: np.ndarray, num_domains: int, eta: float = 1.0, smoothing: float = 1e-3) -> None:
         self.ref_losses = ref_losses
-        self.eta, self.smoothing = float(eta), float(smoothing)
-        self.alpha = np.full(num_domains, 1.0 / num_domains)
-        self.alpha_sum = np.zeros(num_domains)
-        self.steps = 0
-        self.trajectory: list[list[float]] = []
+        self.dro = GroupDROWeights(num_domains, eta, smoothing, keep_trajectory=True)
 
     def __call__(self, model, batch, ids, row_domain):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -78,29 +74,25 @@ class GroupDROObjective:
                 f"cached reference losses {tuple(ref_tok.shape)} do not match batch {tuple(proxy_tok.shape)}"
             )
         mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(proxy_tok.dtype)
-        self.alpha, loss = group_dro_step(proxy_tok, ref_tok, mask, row_domain, self.alpha, self.eta, self.smoothing)
-        self.alpha_sum += self.alpha
-        self.steps += 1
-        self.trajectory.append(self.alpha.tolist())
-        return loss, out.logits
+        return self.dro.step(proxy_tok, ref_tok, mask, row_domain), out.logits
+
+    @property
+    def alpha(self) -> np.ndarray:
+        return self.dro.alpha
+
+    @property
+    def trajectory(self) -> list[list[float]]:
+        return self.dro.trajectory
 
     @property
     def average_weights(self) -> np.ndarray:
-        return self.alpha_sum / max(self.steps, 1)
+        return self.dro.average
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha.tolist(),
-            "alpha_sum": self.alpha_sum.tolist(),
-            "steps": self.steps,
-            "trajectory": self.trajectory,
-        }
+        return self.dro.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
-        self.steps = int(state["steps"])
-        self.trajectory = [list(r) for r in state["trajectory"]]
+        self.dro.load_state_dict(state)
 
 
 def load_doremi_weights(path: str | os.PathLike[str], domain_names: Sequence[str] | None = None) -> dict[str, float]:

@@ -109,6 +109,45 @@ def group_dro_step(
     return new_alpha, loss
 
 
+class GroupDROWeights:
+    """DoReMi's domain weights during proxy training: alpha, their running sum and the step count.
+
+    Shared by the offline proxy objective and the online policy; ``trajectory`` optionally keeps
+    every alpha for export and plots.
+    """
+
+    def __init__(self, num_domains: int, eta: float, smoothing: float, keep_trajectory: bool = False) -> None:
+        self.eta, self.smoothing, self.keep_trajectory = float(eta), float(smoothing), keep_trajectory
+        self.alpha = np.full(num_domains, 1.0 / num_domains)
+        self.alpha_sum = np.zeros(num_domains)
+        self.steps = 0
+        self.trajectory: list[list[float]] = []
+
+    def step(self, proxy_tok, ref_tok, mask, row_domain) -> torch.Tensor:
+        """Move alpha by one Group-DRO step and return the proxy's loss for this micro-batch."""
+        self.alpha, loss = group_dro_step(proxy_tok, ref_tok, mask, row_domain, self.alpha, self.eta, self.smoothing)
+        self.alpha_sum += self.alpha
+        self.steps += 1
+        if self.keep_trajectory:
+            self.trajectory.append(self.alpha.tolist())
+        return loss
+
+    @property
+    def average(self) -> np.ndarray:
+        """DoReMi's output: alpha averaged over the steps so far (alpha itself before the first step)."""
+        return self.alpha_sum / self.steps if self.steps else self.alpha.copy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha.tolist(), "alpha_sum": self.alpha_sum.tolist(), "steps": self.steps,
+                "trajectory": self.trajectory}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
+        self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
+        self.steps = int(state["steps"])
+        self.trajectory = [list(r) for r in state.get("trajectory", [])]
+
+
 class DoReMiOnline(BoundPolicy):
     """Online DoReMi: a small proxy and a frozen reference learn beside the main model.
 
@@ -148,9 +187,7 @@ class DoReMiOnline(BoundPolicy):
         self.reference: torch.nn.Module | None = None
         if proxy is not None and reference is not None:
             self.set_models(proxy, reference)
-        self.alpha: np.ndarray | None = None
-        self.alpha_sum: np.ndarray | None = None
-        self.steps = 0
+        self.dro: GroupDROWeights | None = None
         self.proxy_seconds = 0.0
 
     def set_models(self, proxy: torch.nn.Module, reference: torch.nn.Module) -> None:
@@ -163,18 +200,26 @@ class DoReMiOnline(BoundPolicy):
         super().bind(domain_names, domain_sizes)
         if self.proxy is None or self.reference is None:
             raise RuntimeError("DoReMiOnline needs a proxy and a reference model: pass them or call set_models()")
-        self.alpha = np.full(self.num_domains, 1.0 / self.num_domains)
-        self.alpha_sum = np.zeros(self.num_domains)
-        self.steps = 0
+        self.dro = GroupDROWeights(self.num_domains, self.eta, self.smoothing)
 
     def initial_weights(self) -> np.ndarray:
         self._require_bound()
         return np.full(self.num_domains, 1.0 / self.num_domains)
 
     @property
+    def alpha(self) -> np.ndarray:
+        """The live weights (after the latest proxy step)."""
+        assert self.dro is not None, "bind() first"
+        return self.dro.alpha
+
+    @property
+    def steps(self) -> int:
+        return self.dro.steps if self.dro is not None else 0
+
+    @property
     def average_weights(self) -> np.ndarray:
-        assert self.alpha_sum is not None and self.alpha is not None
-        return self.alpha_sum / self.steps if self.steps else self.alpha.copy()
+        assert self.dro is not None, "bind() first"
+        return self.dro.average
 
     def observe(self, inputs: dict[str, torch.Tensor], row_domain: torch.Tensor) -> None:
         """One proxy step on a micro-batch (``input_ids``, ``attention_mask``, ``labels``)."""
@@ -190,9 +235,7 @@ class DoReMiOnline(BoundPolicy):
         ref_tok = _token_losses(self.reference, ids, att, labels).to(device)
         self.proxy.train()
         proxy_tok = token_cross_entropy(self.proxy(input_ids=ids, attention_mask=att).logits, labels)
-        self.alpha, loss = group_dro_step(proxy_tok, ref_tok, mask, row_domain, self.alpha, self.eta, self.smoothing)
-        self.alpha_sum += self.alpha
-        self.steps += 1
+        loss = self.dro.step(proxy_tok, ref_tok, mask, row_domain)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if dist.is_distributed():
@@ -210,17 +253,10 @@ class DoReMiOnline(BoundPolicy):
     def state_dict(self) -> dict[str, Any]:
         # The proxy's parameters and optimizer are tensors: saved by the caller next to this JSON state
         # (see proxy_state_dict); here only the JSON-safe part.
-        return {
-            "alpha": self.alpha.tolist(),
-            "alpha_sum": self.alpha_sum.tolist(),
-            "steps": self.steps,
-            "proxy_seconds": self.proxy_seconds,
-        }
+        return {"dro": self.dro.state_dict(), "proxy_seconds": self.proxy_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
-        self.steps = int(state["steps"])
+        self.dro.load_state_dict(state["dro"])
         self.proxy_seconds = float(state["proxy_seconds"])
 
     def proxy_state_dict(self) -> dict[str, Any]:
