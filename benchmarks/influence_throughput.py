@@ -49,7 +49,7 @@ def build(batch_size: int, seed: int = 0):
 
 def features_loop(model, layers, batch, projector) -> torch.Tensor:
     """The straightforward reference: one forward/backward per example."""
-    from dataflex.influence import per_example_mean_loss
+    from dataflex.losses import per_example_mean_loss
 
     out = []
     model.eval()

@@ -20,20 +20,7 @@ import torch
 from torch import nn
 
 from dataflex.grads import PerExampleGradients, RademacherProjector
-from dataflex.losses import IGNORE_INDEX
-
-
-def per_example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy of each example *with* gradient (causal shift, -100 ignored)."""
-    shifted = labels[:, 1:]
-    tok = nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        shifted.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shifted.shape)
-    counted = (shifted != IGNORE_INDEX).sum(1).clamp(min=1)
-    return tok.sum(1) / counted
+from dataflex.losses import per_example_mean_loss
 
 
 class GradientFeaturizer:

@@ -43,13 +43,9 @@ class EventSchedule(Generic[T]):
     def __len__(self) -> int:
         return len(self._starts)
 
-    @property
-    def starts(self) -> list[int]:
-        return list(self._starts)
-
-    def start_of(self, segment: int) -> int:
-        """Global index at which event ``segment`` takes effect."""
-        return self._starts[segment]
+    def segment(self, index: int) -> tuple[int, T]:
+        """``(effective_at, value)`` of event ``index``."""
+        return self._starts[index], self._values[index]
 
     def segment_index(self, global_index: int) -> int:
         """Index of the event in force at ``global_index``."""
@@ -97,7 +93,6 @@ class WeightSchedule(EventSchedule[np.ndarray]):
         self.domain_names = list(domain_names)
         first = validate_weights(initial_weights, self.domain_names, what="initial weights")
         super().__init__(first)
-        self._cdfs: list[np.ndarray] = [np.cumsum(first)]
 
     @property
     def events(self) -> list[tuple[int, np.ndarray]]:
@@ -111,9 +106,6 @@ class WeightSchedule(EventSchedule[np.ndarray]):
     def weights_at(self, global_index: int) -> np.ndarray:
         return self.value_at(global_index)
 
-    def cdf_at(self, global_index: int) -> np.ndarray:
-        return self._cdfs[self.segment_index(global_index)]
-
     def add(self, effective_at: int, weights: Sequence[float] | np.ndarray) -> None:
         """Schedule ``weights`` from global sample ``effective_at`` on.
 
@@ -122,7 +114,6 @@ class WeightSchedule(EventSchedule[np.ndarray]):
         """
         vec = validate_weights(weights, self.domain_names, what="scheduled weights")
         self._append(effective_at, vec)
-        self._cdfs.append(np.cumsum(vec))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -137,7 +128,6 @@ class WeightSchedule(EventSchedule[np.ndarray]):
             )
         weights = [np.asarray(w, dtype=np.float64) for _, w in state["events"]]
         self._restore([s for s, _ in state["events"]], weights)
-        self._cdfs = [np.cumsum(w) for w in weights]
 
 
 class SubsetSchedule(EventSchedule[np.ndarray]):
@@ -161,9 +151,6 @@ class SubsetSchedule(EventSchedule[np.ndarray]):
     @property
     def current(self) -> np.ndarray:
         return self._values[-1].copy()
-
-    def subset_at(self, global_index: int) -> np.ndarray:
-        return self.value_at(global_index)
 
     def add(self, effective_at: int, ids: Sequence[int] | np.ndarray) -> None:
         """Train on ``ids`` from global sample ``effective_at`` on."""

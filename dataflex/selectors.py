@@ -24,7 +24,7 @@ import torch
 
 from dataflex import dist
 from dataflex.losses import per_example_token_loss
-from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
+from dataflex.selection import budget, select_by_loss, select_random, select_top
 
 
 @dataclass
@@ -153,15 +153,9 @@ class RhoLoss(Selector):
         losses = scored_across_ranks(ids, lambda part: current_losses(part, ctx))
         return losses - self.irreducible[ids]
 
-    def choose(self, scores, fraction):
-        return select_reducible(scores, np.zeros_like(scores), fraction)
-
 
 class RandomSelection(Selector):
     """The same budget uniformly at random (re-drawn at every re-selection)."""
-
-    def score(self, ids, ctx):
-        return np.zeros(len(ids))
 
     def select(self, ctx):
         n = len(ctx.dataset)

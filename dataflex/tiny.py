@@ -67,6 +67,13 @@ def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _seeded(model_cls: Any, config: Any, seed: int) -> Any:
+    """Build ``model_cls(config)`` with weights drawn from ``seed``, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(config)
+
+
 def tiny_gpt2(
     *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 256, seed: int = 0, dropout: float = 0.0
 ) -> Any:
@@ -86,9 +93,7 @@ def tiny_gpt2(
         eos_token_id=PAD_ID,
         pad_token_id=PAD_ID,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config)
+    return _seeded(GPT2LMHeadModel, config, seed)
 
 
 def tiny_llama(*, n_layer: int = 2, hidden: int = 64, n_head: int = 4, n_positions: int = 256, seed: int = 0) -> Any:
@@ -107,9 +112,7 @@ def tiny_llama(*, n_layer: int = 2, hidden: int = 64, n_head: int = 4, n_positio
         eos_token_id=PAD_ID,
         pad_token_id=PAD_ID,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+    return _seeded(LlamaForCausalLM, config, seed)
 
 
 @torch.no_grad()

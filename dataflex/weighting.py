@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
-from dataflex.influence import per_example_mean_loss
+from dataflex.losses import per_example_mean_loss
 
 
 def loss_weights(

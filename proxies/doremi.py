@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from dataflex.proxies.loop import LoopResult, train_mixture
 
-from dataflex.losses import IGNORE_INDEX
+from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 from dataflex.policies.base import BoundPolicy
-from dataflex.policies.doremi import DoReMiOnline, GroupDROWeights, token_cross_entropy
+from dataflex.policies.doremi import DoReMiOnline, GroupDROWeights
 from dataflex.policies.static import Natural, Uniform
 from dataflex.state import write_json_atomic
 from dataflex.tiny import collate_causal

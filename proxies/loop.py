@@ -151,21 +151,21 @@ def train_mixture(
         loader.set_epoch(epoch)
         return iter(loader)
 
+    observe = getattr(policy, "observe", None)  # online DoReMi steps its proxy on every micro-batch
+    # A resumed sampler starts mid-epoch, at a whole number of global batches, so batch k of the epoch
+    # still holds positions[k]: the positions never need an offset.
     iterator = epoch_iterator(start // steps_per_epoch)
-    offset = (start % steps_per_epoch) * global_batch  # the sampler resumes mid-epoch at this position
     for step in range(start, min(steps, stop_after or steps)):
         epoch, k_in_epoch = divmod(step, steps_per_epoch)
         if k_in_epoch == 0 and step > start:
-            iterator, offset = epoch_iterator(epoch), 0
+            iterator = epoch_iterator(epoch)
         batch = next(iterator)
-        local = k_in_epoch - (start % steps_per_epoch if epoch == start // steps_per_epoch else 0)
-        ids = sampler.ids_at(epoch, offset + positions[local])
+        ids = sampler.ids_at(epoch, positions[k_in_epoch])
         row_domain = domain_t[ids].to(batch["input_ids"].device)
         model.train()
         loss, logits = objective(model, batch, ids, row_domain)
         ex_loss, _ = per_example_token_loss(logits.detach(), batch["labels"])
         store.add(ids, ex_loss, (batch["labels"][:, 1:] != -100).any(1))
-        observe = getattr(policy, "observe", None)
         if observe is not None:
             observe(batch, row_domain)
         optimizer.zero_grad(set_to_none=True)

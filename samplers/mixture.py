@@ -27,7 +27,6 @@ from typing import Any, Literal
 import numpy as np
 from dataflex.samplers.base import ScheduledSampler
 
-from dataflex.domains import encode_domains
 from dataflex.schedule import WeightSchedule
 from dataflex.state import DatasetFingerprint
 
@@ -96,19 +95,6 @@ class DomainMixtureSampler(ScheduledSampler):
         self.chunk_size = int(chunk_size)
         self.members = [np.flatnonzero(ids == d) for d in range(k)]
         self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
-
-    @classmethod
-    def from_labels(
-        cls,
-        labels: Sequence[str],
-        weights: Sequence[float] | dict[str, float] | None = None,
-        **kwargs: Any,
-    ) -> DomainMixtureSampler:
-        """Build from string labels; ``weights`` default to uniform over domains."""
-        ids, names = encode_domains(labels)
-        if weights is None:
-            weights = np.full(len(names), 1.0 / len(names))
-        return cls(ids, WeightSchedule(names, weights), **kwargs)
 
     def _permutation(self, epoch: int, domain: int, pass_index: int) -> np.ndarray:
         key = (epoch, domain, pass_index)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from dataflex.samplers.base import ScheduledSampler
 
+from dataflex.domains import encode_domains
 from dataflex.schedule import SubsetSchedule
 from dataflex.state import DatasetFingerprint
 
@@ -44,9 +45,7 @@ class SubsetSampler(ScheduledSampler):
         n = schedule.num_examples
         if labels is not None and len(labels) != n:
             raise ValueError(f"got {len(labels)} labels for a pool of {n} examples")
-        names = sorted({str(x) for x in labels}) if labels is not None else ["pool"]
-        index = {name: i for i, name in enumerate(names)}
-        ids = np.array([index[str(x)] for x in labels], dtype=np.int64) if labels is not None else np.zeros(n, np.int64)
+        ids, names = encode_domains(labels) if labels is not None else (np.zeros(n, np.int64), ["pool"])
         super().__init__(num_samples or n, schedule, seed, DatasetFingerprint.from_labels(ids, names))
         self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
 
@@ -65,8 +64,8 @@ class SubsetSampler(ScheduledSampler):
         for pos in range(self.num_samples):
             g = base + pos
             segment = self.schedule.segment_index(g)
-            subset = self.schedule.subset_at(g)
-            start = max(self.schedule.start_of(segment), base)
+            effective_at, subset = self.schedule.segment(segment)
+            start = max(effective_at, base)
             pass_index, offset = divmod(g - start, subset.shape[0])
             yield pos, int(self._permutation(epoch, segment, pass_index, subset)[offset])
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dataflex.grads import PerExampleGradients, RademacherProjector, lora_linears
-from dataflex.influence import GradientFeaturizer, influence_scores, per_example_mean_loss
+from dataflex.influence import GradientFeaturizer, influence_scores
+from dataflex.losses import per_example_mean_loss
 from dataflex.tiny import collate_causal, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="the peft extra provides LoRA")

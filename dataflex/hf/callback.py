@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from dataflex import dist
-from dataflex.batching import LoaderLayout, inspect_loader, rank_position_batches
+from dataflex.batching import inspect_loader, rank_position_batches
 from dataflex.domains import encode_domains
 from dataflex.losses import IGNORE_INDEX, per_example_token_loss
 from dataflex.policies.base import MixingPolicy
@@ -189,7 +189,6 @@ class DataFlexCallback(TrainerCallback):
         self._model = model
         self._optimizer = kwargs.get("optimizer")
         self._collate = train_dataloader.collate_fn
-        self._args = args
         self._positions = rank_position_batches(self.sampler.num_samples, layout)
         accum = args.gradient_accumulation_steps
         self._accum = accum
@@ -393,4 +392,4 @@ class DataFlexCallback(TrainerCallback):
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
 
 
-__all__ = ["DataFlexCallback", "STATE_FILENAME", "LoaderLayout"]
+__all__ = ["DataFlexCallback", "STATE_FILENAME"]

@@ -97,11 +97,7 @@ class DataFlexSelectCallback(DataFlexCallback):
             pool_scores = self.policy.last_scores[1]
             logs["dataflex/score_mean_pool"] = float(np.nanmean(pool_scores))
             logs["dataflex/score_mean_selected"] = float(np.nanmean(self.store.score[chosen]))
-        for d, name in enumerate(self.domain_names):  # share of each label in the selection
-            if len(self.domain_names) > 1:
-                logs[f"dataflex/selected_share/{name}"] = float((self.sampler_labels[chosen] == d).mean())
+        if len(self.domain_names) > 1:  # share of each label in the selection
+            shares = np.bincount(self.store.domain_ids[chosen], minlength=len(self.domain_names)) / chosen.size
+            logs.update({f"dataflex/selected_share/{n}": float(x) for n, x in zip(self.domain_names, shares)})
         self._emit(step, logs)
-
-    @property
-    def sampler_labels(self) -> np.ndarray:
-        return self.store.domain_ids

@@ -25,7 +25,6 @@ import numpy as np
 
 from dataflex.policies.base import BoundPolicy
 from dataflex.store import DomainStats
-from dataflex.weights import apply_floor
 
 ALPHA_GRID = np.linspace(0.01, 0.8, 80)  # the paper bounds the exponent to (0, 0.8]
 
@@ -131,8 +130,7 @@ class ADO(BoundPolicy):
         rho = self.mu * self.h**self.s * self.learning_speed()
         rho = rho / rho.sum() if rho.sum() > 0 and np.isfinite(rho).all() else self.mu.copy()
         pi = self.gamma2 * rho + (1 - self.gamma2) * self.rho_bar
-        pi = apply_floor(pi / pi.sum(), 0.0)
-        pi = np.maximum(pi, self.delta_min)
+        pi = np.maximum(pi / pi.sum(), self.delta_min)
         pi /= pi.sum()
         self.h = self.gamma1 * pi + (1 - self.gamma1) * self.h
         weight = 1.0 / (self.t + 1.0)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
-from dataflex.losses import IGNORE_INDEX
+from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 from dataflex.policies.base import BoundPolicy
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor
@@ -58,15 +58,6 @@ def doremi_update(weights: np.ndarray, excess: np.ndarray, eta: float = 1.0, smo
 def _token_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, labels) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return token_cross_entropy(logits, labels)
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token loss ``(batch, seq-1)`` with the causal shift; ignored tokens get 0."""
-    shifted = labels[:, 1:].to(logits.device)
-    vocab = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(shifted.shape)
 
 
 def domain_excess(
