@@ -1,6 +1,11 @@
 """Influence-scoring throughput: batched per-example gradients vs. a per-example loop.
 
-    python benchmarks/influence_throughput.py             # batch sizes 8, 32, 128 (~3 min on 2 cores)
+    python benchmarks/influence_throughput.py             # batch sizes 8, 32, 128 (~4 min on 2 cores)
+
+Timing: both paths run in one process, alternating (batched, loop, batched, loop, ...) after a warm-up,
+and the speed-up is the median of the per-pair ratios, so slow drifts in machine load (about +-20 % on
+this shared 2-core box) hit both sides of every pair alike. Peak memory (max RSS) comes from a separate
+fresh process per path, so neither path's allocations count against the other.
 
 Same model (a tiny GPT-2, 4 layers x 128 wide, LoRA r=8 on attention and MLP projections), same data
 (textmix, 128 bytes per example, the first 16 bytes as an uncounted prompt), one process per
@@ -64,65 +69,79 @@ def features_loop(model, layers, batch, projector) -> torch.Tensor:
     return torch.cat(out)
 
 
-def measure(mode: str, batch_size: int, repeats: int, out_file: str) -> None:
-    """Child process: time one path and write features + timing."""
+def _paths(batch_size: int):
     from dataflex.influence import GradientFeaturizer
 
     model, layers, batch = build(batch_size)
     featurizer = GradientFeaturizer(model, layers, dim=1024, seed=0)
-    run = (lambda: featurizer.features(batch)) if mode == "batched" else (
-        lambda: features_loop(model, layers, batch, featurizer.projector))  # fmt: skip
-    feats = run()  # warm-up (also builds the cached projection)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        feats = run()
-        times.append(time.perf_counter() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.save({"features": feats, "times": times, "peak_rss_mb": rss / 1024, "rss_before_mb": rss_before / 1024},
-               out_file)  # fmt: skip
+    return {
+        "batched": lambda: featurizer.features(batch),
+        "loop": lambda: features_loop(model, layers, batch, featurizer.projector),
+    }
+
+
+def peak_memory(mode: str, batch_size: int, out_file: str) -> None:
+    """Child process: run one path twice (warm-up + one) and report its peak RSS."""
+    run = _paths(batch_size)[mode]
+    run()
+    run()
+    torch.save({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, out_file)
+
+
+def paired_timing(batch_size: int, pairs: int) -> dict:
+    """Alternate the two paths; features of both, per-pair times and the median ratio."""
+    paths = _paths(batch_size)
+    feats = {mode: run() for mode, run in paths.items()}  # warm-up (also builds the cached projection)
+    times: dict[str, list[float]] = {"batched": [], "loop": []}
+    for i in range(pairs):
+        order = ("batched", "loop") if i % 2 == 0 else ("loop", "batched")
+        for mode in order:
+            start = time.perf_counter()
+            feats[mode] = paths[mode]()
+            times[mode].append(time.perf_counter() - start)
+    ratios = sorted(lo / ba for lo, ba in zip(times["loop"], times["batched"]))
+    return {"features": feats, "times": times, "median_ratio": ratios[len(ratios) // 2]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 128])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=5, help="alternating (batched, loop) timing pairs")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", nargs=3, metavar=("MODE", "BATCH", "FILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        measure(args.child[0], int(args.child[1]), args.repeats, args.child[2])
+        peak_memory(args.child[0], int(args.child[1]), args.child[2])
         return
     rows = []
     scratch = Path("/tmp/dataflex_influence")
     scratch.mkdir(exist_ok=True)
     for bs in args.batch_sizes:
-        res = {}
+        peak = {}
         for mode in ("batched", "loop"):
             f = scratch / f"{mode}_{bs}.pt"
-            cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--child", mode, str(bs), str(f)]
-            subprocess.run(cmd, check=True)
-            res[mode] = torch.load(f)
-        max_diff = float((res["batched"]["features"] - res["loop"]["features"]).abs().max())
-        t_b = sorted(res["batched"]["times"])[len(res["batched"]["times"]) // 2]
-        t_l = sorted(res["loop"]["times"])[len(res["loop"]["times"]) // 2]
+            subprocess.run([sys.executable, __file__, "--child", mode, str(bs), str(f)], check=True)
+            peak[mode] = torch.load(f)["peak_rss_mb"]
+        timing = paired_timing(bs, args.pairs)
+        max_diff = float((timing["features"]["batched"] - timing["features"]["loop"]).abs().max())
+        median = {mode: sorted(t)[len(t) // 2] for mode, t in timing["times"].items()}
         row = {
             "batch_size": bs,
-            "batched_examples_per_s": bs / t_b,
-            "loop_examples_per_s": bs / t_l,
-            "speedup": t_l / t_b,
+            "batched_examples_per_s": bs / median["batched"],
+            "loop_examples_per_s": bs / median["loop"],
+            "speedup": timing["median_ratio"],
             "max_abs_feature_diff": max_diff,
             "agree_1e-4": max_diff <= 1e-4,
-            "batched_peak_rss_mb": res["batched"]["peak_rss_mb"],
-            "loop_peak_rss_mb": res["loop"]["peak_rss_mb"],
+            "batched_peak_rss_mb": peak["batched"],
+            "loop_peak_rss_mb": peak["loop"],
         }
         rows.append(row)
         print(row, flush=True)
     machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python benchmarks/influence_throughput.py " + " ".join(sys.argv[1:])
     md = [
-        f"Command: `{command}` on {machine}. Median of {args.repeats} timed repeats after a warm-up.",
+        f"Command: `{command}` on {machine}. {args.pairs} alternating timing pairs after a warm-up; "
+        "speed-up = median of per-pair (loop time / batched time); ex/s = batch / median time.",
         "",
         "| batch | batched ex/s | loop ex/s | speed-up | max abs feature diff | peak RSS batched / loop (MB) |",
         "|---|---|---|---|---|---|",

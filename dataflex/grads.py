@@ -48,8 +48,12 @@ class PerExampleGradients:
         capture = PerExampleGradients(lora_linears(model))
         with capture.recording():
             loss_per_example = ...           # (batch,) from one forward
-            loss_per_example.sum().backward()
+        capture.backward(loss_per_example.sum())
         grads = capture.per_example()        # {name: (batch, out, in)}
+
+    :meth:`backward` asks autograd only for the gradients of the captured layers' *outputs*, so the
+    weight-gradient GEMMs of the whole network are skipped (they are rebuilt per example by ``einsum``).
+    A plain ``loss.backward()`` inside ``recording()`` works too (tensor hooks catch the same gradients).
     """
 
     def __init__(self, layers: Mapping[str, nn.Linear]) -> None:
@@ -60,18 +64,21 @@ class PerExampleGradients:
                 raise ValueError(f"{name} has a trainable bias; per-example bias gradients are not captured")
         self.layers = dict(layers)
         self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
 
     @contextmanager
     def recording(self) -> Iterator[PerExampleGradients]:
         handles = []
         self._inputs.clear()
+        self._outputs.clear()
         self._grads.clear()
 
         def make_hook(name: str):
             def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
                 self._inputs[name] = args[0].detach()
                 if output.requires_grad:
+                    self._outputs[name] = output
                     output.register_hook(lambda g: self._grads.__setitem__(name, g.detach()))
 
             return hook
@@ -84,17 +91,30 @@ class PerExampleGradients:
             for h in handles:
                 h.remove()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` w.r.t. the captured outputs only (no parameter ``.grad`` is touched)."""
+        if not self._outputs:
+            raise RuntimeError("nothing was recorded: run the forward inside recording()")
+        names = list(self._outputs)
+        grads = torch.autograd.grad(loss, [self._outputs[n] for n in names], allow_unused=True)
+        self._outputs.clear()  # drop the graph references
+        for name, g in zip(names, grads):
+            if g is not None:
+                self._grads[name] = g.detach()
+
     def per_example(self) -> dict[str, torch.Tensor]:
         """``{name: (batch, out_features, in_features)}`` per-example weight gradients."""
         missing = [n for n in self.layers if n not in self._grads]
         if missing:
-            raise RuntimeError(f"no gradient was captured for {missing[:3]}...: run backward inside recording()")
+            raise RuntimeError(f"no gradient was captured for {missing[:3]}...: run backward after recording()")
         out = {}
         for name in self.layers:
             x, g = self._inputs[name], self._grads[name]
             if x.dim() == 2:  # (batch, features): no token axis
                 x, g = x.unsqueeze(1), g.unsqueeze(1)
             out[name] = torch.einsum("bto,bti->boi", g, x)
+        self._inputs.clear()
+        self._grads.clear()
         return out
 
 

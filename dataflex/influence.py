@@ -33,6 +33,12 @@ class GradientFeaturizer:
         seed: projection seed.
         mode: ``"tracin"`` (raw gradient) or ``"less"`` (Adam direction from ``optimizer``'s state).
         optimizer: the live Adam/AdamW optimizer (required for ``"less"``).
+        micro_batch: examples per forward/backward. Small enough that one layer's activations stay in
+            cache (elementwise ops on CPU are memory-bound: 8 x 128 tokens ran ~1.5x faster per example
+            than 32 or 128 here), large enough to amortise the per-call overhead.
+        grad_buffer_bytes: per-example gradients are accumulated over micro-batches up to this size and
+            then projected together, so the projection matrix is streamed once per buffer, not per
+            micro-batch.
     """
 
     def __init__(
@@ -44,7 +50,11 @@ class GradientFeaturizer:
         seed: int = 0,
         mode: Literal["tracin", "less"] = "tracin",
         optimizer: torch.optim.Optimizer | None = None,
+        micro_batch: int = 8,
+        grad_buffer_bytes: int = 256 << 20,
     ) -> None:
+        if micro_batch <= 0:
+            raise ValueError(f"micro_batch must be positive; got {micro_batch}")
         if mode not in ("tracin", "less"):
             raise ValueError(f"mode={mode!r}; valid values are 'tracin', 'less'")
         if mode == "less" and optimizer is None:
@@ -52,6 +62,8 @@ class GradientFeaturizer:
         self.model, self.mode, self.optimizer = model, mode, optimizer
         self.capture = PerExampleGradients(layers)
         self.projector = RademacherProjector(dim, seed=seed)
+        self.micro_batch, self.grad_buffer_bytes = int(micro_batch), int(grad_buffer_bytes)
+        self._params_per_example = sum(layer.weight.numel() for layer in self.capture.layers.values())
 
     def _precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.optimizer is not None
@@ -70,25 +82,43 @@ class GradientFeaturizer:
             out[name] = m_new / (v_new.sqrt() + eps)
         return out
 
+    def _gradients(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-example gradients of one micro-batch (outputs-only backward; parameters untouched)."""
+        with self.capture.recording():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            loss = per_example_mean_loss(logits, batch["labels"]).sum()
+        self.capture.backward(loss)
+        return self.capture.per_example()
+
+    def _project(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        grads = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+        if self.mode == "less":
+            grads = self._precondition(grads)
+        return self.projector.project(grads)
+
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(batch, dim)`` unit-norm features of the examples in ``batch`` (needs ``labels``)."""
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        n = batch["input_ids"].shape[0]
+        bytes_per_example = 4 * self._params_per_example
+        per_buffer = max(self.micro_batch, self.grad_buffer_bytes // max(bytes_per_example, 1))
         was_training = self.model.training
         self.model.eval()  # no dropout: a feature must not depend on the random mask
+        feats, pending, pending_rows = [], [], 0
         try:
-            self.model.zero_grad(set_to_none=True)
-            with self.capture.recording():
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                per_example_mean_loss(logits, batch["labels"]).sum().backward()
-            grads = self.capture.per_example()
-            self.model.zero_grad(set_to_none=True)
+            for start in range(0, n, self.micro_batch):
+                pending.append(self._gradients({k: v[start : start + self.micro_batch] for k, v in batch.items()}))
+                pending_rows += min(self.micro_batch, n - start)
+                if pending_rows + self.micro_batch > per_buffer:
+                    feats.append(self._project(pending))
+                    pending, pending_rows = [], 0
+            if pending:
+                feats.append(self._project(pending))
         finally:
             self.model.train(was_training)
-        if self.mode == "less":
-            grads = self._precondition(grads)
-        feats = self.projector.project(grads)
-        return feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        out = torch.cat(feats)
+        return out / out.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 def influence_scores(

@@ -52,7 +52,8 @@ def loop_gradients(model, layers, batch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_batched_per_example_gradients_equal_a_loop(arch):
+@pytest.mark.parametrize("via", ["outputs_only", "loss.backward"])
+def test_batched_per_example_gradients_equal_a_loop(arch, via):
     model = lora_model(arch).eval()
     layers = lora_linears(model)
     assert len(layers) == {"gpt2": 12, "llama": 8}[arch]  # (A, B) x targets x 2 layers
@@ -60,7 +61,12 @@ def test_batched_per_example_gradients_equal_a_loop(arch):
     capture = PerExampleGradients(layers)
     with capture.recording():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_example_mean_loss(logits, batch["labels"]).sum().backward()
+        loss = per_example_mean_loss(logits, batch["labels"]).sum()
+        if via == "loss.backward":
+            loss.backward()
+    if via == "outputs_only":
+        capture.backward(loss)
+        assert all(layer.weight.grad is None for layer in layers.values())  # parameter grads were skipped
     batched = capture.per_example()
     looped = loop_gradients(model, layers, batch)
     for name in layers:
@@ -117,6 +123,15 @@ def test_less_uses_the_optimizer_state_and_matches_a_manual_computation():
     torch.testing.assert_close(f_less[:1], proj / proj.norm(), atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="needs the training optimizer"):
         GradientFeaturizer(model, layers, mode="less")
+    # micro-batching and buffered projection change nothing but speed
+    chunked = GradientFeaturizer(model, layers, dim=256, seed=0, mode="less", optimizer=opt, micro_batch=3,
+                                 grad_buffer_bytes=1)  # fmt: skip
+    for layer in layers.values():  # as if scoring happened mid gradient-accumulation
+        layer.weight.grad = torch.full_like(layer.weight, 0.5)
+    torch.testing.assert_close(chunked.features(batch), f_less, atol=1e-5, rtol=1e-4)
+    assert all(bool((layer.weight.grad == 0.5).all()) for layer in layers.values())  # training grads untouched
+    with pytest.raises(ValueError, match="micro_batch must be positive; got 0"):
+        GradientFeaturizer(model, layers, micro_batch=0)
 
 
 def test_influence_ranks_examples_like_the_target_first():
