@@ -39,6 +39,8 @@ class GradientFeaturizer:
         grad_buffer_bytes: per-example gradients are accumulated over micro-batches up to this size and
             then projected together, so the projection matrix is streamed once per buffer, not per
             micro-batch.
+        projector: share another featurizer's projection (and its cached matrices) instead of
+            building one from ``dim`` and ``seed``.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class GradientFeaturizer:
         optimizer: torch.optim.Optimizer | None = None,
         micro_batch: int = 8,
         grad_buffer_bytes: int = 256 << 20,
+        projector: RademacherProjector | None = None,
     ) -> None:
         if micro_batch <= 0:
             raise ValueError(f"micro_batch must be positive; got {micro_batch}")
@@ -61,7 +64,7 @@ class GradientFeaturizer:
             raise ValueError("mode='less' needs the training optimizer (its Adam moments precondition the gradient)")
         self.model, self.mode, self.optimizer = model, mode, optimizer
         self.capture = PerExampleGradients(layers)
-        self.projector = RademacherProjector(dim, seed=seed)
+        self.projector = projector or RademacherProjector(dim, seed=seed)
         self.micro_batch, self.grad_buffer_bytes = int(micro_batch), int(grad_buffer_bytes)
         self._params_per_example = sum(layer.weight.numel() for layer in self.capture.layers.values())
 

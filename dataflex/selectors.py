@@ -182,11 +182,15 @@ class Influence(Selector):
         from dataflex.grads import lora_linears
         from dataflex.influence import GradientFeaturizer
 
+        layers = lora_linears(ctx.model)
         optimizer = ctx.optimizer if self.mode == "less" else None
         featurizer = GradientFeaturizer(
-            ctx.model, lora_linears(ctx.model), dim=self.dim, seed=self.proj_seed, mode=self.mode, optimizer=optimizer
+            ctx.model, layers, dim=self.dim, seed=self.proj_seed, mode=self.mode, optimizer=optimizer
         )
-        target_feats = [featurizer.features(ctx.collate(self.target[i : i + ctx.batch_size]))
+        # LESS compares Adam directions of training examples with *plain* gradients of the target
+        # (the target is never trained on, so it has no optimizer step to precondition).
+        target_featurizer = GradientFeaturizer(ctx.model, layers, projector=featurizer.projector)
+        target_feats = [target_featurizer.features(ctx.collate(self.target[i : i + ctx.batch_size]))
                         for i in range(0, len(self.target), ctx.batch_size)]  # fmt: skip
         direction = torch.cat(target_feats).mean(0)
         direction = direction / direction.norm().clamp(min=1e-12)

@@ -54,8 +54,35 @@ def byte_dataset(records: Sequence[dict[str, Any]], max_len: int, text_key: str 
     return Dataset.from_dict(rows)
 
 
+def encode_instruction(instruction: str, response: str, max_len: int, min_prompt: int = 32) -> tuple[list[int], int]:
+    """``instruction + "\nAnswer: " + response + end`` as bytes, and the prompt's length.
+
+    When too long, the response keeps its start (at most ``max_len - min_prompt`` tokens) and the
+    prompt keeps its *end* (the question and the answer cue), so the loss always has response tokens.
+    """
+    prompt = list((instruction + "\nAnswer: ").encode("utf-8"))
+    reply = (list(response.encode("utf-8")) + [PAD_ID])[: max(1, max_len - min_prompt)]
+    prompt = prompt[-(max_len - len(reply)) :] if len(prompt) + len(reply) > max_len else prompt
+    return prompt + reply, len(prompt)
+
+
+def instruct_dataset(records: Sequence[dict[str, Any]], max_len: int) -> Any:
+    """A ``datasets.Dataset`` of instruction/response records: ``input_ids``, ``prompt_len`` and ``task``.
+
+    :func:`collate_causal` masks the prompt, so losses count response tokens only.
+    """
+    from datasets import Dataset
+
+    missing = [k for k in ("instruction", "response", "task") if k not in records[0]]
+    if missing:
+        raise ValueError(f"instruction records need 'instruction', 'response' and 'task'; missing {missing}")
+    encoded = [encode_instruction(r["instruction"], r["response"], max_len) for r in records]
+    return Dataset.from_dict({"input_ids": [e[0] for e in encoded], "prompt_len": [e[1] for e in encoded],
+                              "task": [r["task"] for r in records]})  # fmt: skip
+
+
 def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids``; labels are the inputs with padding set to -100."""
+    """Right-pad ``input_ids``; labels are the inputs with padding (and a ``prompt_len`` prefix) set to -100."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -64,6 +91,9 @@ def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
         ids[i, : row.numel()] = row
         mask[i, : row.numel()] = 1
     labels = ids.masked_fill(mask == 0, -100)
+    for i, f in enumerate(features):
+        if "prompt_len" in f:  # instruction tuning: only the response is learnt and scored
+            labels[i, : int(f["prompt_len"])] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -1,0 +1,100 @@
+"""Offline selection: pool scoring survives a crash, subsets are tied to their pool, instruction data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dataflex.offline import length_order, read_subset, score_pool, target_direction, token_mean_losses, write_subset
+from dataflex.state import DatasetFingerprint
+from dataflex.tiny import collate_causal, encode_instruction, instruct_dataset, tiny_gpt2
+
+
+def pool(n: int = 23) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"input_ids": rng.integers(0, 256, size=int(rng.integers(3, 40))).tolist(), "prompt_len": 2}
+            for _ in range(n)]  # fmt: skip
+
+
+def row_sums(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A score that depends on the example only (not on its batch-mates or padding)."""
+    return (batch["input_ids"] * batch["attention_mask"]).sum(1).float()
+
+
+def test_length_order_is_longest_first_with_ties_by_id():
+    assert length_order([3, 5, 3, 9]).tolist() == [3, 1, 0, 2]
+
+
+def test_score_pool_resumes_after_a_crash_and_matches_an_uninterrupted_run(tmp_path):
+    data = pool()
+    expected = np.array([sum(d["input_ids"]) for d in data], dtype=np.float32)
+    full = score_pool(row_sums, data, collate_causal, batch_size=4, progress=False)
+    np.testing.assert_array_equal(full, expected)
+
+    calls = {"n": 0}
+
+    def crashing(batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("pre-empted")
+        return row_sums(batch)
+
+    cache = tmp_path / "scores.npz"
+    with pytest.raises(RuntimeError, match="pre-empted"):
+        score_pool(crashing, data, collate_causal, batch_size=4, cache=cache, save_every=1, progress=False)
+    with np.load(cache) as saved:
+        assert saved["done"].sum() == 12  # three batches of four were kept
+    seen = []
+
+    def counting(batch):
+        seen.append(batch["input_ids"].shape[0])
+        return row_sums(batch)
+
+    resumed = score_pool(counting, data, collate_causal, batch_size=4, cache=cache, save_every=1, progress=False)
+    np.testing.assert_array_equal(resumed, expected)
+    assert sum(seen) == len(data) - 12  # only the missing examples were scored again
+    with pytest.raises(ValueError, match="holds scores for 23 examples but the pool has 5"):
+        score_pool(row_sums, data[:5], collate_causal, cache=cache, progress=False)
+
+
+def test_token_mean_losses_equal_one_example_at_a_time():
+    model = tiny_gpt2(n_layer=1, n_embd=32, seed=0)
+    data = pool(9)
+    batched = score_pool(token_mean_losses(model), data, collate_causal, batch_size=4, progress=False)
+    for i, row in enumerate(data):
+        single = token_mean_losses(model)(collate_causal([row]))
+        assert abs(float(single[0]) - batched[i]) < 1e-5
+
+
+def test_subset_round_trip_and_refusal_for_another_pool(tmp_path):
+    fp = DatasetFingerprint.from_labels(np.array([0, 1, 1, 0]), ["a", "b"])
+    write_subset(tmp_path / "s.json", np.array([3, 1]), pool=fp, method="less", fraction=0.5,
+                 scores=np.array([0.1, np.nan, 0.2, 0.9]))  # fmt: skip
+    assert read_subset(tmp_path / "s.json", fp).tolist() == [1, 3]
+    other = DatasetFingerprint.from_labels(np.array([0, 1, 0, 0]), ["a", "b"])
+    with pytest.raises(ValueError, match="different dataset"):
+        read_subset(tmp_path / "s.json", other)
+    with pytest.raises(ValueError, match=r"subset ids must lie in \[0, 4\); got 1..7"):
+        write_subset(tmp_path / "bad.json", np.array([7, 1]), pool=fp, method="x", fraction=0.5)
+
+
+def test_target_direction_rejects_empty_or_cancelling_features():
+    assert np.allclose(target_direction(np.array([[1.0, 0.0], [0.0, 1.0]])), [2**-0.5, 2**-0.5])
+    with pytest.raises(ValueError, match="non-empty"):
+        target_direction(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="average to zero"):
+        target_direction(np.array([[1.0, 0.0], [-1.0, 0.0]]))
+
+
+def test_instruction_examples_learn_only_the_response():
+    ids, prompt_len = encode_instruction("What is 2+2?", "4", max_len=64)
+    assert bytes(ids[:prompt_len]) == b"What is 2+2?\nAnswer: " and ids[prompt_len] == ord("4")
+    long_ids, long_prompt = encode_instruction("q" * 300, "r" * 300, max_len=128, min_prompt=32)
+    assert len(long_ids) == 128 and long_prompt == 32  # the response keeps its start, the prompt its end
+    ds = instruct_dataset([{"instruction": "Why?", "response": "Because.", "task": "t"}], max_len=64)
+    batch = collate_causal([ds[0]])
+    counted = batch["labels"][0] != -100
+    assert bytes(batch["input_ids"][0][counted][:-1].tolist()) == b"Because."  # + the end id
+    with pytest.raises(ValueError, match="missing \\['task'\\]"):
+        instruct_dataset([{"instruction": "a", "response": "b"}], max_len=8)
