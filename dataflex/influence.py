@@ -93,14 +93,21 @@ class GradientFeaturizer:
         self.capture.backward(loss)
         return self.capture.per_example()
 
-    def _project(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _project(self, chunks: list[dict[str, torch.Tensor]], modes: Sequence[str]) -> dict[str, torch.Tensor]:
         grads = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
-        if self.mode == "less":
-            grads = self._precondition(grads)
-        return self.projector.project(grads)
+        return {m: self.projector.project(self._precondition(grads) if m == "less" else grads) for m in modes}
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(batch, dim)`` unit-norm features of the examples in ``batch`` (needs ``labels``)."""
+        return self.feature_sets(batch, (self.mode,))[self.mode]
+
+    def feature_sets(self, batch: dict[str, torch.Tensor], modes: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Features of several kinds (``"tracin"``, ``"less"``) from one shared forward/backward."""
+        bad = [m for m in modes if m not in ("tracin", "less")]
+        if bad or not modes:
+            raise ValueError(f"modes={list(modes)!r}; valid values are 'tracin', 'less'")
+        if "less" in modes and self.optimizer is None:
+            raise ValueError("'less' features need the training optimizer (give optimizer= to the featurizer)")
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         n = batch["input_ids"].shape[0]
@@ -108,20 +115,24 @@ class GradientFeaturizer:
         per_buffer = max(self.micro_batch, self.grad_buffer_bytes // max(bytes_per_example, 1))
         was_training = self.model.training
         self.model.eval()  # no dropout: a feature must not depend on the random mask
-        feats, pending, pending_rows = [], [], 0
+        parts: list[dict[str, torch.Tensor]] = []
+        pending, pending_rows = [], 0
         try:
             for start in range(0, n, self.micro_batch):
                 pending.append(self._gradients({k: v[start : start + self.micro_batch] for k, v in batch.items()}))
                 pending_rows += min(self.micro_batch, n - start)
                 if pending_rows + self.micro_batch > per_buffer:
-                    feats.append(self._project(pending))
+                    parts.append(self._project(pending, modes))
                     pending, pending_rows = [], 0
             if pending:
-                feats.append(self._project(pending))
+                parts.append(self._project(pending, modes))
         finally:
             self.model.train(was_training)
-        out = torch.cat(feats)
-        return out / out.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        out = {}
+        for m in modes:
+            feats = torch.cat([p[m] for p in parts])
+            out[m] = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return out
 
 
 def influence_scores(

@@ -145,6 +145,7 @@ def write_subset(
         "scores": None if scores is None else [None if not np.isfinite(s) else float(s) for s in scores],
         **(extra or {}),
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(path), payload)
 
 

@@ -69,6 +69,7 @@ class LoopResult:
     curve: list[dict[str, Any]] = field(default_factory=list)  # evaluations during training
     seconds: float = 0.0
     steps: int = 0
+    optimizer: Any = field(default=None, repr=False)  # the live optimizer (LESS reads its Adam moments); not saved
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -188,6 +189,7 @@ def train_mixture(
             _save(ckpt, parts, done)
     bar.close()
     result.seconds, result.steps = time.perf_counter() - t0, min(steps, stop_after or steps)
+    result.optimizer = optimizer
     return result
 
 

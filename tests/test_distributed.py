@@ -36,3 +36,23 @@ def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
         assert r["resumed_ids"] == r["ids"]
         assert r["resumed_history"] == r["history"]
         assert r["resumed_weights"] == r["weights"]
+
+
+def test_two_process_influence_selection_is_identical_on_both_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(HERE / "select_dist_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "select_rank0.json").read_text())
+    r1 = json.loads((tmp_path / "select_rank1.json").read_text())
+    assert r0["world"] == r1["world"] == 2
+    # each rank scored half the candidates; after the gather both hold every score, equal to local scoring
+    assert r0["gathered_scores"] == r1["gathered_scores"] and r0["chosen"] == r1["chosen"]
+    assert r0["max_gather_vs_local"] < 1e-5 and r1["max_gather_vs_local"] < 1e-5
+    assert len(r0["chosen"]) == 9
+    # under DDP the Trainer callback makes the same selections on both ranks
+    assert r0["history"] == r1["history"] and len(r0["history"]) >= 3
+    assert r0["store_scores"] == r1["store_scores"]

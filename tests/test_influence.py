@@ -123,6 +123,11 @@ def test_less_uses_the_optimizer_state_and_matches_a_manual_computation():
     torch.testing.assert_close(f_less[:1], proj / proj.norm(), atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="needs the training optimizer"):
         GradientFeaturizer(model, layers, mode="less")
+    both = less.feature_sets(batch, ("less", "tracin"))  # one backward serves both kinds
+    torch.testing.assert_close(both["less"], f_less)
+    torch.testing.assert_close(both["tracin"], f_tracin)
+    with pytest.raises(ValueError, match="need the training optimizer"):
+        tracin.feature_sets(batch, ("less",))
     # micro-batching and buffered projection change nothing but speed
     chunked = GradientFeaturizer(model, layers, dim=256, seed=0, mode="less", optimizer=opt, micro_batch=3,
                                  grad_buffer_bytes=1)  # fmt: skip
