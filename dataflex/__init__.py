@@ -15,11 +15,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from dataflex.hf.callback import DataFlexCallback
+    from dataflex.hf.curriculum_callback import DataFlexCurriculumCallback
     from dataflex.hf.select_callback import DataFlexSelectCallback
+
+_HF_NAMES = ("DataFlexCallback", "DataFlexSelectCallback", "DataFlexCurriculumCallback")
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("DataFlexCallback", "DataFlexSelectCallback"):
+    if name in _HF_NAMES:
         try:
             import dataflex.hf as hf
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -30,4 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dataflex' has no attribute {name!r}")
 
 
-__all__ = ["DataFlexCallback", "DataFlexSelectCallback", "__version__"]
+__all__ = [*_HF_NAMES, "__version__"]

@@ -168,3 +168,40 @@ class SubsetSchedule(EventSchedule[np.ndarray]):
                 f"subset schedule was saved for {state['num_examples']} examples, this pool has {self.num_examples}"
             )
         self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])
+
+
+class OrderSchedule(EventSchedule[np.ndarray]):
+    """Piecewise-constant difficulty orders: each value is a permutation of ``0..n-1``, easiest first."""
+
+    def __init__(self, initial_order: Sequence[int] | np.ndarray) -> None:
+        first = np.asarray(initial_order, dtype=np.int64).reshape(-1)
+        self.num_examples = int(first.size)
+        if self.num_examples == 0:
+            raise ValueError("a difficulty order needs at least one example")
+        super().__init__(self._validate(first))
+
+    def _validate(self, order: Sequence[int] | np.ndarray) -> np.ndarray:
+        arr = np.asarray(order, dtype=np.int64).reshape(-1)
+        if arr.size != self.num_examples or not np.array_equal(np.sort(arr), np.arange(self.num_examples)):
+            raise ValueError(f"a difficulty order must be a permutation of 0..{self.num_examples - 1}; got "
+                             f"{arr.size} ids {arr[:5].tolist()}...")  # fmt: skip
+        return arr
+
+    @property
+    def current(self) -> np.ndarray:
+        return self._values[-1].copy()
+
+    def add(self, effective_at: int, order: Sequence[int] | np.ndarray) -> None:
+        """Use the re-ranked ``order`` from global sample ``effective_at`` on."""
+        self._append(effective_at, self._validate(order))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_examples": self.num_examples,
+                "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)]}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_examples"]) != self.num_examples:
+            raise ValueError(
+                f"order schedule was saved for {state['num_examples']} examples, this pool has {self.num_examples}"
+            )
+        self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])
