@@ -11,6 +11,7 @@ chooses the same subset. Each score is kept in the :class:`~dataflex.store.Score
 * :class:`Influence` — LESS / TracIn cosine with a target set's mean gradient (arXiv 2402.04333,
   2002.08484), from batched per-example LoRA gradients.
 * :class:`RandomSelection` — the same budget at random; always reported as the baseline.
+* :class:`FixedSubset` — a fixed set (e.g. SemDeDup's kept ids): a filter in front of the sampler.
 """
 
 from __future__ import annotations
@@ -152,6 +153,29 @@ class RhoLoss(Selector):
             raise ValueError(f"{self.irreducible.shape[0]} irreducible losses for a pool of {len(ctx.dataset)}")
         losses = scored_across_ranks(ids, lambda part: current_losses(part, ctx))
         return losses - self.irreducible[ids]
+
+
+class FixedSubset(Selector):
+    """Train on a fixed set of ids from the first step on (e.g. the examples SemDeDup keeps).
+
+    With :class:`~dataflex.hf.DataFlexSelectCallback` this is a sampler *filter*: the dropped examples
+    are never drawn, the order is the usual exact-resume subset order, and re-selection keeps the set.
+    """
+
+    def __init__(self, ids: Sequence[int] | np.ndarray) -> None:
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if ids.size == 0:
+            raise ValueError("FixedSubset needs at least one example id")
+        super().__init__(1.0)
+        self.ids = ids
+
+    def initial_subset(self, n: int) -> np.ndarray:
+        if self.ids[-1] >= n or self.ids[0] < 0:
+            raise ValueError(f"FixedSubset ids must lie in [0, {n}); got {self.ids[0]}..{self.ids[-1]}")
+        return self.ids
+
+    def select(self, ctx: SelectionContext) -> np.ndarray:
+        return self.initial_subset(len(ctx.dataset))
 
 
 class RandomSelection(Selector):

@@ -48,6 +48,10 @@ class DomainMixtureSampler(ScheduledSampler):
             weights are honoured exactly); ``"redistribute"`` retires it for the rest of the epoch
             and renormalises the other domains' weights (no example repeats within an epoch).
         chunk_size: positions per seeded random chunk.
+        stratified: draw the domain uniforms of each chunk stratified (one per stratum of width 1/L for
+            the chunk's L positions, in a seeded random order) instead of independently: with constant
+            weights every domain then gets its quota ``w_k * L`` to within one example per chunk, instead
+            of a multinomial count (cluster-balanced sampling uses this).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class DomainMixtureSampler(ScheduledSampler):
         replacement: bool = False,
         when_exhausted: ExhaustionMode = "reshuffle",
         chunk_size: int = 4096,
+        stratified: bool = False,
     ) -> None:
         ids = np.asarray(domain_ids, dtype=np.int64).reshape(-1)
         k = len(schedule.domain_names)
@@ -93,6 +98,7 @@ class DomainMixtureSampler(ScheduledSampler):
         self.replacement = bool(replacement)
         self.when_exhausted: ExhaustionMode = when_exhausted
         self.chunk_size = int(chunk_size)
+        self.stratified = bool(stratified)
         self.members = [np.flatnonzero(ids == d) for d in range(k)]
         self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
 
@@ -123,6 +129,9 @@ class DomainMixtureSampler(ScheduledSampler):
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, chunk_start // self.chunk_size]))
             u_domain = rng.random(self.chunk_size)
             u_within = rng.random(self.chunk_size)
+            if self.stratified:  # one uniform per stratum [s/L, (s+1)/L) of the L positions used, in random order
+                used = min(self.chunk_size, n - chunk_start)
+                u_domain[:used] = (rng.permutation(used) + u_domain[:used]) / used
             for j in range(min(self.chunk_size, n - chunk_start)):
                 pos = chunk_start + j
                 g = base + pos
@@ -159,4 +168,5 @@ class DomainMixtureSampler(ScheduledSampler):
             "replacement": self.replacement,
             "when_exhausted": self.when_exhausted,
             "chunk_size": self.chunk_size,
+            "stratified": self.stratified,
         }

@@ -42,6 +42,7 @@ from dataflex.weights import entropy
 logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "dataflex_state.json"
+EMBEDDINGS_FILENAME = "dataflex_embeddings.npz"
 CHECKS_AFTER_START = 4  # micro-batches whose input_ids are compared with the dataset after (re)start
 
 
@@ -86,6 +87,11 @@ class DataFlexCallback(TrainerCallback):
             raise if dataflex's idea of which examples are in a batch is wrong.
         allow_missing_state: resume even when the checkpoint has no dataflex state (order and weights
             then differ from the uninterrupted run); by default that raises.
+        stratified: exact domain quotas (see :class:`DomainMixtureSampler`); with clusters as domains
+            and ``Uniform()`` this is cluster-balanced sampling.
+        embeddings: an :class:`~dataflex.embeddings.EmbeddingCache` filled during training with each
+            example's mean-pooled last hidden state (from the training forward, no extra pass) and the
+            step it was taken at; saved in every checkpoint. Each rank fills the examples it trains on.
     """
 
     POLICY_METHODS = ("bind", "initial_weights", "update", "state_dict", "load_state_dict")
@@ -105,6 +111,8 @@ class DataFlexCallback(TrainerCallback):
         lookahead_batches: int | None = None,
         check_ids: bool = True,
         allow_missing_state: bool = False,
+        stratified: bool = False,
+        embeddings: Any = None,
     ) -> None:
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
@@ -126,6 +134,11 @@ class DataFlexCallback(TrainerCallback):
         self.lookahead_batches = lookahead_batches
         self.check_ids = check_ids
         self.allow_missing_state = allow_missing_state
+        self.stratified = bool(stratified)
+        self.embeddings = embeddings
+        self._head_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._last_hidden: torch.Tensor | None = None
+        self._step_now = 0
         #: Every scheduled mixture: dicts with step, effective_at (global sample index) and weights.
         self.history: list[dict[str, Any]] = []
         self.missing_labels = 0
@@ -201,6 +214,13 @@ class DataFlexCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        if self.embeddings is not None:
+            from dataflex.embeddings import output_layer
+
+            if self._head_hook is not None:
+                self._head_hook.remove()
+            self._head_hook = output_layer(model).register_forward_pre_hook(
+                lambda m, a: setattr(self, "_last_hidden", a[0]))
         if state.global_step > 0:
             self._restore(args, state, resume_dir)
         elif not self.history:
@@ -218,6 +238,7 @@ class DataFlexCallback(TrainerCallback):
             num_samples=num_samples,
             replacement=self.replacement,
             when_exhausted=self.when_exhausted,
+            stratified=self.stratified,
         )
 
     def _history_entry(self, step: int, effective_at: int) -> dict[str, Any]:
@@ -236,6 +257,9 @@ class DataFlexCallback(TrainerCallback):
             warnings.warn(message + "; starting the mixture afresh", stacklevel=2)
             return
         self.load_state_dict(read_json(path), global_step=state.global_step)
+        embeddings_path = os.path.join(folder, EMBEDDINGS_FILENAME)
+        if self.embeddings is not None and os.path.isfile(embeddings_path):
+            self.embeddings.load(embeddings_path)
 
     # -- per-example loss ----------------------------------------------------------------------------
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -265,6 +289,12 @@ class DataFlexCallback(TrainerCallback):
         has_tokens = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
         self.store.add(ids, loss, has_tokens)
         self._step_records.append((ids, loss, has_tokens))
+        if self.embeddings is not None and self._last_hidden is not None:
+            from dataflex.embeddings import mean_pool
+
+            self.embeddings.update(ids, mean_pool(self._last_hidden.detach().float(), kwargs.get("attention_mask")),
+                                   step=self._step_now)  # fmt: skip
+            self._last_hidden = None
         observe = getattr(self.policy, "observe", None)
         if observe is not None:  # online DoReMi: the proxy steps on this very micro-batch
             batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels") if kwargs.get(k) is not None}
@@ -299,6 +329,7 @@ class DataFlexCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._in_step = True
+        self._step_now = state.global_step
         self._step_records = []
         self._micro = (state.global_step - self._epoch * self._updates_per_epoch) * self._accum
 
@@ -354,15 +385,18 @@ class DataFlexCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 write_json_atomic(os.path.join(folder, STATE_FILENAME), payload)
+                if self.embeddings is not None:
+                    self.embeddings.save(os.path.join(folder, EMBEDDINGS_FILENAME))
             else:
                 warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
         # No rank may run ahead (and possibly crash and resume) before the state is on disk.
         dist.barrier()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for handle in (self._hook, self._head_hook):
+            if handle is not None:
+                handle.remove()
+        self._hook = self._head_hook = None
 
     def state_dict(self, global_step: int) -> dict[str, Any]:
         return wrap_state(

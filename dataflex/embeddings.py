@@ -1,0 +1,110 @@
+"""Example embeddings from the model's own hidden states: the input of its output layer, mean-pooled.
+
+The last hidden state is whatever enters ``model.get_output_embeddings()`` (the LM head), which is
+the same place for GPT-2, Llama and LLaVA-style models, so a forward pre-hook there captures it
+without ``output_hidden_states`` (which would keep every layer's activations). Pooling averages the
+positions the attention mask marks as real. Everything stays on the model's device until the
+(small) pooled vectors are copied out.
+
+* :func:`hidden_state_embedder` — a ``score_batch`` for :func:`dataflex.offline.score_pool`: embed a pool.
+* :class:`EmbeddingCache` — per-example embeddings with the step they were taken at; the training
+  callback can fill it from the training forward for free (``DataFlexCallback(..., embeddings=cache)``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(batch, dim)`` mean of ``hidden`` over real positions (all positions without a mask)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose input is the last hidden state (the LM head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head); pass your own encoder instead")
+    return head
+
+
+@contextmanager
+def capture_last_hidden(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the block, ``box["hidden"]`` holds the input of the LM head of the latest forward."""
+    box: dict[str, torch.Tensor] = {}
+    handle = output_layer(model).register_forward_pre_hook(lambda m, args: box.__setitem__("hidden", args[0]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def hidden_state_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``score_batch`` returning mean-pooled last hidden states (eval mode, no grad)."""
+
+    @torch.no_grad()
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        mask = batch.get("attention_mask")
+        mask = None if mask is None else mask.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with capture_last_hidden(model) as box:
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        finally:
+            model.train(was_training)
+        return mean_pool(box["hidden"].float(), mask)
+
+    return embed
+
+
+class EmbeddingCache:
+    """Per-example embeddings (NaN until taken) and the optimizer step each was taken at (-1: never)."""
+
+    def __init__(self, num_examples: int) -> None:
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive; got {num_examples}")
+        self.num_examples = int(num_examples)
+        self.values: np.ndarray | None = None
+        self.step = np.full(self.num_examples, -1, dtype=np.int64)
+
+    def update(self, ids: np.ndarray, embeddings: torch.Tensor | np.ndarray, step: int) -> None:
+        emb = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings
+        emb = np.asarray(emb, dtype=np.float32)
+        if self.values is None:
+            self.values = np.full((self.num_examples, emb.shape[1]), np.nan, dtype=np.float32)
+        elif emb.shape[1] != self.values.shape[1]:
+            raise ValueError(f"embedding width {emb.shape[1]} differs from the cache's {self.values.shape[1]}")
+        self.values[ids] = emb
+        self.step[ids] = int(step)
+
+    @property
+    def filled(self) -> np.ndarray:
+        return self.step >= 0
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        values = self.values if self.values is not None else np.zeros((self.num_examples, 0), np.float32)
+        np.savez(tmp, values=values, step=self.step)
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        with np.load(path) as saved:
+            if saved["step"].shape[0] != self.num_examples:
+                raise ValueError(f"{path} holds {saved['step'].shape[0]} examples, this cache {self.num_examples}")
+            self.step = saved["step"].copy()
+            self.values = saved["values"].copy() if saved["values"].shape[1] else None
