@@ -40,12 +40,15 @@ def kmeans(
     gpu: bool | None = None,
     max_points_per_centroid: int | None = None,
     init: str = "k-means++",
+    init_centroids: np.ndarray | None = None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` clusters (faiss Lloyd k-means, random init from ``seed``).
 
     ``gpu=None`` uses the GPU when :func:`gpu_available`; ``True`` requires it. ``spherical`` keeps unit
     centroids (cosine k-means, as SemDeDup uses on normalised embeddings). ``init``: ``"k-means++"``
-    (D^2-weighted seeding, Arthur & Vassilvitskii 2007; fewer bad local minima) or ``"random"`` points.
+    (D^2-weighted seeding, Arthur & Vassilvitskii 2007; fewer bad local minima) or ``"random"`` points;
+    ``init_centroids`` (k, d) starts from given centroids instead (e.g. the previous clustering when
+    re-clustering during training, or to compare implementations from one starting point).
     """
     import faiss
 
@@ -67,7 +70,11 @@ def kmeans(
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, verbose=False, gpu=use_gpu,
                       init_method=inits[init], max_points_per_centroid=max_points_per_centroid or -(-n // k) + 1)  # fmt: skip
     start = time.perf_counter()
-    km.train(x)
+    if init_centroids is not None:
+        init_centroids = np.ascontiguousarray(np.asarray(init_centroids, dtype=np.float32))
+        if init_centroids.shape != (k, d):
+            raise ValueError(f"init_centroids must have shape ({k}, {d}); got {init_centroids.shape}")
+    km.train(x, init_centroids=init_centroids)
     dist, labels = km.index.search(x, 1)
     seconds = time.perf_counter() - start
     return KMeansResult(labels[:, 0].astype(np.int64), km.centroids.copy(), float(dist.sum()), seconds, use_gpu)

@@ -35,6 +35,10 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
     assert all(len(set(a.labels[truth == t])) == 1 for t in range(4)) and len(set(a.labels)) == 4
     assert a.inertia == pytest.approx(((x - a.centroids[a.labels]) ** 2).sum(), rel=1e-4)
     assert not a.on_gpu and not gpu_available()  # this machine has no GPU: the CPU path ran
+    warm = kmeans(x, 4, niter=0, init_centroids=a.centroids)  # starting from a result stays there
+    np.testing.assert_array_equal(warm.labels, a.labels)
+    with pytest.raises(ValueError, match=r"init_centroids must have shape \(4, 8\); got \(3, 8\)"):
+        kmeans(x, 4, init_centroids=a.centroids[:3])
     with pytest.raises(RuntimeError, match="gpu=True but no GPU"):
         kmeans(x, 4, gpu=True)
     with pytest.raises(ValueError, match=r"k must lie in \[1, n=200\]; got 500"):

@@ -1,0 +1,183 @@
+"""Curriculum benchmark: grade-school math, easy-to-hard vs random vs hard-to-easy, on a stock Trainer.
+
+    python benchmarks/curriculum/run.py            # 3 seeds x 4 orders, ~20 min on 2 cores
+    python benchmarks/curriculum/run.py --quick    # 1 seed, a few steps: pipeline smoke test
+
+A byte-level GPT-2 pretrained on textmix (shared with the other instruction benchmarks) is finetuned
+on gsm8k's training split with ``DataFlexCurriculumCallback``. Every arm draws uniformly among the
+examples its pacing has opened, so the arms differ only in *which* examples are open when:
+
+* ``random``: everything open from the start (pacing c0 = 1);
+* ``length``: competence pacing (Platanios et al. 2019, c0 = 0.1, full at half of training), difficulty
+  = solution length in bytes;
+* ``ref_loss``: the same pacing, difficulty = the pretrained base model's loss on the example;
+* ``anti``: the reverse of ``length`` (longest solutions first).
+
+Reported: validation-loss curves (every ``--eval-every`` steps, response bytes), final validation and
+test loss (median [min, max] over seeds) and the step at which each arm first reaches the random
+arm's final validation loss. Writes ``results.md``, ``results.json`` and ``curves.png`` beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from instruct_common import (  # noqa: E402
+    last_checkpoint,
+    load_jsonl_file,
+    make_base,
+    median_range,
+    pretrained_base,
+    task_losses,
+    trainer_args,
+)
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+from dataflex import DataFlexCurriculumCallback  # noqa: E402
+from dataflex.curriculum import Curriculum  # noqa: E402
+from dataflex.offline import score_pool, token_mean_losses  # noqa: E402
+from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset  # noqa: E402
+
+ARMS = ["random", "length", "ref_loss", "anti"]
+
+
+class Curve(TrainerCallback):
+    """Validation loss every ``every`` steps (and at the end)."""
+
+    def __init__(self, val, every: int, points: list) -> None:
+        self.val, self.every, self.points = val, every, points
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            if not any(p["step"] == state.global_step for p in self.points):
+                self.points.append({"step": state.global_step, **task_losses(model, {"val": self.val})})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=default_data_dir())
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=ARMS)
+    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--eval-every", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--c0", type=float, default=0.1)
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--work", type=Path, default=Path("outputs/selection_work"), help="shares the pretrained base")
+    p.add_argument("--runs", type=Path, default=Path("outputs/curriculum_work"))
+    p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    cap = None
+    if args.quick:
+        args.seeds, args.steps, args.eval_every, args.pretrain_steps, cap = [0], 12, 6, 60, 200
+        args.work, args.runs, args.out = Path("outputs/quick_base"), Path("outputs/curriculum_quick"), args.runs.with_name("curriculum_quick_out")
+    bad = [a for a in args.arms if a not in ARMS]
+    if bad:
+        raise SystemExit(f"unknown arms {bad}; valid: {ARMS}")
+    root = args.data / "instruct"
+    train = instruct_dataset(load_jsonl_file(root / "train" / f"{args.task}.jsonl", cap), args.max_len)
+    val = instruct_dataset(load_jsonl_file(root / "validation" / f"{args.task}.jsonl", cap), args.max_len)
+    test = instruct_dataset(load_jsonl_file(root / "test" / f"{args.task}.jsonl", cap), args.max_len)
+    base = pretrained_base(args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps,
+                           batch_size=args.batch_size, lr=2e-3)  # fmt: skip
+    length = np.array([len(r) - pl for r, pl in zip(train["input_ids"], train["prompt_len"])], dtype=np.float64)
+    difficulty = {"length": length, "anti": length, "random": length}
+    if "ref_loss" in args.arms:
+        model = make_base()
+        model.load_state_dict(base)
+        difficulty["ref_loss"] = score_pool(token_mean_losses(model), train, collate_causal, batch_size=64,
+                                            cache=args.runs / "ref_loss.npz", desc="reference losses")  # fmt: skip
+    runs = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            out = args.runs / f"{arm}_seed{seed}"
+            result_file = out / "result.json"
+            if not result_file.is_file():
+                curriculum = Curriculum(difficulty[arm], pacing="competence", c0=1.0 if arm == "random" else args.c0,
+                                        reverse=arm == "anti")  # fmt: skip
+                points: list = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
+                cb = DataFlexCurriculumCallback(curriculum, horizon_steps=max(1, args.steps // 2))
+                torch.manual_seed(seed)
+                model = make_base()
+                model.load_state_dict(base)
+                trainer = Trainer(model=model, args=trainer_args(out, steps=args.steps, batch_size=args.batch_size,
+                                                                 lr=args.lr, seed=seed),
+                                  train_dataset=train, data_collator=collate_causal,
+                                  callbacks=[cb, Curve(val, args.eval_every, points)])  # fmt: skip
+                trainer.train(resume_from_checkpoint=last_checkpoint(out))
+                out.mkdir(parents=True, exist_ok=True)
+                result = {"arm": arm, "seed": seed, "curve": sorted(points, key=lambda q: q["step"]),
+                          **{f"final_{k}": v for k, v in task_losses(model, {"val": val, "test": test}).items()}}
+                result_file.write_text(json.dumps(result, indent=1))
+                print(f"seed {seed} {arm}: val {result['final_val']:.4f} test {result['final_test']:.4f}", flush=True)
+            runs.append(json.loads(result_file.read_text()))
+    report(args, runs)
+
+
+def first_step_at_or_below(curve: list[dict], target: float) -> int | None:
+    return next((q["step"] for q in curve if q["val"] <= target), None)
+
+
+def report(args, runs: list[dict]) -> None:
+    lines = [
+        f"Command: `python benchmarks/curriculum/run.py {' '.join(sys.argv[1:])}` on {platform.platform()}, "
+        f"torch {torch.__version__}. Task {args.task}; {args.steps} steps x {args.batch_size} examples; seeds "
+        f"{args.seeds}; competence pacing c0={args.c0}, whole pool open at step {args.steps // 2}. Median [min, max] "
+        "over seeds of the mean per-example loss on response bytes.",
+        "",
+        "| arm | final validation loss | final test loss | first step at random's final val loss (per seed) |",
+        "|---|---|---|---|",
+    ]
+    random_final = {r["seed"]: r["final_val"] for r in runs if r["arm"] == "random"}
+    summary = {}
+    for arm in args.arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        reach = [first_step_at_or_below(r["curve"], random_final[r["seed"]]) if r["seed"] in random_final else None
+                 for r in mine]  # fmt: skip
+        summary[arm] = {"val": [r["final_val"] for r in mine], "test": [r["final_test"] for r in mine], "reach": reach}
+        lines.append(f"| {arm} | {median_range(summary[arm]['val'])} | {median_range(summary[arm]['test'])} | "
+                     f"{', '.join('never' if s is None else str(s) for s in reach)} |")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    plot(args, runs)
+    print("\n".join(lines))
+
+
+def plot(args, runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = dict(zip(ARMS, ["tab:gray", "tab:blue", "tab:green", "tab:red"]))
+    for arm in args.arms:
+        for i, r in enumerate(r for r in runs if r["arm"] == arm):
+            steps = [q["step"] for q in r["curve"]]
+            ax.plot(steps, [q["val"] for q in r["curve"]], color=colors[arm], alpha=0.8, label=arm if i == 0 else None)
+    ax.axvline(args.steps // 2, color="black", lw=0.8, ls=":", label="whole pool open")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{args.task} validation loss (response bytes)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

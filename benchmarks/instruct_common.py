@@ -1,0 +1,77 @@
+"""Shared by the instruction-tuning benchmarks (selection, clusters/dedup, curriculum).
+
+A byte-level GPT-2 (2 layers, width 128) pretrained once on textmix is the starting point of every
+finetuning run; losses are the mean over examples of the token-mean loss on response bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataflex.domains import encode_domains
+from dataflex.offline import score_pool, token_mean_losses
+from dataflex.policies import Uniform
+from dataflex.proxies.loop import train_mixture
+from dataflex.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
+
+
+POSITIONS = 256  # the base model's context; data max_len must not exceed it
+
+
+def make_base(seed: int = 0) -> torch.nn.Module:
+    return tiny_gpt2(n_layer=2, n_embd=128, n_head=4, n_positions=POSITIONS, seed=seed)
+
+
+def pretrained_base(data: Path, work: Path, *, max_len: int, steps: int, batch_size: int, lr: float) -> dict:
+    """Base weights: byte GPT-2 trained on textmix (uniform over domains) once, cached under ``work``."""
+    path = work / "base" / "model.pt"
+    if not path.is_file():
+        text = byte_dataset(load_jsonl_dir(data / "textmix" / "train"), max_len)
+        dom, names = encode_domains(text["domain"])
+        model = make_base()
+        train_mixture(model, text, dom, names, Uniform(), steps=steps, batch_size=batch_size, lr=lr, seed=0,
+                      ckpt_dir=work / "base" / "ckpt", ckpt_every=250, desc="pretrain")  # fmt: skip
+        torch.save(model.state_dict(), path)
+    return torch.load(path)
+
+
+def load_jsonl_file(path: Path, cap: int | None = None) -> list[dict[str, Any]]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:cap] if cap else rows
+
+
+def task_losses(model: torch.nn.Module, sets: dict[str, Any]) -> dict[str, float]:
+    """Mean over examples of the token-mean response loss, per task."""
+    return {task: float(np.nanmean(score_pool(token_mean_losses(model), ds, collate_causal, batch_size=32,
+                                              progress=False))) for task, ds in sets.items()}  # fmt: skip
+
+
+def median_range(values: list[float], fmt: str = "{:.3f}") -> str:
+    """``median [min, max]`` over seeds (just the value for one seed)."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
+def trainer_args(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, save_steps: int = 50) -> Any:
+    """TrainingArguments for a short CPU finetuning run with resumable checkpoints."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps,
+                             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+                             save_steps=save_steps, save_total_limit=1, logging_steps=10**9, report_to=[],
+                             use_cpu=not torch.cuda.is_available(), seed=seed, disable_tqdm=True,
+                             remove_unused_columns=False)  # fmt: skip
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-N`` folder under ``out`` (to resume a crashed run), if any."""
+    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if out.is_dir() else []
+    return str(found[-1]) if found else None
