@@ -45,7 +45,8 @@ def test_core_imports_only_torch_and_numpy():
     code = (
         "import sys, dataflex, dataflex.policies, dataflex.samplers, dataflex.store, dataflex.state, "
         "dataflex.schedule, dataflex.losses, dataflex.dist, dataflex.tiny, dataflex.batching, dataflex.selection, "
-        "dataflex.grads, dataflex.influence, dataflex.weighting;"
+        "dataflex.grads, dataflex.influence, dataflex.weighting, dataflex.offline, dataflex.embeddings, "
+        "dataflex.clustering, dataflex.dedup, dataflex.pacing, dataflex.curriculum, dataflex.selectors;"
         "bad = [m for m in ('transformers', 'accelerate', 'datasets', 'faiss', 'hydra', 'sklearn', 'wandb') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
