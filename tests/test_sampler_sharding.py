@@ -9,16 +9,17 @@ from torch.utils.data import BatchSampler
 from dataflex.batching import LoaderLayout, rank_position_batches
 
 
+@pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_ranks_are_disjoint_equal_and_merge_to_global_order(world):
+def test_ranks_are_disjoint_equal_and_merge_to_global_order(world, stratified):
     batch = 4
     n = batch * world * 5  # a whole number of global batches per epoch
     ids = make_domain_ids([n // 2, n // 4, n // 8, n - n // 2 - n // 4 - n // 8])
     events = [(7, [0.1, 0.2, 0.3, 0.4])]
-    global_order = make_sampler(ids, events, seed=11).epoch_order(0).tolist()
+    global_order = make_sampler(ids, events, seed=11, stratified=stratified).epoch_order(0).tolist()
     per_rank = []
     for rank in range(world):
-        sampler = make_sampler(ids, events, seed=11)  # every rank builds its own sampler
+        sampler = make_sampler(ids, events, seed=11, stratified=stratified)  # every rank builds its own sampler
         shard = BatchSamplerShard(BatchSampler(sampler, batch, False), num_processes=world, process_index=rank)
         per_rank.append([list(b) for b in shard])
     lengths = {len(b) for b in per_rank}
