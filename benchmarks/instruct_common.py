@@ -20,8 +20,21 @@ from dataflex.policies import Uniform
 from dataflex.proxies.loop import train_mixture
 from dataflex.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
 
-
 POSITIONS = 256  # the base model's context; data max_len must not exceed it
+
+
+def add_common_args(p: Any, *, steps: int, max_len: int, runs: str, default_data: Path) -> None:
+    """Arguments every instruction benchmark takes (data, seeds, budget, pretrained base, output folders)."""
+    p.add_argument("--data", type=Path, default=default_data, help="folder holding instruct/ and textmix/")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=steps, help="finetuning steps of every arm")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-len", type=int, default=max_len, help=f"bytes per example (<= {POSITIONS})")
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--work", type=Path, default=Path("outputs/selection_work"), help="holds the pretrained base")
+    p.add_argument("--runs", type=Path, default=Path(runs), help="per-run checkpoints and results (resumable)")
+    p.add_argument("--quick", action="store_true", help="1 seed, tiny budgets: a smoke test of the pipeline")
 
 
 def make_base(seed: int = 0) -> torch.nn.Module:

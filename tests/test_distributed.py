@@ -9,14 +9,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
+def run_two_processes(worker: str, out) -> None:
+    """``torchrun --nproc_per_node 2 tests/<worker> <out>`` on CPU (gloo); fails the test on error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(HERE / "dist_worker.py"), str(tmp_path),
+        str(HERE / worker), str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
+    run_two_processes("dist_worker.py", tmp_path)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == 2
@@ -39,13 +44,7 @@ def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
 
 
 def test_two_process_influence_selection_is_identical_on_both_ranks(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(HERE / "select_dist_worker.py"), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes("select_dist_worker.py", tmp_path)
     r0 = json.loads((tmp_path / "select_rank0.json").read_text())
     r1 = json.loads((tmp_path / "select_rank1.json").read_text())
     assert r0["world"] == r1["world"] == 2

@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from instruct_common import (  # noqa: E402
+    add_common_args,
     last_checkpoint,
     load_jsonl_file,
     make_base,
@@ -122,23 +123,14 @@ def ngram_embeddings(records: list[dict], dim: int = 256, seed: int = 0) -> np.n
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir())
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_common_args(p, steps=150, max_len=192, runs="outputs/dedup_work", default_data=default_data_dir())
     p.add_argument("--per-task", type=int, default=150)
     p.add_argument("--dup-tasks", nargs="+", default=["jeopardy", "siqa", "commonsense_qa"])
     p.add_argument("--sources", type=int, default=30)
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--k", type=int, default=24)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-len", type=int, default=192)
     p.add_argument("--eval-per-task", type=int, default=100)
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--work", type=Path, default=Path("outputs/selection_work"), help="shares the pretrained base")
-    p.add_argument("--runs", type=Path, default=Path("outputs/dedup_work"))
     p.add_argument("--out", type=Path, default=HERE)
-    p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.pretrain_steps, args.per_task, args.eval_per_task = [0], 10, 60, 20, 10

@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from instruct_common import (  # noqa: E402
+    add_common_args,
     last_checkpoint,
     load_jsonl_file,
     make_base,
@@ -65,26 +66,17 @@ class Curve(TrainerCallback):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_common_args(p, steps=240, max_len=256, runs="outputs/curriculum_work", default_data=default_data_dir())
     p.add_argument("--task", default="gsm8k")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=ARMS)
-    p.add_argument("--steps", type=int, default=240)
     p.add_argument("--eval-every", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--c0", type=float, default=0.1)
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--work", type=Path, default=Path("outputs/selection_work"), help="shares the pretrained base")
-    p.add_argument("--runs", type=Path, default=Path("outputs/curriculum_work"))
     p.add_argument("--out", type=Path, default=HERE)
-    p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     cap = None
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.pretrain_steps, cap = [0], 12, 6, 60, 200
-        args.work, args.runs, args.out = Path("outputs/quick_base"), Path("outputs/curriculum_quick"), args.runs.with_name("curriculum_quick_out")
+        args.work, args.runs, args.out = Path("outputs/quick_base"), Path("outputs/curriculum_quick"), Path("outputs/curriculum_quick")
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
         raise SystemExit(f"unknown arms {bad}; valid: {ARMS}")
