@@ -25,6 +25,9 @@ from dataflex.state import DatasetFingerprint
 class ScheduledSampler(Sampler[int]):
     """Base class; see the module docstring. ``schedule`` needs ``mark_generated`` and ``state_dict``."""
 
+    #: Settings introduced after states were first saved, with the value those older states implied.
+    SETTINGS_ADDED_LATER: dict[str, Any] = {}
+
     def __init__(self, num_samples: int, schedule: Any, seed: int, fingerprint: DatasetFingerprint) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive; got {num_samples}")
@@ -133,9 +136,12 @@ class ScheduledSampler(Sampler[int]):
         """
         self.fingerprint.check_matches(state["fingerprint"])
         for key, mine in self._settings().items():
-            if state[key] != mine:
+            if key not in state and key not in self.SETTINGS_ADDED_LATER:
+                raise ValueError(f"sampler state has no setting {key!r}; it was not saved by this kind of sampler")
+            saved = state.get(key, self.SETTINGS_ADDED_LATER.get(key))
+            if saved != mine:
                 raise ValueError(
-                    f"sampler state has {key}={state[key]!r} but this sampler has {key}={mine!r}; "
+                    f"sampler state has {key}={saved!r} but this sampler has {key}={mine!r}; "
                     "the order would differ, so the state cannot be resumed here"
                 )
         self.schedule.load_state_dict(state["schedule"])

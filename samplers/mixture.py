@@ -54,6 +54,8 @@ class DomainMixtureSampler(ScheduledSampler):
             of a multinomial count (cluster-balanced sampling uses this).
     """
 
+    SETTINGS_ADDED_LATER = {"stratified": False}  # states saved before the option existed were not stratified
+
     def __init__(
         self,
         domain_ids: Sequence[int] | np.ndarray,

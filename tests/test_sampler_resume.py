@@ -127,3 +127,15 @@ def test_bad_sampler_arguments(domain_ids):
             np.array([0, 1, 2, 0, 2]),
             __import__("dataflex.schedule", fromlist=["WeightSchedule"]).WeightSchedule(DOMAINS, [0.25] * 4),
         )
+
+
+def test_state_saved_before_a_setting_existed_resumes_with_its_old_meaning():
+    ids = make_domain_ids()
+    state = json.loads(json.dumps(make_sampler(ids, seed=2).state_dict(consumed=8)))
+    del state["stratified"]  # as written by dataflex before stratified sampling existed
+    make_sampler(ids, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="stratified=False but this sampler has stratified=True"):
+        make_sampler(ids, seed=2, stratified=True).load_state_dict(state)
+    del state["chunk_size"]
+    with pytest.raises(ValueError, match="no setting 'chunk_size'"):
+        make_sampler(ids, seed=2).load_state_dict(state)

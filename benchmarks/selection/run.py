@@ -7,9 +7,12 @@
 Protocol (LESS, arXiv 2402.04333, scaled down to a byte-level model on 2 CPU cores):
 
 1. *Base model*: a byte-level GPT-2 pretrained on the textmix corpus (uniform mixture); cached.
-2. *Warm-up* (per seed): LoRA on a random 5 % of the pool for ``--warm-steps``; it supplies the Adam
-   state for LESS and the "current model" losses for loss focus and RHO-LOSS.
-3. *Selection* (per seed and target) of 5 % of the pool, seeing only the target's ``validation/`` file:
+2. *Warm-up* (once, ``--selection-seed``): LoRA on a random 5 % of the pool for ``--warm-steps``; it
+   supplies the Adam state for LESS and the "current model" losses for loss focus and RHO-LOSS.
+   Scoring the 24,675-example pool takes ~25 min of 2 CPU cores per warm-up, so the scored selections
+   are made once and the seeds vary the finetuning (LoRA init, example order) and the random subset;
+   the spread over seeds is therefore training noise, not selection noise.
+3. *Selection* (per target) of 5 % of the pool, seeing only the target's ``validation/`` file:
    - ``random``: uniform 5 % (the baseline);
    - ``less``: cosine between each pool example's Adam-preconditioned LoRA gradient and the mean plain
      gradient of the target's validation examples (projected to ``--dim``, batched per-example
@@ -82,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dim", type=int, default=1024, help="influence projection dimension")
+    p.add_argument("--selection-seed", type=int, default=0,
+                   help="seed of the warm-up run that every scored selection comes from (fixed across --seeds)")
     p.add_argument("--work", type=Path, default=Path("outputs/selection_work"))
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--quick", action="store_true", help="1 seed, tiny budgets, pool capped at 60 per task")
@@ -165,8 +170,8 @@ def evaluate(model, test_sets: dict[str, Any], test_records: dict[str, list[dict
 
 
 # ----------------------------------------------------------------------------------------------- selection
-class Seed:
-    """Everything one seed's selections share: the warm-up model, its optimizer, its pool scores."""
+class Scorer:
+    """Everything the selections share: the warm-up model, its optimizer, its pool scores (one seed)."""
 
     def __init__(self, args, base, pool, seed: int) -> None:
         self.args, self.base, self.pool, self.seed = args, base, pool, seed
@@ -214,10 +219,11 @@ class Seed:
         return score_pool(token_mean_losses(model), self.pool, collate_causal, batch_size=64,
                           cache=self.work / f"pool_il_{target}.npz", desc=f"irreducible {target} s{self.seed}")
 
-    def select(self, method: str, target: str, target_ds) -> np.ndarray:
+    def select(self, method: str, target: str, target_ds, seed: int) -> np.ndarray:
+        """The subset ``method`` picks; only ``random`` depends on the finetuning ``seed``."""
         n, f = len(self.pool), self.args.fraction
         if method == "random":
-            return select_random(n, f, seed=self.seed)
+            return select_random(n, f, seed=seed)
         if method == "loss_hard":
             return select_by_loss(self.warm_losses(), f, "hard")
         if method in ("less", "tracin"):
@@ -249,20 +255,21 @@ def main() -> None:
     base = pretrained_base(args)
     runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    scorer = Scorer(args, base, pool, args.selection_seed)
     for seed in args.seeds:
-        state = Seed(args, base, pool, seed)
+        run_dir = args.work / f"seed{seed}"
         for target in args.targets:
             for method in args.methods:
                 key = method if method in TARGET_FREE else f"{method}_{target}"
-                result_file = state.work / f"{key}.json"
+                result_file = run_dir / f"{key}.json"
                 if not result_file.is_file():
                     t0 = time.perf_counter()
-                    ids = state.select(method, target, targets_val[target])
-                    write_subset(state.work / f"{key}_subset.json", ids, pool=fingerprint, method=method,
+                    ids = scorer.select(method, target, targets_val[target], seed)
+                    write_subset(run_dir / f"{key}_subset.json", ids, pool=fingerprint, method=method,
                                  fraction=len(ids) / len(pool), extra={"target": target, "seed": seed})  # fmt: skip
                     select_s = time.perf_counter() - t0
                     model = lora_model(base, args, seed)
-                    finetune(model, pool, ids, args, seed, state.work / key, args.steps, desc=f"{key} s{seed}")
+                    finetune(model, pool, ids, args, seed, run_dir / key, args.steps, desc=f"{key} s{seed}")
                     tasks = np.asarray(pool["task"])[ids]
                     result = {"key": key, "method": method, "seed": seed, "n_selected": int(len(ids)),
                               "composition": {t: int((tasks == t).sum()) for t in pool_names},
