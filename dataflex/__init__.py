@@ -33,4 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dataflex' has no attribute {name!r}")
 
 
-__all__ = [*_HF_NAMES, "__version__"]
+__all__ = ["DataFlexCallback", "DataFlexCurriculumCallback", "DataFlexSelectCallback", "__version__"]

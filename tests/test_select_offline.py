@@ -12,10 +12,11 @@ import torch
 
 pytest.importorskip("peft")
 
+from dataflex.recipes.select_offline import load_lora_checkpoint, load_trainer_optimizer, select_offline  # noqa: E402
+
 from dataflex.grads import lora_linears  # noqa: E402
 from dataflex.influence import GradientFeaturizer  # noqa: E402
 from dataflex.offline import read_subset  # noqa: E402
-from dataflex.recipes.select_offline import load_lora_checkpoint, load_trainer_optimizer, select_offline  # noqa: E402
 from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir, tiny_gpt2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +77,23 @@ def test_hydra_command_writes_the_subset(warmed, tmp_path):
         lines = (default_data_dir() / "instruct" / "train" / f"{name}.jsonl").read_text().splitlines()[:10]
         (pool_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     target = default_data_dir() / "instruct" / "validation" / "gsm8k.jsonl"
-    cmd = [sys.executable, "-m", "dataflex.recipes.select_offline", f"checkpoint={ckpt}", f"target={target}",
-           f"pool={pool_dir}", "method=less", "fraction=0.2", "dim=64", "max_len=96", "model.n_layer=1",
-           "model.n_embd=32", "model.n_head=2", f"out={tmp_path / 'sel.json'}", f"hydra.run.dir={tmp_path / 'h'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataflex.recipes.select_offline",
+        f"checkpoint={ckpt}",
+        f"target={target}",
+        f"pool={pool_dir}",
+        "method=less",
+        "fraction=0.2",
+        "dim=64",
+        "max_len=96",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        f"out={tmp_path / 'sel.json'}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "selected 6 of 30 examples" in proc.stdout

@@ -19,7 +19,8 @@ as "SemDeDup at a good eps".
 Arms, each ``--steps`` steps of full finetuning from the base on a stock Trainer:
 ``random`` (uniform over the pool, ``FixedSubset`` of everything), ``cluster_balanced``
 (``DataFlexCallback(Uniform(), domains=model-embedding clusters, stratified=True)``),
-``semdedup_model`` / ``semdedup_ngram`` (``FixedSubset`` of the ids kept with that encoder). Reported: mean validation/test loss over the 12 tasks, over the 3 duplicated tasks and
+``semdedup_model`` / ``semdedup_ngram`` (``FixedSubset`` of the ids kept with that encoder).
+Reported: mean validation/test loss over the 12 tasks, over the 3 duplicated tasks and
 over the 9 others, and the share of training samples that were planted copies. Writes ``dedup.md``,
 ``dedup.json`` beside this file.
 """
@@ -135,7 +136,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.steps, args.pretrain_steps, args.per_task, args.eval_per_task = [0], 10, 60, 20, 10
         args.sources, args.copies, args.k = 5, 4, 6
-        args.work, args.runs, args.out = Path("outputs/quick_base"), Path("outputs/dedup_quick"), Path("outputs/dedup_quick")
+        args.work, args.runs = Path("outputs/quick_base"), Path("outputs/dedup_quick")
+        args.out = args.runs
     records, group, planted = build_pool(args.data, args.per_task, args.dup_tasks, args.sources, args.copies)
     pool = instruct_dataset(records, args.max_len)
     tasks = sorted(set(pool["task"]))
@@ -204,8 +206,8 @@ def report(args, runs, sweep, eps, n_pool, n_planted, n_kept) -> None:
         "| encoder | eps | removed | recall | precision | groups removed entirely |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {e} | {q['removed']} | {q['recall']:.3f} | {q['precision']:.3f} | {q['groups_fully_removed']} |"
-              for name, table in sweep.items() for e, q in table.items()]  # fmt: skip
+    lines += [f"| {name} | {e} | {q['removed']} | {q['recall']:.3f} | {q['precision']:.3f} | "
+              f"{q['groups_fully_removed']} |" for name, table in sweep.items() for e, q in table.items()]  # fmt: skip
     chosen = "; ".join(f"{name}: eps={eps[name]}, {n_kept[name]} kept" for name in eps)
     lines += ["", f"Training used ({chosen}). Mean loss on response bytes, median [min, max] over seeds:", "",
               "| arm | val, all 12 tasks | test, all 12 tasks | test, 3 duplicated tasks | test, 9 other tasks | "

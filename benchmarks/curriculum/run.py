@@ -76,7 +76,8 @@ def main() -> None:
     cap = None
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.pretrain_steps, cap = [0], 12, 6, 60, 200
-        args.work, args.runs, args.out = Path("outputs/quick_base"), Path("outputs/curriculum_quick"), Path("outputs/curriculum_quick")
+        args.work, args.runs = Path("outputs/quick_base"), Path("outputs/curriculum_quick")
+        args.out = args.runs
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
         raise SystemExit(f"unknown arms {bad}; valid: {ARMS}")
@@ -112,8 +113,12 @@ def main() -> None:
                                   callbacks=[cb, Curve(val, args.eval_every, points)])  # fmt: skip
                 trainer.train(resume_from_checkpoint=last_checkpoint(out))
                 out.mkdir(parents=True, exist_ok=True)
-                result = {"arm": arm, "seed": seed, "curve": sorted(points, key=lambda q: q["step"]),
-                          **{f"final_{k}": v for k, v in task_losses(model, {"val": val, "test": test}).items()}}
+                result = {
+                    "arm": arm,
+                    "seed": seed,
+                    "curve": sorted(points, key=lambda q: q["step"]),
+                    **{f"final_{k}": v for k, v in task_losses(model, {"val": val, "test": test}).items()},
+                }
                 result_file.write_text(json.dumps(result, indent=1))
                 print(f"seed {seed} {arm}: val {result['final_val']:.4f} test {result['final_test']:.4f}", flush=True)
             runs.append(json.loads(result_file.read_text()))

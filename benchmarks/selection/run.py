@@ -45,15 +45,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from dataflex.proxies.loop import train_mixture
 
+from dataflex.domains import encode_domains
 from dataflex.grads import lora_linears
 from dataflex.influence import GradientFeaturizer
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
 from dataflex.policies import Natural, Uniform
-from dataflex.proxies.loop import train_mixture
 from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
 from dataflex.state import DatasetFingerprint
-from dataflex.domains import encode_domains
 from dataflex.tiny import (
     byte_dataset,
     collate_causal,
@@ -85,8 +85,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dim", type=int, default=1024, help="influence projection dimension")
-    p.add_argument("--selection-seed", type=int, default=0,
-                   help="seed of the warm-up run that every scored selection comes from (fixed across --seeds)")
+    p.add_argument(
+        "--selection-seed",
+        type=int,
+        default=0,
+        help="seed of the warm-up run that every scored selection comes from (fixed across --seeds)",
+    )
     p.add_argument("--work", type=Path, default=Path("outputs/selection_work"))
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--quick", action="store_true", help="1 seed, tiny budgets, pool capped at 60 per task")
@@ -112,8 +116,20 @@ def pretrained_base(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         text = byte_dataset(load_jsonl_dir(args.data / "textmix" / "train"), args.max_len)
         dom, names = encode_domains(text["domain"])
         model = make_base(args.max_len)
-        train_mixture(model, text, dom, names, Uniform(), steps=args.pretrain_steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=0, ckpt_dir=args.work / "base" / "ckpt", ckpt_every=250, desc="pretrain")
+        train_mixture(
+            model,
+            text,
+            dom,
+            names,
+            Uniform(),
+            steps=args.pretrain_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=0,
+            ckpt_dir=args.work / "base" / "ckpt",
+            ckpt_every=250,
+            desc="pretrain",
+        )
         torch.save(model.state_dict(), path)
     return torch.load(path)
 
@@ -216,8 +232,14 @@ class Scorer:
         all_ids = np.arange(len(target_ds))
         finetune(model, target_ds, all_ids, self.args, self.seed, self.work / f"il_{target}", self.args.il_steps,
                  desc=f"holdout {target} s{self.seed}")  # fmt: skip
-        return score_pool(token_mean_losses(model), self.pool, collate_causal, batch_size=64,
-                          cache=self.work / f"pool_il_{target}.npz", desc=f"irreducible {target} s{self.seed}")
+        return score_pool(
+            token_mean_losses(model),
+            self.pool,
+            collate_causal,
+            batch_size=64,
+            cache=self.work / f"pool_il_{target}.npz",
+            desc=f"irreducible {target} s{self.seed}",
+        )
 
     def select(self, method: str, target: str, target_ds, seed: int) -> np.ndarray:
         """The subset ``method`` picks; only ``random`` depends on the finetuning ``seed``."""

@@ -220,7 +220,8 @@ class DataFlexCallback(TrainerCallback):
             if self._head_hook is not None:
                 self._head_hook.remove()
             self._head_hook = output_layer(model).register_forward_pre_hook(
-                lambda m, a: setattr(self, "_last_hidden", a[0]))
+                lambda m, a: setattr(self, "_last_hidden", a[0])
+            )
         if state.global_step > 0:
             self._restore(args, state, resume_dir)
         elif not self.history:
