@@ -223,6 +223,15 @@ def report(args, runs, sweep, eps, n_pool, n_planted, n_kept) -> None:
         summary[arm] = {"val": val, "test": test, "test_dup": dup_t, "test_other": other, "planted_share": share}
         lines.append(f"| {arm} | {median_range(val)} | {median_range(test)} | {median_range(dup_t)} | "
                      f"{median_range(other)} | {median_range(share, '{:.2f}')} |")  # fmt: skip
+    for split in ("validation", "test"):
+        tasks = sorted(runs[0][split])
+        lines += ["", f"Per-task {split} loss (median over seeds; * = a task with planted duplicates):", "",
+                  "| arm | " + " | ".join(t + ("*" if t in dup else "") for t in tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]  # fmt: skip
+        for arm in ARMS:
+            mine = [r for r in runs if r["arm"] == arm]
+            cells = [f"{np.median([r[split][t] for r in mine]):.3f}" for t in tasks]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dedup.md").write_text("\n".join(lines) + "\n")
     (args.out / "dedup.json").write_text(json.dumps({"sweep": {n: {str(e): q for e, q in t.items()}
