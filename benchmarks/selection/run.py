@@ -45,25 +45,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from dataflex.proxies.loop import train_mixture
-
-from dataflex.domains import encode_domains
-from dataflex.grads import lora_linears
-from dataflex.influence import GradientFeaturizer
-from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
-from dataflex.policies import Natural, Uniform
-from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
-from dataflex.state import DatasetFingerprint
-from dataflex.tiny import (
-    byte_dataset,
-    collate_causal,
-    default_data_dir,
-    instruct_dataset,
-    load_jsonl_dir,
-    tiny_gpt2,
-)
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from dataflex.proxies.loop import train_mixture  # noqa: E402
+from instruct_common import add_common_args, load_jsonl_file, make_base, median_range, pretrained_base  # noqa: E402
+
+from dataflex.domains import encode_domains  # noqa: E402
+from dataflex.grads import lora_linears  # noqa: E402
+from dataflex.influence import GradientFeaturizer  # noqa: E402
+from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset  # noqa: E402
+from dataflex.policies import Natural  # noqa: E402
+from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top  # noqa: E402
+from dataflex.state import DatasetFingerprint  # noqa: E402
+from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
+
 SELECTED = ["random", "less", "tracin", "rho", "loss_hard"]
 REFERENCES = ["full_pool", "target_only"]
 TARGET_FREE = {"random", "loss_hard", "full_pool"}  # the same run serves every target
@@ -72,18 +69,13 @@ LETTERS = "ABCDE"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding instruct/ and textmix/")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_common_args(p, steps=160, max_len=256, runs="outputs/selection_work", default_data=default_data_dir())
+    p.set_defaults(lr=2e-3)
     p.add_argument("--targets", nargs="+", default=["gsm8k", "arc_easy"])
     p.add_argument("--methods", nargs="+", default=SELECTED + REFERENCES)
     p.add_argument("--fraction", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=160, help="finetuning steps for every method")
     p.add_argument("--warm-steps", type=int, default=80)
     p.add_argument("--il-steps", type=int, default=80, help="steps of the RHO-LOSS irreducible-loss model")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dim", type=int, default=1024, help="influence projection dimension")
     p.add_argument(
         "--selection-seed",
@@ -91,13 +83,11 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="seed of the warm-up run that every scored selection comes from (fixed across --seeds)",
     )
-    p.add_argument("--work", type=Path, default=Path("outputs/selection_work"))
     p.add_argument("--out", type=Path, default=HERE)
-    p.add_argument("--quick", action="store_true", help="1 seed, tiny budgets, pool capped at 60 per task")
     args = p.parse_args()
-    if args.quick:
+    if args.quick:  # pool capped at 60 per task
         args.seeds, args.steps, args.warm_steps, args.il_steps, args.pretrain_steps = [0], 20, 10, 10, 60
-        args.work, args.out = args.work.with_name(args.work.name + "_quick"), args.work.with_name("selection_quick")
+        args.work = args.runs = args.out = Path("outputs/selection_quick")
     bad = [m for m in args.methods if m not in SELECTED + REFERENCES]
     if bad:
         raise SystemExit(f"unknown methods {bad}; valid: {SELECTED + REFERENCES}")
@@ -105,39 +95,10 @@ def parse_args() -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------- models
-def make_base(max_len: int, seed: int = 0) -> torch.nn.Module:
-    return tiny_gpt2(n_layer=2, n_embd=128, n_head=4, n_positions=max_len, seed=seed)
-
-
-def pretrained_base(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """Base weights: byte GPT-2 on textmix (uniform over domains), trained once and cached."""
-    path = args.work / "base" / "model.pt"
-    if not path.is_file():
-        text = byte_dataset(load_jsonl_dir(args.data / "textmix" / "train"), args.max_len)
-        dom, names = encode_domains(text["domain"])
-        model = make_base(args.max_len)
-        train_mixture(
-            model,
-            text,
-            dom,
-            names,
-            Uniform(),
-            steps=args.pretrain_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=0,
-            ckpt_dir=args.work / "base" / "ckpt",
-            ckpt_every=250,
-            desc="pretrain",
-        )
-        torch.save(model.state_dict(), path)
-    return torch.load(path)
-
-
 def lora_model(base: dict[str, torch.Tensor], args: argparse.Namespace, seed: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    model = make_base(args.max_len)
+    model = make_base()
     model.load_state_dict(base)
     torch.manual_seed(seed)  # peft draws lora_A from the global RNG
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0)
@@ -191,7 +152,7 @@ class Scorer:
 
     def __init__(self, args, base, pool, seed: int) -> None:
         self.args, self.base, self.pool, self.seed = args, base, pool, seed
-        self.work = args.work / f"seed{seed}"
+        self.work = args.runs / f"seed{seed}"
         self.warm_ids = select_random(len(pool), args.fraction, seed=10_000 + seed)
         self._warm: tuple[torch.nn.Module, Any] | None = None
 
@@ -263,23 +224,25 @@ class Scorer:
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     args = parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.runs.mkdir(parents=True, exist_ok=True)
     cap = 60 if args.quick else None
     pool_records = load_jsonl_dir(args.data / "instruct" / "train", max_per_file=cap)
     pool = instruct_dataset(pool_records, args.max_len)
     pool_dom, pool_names = encode_domains(pool["task"])
     fingerprint = DatasetFingerprint.from_labels(pool_dom, pool_names)
-    test_records = {t: load_jsonl_dir_file(args.data / "instruct" / "test" / f"{t}.jsonl", cap) for t in pool_names}
+    test_records = {t: load_jsonl_file(args.data / "instruct" / "test" / f"{t}.jsonl", cap) for t in pool_names}
     test_sets = {t: instruct_dataset(r, args.max_len) for t, r in test_records.items()}
-    targets_val = {t: instruct_dataset(load_jsonl_dir_file(args.data / "instruct" / "validation" / f"{t}.jsonl", cap),
+    targets_val = {t: instruct_dataset(load_jsonl_file(args.data / "instruct" / "validation" / f"{t}.jsonl", cap),
                                        args.max_len) for t in args.targets}  # fmt: skip
     print(f"pool: {len(pool)} examples over {len(pool_names)} tasks; budget {budget(len(pool), args.fraction)}")
-    base = pretrained_base(args)
+    base = pretrained_base(
+        args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.lr
+    )
     runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     scorer = Scorer(args, base, pool, args.selection_seed)
     for seed in args.seeds:
-        run_dir = args.work / f"seed{seed}"
+        run_dir = args.runs / f"seed{seed}"
         for target in args.targets:
             for method in args.methods:
                 key = method if method in TARGET_FREE else f"{method}_{target}"
@@ -302,19 +265,7 @@ def main() -> None:
     report(args, runs, pool_names, time.perf_counter() - t_start)
 
 
-def load_jsonl_dir_file(path: Path, cap: int | None) -> list[dict]:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    return rows[:cap] if cap else rows
-
-
 # ----------------------------------------------------------------------------------------------- report
-def _median_range(values: list[float], fmt: str = "{:.3f}") -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
-
-
 def report(args, runs: list[dict], tasks: list[str], seconds: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -340,8 +291,8 @@ def report(args, runs: list[dict], tasks: list[str], seconds: float) -> None:
             share = [r["composition"][target] / max(1, r["n_selected"]) for r in mine]
             summary.setdefault(target, {})[method] = {"target_loss": tl, "arc_easy_accuracy": acc,
                                                       "other_loss": other, "target_share": share}  # fmt: skip
-            lines.append(f"| {method} | {_median_range(tl)} | {_median_range(acc)} | {_median_range(other)} | "
-                         f"{_median_range(share, '{:.2f}')} |")  # fmt: skip
+            lines.append(f"| {method} | {median_range(tl)} | {median_range(acc)} | {median_range(other)} | "
+                         f"{median_range(share, '{:.2f}')} |")  # fmt: skip
         lines.append("")
     lines.append(f"Total wall time of this invocation: {seconds / 60:.1f} min (cached stages are not re-run).")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
