@@ -87,3 +87,14 @@ def rank_position_batches(num_samples: int, layout: LoaderLayout) -> list[np.nda
             even_batches=layout.shard.even_batches,
         )
     return [np.asarray(b, dtype=np.int64) for b in batches]
+
+
+def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The tensors of a collated batch a model forward takes, on ``device``: everything but ``labels``.
+
+    Passing every tensor (not just ``input_ids``/``attention_mask``) keeps ``pixel_values`` and other
+    modality inputs, so the same scorers work on VLMs.
+    """
+    import torch
+
+    return {k: v.to(device) for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}

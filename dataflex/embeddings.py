@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataflex.batching import model_inputs
+
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """``(batch, dim)`` mean of ``hidden`` over real positions (all positions without a mask)."""
@@ -62,7 +64,7 @@ def hidden_state_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.T
         model.eval()
         try:
             with capture_last_hidden(model) as box:
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                model(**model_inputs(batch, device))
         finally:
             model.train(was_training)
         return mean_pool(box["hidden"].float(), mask)

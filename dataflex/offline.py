@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataflex.batching import model_inputs
 from dataflex.losses import per_example_token_loss
 from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
 
@@ -101,8 +102,8 @@ def token_mean_losses(model: torch.nn.Module) -> Callable[[dict[str, torch.Tenso
         was_training = model.training
         model.eval()
         try:
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            loss, valid = per_example_token_loss(logits.logits, batch["labels"].to(device))
+            logits = model(**model_inputs(batch, device)).logits
+            loss, valid = per_example_token_loss(logits, batch["labels"].to(device))
         finally:
             model.train(was_training)
         return torch.where(valid, loss, torch.full_like(loss, float("nan")))

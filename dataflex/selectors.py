@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.batching import model_inputs
 from dataflex.losses import per_example_token_loss
 from dataflex.selection import budget, select_by_loss, select_random, select_top
 
@@ -78,9 +79,8 @@ def current_losses(ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
     out = []
     try:
         for _, batch in _batches(ids, ctx):
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            labels = batch.pop("labels")
-            loss, valid = per_example_token_loss(model(**batch).logits, labels)
+            labels = batch["labels"].to(device)
+            loss, valid = per_example_token_loss(model(**model_inputs(batch, device)).logits, labels)
             out.append(torch.where(valid, loss, torch.full_like(loss, float("nan"))).cpu().numpy())
     finally:
         model.train(was_training)

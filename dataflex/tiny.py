@@ -82,7 +82,10 @@ def instruct_dataset(records: Sequence[dict[str, Any]], max_len: int) -> Any:
 
 
 def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids``; labels are the inputs with padding (and a ``prompt_len`` prefix) set to -100."""
+    """Right-pad ``input_ids``; labels are the inputs with padding (and a ``prompt_len`` prefix) set to -100.
+
+    An example's own ``labels`` list, when present, is used instead (padded with -100).
+    """
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -92,7 +95,11 @@ def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
         mask[i, : row.numel()] = 1
     labels = ids.masked_fill(mask == 0, -100)
     for i, f in enumerate(features):
-        if "prompt_len" in f:  # instruction tuning: only the response is learnt and scored
+        if f.get("labels") is not None:  # given labels win (they survive the Trainer's remove_unused_columns)
+            row = torch.as_tensor(f["labels"], dtype=torch.long)
+            labels[i] = -100
+            labels[i, : row.numel()] = row
+        elif "prompt_len" in f:  # instruction tuning: only the response is learnt and scored
             labels[i, : int(f["prompt_len"])] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -143,6 +150,63 @@ def tiny_llama(*, n_layer: int = 2, hidden: int = 64, n_head: int = 4, n_positio
         pad_token_id=PAD_ID,
     )
     return _seeded(LlamaForCausalLM, config, seed)
+
+
+def tiny_llava(
+    *,
+    image_size: int = 16,
+    patch_size: int = 4,
+    channels: int = 1,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    hidden: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_positions: int = 128,
+    seed: int = 0,
+) -> Any:
+    """A LLaVA-style VLM: CLIP vision tower -> 2-layer GELU projector -> Llama LM over bytes + an image token.
+
+    Built from ``LlavaConfig`` (arXiv 2304.08485's architecture), nothing downloaded. With the default
+    ``vision_feature_select_strategy="default"`` the CLS patch is dropped, so an image fills
+    ``(image_size // patch_size) ** 2`` image-token positions of the text (16 by default).
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from dataflex.digits import IMAGE_TOKEN_ID, VLM_VOCAB_SIZE
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=n_head,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=channels,
+    )
+    text = LlamaConfig(
+        vocab_size=VLM_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head,
+        max_position_embeddings=n_positions,
+        bos_token_id=PAD_ID,
+        eos_token_id=PAD_ID,
+        pad_token_id=PAD_ID,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    return _seeded(LlavaForConditionalGeneration, config, seed)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,12 +31,15 @@ from transformers import Trainer, TrainerCallback
 from dataflex import dist
 from dataflex.batching import inspect_loader, rank_position_batches
 from dataflex.domains import encode_domains
+from dataflex.embeddings import mean_pool, output_layer
+from dataflex.hf.checkpoint_weights import repair_resumed_weights
 from dataflex.losses import IGNORE_INDEX, per_example_token_loss
 from dataflex.policies.base import MixingPolicy
 from dataflex.samplers.mixture import DomainMixtureSampler, ExhaustionMode
 from dataflex.schedule import WeightSchedule
 from dataflex.state import read_json, unwrap_state, wrap_state, write_json_atomic
 from dataflex.store import DomainStats, ScoreStore
+from dataflex.vlm import check_image_batch, image_token_id, projector
 from dataflex.weights import entropy
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,11 @@ class DataFlexCallback(TrainerCallback):
         embeddings: an :class:`~dataflex.embeddings.EmbeddingCache` filled during training with each
             example's mean-pooled last hidden state (from the training forward, no extra pass) and the
             step it was taken at; saved in every checkpoint. Each rank fills the examples it trains on.
+        embeddings_from: ``"text"`` (mean-pooled last hidden state over the attention mask) or ``"image"``
+            (a LLaVA-style model's projected image features, mean over patches; one image per example).
+        check_images: on a model with an image token, check every training batch before its forward
+            (image tokens without ``pixel_values``, wrong image count/shape, NaN pixels) and raise a
+            ``ValueError`` naming the example ids, instead of silently training without the image.
     """
 
     POLICY_METHODS = ("bind", "initial_weights", "update", "state_dict", "load_state_dict")
@@ -113,6 +121,8 @@ class DataFlexCallback(TrainerCallback):
         allow_missing_state: bool = False,
         stratified: bool = False,
         embeddings: Any = None,
+        embeddings_from: Literal["text", "image"] = "text",
+        check_images: bool = True,
     ) -> None:
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
@@ -120,6 +130,8 @@ class DataFlexCallback(TrainerCallback):
             raise ValueError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
         if lookahead_batches is not None and lookahead_batches < 1:
             raise ValueError(f"lookahead_batches must be >= 1; got {lookahead_batches!r}")
+        if embeddings_from not in ("text", "image"):
+            raise ValueError(f"embeddings_from must be 'text' or 'image'; got {embeddings_from!r}")
         for method in self.POLICY_METHODS:
             if not callable(getattr(policy, method, None)):
                 raise TypeError(f"policy {policy!r} has no {method}(); use one of {self.POLICY_KIND}")
@@ -136,7 +148,9 @@ class DataFlexCallback(TrainerCallback):
         self.allow_missing_state = allow_missing_state
         self.stratified = bool(stratified)
         self.embeddings = embeddings
-        self._head_hook: torch.utils.hooks.RemovableHandle | None = None
+        self.embeddings_from = embeddings_from
+        self.check_images = bool(check_images)
+        self._side_hooks: list[torch.utils.hooks.RemovableHandle] = []  # embedding capture, image checks
         self._last_hidden: torch.Tensor | None = None
         self._step_now = 0
         #: Every scheduled mixture: dicts with step, effective_at (global sample index) and weights.
@@ -149,6 +163,8 @@ class DataFlexCallback(TrainerCallback):
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._step_records: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         self._in_step = False
+        self._loss_wrapped = False
+        self._pending: tuple[torch.nn.Module, dict, Any] | None = None
 
     # -- public read-outs ----------------------------------------------------------------------------
     @property
@@ -166,6 +182,24 @@ class DataFlexCallback(TrainerCallback):
         loss = torch.cat([r[1].float() for r in self._step_records]).cpu().numpy()
         has = torch.cat([r[2] for r in self._step_records]).cpu().numpy()
         return ids, loss, has & np.isfinite(loss)
+
+    def wrap_loss(self, loss_func: Any) -> Any:
+        """A ``compute_loss_func`` that lets dataflex see the labels, then calls ``loss_func``.
+
+        With ``compute_loss_func`` set, the Trainer pops ``labels`` before the forward, so the forward
+        hook cannot score the batch. Pass ``Trainer(compute_loss_func=callback.wrap_loss(my_loss))``:
+        the hook keeps the step's outputs and this wrapper scores them with the labels it receives.
+        """
+        self._loss_wrapped = True
+
+        def compute_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                module, kwargs, output = pending
+                self._on_forward(module, (), {**kwargs, "labels": labels}, output)
+            return loss_func(outputs, labels, num_items_in_batch)
+
+        return compute_loss
 
     # -- setup -----------------------------------------------------------------------------------------
     def _labels(self, dataset: Any) -> list[str]:
@@ -214,18 +248,30 @@ class DataFlexCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._remove_side_hooks()
         if self.embeddings is not None:
-            from dataflex.embeddings import output_layer
-
-            if self._head_hook is not None:
-                self._head_hook.remove()
-            self._head_hook = output_layer(model).register_forward_pre_hook(
-                lambda m, a: setattr(self, "_last_hidden", a[0])
-            )
+            self._side_hooks.append(self._embedding_hook(model))
+        if self.check_images and image_token_id(model) is not None:
+            self._side_hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         if state.global_step > 0:
             self._restore(args, state, resume_dir)
         elif not self.history:
             self.history.append(self._history_entry(0, 0))
+
+    def _embedding_hook(self, model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Capture what the embedding of each training example is made of during the training forward."""
+        if self.embeddings_from == "image":
+            # Projected image features, pooled over patches: one row per image (= per example here).
+            return projector(model).register_forward_hook(
+                lambda m, a, out: setattr(self, "_last_hidden", out.detach().float().mean(dim=1))
+            )
+        # The LM head's input is the last hidden state; pooled over the attention mask in _on_forward.
+        return output_layer(model).register_forward_pre_hook(lambda m, a: setattr(self, "_last_hidden", a[0]))
+
+    def _remove_side_hooks(self) -> None:
+        for handle in self._side_hooks:
+            handle.remove()
+        self._side_hooks = []
 
     def _build_sampler(self, domain_ids: np.ndarray, seed: int, num_samples: int) -> DomainMixtureSampler:
         """The sampler dataflex installs; subclasses with another kind of decision override this."""
@@ -247,6 +293,8 @@ class DataFlexCallback(TrainerCallback):
 
     def _restore(self, args, state, resume_dir: str | None) -> None:
         folder = resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            repair_resumed_weights(self._model, folder)
         path = os.path.join(folder, STATE_FILENAME)
         if not os.path.isfile(path):
             message = (
@@ -267,6 +315,9 @@ class DataFlexCallback(TrainerCallback):
         if not (module.training and self._in_step):
             return  # evaluation, generation or a forward outside the training step
         labels = kwargs.get("labels")
+        if labels is None and self._loss_wrapped:
+            self._pending = (module, kwargs, output)  # the wrapped compute_loss_func brings the labels
+            return
         if labels is None:
             self.missing_labels += 1
             if self.missing_labels == 1:
@@ -291,16 +342,29 @@ class DataFlexCallback(TrainerCallback):
         self.store.add(ids, loss, has_tokens)
         self._step_records.append((ids, loss, has_tokens))
         if self.embeddings is not None and self._last_hidden is not None:
-            from dataflex.embeddings import mean_pool
-
-            self.embeddings.update(ids, mean_pool(self._last_hidden.detach().float(), kwargs.get("attention_mask")),
-                                   step=self._step_now)  # fmt: skip
+            if self.embeddings_from == "image":
+                pooled = self._last_hidden
+                if pooled.shape[0] != ids.shape[0]:
+                    raise RuntimeError(
+                        f"embeddings_from='image' needs one image per example; this batch has {pooled.shape[0]} "
+                        f"images for {ids.shape[0]} examples"
+                    )
+            else:
+                pooled = mean_pool(self._last_hidden.detach().float(), kwargs.get("attention_mask"))
+            self.embeddings.update(ids, pooled, step=self._step_now)
             self._last_hidden = None
         observe = getattr(self.policy, "observe", None)
         if observe is not None:  # online DoReMi: the proxy steps on this very micro-batch
             batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels") if kwargs.get(k) is not None}
             observe(batch, torch.as_tensor(self.sampler.domain_ids[ids], device=labels.device))
         self._micro += 1
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """VLM batches: refuse a training batch whose images are missing or malformed, naming its examples."""
+        if not (module.training and self._in_step):
+            return
+        ids = self.sampler.ids_at(self._epoch, self._positions[self._micro]) if self._micro < len(self._positions) else None
+        check_image_batch(module, kwargs, None if ids is None else ids.tolist())
 
     def _check_ids(self, ids: np.ndarray, kwargs: dict) -> None:
         self._checks_left -= 1
@@ -394,10 +458,10 @@ class DataFlexCallback(TrainerCallback):
         dist.barrier()
 
     def on_train_end(self, args, state, control, **kwargs):
-        for handle in (self._hook, self._head_hook):
-            if handle is not None:
-                handle.remove()
-        self._hook = self._head_hook = None
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = None
+        self._remove_side_hooks()
 
     def state_dict(self, global_step: int) -> dict[str, Any]:
         return wrap_state(

@@ -1,0 +1,222 @@
+"""VLM path: digits VQA data, tiny LLaVA on a stock Trainer with the callbacks, image checks, image embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import CrashAt, StepRecorder
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from dataflex import DataFlexCallback
+from dataflex.digits import IMAGE_TOKEN_ID, QUESTIONS, answer_metrics, collate_vlm, digits_vqa
+from dataflex.embeddings import EmbeddingCache
+from dataflex.offline import score_pool
+from dataflex.policies import ODM, Uniform
+from dataflex.tiny import tiny_gpt2, tiny_llava
+from dataflex.vlm import check_image_batch, image_feature_embedder
+from dataflex.weighting import ExampleWeightedLoss
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    return digits_vqa(0.3, seed=0, fractions=(0.2, 0.1, 0.7))  # small train split keeps the runs short
+
+
+def test_digits_vqa_noise_mask_and_splits(vqa):
+    train, test = vqa["train"], vqa["test"]
+    noisy = np.asarray(train["noisy"], dtype=bool)
+    n = len(noisy)
+    assert abs(noisy.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)  # binomial: well inside 4 sigma
+    answers, truth = np.asarray(train["answer"]), np.asarray(train["true_answer"])
+    assert (answers[noisy] != truth[noisy]).all() and (answers[~noisy] == truth[~noisy]).all()
+    assert sum(test["noisy"]) == 0 and list(test["answer"]) == list(test["true_answer"])
+    images = {s: set(vqa[s]["image"]) for s in vqa}
+    assert not images["train"] & images["test"] and not images["train"] & images["validation"]
+    assert set(train["domain"]) == set(QUESTIONS)
+    # every answer is one of its question type's choices, and the wrong ones are spread over them
+    for kind, (_, choices) in QUESTIONS.items():
+        mine = [a for a, d in zip(answers, train["domain"]) if d == kind]
+        assert set(mine) <= set(choices)
+    # the same seed gives the same data; another seed another split
+    assert digits_vqa(0.3, seed=0, fractions=(0.2, 0.1, 0.7))["train"]["noisy"] == train["noisy"]
+    assert digits_vqa(0.3, seed=1, fractions=(0.2, 0.1, 0.7))["train"]["image"] != train["image"]
+
+
+def test_digits_vqa_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="noise must be in"):
+        digits_vqa(1.5)
+    with pytest.raises(ValueError, match="unknown question types \\['colour'\\]"):
+        digits_vqa(0.1, question_types=["colour"])
+    with pytest.raises(ValueError, match="fractions"):
+        digits_vqa(0.1, fractions=(0.5, 0.5))
+
+
+def test_collate_masks_image_tokens_and_rejects_broken_images(vqa):
+    rows = [vqa["train"][i] for i in range(3)]
+    batch = collate_vlm(rows)
+    assert batch["pixel_values"].shape == (3, 1, 16, 16)
+    assert (batch["labels"][batch["input_ids"] == IMAGE_TOKEN_ID] == -100).all()
+    scored = batch["labels"] != -100
+    assert scored.sum(1).tolist() == [len(r["answer"]) + 1 for r in rows]  # answer bytes + end token
+    with pytest.raises(ValueError, match="example 1 of this batch has no 'pixel_values'"):
+        collate_vlm([rows[0], {k: v for k, v in rows[1].items() if k != "pixel_values"}])
+    small = dict(rows[2], pixel_values=[[[0.0] * 8] * 8])
+    with pytest.raises(ValueError, match="example 1 of this batch has an image of shape \\(1, 8, 8\\)"):
+        collate_vlm([rows[0], small])
+    nan = dict(rows[2], pixel_values=(torch.full((1, 16, 16), float("nan"))).tolist())
+    with pytest.raises(ValueError, match="example 1 of this batch has non-finite"):
+        collate_vlm([rows[0], nan])
+
+
+def test_check_image_batch_names_the_examples():
+    model = tiny_llava(seed=0)
+    ids = torch.full((2, 20), 65)
+    ids[:, :16] = IMAGE_TOKEN_ID
+    good = torch.zeros(2, 1, 16, 16)
+    check_image_batch(model, {"input_ids": ids, "pixel_values": good})
+    with pytest.raises(ValueError, match=r"example ids \[11, 42\] hold image tokens .* no pixel_values"):
+        check_image_batch(model, {"input_ids": ids}, [11, 42])
+    with pytest.raises(ValueError, match=r"vision tower takes \(1, 16, 16\)"):
+        check_image_batch(model, {"input_ids": ids, "pixel_values": torch.zeros(2, 3, 16, 16)})
+    with pytest.raises(ValueError, match="1 images but 2 rows with image tokens"):
+        check_image_batch(model, {"input_ids": ids, "pixel_values": good[:1]})
+    bad = good.clone()
+    bad[1, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"example ids \[42\] have non-finite"):
+        check_image_batch(model, {"input_ids": ids, "pixel_values": bad}, [11, 42])
+
+
+class Snapshot(TrainerCallback):
+    """The model's weights at the start of the last step (what that step's forward ran with)."""
+
+    def __init__(self, last_step: int) -> None:
+        self.last_step, self.state = last_step, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.last_step - 1:
+            self.state = copy.deepcopy(model.state_dict())
+
+
+def vlm_trainer(ds, callbacks, out, *, steps=8, save_steps=100, seed=0, **extra):
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, save_steps=save_steps,
+                             learning_rate=2e-3, report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
+                             logging_steps=100)  # fmt: skip
+    extra.setdefault("data_collator", collate_vlm)
+    return Trainer(model=tiny_llava(seed=seed), args=args, train_dataset=ds, callbacks=callbacks, **extra)
+
+
+def test_callback_on_vlm_scores_with_the_image_and_moves_weights(vqa, tmp_path):
+    ds = vqa["train"]
+    cache = EmbeddingCache(len(ds))
+    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1, embeddings=cache, embeddings_from="image")
+    steps = 8
+    rec, snap = StepRecorder(dfx), Snapshot(steps)
+    trainer = vlm_trainer(ds, [dfx, rec, snap], tmp_path, steps=steps)
+    trainer.train()
+    ids, losses, valid = dfx.last_step_records()
+    assert valid.all() and len(ids) == 8
+    model = tiny_llava(seed=0)
+    model.load_state_dict(snap.state)
+    model.train()  # the recorded losses come from the training forward (no dropout in this model)
+    batch = collate_vlm([ds[int(i)] for i in ids])
+    from dataflex.losses import per_example_token_loss
+
+    with torch.no_grad():
+        again, _ = per_example_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits,
+                                          batch["labels"])  # fmt: skip
+        blind, _ = per_example_token_loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=torch.zeros_like(batch["pixel_values"])).logits, batch["labels"])  # fmt: skip
+    np.testing.assert_allclose(losses, again.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(losses - blind.numpy()).max() > 1e-3  # the image changes the recorded loss
+    # ODM moved the domain weights away from uniform
+    assert np.abs(np.asarray(dfx.history[-1]["weights"]) - 0.25).max() > 1e-3
+    # image embeddings of the last step equal the offline embedder on the same weights
+    offline = score_pool(image_feature_embedder(model), ds.select(ids.tolist()), collate_vlm, batch_size=8)
+    np.testing.assert_allclose(cache.values[ids], np.asarray(offline), rtol=1e-4, atol=1e-5)
+    assert (cache.step[ids] == steps - 1).all()
+
+
+def test_vlm_resume_is_exact(vqa, tmp_path):
+    ds = vqa["train"]
+
+    def run(out, crash):
+        dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
+        rec = StepRecorder(dfx)
+        extra = [CrashAt(crash)] if crash else []
+        trainer = vlm_trainer(ds, [dfx, rec, *extra], out, steps=8, save_steps=4)
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            dfx2 = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
+            rec2 = StepRecorder(dfx2)
+            trainer = vlm_trainer(ds, [dfx2, rec2], out, steps=8, save_steps=4)
+            trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+            rec.ids.update(rec2.ids)
+            dfx = dfx2
+        return rec.ids, dfx.history[-1]["weights"], trainer.model.state_dict()
+
+    ids_a, w_a, params_a = run(tmp_path / "straight", None)
+    ids_b, w_b, params_b = run(tmp_path / "crashed", 6)
+    assert ids_a == ids_b
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w_a, w_b, rtol=1e-9)
+
+
+def test_trainer_run_without_images_fails_with_the_example_ids(vqa, tmp_path):
+    ds = vqa["train"]
+
+    def drop_images(features):
+        batch = collate_vlm(features)
+        del batch["pixel_values"]
+        return batch
+
+    dfx = DataFlexCallback(Uniform(), domains=ds["domain"], update_every=2)
+    trainer = vlm_trainer(ds, [dfx], tmp_path, steps=2, data_collator=drop_images)
+    with pytest.raises(ValueError, match=r"example ids \[\d+, .*hold image tokens .* no pixel_values"):
+        trainer.train()
+
+
+def test_weighted_loss_on_vlm_is_still_scored(vqa, tmp_path):
+    """With compute_loss_func the Trainer hides the labels from the forward; wrap_loss gives them back."""
+    ds = vqa["train"]
+    dfx = DataFlexCallback(Uniform(), domains=ds["domain"], update_every=2)
+    weighted = ExampleWeightedLoss(temperature=1.0, direction="easy")
+    trainer = vlm_trainer(ds, [dfx], tmp_path, steps=3, compute_loss_func=dfx.wrap_loss(weighted))
+    trainer.train()
+    ids, losses, valid = dfx.last_step_records()
+    assert len(ids) == 8 and valid.all() and dfx.missing_labels == 0
+    w = weighted.last_weights.numpy()
+    assert abs(w.mean() - 1) < 1e-5 and np.corrcoef(w, losses)[0, 1] < 0  # easy: high loss, low weight
+
+
+def test_answer_metrics_counts_exact_answers(vqa):
+    model = tiny_llava(seed=0)
+    part = vqa["test"].select(range(12))
+    m = answer_metrics(model, part, batch_size=5)
+    assert m["loss"].shape == (12,) and m["correct"].dtype == bool
+    assert m["mean_loss"] == pytest.approx(float(m["loss"].mean()))
+
+
+def test_resumed_llava_weights_are_repaired(vqa, tmp_path):
+    """transformers 5.23's Trainer resume loads no LLaVA weight (legacy key names); dataflex reloads them."""
+    from dataflex.hf.checkpoint_weights import repair_resumed_weights
+
+    trainer = vlm_trainer(vqa["train"], [], tmp_path, steps=2, save_steps=2)
+    trainer.train()
+    trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    fresh = tiny_llava(seed=5)
+    fresh_trainer = vlm_trainer(vqa["train"], [], tmp_path / "again", steps=2)
+    fresh_trainer.model = fresh
+    fresh_trainer._load_from_checkpoint(str(tmp_path / "checkpoint-2"), model=fresh)  # the Trainer's own resume load
+    assert any(not torch.equal(fresh.state_dict()[k], trained[k]) for k in trained)  # upstream: nothing loaded
+    assert repair_resumed_weights(fresh, str(tmp_path / "checkpoint-2"))
+    for k, v in trained.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    gpt2 = tiny_gpt2(n_layer=1, n_embd=32, n_head=2)
+    gpt2.save_pretrained(tmp_path / "gpt2")  # tied lm_head is not stored; the names match: nothing to repair
+    assert not repair_resumed_weights(gpt2, str(tmp_path / "gpt2"))
