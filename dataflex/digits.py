@@ -127,9 +127,10 @@ def digits_vqa(
                 answer = str(rng.choice([c for c in choices if c != truth])) if noisy else truth
                 ids, prompt_len = encode_vqa(question, answer, num_image_tokens)
                 target = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
-                for key, value in (("input_ids", ids), ("labels", target), ("prompt_len", prompt_len), ("pixel_values", pixels),
-                                   ("domain", kind), ("digit", digit), ("image", i), ("answer", answer),
-                                   ("true_answer", truth), ("noisy", int(noisy))):  # fmt: skip
+                example = {"input_ids": ids, "labels": target, "prompt_len": prompt_len, "pixel_values": pixels,
+                           "domain": kind, "digit": digit, "image": i, "answer": answer, "true_answer": truth,
+                           "noisy": int(noisy)}  # fmt: skip
+                for key, value in example.items():
                     rows[key].append(value)
         out[split] = Dataset.from_dict(rows)
     return out
@@ -153,7 +154,8 @@ def collate_vlm(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
                 f"image has shape {tuple(pixels[0].shape)} (expected channels x height x width, all alike)"
             )
         if tensor.dim() != 3:
-            raise ValueError(f"example {position}: pixel_values must be channels x height x width; got {tuple(tensor.shape)}")
+            shape = tuple(tensor.shape)
+            raise ValueError(f"example {position}: pixel_values must be channels x height x width; got {shape}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"example {position} of this batch has non-finite pixel values")
         pixels.append(tensor)

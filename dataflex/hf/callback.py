@@ -363,8 +363,10 @@ class DataFlexCallback(TrainerCallback):
         """VLM batches: refuse a training batch whose images are missing or malformed, naming its examples."""
         if not (module.training and self._in_step):
             return
-        ids = self.sampler.ids_at(self._epoch, self._positions[self._micro]) if self._micro < len(self._positions) else None
-        check_image_batch(module, kwargs, None if ids is None else ids.tolist())
+        ids = None
+        if self._micro < len(self._positions):
+            ids = self.sampler.ids_at(self._epoch, self._positions[self._micro]).tolist()
+        check_image_batch(module, kwargs, ids)
 
     def _check_ids(self, ids: np.ndarray, kwargs: dict) -> None:
         self._checks_left -= 1

@@ -56,7 +56,7 @@ def repair_resumed_weights(model: torch.nn.Module, folder: str) -> bool:
             f"the checkpoint {folder} stores weights under names the model does not have "
             f"(e.g. {sorted(stored - own)[:3]}) and {type(model).__name__} has no from_pretrained to rename them"
         )
-    logger.warning("the Trainer did not load %s's weights (key names differ); reloading through from_pretrained", folder)
+    logger.warning("the Trainer did not load %s's weights (key names differ); reloading them", folder)
     loaded = from_pretrained(folder, dtype=next(model.parameters()).dtype)
     with torch.no_grad():
         model.load_state_dict(loaded.state_dict(), strict=True)
