@@ -90,6 +90,7 @@ def digits_vqa(
     image_size: int = 16,
     num_image_tokens: int = 16,
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    num_images: int | None = None,
     question_types: Sequence[str] | None = None,
     noisy_splits: Sequence[str] = ("train", "validation"),
 ) -> dict[str, Any]:
@@ -98,7 +99,8 @@ def digits_vqa(
     Columns: ``input_ids``, ``labels`` (-100 on the image and the question, so the mask survives the
     Trainer's ``remove_unused_columns``), ``prompt_len``, ``pixel_values`` (``1 x image_size x image_size``),
     ``domain`` (question type), ``digit``, ``image`` (index into the scans), ``answer`` (as trained
-    on), ``true_answer`` and ``noisy`` (1 when ``answer`` is wrong on purpose).
+    on), ``true_answer`` and ``noisy`` (1 when ``answer`` is wrong on purpose). ``num_images`` keeps
+    only the first scans (a small problem for tests and smoke runs).
     """
     from datasets import Dataset
 
@@ -112,6 +114,10 @@ def digits_vqa(
     if bad_splits:
         raise ValueError(f"noisy_splits {bad_splits} are not splits; valid: {list(SPLITS)}")
     images, digit_labels = digit_images(image_size)
+    if num_images is not None:  # a smaller problem for tests and smoke runs: the first scans
+        if not 3 <= num_images <= len(digit_labels):
+            raise ValueError(f"num_images must be between 3 and {len(digit_labels)}; got {num_images}")
+        images, digit_labels = images[:num_images], digit_labels[:num_images]
     out: dict[str, Any] = {}
     for split, image_ids in split_images(len(digit_labels), fractions, seed).items():
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), 23]))

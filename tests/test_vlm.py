@@ -220,3 +220,28 @@ def test_resumed_llava_weights_are_repaired(vqa, tmp_path):
     gpt2 = tiny_gpt2(n_layer=1, n_embd=32, n_head=2)
     gpt2.save_pretrained(tmp_path / "gpt2")  # tied lm_head is not stored; the names match: nothing to repair
     assert not repair_resumed_weights(gpt2, str(tmp_path / "gpt2"))
+
+
+def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
+    """The Hydra recipe end to end (RHO-LOSS with its holdout model), then the same command resumes."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dataflex.recipes.vlm", "method=rho", "steps=4", "save_steps=2", "holdout_steps=2",
+           "warmup=1", "update_every=2", "batch_size=8", "num_images=60", "hydra.run.dir=run"]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["method"] == "rho" and 0 <= result["accuracy"] <= 1 and not result["resumed"]
+    assert (tmp_path / "run" / "checkpoint-4" / "dataflex_state.json").is_file()
+    assert (tmp_path / "outputs" / "vlm_work" / "holdout" / "model.pt").is_file()
+    longer = [c if c != "steps=4" else "steps=6" for c in cmd]
+    again = subprocess.run(longer, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["resumed"]
+    bogus = [c if c != "method=rho" else "method=bogus" for c in cmd[:-1]] + ["hydra.run.dir=bad"]
+    bad = subprocess.run(bogus, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)  # fmt: skip
+    assert bad.returncode != 0 and "unknown method 'bogus'" in bad.stderr

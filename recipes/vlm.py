@@ -1,0 +1,204 @@
+"""Recipe: finetune a tiny LLaVA-style VLM on digits VQA with noisy answers, under a dataflex data policy.
+
+    python -m dataflex.recipes.vlm method=rho noise=0.3 seed=1
+    python -m dataflex.recipes.vlm -m method=uniform,loss_easy,rho,reweight,clusters seed=0,1,2
+
+A stock ``transformers.Trainer`` trains :func:`dataflex.tiny.tiny_llava` (CLIP vision tower ->
+projector -> Llama over bytes, built from config) on :func:`dataflex.digits.digits_vqa`; the method
+decides what it trains on (see :data:`METHODS`). Checkpoints go to the Hydra run folder every
+``save_steps``; rerunning the same command resumes from the last one (model, optimizer, sampler and
+selection state). ``results.json`` there holds clean test accuracy/loss and the share of noisy
+examples trained on. ``benchmarks/vlm/run.py`` runs this recipe for several methods and seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from dataflex.hf.callback import DataFlexCallback
+from dataflex.hf.select_callback import DataFlexSelectCallback
+from dataflex.policies import Uniform
+from dataflex.selectors import LossFocus, RhoLoss
+from dataflex.weighting import ExampleWeightedLoss
+
+#: method -> what decides the training data
+METHODS = {
+    "uniform": "DataFlexCallback(Uniform()) over the question types",
+    "loss_hard": "DataFlexSelectCallback(LossFocus(fraction, 'hard')): highest current loss",
+    "loss_easy": "DataFlexSelectCallback(LossFocus(fraction, 'easy')): lowest current loss",
+    "rho": "RHO-LOSS (arXiv 2206.07137): current minus irreducible loss (holdout-trained model)",
+    "reweight": "ExampleWeightedLoss(direction='easy'): weights ∝ exp(-z / T) in backprop",
+    "clusters": "cluster-balanced over faiss k-means of projected image features (holdout model)",
+}
+
+
+class NoiseCounter(TrainerCallback):
+    """Per step, how much of what was trained on had a wrong answer (weighted by loss weight if given)."""
+
+    def __init__(self, dfx: DataFlexCallback, noisy: np.ndarray, weighted: ExampleWeightedLoss | None = None) -> None:
+        self.dfx, self.noisy, self.weighted = dfx, noisy, weighted
+        self.per_step: list[tuple[int, float, float]] = []  # step, noisy mass, total mass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ids, _, _ = self.dfx.last_step_records()
+        w = np.ones(len(ids)) if self.weighted is None else self.weighted.last_weights.detach().cpu().numpy()
+        self.per_step.append((state.global_step, float(w[self.noisy[ids]].sum()), float(w.sum())))
+
+    def share(self, after: int = 0) -> float:
+        rows = [r for r in self.per_step if r[0] > after]
+        return sum(r[1] for r in rows) / max(sum(r[2] for r in rows), 1e-12)
+
+
+def training_args(out: Path, *, seed: int, steps: int, batch_size: int, lr: float,
+                  save_steps: int | None = None) -> TrainingArguments:  # fmt: skip
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
+        warmup_steps=max(1, steps // 50), lr_scheduler_type="cosine", logging_steps=10**6, report_to=[],
+        use_cpu=True, seed=seed, disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+    )  # fmt: skip
+
+
+def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size: int, lr: float, clusters: int,
+                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Irreducible losses and image clusters of the training pool from a model trained on the validation split.
+
+    The holdout model (RHO-LOSS's irreducible-loss model) is trained once and cached under ``work``,
+    as are its pool scores (crash-resumable).
+    """
+    from dataflex.clustering import kmeans
+    from dataflex.digits import collate_vlm
+    from dataflex.offline import score_pool, token_mean_losses
+    from dataflex.tiny import tiny_llava
+    from dataflex.vlm import image_feature_embedder
+
+    path = work / "holdout" / "model.pt"
+    model = tiny_llava(seed=1000)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        args = training_args(work / "holdout", seed=1000, steps=steps, batch_size=batch_size, lr=lr)
+        Trainer(model=model, args=args, train_dataset=data["validation"], data_collator=collate_vlm).train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    train = data["train"]
+    irreducible = score_pool(token_mean_losses(model), train, collate_vlm, batch_size=128,
+                             cache=work / "irreducible.npz", desc="irreducible losses")  # fmt: skip
+    features = score_pool(image_feature_embedder(model), train, collate_vlm, batch_size=128,
+                          cache=work / "image_features.npz", desc="image features")  # fmt: skip
+    fit = kmeans(np.asarray(features, dtype=np.float32), clusters, seed=seed)
+    digits = np.asarray(train["digit"])
+    purity = sum(np.bincount(digits[fit.labels == c]).max() for c in np.unique(fit.labels)) / len(digits)
+    return {"irreducible": np.asarray(irreducible), "clusters": [f"c{c}" for c in fit.labels.tolist()],
+            "cluster_digit_purity": float(purity)}  # fmt: skip
+
+
+def method_callback(method: str, train: Any, signals: dict[str, Any], *, fraction: float, update_every: int,
+                    warmup: int, temperature: float) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:  # fmt: skip
+    """The dataflex callback (and loss weighting, for ``reweight``) that implements ``method``."""
+    domains = train["domain"]
+    selection = {"update_every": update_every, "warmup_steps": warmup}
+    if method == "uniform":
+        return DataFlexCallback(Uniform(), domains=domains, update_every=update_every), None
+    if method in ("loss_hard", "loss_easy"):
+        return DataFlexSelectCallback(LossFocus(fraction, method.split("_")[1]), domains, **selection), None
+    if method == "rho":
+        return DataFlexSelectCallback(RhoLoss(fraction, signals["irreducible"]), domains, **selection), None
+    if method == "reweight":
+        return (DataFlexCallback(Uniform(), domains=domains, update_every=update_every),
+                ExampleWeightedLoss(temperature=temperature, direction="easy"))  # fmt: skip
+    if method == "clusters":
+        return DataFlexCallback(Uniform(), domains=signals["clusters"], update_every=update_every, stratified=True), None
+    raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
+
+
+def train_vlm(
+    method: str,
+    data: dict[str, Any],
+    *,
+    out: Path,
+    seed: int = 0,
+    steps: int = 1500,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    fraction: float = 0.5,
+    update_every: int = 100,
+    warmup: int = 200,
+    temperature: float = 1.0,
+    signals: dict[str, Any] | None = None,
+    save_steps: int | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train one tiny LLaVA with ``method`` for ``steps`` and evaluate it on the clean test split."""
+    from dataflex.digits import answer_metrics, collate_vlm
+    from dataflex.tiny import tiny_llava
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
+    if method in ("rho", "clusters") and not signals:
+        raise ValueError(f"method {method!r} needs holdout signals (see holdout_signals)")
+    train = data["train"]
+    dfx, weighted = method_callback(method, train, signals or {}, fraction=fraction, update_every=update_every,
+                                    warmup=warmup, temperature=temperature)  # fmt: skip
+    counter = NoiseCounter(dfx, np.asarray(train["noisy"], dtype=bool), weighted)
+    extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
+    model = tiny_llava(seed=seed)
+    args = training_args(out, seed=seed, steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_vlm,
+                      callbacks=[dfx, counter], **extra)  # fmt: skip
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if resume else []
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    seconds = time.perf_counter() - start
+    test = answer_metrics(model, data["test"])
+    kinds = np.asarray(data["test"]["domain"])
+    return {
+        "method": method,
+        "seed": seed,
+        "accuracy": test["accuracy"],
+        "loss": test["mean_loss"],
+        "accuracy_by_question": {k: float(test["correct"][kinds == k].mean()) for k in sorted(set(kinds))},
+        "noisy_share": counter.share(),
+        "noisy_share_after_warmup": counter.share(after=warmup),
+        "seconds": seconds,
+        "resumed": bool(checkpoints),
+    }
+
+
+def _hydra_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import to_absolute_path
+    from omegaconf import DictConfig
+
+    from dataflex.digits import digits_vqa
+
+    @hydra.main(config_path="../configs", config_name="vlm", version_base=None)
+    def main(cfg: DictConfig) -> None:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        data = digits_vqa(cfg.noise, seed=cfg.data_seed, num_images=cfg.num_images)
+        signals = None
+        if cfg.method in ("rho", "clusters"):
+            signals = holdout_signals(data, Path(to_absolute_path(cfg.work_dir)), steps=cfg.holdout_steps,
+                                      batch_size=cfg.batch_size, lr=cfg.lr, clusters=cfg.clusters,
+                                      seed=cfg.data_seed)  # fmt: skip
+        result = train_vlm(cfg.method, data, out=out, seed=cfg.seed, steps=cfg.steps, batch_size=cfg.batch_size,
+                           lr=cfg.lr, fraction=cfg.fraction, update_every=cfg.update_every, warmup=cfg.warmup,
+                           temperature=cfg.temperature, signals=signals, save_steps=cfg.save_steps,
+                           resume=True)  # fmt: skip
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        print(f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "
+              f"noisy share trained on {result['noisy_share']:.3f} -> {out / 'results.json'}")  # fmt: skip
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
