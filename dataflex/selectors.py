@@ -40,6 +40,7 @@ class SelectionContext:
     seed: int
     optimizer: torch.optim.Optimizer | None = None
     batch_size: int = 32
+    labels: np.ndarray | None = None  # integer label (task / question type) of every pool example
 
 
 def candidate_pool(n: int, fraction: float, seed: int, step: int) -> np.ndarray:
@@ -88,15 +89,21 @@ def current_losses(ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
 
 
 class Selector:
-    """Base: ``fraction`` of the pool is trained on; ``candidates`` of the pool is scored per re-selection."""
+    """Base: ``fraction`` of the pool is trained on; ``candidates`` of the pool is scored per re-selection.
 
-    def __init__(self, fraction: float, candidates: float = 1.0) -> None:
+    ``per_label=True`` applies the rule within each label (task, question type) separately, keeping
+    ``fraction`` of every label: a score that differs systematically between tasks (answer length,
+    number of possible answers) then cannot starve a whole task.
+    """
+
+    def __init__(self, fraction: float, candidates: float = 1.0, per_label: bool = False) -> None:
         budget(10_000, fraction)  # validates fraction
         if not 0 < candidates <= 1:
             raise ValueError(f"candidates must lie in (0, 1]; got {candidates}")
         if candidates < fraction:
             raise ValueError(f"candidates={candidates} must be at least fraction={fraction}")
         self.fraction, self.candidates = float(fraction), float(candidates)
+        self.per_label = bool(per_label)
         self.last_scores: tuple[np.ndarray, np.ndarray] | None = None  # (ids, scores) of the last scoring
 
     def initial_subset(self, n: int) -> np.ndarray:
@@ -109,8 +116,16 @@ class Selector:
         scores = self.score(pool, ctx)
         self.last_scores = (pool, scores)
         k = budget(n, self.fraction)
-        chosen_in_pool = self.choose(scores, k / len(pool))
-        return pool[chosen_in_pool]
+        if not self.per_label:
+            return pool[self.choose(scores, k / len(pool))]
+        if ctx.labels is None:
+            raise ValueError("per_label=True needs the pool's labels: DataFlexSelectCallback(selector, labels=...)")
+        groups = np.asarray(ctx.labels)[pool]
+        chosen = []
+        for g in np.unique(groups):  # the same share of every label, by the selector's own rule
+            members = np.flatnonzero(groups == g)
+            chosen.append(members[self.choose(scores[members], k / len(pool))])
+        return pool[np.sort(np.concatenate(chosen))]
 
     def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
         raise NotImplementedError
@@ -128,8 +143,9 @@ class Selector:
 class LossFocus(Selector):
     """Train on the hardest / medium / easiest ``fraction`` of the pool by current loss."""
 
-    def __init__(self, fraction: float, mode: Literal["hard", "medium", "easy"] = "hard", candidates: float = 1.0):
-        super().__init__(fraction, candidates)
+    def __init__(self, fraction: float, mode: Literal["hard", "medium", "easy"] = "hard", candidates: float = 1.0,
+                 per_label: bool = False):  # fmt: skip
+        super().__init__(fraction, candidates, per_label)
         if mode not in ("hard", "medium", "easy"):
             raise ValueError(f"mode={mode!r}; valid values are 'hard', 'medium', 'easy'")
         self.mode = mode
@@ -144,8 +160,9 @@ class LossFocus(Selector):
 class RhoLoss(Selector):
     """RHO-LOSS: the highest reducible loss; ``irreducible[i]`` is example i's loss under a holdout model."""
 
-    def __init__(self, fraction: float, irreducible: np.ndarray | Sequence[float], candidates: float = 1.0):
-        super().__init__(fraction, candidates)
+    def __init__(self, fraction: float, irreducible: np.ndarray | Sequence[float], candidates: float = 1.0,
+                 per_label: bool = False):  # fmt: skip
+        super().__init__(fraction, candidates, per_label)
         self.irreducible = np.asarray(irreducible, dtype=np.float64)
 
     def score(self, ids, ctx):

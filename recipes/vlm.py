@@ -101,21 +101,25 @@ def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size:
 
 
 def method_callback(method: str, train: Any, signals: dict[str, Any], *, fraction: float, update_every: int,
-                    warmup: int, temperature: float) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:  # fmt: skip
+                    warmup: int, temperature: float, per_label: bool = True,
+                    ) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:  # fmt: skip
     """The dataflex callback (and loss weighting, for ``reweight``) that implements ``method``."""
     domains = train["domain"]
     selection = {"update_every": update_every, "warmup_steps": warmup}
     if method == "uniform":
         return DataFlexCallback(Uniform(), domains=domains, update_every=update_every), None
     if method in ("loss_hard", "loss_easy"):
-        return DataFlexSelectCallback(LossFocus(fraction, method.split("_")[1]), domains, **selection), None
+        rule = LossFocus(fraction, method.split("_")[1], per_label=per_label)
+        return DataFlexSelectCallback(rule, domains, **selection), None
     if method == "rho":
-        return DataFlexSelectCallback(RhoLoss(fraction, signals["irreducible"]), domains, **selection), None
+        rule = RhoLoss(fraction, signals["irreducible"], per_label=per_label)
+        return DataFlexSelectCallback(rule, domains, **selection), None
     if method == "reweight":
         return (DataFlexCallback(Uniform(), domains=domains, update_every=update_every),
                 ExampleWeightedLoss(temperature=temperature, direction="easy"))  # fmt: skip
     if method == "clusters":
-        return DataFlexCallback(Uniform(), domains=signals["clusters"], update_every=update_every, stratified=True), None
+        clusters = signals["clusters"]
+        return DataFlexCallback(Uniform(), domains=clusters, update_every=update_every, stratified=True), None
     raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
 
 
@@ -128,10 +132,11 @@ def train_vlm(
     steps: int = 1500,
     batch_size: int = 32,
     lr: float = 2e-3,
-    fraction: float = 0.5,
+    fraction: float = 0.7,
     update_every: int = 100,
     warmup: int = 200,
     temperature: float = 1.0,
+    per_label: bool = True,
     signals: dict[str, Any] | None = None,
     save_steps: int | None = None,
     resume: bool = False,
@@ -146,7 +151,7 @@ def train_vlm(
         raise ValueError(f"method {method!r} needs holdout signals (see holdout_signals)")
     train = data["train"]
     dfx, weighted = method_callback(method, train, signals or {}, fraction=fraction, update_every=update_every,
-                                    warmup=warmup, temperature=temperature)  # fmt: skip
+                                    warmup=warmup, temperature=temperature, per_label=per_label)  # fmt: skip
     counter = NoiseCounter(dfx, np.asarray(train["noisy"], dtype=bool), weighted)
     extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
     model = tiny_llava(seed=seed)
@@ -158,12 +163,14 @@ def train_vlm(
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     seconds = time.perf_counter() - start
     test = answer_metrics(model, data["test"])
+    validation = answer_metrics(model, data["validation"])  # against its given (partly wrong) answers
     kinds = np.asarray(data["test"]["domain"])
     return {
         "method": method,
         "seed": seed,
         "accuracy": test["accuracy"],
         "loss": test["mean_loss"],
+        "validation_accuracy_given_answers": validation["accuracy"],
         "accuracy_by_question": {k: float(test["correct"][kinds == k].mean()) for k in sorted(set(kinds))},
         "noisy_share": counter.share(),
         "noisy_share_after_warmup": counter.share(after=warmup),
@@ -191,8 +198,8 @@ def _hydra_main() -> None:
                                       seed=cfg.data_seed)  # fmt: skip
         result = train_vlm(cfg.method, data, out=out, seed=cfg.seed, steps=cfg.steps, batch_size=cfg.batch_size,
                            lr=cfg.lr, fraction=cfg.fraction, update_every=cfg.update_every, warmup=cfg.warmup,
-                           temperature=cfg.temperature, signals=signals, save_steps=cfg.save_steps,
-                           resume=True)  # fmt: skip
+                           temperature=cfg.temperature, per_label=cfg.per_label, signals=signals,
+                           save_steps=cfg.save_steps, resume=True)  # fmt: skip
         (out / "results.json").write_text(json.dumps(result, indent=1))
         print(f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "
               f"noisy share trained on {result['noisy_share']:.3f} -> {out / 'results.json'}")  # fmt: skip

@@ -34,3 +34,23 @@ def test_top_random_and_budget():
     assert budget(10, 0.01) == 1
     with pytest.raises(ValueError, match="fraction must lie in"):
         budget(10, 0.0)
+
+
+def test_per_label_selection_keeps_every_label():
+    """A score that favours one label takes the whole budget from it, unless the rule runs per label."""
+    from dataflex.selectors import SelectionContext, Selector
+
+    class Fixed(Selector):
+        def score(self, ids, ctx):
+            return np.where(np.arange(40)[ids] < 20, 10.0, 0.0) + np.arange(40)[ids] * 1e-3
+
+    labels = np.repeat([0, 1], 20)
+    ctx = SelectionContext(model=None, dataset=list(range(40)), collate=None, step=1, seed=0, labels=labels)
+    pooled = Fixed(0.25).select(ctx)
+    assert set(labels[pooled]) == {0} and len(pooled) == 10
+    split = Fixed(0.25, per_label=True).select(ctx)
+    assert np.bincount(labels[split]).tolist() == [5, 5]
+    assert split[labels[split] == 1].tolist() == [35, 36, 37, 38, 39]  # the top scores within label 1
+    with pytest.raises(ValueError, match="per_label=True needs the pool's labels"):
+        Fixed(0.25, per_label=True).select(SelectionContext(model=None, dataset=list(range(40)), collate=None,
+                                                            step=1, seed=0))  # fmt: skip

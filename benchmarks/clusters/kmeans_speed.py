@@ -9,7 +9,7 @@ Embeddings are real: mean-pooled last hidden states (width 256) of a tiny byte-l
 timed and reported separately. Both k-means implementations start from the *same* initial centroids
 (k random points, seeded) and run exactly ``--iters`` Lloyd iterations (scikit-learn with ``tol=0``),
 so their inertias must agree to within 1 %. Reported: wall time of each, the ratio, and the GFLOP/s of
-the distance computations (2 n k d per iteration). Writes ``results.md`` / ``results.json`` beside this file.
+the distance computations (2 n k d per iteration). Writes ``kmeans_speed.md`` / ``kmeans_speed.json`` beside this file.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def main() -> None:
         f"{embed_s:.0f} s ({row['embedding_examples_per_s']:.0f} windows/s) |",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, **row}, indent=1))
+    (args.out / "kmeans_speed.md").write_text("\n".join(md) + "\n")
+    (args.out / "kmeans_speed.json").write_text(json.dumps({"command": command, "machine": machine, **row}, indent=1))
     print("\n".join(md))
 
 

@@ -81,6 +81,7 @@ class DataFlexSelectCallback(DataFlexCallback):
             seed=self.sampler.seed,
             optimizer=self._optimizer,
             batch_size=self.score_batch_size,
+            labels=self.store.domain_ids,
         )
         chosen = self.policy.select(context)
         if self.policy.last_scores is not None:
