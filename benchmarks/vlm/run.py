@@ -109,7 +109,7 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
         f"{args.update_every} steps from step {args.warmup}. Median [min, max] over seeds.",
         "",
         "| arm | clean test accuracy | clean test loss | validation accuracy (given answers) | noisy share trained on "
-        f"| ... after step {args.warmup} | train seconds |",
+        f"| ... after step {args.warmup} | train seconds* |",
         "|---|---|---|---|---|---|---|",
     ]
     summary = {}
@@ -123,6 +123,8 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
                      f"{median_range(s['validation_accuracy_given_answers'])} | "
                      f"{median_range(s['noisy_share'])} | {median_range(s['noisy_share_after_warmup'])} | "
                      f"{median_range(s['seconds'], '{:.0f}')} |")  # fmt: skip
+    lines += ["", "*Wall time of each run's training; runs may have shared the two cores with another run, so it is not "
+              "a timing comparison."]
     if "cluster_digit_purity" in extras:
         lines += ["", f"Image clusters ({args.clusters}, holdout model's projected features): digit purity "
                       f"{extras['cluster_digit_purity']:.2f}."]  # fmt: skip
