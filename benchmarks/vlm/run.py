@@ -123,8 +123,11 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
                      f"{median_range(s['validation_accuracy_given_answers'])} | "
                      f"{median_range(s['noisy_share'])} | {median_range(s['noisy_share_after_warmup'])} | "
                      f"{median_range(s['seconds'], '{:.0f}')} |")  # fmt: skip
-    lines += ["", "*Wall time of each run's training; runs may have shared the two cores with another run, so "
-              "it is not a timing comparison."]
+    lines += [
+        "",
+        "*Wall time of each run's training; runs may have shared the two cores with another run, so "
+        "it is not a timing comparison.",
+    ]
     if "cluster_digit_purity" in extras:
         lines += ["", f"Image clusters ({args.clusters}, holdout model's projected features): digit purity "
                       f"{extras['cluster_digit_purity']:.2f}."]  # fmt: skip
