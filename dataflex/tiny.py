@@ -135,10 +135,17 @@ def tiny_gpt2(
 
 def tiny_llama(*, n_layer: int = 2, hidden: int = 64, n_head: int = 4, n_positions: int = 256, seed: int = 0) -> Any:
     """A Llama-architecture causal LM (RoPE, RMSNorm, SwiGLU) over the byte vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
+    return _seeded(LlamaForCausalLM, _llama_config(VOCAB_SIZE, hidden, n_layer, n_head, n_positions), seed)
+
+
+def _llama_config(vocab_size: int, hidden: int, n_layer: int, n_head: int, n_positions: int) -> Any:
+    """The small Llama text config shared by :func:`tiny_llama` and the LM of :func:`tiny_llava`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=n_layer,
@@ -149,7 +156,6 @@ def tiny_llama(*, n_layer: int = 2, hidden: int = 64, n_head: int = 4, n_positio
         eos_token_id=PAD_ID,
         pad_token_id=PAD_ID,
     )
-    return _seeded(LlamaForCausalLM, config, seed)
 
 
 def tiny_llava(
@@ -171,7 +177,7 @@ def tiny_llava(
     ``vision_feature_select_strategy="default"`` the CLS patch is dropped, so an image fills
     ``(image_size // patch_size) ** 2`` image-token positions of the text (16 by default).
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from dataflex.digits import IMAGE_TOKEN_ID, VLM_VOCAB_SIZE
 
@@ -186,18 +192,7 @@ def tiny_llava(
         patch_size=patch_size,
         num_channels=channels,
     )
-    text = LlamaConfig(
-        vocab_size=VLM_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=n_layer,
-        num_attention_heads=n_head,
-        num_key_value_heads=n_head,
-        max_position_embeddings=n_positions,
-        bos_token_id=PAD_ID,
-        eos_token_id=PAD_ID,
-        pad_token_id=PAD_ID,
-    )
+    text = _llama_config(VLM_VOCAB_SIZE, hidden, n_layer, n_head, n_positions)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,

@@ -13,6 +13,7 @@ examples trained on. ``benchmarks/vlm/run.py`` runs this recipe for several meth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -70,8 +71,9 @@ def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size:
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Irreducible losses and image clusters of the training pool from a model trained on the validation split.
 
-    The holdout model (RHO-LOSS's irreducible-loss model) is trained once and cached under ``work``,
-    as are its pool scores (crash-resumable).
+    The holdout model (RHO-LOSS's irreducible-loss model) is trained once and cached under ``work`` in a
+    folder named by its training settings (so a changed setting never reuses a stale model), as are its
+    pool scores (crash-resumable).
     """
     from dataflex.clustering import kmeans
     from dataflex.digits import collate_vlm
@@ -79,20 +81,24 @@ def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size:
     from dataflex.tiny import tiny_llava
     from dataflex.vlm import image_feature_embedder
 
-    path = work / "holdout" / "model.pt"
+    data_key = json.dumps([list(data["validation"]["image"]), list(data["validation"]["answer"]),
+                           list(data["train"]["image"])])  # fmt: skip
+    data_key = hashlib.sha1(data_key.encode()).hexdigest()[:8]  # split and noise of the data it saw / scores
+    folder = work / f"holdout_{steps}x{batch_size}_lr{lr:g}_{data_key}"
+    path = folder / "model.pt"
     model = tiny_llava(seed=1000)
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
-        args = training_args(work / "holdout", seed=1000, steps=steps, batch_size=batch_size, lr=lr)
+        args = training_args(folder, seed=1000, steps=steps, batch_size=batch_size, lr=lr)
         Trainer(model=model, args=args, train_dataset=data["validation"], data_collator=collate_vlm).train()
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     train = data["train"]
     irreducible = score_pool(token_mean_losses(model), train, collate_vlm, batch_size=128,
-                             cache=work / "irreducible.npz", desc="irreducible losses")  # fmt: skip
+                             cache=folder / "irreducible.npz", desc="irreducible losses")  # fmt: skip
     features = score_pool(image_feature_embedder(model), train, collate_vlm, batch_size=128,
-                          cache=work / "image_features.npz", desc="image features")  # fmt: skip
+                          cache=folder / "image_features.npz", desc="image features")  # fmt: skip
     fit = kmeans(np.asarray(features, dtype=np.float32), clusters, seed=seed)
     digits = np.asarray(train["digit"])
     purity = sum(np.bincount(digits[fit.labels == c]).max() for c in np.unique(fit.labels)) / len(digits)

@@ -235,12 +235,14 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["method"] == "rho" and 0 <= result["accuracy"] <= 1 and not result["resumed"]
     assert (tmp_path / "run" / "checkpoint-4" / "dataflex_state.json").is_file()
-    assert (tmp_path / "outputs" / "vlm_work" / "holdout" / "model.pt").is_file()
+    holdouts = list((tmp_path / "outputs" / "vlm_work").glob("holdout_2x8_*/model.pt"))
+    assert len(holdouts) == 1
     longer = [c if c != "steps=4" else "steps=6" for c in cmd]
     again = subprocess.run(longer, capture_output=True, text=True,
                            cwd=tmp_path, timeout=600)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["resumed"]
+    assert list((tmp_path / "outputs" / "vlm_work").glob("holdout_*/model.pt")) == holdouts  # reused, not retrained
     bogus = [c if c != "method=rho" else "method=bogus" for c in cmd[:-1]] + ["hydra.run.dir=bad"]
     bad = subprocess.run(bogus, capture_output=True, text=True,
                          cwd=tmp_path, timeout=600)  # fmt: skip
