@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from dataflex.hf.callback import DataFlexCallback
 from dataflex.hf.select_callback import DataFlexSelectCallback
 from dataflex.policies import Uniform
-from dataflex.selectors import LossFocus, RhoLoss
+from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
 from dataflex.weighting import ExampleWeightedLoss
 
 #: method -> what decides the training data
@@ -37,6 +37,7 @@ METHODS = {
     "rho": "RHO-LOSS (arXiv 2206.07137): current minus irreducible loss (holdout-trained model)",
     "reweight": "ExampleWeightedLoss(direction='easy'): weights ∝ exp(-z / T) in backprop",
     "clusters": "cluster-balanced over faiss k-means of projected image features (holdout model)",
+    "clean_oracle": "reference, not a method: FixedSubset of the examples whose answer is right (reads the noise mask)",
 }
 
 
@@ -126,6 +127,9 @@ def method_callback(method: str, train: Any, signals: dict[str, Any], *, fractio
     if method == "clusters":
         clusters = signals["clusters"]
         return DataFlexCallback(Uniform(), domains=clusters, update_every=update_every, stratified=True), None
+    if method == "clean_oracle":  # what perfect noise filtering would give at this budget (an upper reference)
+        clean = np.flatnonzero(~np.asarray(train["noisy"], dtype=bool))
+        return DataFlexSelectCallback(FixedSubset(clean), domains, **selection), None
     raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
 
 

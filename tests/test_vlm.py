@@ -252,3 +252,14 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     bad = subprocess.run(bogus, capture_output=True, text=True,
                          cwd=tmp_path, timeout=600)  # fmt: skip
     assert bad.returncode != 0 and "unknown method 'bogus'" in bad.stderr
+
+
+def test_clean_oracle_trains_only_on_right_answers(vqa):
+    """The benchmark's reference arm keeps exactly the examples whose answer is right."""
+    from dataflex.recipes.vlm import method_callback
+
+    dfx, weighted = method_callback("clean_oracle", vqa["train"], {}, fraction=0.7, update_every=5, warmup=0,
+                                    temperature=1.0)  # fmt: skip
+    clean = np.flatnonzero(~np.asarray(vqa["train"]["noisy"], dtype=bool))
+    assert weighted is None and 0 < clean.size < len(vqa["train"])
+    assert np.array_equal(dfx.policy.initial_subset(len(vqa["train"])), clean)

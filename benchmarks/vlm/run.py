@@ -17,7 +17,9 @@ steps of the same batch size:
 * ``reweight``: every example trained on, loss weights ∝ exp(−z/T) of the standardised batch losses
   (``ExampleWeightedLoss(direction="easy")`` through ``compute_loss_func``);
 * ``clusters``: cluster-balanced sampling over faiss k-means clusters of projected image features
-  (taken with the holdout model), ``DataFlexCallback(Uniform(), domains=clusters, stratified=True)``.
+  (taken with the holdout model), ``DataFlexCallback(Uniform(), domains=clusters, stratified=True)``;
+* ``clean_oracle`` (a reference, not a method: it reads the noise mask): trains only on the examples
+  whose answer is right — what perfect noise filtering could give at this step budget.
 
 The data (split and noise mask) is fixed by ``--data-seed``; seeds vary initialisation and order.
 Selection arms keep ``--fraction`` 0.7 = 1 - noise rate of every question type (the keep rate
@@ -119,7 +121,8 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
                 "seconds")  # fmt: skip
         summary[arm] = {k: [r[k] for r in mine] for k in keys}
         s = summary[arm]
-        lines.append(f"| {arm} | {median_range(s['accuracy'])} | {median_range(s['loss'])} | "
+        name = f"{arm} (reference: reads the noise mask)" if arm == "clean_oracle" else arm
+        lines.append(f"| {name} | {median_range(s['accuracy'])} | {median_range(s['loss'])} | "
                      f"{median_range(s['validation_accuracy_given_answers'])} | "
                      f"{median_range(s['noisy_share'])} | {median_range(s['noisy_share_after_warmup'])} | "
                      f"{median_range(s['seconds'], '{:.0f}')} |")  # fmt: skip
@@ -151,7 +154,8 @@ def plot(args, summary: dict) -> None:
                            (axes[1], "noisy_share_after_warmup", "share of noisy examples trained on")):  # fmt: skip
         for x, arm in enumerate(args.arms):
             values = summary[arm][key]
-            ax.bar(x, np.median(values), color="tab:gray" if arm == "uniform" else "tab:blue", alpha=0.7)
+            color = {"uniform": "tab:gray", "clean_oracle": "tab:green"}.get(arm, "tab:blue")
+            ax.bar(x, np.median(values), color=color, alpha=0.7)
             ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
         ax.set_xticks(range(len(args.arms)), args.arms, rotation=30)
         ax.set_title(title)
