@@ -34,6 +34,7 @@ METHODS = {
     "uniform": "DataFlexCallback(Uniform()) over the question types",
     "loss_hard": "DataFlexSelectCallback(LossFocus(fraction, 'hard')): highest current loss",
     "loss_easy": "DataFlexSelectCallback(LossFocus(fraction, 'easy')): lowest current loss",
+    "loss_easy_mean": "LossFocus(fraction, 'easy', history='mean'): lowest loss averaged over the re-selections",
     "rho": "RHO-LOSS (arXiv 2206.07137): current minus irreducible loss (holdout-trained model)",
     "reweight": "ExampleWeightedLoss(direction='easy'): weights ∝ exp(-z / T) in backprop",
     "clusters": "cluster-balanced over faiss k-means of projected image features (holdout model)",
@@ -115,8 +116,9 @@ def method_callback(method: str, train: Any, signals: dict[str, Any], *, fractio
     selection = {"update_every": update_every, "warmup_steps": warmup}
     if method == "uniform":
         return DataFlexCallback(Uniform(), domains=domains, update_every=update_every), None
-    if method in ("loss_hard", "loss_easy"):
-        rule = LossFocus(fraction, method.split("_")[1], per_label=per_label)
+    if method in ("loss_hard", "loss_easy", "loss_easy_mean"):
+        history = "mean" if method.endswith("_mean") else "last"
+        rule = LossFocus(fraction, method.split("_")[1], per_label=per_label, history=history)
         return DataFlexSelectCallback(rule, domains, **selection), None
     if method == "rho":
         rule = RhoLoss(fraction, signals["irreducible"], per_label=per_label)

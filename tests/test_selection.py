@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,30 @@ def test_per_label_selection_keeps_every_label():
     with pytest.raises(ValueError, match="per_label=True needs the pool's labels"):
         Fixed(0.25, per_label=True).select(SelectionContext(model=None, dataset=list(range(40)), collate=None,
                                                             step=1, seed=0))  # fmt: skip
+
+
+def test_loss_history_mean_separates_memorised_noise_and_resumes(monkeypatch):
+    """history='mean' ranks by the loss averaged over re-selections; its sums survive a state round trip."""
+    import dataflex.selectors as selectors
+    from dataflex.selectors import LossFocus, SelectionContext
+
+    rounds = [[1.0, 2.0, 2.5, 2.5], [0.5, 2.0, 1.0, 2.5], [0.2, 0.8, 0.9, 2.5], [0.1, 0.7, 0.4, 2.4]]
+    now = {"round": 0}
+    monkeypatch.setattr(selectors, "current_losses", lambda ids, ctx: np.asarray(rounds[now["round"]])[ids])
+    ctx = SelectionContext(model=None, dataset=list(range(4)), collate=None, step=1, seed=0)
+    last, mean = LossFocus(0.5, "easy"), LossFocus(0.5, "easy", history="mean")
+    # example 1's answer is wrong: high loss until the model memorises it in round 3; example 2 is hard but right
+    for r in range(3):
+        now["round"] = r
+        picks_last, picks_mean = last.select(ctx).tolist(), mean.select(ctx).tolist()
+    assert picks_last == [0, 1]  # the latest snapshot keeps the memorised wrong answer
+    assert picks_mean == [0, 2]  # averaged: 1.60 for the wrong answer vs 1.47 for the hard right one
+    np.testing.assert_allclose(mean.last_scores[1], [1.7 / 3, 4.8 / 3, 4.4 / 3, 2.5])
+    resumed = LossFocus(0.5, "easy", history="mean")
+    resumed.load_state_dict(json.loads(json.dumps(mean.state_dict())))
+    now["round"] = 3
+    assert resumed.select(ctx).tolist() == mean.select(ctx).tolist()
+    np.testing.assert_array_equal(resumed.last_scores[1], mean.last_scores[1])
+    assert LossFocus(0.5).state_dict() == {}
+    with pytest.raises(ValueError, match="history='ema'"):
+        LossFocus(0.5, history="ema")

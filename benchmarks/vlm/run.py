@@ -12,6 +12,8 @@ steps of the same batch size:
 * ``uniform``: ``DataFlexCallback(Uniform())`` over the four question types;
 * ``loss_hard`` / ``loss_easy``: ``DataFlexSelectCallback(LossFocus(f, mode))`` — re-select the
   highest / lowest current-loss fraction ``f`` of the pool every ``--update-every`` steps;
+* ``loss_easy_mean``: the same as ``loss_easy`` but ranked by each example's loss averaged over all
+  re-selections so far (``LossFocus(..., history="mean")``, in the spirit of AUM, arXiv 2001.10528);
 * ``rho``: RHO-LOSS (Mindermann et al. 2022, arXiv 2206.07137) — the same selection by training loss
   minus irreducible loss, the latter from a model trained on the (equally noisy) validation split;
 * ``reweight``: every example trained on, loss weights ∝ exp(−z/T) of the standardised batch losses
