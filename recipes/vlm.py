@@ -109,20 +109,29 @@ def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size:
 
 
 def method_callback(method: str, train: Any, signals: dict[str, Any], *, fraction: float, update_every: int,
-                    warmup: int, temperature: float, per_label: bool = True,
+                    warmup: int, temperature: float, per_label: bool = True, label_by: str = "question",
                     ) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:  # fmt: skip
-    """The dataflex callback (and loss weighting, for ``reweight``) that implements ``method``."""
+    """The dataflex callback (and loss weighting, for ``reweight``) that implements ``method``.
+
+    Selection arms group the pool by ``label_by`` for ``per_label``: ``"question"`` (question type) or
+    ``"question_answer"`` (question type and given answer). The second stops a loss ranking from
+    preferring the answer the model currently predicts most often (a model that cannot yet read parity
+    from the image gives every "even" the same loss), so within a group the loss reflects the image.
+    """
+    if label_by not in ("question", "question_answer"):
+        raise ValueError(f"label_by={label_by!r}; valid values are 'question', 'question_answer'")
     domains = train["domain"]
+    groups = domains if label_by == "question" else [f"{d}:{a}" for d, a in zip(domains, train["answer"])]
     selection = {"update_every": update_every, "warmup_steps": warmup}
     if method == "uniform":
         return DataFlexCallback(Uniform(), domains=domains, update_every=update_every), None
     if method in ("loss_hard", "loss_easy", "loss_easy_mean"):
         history = "mean" if method.endswith("_mean") else "last"
         rule = LossFocus(fraction, method.split("_")[1], per_label=per_label, history=history)
-        return DataFlexSelectCallback(rule, domains, **selection), None
+        return DataFlexSelectCallback(rule, groups, **selection), None
     if method == "rho":
         rule = RhoLoss(fraction, signals["irreducible"], per_label=per_label)
-        return DataFlexSelectCallback(rule, domains, **selection), None
+        return DataFlexSelectCallback(rule, groups, **selection), None
     if method == "reweight":
         return (DataFlexCallback(Uniform(), domains=domains, update_every=update_every),
                 ExampleWeightedLoss(temperature=temperature, direction="easy"))  # fmt: skip
@@ -149,6 +158,7 @@ def train_vlm(
     warmup: int = 200,
     temperature: float = 1.0,
     per_label: bool = True,
+    label_by: str = "question",
     signals: dict[str, Any] | None = None,
     save_steps: int | None = None,
     resume: bool = False,
@@ -163,7 +173,8 @@ def train_vlm(
         raise ValueError(f"method {method!r} needs holdout signals (see holdout_signals)")
     train = data["train"]
     dfx, weighted = method_callback(method, train, signals or {}, fraction=fraction, update_every=update_every,
-                                    warmup=warmup, temperature=temperature, per_label=per_label)  # fmt: skip
+                                    warmup=warmup, temperature=temperature, per_label=per_label,
+                                    label_by=label_by)  # fmt: skip
     counter = NoiseCounter(dfx, np.asarray(train["noisy"], dtype=bool), weighted)
     extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
     model = tiny_llava(seed=seed)
@@ -210,7 +221,7 @@ def _hydra_main() -> None:
                                       seed=cfg.data_seed)  # fmt: skip
         result = train_vlm(cfg.method, data, out=out, seed=cfg.seed, steps=cfg.steps, batch_size=cfg.batch_size,
                            lr=cfg.lr, fraction=cfg.fraction, update_every=cfg.update_every, warmup=cfg.warmup,
-                           temperature=cfg.temperature, per_label=cfg.per_label, signals=signals,
+                           temperature=cfg.temperature, per_label=cfg.per_label, label_by=cfg.label_by, signals=signals,
                            save_steps=cfg.save_steps, resume=True)  # fmt: skip
         (out / "results.json").write_text(json.dumps(result, indent=1))
         print(f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "

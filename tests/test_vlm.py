@@ -263,3 +263,17 @@ def test_clean_oracle_trains_only_on_right_answers(vqa):
     clean = np.flatnonzero(~np.asarray(vqa["train"]["noisy"], dtype=bool))
     assert weighted is None and 0 < clean.size < len(vqa["train"])
     assert np.array_equal(dfx.policy.initial_subset(len(vqa["train"])), clean)
+
+
+def test_selection_groups_by_question_and_given_answer(vqa):
+    """label_by='question_answer' makes every (question type, given answer) pair its own selection group."""
+    from dataflex.recipes.vlm import method_callback
+
+    train = vqa["train"]
+    kwargs = {"fraction": 0.7, "update_every": 5, "warmup": 0, "temperature": 1.0}
+    dfx, _ = method_callback("loss_easy", train, {}, label_by="question_answer", **kwargs)
+    assert dfx.domains == [f"{d}:{a}" for d, a in zip(train["domain"], train["answer"])]
+    assert dfx.policy.per_label and len(set(dfx.domains)) > len(set(train["domain"]))
+    assert method_callback("loss_easy", train, {}, **kwargs)[0].domains == list(train["domain"])
+    with pytest.raises(ValueError, match="label_by='answer'"):
+        method_callback("loss_easy", train, {}, label_by="answer", **kwargs)

@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--fraction", type=float, default=0.7, help="share of the pool the selection arms keep")
+    p.add_argument("--label-by", choices=["question", "question_answer"], default="question",
+                   help="selection arms keep the same share of every group of this kind")  # fmt: skip
     p.add_argument("--update-every", type=int, default=100)
     p.add_argument("--warmup", type=int, default=200, help="steps before the first selection")
     p.add_argument("--temperature", type=float, default=1.0, help="reweight arm: T in exp(-z / T)")
@@ -94,7 +96,8 @@ def main() -> None:
                 result = train_vlm(arm, data, out=args.runs / f"{arm}_seed{seed}", seed=seed, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, fraction=args.fraction,
                                    update_every=args.update_every, warmup=args.warmup,
-                                   temperature=args.temperature, signals=extras)  # fmt: skip
+                                   temperature=args.temperature, label_by=args.label_by,
+                                   signals=extras)  # fmt: skip
                 result["arm"] = arm
                 path.write_text(json.dumps(result, indent=1))
                 print(f"seed {seed} {arm}: acc {result['accuracy']:.3f} loss {result['loss']:.3f} "
@@ -109,7 +112,8 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
         f"Command: `python benchmarks/vlm/run.py {' '.join(sys.argv[1:])}` on {platform.platform()}, torch "
         f"{torch.__version__}. Tiny LLaVA from config, digits VQA: {len(data['train'])} training examples "
         f"({noisy_rate:.1%} with a wrong answer), clean test split of {len(data['test'])}; {args.steps} steps x "
-        f"{args.batch_size}; seeds {args.seeds}; selection keeps {args.fraction:.0%} of the pool, re-selected every "
+        f"{args.batch_size}; seeds {args.seeds}; selection keeps {args.fraction:.0%} of every "
+        f"{args.label_by.replace('_', ' and ')} group, re-selected every "
         f"{args.update_every} steps from step {args.warmup}. Median [min, max] over seeds.",
         "",
         "| arm | clean test accuracy | clean test loss | validation accuracy (given answers) | noisy share trained on "
