@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from dataflex.proxies.loop import train_mixture
 
 from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies import Uniform
+from dataflex.proxies.loop import train_mixture
 from dataflex.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
 
 POSITIONS = 256  # the base model's context; data max_len must not exceed it

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from dataflex.samplers import DomainMixtureSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM
+from dataflex.samplers import DomainMixtureSampler
 from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
 
 RESULTS = Path(__file__).resolve().parent / "results"

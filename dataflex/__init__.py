@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from dataflex.hf.callback import DataFlexCallback
-    from dataflex.hf.curriculum_callback import DataFlexCurriculumCallback
-    from dataflex.hf.select_callback import DataFlexSelectCallback
+    from dataflex.hf.callbacks import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
 
 _HF_NAMES = ("DataFlexCallback", "DataFlexSelectCallback", "DataFlexCurriculumCallback")
 

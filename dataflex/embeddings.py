@@ -14,14 +14,14 @@ positions the attention mask marks as real. Everything stays on the model's devi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dataflex.batching import model_inputs
+from dataflex.taps import Tap
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,15 +41,9 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-@contextmanager
-def capture_last_hidden(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, ``box["hidden"]`` holds the input of the LM head of the latest forward."""
-    box: dict[str, torch.Tensor] = {}
-    handle = output_layer(model).register_forward_pre_hook(lambda m, args: box.__setitem__("hidden", args[0]))
-    try:
-        yield box
-    finally:
-        handle.remove()
+def last_hidden_tap(model: torch.nn.Module) -> Tap:
+    """A :class:`~dataflex.taps.Tap` on the input of the LM head: the last hidden state of each forward."""
+    return Tap(output_layer(model), "input")
 
 
 def hidden_state_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -63,11 +57,12 @@ def hidden_state_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.T
         was_training = model.training
         model.eval()
         try:
-            with capture_last_hidden(model) as box:
+            with last_hidden_tap(model) as tap:
                 model(**model_inputs(batch, device))
+                hidden = tap.pop()
         finally:
             model.train(was_training)
-        return mean_pool(box["hidden"].float(), mask)
+        return mean_pool(hidden.float(), mask)
 
     return embed
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 STATE_FORMAT = "dataflex.state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the decider's state under 'decider', with the policy class recorded
 
 
 @runtime_checkable
@@ -33,6 +33,18 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class TensorStateful(Protocol):
+    """An object with state that is not JSON: tensors such as a proxy model and its optimizer.
+
+    Saved by :func:`dataflex.checkpoint.save_state` beside the JSON state, with ``torch.save``.
+    """
+
+    def tensor_state_dict(self) -> dict[str, Any]: ...
+
+    def load_tensor_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -109,8 +121,12 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file; a corrupted file raises ``ValueError`` naming the file."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({err}); the file is damaged") from err
 
 
 def floats_to_json(values: np.ndarray) -> list[float | None]:

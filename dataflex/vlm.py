@@ -6,7 +6,7 @@ feature of ``pixel_values``. Two things go wrong silently or cryptically with a 
 * a batch with image tokens but no ``pixel_values`` trains on the image token's *text* embedding
   (no error at all), and a batch with too few images fails deep inside the model with a token/feature
   count. :func:`check_image_batch` catches both before the forward and names the examples;
-* the image features are not returned by the forward. :func:`capture_image_features` hooks the
+* the image features are not returned by the forward. :func:`image_feature_tap` hooks the
   multi-modal projector's output, so the training forward yields per-example image embeddings (mean
   over patches) for the cluster sampler at no extra cost; :func:`image_feature_embedder` does the same
   for a pool offline (through :func:`dataflex.offline.score_pool`).
@@ -14,11 +14,12 @@ feature of ``pixel_values``. Two things go wrong silently or cryptically with a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from dataflex.taps import Tap
 
 
 def image_token_id(model: torch.nn.Module) -> int | None:
@@ -100,22 +101,12 @@ def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_id
         raise ValueError(f"{kind} {offenders[:10]} have non-finite pixel values (NaN or inf)")
 
 
-@contextmanager
-def capture_image_features(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, ``box["image"]`` holds the latest projected image features, mean over patches.
+def image_feature_tap(model: torch.nn.Module) -> Tap:
+    """A :class:`~dataflex.taps.Tap` on the projector's output: each image's projected features, mean over patches.
 
     Shape ``(images, text_width)``: what the language model receives for each image, pooled.
     """
-    box: dict[str, torch.Tensor] = {}
-
-    def keep(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        box["image"] = output.detach().float().mean(dim=1)
-
-    handle = projector(model).register_forward_hook(keep)
-    try:
-        yield box
-    finally:
-        handle.remove()
+    return Tap(projector(model), "output", lambda out: out.detach().float().mean(dim=1))
 
 
 def image_feature_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -133,12 +124,13 @@ def image_feature_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.
         was_training = model.training
         model.eval()
         try:
-            with capture_image_features(model) as box:
+            with image_feature_tap(model) as tap:
                 model.get_image_features(pixel_values=pixels.to(device))
+                features = tap.pop()
         finally:
             model.train(was_training)
-        if box["image"].shape[0] != pixels.shape[0]:
-            raise RuntimeError(f"expected one feature row per image; got {box['image'].shape[0]} for {pixels.shape[0]}")
-        return box["image"]
+        if features.shape[0] != pixels.shape[0]:
+            raise RuntimeError(f"expected one feature row per image; got {features.shape[0]} for {pixels.shape[0]}")
+        return features
 
     return embed

@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from dataflex.proxies.loop import LoopResult, train_mixture
 
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 from dataflex.policies.base import BoundPolicy
 from dataflex.policies.doremi import DoReMiOnline, GroupDROWeights
 from dataflex.policies.static import Natural, Uniform
+from dataflex.proxies.loop import LoopResult, train_mixture
 from dataflex.state import write_json_atomic
 from dataflex.tiny import collate_causal
 from dataflex.weights import validate_weights

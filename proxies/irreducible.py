@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from dataflex.proxies.doremi import reference_token_losses
-from dataflex.proxies.loop import train_mixture
 
 from dataflex.domains import encode_domains
 from dataflex.policies.static import Uniform
+from dataflex.proxies.doremi import reference_token_losses
+from dataflex.proxies.loop import train_mixture
 
 
 def irreducible_losses(

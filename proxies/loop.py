@@ -23,18 +23,21 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from dataflex.samplers.mixture import DomainMixtureSampler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dataflex import dist
 from dataflex.batching import inspect_loader, rank_position_batches
+from dataflex.checkpoint import json_path, load_state, save_state
 from dataflex.losses import per_example_token_loss
-from dataflex.policies.base import MixingPolicy
+from dataflex.policies.base import BatchObserver, MixingPolicy
+from dataflex.samplers.mixture import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
-from dataflex.state import read_json, write_json_atomic
+from dataflex.state import TensorStateful
 from dataflex.store import ScoreStore
 from dataflex.tiny import collate_causal
+
+LOOP_STATE = "loop_state"  # loop_state.json + loop_state.pt (see dataflex.checkpoint)
 
 
 class Objective(Protocol):
@@ -140,7 +143,7 @@ def train_mixture(
     parts = _Parts(accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result,
                    steps_per_epoch, global_batch)  # fmt: skip
     start = 0
-    if ckpt is not None and (ckpt / "loop_state.json").is_file():
+    if ckpt is not None and json_path(ckpt, LOOP_STATE).is_file():
         start = _load(ckpt, parts)
     unwrapped = accelerator.unwrap_model(model)
     domain_t = torch.as_tensor(domain_ids)
@@ -152,7 +155,7 @@ def train_mixture(
         loader.set_epoch(epoch)
         return iter(loader)
 
-    observe = getattr(policy, "observe", None)  # online DoReMi steps its proxy on every micro-batch
+    observe = policy.observe if isinstance(policy, BatchObserver) else None  # online DoReMi's proxy step
     # A resumed sampler starts mid-epoch, at a whole number of global batches, so batch k of the epoch
     # still holds positions[k]: the positions never need an offset.
     iterator = epoch_iterator(start // steps_per_epoch)
@@ -213,49 +216,42 @@ class _Parts:
 def _save(ckpt: Path, parts: _Parts, step: int) -> None:
     store_state = parts.store.state_dict()  # collective: every rank calls it
     if parts.accelerator.is_main_process:
-        ckpt.mkdir(parents=True, exist_ok=True)
         tensors = {
             "model": parts.accelerator.unwrap_model(parts.model).state_dict(),
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        if hasattr(parts.policy, "proxy_state_dict"):
-            tensors["policy_tensors"] = parts.policy.proxy_state_dict()
-        tmp = ckpt / "tensors.pt.tmp"
-        torch.save(tensors, tmp)
-        os.replace(tmp, ckpt / "tensors.pt")
+        if isinstance(parts.policy, TensorStateful):
+            tensors["policy"] = parts.policy.tensor_state_dict()
         # The loop consumes whole global batches, so the sampler position follows from the step.
         sampler_state = {
             **parts.sampler.state_dict(),
             "epoch": step // parts.steps_per_epoch,
             "position": (step % parts.steps_per_epoch) * parts.global_batch,
         }
-        write_json_atomic(
-            ckpt / "loop_state.json",
-            {
-                "step": step,
-                "sampler": sampler_state,
-                "policy": parts.policy.state_dict(),
-                "store": store_state,
-                "objective": parts.objective.state_dict(),
-                "history": parts.result.history,
-                "curve": parts.result.curve,
-                "seconds": parts.result.seconds,
-            },
-        )
+        state = {
+            "step": step,
+            "sampler": sampler_state,
+            "policy": parts.policy.state_dict(),
+            "store": store_state,
+            "objective": parts.objective.state_dict(),
+            "history": parts.result.history,
+            "curve": parts.result.curve,
+            "seconds": parts.result.seconds,
+        }
+        save_state(ckpt, LOOP_STATE, state, tensors)
     dist.barrier()
 
 
 def _load(ckpt: Path, parts: _Parts) -> int:
-    state = read_json(ckpt / "loop_state.json")
-    tensors = torch.load(ckpt / "tensors.pt", map_location="cpu", weights_only=False)
+    state, tensors = load_state(ckpt, LOOP_STATE)
     parts.accelerator.unwrap_model(parts.model).load_state_dict(tensors["model"])
     parts.optimizer.load_state_dict(tensors["optimizer"])
     parts.scheduler.load_state_dict(tensors["scheduler"])
     torch.set_rng_state(tensors["torch_rng"])
-    if "policy_tensors" in tensors:
-        parts.policy.load_proxy_state_dict(tensors["policy_tensors"])
+    if isinstance(parts.policy, TensorStateful):
+        parts.policy.load_tensor_state_dict(tensors["policy"])
     parts.sampler.load_state_dict(state["sampler"], restore_position=True)
     parts.policy.load_state_dict(state["policy"])
     parts.store.load_state_dict(state["store"])

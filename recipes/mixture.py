@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from dataflex.proxies.loop import train_mixture
 
 from dataflex.domains import encode_domains
+from dataflex.proxies.loop import train_mixture
 from dataflex.tiny import byte_dataset, default_data_dir, load_jsonl_dir, per_domain_loss
 
 

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.hf.callback import DataFlexCallback
-from dataflex.hf.select_callback import DataFlexSelectCallback
+from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
 from dataflex.weighting import ExampleWeightedLoss
@@ -137,7 +136,12 @@ def method_callback(method: str, train: Any, signals: dict[str, Any], *, fractio
                 ExampleWeightedLoss(temperature=temperature, direction="easy"))  # fmt: skip
     if method == "clusters":
         clusters = signals["clusters"]
-        return DataFlexCallback(Uniform(), domains=clusters, update_every=update_every, stratified=True), None
+        return (
+            DataFlexCallback(
+                Uniform(), domains=clusters, domain_column=None, update_every=update_every, stratified=True
+            ),
+            None,
+        )
     if method == "clean_oracle":  # what perfect noise filtering would give at this budget (an upper reference)
         clean = np.flatnonzero(~np.asarray(train["noisy"], dtype=bool))
         return DataFlexSelectCallback(FixedSubset(clean), domains, **selection), None

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from dataflex.samplers.base import ScheduledSampler
 
 from dataflex.domains import encode_domains
 from dataflex.pacing import Pacing
+from dataflex.samplers.base import ScheduledSampler
 from dataflex.schedule import OrderSchedule
 from dataflex.state import DatasetFingerprint
 

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from dataflex.samplers.base import ScheduledSampler
 
+from dataflex.samplers.base import ScheduledSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.state import DatasetFingerprint
 

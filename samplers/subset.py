@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from dataflex.samplers.base import ScheduledSampler
 
 from dataflex.domains import encode_domains
+from dataflex.samplers.base import ScheduledSampler
 from dataflex.schedule import SubsetSchedule
 from dataflex.state import DatasetFingerprint
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from dataflex.samplers import DomainMixtureSampler
 from torch.utils.data import DataLoader, Dataset
 
+from dataflex.samplers import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 
 DOMAINS = ["a", "b", "c", "d"]

@@ -62,7 +62,10 @@ def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_ste
         model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
     else:
         raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
-    return Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[dfx, *extra])
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[dfx, *extra])
+    if hasattr(dfx, "attach"):
+        dfx.attach(trainer)
+    return trainer
 
 
 def params(model) -> dict[str, np.ndarray]:

@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from dataflex.proxies.loop import train_mixture  # noqa: E402
 from hf_helpers import small_dataset  # noqa: E402
 
 from dataflex.domains import encode_domains  # noqa: E402
 from dataflex.policies import DoReMiOnline  # noqa: E402
+from dataflex.proxies.loop import train_mixture  # noqa: E402
 from dataflex.tiny import tiny_gpt2  # noqa: E402
 
 

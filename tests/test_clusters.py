@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_resumes_exactly
-from dataflex.samplers import DomainMixtureSampler
 from hf_helpers import StepRecorder, make_trainer, small_dataset
 
 from dataflex import DataFlexCallback, DataFlexSelectCallback
@@ -15,6 +14,7 @@ from dataflex.dedup import semdedup
 from dataflex.embeddings import EmbeddingCache, hidden_state_embedder, mean_pool
 from dataflex.offline import score_pool
 from dataflex.policies import Uniform
+from dataflex.samplers import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.selectors import FixedSubset
 from dataflex.tiny import collate_causal, tiny_gpt2

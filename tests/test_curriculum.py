@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
 from conftest import assert_resumes_exactly
-from dataflex.samplers import CurriculumSampler, difficulty_order
 from hf_helpers import CrashAt, StepRecorder, make_trainer, small_dataset
 from torch.utils.data import BatchSampler
 
 from dataflex import DataFlexCurriculumCallback
 from dataflex.curriculum import Curriculum, length_difficulty, loss_difficulty
 from dataflex.pacing import PACINGS, make_pacing
+from dataflex.samplers import CurriculumSampler, difficulty_order
 from dataflex.schedule import LateScheduleChangeError, OrderSchedule
 
 N = 40

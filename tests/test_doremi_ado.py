@@ -7,6 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from hf_helpers import small_dataset
+
+from dataflex.domains import encode_domains
+from dataflex.policies import ADO, DoReMiOnline, doremi_update
+from dataflex.policies.ado import fit_power_law
 from dataflex.proxies.doremi import (
     DoReMiOffline,
     GroupDROObjective,
@@ -16,11 +21,6 @@ from dataflex.proxies.doremi import (
     train_proxy,
 )
 from dataflex.proxies.loop import train_mixture
-from hf_helpers import small_dataset
-
-from dataflex.domains import encode_domains
-from dataflex.policies import ADO, DoReMiOnline, doremi_update
-from dataflex.policies.ado import fit_power_law
 from dataflex.store import DomainStats
 from dataflex.tiny import tiny_gpt2
 

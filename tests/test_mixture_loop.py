@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dataflex.proxies.loop import train_mixture
 from hf_helpers import small_dataset
 
 from dataflex.domains import encode_domains
 from dataflex.policies import ADO, ODM, Temperature, Uniform
+from dataflex.proxies.loop import train_mixture
 from dataflex.tiny import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -92,7 +92,6 @@ def test_influence_selector_with_lora(ds, tmp_path):
 
 def test_irreducible_losses_from_a_holdout_model(tmp_path):
     from dataflex.proxies.irreducible import irreducible_losses
-
     from dataflex.tiny import collate_causal, tiny_gpt2
 
     holdout, pool = small_dataset(per_domain=8), small_dataset(per_domain=12)
@@ -106,10 +105,9 @@ def test_irreducible_losses_from_a_holdout_model(tmp_path):
     import torch
 
     model = make()
-    from dataflex.proxies.loop import train_mixture  # retrain identically to check one value
-
     from dataflex.domains import encode_domains
     from dataflex.policies import Uniform
+    from dataflex.proxies.loop import train_mixture  # retrain identically to check one value
 
     ids, names = encode_domains(holdout["domain"])
     train_mixture(model, holdout, ids, names, Uniform(), **kw)

@@ -12,11 +12,10 @@ import torch
 
 pytest.importorskip("peft")
 
-from dataflex.recipes.select_offline import load_lora_checkpoint, load_trainer_optimizer, select_offline  # noqa: E402
-
 from dataflex.grads import lora_linears  # noqa: E402
 from dataflex.influence import GradientFeaturizer  # noqa: E402
 from dataflex.offline import read_subset  # noqa: E402
+from dataflex.recipes.select_offline import load_lora_checkpoint, load_trainer_optimizer, select_offline  # noqa: E402
 from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir, tiny_gpt2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

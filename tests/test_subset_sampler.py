@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
 from conftest import assert_resumes_exactly
-from dataflex.samplers import SubsetSampler
 from torch.utils.data import BatchSampler
 
+from dataflex.samplers import SubsetSampler
 from dataflex.schedule import LateScheduleChangeError, SubsetSchedule
 
 N = 50

@@ -9,7 +9,7 @@ import pytest
 from hf_helpers import CrashAt, StepRecorder, make_trainer, params, single_example_loss, small_dataset
 from transformers import TrainerCallback
 
-import dataflex.hf.callback as callback_module
+import dataflex.hf.capture as capture_module
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM, Static, Uniform
 
@@ -81,7 +81,7 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, accum, work
     full, full_rec, full_tr = run(tmp_path / "full")
     _, head_rec, _ = run(tmp_path / "crash", crash_at=8)
     assert max(head_rec.ids) == 8
-    assert len(full_rec.ids) == 12 and full._updates_per_epoch < 12, "the run should cross an epoch"
+    assert len(full_rec.ids) == 12 and full.tracker.updates_per_epoch < 12, "the run should cross an epoch"
     ckpt = tmp_path / "crash" / "checkpoint-8"
     assert (ckpt / "dataflex_state.json").is_file()
     resumed, tail_rec, resumed_tr = run(tmp_path / "crash", resume=str(ckpt))
@@ -111,7 +111,7 @@ def test_state_for_another_dataset_is_refused(ds, tmp_path):
 
 
 def test_nan_losses_are_masked_counted_and_weights_stay_valid(ds, tmp_path, monkeypatch):
-    real = callback_module.per_example_token_loss
+    real = capture_module.per_example_token_loss
 
     def poisoned(logits, labels):
         loss, valid = real(logits, labels)
@@ -120,7 +120,7 @@ def test_nan_losses_are_masked_counted_and_weights_stay_valid(ds, tmp_path, monk
         loss[1] = float("inf")
         return loss, valid
 
-    monkeypatch.setattr(callback_module, "per_example_token_loss", poisoned)
+    monkeypatch.setattr(capture_module, "per_example_token_loss", poisoned)
     dfx = DataFlexCallback(ODM(floor=0.01), domains=ds["domain"], update_every=1)
     trainer = make_trainer(ds, dfx, tmp_path, max_steps=6, save_steps=100)
     trainer.train()
@@ -150,7 +150,7 @@ def test_all_masked_examples_are_counted(ds, tmp_path, monkeypatch):
 
 def test_bad_inputs_give_clear_errors(ds, tmp_path):
     with pytest.raises(ValueError, match="no column 'domain'"):
-        make_trainer(ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2).train()
+        make_trainer(ds.remove_columns("domain"), DataFlexCallback(Uniform()), tmp_path, max_steps=2).train()
     with pytest.raises(ValueError, match="got 3 domain labels for a training set of"):
         make_trainer(ds, DataFlexCallback(Uniform(), domains=["a", "b", "c"]), tmp_path, max_steps=2).train()
     with pytest.raises(ValueError, match=r"unknown domain name\(s\) \['poetry'\]"):

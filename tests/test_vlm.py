@@ -208,7 +208,7 @@ def test_resumed_llava_weights_are_repaired(vqa, tmp_path):
     Written so that it keeps passing once upstream loads the weights itself: the repair must then
     leave them as they are.
     """
-    from dataflex.hf.checkpoint_weights import repair_resumed_weights
+    from dataflex.hf.checkpoint import repair_resumed_weights
 
     trainer = vlm_trainer(vqa["train"], [], tmp_path, steps=2, save_steps=2)
     trainer.train()
@@ -262,7 +262,7 @@ def test_clean_oracle_trains_only_on_right_answers(vqa):
                                     temperature=1.0)  # fmt: skip
     clean = np.flatnonzero(~np.asarray(vqa["train"]["noisy"], dtype=bool))
     assert weighted is None and 0 < clean.size < len(vqa["train"])
-    assert np.array_equal(dfx.policy.initial_subset(len(vqa["train"])), clean)
+    assert np.array_equal(dfx.selector.initial_subset(len(vqa["train"])), clean)
 
 
 def test_selection_groups_by_question_and_given_answer(vqa):
@@ -272,8 +272,8 @@ def test_selection_groups_by_question_and_given_answer(vqa):
     train = vqa["train"]
     kwargs = {"fraction": 0.7, "update_every": 5, "warmup": 0, "temperature": 1.0}
     dfx, _ = method_callback("loss_easy", train, {}, label_by="question_answer", **kwargs)
-    assert dfx.domains == [f"{d}:{a}" for d, a in zip(train["domain"], train["answer"])]
-    assert dfx.policy.per_label and len(set(dfx.domains)) > len(set(train["domain"]))
-    assert method_callback("loss_easy", train, {}, **kwargs)[0].domains == list(train["domain"])
+    assert dfx.labels == [f"{d}:{a}" for d, a in zip(train["domain"], train["answer"])]
+    assert dfx.selector.per_label and len(set(dfx.labels)) > len(set(train["domain"]))
+    assert method_callback("loss_easy", train, {}, **kwargs)[0].labels == list(train["domain"])
     with pytest.raises(ValueError, match="label_by='answer'"):
         method_callback("loss_easy", train, {}, label_by="answer", **kwargs)

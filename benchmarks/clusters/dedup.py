@@ -168,8 +168,10 @@ def main() -> None:
             result_file = out / "result.json"
             if not result_file.is_file():
                 if arm == "cluster_balanced":  # clusters of the model's own embeddings
-                    cb = DataFlexCallback(Uniform(), domains=cluster_names(clusters["model"].labels),
-                                          update_every=10**9, stratified=True)  # fmt: skip
+                    names = cluster_names(clusters["model"].labels)
+                    cb = DataFlexCallback(
+                        Uniform(), domains=names, domain_column=None, update_every=10**9, stratified=True
+                    )
                 else:
                     ids = kept[arm.split("_")[1]] if arm.startswith("semdedup") else np.arange(len(pool))
                     cb = DataFlexSelectCallback(FixedSubset(ids), update_every=10**9)

@@ -21,10 +21,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "recipes"))
 
-from dataflex.proxies.doremi import DoReMiOffline, train_proxy  # noqa: E402
 from mixture import load_split, run_experiment  # noqa: E402
 
 from dataflex.domains import encode_domains  # noqa: E402
+from dataflex.proxies.doremi import DoReMiOffline, train_proxy  # noqa: E402
 from dataflex.tiny import default_data_dir, tiny_gpt2  # noqa: E402
 
 

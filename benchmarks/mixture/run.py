@@ -34,10 +34,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "recipes"))
 
-from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline  # noqa: E402
 from mixture import load_split, run_experiment  # noqa: E402
 
 from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform  # noqa: E402
+from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline  # noqa: E402
 from dataflex.tiny import default_data_dir, per_domain_loss, tiny_gpt2  # noqa: E402
 
 METHODS = ["natural", "uniform", "temperature", "odm", "ado", "doremi", "doremi_online"]

@@ -49,7 +49,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dataflex.proxies.loop import train_mixture  # noqa: E402
 from instruct_common import add_common_args, load_jsonl_file, make_base, median_range, pretrained_base  # noqa: E402
 
 from dataflex.domains import encode_domains  # noqa: E402
@@ -57,6 +56,7 @@ from dataflex.grads import lora_linears  # noqa: E402
 from dataflex.influence import GradientFeaturizer  # noqa: E402
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset  # noqa: E402
 from dataflex.policies import Natural  # noqa: E402
+from dataflex.proxies.loop import train_mixture  # noqa: E402
 from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top  # noqa: E402
 from dataflex.state import DatasetFingerprint  # noqa: E402
 from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402

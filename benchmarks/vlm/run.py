@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dataflex.recipes.vlm import METHODS, holdout_signals, train_vlm
 
 from dataflex.digits import digits_vqa
+from dataflex.recipes.vlm import METHODS, holdout_signals, train_vlm
 
 HERE = Path(__file__).resolve().parent
 ARMS = list(METHODS)

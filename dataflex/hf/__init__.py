@@ -1,7 +1,12 @@
-"""Adapters for Hugging Face ``transformers`` (needs the ``transformers`` package)."""
+"""Adapters for Hugging Face ``transformers`` (needs the ``transformers`` package).
 
-from dataflex.hf.callback import DataFlexCallback
-from dataflex.hf.curriculum_callback import DataFlexCurriculumCallback
-from dataflex.hf.select_callback import DataFlexSelectCallback
+Parts: :mod:`~dataflex.hf.callbacks` (the public callbacks), :mod:`~dataflex.hf.adapter` (Trainer events),
+:mod:`~dataflex.hf.deciders` (mixing, selection, curriculum), :mod:`~dataflex.hf.tracking` (batch positions),
+:mod:`~dataflex.hf.capture` (per-example losses), :mod:`~dataflex.hf.labels` (labels that follow the
+Trainer's dataset), :mod:`~dataflex.hf.checkpoint` (files in the Trainer's checkpoints).
+"""
 
-__all__ = ["DataFlexCallback", "DataFlexCurriculumCallback", "DataFlexSelectCallback"]
+from dataflex.hf.callbacks import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
+from dataflex.hf.checkpoint import STATE_FILENAME
+
+__all__ = ["STATE_FILENAME", "DataFlexCallback", "DataFlexCurriculumCallback", "DataFlexSelectCallback"]

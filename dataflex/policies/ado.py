@@ -66,8 +66,6 @@ class ADO(BoundPolicy):
         gamma1, gamma2, s, delta_min: as in the paper.
     """
 
-    adaptive = True
-
     def __init__(
         self,
         prior: Literal["natural", "uniform"] = "natural",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from dataflex.store import DomainStats
 
@@ -19,9 +20,6 @@ class MixingPolicy(Protocol):
     are identical on every rank and returns the next weights (finite, >= 0, summing to 1).
     """
 
-    #: True if ``update`` can change the weights (static baselines return False).
-    adaptive: bool
-
     def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None: ...
 
     def initial_weights(self) -> np.ndarray: ...
@@ -33,10 +31,20 @@ class MixingPolicy(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class BatchObserver(Protocol):
+    """A policy that learns from every training micro-batch itself (online DoReMi steps its proxy).
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` (if any) and ``labels``; ``row_domain`` is each
+    row's domain id, on the batch's device.
+    """
+
+    def observe(self, batch: dict[str, torch.Tensor], row_domain: torch.Tensor) -> None: ...
+
+
 class BoundPolicy:
     """Shared bookkeeping for policies: the bound domain names and sizes."""
 
-    adaptive = False
     domain_names: list[str]
     domain_sizes: np.ndarray
 

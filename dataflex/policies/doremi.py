@@ -159,8 +159,6 @@ class DoReMiOnline(BoundPolicy):
         floor: minimum sampling weight per domain for the main model.
     """
 
-    adaptive = True
-
     def __init__(
         self,
         proxy: torch.nn.Module | None,
@@ -242,18 +240,18 @@ class DoReMiOnline(BoundPolicy):
         return apply_floor(weights, self.floor)
 
     def state_dict(self) -> dict[str, Any]:
-        # The proxy's parameters and optimizer are tensors: saved by the caller next to this JSON state
-        # (see proxy_state_dict); here only the JSON-safe part.
+        # The proxy's parameters and optimizer are tensors: see tensor_state_dict (TensorStateful),
+        # which every checkpoint writer saves beside this JSON-safe part.
         return {"dro": self.dro.state_dict(), "proxy_seconds": self.proxy_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dro.load_state_dict(state["dro"])
         self.proxy_seconds = float(state["proxy_seconds"])
 
-    def proxy_state_dict(self) -> dict[str, Any]:
-        """Tensors to checkpoint with ``torch.save`` (proxy weights and optimizer)."""
+    def tensor_state_dict(self) -> dict[str, Any]:
+        """Proxy weights and optimizer (:class:`~dataflex.state.TensorStateful`)."""
         return {"proxy": self.proxy.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_proxy_state_dict(self, state: dict[str, Any]) -> None:
+    def load_tensor_state_dict(self, state: dict[str, Any]) -> None:
         self.proxy.load_state_dict(state["proxy"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -36,8 +36,6 @@ class ODM(BoundPolicy):
         floor: minimum weight of any domain after the update (on top of the bandit's own eps_t).
     """
 
-    adaptive = True
-
     def __init__(self, alpha: float = 0.9, floor: float = 1e-3) -> None:
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1); got {alpha!r}")

@@ -1,0 +1,410 @@
+"""The Trainer adapter: one ``TrainerCallback`` that runs any :class:`~dataflex.hf.deciders.Decider`.
+
+What happens, in Trainer events::
+
+    on_train_begin   resolve labels, let the decider build its sampler and put it inside the prepared
+                     DataLoader's BatchSampler, hook the model's forward, restore state when resuming
+    forward (hook)   per-example loss of each training micro-batch -> ScoreStore (and embeddings, and
+                     the decider's observe)
+    on_step_end      every ``update_every`` steps after ``warmup_steps``: gather all ranks' records,
+                     decide, schedule the decision ``lookahead`` samples ahead, log its metrics
+    on_save          dataflex's state (and tensor state) into the Trainer's checkpoint folder
+
+The pieces each do one job: :mod:`~dataflex.hf.tracking` (which positions a micro-batch holds),
+:mod:`~dataflex.hf.capture` (losses from the forward), :mod:`~dataflex.hf.checkpoint` (files),
+:mod:`~dataflex.hf.labels` (labels that follow the Trainer's dataset), :mod:`~dataflex.hf.deciders`.
+
+Ownership of the position on resume: the Trainer fast-forwards the DataLoader past consumed batches
+itself (``skip_first_batches``), so the sampler restores its schedule and epoch but *not* its
+position; it regenerates the epoch from position 0 and the Trainer discards what was already trained.
+
+Logging: metrics go through ``Trainer.log`` (console, ``log_history``, TensorBoard, wandb). That call
+clears the Trainer's ``should_log`` flag; the adapter restores it, so the Trainer still logs its own
+loss, grad norm and learning rate at exactly the steps it would have without dataflex.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from dataflex import dist
+from dataflex.batching import inspect_loader
+from dataflex.domains import encode_domains
+from dataflex.embeddings import last_hidden_tap, mean_pool
+from dataflex.hf import checkpoint
+from dataflex.hf.capture import LossCapture
+from dataflex.hf.deciders import Decider, RunContext
+from dataflex.hf.labels import resolve_labels
+from dataflex.hf.tracking import BatchTracker
+from dataflex.samplers.base import ScheduledSampler
+from dataflex.state import unwrap_state, wrap_state
+from dataflex.store import ScoreStore
+from dataflex.taps import Tap
+from dataflex.vlm import check_image_batch, image_feature_tap, image_token_id
+
+__all__ = ["TrainerAdapter"]
+
+logger = logging.getLogger(__name__)
+
+CHECKS_AFTER_START = 4  # micro-batches whose input_ids are compared with the dataset after (re)start
+
+
+def _trainer_on_stack() -> Trainer | None:
+    """The Trainer running this event, read off the call stack (fallback when none was attached)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+class TrainerAdapter(TrainerCallback):
+    """Runs ``decider`` inside a stock ``transformers.Trainer``; see the module docstring.
+
+    The public callbacks (:class:`~dataflex.hf.DataFlexCallback`, ``DataFlexSelectCallback``,
+    ``DataFlexCurriculumCallback``) are this class with their decider; their docstrings list the arguments.
+    """
+
+    def __init__(
+        self,
+        decider: Decider,
+        *,
+        labels: Sequence[Any] | None,
+        label_column: str | None,
+        labels_required: bool,
+        warmup_steps: int,
+        seed: int | None,
+        lookahead_batches: int | None,
+        check_ids: bool,
+        allow_missing_state: bool,
+        embeddings: Any,
+        embeddings_from: Literal["text", "image"],
+        check_images: bool,
+        trainer: Trainer | None,
+    ) -> None:
+        update_every = decider.update_every
+        if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
+            raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
+        if lookahead_batches is not None and (not isinstance(lookahead_batches, int) or lookahead_batches < 1):
+            raise ValueError(f"lookahead_batches must be a positive integer; got {lookahead_batches!r}")
+        if embeddings_from not in ("text", "image"):
+            raise ValueError(f"embeddings_from must be 'text' or 'image'; got {embeddings_from!r}")
+        self.decider = decider
+        self.labels = None if labels is None else list(labels)
+        self.label_column, self.labels_required = label_column, labels_required
+        self.warmup_steps, self.seed, self.lookahead_batches = warmup_steps, seed, lookahead_batches
+        self.check_ids, self.allow_missing_state = bool(check_ids), bool(allow_missing_state)
+        self.embeddings, self.embeddings_from, self.check_images = embeddings, embeddings_from, bool(check_images)
+        #: Every scheduled decision: dicts with step, effective_at and what the decider records.
+        self.history: list[dict[str, Any]] = []
+        self.domain_names: list[str] = []
+        self.sampler: ScheduledSampler | None = None
+        self.store: ScoreStore | None = None
+        self.run: RunContext | None = None
+        self.tracker: BatchTracker | None = None
+        self.capture = LossCapture(self._on_micro_batch)
+        self._trainer: Trainer | None = None
+        self._taps: list[Tap] = []
+        self._embedding_tap: Tap | None = None
+        self._pre_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._step_records: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        self._step_now = 0
+        self._checks_left = 0
+        if trainer is not None:
+            self.attach(trainer)
+
+    # -- the Trainer, explicitly ---------------------------------------------------------------
+    def attach(self, trainer: Trainer) -> TrainerAdapter:
+        """Bind this callback to ``trainer`` (and add it to the trainer's callbacks if it is not there).
+
+        Dataflex then logs through ``trainer.log``, reads labels from ``trainer.train_dataset`` and knows
+        which checkpoint ``trainer.train(resume_from_checkpoint=...)`` resumes from.
+        """
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"attach() needs a transformers.Trainer (or a subclass); got {type(trainer).__name__}")
+        self._trainer = trainer
+        if not any(cb is self for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        checkpoint.record_resume_requests(trainer)
+        return self
+
+    def _find_trainer(self) -> Trainer | None:
+        if self._trainer is not None:
+            return self._trainer
+        trainer = _trainer_on_stack()
+        if trainer is not None:
+            warnings.warn(
+                f"{type(self).__name__} was not attached to its Trainer and found it on the call stack; call "
+                f"callback.attach(trainer) (or pass trainer=) so labels, logging and resume use it explicitly",
+                stacklevel=3,
+            )
+            self._trainer = trainer
+        return trainer
+
+    # -- read-outs -------------------------------------------------------------------------------
+    @property
+    def missing_labels(self) -> int:
+        """Training forwards that had no labels and could not be scored."""
+        return self.capture.missing_labels
+
+    def last_step_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's (example ids, per-example losses, valid mask) of the current/last optimizer step."""
+        if not self._step_records:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)
+        ids = np.concatenate([r[0] for r in self._step_records])
+        loss = torch.cat([r[1].float() for r in self._step_records]).cpu().numpy()
+        has = torch.cat([r[2] for r in self._step_records]).cpu().numpy()
+        return ids, loss, has & np.isfinite(loss)
+
+    def wrap_loss(self, loss_func: Any) -> Any:
+        """A ``compute_loss_func`` that lets dataflex see the labels, then calls ``loss_func``.
+
+        With ``compute_loss_func`` set, the Trainer pops ``labels`` before the forward, so the forward
+        hook cannot score the batch. Pass ``Trainer(compute_loss_func=callback.wrap_loss(my_loss))``.
+        """
+        return self.capture.wrap_loss(loss_func)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs):
+        if train_dataloader is None or model is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the Trainer's model and train_dataloader in on_train_begin"
+            )
+        trainer = self._find_trainer()
+        if trainer is not None and sum(cb is self for cb in trainer.callback_handler.callbacks) > 1:
+            raise RuntimeError(f"this {type(self).__name__} was added to the Trainer twice; add it once")
+        layout = inspect_loader(train_dataloader)
+        dataset = train_dataloader.dataset
+        labels = resolve_labels(
+            loader_dataset=dataset,
+            trainer_dataset=getattr(trainer, "train_dataset", None),
+            given=self.labels,
+            column=self.label_column,
+            required=self.labels_required,
+        )
+        domain_ids, self.domain_names = encode_domains(labels)
+        n = len(dataset)
+        accum = args.gradient_accumulation_steps
+        self.run = RunContext(
+            model=model,
+            dataset=dataset,
+            collate=train_dataloader.collate_fn,
+            optimizer=optimizer,
+            domain_ids=domain_ids,
+            domain_names=self.domain_names,
+            seed=args.seed if self.seed is None else self.seed,
+            num_samples=n,
+            samples_per_step=layout.batch_size * layout.world_size * accum,
+            max_steps=state.max_steps,
+            resuming=state.global_step > 0,
+        )
+        self.sampler = self.decider.build_sampler(self.run)
+        layout.batch_sampler.sampler = self.sampler
+        self.store = ScoreStore(domain_ids, len(self.domain_names))
+        self.tracker = BatchTracker.from_layout(layout, n, accum, self.lookahead_batches)
+        self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
+        self._attach_hooks(model)
+        if state.global_step > 0:
+            self._restore(args, state, trainer)
+        elif not self.history:
+            self.history.append(self._history_entry(0, 0))
+
+    def _attach_hooks(self, model: torch.nn.Module) -> None:
+        self._detach_hooks()
+        self.capture.attach(model)
+        if self.embeddings is not None:
+            self._embedding_tap = (image_feature_tap if self.embeddings_from == "image" else last_hidden_tap)(model)
+            self._taps.append(self._embedding_tap.attach())
+        if self.check_images and image_token_id(model) is not None:
+            self._pre_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def _detach_hooks(self) -> None:
+        self.capture.detach()
+        for tap in self._taps:
+            tap.detach()
+        self._taps, self._embedding_tap = [], None
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+
+    def _history_entry(self, step: int, effective_at: int) -> dict[str, Any]:
+        return {"step": step, "effective_at": effective_at, **self.decider.history_entry(self.sampler)}
+
+    # -- every training micro-batch ------------------------------------------------------------
+    def _on_micro_batch(self, inputs: dict[str, Any], loss: torch.Tensor, has_tokens: torch.Tensor) -> None:
+        ids = self.sampler.ids_at(self.tracker.epoch, self.tracker.take())
+        labels = inputs["labels"]
+        if labels.shape[0] != ids.shape[0]:
+            raise RuntimeError(
+                f"batch has {labels.shape[0]} examples but dataflex expected {ids.shape[0]} at micro-batch "
+                f"{self.tracker.micro - 1}; was the DataLoader rebuilt after on_train_begin?"
+            )
+        if self._checks_left > 0:
+            self._check_ids(ids, inputs)
+        self.store.add(ids, loss, has_tokens)
+        self._step_records.append((ids, loss, has_tokens))
+        if self._embedding_tap is not None:
+            self._record_embeddings(ids, inputs)
+        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if inputs.get(k) is not None}
+        self.decider.observe(batch, torch.as_tensor(self.run.domain_ids[ids], device=labels.device))
+
+    def _record_embeddings(self, ids: np.ndarray, inputs: dict[str, Any]) -> None:
+        value = self._embedding_tap.pop()
+        if value is None:
+            return
+        if self.embeddings_from == "image":
+            if value.shape[0] != ids.shape[0]:
+                raise RuntimeError(
+                    f"embeddings_from='image' needs one image per example; this batch has {value.shape[0]} "
+                    f"images for {ids.shape[0]} examples"
+                )
+            pooled = value
+        else:
+            pooled = mean_pool(value.detach().float(), inputs.get("attention_mask"))
+        self.embeddings.update(ids, pooled, step=self._step_now)
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """VLM batches: refuse a training batch whose images are missing or malformed, naming its examples."""
+        if not self.capture.is_training_forward(module):
+            return
+        positions = self.tracker.peek()
+        ids = None if positions is None else self.sampler.ids_at(self.tracker.epoch, positions).tolist()
+        check_image_batch(module, kwargs, ids)
+
+    def _check_ids(self, ids: np.ndarray, inputs: dict) -> None:
+        self._checks_left -= 1
+        batch_ids = inputs.get("input_ids")
+        try:
+            expected = self.run.dataset[int(ids[0])].get("input_ids")
+        except Exception:  # a dataset without input_ids (or a custom one): nothing to check against
+            return
+        if batch_ids is None or expected is None:
+            return
+        row = batch_ids[0]
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            row = row[mask[0].bool()]
+        expected_t = torch.as_tensor(expected, device=row.device)
+        if row.shape != expected_t.shape or not torch.equal(row, expected_t):
+            raise RuntimeError(
+                f"dataflex believes the first example of this batch is id {int(ids[0])}, but the batch's input_ids "
+                "differ from that example's. The DataLoader's sampler was changed after dataflex installed its "
+                "own, or the collator rewrites tokens (pass check_ids=False if it does so on purpose)"
+            )
+
+    # -- the control loop ------------------------------------------------------------------------
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(self.tracker.start_epoch(state.global_step))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.capture.active = True
+        self._step_now = state.global_step
+        self._step_records = []
+        self.tracker.start_step(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.capture.active = False
+        step, every = state.global_step, self.decider.update_every
+        if every is not None and step > self.warmup_steps and step % every == 0:
+            self._update(step, control)
+
+    def consumed_samples(self, global_step: int) -> int:
+        """Global sample index reached after ``global_step`` optimizer steps (counted at the consumer)."""
+        return self.tracker.consumed_samples(global_step)
+
+    def _update(self, step: int, control: Any) -> None:
+        stats = self.store.flush(step)
+        value, logs = self.decider.decide(step, stats, self.store, self.run)
+        effective_at = self.tracker.effective_at(step)
+        self.sampler.schedule.add(effective_at, value)
+        self.history.append(self._history_entry(step, effective_at))
+        self._log(step, logs, control)
+
+    def _log(self, step: int, logs: dict[str, float], control: Any) -> None:
+        """Send metrics through Trainer.log without costing the Trainer its own log entry of this step."""
+        if self._trainer is None:
+            logger.info("step %d: %s", step, logs)
+            return
+        should_log = control.should_log
+        self._trainer.log(dict(logs))  # its on_log event clears should_log ...
+        control.should_log = should_log  # ... which the Trainer reads right after on_step_end
+        self._trainer.control.should_log = should_log
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        payload = self.state_dict(global_step=state.global_step)  # collective: every rank calls it
+        tensors = self.decider.tensor_state_dict()
+        if state.is_world_process_zero:
+            folder = checkpoint.checkpoint_folder(args.output_dir, state.global_step)
+            if os.path.isdir(folder):
+                checkpoint.save(folder, payload, tensors, self.embeddings)
+            else:
+                warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
+        # No rank may run ahead (and possibly crash and resume) before the state is on disk.
+        dist.barrier()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._detach_hooks()
+
+    def _restore(self, args, state, trainer: Trainer | None) -> None:
+        folder = checkpoint.resume_folder(trainer, args.output_dir, state.global_step)
+        if os.path.isdir(folder):
+            checkpoint.repair_resumed_weights(self.run.model, folder)
+        if not checkpoint.has_state(folder):
+            message = (
+                f"resuming at step {state.global_step} but {os.path.join(folder, checkpoint.STATE_FILENAME)} does "
+                "not exist: this checkpoint has no dataflex state, so the example order and decisions of the "
+                "interrupted run cannot be reproduced"
+            )
+            if not self.allow_missing_state:
+                raise FileNotFoundError(message + " (pass allow_missing_state=True to start afresh)")
+            warnings.warn(message + "; starting afresh", stacklevel=2)
+            if not self.history:
+                self.history.append(self._history_entry(0, 0))
+            return
+        payload, tensors = checkpoint.restore(folder, self.embeddings)
+        self.load_state_dict(payload, global_step=state.global_step)
+        self.decider.load_tensor_state_dict(tensors)
+
+    def state_dict(self, global_step: int) -> dict[str, Any]:
+        return wrap_state(
+            self.sampler.fingerprint,
+            {
+                "global_step": int(global_step),
+                "sampler": self.sampler.state_dict(consumed=0),
+                "decider": self.decider.state_dict(),
+                "store": self.store.state_dict(),
+                "history": self.history,
+                "missing_labels": self.capture.missing_labels,
+            },
+        )
+
+    def load_state_dict(self, state: dict[str, Any], global_step: int) -> None:
+        payload = unwrap_state(state, self.sampler.fingerprint)
+        if payload["global_step"] != global_step:
+            raise ValueError(
+                f"dataflex state is from step {payload['global_step']} but the Trainer resumes at step {global_step}"
+            )
+        # The Trainer skips consumed batches itself, so the sampler must not skip them again.
+        self.sampler.load_state_dict(payload["sampler"], restore_position=False)
+        self.decider.load_state_dict(payload["decider"])
+        self.store.load_state_dict(payload["store"])
+        self.history = list(payload["history"])
+        self.capture.missing_labels = int(payload["missing_labels"])
+        self._checks_left = CHECKS_AFTER_START if self.check_ids else 0

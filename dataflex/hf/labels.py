@@ -1,0 +1,85 @@
+"""Labels that follow the dataset the Trainer actually trains on.
+
+Domain labels taken from a dataset go stale when the trainer reorders or filters that dataset later
+(TRL's ``SFTConfig(shuffle_dataset=True)`` shuffles it, TRL drops over-long or fully masked
+examples): dataflex would then attribute examples to the wrong domains and train on the wrong mixture
+while logging the intended one. The Trainer's ``train_dataset`` keeps every column even when
+``remove_unused_columns=True`` drops them from the DataLoader's copy (same rows, same order), so the
+label column is read from it; labels passed explicitly are checked against that column.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["resolve_labels"]
+
+
+def _columns(dataset: Any) -> list[str]:
+    return list(getattr(dataset, "column_names", None) or [])
+
+
+def resolve_labels(
+    *,
+    loader_dataset: Any,
+    trainer_dataset: Any,
+    given: Sequence[Any] | None,
+    column: str | None,
+    required: bool,
+) -> list[str]:
+    """One label per example of ``loader_dataset``, in its order.
+
+    Source, in order: the ``column`` of the Trainer's ``train_dataset`` (or of the DataLoader's dataset);
+    ``given`` (then it must equal the column where one exists); ``"pool"`` for every example when
+    labels are optional. ``required`` labels without a source raise ``ValueError``.
+    """
+    n = len(loader_dataset)
+    column_labels: list[str] | None = None
+    source = None
+    if column:
+        source = next((d for d in (trainer_dataset, loader_dataset) if d is not None and column in _columns(d)), None)
+    if source is not None:
+        if len(source) != n:
+            raise ValueError(
+                f"the Trainer's train_dataset has {len(source)} rows but its DataLoader serves {n}: dataflex cannot "
+                f"tell which {column!r} label belongs to which training example"
+            )
+        column_labels = [str(x) for x in source[column]]
+    if given is None:
+        if column_labels is not None:
+            return column_labels
+        if required:
+            seen = _columns(trainer_dataset) or _columns(loader_dataset)
+            raise ValueError(
+                f"the training dataset has no column {column!r} (columns: {seen}); keep a {column!r} column in the "
+                "dataset you give the Trainer, or pass the labels explicitly (domains=...)"
+            )
+        return ["pool"] * n
+    labels = [str(x) for x in given]
+    if len(labels) != n:
+        raise ValueError(
+            f"got {len(labels)} domain labels for a training set of {n} examples; give one label per example, in "
+            "the order of the dataset the Trainer trains on (a trainer that filters its dataset, such as TRL "
+            "dropping over-long examples, changes that count: keep a label column instead)"
+        )
+    if column_labels is not None:
+        wrong = [i for i, (a, b) in enumerate(zip(labels, column_labels)) if a != b]
+        if wrong:
+            i = wrong[0]
+            raise ValueError(
+                f"the labels given to dataflex disagree with the {column!r} column of the dataset the Trainer trains "
+                f"on at {len(wrong)} of {n} examples (first at row {i}: {labels[i]!r} vs {column_labels[i]!r}): the "
+                "dataset was reordered or filtered after the labels were taken (e.g. SFTConfig(shuffle_dataset=True)). "
+                f"Omit the labels to use the column, or take them from trainer.train_dataset[{column!r}]"
+            )
+    elif column:
+        warnings.warn(
+            f"the Trainer's dataset has no {column!r} column, so dataflex cannot check that the labels it was given "
+            "follow the order of the examples the Trainer trains on (a trainer that shuffles or filters its dataset "
+            "would make them wrong); keep the column in the dataset, or set the column argument (domain_column=, "
+            "label_column=) to None to state there is none",
+            stacklevel=4,
+        )
+    return labels
