@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -41,14 +44,15 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash before step {self.step + 1}")
 
 
-def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_steps=4, extra=(), seed=0, arch="gpt2"):
+def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_steps=4, extra=(), seed=0, arch="gpt2",
+                 logging_steps=100, model=None, compute_loss_func=None):  # fmt: skip
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=4,
         gradient_accumulation_steps=accum,
         max_steps=max_steps,
         save_steps=save_steps,
-        logging_steps=100,
+        logging_steps=logging_steps,
         learning_rate=3e-3,
         report_to=[],
         use_cpu=True,
@@ -56,13 +60,16 @@ def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_ste
         dataloader_num_workers=workers,
         disable_tqdm=True,
     )
-    if arch == "gpt2":
+    if model is not None:
+        pass
+    elif arch == "gpt2":
         model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
     elif arch == "llama":
         model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
     else:
         raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[dfx, *extra])
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal,
+                      callbacks=[dfx, *extra], compute_loss_func=compute_loss_func)  # fmt: skip
     if hasattr(dfx, "attach"):
         dfx.attach(trainer)
     return trainer
@@ -76,3 +83,59 @@ def params(model) -> dict[str, np.ndarray]:
 def single_example_loss(model, example) -> float:
     batch = collate_causal([example])
     return float(model(**batch).loss)
+
+
+SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+
+
+def comparable_log(log_history: list[dict]) -> list[dict]:
+    """Log entries without the end-of-run summary (wall-clock timings; its loss averages only this call)."""
+    return [h for h in log_history if not any(k in h for k in SUMMARY_KEYS)]
+
+
+def assert_trainer_resumes_exactly(make_callback, ds, out, *, accum=1, workers=0, steps=12, crash_at=8, save_steps=4,
+                                   logging_steps=2, make_model=None, make_loss=None, forced_differs=True):  # fmt: skip
+    """Crash a Trainer run at ``crash_at``, resume it from its checkpoint, and compare with an uninterrupted run.
+
+    ``make_callback(allow_missing_state)`` returns a fresh dataflex callback; ``make_model()`` a fresh
+    model (default: make_trainer's), ``make_loss(callback)`` a ``compute_loss_func`` or None. Compared:
+    the example ids of every step, the decision history, every logged entry and the final parameters.
+    Negative control on the same resume path: without dataflex's state the resume is refused, and
+    forced (``allow_missing_state=True``) it differs from the uninterrupted run (or, with
+    ``forced_differs=False``, for a decider whose order needs no state, equals it).
+    """
+    assert crash_at % save_steps == 0, "the crash must follow a checkpoint"
+
+    def run(folder, crash=None, resume=None, allow_missing_state=False):
+        cb = make_callback(allow_missing_state)
+        rec = StepRecorder(cb)
+        extra = [rec] + ([CrashAt(crash)] if crash else [])
+        trainer = make_trainer(ds, cb, folder, max_steps=steps, accum=accum, workers=workers, save_steps=save_steps,
+                               extra=extra, logging_steps=logging_steps, model=make_model() if make_model else None,
+                               compute_loss_func=make_loss(cb) if make_loss else None)  # fmt: skip
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except KeyboardInterrupt:
+            pass
+        return cb, rec, trainer
+
+    full, full_rec, full_tr = run(out / "full")
+    assert full.tracker.updates_per_epoch < steps, "the run should cross an epoch boundary"
+    _, head_rec, _ = run(out / "crash", crash=crash_at)
+    assert max(head_rec.ids) == crash_at
+    ckpt = out / "crash" / f"checkpoint-{crash_at}"
+    resumed, tail_rec, resumed_tr = run(out / "crash", resume=str(ckpt))
+    assert {**head_rec.ids, **tail_rec.ids} == full_rec.ids, "example ids per step differ after resuming"
+    assert resumed.history == full.history, "decision history differs after resuming"
+    assert comparable_log(resumed_tr.state.log_history) == comparable_log(full_tr.state.log_history)
+    p_full, p_res = params(full_tr.model), params(resumed_tr.model)
+    assert all(np.array_equal(p_full[k], p_res[k]) for k in p_full), "parameters differ after resuming"
+
+    os.remove(ckpt / "dataflex_state.json")
+    with pytest.raises(FileNotFoundError, match="no dataflex state"):
+        run(out / "crash", resume=str(ckpt))
+    with pytest.warns(UserWarning, match="starting afresh"):
+        forced, forced_rec, _ = run(out / "crash", resume=str(ckpt), allow_missing_state=True)
+    differs = {**head_rec.ids, **forced_rec.ids} != full_rec.ids or forced.history != full.history
+    assert differs == forced_differs
+    return full, full_rec

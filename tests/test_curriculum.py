@@ -100,7 +100,7 @@ def ds():
     return small_dataset(per_domain=12)  # 36 examples
 
 
-def test_callback_trains_easiest_first_and_resumes_exactly(ds, tmp_path):
+def test_callback_trains_easiest_first(ds, tmp_path):
     difficulty = length_difficulty(ds)
 
     def run(out, crash_at=None, resume=None):
@@ -121,9 +121,7 @@ def test_callback_trains_easiest_first_and_resumes_exactly(ds, tmp_path):
             assert rank[i] < full.sampler.open_count((step - 1) * 4 + j)  # global sample index
     assert full.sampler.open_count(0) == 8  # 20 % of 36, rounded up
     assert max(rank[i] for i in rec.ids[1]) < 10 and max(rank[i] for s in range(9, 13) for i in rec.ids[s]) > 20
-    _, head = run(tmp_path / "crash", crash_at=5)
-    _, tail = run(tmp_path / "crash", resume=str(tmp_path / "crash" / "checkpoint-5"))
-    assert {**head.ids, **tail.ids} == rec.ids
+    # exact resume: tests/test_hf_adapter.py::test_every_decider_resumes_exactly_through_the_trainer
 
 
 def test_callback_rescores_with_the_live_model(ds, tmp_path):

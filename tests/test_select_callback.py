@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from hf_helpers import CrashAt, StepRecorder, make_trainer, small_dataset
+from hf_helpers import StepRecorder, make_trainer, small_dataset
 
 from dataflex import DataFlexSelectCallback
 from dataflex.selectors import Influence, LossFocus, RandomSelection, RhoLoss
@@ -46,29 +44,6 @@ def test_rho_loss_and_random_run_and_differ(ds, tmp_path):
     with pytest.raises(ValueError, match="irreducible losses for a pool"):
         bad = DataFlexSelectCallback(RhoLoss(0.25, np.zeros(5)), update_every=2)
         make_trainer(ds, bad, tmp_path / "bad", max_steps=2, save_steps=100).train()
-
-
-def test_selection_crash_and_resume_is_exact(ds, tmp_path):
-    def run(out, crash_at=None, resume=None):
-        cb = DataFlexSelectCallback(LossFocus(0.3, "medium"), update_every=3, warmup_steps=1)
-        rec = StepRecorder(cb)
-        extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
-        trainer = make_trainer(ds, cb, out, max_steps=14, save_steps=5, extra=extra)
-        try:
-            trainer.train(resume_from_checkpoint=resume)
-        except KeyboardInterrupt:
-            pass
-        return cb, rec
-
-    full, full_rec = run(tmp_path / "full")
-    _, head = run(tmp_path / "crash", crash_at=10)
-    resumed, tail = run(tmp_path / "crash", resume=str(tmp_path / "crash" / "checkpoint-10"))
-    assert {**head.ids, **tail.ids} == full_rec.ids
-    assert resumed.history == full.history
-    np.testing.assert_array_equal(resumed.store.score_step, full.store.score_step)
-    os.remove(tmp_path / "crash" / "checkpoint-10" / "dataflex_state.json")
-    with pytest.raises(FileNotFoundError):
-        run(tmp_path / "crash", resume=str(tmp_path / "crash" / "checkpoint-10"))
 
 
 def test_influence_selector_with_lora(ds, tmp_path):

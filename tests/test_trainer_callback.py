@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from hf_helpers import CrashAt, StepRecorder, make_trainer, params, single_example_loss, small_dataset
+from hf_helpers import StepRecorder, make_trainer, single_example_loss, small_dataset
 from transformers import TrainerCallback
 
 import dataflex.hf.capture as capture_module
@@ -61,44 +59,7 @@ def test_sampler_follows_the_policy_weights(ds, tmp_path):
     assert seen == {"code"}
 
 
-@pytest.mark.parametrize("accum,workers", [(1, 0), (2, 2)])
-def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, accum, workers):
-    # 36 examples, batch 4: 9 micro-batches an epoch, so 12 steps cross an epoch boundary (with
-    # accumulation 2 the epoch ends on a short accumulation step of one micro-batch).
-    ds = small_dataset(per_domain=12)
-
-    def run(out, crash_at=None, resume=None, **kw):
-        dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=2, **kw)
-        rec = StepRecorder(dfx)
-        extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
-        trainer = make_trainer(ds, dfx, out, max_steps=12, accum=accum, workers=workers, extra=extra)
-        try:
-            trainer.train(resume_from_checkpoint=resume)
-        except KeyboardInterrupt:
-            pass
-        return dfx, rec, trainer
-
-    full, full_rec, full_tr = run(tmp_path / "full")
-    _, head_rec, _ = run(tmp_path / "crash", crash_at=8)
-    assert max(head_rec.ids) == 8
-    assert len(full_rec.ids) == 12 and full.tracker.updates_per_epoch < 12, "the run should cross an epoch"
-    ckpt = tmp_path / "crash" / "checkpoint-8"
-    assert (ckpt / "dataflex_state.json").is_file()
-    resumed, tail_rec, resumed_tr = run(tmp_path / "crash", resume=str(ckpt))
-    ids = {**head_rec.ids, **tail_rec.ids}
-    assert ids == full_rec.ids
-    assert resumed.history == full.history
-    assert resumed.weights == full.weights
-    p_full, p_res = params(full_tr.model), params(resumed_tr.model)
-    assert all(np.array_equal(p_full[k], p_res[k]) for k in p_full)
-
-    # Negative control: without the dataflex state the resume is refused ...
-    os.remove(ckpt / "dataflex_state.json")
-    with pytest.raises(FileNotFoundError, match="no dataflex state"):
-        run(tmp_path / "crash", resume=str(ckpt))
-    # ... and if forced, the run diverges from the uninterrupted one.
-    forced, forced_rec, _ = run(tmp_path / "crash", resume=str(ckpt), allow_missing_state=True)
-    assert {**head_rec.ids, **forced_rec.ids} != full_rec.ids or forced.history != full.history
+# Crash-and-resume of every policy: tests/test_hf_adapter.py::test_every_decider_resumes_exactly_through_the_trainer
 
 
 def test_state_for_another_dataset_is_refused(ds, tmp_path):

@@ -201,6 +201,10 @@ class TrainerAdapter(TrainerCallback):
         domain_ids, self.domain_names = encode_domains(labels)
         n = len(dataset)
         accum = args.gradient_accumulation_steps
+        folder = None
+        if state.global_step > 0:
+            folder = checkpoint.resume_folder(trainer, args.output_dir, state.global_step)
+            self._check_resumable(folder, state.global_step, model)
         self.run = RunContext(
             model=model,
             dataset=dataset,
@@ -212,7 +216,7 @@ class TrainerAdapter(TrainerCallback):
             num_samples=n,
             samples_per_step=layout.batch_size * layout.world_size * accum,
             max_steps=state.max_steps,
-            resuming=state.global_step > 0,
+            resuming=folder is not None and checkpoint.has_state(folder),
         )
         self.sampler = self.decider.build_sampler(self.run)
         layout.batch_sampler.sampler = self.sampler
@@ -220,9 +224,9 @@ class TrainerAdapter(TrainerCallback):
         self.tracker = BatchTracker.from_layout(layout, n, accum, self.lookahead_batches)
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
         self._attach_hooks(model)
-        if state.global_step > 0:
-            self._restore(args, state, trainer)
-        elif not self.history:
+        if self.run.resuming:
+            self._restore(folder, state.global_step)
+        if not self.history:
             self.history.append(self._history_entry(0, 0))
 
     def _attach_hooks(self, model: torch.nn.Module) -> None:
@@ -362,24 +366,24 @@ class TrainerAdapter(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._detach_hooks()
 
-    def _restore(self, args, state, trainer: Trainer | None) -> None:
-        folder = checkpoint.resume_folder(trainer, args.output_dir, state.global_step)
+    def _check_resumable(self, folder: str, global_step: int, model: torch.nn.Module) -> None:
+        """Refuse (or, when allowed, warn about) a resume from a checkpoint without dataflex state."""
         if os.path.isdir(folder):
-            checkpoint.repair_resumed_weights(self.run.model, folder)
-        if not checkpoint.has_state(folder):
-            message = (
-                f"resuming at step {state.global_step} but {os.path.join(folder, checkpoint.STATE_FILENAME)} does "
-                "not exist: this checkpoint has no dataflex state, so the example order and decisions of the "
-                "interrupted run cannot be reproduced"
-            )
-            if not self.allow_missing_state:
-                raise FileNotFoundError(message + " (pass allow_missing_state=True to start afresh)")
-            warnings.warn(message + "; starting afresh", stacklevel=2)
-            if not self.history:
-                self.history.append(self._history_entry(0, 0))
+            checkpoint.repair_resumed_weights(model, folder)
+        if checkpoint.has_state(folder):
             return
+        message = (
+            f"resuming at step {global_step} but {os.path.join(folder, checkpoint.STATE_FILENAME)} does not exist: "
+            "this checkpoint has no dataflex state, so the example order and decisions of the interrupted run "
+            "cannot be reproduced"
+        )
+        if not self.allow_missing_state:
+            raise FileNotFoundError(message + " (pass allow_missing_state=True to start afresh)")
+        warnings.warn(message + "; starting afresh", stacklevel=3)
+
+    def _restore(self, folder: str, global_step: int) -> None:
         payload, tensors = checkpoint.restore(folder, self.embeddings)
-        self.load_state_dict(payload, global_step=state.global_step)
+        self.load_state_dict(payload, global_step=global_step)
         self.decider.load_tensor_state_dict(tensors)
 
     def state_dict(self, global_step: int) -> dict[str, Any]:

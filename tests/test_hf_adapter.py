@@ -1,0 +1,326 @@
+"""The Trainer adapter: batch tracking, logging, labels, attach, and exact resume of every decider."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import (
+    CrashAt,
+    StepRecorder,
+    assert_trainer_resumes_exactly,
+    comparable_log,
+    make_trainer,
+    small_dataset,
+)
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from transformers import Trainer, TrainingArguments
+
+from dataflex import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
+from dataflex.batching import LoaderLayout
+from dataflex.curriculum import Curriculum, length_difficulty, loss_difficulty
+from dataflex.hf.tracking import BatchTracker
+from dataflex.policies import ADO, ODM, DoReMiOnline, Natural, Static, Temperature, Uniform
+from dataflex.selectors import FixedSubset, Influence, LossFocus, RandomSelection, RhoLoss
+from dataflex.tiny import collate_causal, tiny_gpt2
+from dataflex.weighting import ExampleWeightedLoss
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return small_dataset(per_domain=12)  # 36 examples: 9 micro-batches of 4 an epoch
+
+
+# -- batch tracking, driven by the event sequence a Trainer produces ----------------------------------
+def trainer_events(n, batch, accum, workers, drop_last, steps, resume_at=0):
+    """Replay what the Trainer does: epochs of micro-batches from a real DataLoader, grouped into optimizer
+    steps (the last of an epoch may be short), skipping the batches a resumed run already consumed.
+    Yields ("epoch", step), ("step", step), ("micro", positions) and ("done", step, next global index)."""
+    loader = DataLoader(list(range(n)), batch_size=batch, drop_last=drop_last, num_workers=workers)
+    per_epoch = len(loader)
+    updates = -(-per_epoch // accum)
+    step = resume_at
+    while step < steps:
+        epoch = step // updates
+        yield ("epoch", step)
+        batches = list(loader)[(step - epoch * updates) * accum :]
+        for start in range(0, len(batches), accum):
+            if step >= steps:
+                return
+            yield ("step", step)
+            group = batches[start : start + accum]
+            for b in group:
+                yield ("micro", np.asarray(b))
+            step += 1
+            within = (step - epoch * updates) * accum * batch
+            yield ("done", step, epoch * n + within if within < per_epoch * batch else (epoch + 1) * n)
+
+
+@pytest.mark.parametrize("n,batch,accum,workers,drop_last", [(37, 4, 1, 0, False), (37, 4, 2, 2, False),
+                                                              (37, 4, 4, 0, True), (40, 4, 2, 0, True)])  # fmt: skip
+def test_batch_tracker_follows_trainer_events(n, batch, accum, workers, drop_last):
+    layout = LoaderLayout(BatchSampler(SequentialSampler(range(n)), batch, drop_last), None, batch, workers,
+                          2 if workers else 0)  # fmt: skip
+    steps = 3 * (-(-(n // batch if drop_last else -(-n // batch)) // accum)) + 1  # three epochs and a bit
+    for resume_at in (0, 1, 5):
+        tracker = BatchTracker.from_layout(layout, n, accum)
+        seen = 0
+        for event in trainer_events(n, batch, accum, workers, drop_last, steps, resume_at):
+            if event[0] == "epoch":
+                tracker.start_epoch(event[1])
+            elif event[0] == "step":
+                tracker.start_step(event[1])
+            elif event[0] == "micro":
+                np.testing.assert_array_equal(tracker.take(), event[1])
+                seen += 1
+            else:
+                assert tracker.consumed_samples(event[1]) == min(event[2], (event[2] // n) * n + n)
+        assert seen > 0
+        # decisions land after anything the DataLoader (workers x prefetch) and the accumulation can hold
+        assert tracker.lookahead_samples >= (accum + workers * 2 + 1) * batch
+    with pytest.raises(RuntimeError, match="out of sync"):
+        tracker.micro = len(tracker.positions)
+        tracker.take()
+
+
+# -- logging never costs the Trainer its own log -------------------------------------------------------
+def trainer_log(ds, out, *, logging_steps, update_every, steps, with_dataflex):
+    cb = DataFlexCallback(ODM(), update_every=update_every) if with_dataflex else None
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, save_strategy="no",
+                             logging_steps=logging_steps, report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    model = tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal)
+    if cb is not None:
+        cb.attach(trainer)
+    trainer.train()
+    return trainer.state.log_history
+
+
+@pytest.mark.parametrize("logging_steps,update_every,steps", [(4, 4, 12), (2, 4, 12), (3, 4, 12), (500, 50, 500)])
+def test_trainer_keeps_its_own_log_entries(logging_steps, update_every, steps, tmp_path):
+    """Same loss/grad_norm/learning_rate entries at the same steps with and without dataflex; dataflex's own at
+    every update. The last case is the default settings (logging_steps=500, update_every=50)."""
+    ds = small_dataset(per_domain=8, max_len=16)
+    stock = trainer_log(ds, tmp_path / "a", logging_steps=logging_steps, update_every=update_every, steps=steps,
+                        with_dataflex=False)  # fmt: skip
+    mixed = trainer_log(ds, tmp_path / "b", logging_steps=logging_steps, update_every=update_every, steps=steps,
+                        with_dataflex=True)  # fmt: skip
+
+    def shape(log):
+        return [(h["step"], sorted(h)) for h in comparable_log(log) if not any(k.startswith("dataflex/") for k in h)]
+
+    assert shape(mixed) == shape(stock)
+    assert [h["step"] for h in stock if "loss" in h] == list(range(logging_steps, steps + 1, logging_steps))
+    assert [h["step"] for h in mixed if "dataflex/entropy" in h] == list(range(update_every, steps + 1, update_every))
+
+
+# -- labels follow the dataset the Trainer trains on ----------------------------------------------------
+class ShufflingTrainer(Trainer):
+    """A trainer that reorders its dataset after the user built it (as TRL's shuffle_dataset=True does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_dataset = self.train_dataset.shuffle(seed=1)
+
+
+class FilteringTrainer(Trainer):
+    """A trainer that drops examples (as TRL does with over-long or fully masked ones)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_dataset = self.train_dataset.select(range(len(self.train_dataset) - 5))
+
+
+def labelled_run(trainer_cls, ds, cb, out, steps=4):
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    rec = StepRecorder(cb)
+    trainer = trainer_cls(model=tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0), args=args, train_dataset=ds,
+                          data_collator=collate_causal, callbacks=[rec])  # fmt: skip
+    cb.attach(trainer)
+    trainer.train()
+    return trainer, rec
+
+
+def test_labels_taken_before_the_trainer_reordered_its_dataset_are_refused(ds, tmp_path):
+    cb = DataFlexCallback(Static({"code": 1.0}), domains=ds["domain"])
+    with pytest.raises(ValueError, match="reordered or filtered after the labels were taken"):
+        labelled_run(ShufflingTrainer, ds, cb, tmp_path)
+    cb = DataFlexCallback(Static({"code": 1.0}), domains=ds["domain"])
+    with pytest.raises(ValueError, match="got 36 domain labels for a training set of 31"):
+        labelled_run(FilteringTrainer, ds, cb, tmp_path)
+
+
+def test_labels_follow_the_trainers_own_column(ds, tmp_path):
+    """Without domains=, labels come from trainer.train_dataset (which keeps the column the Trainer drops
+    from its DataLoader's copy), so a shuffled dataset still trains on the intended domain only."""
+    cb = DataFlexCallback(Static({"code": 1.0}))
+    trainer, rec = labelled_run(ShufflingTrainer, ds, cb, tmp_path)
+    assert trainer.args.remove_unused_columns
+    trained = {trainer.train_dataset[i]["domain"] for ids in rec.ids.values() for i in ids}
+    assert trained == {"code"}
+    assert sum(len(v) for v in rec.ids.values()) == 16
+
+
+def test_labels_without_a_column_to_check_warn(ds, tmp_path):
+    cb = DataFlexCallback(Uniform(), domains=ds["domain"])
+    with pytest.warns(UserWarning, match="cannot check that the labels"):
+        labelled_run(Trainer, ds.rename_column("domain", "source"), cb, tmp_path, steps=1)
+    cb = DataFlexCallback(Uniform(), domains=ds["domain"], domain_column=None)  # stated: there is no column
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labelled_run(Trainer, ds.rename_column("domain", "source"), cb, tmp_path, steps=1)
+
+
+# -- the Trainer, explicitly ----------------------------------------------------------------------------
+def test_trainer_argument_attach_and_the_stack_fallback(ds, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    model = tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal)
+    cb = DataFlexCallback(Uniform(), update_every=1, trainer=trainer)  # TRL's style: the callback takes the trainer
+    assert sum(c is cb for c in trainer.callback_handler.callbacks) == 1
+    cb.attach(trainer)  # attaching again does not add it twice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train()
+    assert any("dataflex/entropy" in h for h in trainer.state.log_history)
+
+    fallback = DataFlexCallback(Uniform(), update_every=1)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[fallback])
+    with pytest.warns(UserWarning, match="not attached to its Trainer") as caught:
+        trainer.train()
+    assert sum("not attached" in str(w.message) for w in caught) == 1
+    assert any("dataflex/entropy" in h for h in trainer.state.log_history)
+
+    twice = DataFlexCallback(Uniform())
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[twice])
+    trainer.add_callback(twice)
+    twice.attach(trainer)
+    with pytest.raises(RuntimeError, match="added to the Trainer twice"):
+        trainer.train()
+    with pytest.raises(TypeError, match="needs a transformers.Trainer"):
+        DataFlexCallback(Uniform()).attach(object())
+
+
+def test_a_checkpoint_of_another_policy_is_refused(ds, tmp_path):
+    make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=4, save_steps=4).train()
+    cb = DataFlexCallback(Uniform(), update_every=2)
+    with pytest.raises(ValueError, match="the checkpoint's mixing policy is 'dataflex.policies.odm.ODM'"):
+        make_trainer(ds, cb, tmp_path, max_steps=6).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_resume_from_checkpoint_true_uses_the_newest_checkpoint(ds, tmp_path):
+    """``train(resume_from_checkpoint=True)``: dataflex restores from the folder the Trainer picked."""
+    full = DataFlexCallback(ODM(), update_every=2)
+    make_trainer(ds, full, tmp_path / "full", max_steps=8, save_steps=2).train()
+    try:
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path / "crash", max_steps=8, save_steps=2,
+                     extra=[CrashAt(6)]).train()  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    resumed = DataFlexCallback(ODM(), update_every=2)
+    make_trainer(ds, resumed, tmp_path / "crash", max_steps=8, save_steps=2).train(resume_from_checkpoint=True)
+    assert resumed.history == full.history and len(full.history) == 5
+
+
+# -- every decider resumes exactly through the Trainer ----------------------------------------------
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+    return get_peft_model(tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0), config)
+
+
+def doremi_online():
+    return DoReMiOnline(tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=1),
+                        tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=2), use_average=False)  # fmt: skip
+
+
+def prepared_doremi_online(work_dir, ds):
+    from dataflex.domains import encode_domains
+    from dataflex.proxies.doremi import PreparedDoReMiOnline
+
+    def make():
+        policy = PreparedDoReMiOnline(reference_steps=3, use_average=False)
+        ids, names = encode_domains(ds["domain"])
+        make_model = lambda: tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=3)  # noqa: E731
+        policy.prepare(make_model, ds, ids, names, work_dir, {"steps": 3, "batch_size": 4, "lr": 1e-3, "seed": 0,
+                                                              "progress": False})  # fmt: skip
+        return policy
+
+    return make
+
+
+def deciders(ds, work_dir):
+    """name -> (make_callback(allow_missing_state), accumulation, workers, make_model, make_loss)."""
+    code = [ds[i] for i in range(len(ds)) if ds[i]["domain"] == "code"][:4]
+    mix = lambda policy: lambda allow: DataFlexCallback(policy(), update_every=2, allow_missing_state=allow)  # noqa: E731
+    sel = lambda selector: lambda allow: DataFlexSelectCallback(selector(), update_every=3,  # noqa: E731
+                                                                allow_missing_state=allow)  # fmt: skip
+    lengths = length_difficulty(ds)
+    return {
+        "uniform": (mix(Uniform), 1, 0, None, None),
+        "natural": (mix(Natural), 2, 2, None, None),
+        "temperature": (mix(lambda: Temperature(3.0)), 1, 2, None, None),
+        "static": (mix(lambda: Static({"code": 0.6, "literature": 0.3, "trivia": 0.1})), 2, 0, None, None),
+        "odm": (mix(ODM), 2, 2, None, None),
+        "ado": (mix(lambda: ADO(warmup_updates=3)), 1, 0, None, None),
+        "doremi_online": (mix(doremi_online), 2, 0, None, None),
+        "prepared_doremi_online": (mix(prepared_doremi_online(work_dir / "doremi", ds)), 1, 0, None, None),
+        "loss_focus": (sel(lambda: LossFocus(0.5, "hard", history="mean")), 1, 2, None, None),
+        "rho_loss": (sel(lambda: RhoLoss(0.5, np.linspace(0, 2, len(ds)))), 2, 0, None, None),
+        "influence": (sel(lambda: Influence(0.5, code, mode="less", dim=64)), 1, 0, lora_model, None),
+        "random": (sel(lambda: RandomSelection(0.5)), 2, 2, None, None),
+        "fixed_subset": (sel(lambda: FixedSubset(np.arange(0, 36, 2))), 1, 0, None, None),
+        "curriculum": (lambda allow: DataFlexCurriculumCallback(Curriculum(lengths, pacing="linear", c0=0.3),
+                                                                allow_missing_state=allow), 2, 2, None, None),
+        "curriculum_rescored": (lambda allow: DataFlexCurriculumCallback(
+            Curriculum(scorer=loss_difficulty(16), pacing="root", c0=0.3), rescore_every=4,
+            allow_missing_state=allow), 1, 0, None, None),
+        "loss_reweighting": (mix(Uniform), 2, 0, None,
+                             lambda cb: cb.wrap_loss(ExampleWeightedLoss(gradient_accumulation_steps=2))),
+    }  # fmt: skip
+
+
+DECIDERS = ["uniform", "natural", "temperature", "static", "odm", "ado", "doremi_online", "prepared_doremi_online",
+            "loss_focus", "rho_loss", "influence", "random", "fixed_subset", "curriculum", "curriculum_rescored",
+            "loss_reweighting"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DECIDERS)
+def test_every_decider_resumes_exactly_through_the_trainer(name, ds, tmp_path):
+    if name == "influence":
+        pytest.importorskip("peft")
+    make_callback, accum, workers, make_model, make_loss = deciders(ds, tmp_path)[name]
+    # A fixed curriculum's order is a pure function of seed, difficulty and pacing: with its state
+    # dropped, a forced resume must give the very same run.
+    full, records = assert_trainer_resumes_exactly(make_callback, ds, tmp_path, accum=accum, workers=workers,
+                                                   make_model=make_model, make_loss=make_loss,
+                                                   forced_differs=name != "curriculum")  # fmt: skip
+    assert len(full.history) > 1 or name == "curriculum"  # decisions were taken (and compared)
+    if name in ("doremi_online", "prepared_doremi_online"):  # one proxy step per micro-batch, restored on resume
+        assert full.policy.steps == sum(len(ids) for ids in records.ids.values()) // 4
+
+
+def test_doremi_online_proxy_resumes_bit_exact(ds, tmp_path):
+    """The proxy's parameters and optimizer are saved beside the JSON state and restored on resume."""
+    runs = {}
+    for name, crash in (("full", None), ("crash", 4)):
+        cb = DataFlexCallback(doremi_online(), update_every=2)
+        extra = [CrashAt(crash)] if crash else []
+        try:
+            make_trainer(ds, cb, tmp_path / name, max_steps=8, extra=extra).train()
+        except KeyboardInterrupt:
+            pass
+        runs[name] = cb
+    assert (tmp_path / "crash" / "checkpoint-4" / "dataflex_state.pt").is_file()
+    resumed = DataFlexCallback(doremi_online(), update_every=2)
+    make_trainer(ds, resumed, tmp_path / "crash", max_steps=8).train(str(tmp_path / "crash" / "checkpoint-4"))
+    full = runs["full"].policy
+    for k, v in full.proxy.state_dict().items():
+        assert torch.equal(v, resumed.policy.proxy.state_dict()[k]), k
+    np.testing.assert_array_equal(full.alpha, resumed.policy.alpha)
