@@ -34,7 +34,7 @@ def build(batch_size: int, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     from dataflex.grads import lora_linears
-    from dataflex.tiny import collate_causal, default_data_dir, encode_bytes, load_jsonl_dir, tiny_gpt2
+    from dataflex.testbeds.tiny import collate_causal, default_data_dir, encode_bytes, load_jsonl_dir, tiny_gpt2
 
     base = tiny_gpt2(n_layer=4, n_embd=128, n_head=4, n_positions=128, seed=seed)
     torch.manual_seed(seed)  # peft initialises lora_A from the global RNG: fix it so every process agrees
@@ -154,8 +154,9 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "influence_throughput.md").write_text("\n".join(md) + "\n")
-    (args.out / "influence_throughput.json").write_text(json.dumps({"command": command, "machine": machine,
-                                                                   "rows": rows}, indent=1))  # fmt: skip
+    (args.out / "influence_throughput.json").write_text(
+        json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1)
+    )
     print("\n".join(md))
 
 

@@ -18,7 +18,7 @@ from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies import Uniform
 from dataflex.proxies.loop import train_mixture
-from dataflex.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
+from dataflex.testbeds.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
 
 POSITIONS = 256  # the base model's context; data max_len must not exceed it
 
@@ -48,8 +48,21 @@ def pretrained_base(data: Path, work: Path, *, max_len: int, steps: int, batch_s
         text = byte_dataset(load_jsonl_dir(data / "textmix" / "train"), max_len)
         dom, names = encode_domains(text["domain"])
         model = make_base()
-        train_mixture(model, text, dom, names, Uniform(), steps=steps, batch_size=batch_size, lr=lr, seed=0,
-                      ckpt_dir=work / "base" / "ckpt", ckpt_every=250, desc="pretrain")  # fmt: skip
+        train_mixture(
+            model,
+            text,
+            dom,
+            names,
+            Uniform(),
+            collate=collate_causal,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=0,
+            ckpt_dir=work / "base" / "ckpt",
+            ckpt_every=250,
+            desc="pretrain",
+        )
         torch.save(model.state_dict(), path)
     return torch.load(path)
 
@@ -62,8 +75,10 @@ def load_jsonl_file(path: Path, cap: int | None = None) -> list[dict[str, Any]]:
 
 def task_losses(model: torch.nn.Module, sets: dict[str, Any]) -> dict[str, float]:
     """Mean over examples of the token-mean response loss, per task."""
-    return {task: float(np.nanmean(score_pool(token_mean_losses(model), ds, collate_causal, batch_size=32,
-                                              progress=False))) for task, ds in sets.items()}  # fmt: skip
+    return {
+        task: float(np.nanmean(score_pool(token_mean_losses(model), ds, collate_causal, batch_size=32, progress=False)))
+        for task, ds in sets.items()
+    }
 
 
 def median_range(values: list[float], fmt: str = "{:.3f}") -> str:
@@ -77,11 +92,22 @@ def trainer_args(out: Path, *, steps: int, batch_size: int, lr: float, seed: int
     """TrainingArguments for a short CPU finetuning run with resumable checkpoints."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps,
-                             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                             save_steps=save_steps, save_total_limit=1, logging_steps=10**9, report_to=[],
-                             use_cpu=not torch.cuda.is_available(), seed=seed, disable_tqdm=True,
-                             remove_unused_columns=False)  # fmt: skip
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        save_steps=save_steps,
+        save_total_limit=1,
+        logging_steps=10**9,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
 
 
 def last_checkpoint(out: Path) -> str | None:

@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM
 from dataflex.samplers import DomainMixtureSampler
-from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
+from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,6 +102,9 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> tuple[f
     )
     model = tiny_gpt2(n_layer=args.layers, n_embd=args.width, n_head=4, n_positions=args.max_len, seed=0)
     trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate_causal, callbacks=callbacks)
+    for cb in callbacks:
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     original = DomainMixtureSampler._generate

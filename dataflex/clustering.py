@@ -69,8 +69,17 @@ def kmeans(
     if use_gpu and not gpu_available():
         raise RuntimeError("gpu=True but no GPU is visible to faiss (install faiss-gpu and check CUDA)")
     per_centroid = max_points_per_centroid or -(-n // k) + 1  # default: never subsample
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, verbose=False, gpu=use_gpu,
-                      init_method=inits[init], max_points_per_centroid=per_centroid)  # fmt: skip
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        verbose=False,
+        gpu=use_gpu,
+        init_method=inits[init],
+        max_points_per_centroid=per_centroid,
+    )
     start = time.perf_counter()
     if init_centroids is not None:
         init_centroids = np.ascontiguousarray(np.asarray(init_centroids, dtype=np.float32))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dataflex.pacing import PACINGS, make_pacing
-from dataflex.samplers.curriculum import difficulty_order
+from dataflex.ranking import rank_ids
 
 Scorer = Callable[[torch.nn.Module, Any, Callable], np.ndarray]
 
@@ -77,7 +77,7 @@ class Curriculum:
             difficulty = self.difficulty
         if dataset is not None and len(difficulty) != len(dataset):
             raise ValueError(f"got {len(difficulty)} difficulty scores for a training set of {len(dataset)} examples")
-        return difficulty_order(difficulty, reverse=self.reverse)
+        return rank_ids(difficulty, descending=self.reverse)
 
     # a curriculum has no state of its own: its orders live in the sampler's schedule
     def state_dict(self) -> dict[str, Any]:

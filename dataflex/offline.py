@@ -17,7 +17,7 @@ and :func:`read_subset` refuses a subset written for another pool.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,10 @@ import torch
 
 from dataflex.batching import model_inputs
 from dataflex.losses import per_example_token_loss
+from dataflex.ranking import rank_ids
 from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
 
 SUBSET_FORMAT = "dataflex.subset/1"
-
-
-def length_order(lengths: Sequence[int]) -> np.ndarray:
-    """Example ids longest first (ties by id): batches of similar length, and peak memory comes first."""
-    lengths = np.asarray(lengths)
-    return np.lexsort((np.arange(len(lengths)), -lengths))
 
 
 def score_pool(
@@ -68,7 +63,8 @@ def score_pool(
             values, done = saved["values"], saved["done"]
         if done.shape[0] != n:
             raise ValueError(f"{cache_path} holds scores for {done.shape[0]} examples but the pool has {n}")
-    order = length_order([len(dataset[i]["input_ids"]) for i in range(n)])
+    # longest first: batches of similar length, and the peak memory comes first
+    order = rank_ids([len(dataset[i]["input_ids"]) for i in range(n)], descending=True)
     todo = order[~done[order]]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = tqdm(total=n, initial=int(done.sum()), desc=desc, disable=not progress, unit="ex")

@@ -183,8 +183,10 @@ class OrderSchedule(EventSchedule[np.ndarray]):
     def _validate(self, order: Sequence[int] | np.ndarray) -> np.ndarray:
         arr = np.asarray(order, dtype=np.int64).reshape(-1)
         if arr.size != self.num_examples or not np.array_equal(np.sort(arr), np.arange(self.num_examples)):
-            raise ValueError(f"a difficulty order must be a permutation of 0..{self.num_examples - 1}; got "
-                             f"{arr.size} ids {arr[:5].tolist()}...")  # fmt: skip
+            raise ValueError(
+                f"a difficulty order must be a permutation of 0..{self.num_examples - 1}; got "
+                f"{arr.size} ids {arr[:5].tolist()}..."
+            )
         return arr
 
     @property
@@ -196,8 +198,10 @@ class OrderSchedule(EventSchedule[np.ndarray]):
         self._append(effective_at, self._validate(order))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_examples": self.num_examples,
-                "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)]}  # fmt: skip
+        return {
+            "num_examples": self.num_examples,
+            "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["num_examples"]) != self.num_examples:

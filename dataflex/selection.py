@@ -16,6 +16,8 @@ from typing import Literal
 
 import numpy as np
 
+from dataflex.ranking import rank_ids
+
 
 def budget(n: int, fraction: float) -> int:
     """Number of examples a ``fraction`` of ``n`` keeps (at least one)."""
@@ -26,18 +28,11 @@ def budget(n: int, fraction: float) -> int:
     return max(1, int(round(n * fraction)))
 
 
-def _ranked(scores: np.ndarray, descending: bool) -> np.ndarray:
-    """Ids ordered by score (NaN last), ties by id."""
-    s = np.asarray(scores, dtype=np.float64)
-    key = np.where(np.isfinite(s), -s if descending else s, np.inf)
-    return np.lexsort((np.arange(s.shape[0]), key))
-
-
 def select_top(scores: np.ndarray, fraction: float) -> np.ndarray:
     """The ``fraction`` of examples with the highest finite scores."""
     s = np.asarray(scores, dtype=np.float64)
     k = budget(s.shape[0], fraction)
-    return np.sort(_ranked(s, descending=True)[:k])
+    return np.sort(rank_ids(s, descending=True)[:k])
 
 
 def select_by_loss(losses: np.ndarray, fraction: float, mode: Literal["hard", "medium", "easy"] = "hard") -> np.ndarray:
@@ -48,11 +43,11 @@ def select_by_loss(losses: np.ndarray, fraction: float, mode: Literal["hard", "m
     s = np.asarray(losses, dtype=np.float64)
     k = budget(s.shape[0], fraction)
     if mode == "hard":
-        return np.sort(_ranked(s, descending=True)[:k])
+        return np.sort(rank_ids(s, descending=True)[:k])
     if mode == "easy":
-        return np.sort(_ranked(s, descending=False)[:k])
+        return np.sort(rank_ids(s, descending=False)[:k])
     if mode == "medium":
-        order = _ranked(s, descending=False)
+        order = rank_ids(s, descending=False)
         finite = int(np.isfinite(s).sum())
         start = max(0, min(finite - k, (finite - k) // 2)) if finite >= k else 0
         return np.sort(order[start : start + k])

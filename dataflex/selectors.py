@@ -150,8 +150,14 @@ class LossFocus(Selector):
     selector's state, so resume stays exact.
     """
 
-    def __init__(self, fraction: float, mode: Literal["hard", "medium", "easy"] = "hard", candidates: float = 1.0,
-                 per_label: bool = False, history: Literal["last", "mean"] = "last"):  # fmt: skip
+    def __init__(
+        self,
+        fraction: float,
+        mode: Literal["hard", "medium", "easy"] = "hard",
+        candidates: float = 1.0,
+        per_label: bool = False,
+        history: Literal["last", "mean"] = "last",
+    ):
         super().__init__(fraction, candidates, per_label)
         if mode not in ("hard", "medium", "easy"):
             raise ValueError(f"mode={mode!r}; valid values are 'hard', 'medium', 'easy'")
@@ -190,8 +196,13 @@ class LossFocus(Selector):
 class RhoLoss(Selector):
     """RHO-LOSS: the highest reducible loss; ``irreducible[i]`` is example i's loss under a holdout model."""
 
-    def __init__(self, fraction: float, irreducible: np.ndarray | Sequence[float], candidates: float = 1.0,
-                 per_label: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        fraction: float,
+        irreducible: np.ndarray | Sequence[float],
+        candidates: float = 1.0,
+        per_label: bool = False,
+    ):
         super().__init__(fraction, candidates, per_label)
         self.irreducible = np.asarray(irreducible, dtype=np.float64)
 
@@ -242,8 +253,15 @@ class Influence(Selector):
         dim: projection dimension; ``seed``: projection seed.
     """
 
-    def __init__(self, fraction: float, target: Sequence[dict[str, Any]], mode: Literal["less", "tracin"] = "less",
-                 dim: int = 1024, seed: int = 0, candidates: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fraction: float,
+        target: Sequence[dict[str, Any]],
+        mode: Literal["less", "tracin"] = "less",
+        dim: int = 1024,
+        seed: int = 0,
+        candidates: float = 1.0,
+    ) -> None:
         super().__init__(fraction, candidates)
         if not target:
             raise ValueError("the influence target set is empty: give at least one target example")
@@ -261,13 +279,16 @@ class Influence(Selector):
         # LESS compares Adam directions of training examples with *plain* gradients of the target
         # (the target is never trained on, so it has no optimizer step to precondition).
         target_featurizer = GradientFeaturizer(ctx.model, layers, projector=featurizer.projector)
-        target_feats = [target_featurizer.features(ctx.collate(self.target[i : i + ctx.batch_size]))
-                        for i in range(0, len(self.target), ctx.batch_size)]  # fmt: skip
+        target_feats = [
+            target_featurizer.features(ctx.collate(self.target[i : i + ctx.batch_size]))
+            for i in range(0, len(self.target), ctx.batch_size)
+        ]
         direction = torch.cat(target_feats).mean(0)
         direction = direction / direction.norm().clamp(min=1e-12)
 
         def part_scores(part: np.ndarray) -> np.ndarray:
-            return np.concatenate([(featurizer.features(batch) @ direction).cpu().numpy()
-                                   for _, batch in _batches(part, ctx)])  # fmt: skip
+            return np.concatenate(
+                [(featurizer.features(batch) @ direction).cpu().numpy() for _, batch in _batches(part, ctx)]
+            )
 
         return scored_across_ranks(ids, part_scores)

@@ -83,8 +83,9 @@ class ExampleWeightedLoss:
         per_example = per_example_mean_loss(logits, labels.to(logits.device))
         has_tokens = (labels[:, 1:] != -100).any(1).to(per_example.device)
         per_example = torch.where(has_tokens, per_example, torch.full_like(per_example, float("nan")))
-        weights = loss_weights(per_example, temperature=self.temperature, direction=self.direction,
-                               max_weight=self.max_weight)  # fmt: skip
+        weights = loss_weights(
+            per_example, temperature=self.temperature, direction=self.direction, max_weight=self.max_weight
+        )
         self.last_weights = weights
         safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
         return (weights * safe).sum() / max(per_example.shape[0], 1) / self.accumulation

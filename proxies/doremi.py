@@ -1,6 +1,7 @@
-"""Offline DoReMi (arXiv 2305.10429): reference model -> Group-DRO proxy -> exported domain weights.
+"""DoReMi's proxy training (arXiv 2305.10429), offline and online; the update rule is in ``dataflex.policies.doremi``.
 
-Stages, each skipped when its output already exists and each resumable mid-way from its checkpoint:
+Offline: reference model -> Group-DRO proxy -> exported domain weights. Stages, each skipped when its
+output already exists and each resumable mid-way from its checkpoint:
 
 1. ``reference/``: a model trained on a fixed mixture (uniform or natural) -> ``model.pt``.
 2. ``reference_losses.npy``: the reference's per-token losses on every training example, so the proxy
@@ -9,13 +10,18 @@ Stages, each skipped when its output already exists and each resumable mid-way f
    reference mixture -> ``doremi_weights.json`` with the averaged weights and their trajectory.
 
 The main run then reads the weights with :func:`load_doremi_weights` and trains with
-``Static(weights)`` (see ``recipes/doremi_offline.py``).
+``Static(weights)``, or uses :class:`DoReMiOffline` (``policy=doremi`` in ``configs/mixture.yaml``).
+
+Online (:class:`DoReMiOnline`, not in the paper's code): a proxy and a frozen reference step on the
+main run's own micro-batches and their live weights drive the main sampler;
+:class:`PreparedDoReMiOnline` trains its reference first (``policy=doremi_online``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,20 +29,26 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dataflex import dist
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 from dataflex.policies.base import BoundPolicy
-from dataflex.policies.doremi import DoReMiOnline, GroupDROWeights
+from dataflex.policies.doremi import GroupDROWeights
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
 from dataflex.state import write_json_atomic
-from dataflex.tiny import collate_causal
-from dataflex.weights import validate_weights
+from dataflex.store import DomainStats
+from dataflex.weights import apply_floor, validate_weights
 
 WEIGHTS_FILE = "doremi_weights.json"
 
 
 @torch.no_grad()
-def reference_token_losses(model: torch.nn.Module, dataset: Any, batch_size: int = 64) -> np.ndarray:
+def reference_token_losses(
+    model: torch.nn.Module,
+    dataset: Any,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    batch_size: int = 64,
+) -> np.ndarray:
     """Per-token loss of ``model`` on every example: ``(N, max_len - 1)`` float32, NaN where not counted."""
     model.eval()
     device = next(model.parameters()).device
@@ -44,7 +56,7 @@ def reference_token_losses(model: torch.nn.Module, dataset: Any, batch_size: int
     out = np.full((len(dataset), width), np.nan, dtype=np.float32)
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate_causal(rows).items()}
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         tok = token_cross_entropy(logits, batch["labels"]).cpu().numpy()
         counted = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu().numpy()
@@ -201,7 +213,7 @@ def run_doremi_offline(
     if cache.is_file():
         ref_losses = np.load(cache)
     else:
-        ref_losses = reference_token_losses(reference, train_ds)
+        ref_losses = reference_token_losses(reference, train_ds, loop_kwargs["collate"])
         np.save(work / "reference_losses.tmp.npy", ref_losses)
         os.replace(work / "reference_losses.tmp.npy", cache)
     export = train_proxy(
@@ -265,6 +277,130 @@ class DoReMiOffline(BoundPolicy):
                 raise RuntimeError("DoReMiOffline has no weights: call prepare() or pass weights_path")
             self.weights = load_doremi_weights(self.weights_path, self.domain_names)
         return validate_weights(self.weights, self.domain_names, what="DoReMi weights")
+
+
+@torch.no_grad()
+def _token_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, labels) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return token_cross_entropy(logits, labels)
+
+
+class DoReMiOnline(BoundPolicy):
+    """Online DoReMi: a small proxy and a frozen reference learn beside the main model.
+
+    Every training micro-batch the main run sees is also fed to :meth:`observe`: the reference gives
+    per-token losses, the proxy takes one Group-DRO step, and alpha moves by :func:`doremi_update`.
+    Per-domain excess sums and the proxy's gradients are summed across ranks, so every rank keeps an
+    identical proxy and identical weights. ``update`` hands the live alpha (or its running average
+    with ``use_average=True``) to the sampler. ``proxy_seconds`` accumulates the proxy's cost.
+
+    Args:
+        proxy: a causal LM, trained here (usually smaller than or equal to the main model).
+        reference: a causal LM trained beforehand on a fixed mixture; kept frozen.
+        eta, smoothing: the DoReMi step size and smoothing (paper defaults 1 and 1e-3).
+        lr: proxy learning rate (AdamW).
+        use_average: hand the sampler the running average of alpha (DoReMi's own output, stable) rather
+            than the last alpha, which with small batches swings to nearly one-hot within a few steps
+            (the collapse reported in the DoReMi repository's issue #5).
+        floor: minimum sampling weight per domain for the main model.
+    """
+
+    def __init__(
+        self,
+        proxy: torch.nn.Module | None,
+        reference: torch.nn.Module | None,
+        *,
+        eta: float = 1.0,
+        smoothing: float = 1e-3,
+        lr: float = 1e-3,
+        use_average: bool = True,
+        floor: float = 0.01,
+    ) -> None:
+        self.eta, self.smoothing, self.lr, self.use_average = float(eta), float(smoothing), float(lr), use_average
+        self.floor = float(floor)
+        self.proxy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        if proxy is not None and reference is not None:
+            self.set_models(proxy, reference)
+        self.dro: GroupDROWeights | None = None
+        self.proxy_seconds = 0.0
+
+    def set_models(self, proxy: torch.nn.Module, reference: torch.nn.Module) -> None:
+        """Attach the proxy (trained here) and the reference (frozen)."""
+        self.proxy = proxy
+        self.reference = reference.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.proxy.parameters(), lr=self.lr)
+
+    def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None:
+        super().bind(domain_names, domain_sizes)
+        if self.proxy is None or self.reference is None:
+            raise RuntimeError("DoReMiOnline needs a proxy and a reference model: pass them or call set_models()")
+        self.dro = GroupDROWeights(self.num_domains, self.eta, self.smoothing)
+
+    def initial_weights(self) -> np.ndarray:
+        self._require_bound()
+        return np.full(self.num_domains, 1.0 / self.num_domains)
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """The live weights (after the latest proxy step)."""
+        assert self.dro is not None, "bind() first"
+        return self.dro.alpha
+
+    @property
+    def steps(self) -> int:
+        return self.dro.steps if self.dro is not None else 0
+
+    @property
+    def average_weights(self) -> np.ndarray:
+        assert self.dro is not None, "bind() first"
+        return self.dro.average
+
+    def observe(self, inputs: dict[str, torch.Tensor], row_domain: torch.Tensor) -> None:
+        """One proxy step on a micro-batch (``input_ids``, ``attention_mask``, ``labels``)."""
+        self._require_bound()
+        start = time.perf_counter()
+        device = next(self.proxy.parameters()).device
+        ids = inputs["input_ids"].to(device)
+        att = inputs.get("attention_mask")
+        att = att.to(device) if att is not None else None
+        labels = inputs["labels"].to(device)
+        row_domain = row_domain.to(device)
+        mask = (labels[:, 1:] != IGNORE_INDEX).float()
+        ref_tok = _token_losses(self.reference, ids, att, labels).to(device)
+        self.proxy.train()
+        proxy_tok = token_cross_entropy(self.proxy(input_ids=ids, attention_mask=att).logits, labels)
+        loss = self.dro.step(proxy_tok, ref_tok, mask, row_domain)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_distributed():
+            for p in self.proxy.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(dist.all_reduce_sum(p.grad))
+        self.optimizer.step()
+        self.proxy_seconds += time.perf_counter() - start
+
+    def update(self, stats: DomainStats, current: np.ndarray) -> np.ndarray:
+        self._require_bound()
+        weights = self.average_weights if self.use_average else self.alpha.copy()
+        return apply_floor(weights, self.floor)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The proxy's parameters and optimizer are tensors: see tensor_state_dict (TensorStateful),
+        # which every checkpoint writer saves beside this JSON-safe part.
+        return {"dro": self.dro.state_dict(), "proxy_seconds": self.proxy_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dro.load_state_dict(state["dro"])
+        self.proxy_seconds = float(state["proxy_seconds"])
+
+    def tensor_state_dict(self) -> dict[str, Any]:
+        """Proxy weights and optimizer (:class:`~dataflex.state.TensorStateful`)."""
+        return {"proxy": self.proxy.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_tensor_state_dict(self, state: dict[str, Any]) -> None:
+        self.proxy.load_state_dict(state["proxy"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class PreparedDoReMiOnline(DoReMiOnline):

@@ -46,9 +46,8 @@ def irreducible_losses(
     labels = holdout_ds[label_column] if label_column else ["holdout"] * len(holdout_ds)
     domain_ids, names = encode_domains(labels)
     model = make_model()
-    train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout",
-                  **loop_kwargs)  # fmt: skip
-    tokens = reference_token_losses(model, pool_ds)
+    train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout", **loop_kwargs)
+    tokens = reference_token_losses(model, pool_ds, loop_kwargs["collate"])
     counted = np.isfinite(tokens).sum(1)
     with np.errstate(invalid="ignore"):
         losses = np.where(counted > 0, np.nansum(tokens, 1) / np.maximum(counted, 1), np.nan)

@@ -35,7 +35,6 @@ from dataflex.samplers.mixture import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.state import TensorStateful
 from dataflex.store import ScoreStore
-from dataflex.tiny import collate_causal
 
 LOOP_STATE = "loop_state"  # loop_state.json + loop_state.pt (see dataflex.checkpoint)
 
@@ -89,6 +88,7 @@ def train_mixture(
     domain_names: Sequence[str],
     policy: MixingPolicy,
     *,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     steps: int,
     batch_size: int,
     lr: float,
@@ -106,7 +106,8 @@ def train_mixture(
 ) -> LoopResult:
     """Train ``model`` for ``steps`` optimizer steps on batches mixed by ``policy``.
 
-    ``domain_ids`` gives each example's domain (0..K-1, in ``domain_names`` order). With an
+    ``domain_ids`` gives each example's domain (0..K-1, in ``domain_names`` order); ``collate`` turns a
+    list of examples into a batch with ``input_ids``, ``attention_mask`` and ``labels``. With an
     ``accelerator`` the model, optimizer and DataLoader are prepared by it; ``batch_size`` is per rank.
     ``stop_after`` ends this call after that many total steps (a simulated pre-emption; the schedule
     is still that of a ``steps``-long run, and a later call with the same ``ckpt_dir`` continues).
@@ -127,7 +128,7 @@ def train_mixture(
             f"the training set ({len(train_ds)} examples) is smaller than one global batch ({global_batch})"
         )
     sampler = DomainMixtureSampler(domain_ids, schedule, seed=seed, num_samples=num_samples)
-    loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_causal, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -140,8 +141,19 @@ def train_mixture(
     result = LoopResult(history=[{"step": 0, "effective_at": 0, "weights": schedule.current.tolist()}])
     lookahead = 3 * global_batch  # DataLoaderShard prefetches one batch; no workers here
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
-    parts = _Parts(accelerator, model, optimizer, scheduler, sampler, policy, store, objective, result,
-                   steps_per_epoch, global_batch)  # fmt: skip
+    parts = _Parts(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        policy,
+        store,
+        objective,
+        result,
+        steps_per_epoch,
+        global_batch,
+    )
     start = 0
     if ckpt is not None and json_path(ckpt, LOOP_STATE).is_file():
         start = _load(ckpt, parts)

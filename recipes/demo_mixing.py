@@ -22,7 +22,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM, Natural, Temperature, Uniform
-from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, per_domain_loss, tiny_gpt2
+from dataflex.testbeds.tiny import (
+    byte_dataset,
+    collate_causal,
+    default_data_dir,
+    load_jsonl_dir,
+    per_domain_loss,
+    tiny_gpt2,
+)
 
 POLICIES = {"uniform": Uniform, "natural": Natural, "temperature": Temperature, "odm": ODM}
 
@@ -68,6 +75,7 @@ def train_one(name: str, train_ds, args: argparse.Namespace, out: Path) -> tuple
         data_collator=collate_causal,
         callbacks=[dfx, QuietProgress(name)],
     )
+    dfx.attach(trainer)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     start = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 
 from dataflex.domains import encode_domains
 from dataflex.proxies.loop import train_mixture
-from dataflex.tiny import byte_dataset, default_data_dir, load_jsonl_dir, per_domain_loss
+from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, per_domain_loss
 
 
 def load_split(root: Path, split: str, max_len: int, per_domain: int | None = None) -> Any:
@@ -65,6 +65,7 @@ def run_experiment(
     train_ds = train_ds if train_ds is not None else load_split(data_root, "train", max_len, train_per_domain)
     domain_ids, names = encode_domains(train_ds["domain"])
     loop_kwargs = dict(
+        collate=collate_causal,
         steps=steps,
         batch_size=batch_size,
         lr=lr,

@@ -29,7 +29,7 @@ from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
 from dataflex.selection import select_by_loss, select_random, select_top
 from dataflex.state import DatasetFingerprint
-from dataflex.tiny import collate_causal, instruct_dataset, load_jsonl_dir
+from dataflex.testbeds.tiny import collate_causal, instruct_dataset, load_jsonl_dir
 
 METHODS = ("less", "tracin", "loss_hard", "loss_easy", "random")
 
@@ -84,22 +84,32 @@ def select_offline(
         layers = lora_linears(model)
         featurizer = GradientFeaturizer(model, layers, dim=dim, seed=seed, mode=method, optimizer=optimizer)
         plain = GradientFeaturizer(model, layers, projector=featurizer.projector)  # LESS: plain target gradients
-        direction = target_direction(score_pool(plain.features, target, collate_causal, batch_size=batch_size,
-                                                desc="target features"))  # fmt: skip
-        feats = score_pool(featurizer.features, pool, collate_causal, batch_size=batch_size, cache=cache,
-                           desc=f"{method} features")  # fmt: skip
+        direction = target_direction(
+            score_pool(plain.features, target, collate_causal, batch_size=batch_size, desc="target features")
+        )
+        feats = score_pool(
+            featurizer.features, pool, collate_causal, batch_size=batch_size, cache=cache, desc=f"{method} features"
+        )
         scores = feats @ direction.astype(np.float32)
         ids = select_top(scores, fraction)
     elif method.startswith("loss_"):
-        scores = score_pool(token_mean_losses(model), pool, collate_causal, batch_size=batch_size, cache=cache,
-                            desc="losses")  # fmt: skip
+        scores = score_pool(
+            token_mean_losses(model), pool, collate_causal, batch_size=batch_size, cache=cache, desc="losses"
+        )
         ids = select_by_loss(scores, fraction, method.removeprefix("loss_"))
     else:
         ids = select_random(len(pool), fraction, seed)
     labels = pool["task"] if "task" in pool.column_names else ["pool"] * len(pool)
     dom, names = encode_domains(labels)
-    write_subset(out, ids, pool=DatasetFingerprint.from_labels(dom, names), method=method, fraction=fraction,
-                 scores=scores, extra={"seed": seed, "dim": dim})  # fmt: skip
+    write_subset(
+        out,
+        ids,
+        pool=DatasetFingerprint.from_labels(dom, names),
+        method=method,
+        fraction=fraction,
+        scores=scores,
+        extra={"seed": seed, "dim": dim},
+    )
     return ids
 
 
@@ -113,7 +123,7 @@ def _hydra_main() -> None:
     from hydra.utils import instantiate, to_absolute_path
     from omegaconf import DictConfig
 
-    from dataflex.tiny import default_data_dir
+    from dataflex.testbeds.tiny import default_data_dir
 
     @hydra.main(config_path="../configs", config_name="select_offline", version_base=None)
     def main(cfg: DictConfig) -> None:
@@ -126,9 +136,19 @@ def _hydra_main() -> None:
         pool_dir = Path(path(cfg.pool)) if cfg.pool else default_data_dir() / "instruct" / "train"
         pool = instruct_dataset(load_jsonl_dir(pool_dir), cfg.max_len)
         target = instruct_dataset(_read_jsonl(path(cfg.target)), cfg.max_len)
-        ids = select_offline(model, pool, target, method=cfg.method, fraction=cfg.fraction, out=path(cfg.out),
-                             optimizer=optimizer, dim=cfg.dim, seed=cfg.seed, batch_size=cfg.batch_size,
-                             cache=path(cfg.cache))  # fmt: skip
+        ids = select_offline(
+            model,
+            pool,
+            target,
+            method=cfg.method,
+            fraction=cfg.fraction,
+            out=path(cfg.out),
+            optimizer=optimizer,
+            dim=cfg.dim,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            cache=path(cfg.cache),
+        )
         tasks = np.asarray(pool["task"])[ids]
         print(f"selected {len(ids)} of {len(pool)} examples -> {path(cfg.out)}")
         for task in sorted(set(tasks.tolist())):

@@ -3,8 +3,8 @@
     python -m dataflex.recipes.vlm method=rho noise=0.3 seed=1
     python -m dataflex.recipes.vlm -m method=uniform,loss_easy,rho,reweight,clusters seed=0,1,2
 
-A stock ``transformers.Trainer`` trains :func:`dataflex.tiny.tiny_llava` (CLIP vision tower ->
-projector -> Llama over bytes, built from config) on :func:`dataflex.digits.digits_vqa`; the method
+A stock ``transformers.Trainer`` trains :func:`dataflex.testbeds.tiny.tiny_llava` (CLIP vision tower ->
+projector -> Llama over bytes, built from config) on :func:`dataflex.testbeds.digits.digits_vqa`; the method
 decides what it trains on (see :data:`METHODS`). Checkpoints go to the Hydra run folder every
 ``save_steps``; rerunning the same command resumes from the last one (model, optimizer, sampler and
 selection state). ``results.json`` there holds clean test accuracy/loss and the share of noisy
@@ -58,18 +58,29 @@ class NoiseCounter(TrainerCallback):
         return sum(r[1] for r in rows) / max(sum(r[2] for r in rows), 1e-12)
 
 
-def training_args(out: Path, *, seed: int, steps: int, batch_size: int, lr: float,
-                  save_steps: int | None = None) -> TrainingArguments:  # fmt: skip
+def training_args(
+    out: Path, *, seed: int, steps: int, batch_size: int, lr: float, save_steps: int | None = None
+) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
-        warmup_steps=max(1, steps // 50), lr_scheduler_type="cosine", logging_steps=10**6, report_to=[],
-        use_cpu=True, seed=seed, disable_tqdm=True,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-    )  # fmt: skip
+        output_dir=str(out),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=lr,
+        warmup_steps=max(1, steps // 50),
+        lr_scheduler_type="cosine",
+        logging_steps=10**6,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+    )
 
 
-def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size: int, lr: float, clusters: int,
-                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def holdout_signals(
+    data: dict[str, Any], work: Path, *, steps: int, batch_size: int, lr: float, clusters: int, seed: int = 0
+) -> dict[str, Any]:
     """Irreducible losses and image clusters of the training pool from a model trained on the validation split.
 
     The holdout model (RHO-LOSS's irreducible-loss model) is trained once and cached under ``work`` in a
@@ -77,13 +88,14 @@ def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size:
     pool scores (crash-resumable).
     """
     from dataflex.clustering import kmeans
-    from dataflex.digits import collate_vlm
     from dataflex.offline import score_pool, token_mean_losses
-    from dataflex.tiny import tiny_llava
+    from dataflex.testbeds.digits import collate_vlm
+    from dataflex.testbeds.tiny import tiny_llava
     from dataflex.vlm import image_feature_embedder
 
-    data_key = json.dumps([list(data["validation"]["image"]), list(data["validation"]["answer"]),
-                           list(data["train"]["image"])])  # fmt: skip
+    data_key = json.dumps(
+        [list(data["validation"]["image"]), list(data["validation"]["answer"]), list(data["train"]["image"])]
+    )
     data_key = hashlib.sha1(data_key.encode()).hexdigest()[:8]  # split and noise of the data it saw / scores
     folder = work / f"holdout_{steps}x{batch_size}_lr{lr:g}_{data_key}"
     path = folder / "model.pt"
@@ -96,20 +108,44 @@ def holdout_signals(data: dict[str, Any], work: Path, *, steps: int, batch_size:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     train = data["train"]
-    irreducible = score_pool(token_mean_losses(model), train, collate_vlm, batch_size=128,
-                             cache=folder / "irreducible.npz", desc="irreducible losses")  # fmt: skip
-    features = score_pool(image_feature_embedder(model), train, collate_vlm, batch_size=128,
-                          cache=folder / "image_features.npz", desc="image features")  # fmt: skip
+    irreducible = score_pool(
+        token_mean_losses(model),
+        train,
+        collate_vlm,
+        batch_size=128,
+        cache=folder / "irreducible.npz",
+        desc="irreducible losses",
+    )
+    features = score_pool(
+        image_feature_embedder(model),
+        train,
+        collate_vlm,
+        batch_size=128,
+        cache=folder / "image_features.npz",
+        desc="image features",
+    )
     fit = kmeans(np.asarray(features, dtype=np.float32), clusters, seed=seed)
     digits = np.asarray(train["digit"])
     purity = sum(np.bincount(digits[fit.labels == c]).max() for c in np.unique(fit.labels)) / len(digits)
-    return {"irreducible": np.asarray(irreducible), "clusters": [f"c{c}" for c in fit.labels.tolist()],
-            "cluster_digit_purity": float(purity)}  # fmt: skip
+    return {
+        "irreducible": np.asarray(irreducible),
+        "clusters": [f"c{c}" for c in fit.labels.tolist()],
+        "cluster_digit_purity": float(purity),
+    }
 
 
-def method_callback(method: str, train: Any, signals: dict[str, Any], *, fraction: float, update_every: int,
-                    warmup: int, temperature: float, per_label: bool = True, label_by: str = "question",
-                    ) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:  # fmt: skip
+def method_callback(
+    method: str,
+    train: Any,
+    signals: dict[str, Any],
+    *,
+    fraction: float,
+    update_every: int,
+    warmup: int,
+    temperature: float,
+    per_label: bool = True,
+    label_by: str = "question",
+) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:
     """The dataflex callback (and loss weighting, for ``reweight``) that implements ``method``.
 
     Selection arms group the pool by ``label_by`` for ``per_label``: ``"question"`` (question type) or
@@ -132,8 +168,10 @@ def method_callback(method: str, train: Any, signals: dict[str, Any], *, fractio
         rule = RhoLoss(fraction, signals["irreducible"], per_label=per_label)
         return DataFlexSelectCallback(rule, groups, **selection), None
     if method == "reweight":
-        return (DataFlexCallback(Uniform(), domains=domains, update_every=update_every),
-                ExampleWeightedLoss(temperature=temperature, direction="easy"))  # fmt: skip
+        return (
+            DataFlexCallback(Uniform(), domains=domains, update_every=update_every),
+            ExampleWeightedLoss(temperature=temperature, direction="easy"),
+        )
     if method == "clusters":
         clusters = signals["clusters"]
         return (
@@ -168,23 +206,33 @@ def train_vlm(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train one tiny LLaVA with ``method`` for ``steps`` and evaluate it on the clean test split."""
-    from dataflex.digits import answer_metrics, collate_vlm
-    from dataflex.tiny import tiny_llava
+    from dataflex.testbeds.digits import answer_metrics, collate_vlm
+    from dataflex.testbeds.tiny import tiny_llava
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
     if method in ("rho", "clusters") and not signals:
         raise ValueError(f"method {method!r} needs holdout signals (see holdout_signals)")
     train = data["train"]
-    dfx, weighted = method_callback(method, train, signals or {}, fraction=fraction, update_every=update_every,
-                                    warmup=warmup, temperature=temperature, per_label=per_label,
-                                    label_by=label_by)  # fmt: skip
+    dfx, weighted = method_callback(
+        method,
+        train,
+        signals or {},
+        fraction=fraction,
+        update_every=update_every,
+        warmup=warmup,
+        temperature=temperature,
+        per_label=per_label,
+        label_by=label_by,
+    )
     counter = NoiseCounter(dfx, np.asarray(train["noisy"], dtype=bool), weighted)
     extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
     model = tiny_llava(seed=seed)
     args = training_args(out, seed=seed, steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps)
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_vlm,
-                      callbacks=[dfx, counter], **extra)  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train, data_collator=collate_vlm, callbacks=[dfx, counter], **extra
+    )
+    dfx.attach(trainer)
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if resume else []
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
@@ -212,7 +260,7 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
-    from dataflex.digits import digits_vqa
+    from dataflex.testbeds.digits import digits_vqa
 
     @hydra.main(config_path="../configs", config_name="vlm", version_base=None)
     def main(cfg: DictConfig) -> None:
@@ -220,16 +268,38 @@ def _hydra_main() -> None:
         data = digits_vqa(cfg.noise, seed=cfg.data_seed, num_images=cfg.num_images)
         signals = None
         if cfg.method in ("rho", "clusters"):
-            signals = holdout_signals(data, Path(to_absolute_path(cfg.work_dir)), steps=cfg.holdout_steps,
-                                      batch_size=cfg.batch_size, lr=cfg.lr, clusters=cfg.clusters,
-                                      seed=cfg.data_seed)  # fmt: skip
-        result = train_vlm(cfg.method, data, out=out, seed=cfg.seed, steps=cfg.steps, batch_size=cfg.batch_size,
-                           lr=cfg.lr, fraction=cfg.fraction, update_every=cfg.update_every, warmup=cfg.warmup,
-                           temperature=cfg.temperature, per_label=cfg.per_label, label_by=cfg.label_by, signals=signals,
-                           save_steps=cfg.save_steps, resume=True)  # fmt: skip
+            signals = holdout_signals(
+                data,
+                Path(to_absolute_path(cfg.work_dir)),
+                steps=cfg.holdout_steps,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                clusters=cfg.clusters,
+                seed=cfg.data_seed,
+            )
+        result = train_vlm(
+            cfg.method,
+            data,
+            out=out,
+            seed=cfg.seed,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            fraction=cfg.fraction,
+            update_every=cfg.update_every,
+            warmup=cfg.warmup,
+            temperature=cfg.temperature,
+            per_label=cfg.per_label,
+            label_by=cfg.label_by,
+            signals=signals,
+            save_steps=cfg.save_steps,
+            resume=True,
+        )
         (out / "results.json").write_text(json.dumps(result, indent=1))
-        print(f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "
-              f"noisy share trained on {result['noisy_share']:.3f} -> {out / 'results.json'}")  # fmt: skip
+        print(
+            f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "
+            f"noisy share trained on {result['noisy_share']:.3f} -> {out / 'results.json'}"
+        )
 
     main()
 

@@ -28,13 +28,6 @@ from dataflex.state import DatasetFingerprint
 _CURRICULUM_STREAM = 3
 
 
-def difficulty_order(difficulty: Sequence[float] | np.ndarray, reverse: bool = False) -> np.ndarray:
-    """Example ids easiest first (hardest first with ``reverse``); ties and NaN (last) broken by id."""
-    d = np.asarray(difficulty, dtype=np.float64).reshape(-1)
-    key = np.where(np.isfinite(d), -d if reverse else d, np.inf)
-    return np.lexsort((np.arange(d.size), key))
-
-
 class CurriculumSampler(ScheduledSampler):
     """Sample among the easiest ``ceil(pacing(g / horizon) * n)`` examples at global sample ``g``.
 
@@ -89,5 +82,10 @@ class CurriculumSampler(ScheduledSampler):
                 yield chunk_start + j, int(order[int(u[j] * self.open_count(g))])
 
     def _settings(self) -> dict[str, Any]:
-        return {"seed": self.seed, "num_samples": self.num_samples, "horizon": self.horizon,
-                "pacing": self.pacing_name, "chunk_size": self.chunk_size}  # fmt: skip
+        return {
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "horizon": self.horizon,
+            "pacing": self.pacing_name,
+            "chunk_size": self.chunk_size,
+        }

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2, tiny_llama
+from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2, tiny_llama
 
 DOMAINS3 = ("code", "literature", "trivia")
 
@@ -44,8 +44,22 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash before step {self.step + 1}")
 
 
-def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_steps=4, extra=(), seed=0, arch="gpt2",
-                 logging_steps=100, model=None, compute_loss_func=None):  # fmt: skip
+def make_trainer(
+    ds,
+    dfx,
+    out_dir,
+    *,
+    max_steps=12,
+    accum=1,
+    workers=0,
+    save_steps=4,
+    extra=(),
+    seed=0,
+    arch="gpt2",
+    logging_steps=100,
+    model=None,
+    compute_loss_func=None,
+):
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=4,
@@ -68,8 +82,14 @@ def make_trainer(ds, dfx, out_dir, *, max_steps=12, accum=1, workers=0, save_ste
         model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
     else:
         raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal,
-                      callbacks=[dfx, *extra], compute_loss_func=compute_loss_func)  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=collate_causal,
+        callbacks=[dfx, *extra],
+        compute_loss_func=compute_loss_func,
+    )
     if hasattr(dfx, "attach"):
         dfx.attach(trainer)
     return trainer
@@ -93,8 +113,21 @@ def comparable_log(log_history: list[dict]) -> list[dict]:
     return [h for h in log_history if not any(k in h for k in SUMMARY_KEYS)]
 
 
-def assert_trainer_resumes_exactly(make_callback, ds, out, *, accum=1, workers=0, steps=12, crash_at=8, save_steps=4,
-                                   logging_steps=2, make_model=None, make_loss=None, forced_differs=True):  # fmt: skip
+def assert_trainer_resumes_exactly(
+    make_callback,
+    ds,
+    out,
+    *,
+    accum=1,
+    workers=0,
+    steps=12,
+    crash_at=8,
+    save_steps=4,
+    logging_steps=2,
+    make_model=None,
+    make_loss=None,
+    forced_differs=True,
+):
     """Crash a Trainer run at ``crash_at``, resume it from its checkpoint, and compare with an uninterrupted run.
 
     ``make_callback(allow_missing_state)`` returns a fresh dataflex callback; ``make_model()`` a fresh
@@ -110,9 +143,19 @@ def assert_trainer_resumes_exactly(make_callback, ds, out, *, accum=1, workers=0
         cb = make_callback(allow_missing_state)
         rec = StepRecorder(cb)
         extra = [rec] + ([CrashAt(crash)] if crash else [])
-        trainer = make_trainer(ds, cb, folder, max_steps=steps, accum=accum, workers=workers, save_steps=save_steps,
-                               extra=extra, logging_steps=logging_steps, model=make_model() if make_model else None,
-                               compute_loss_func=make_loss(cb) if make_loss else None)  # fmt: skip
+        trainer = make_trainer(
+            ds,
+            cb,
+            folder,
+            max_steps=steps,
+            accum=accum,
+            workers=workers,
+            save_steps=save_steps,
+            extra=extra,
+            logging_steps=logging_steps,
+            model=make_model() if make_model else None,
+            compute_loss_func=make_loss(cb) if make_loss else None,
+        )
         try:
             trainer.train(resume_from_checkpoint=resume)
         except KeyboardInterrupt:

@@ -15,9 +15,9 @@ from accelerate import Accelerator  # noqa: E402
 from hf_helpers import small_dataset  # noqa: E402
 
 from dataflex.domains import encode_domains  # noqa: E402
-from dataflex.policies import DoReMiOnline  # noqa: E402
+from dataflex.proxies.doremi import DoReMiOnline  # noqa: E402
 from dataflex.proxies.loop import train_mixture  # noqa: E402
-from dataflex.tiny import tiny_gpt2  # noqa: E402
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -32,6 +32,7 @@ def main(out: str) -> None:
         ids,
         names,
         policy,
+        collate=collate_causal,
         steps=8,
         batch_size=4,
         lr=3e-3,

@@ -23,7 +23,7 @@ from dataflex import DataFlexSelectCallback  # noqa: E402
 from dataflex.grads import lora_linears  # noqa: E402
 from dataflex.influence import GradientFeaturizer  # noqa: E402
 from dataflex.selectors import Influence, RandomSelection, SelectionContext  # noqa: E402
-from dataflex.tiny import collate_causal, tiny_gpt2  # noqa: E402
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2  # noqa: E402
 
 
 def lora(model):
@@ -52,23 +52,30 @@ def main(out: str) -> None:
     direction = direction / direction.norm()
     local = (featurizer.features(collate_causal([ds[int(i)] for i in ids])) @ direction).numpy()
     # (b) a stock Trainer under DDP with the influence callback
-    base = make_trainer(ds, DataFlexSelectCallback(RandomSelection(0.5)), Path(out) / "sel", max_steps=1,
-                        save_steps=100)  # fmt: skip
+    base = make_trainer(
+        ds, DataFlexSelectCallback(RandomSelection(0.5)), Path(out) / "sel", max_steps=1, save_steps=100
+    )
     cb = DataFlexSelectCallback(Influence(0.25, target, mode="less", dim=64), labels=ds["domain"], update_every=3)
-    trainer = Trainer(model=lora(base.model), args=base.args, train_dataset=ds, data_collator=collate_causal,
-                      callbacks=[cb])  # fmt: skip
+    trainer = Trainer(
+        model=lora(base.model), args=base.args, train_dataset=ds, data_collator=collate_causal, callbacks=[cb]
+    )
+    cb.attach(trainer)
     trainer.args.max_steps = 7
     trainer.train()
     rank = dist.get_rank()
-    Path(out, f"select_rank{rank}.json").write_text(json.dumps({
-        "world": dist.get_world_size(),
-        "chosen": chosen.tolist(),
-        "gathered_scores": scores.tolist(),
-        "local_scores": local.tolist(),
-        "max_gather_vs_local": float(np.abs(scores - local).max()),
-        "history": cb.history,
-        "store_scores": np.nan_to_num(cb.store.score, nan=-9.0).tolist(),
-    }))  # fmt: skip
+    Path(out, f"select_rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "world": dist.get_world_size(),
+                "chosen": chosen.tolist(),
+                "gathered_scores": scores.tolist(),
+                "local_scores": local.tolist(),
+                "max_gather_vs_local": float(np.abs(scores - local).max()),
+                "history": cb.history,
+                "store_scores": np.nan_to_num(cb.store.score, nan=-9.0).tolist(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

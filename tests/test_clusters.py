@@ -17,7 +17,7 @@ from dataflex.policies import Uniform
 from dataflex.samplers import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.selectors import FixedSubset
-from dataflex.tiny import collate_causal, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
 
 def blobs(n_per: int = 50, k: int = 4, d: int = 8, seed: int = 0):
@@ -74,8 +74,9 @@ def test_stratified_mixture_meets_cluster_quotas_over_an_epoch():
     k = 5
 
     def build(stratified):
-        return DomainMixtureSampler(labels, WeightSchedule(sorted(set(names)), np.full(k, 0.2)), seed=4,
-                                    stratified=stratified)  # fmt: skip
+        return DomainMixtureSampler(
+            labels, WeightSchedule(sorted(set(names)), np.full(k, 0.2)), seed=4, stratified=stratified
+        )
 
     counts = np.bincount(labels[build(True).epoch_order(0)], minlength=k)
     assert np.abs(counts - 40).max() <= 1  # every cluster gets its quota of 200 / 5

@@ -1,5 +1,6 @@
 """Every YAML under configs/ composes and instantiates; the core imports only torch and numpy."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,67 @@ def test_mixture_configs_compose_and_instantiate(model, data):
     assert net.config.vocab_size == 257 and cfg.data.max_len <= net.config.max_position_embeddings
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# Each layer: its source folder and the dataflex packages it may import. The core (``dataflex/*.py`` and
+# ``dataflex.policies``) uses only itself; samplers build on the core; the test beds, the proxies and the
+# HF adapter on core + samplers; recipes may use everything. ``dataflex/__init__.py`` is the facade that
+# re-exports the HF callbacks lazily, so it is the one file allowed to name ``dataflex.hf``.
+CORE = {"dataflex", "dataflex.policies"}
+LAYERS = {
+    "core": (["dataflex/*.py", "dataflex/policies/*.py"], CORE),
+    "samplers": (["samplers/*.py"], CORE | {"dataflex.samplers"}),
+    "testbeds": (["dataflex/testbeds/*.py"], CORE | {"dataflex.testbeds"}),
+    "proxies": (["proxies/*.py"], CORE | {"dataflex.samplers", "dataflex.proxies"}),
+    "hf": (["dataflex/hf/*.py"], CORE | {"dataflex.samplers", "dataflex.hf"}),
+}
+SUBPACKAGES = ("dataflex.policies", "dataflex.samplers", "dataflex.proxies", "dataflex.recipes", "dataflex.hf",
+               "dataflex.testbeds")  # fmt: skip
+
+
+def dataflex_imports(path: Path) -> set[str]:
+    """Every dataflex module a file imports, at any depth (function-level imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n == "dataflex" or n.startswith("dataflex.")}
+
+
+def package_of(module: str) -> str:
+    return next((p for p in SUBPACKAGES if module == p or module.startswith(p + ".")), "dataflex")
+
+
+def layer_violations() -> list[str]:
+    bad = []
+    for layer, (patterns, allowed) in LAYERS.items():
+        for pattern in patterns:
+            for path in sorted(ROOT.glob(pattern)):
+                if path.relative_to(ROOT).as_posix() == "dataflex/__init__.py":
+                    continue
+                for module in sorted(dataflex_imports(path)):
+                    if package_of(module) not in allowed:
+                        bad.append(f"{path.relative_to(ROOT)} ({layer}) imports {module}")
+    return bad
+
+
+def test_every_layer_imports_only_the_layers_below_it():
+    assert layer_violations() == []
+
+
+def test_the_layer_walk_sees_function_level_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from dataflex.samplers.curriculum import CurriculumSampler\n")
+    assert package_of(min(dataflex_imports(probe))) == "dataflex.samplers"
+
+
 def test_core_imports_only_torch_and_numpy():
+    core = sorted(f"dataflex.{p.stem}" for p in (ROOT / "dataflex").glob("*.py") if p.stem != "__init__")
     code = (
-        "import sys, dataflex, dataflex.policies, dataflex.samplers, dataflex.store, dataflex.state, "
-        "dataflex.schedule, dataflex.losses, dataflex.dist, dataflex.tiny, dataflex.batching, dataflex.selection, "
-        "dataflex.grads, dataflex.influence, dataflex.weighting, dataflex.offline, dataflex.embeddings, "
-        "dataflex.clustering, dataflex.dedup, dataflex.pacing, dataflex.curriculum, dataflex.selectors;"
+        f"import sys, dataflex.policies, {', '.join(core)}; "
         "bad = [m for m in ('transformers', 'accelerate', 'datasets', 'faiss', 'hydra', 'sklearn', 'wandb') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

@@ -14,7 +14,8 @@ from torch.utils.data import BatchSampler
 from dataflex import DataFlexCurriculumCallback
 from dataflex.curriculum import Curriculum, length_difficulty, loss_difficulty
 from dataflex.pacing import PACINGS, make_pacing
-from dataflex.samplers import CurriculumSampler, difficulty_order
+from dataflex.ranking import rank_ids
+from dataflex.samplers import CurriculumSampler
 from dataflex.schedule import LateScheduleChangeError, OrderSchedule
 
 N = 40
@@ -44,11 +45,12 @@ def test_competence_is_platanios_sqrt_and_bad_settings_are_refused():
 
 
 def build(events=(), pacing="competence", seed=3, order=None):
-    schedule = OrderSchedule(difficulty_order(np.arange(N)[::-1].astype(float)) if order is None else order)
+    schedule = OrderSchedule(rank_ids(np.arange(N)[::-1].astype(float)) if order is None else order)
     for at, o in events:
         schedule.add(at, o)
-    return CurriculumSampler(schedule, make_pacing(pacing, 0.1), horizon=2 * N, pacing_name=pacing, seed=seed,
-                             chunk_size=16)  # fmt: skip
+    return CurriculumSampler(
+        schedule, make_pacing(pacing, 0.1), horizon=2 * N, pacing_name=pacing, seed=seed, chunk_size=16
+    )
 
 
 def test_early_samples_come_from_the_easiest_examples_then_the_pool_opens():
@@ -77,8 +79,9 @@ def test_curriculum_sampler_resumes_exactly_with_reorders(workers):
 def test_curriculum_ranks_merge_to_the_global_order(world):
     batch = 2
     global_order = build().epoch_order(0).tolist()
-    per_rank = [[list(b) for b in BatchSamplerShard(BatchSampler(build(), batch, False), world, r)]
-                for r in range(world)]  # fmt: skip
+    per_rank = [
+        [list(b) for b in BatchSamplerShard(BatchSampler(build(), batch, False), world, r)] for r in range(world)
+    ]
     usable = min(len(b) for b in per_rank)
     merged = [x for step in zip(*[b[:usable] for b in per_rank]) for b in step for x in b]
     # accelerate pads the last global batch by wrapping around to the start: compare the real positions
@@ -115,7 +118,7 @@ def test_callback_trains_easiest_first(ds, tmp_path):
         return cb, rec
 
     full, rec = run(tmp_path / "full")
-    rank = {int(i): r for r, i in enumerate(difficulty_order(difficulty))}  # 0 = shortest
+    rank = {int(i): r for r, i in enumerate(rank_ids(difficulty))}  # 0 = shortest
     for step, ids in rec.ids.items():  # every example was open (by length rank) at its sample index
         for j, i in enumerate(ids):
             assert rank[i] < full.sampler.open_count((step - 1) * 4 + j)  # global sample index
@@ -125,8 +128,9 @@ def test_callback_trains_easiest_first(ds, tmp_path):
 
 
 def test_callback_rescores_with_the_live_model(ds, tmp_path):
-    cb = DataFlexCurriculumCallback(Curriculum(scorer=loss_difficulty(), pacing="competence", c0=0.3),
-                                    rescore_every=4, horizon_steps=10)  # fmt: skip
+    cb = DataFlexCurriculumCallback(
+        Curriculum(scorer=loss_difficulty(), pacing="competence", c0=0.3), rescore_every=4, horizon_steps=10
+    )
     make_trainer(ds, cb, tmp_path, max_steps=9, save_steps=100).train()
     assert [h["step"] for h in cb.history] == [0, 4, 8]
     assert len(cb.sampler.schedule) == 3

@@ -10,10 +10,11 @@ import torch
 from hf_helpers import small_dataset
 
 from dataflex.domains import encode_domains
-from dataflex.policies import ADO, DoReMiOnline, doremi_update
+from dataflex.policies import ADO, doremi_update
 from dataflex.policies.ado import fit_power_law
 from dataflex.proxies.doremi import (
     DoReMiOffline,
+    DoReMiOnline,
     GroupDROObjective,
     PreparedDoReMiOnline,
     reference_token_losses,
@@ -22,9 +23,9 @@ from dataflex.proxies.doremi import (
 )
 from dataflex.proxies.loop import train_mixture
 from dataflex.store import DomainStats
-from dataflex.tiny import tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
-LOOP = dict(batch_size=4, lr=3e-3, seed=0, update_every=2, progress=False)
+LOOP = dict(collate=collate_causal, batch_size=4, lr=3e-3, seed=0, update_every=2, progress=False)
 
 
 def make_model():
@@ -80,7 +81,7 @@ def test_group_dro_credits_each_domain_with_its_own_tokens():
 
 def test_proxy_stage_resumes_exactly(data, tmp_path):
     ds, ids, names = data
-    ref_losses = reference_token_losses(make_model(), ds)
+    ref_losses = reference_token_losses(make_model(), ds, collate_causal)
     assert ref_losses.shape[0] == len(ds) and np.isnan(ref_losses).any()
     full = train_proxy(make_model, ds, ids, names, ref_losses, tmp_path / "full", steps=16, **LOOP)
     part = train_proxy(make_model, ds, ids, names, ref_losses, tmp_path / "cut", steps=16, stop_after=7, **LOOP)

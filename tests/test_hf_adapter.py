@@ -22,9 +22,10 @@ from dataflex import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelec
 from dataflex.batching import LoaderLayout
 from dataflex.curriculum import Curriculum, length_difficulty, loss_difficulty
 from dataflex.hf.tracking import BatchTracker
-from dataflex.policies import ADO, ODM, DoReMiOnline, Natural, Static, Temperature, Uniform
+from dataflex.policies import ADO, ODM, Natural, Static, Temperature, Uniform
+from dataflex.proxies.doremi import DoReMiOnline
 from dataflex.selectors import FixedSubset, Influence, LossFocus, RandomSelection, RhoLoss
-from dataflex.tiny import collate_causal, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 from dataflex.weighting import ExampleWeightedLoss
 
 
@@ -58,11 +59,14 @@ def trainer_events(n, batch, accum, workers, drop_last, steps, resume_at=0):
             yield ("done", step, epoch * n + within if within < per_epoch * batch else (epoch + 1) * n)
 
 
-@pytest.mark.parametrize("n,batch,accum,workers,drop_last", [(37, 4, 1, 0, False), (37, 4, 2, 2, False),
-                                                              (37, 4, 4, 0, True), (40, 4, 2, 0, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n,batch,accum,workers,drop_last",
+    [(37, 4, 1, 0, False), (37, 4, 2, 2, False), (37, 4, 4, 0, True), (40, 4, 2, 0, True)],
+)
 def test_batch_tracker_follows_trainer_events(n, batch, accum, workers, drop_last):
-    layout = LoaderLayout(BatchSampler(SequentialSampler(range(n)), batch, drop_last), None, batch, workers,
-                          2 if workers else 0)  # fmt: skip
+    layout = LoaderLayout(
+        BatchSampler(SequentialSampler(range(n)), batch, drop_last), None, batch, workers, 2 if workers else 0
+    )
     steps = 3 * (-(-(n // batch if drop_last else -(-n // batch)) // accum)) + 1  # three epochs and a bit
     for resume_at in (0, 1, 5):
         tracker = BatchTracker.from_layout(layout, n, accum)
@@ -88,8 +92,16 @@ def test_batch_tracker_follows_trainer_events(n, batch, accum, workers, drop_las
 # -- logging never costs the Trainer its own log -------------------------------------------------------
 def trainer_log(ds, out, *, logging_steps, update_every, steps, with_dataflex):
     cb = DataFlexCallback(ODM(), update_every=update_every) if with_dataflex else None
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, save_strategy="no",
-                             logging_steps=logging_steps, report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        save_strategy="no",
+        logging_steps=logging_steps,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     model = tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal)
     if cb is not None:
@@ -103,10 +115,12 @@ def test_trainer_keeps_its_own_log_entries(logging_steps, update_every, steps, t
     """Same loss/grad_norm/learning_rate entries at the same steps with and without dataflex; dataflex's own at
     every update. The last case is the default settings (logging_steps=500, update_every=50)."""
     ds = small_dataset(per_domain=8, max_len=16)
-    stock = trainer_log(ds, tmp_path / "a", logging_steps=logging_steps, update_every=update_every, steps=steps,
-                        with_dataflex=False)  # fmt: skip
-    mixed = trainer_log(ds, tmp_path / "b", logging_steps=logging_steps, update_every=update_every, steps=steps,
-                        with_dataflex=True)  # fmt: skip
+    stock = trainer_log(
+        ds, tmp_path / "a", logging_steps=logging_steps, update_every=update_every, steps=steps, with_dataflex=False
+    )
+    mixed = trainer_log(
+        ds, tmp_path / "b", logging_steps=logging_steps, update_every=update_every, steps=steps, with_dataflex=True
+    )
 
     def shape(log):
         return [(h["step"], sorted(h)) for h in comparable_log(log) if not any(k.startswith("dataflex/") for k in h)]
@@ -134,11 +148,23 @@ class FilteringTrainer(Trainer):
 
 
 def labelled_run(trainer_cls, ds, cb, out, steps=4):
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, save_strategy="no",
-                             report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     rec = StepRecorder(cb)
-    trainer = trainer_cls(model=tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0), args=args, train_dataset=ds,
-                          data_collator=collate_causal, callbacks=[rec])  # fmt: skip
+    trainer = trainer_cls(
+        model=tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0),
+        args=args,
+        train_dataset=ds,
+        data_collator=collate_causal,
+        callbacks=[rec],
+    )
     cb.attach(trainer)
     trainer.train()
     return trainer, rec
@@ -176,8 +202,15 @@ def test_labels_without_a_column_to_check_warn(ds, tmp_path):
 
 # -- the Trainer, explicitly ----------------------------------------------------------------------------
 def test_trainer_argument_attach_and_the_stack_fallback(ds, tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     model = tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal)
     cb = DataFlexCallback(Uniform(), update_every=1, trainer=trainer)  # TRL's style: the callback takes the trainer
@@ -217,8 +250,14 @@ def test_resume_from_checkpoint_true_uses_the_newest_checkpoint(ds, tmp_path):
     full = DataFlexCallback(ODM(), update_every=2)
     make_trainer(ds, full, tmp_path / "full", max_steps=8, save_steps=2).train()
     try:
-        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path / "crash", max_steps=8, save_steps=2,
-                     extra=[CrashAt(6)]).train()  # fmt: skip
+        make_trainer(
+            ds,
+            DataFlexCallback(ODM(), update_every=2),
+            tmp_path / "crash",
+            max_steps=8,
+            save_steps=2,
+            extra=[CrashAt(6)],
+        ).train()
     except KeyboardInterrupt:
         pass
     resumed = DataFlexCallback(ODM(), update_every=2)
@@ -236,8 +275,11 @@ def lora_model():
 
 
 def doremi_online():
-    return DoReMiOnline(tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=1),
-                        tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=2), use_average=False)  # fmt: skip
+    return DoReMiOnline(
+        tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=1),
+        tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=2),
+        use_average=False,
+    )
 
 
 def prepared_doremi_online(work_dir, ds):
@@ -248,8 +290,14 @@ def prepared_doremi_online(work_dir, ds):
         policy = PreparedDoReMiOnline(reference_steps=3, use_average=False)
         ids, names = encode_domains(ds["domain"])
         make_model = lambda: tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=3)  # noqa: E731
-        policy.prepare(make_model, ds, ids, names, work_dir, {"steps": 3, "batch_size": 4, "lr": 1e-3, "seed": 0,
-                                                              "progress": False})  # fmt: skip
+        policy.prepare(
+            make_model,
+            ds,
+            ids,
+            names,
+            work_dir,
+            {"collate": collate_causal, "steps": 3, "batch_size": 4, "lr": 1e-3, "seed": 0, "progress": False},
+        )
         return policy
 
     return make
@@ -259,8 +307,10 @@ def deciders(ds, work_dir):
     """name -> (make_callback(allow_missing_state), accumulation, workers, make_model, make_loss)."""
     code = [ds[i] for i in range(len(ds)) if ds[i]["domain"] == "code"][:4]
     mix = lambda policy: lambda allow: DataFlexCallback(policy(), update_every=2, allow_missing_state=allow)  # noqa: E731
-    sel = lambda selector: lambda allow: DataFlexSelectCallback(selector(), update_every=3,  # noqa: E731
-                                                                allow_missing_state=allow)  # fmt: skip
+
+    def sel(selector):
+        return lambda allow: DataFlexSelectCallback(selector(), update_every=3, allow_missing_state=allow)
+
     lengths = length_difficulty(ds)
     return {
         "uniform": (mix(Uniform), 1, 0, None, None),
@@ -276,19 +326,54 @@ def deciders(ds, work_dir):
         "influence": (sel(lambda: Influence(0.5, code, mode="less", dim=64)), 1, 0, lora_model, None),
         "random": (sel(lambda: RandomSelection(0.5)), 2, 2, None, None),
         "fixed_subset": (sel(lambda: FixedSubset(np.arange(0, 36, 2))), 1, 0, None, None),
-        "curriculum": (lambda allow: DataFlexCurriculumCallback(Curriculum(lengths, pacing="linear", c0=0.3),
-                                                                allow_missing_state=allow), 2, 2, None, None),
-        "curriculum_rescored": (lambda allow: DataFlexCurriculumCallback(
-            Curriculum(scorer=loss_difficulty(16), pacing="root", c0=0.3), rescore_every=4,
-            allow_missing_state=allow), 1, 0, None, None),
-        "loss_reweighting": (mix(Uniform), 2, 0, None,
-                             lambda cb: cb.wrap_loss(ExampleWeightedLoss(gradient_accumulation_steps=2))),
-    }  # fmt: skip
+        "curriculum": (
+            lambda allow: DataFlexCurriculumCallback(
+                Curriculum(lengths, pacing="linear", c0=0.3), allow_missing_state=allow
+            ),
+            2,
+            2,
+            None,
+            None,
+        ),
+        "curriculum_rescored": (
+            lambda allow: DataFlexCurriculumCallback(
+                Curriculum(scorer=loss_difficulty(16), pacing="root", c0=0.3),
+                rescore_every=4,
+                allow_missing_state=allow,
+            ),
+            1,
+            0,
+            None,
+            None,
+        ),
+        "loss_reweighting": (
+            mix(Uniform),
+            2,
+            0,
+            None,
+            lambda cb: cb.wrap_loss(ExampleWeightedLoss(gradient_accumulation_steps=2)),
+        ),
+    }
 
 
-DECIDERS = ["uniform", "natural", "temperature", "static", "odm", "ado", "doremi_online", "prepared_doremi_online",
-            "loss_focus", "rho_loss", "influence", "random", "fixed_subset", "curriculum", "curriculum_rescored",
-            "loss_reweighting"]  # fmt: skip
+DECIDERS = [
+    "uniform",
+    "natural",
+    "temperature",
+    "static",
+    "odm",
+    "ado",
+    "doremi_online",
+    "prepared_doremi_online",
+    "loss_focus",
+    "rho_loss",
+    "influence",
+    "random",
+    "fixed_subset",
+    "curriculum",
+    "curriculum_rescored",
+    "loss_reweighting",
+]
 
 
 @pytest.mark.parametrize("name", DECIDERS)
@@ -298,9 +383,16 @@ def test_every_decider_resumes_exactly_through_the_trainer(name, ds, tmp_path):
     make_callback, accum, workers, make_model, make_loss = deciders(ds, tmp_path)[name]
     # A fixed curriculum's order is a pure function of seed, difficulty and pacing: with its state
     # dropped, a forced resume must give the very same run.
-    full, records = assert_trainer_resumes_exactly(make_callback, ds, tmp_path, accum=accum, workers=workers,
-                                                   make_model=make_model, make_loss=make_loss,
-                                                   forced_differs=name != "curriculum")  # fmt: skip
+    full, records = assert_trainer_resumes_exactly(
+        make_callback,
+        ds,
+        tmp_path,
+        accum=accum,
+        workers=workers,
+        make_model=make_model,
+        make_loss=make_loss,
+        forced_differs=name != "curriculum",
+    )
     assert len(full.history) > 1 or name == "curriculum"  # decisions were taken (and compared)
     if name in ("doremi_online", "prepared_doremi_online"):  # one proxy step per micro-batch, restored on resume
         assert full.policy.steps == sum(len(ids) for ids in records.ids.values()) // 4

@@ -9,7 +9,7 @@ import torch
 from dataflex.grads import PerExampleGradients, RademacherProjector, lora_linears
 from dataflex.influence import GradientFeaturizer, influence_scores
 from dataflex.losses import per_example_mean_loss
-from dataflex.tiny import collate_causal, tiny_gpt2, tiny_llama
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="the peft extra provides LoRA")
 
@@ -129,8 +129,9 @@ def test_less_uses_the_optimizer_state_and_matches_a_manual_computation():
     with pytest.raises(ValueError, match="need the training optimizer"):
         tracin.feature_sets(batch, ("less",))
     # micro-batching and buffered projection change nothing but speed
-    chunked = GradientFeaturizer(model, layers, dim=256, seed=0, mode="less", optimizer=opt, micro_batch=3,
-                                 grad_buffer_bytes=1)  # fmt: skip
+    chunked = GradientFeaturizer(
+        model, layers, dim=256, seed=0, mode="less", optimizer=opt, micro_batch=3, grad_buffer_bytes=1
+    )
     for layer in layers.values():  # as if scoring happened mid gradient-accumulation
         layer.weight.grad = torch.full_like(layer.weight, 0.5)
     torch.testing.assert_close(chunked.features(batch), f_less, atol=1e-5, rtol=1e-4)

@@ -16,7 +16,7 @@ from hf_helpers import small_dataset
 from dataflex.domains import encode_domains
 from dataflex.policies import ADO, ODM, Temperature, Uniform
 from dataflex.proxies.loop import train_mixture
-from dataflex.tiny import tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,7 @@ def test_loop_resumes_exactly_across_an_epoch(data, tmp_path, make_policy):
             ids,
             names,
             make_policy(),
+            collate=collate_causal,
             steps=16,
             batch_size=8,
             lr=3e-3,
@@ -62,7 +63,7 @@ def test_loop_resumes_exactly_across_an_epoch(data, tmp_path, make_policy):
 
 def test_loop_negative_control_fresh_start_differs(data, tmp_path):
     ds, ids, names = data
-    kw = dict(steps=12, batch_size=8, lr=3e-3, update_every=2, progress=False)
+    kw = dict(collate=collate_causal, steps=12, batch_size=8, lr=3e-3, update_every=2, progress=False)
     a = train_mixture(tiny_gpt2(n_layer=1, n_embd=32, n_head=2), ds, ids, names, ODM(), seed=0, **kw)
     b = train_mixture(tiny_gpt2(n_layer=1, n_embd=32, n_head=2), ds, ids, names, ODM(), seed=1, **kw)
     assert a.history != b.history
@@ -71,10 +72,21 @@ def test_loop_negative_control_fresh_start_differs(data, tmp_path):
 def test_recipe_under_accelerate_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "tests" / "mixture_dist_worker.py"), str(tmp_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "tests" / "mixture_dist_worker.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -87,11 +99,23 @@ def test_recipe_under_accelerate_two_processes(tmp_path):
 
 def test_hydra_sweep_runs_and_summarizes(tmp_path):
     cmd = [
-        sys.executable, "-m", "dataflex.recipes.mixture", "-m", "policy=uniform,ado", "seed=0", "steps=6",
-        "eval_every=3", "batch_size=4", "data.train_per_domain=12", "data.val_per_domain=4",
-        "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}", f"work_dir={tmp_path / 'work'}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "dataflex.recipes.mixture",
+        "-m",
+        "policy=uniform,ado",
+        "seed=0",
+        "steps=6",
+        "eval_every=3",
+        "batch_size=4",
+        "data.train_per_domain=12",
+        "data.val_per_domain=4",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"work_dir={tmp_path / 'work'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = sorted((tmp_path / "sweep").glob("**/results.json"))

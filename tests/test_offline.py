@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from dataflex.offline import length_order, read_subset, score_pool, target_direction, token_mean_losses, write_subset
+from dataflex.offline import read_subset, score_pool, target_direction, token_mean_losses, write_subset
 from dataflex.state import DatasetFingerprint
-from dataflex.tiny import collate_causal, encode_instruction, instruct_dataset, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, encode_instruction, instruct_dataset, tiny_gpt2
 
 
 def pool(n: int = 23) -> list[dict]:
     rng = np.random.default_rng(0)
-    return [{"input_ids": rng.integers(0, 256, size=int(rng.integers(3, 40))).tolist(), "prompt_len": 2}
-            for _ in range(n)]  # fmt: skip
+    return [
+        {"input_ids": rng.integers(0, 256, size=int(rng.integers(3, 40))).tolist(), "prompt_len": 2} for _ in range(n)
+    ]
 
 
 def row_sums(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -22,8 +23,12 @@ def row_sums(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["input_ids"] * batch["attention_mask"]).sum(1).float()
 
 
-def test_length_order_is_longest_first_with_ties_by_id():
-    assert length_order([3, 5, 3, 9]).tolist() == [3, 1, 0, 2]
+def test_ranking_breaks_ties_by_id_and_puts_nan_last():
+    from dataflex.ranking import rank_ids
+
+    assert rank_ids([3, 5, 3, 9], descending=True).tolist() == [3, 1, 0, 2]
+    assert rank_ids([3, np.nan, 3, 1]).tolist() == [3, 0, 2, 1]
+    assert rank_ids([3, np.nan, 3, 1], descending=True).tolist() == [0, 2, 3, 1]
 
 
 def test_score_pool_resumes_after_a_crash_and_matches_an_uninterrupted_run(tmp_path):
@@ -69,8 +74,14 @@ def test_token_mean_losses_equal_one_example_at_a_time():
 
 def test_subset_round_trip_and_refusal_for_another_pool(tmp_path):
     fp = DatasetFingerprint.from_labels(np.array([0, 1, 1, 0]), ["a", "b"])
-    write_subset(tmp_path / "s.json", np.array([3, 1]), pool=fp, method="less", fraction=0.5,
-                 scores=np.array([0.1, np.nan, 0.2, 0.9]))  # fmt: skip
+    write_subset(
+        tmp_path / "s.json",
+        np.array([3, 1]),
+        pool=fp,
+        method="less",
+        fraction=0.5,
+        scores=np.array([0.1, np.nan, 0.2, 0.9]),
+    )
     assert read_subset(tmp_path / "s.json", fp).tolist() == [1, 3]
     other = DatasetFingerprint.from_labels(np.array([0, 1, 0, 0]), ["a", "b"])
     with pytest.raises(ValueError, match="different dataset"):

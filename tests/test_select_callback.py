@@ -51,13 +51,14 @@ def test_influence_selector_with_lora(ds, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer
 
-    from dataflex.tiny import collate_causal
+    from dataflex.testbeds.tiny import collate_causal
 
     trainer = make_trainer(ds, DataFlexSelectCallback(RandomSelection(0.5)), tmp_path, max_steps=1, save_steps=100)
     model = get_peft_model(trainer.model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0))
     target = [ds[i] for i in range(len(ds)) if ds[i]["domain"] == "code"][:4]
     cb = DataFlexSelectCallback(Influence(0.25, target, mode="less", dim=128), labels=ds["domain"], update_every=3)
     trainer = Trainer(model=model, args=trainer.args, train_dataset=ds, data_collator=collate_causal, callbacks=[cb])
+    cb.attach(trainer)
     trainer.args.max_steps = 6
     trainer.train()
     chosen = np.array(cb.history[-1]["ids"])  # the store holds the scores of the latest selection
@@ -67,11 +68,11 @@ def test_influence_selector_with_lora(ds, tmp_path):
 
 def test_irreducible_losses_from_a_holdout_model(tmp_path):
     from dataflex.proxies.irreducible import irreducible_losses
-    from dataflex.tiny import collate_causal, tiny_gpt2
+    from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
     holdout, pool = small_dataset(per_domain=8), small_dataset(per_domain=12)
     make = lambda: tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)  # noqa: E731
-    kw = dict(steps=6, batch_size=4, lr=3e-3, seed=0, progress=False)
+    kw = dict(collate=collate_causal, steps=6, batch_size=4, lr=3e-3, seed=0, progress=False)
     losses = irreducible_losses(make, holdout, pool, tmp_path, label_column="domain", **kw)
     assert losses.shape == (len(pool),) and np.isfinite(losses).all()
     again = irreducible_losses(make, holdout, pool, tmp_path, label_column="domain", **kw)  # cached

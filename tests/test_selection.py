@@ -54,8 +54,9 @@ def test_per_label_selection_keeps_every_label():
     assert np.bincount(labels[split]).tolist() == [5, 5]
     assert split[labels[split] == 1].tolist() == [35, 36, 37, 38, 39]  # the top scores within label 1
     with pytest.raises(ValueError, match="per_label=True needs the pool's labels"):
-        Fixed(0.25, per_label=True).select(SelectionContext(model=None, dataset=list(range(40)), collate=None,
-                                                            step=1, seed=0))  # fmt: skip
+        Fixed(0.25, per_label=True).select(
+            SelectionContext(model=None, dataset=list(range(40)), collate=None, step=1, seed=0)
+        )
 
 
 def test_loss_history_mean_separates_memorised_noise_and_resumes(monkeypatch):

@@ -94,7 +94,7 @@ def test_nan_losses_are_masked_counted_and_weights_stay_valid(ds, tmp_path, monk
 
 
 def test_all_masked_examples_are_counted(ds, tmp_path, monkeypatch):
-    import dataflex.tiny as tiny
+    import dataflex.testbeds.tiny as tiny
 
     def collate_masking_first(features):
         batch = tiny.collate_causal(features)
@@ -129,7 +129,7 @@ def test_domain_column_is_read_when_columns_are_kept(ds, tmp_path):
     trainer.args.remove_unused_columns = False
 
     def collate_dropping_domain(features):
-        from dataflex.tiny import collate_causal
+        from dataflex.testbeds.tiny import collate_causal
 
         return collate_causal([{"input_ids": f["input_ids"]} for f in features])
 
@@ -139,8 +139,8 @@ def test_domain_column_is_read_when_columns_are_kept(ds, tmp_path):
 
 
 def test_online_doremi_through_the_callback(ds, tmp_path):
-    from dataflex.policies import DoReMiOnline
-    from dataflex.tiny import tiny_gpt2
+    from dataflex.proxies.doremi import DoReMiOnline
+    from dataflex.testbeds.tiny import tiny_gpt2
 
     policy = DoReMiOnline(
         tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=1),

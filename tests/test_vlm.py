@@ -11,11 +11,11 @@ from hf_helpers import CrashAt, StepRecorder
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dataflex import DataFlexCallback
-from dataflex.digits import IMAGE_TOKEN_ID, QUESTIONS, answer_metrics, collate_vlm, digits_vqa
 from dataflex.embeddings import EmbeddingCache
 from dataflex.offline import score_pool
 from dataflex.policies import ODM, Uniform
-from dataflex.tiny import tiny_gpt2, tiny_llava
+from dataflex.testbeds.digits import IMAGE_TOKEN_ID, QUESTIONS, answer_metrics, collate_vlm, digits_vqa
+from dataflex.testbeds.tiny import tiny_gpt2, tiny_llava
 from dataflex.vlm import check_image_batch, image_feature_embedder
 from dataflex.weighting import ExampleWeightedLoss
 
@@ -101,11 +101,24 @@ class Snapshot(TrainerCallback):
 
 
 def vlm_trainer(ds, callbacks, out, *, steps=8, save_steps=100, seed=0, **extra):
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, save_steps=save_steps,
-                             learning_rate=2e-3, report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
-                             logging_steps=100)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        max_steps=steps,
+        save_steps=save_steps,
+        learning_rate=2e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        logging_steps=100,
+    )
     extra.setdefault("data_collator", collate_vlm)
-    return Trainer(model=tiny_llava(seed=seed), args=args, train_dataset=ds, callbacks=callbacks, **extra)
+    trainer = Trainer(model=tiny_llava(seed=seed), args=args, train_dataset=ds, callbacks=callbacks, **extra)
+    for cb in callbacks:
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
+    return trainer
 
 
 def test_callback_on_vlm_scores_with_the_image_and_moves_weights(vqa, tmp_path):
@@ -125,11 +138,17 @@ def test_callback_on_vlm_scores_with_the_image_and_moves_weights(vqa, tmp_path):
     from dataflex.losses import per_example_token_loss
 
     with torch.no_grad():
-        again, _ = per_example_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits,
-                                          batch["labels"])  # fmt: skip
+        again, _ = per_example_token_loss(
+            model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"]
+        )
         blind, _ = per_example_token_loss(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  pixel_values=torch.zeros_like(batch["pixel_values"])).logits, batch["labels"])  # fmt: skip
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=torch.zeros_like(batch["pixel_values"]),
+            ).logits,
+            batch["labels"],
+        )
     np.testing.assert_allclose(losses, again.numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(losses - blind.numpy()).max() > 1e-3  # the image changes the recorded loss
     # ODM moved the domain weights away from uniform
@@ -233,8 +252,20 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "dataflex.recipes.vlm", "method=rho", "steps=4", "save_steps=2", "holdout_steps=2",
-           "warmup=1", "update_every=2", "batch_size=8", "num_images=60", "hydra.run.dir=run"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataflex.recipes.vlm",
+        "method=rho",
+        "steps=4",
+        "save_steps=2",
+        "holdout_steps=2",
+        "warmup=1",
+        "update_every=2",
+        "batch_size=8",
+        "num_images=60",
+        "hydra.run.dir=run",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -243,14 +274,12 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     holdouts = list((tmp_path / "outputs" / "vlm_work").glob("holdout_2x8_*/model.pt"))
     assert len(holdouts) == 1
     longer = [c if c != "steps=4" else "steps=6" for c in cmd]
-    again = subprocess.run(longer, capture_output=True, text=True,
-                           cwd=tmp_path, timeout=600)  # fmt: skip
+    again = subprocess.run(longer, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["resumed"]
     assert list((tmp_path / "outputs" / "vlm_work").glob("holdout_*/model.pt")) == holdouts  # reused, not retrained
     bogus = [c if c != "method=rho" else "method=bogus" for c in cmd[:-1]] + ["hydra.run.dir=bad"]
-    bad = subprocess.run(bogus, capture_output=True, text=True,
-                         cwd=tmp_path, timeout=600)  # fmt: skip
+    bad = subprocess.run(bogus, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert bad.returncode != 0 and "unknown method 'bogus'" in bad.stderr
 
 
@@ -258,8 +287,9 @@ def test_clean_oracle_trains_only_on_right_answers(vqa):
     """The benchmark's reference arm keeps exactly the examples whose answer is right."""
     from dataflex.recipes.vlm import method_callback
 
-    dfx, weighted = method_callback("clean_oracle", vqa["train"], {}, fraction=0.7, update_every=5, warmup=0,
-                                    temperature=1.0)  # fmt: skip
+    dfx, weighted = method_callback(
+        "clean_oracle", vqa["train"], {}, fraction=0.7, update_every=5, warmup=0, temperature=1.0
+    )
     clean = np.flatnonzero(~np.asarray(vqa["train"]["noisy"], dtype=bool))
     assert weighted is None and 0 < clean.size < len(vqa["train"])
     assert np.array_equal(dfx.selector.initial_subset(len(vqa["train"])), clean)

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import dataflex.weighting as weighting
-from dataflex.tiny import collate_causal, default_data_dir, encode_bytes, load_jsonl_dir, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, encode_bytes, load_jsonl_dir, tiny_gpt2
 from dataflex.weighting import ExampleWeightedLoss, loss_weights
 
 

@@ -59,7 +59,7 @@ from dataflex.embeddings import hidden_state_embedder  # noqa: E402
 from dataflex.offline import score_pool  # noqa: E402
 from dataflex.policies import Uniform  # noqa: E402
 from dataflex.selectors import FixedSubset  # noqa: E402
-from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
 
 ARMS = ["random", "cluster_balanced", "semdedup_model", "semdedup_ngram"]
 EPS_SWEEP = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
@@ -116,8 +116,9 @@ def ngram_embeddings(records: list[dict], dim: int = 256, seed: int = 0) -> np.n
     from sklearn.feature_extraction.text import HashingVectorizer
     from sklearn.random_projection import SparseRandomProjection
 
-    counts = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), n_features=2**18, alternate_sign=False,
-                               norm="l2").transform([r["instruction"] for r in records])  # fmt: skip
+    counts = HashingVectorizer(
+        analyzer="char_wb", ngram_range=(3, 5), n_features=2**18, alternate_sign=False, norm="l2"
+    ).transform([r["instruction"] for r in records])
     projection = SparseRandomProjection(dim, dense_output=True, random_state=seed)
     return np.asarray(projection.fit_transform(counts), dtype=np.float32)
 
@@ -141,18 +142,33 @@ def main() -> None:
     records, group, planted = build_pool(args.data, args.per_task, args.dup_tasks, args.sources, args.copies)
     pool = instruct_dataset(records, args.max_len)
     tasks = sorted(set(pool["task"]))
-    evals = {split: {t: instruct_dataset(load_jsonl_file(args.data / "instruct" / split / f"{t}.jsonl",
-                                                         args.eval_per_task), args.max_len) for t in tasks}
-             for split in ("validation", "test")}  # fmt: skip
-    base = pretrained_base(args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps,
-                           batch_size=args.batch_size, lr=2e-3)  # fmt: skip
+    evals = {
+        split: {
+            t: instruct_dataset(
+                load_jsonl_file(args.data / "instruct" / split / f"{t}.jsonl", args.eval_per_task), args.max_len
+            )
+            for t in tasks
+        }
+        for split in ("validation", "test")
+    }
+    base = pretrained_base(
+        args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps, batch_size=args.batch_size, lr=2e-3
+    )
     model = make_base()
     model.load_state_dict(base)
     encoders = {
-        "model": normalise(score_pool(hidden_state_embedder(model), pool, collate_causal, batch_size=64,
-                                      cache=args.runs / "embeddings.npz", desc="embedding pool")),
+        "model": normalise(
+            score_pool(
+                hidden_state_embedder(model),
+                pool,
+                collate_causal,
+                batch_size=64,
+                cache=args.runs / "embeddings.npz",
+                desc="embedding pool",
+            )
+        ),
         "ngram": normalise(ngram_embeddings(records)),
-    }  # fmt: skip
+    }
     clusters = {name: kmeans(emb, args.k, seed=0, spherical=True) for name, emb in encoders.items()}
     sweep, eps, kept = {}, {}, {}
     for name, emb in encoders.items():
@@ -178,16 +194,25 @@ def main() -> None:
                 torch.manual_seed(seed)
                 model = make_base()
                 model.load_state_dict(base)
-                trainer = Trainer(model=model, args=trainer_args(out, steps=args.steps, batch_size=args.batch_size,
-                                                                 lr=args.lr, seed=seed),
-                                  train_dataset=pool, data_collator=collate_causal, callbacks=[cb])  # fmt: skip
+                trainer = Trainer(
+                    model=model,
+                    args=trainer_args(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed),
+                    train_dataset=pool,
+                    data_collator=collate_causal,
+                    callbacks=[cb],
+                )
+                cb.attach(trainer)
                 trainer.train(resume_from_checkpoint=last_checkpoint(out))
                 total = args.steps * args.batch_size
                 n = cb.sampler.num_samples
                 seen = np.concatenate([cb.sampler.epoch_order(e) for e in range(-(-total // n))])[:total]
-                result = {"arm": arm, "seed": seed, "planted_share": float(planted[seen].mean()),
-                          "validation": task_losses(model, evals["validation"]),
-                          "test": task_losses(model, evals["test"])}  # fmt: skip
+                result = {
+                    "arm": arm,
+                    "seed": seed,
+                    "planted_share": float(planted[seen].mean()),
+                    "validation": task_losses(model, evals["validation"]),
+                    "test": task_losses(model, evals["test"]),
+                }
                 out.mkdir(parents=True, exist_ok=True)
                 result_file.write_text(json.dumps(result, indent=1))
                 print(f"seed {seed} {arm}: planted share {result['planted_share']:.2f}", flush=True)
@@ -208,12 +233,20 @@ def report(args, runs, sweep, eps, n_pool, n_planted, n_kept) -> None:
         "| encoder | eps | removed | recall | precision | groups removed entirely |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {e} | {q['removed']} | {q['recall']:.3f} | {q['precision']:.3f} | "
-              f"{q['groups_fully_removed']} |" for name, table in sweep.items() for e, q in table.items()]  # fmt: skip
+    lines += [
+        f"| {name} | {e} | {q['removed']} | {q['recall']:.3f} | {q['precision']:.3f} | {q['groups_fully_removed']} |"
+        for name, table in sweep.items()
+        for e, q in table.items()
+    ]
     chosen = "; ".join(f"{name}: eps={eps[name]}, {n_kept[name]} kept" for name in eps)
-    lines += ["", f"Training used ({chosen}). Mean loss on response bytes, median [min, max] over seeds:", "",
-              "| arm | val, all 12 tasks | test, all 12 tasks | test, 3 duplicated tasks | test, 9 other tasks | "
-              "share of samples that were planted copies |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"Training used ({chosen}). Mean loss on response bytes, median [min, max] over seeds:",
+        "",
+        "| arm | val, all 12 tasks | test, all 12 tasks | test, 3 duplicated tasks | test, 9 other tasks | "
+        "share of samples that were planted copies |",
+        "|---|---|---|---|---|---|",
+    ]
     summary = {}
     for arm in ARMS:
         mine = [r for r in runs if r["arm"] == arm]
@@ -223,22 +256,36 @@ def report(args, runs, sweep, eps, n_pool, n_planted, n_kept) -> None:
         other = [float(np.mean([v for t, v in r["test"].items() if t not in dup])) for r in mine]
         share = [r["planted_share"] for r in mine]
         summary[arm] = {"val": val, "test": test, "test_dup": dup_t, "test_other": other, "planted_share": share}
-        lines.append(f"| {arm} | {median_range(val)} | {median_range(test)} | {median_range(dup_t)} | "
-                     f"{median_range(other)} | {median_range(share, '{:.2f}')} |")  # fmt: skip
+        lines.append(
+            f"| {arm} | {median_range(val)} | {median_range(test)} | {median_range(dup_t)} | "
+            f"{median_range(other)} | {median_range(share, '{:.2f}')} |"
+        )
     for split in ("validation", "test"):
         tasks = sorted(runs[0][split])
-        lines += ["", f"Per-task {split} loss (median over seeds; * = a task with planted duplicates):", "",
-                  "| arm | " + " | ".join(t + ("*" if t in dup else "") for t in tasks) + " |",
-                  "|---|" + "---|" * len(tasks)]  # fmt: skip
+        lines += [
+            "",
+            f"Per-task {split} loss (median over seeds; * = a task with planted duplicates):",
+            "",
+            "| arm | " + " | ".join(t + ("*" if t in dup else "") for t in tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+        ]
         for arm in ARMS:
             mine = [r for r in runs if r["arm"] == arm]
             cells = [f"{np.median([r[split][t] for r in mine]):.3f}" for t in tasks]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dedup.md").write_text("\n".join(lines) + "\n")
-    (args.out / "dedup.json").write_text(json.dumps({"sweep": {n: {str(e): q for e, q in t.items()}
-                                                               for n, t in sweep.items()}, "eps": eps,
-                                                     "summary": summary, "runs": runs}, indent=1))  # fmt: skip
+    (args.out / "dedup.json").write_text(
+        json.dumps(
+            {
+                "sweep": {n: {str(e): q for e, q in t.items()} for n, t in sweep.items()},
+                "eps": eps,
+                "summary": summary,
+                "runs": runs,
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
 
 

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def windows(n: int, width: int) -> list[dict]:
-    from dataflex.tiny import default_data_dir, load_jsonl_dir
+    from dataflex.testbeds.tiny import default_data_dir, load_jsonl_dir
 
     out: list[dict] = []
     for record in load_jsonl_dir(default_data_dir() / "textmix" / "train"):
@@ -67,7 +67,7 @@ def main() -> None:
     from dataflex.clustering import kmeans
     from dataflex.embeddings import hidden_state_embedder
     from dataflex.offline import score_pool
-    from dataflex.tiny import collate_causal, tiny_gpt2
+    from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
     model = tiny_gpt2(n_layer=1, n_embd=256, n_head=4, n_positions=args.window, seed=args.seed)
     texts = windows(args.n, args.window)
@@ -106,12 +106,15 @@ def main() -> None:
                 times[who].append(time.perf_counter() - t0)
         ours_s, theirs_s = float(np.median(times["dataflex"])), float(np.median(times["sklearn"]))
         rows[name] = {
-            "dataflex_seconds": times["dataflex"], "sklearn_seconds": times["sklearn"],
-            "speedup": theirs_s / ours_s, "dataflex_gflops": flop / ours_s / 1e9,
-            "sklearn_gflops": flop / theirs_s / 1e9, "dataflex_inertia": inertia["dataflex"],
+            "dataflex_seconds": times["dataflex"],
+            "sklearn_seconds": times["sklearn"],
+            "speedup": theirs_s / ours_s,
+            "dataflex_gflops": flop / ours_s / 1e9,
+            "sklearn_gflops": flop / theirs_s / 1e9,
+            "dataflex_inertia": inertia["dataflex"],
             "sklearn_inertia": inertia["sklearn"],
             "inertia_rel_diff": abs(inertia["dataflex"] - inertia["sklearn"]) / inertia["sklearn"],
-        }  # fmt: skip
+        }
     machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python benchmarks/clusters/kmeans_speed.py " + " ".join(sys.argv[1:])
     labels = {
@@ -130,13 +133,23 @@ def main() -> None:
     ]
     for name, row in rows.items():
         ours_s, theirs_s = np.median(row["dataflex_seconds"]), np.median(row["sklearn_seconds"])
-        md.append(f"| {labels[name]} | {ours_s:.2f} | {theirs_s:.2f} "
-                  f"| {row['speedup']:.2f}x | {row['dataflex_gflops']:.0f} / {row['sklearn_gflops']:.0f} "
-                  f"| {row['inertia_rel_diff']:.2%} |")  # fmt: skip
+        md.append(
+            f"| {labels[name]} | {ours_s:.2f} | {theirs_s:.2f} "
+            f"| {row['speedup']:.2f}x | {row['dataflex_gflops']:.0f} / {row['sklearn_gflops']:.0f} "
+            f"| {row['inertia_rel_diff']:.2%} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kmeans_speed.md").write_text("\n".join(md) + "\n")
-    result = {"command": command, "machine": machine, "n": n, "d": d, "k": k, "iters": iters,
-              "embedding_seconds": embed_s, "comparisons": rows}  # fmt: skip
+    result = {
+        "command": command,
+        "machine": machine,
+        "n": n,
+        "d": d,
+        "k": k,
+        "iters": iters,
+        "embedding_seconds": embed_s,
+        "comparisons": rows,
+    }
     (args.out / "kmeans_speed.json").write_text(json.dumps(result, indent=1))
     print("\n".join(md))
 

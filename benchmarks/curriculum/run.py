@@ -47,7 +47,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from dataflex import DataFlexCurriculumCallback  # noqa: E402
 from dataflex.curriculum import Curriculum  # noqa: E402
 from dataflex.offline import score_pool, token_mean_losses  # noqa: E402
-from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset  # noqa: E402
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset  # noqa: E402
 
 ARMS = ["random", "length", "ref_loss", "anti"]
 
@@ -85,32 +85,44 @@ def main() -> None:
     train = instruct_dataset(load_jsonl_file(root / "train" / f"{args.task}.jsonl", cap), args.max_len)
     val = instruct_dataset(load_jsonl_file(root / "validation" / f"{args.task}.jsonl", cap), args.max_len)
     test = instruct_dataset(load_jsonl_file(root / "test" / f"{args.task}.jsonl", cap), args.max_len)
-    base = pretrained_base(args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps,
-                           batch_size=args.batch_size, lr=2e-3)  # fmt: skip
+    base = pretrained_base(
+        args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps, batch_size=args.batch_size, lr=2e-3
+    )
     length = np.array([len(r) - pl for r, pl in zip(train["input_ids"], train["prompt_len"])], dtype=np.float64)
     difficulty = {"length": length, "anti": length, "random": length}
     if "ref_loss" in args.arms:
         model = make_base()
         model.load_state_dict(base)
-        difficulty["ref_loss"] = score_pool(token_mean_losses(model), train, collate_causal, batch_size=64,
-                                            cache=args.runs / "ref_loss.npz", desc="reference losses")  # fmt: skip
+        difficulty["ref_loss"] = score_pool(
+            token_mean_losses(model),
+            train,
+            collate_causal,
+            batch_size=64,
+            cache=args.runs / "ref_loss.npz",
+            desc="reference losses",
+        )
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
             out = args.runs / f"{arm}_seed{seed}"
             result_file = out / "result.json"
             if not result_file.is_file():
-                curriculum = Curriculum(difficulty[arm], pacing="competence", c0=1.0 if arm == "random" else args.c0,
-                                        reverse=arm == "anti")  # fmt: skip
+                curriculum = Curriculum(
+                    difficulty[arm], pacing="competence", c0=1.0 if arm == "random" else args.c0, reverse=arm == "anti"
+                )
                 points: list = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
                 cb = DataFlexCurriculumCallback(curriculum, horizon_steps=max(1, args.steps // 2))
                 torch.manual_seed(seed)
                 model = make_base()
                 model.load_state_dict(base)
-                trainer = Trainer(model=model, args=trainer_args(out, steps=args.steps, batch_size=args.batch_size,
-                                                                 lr=args.lr, seed=seed),
-                                  train_dataset=train, data_collator=collate_causal,
-                                  callbacks=[cb, Curve(val, args.eval_every, points)])  # fmt: skip
+                trainer = Trainer(
+                    model=model,
+                    args=trainer_args(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed),
+                    train_dataset=train,
+                    data_collator=collate_causal,
+                    callbacks=[cb, Curve(val, args.eval_every, points)],
+                )
+                cb.attach(trainer)
                 trainer.train(resume_from_checkpoint=last_checkpoint(out))
                 out.mkdir(parents=True, exist_ok=True)
                 result = {
@@ -143,11 +155,15 @@ def report(args, runs: list[dict]) -> None:
     summary = {}
     for arm in args.arms:
         mine = [r for r in runs if r["arm"] == arm]
-        reach = [first_step_at_or_below(r["curve"], random_final[r["seed"]]) if r["seed"] in random_final else None
-                 for r in mine]  # fmt: skip
+        reach = [
+            first_step_at_or_below(r["curve"], random_final[r["seed"]]) if r["seed"] in random_final else None
+            for r in mine
+        ]
         summary[arm] = {"val": [r["final_val"] for r in mine], "test": [r["final_test"] for r in mine], "reach": reach}
-        lines.append(f"| {arm} | {median_range(summary[arm]['val'])} | {median_range(summary[arm]['test'])} | "
-                     f"{', '.join('never' if s is None else str(s) for s in reach)} |")  # fmt: skip
+        lines.append(
+            f"| {arm} | {median_range(summary[arm]['val'])} | {median_range(summary[arm]['test'])} | "
+            f"{', '.join('never' if s is None else str(s) for s in reach)} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))

@@ -25,7 +25,7 @@ from mixture import load_split, run_experiment  # noqa: E402
 
 from dataflex.domains import encode_domains  # noqa: E402
 from dataflex.proxies.doremi import DoReMiOffline, train_proxy  # noqa: E402
-from dataflex.tiny import default_data_dir, tiny_gpt2  # noqa: E402
+from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2  # noqa: E402
 
 
 def main() -> None:
@@ -48,24 +48,46 @@ def main() -> None:
             return tiny_gpt2(n_layer=2, n_embd=96, n_head=4, n_positions=int(run_args["max_len"]), seed=seed)
 
         ref_losses = np.load(work / "reference_losses.npy")
-        loop = dict(steps=steps, batch_size=int(run_args["batch_size"]), lr=float(run_args["lr"]), seed=seed,
-                    update_every=int(run_args["update_every"]))  # fmt: skip
-        export = train_proxy(make_model, train_ds, ids, names, ref_losses, work / f"proxy_eta{args.eta}",
-                             eta=args.eta, **loop)  # fmt: skip
+        loop = dict(
+            steps=steps,
+            batch_size=int(run_args["batch_size"]),
+            lr=float(run_args["lr"]),
+            seed=seed,
+            update_every=int(run_args["update_every"]),
+        )
+        export = train_proxy(
+            make_model, train_ds, ids, names, ref_losses, work / f"proxy_eta{args.eta}", eta=args.eta, **loop
+        )
         policy = DoReMiOffline(weights_path=str(work / f"proxy_eta{args.eta}" / "doremi_weights.json"))
-        res = run_experiment(policy=policy, make_model=make_model, data_root=args.data, steps=steps,
-                             batch_size=loop["batch_size"], lr=loop["lr"], seed=seed,
-                             update_every=loop["update_every"], eval_every=max(10, steps // 10),
-                             max_len=int(run_args["max_len"]), val_per_domain=None, work_dir=work,
-                             eval_splits=("validation", "test"), train_ds=train_ds)  # fmt: skip
+        res = run_experiment(
+            policy=policy,
+            make_model=make_model,
+            data_root=args.data,
+            steps=steps,
+            batch_size=loop["batch_size"],
+            lr=loop["lr"],
+            seed=seed,
+            update_every=loop["update_every"],
+            eval_every=max(10, steps // 10),
+            max_len=int(run_args["max_len"]),
+            val_per_domain=None,
+            work_dir=work,
+            eval_splits=("validation", "test"),
+            train_ds=train_ds,
+        )
         test, val = res["test_loss"], res["validation_loss"]
         traj = np.array(export["trajectory"])
-        rows.append({
-            "seed": seed, "mean": float(np.mean(list(test.values()))), "worst": float(max(test.values())),
-            "val_mean": float(np.mean(list(val.values()))), "val_worst": float(max(val.values())),
-            "weights": export["weights"],
-            "max_weight_in_trajectory": float(traj.max()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "seed": seed,
+                "mean": float(np.mean(list(test.values()))),
+                "worst": float(max(test.values())),
+                "val_mean": float(np.mean(list(val.values()))),
+                "val_worst": float(max(val.values())),
+                "weights": export["weights"],
+                "max_weight_in_trajectory": float(traj.max()),
+            }
+        )
     summary = base["summary"]
     lines = [
         f"DoReMi eta ablation: `python benchmarks/mixture/doremi_eta.py --eta {args.eta}` (same seeds, budget and "
@@ -83,15 +105,19 @@ def main() -> None:
         val_mean = [float(np.mean(list(r["validation_loss"].values()))) for r in runs]
         val_worst = [float(max(r["validation_loss"].values())) for r in runs]
         s = summary[name]
-        lines.append(f"| {name} (run.py) | {cell(val_mean)} | {cell(val_worst)} | {cell(s['mean'])} | "
-                     f"{cell(s['worst'])} | |")  # fmt: skip
+        lines.append(
+            f"| {name} (run.py) | {cell(val_mean)} | {cell(val_worst)} | {cell(s['mean'])} | {cell(s['worst'])} | |"
+        )
     alphas = ", ".join(format(r["max_weight_in_trajectory"], ".2f") for r in rows)
     lines.append(
         f"| doremi eta={args.eta} | {cell([r['val_mean'] for r in rows])} | {cell([r['val_worst'] for r in rows])} | "
         f"{cell([r['mean'] for r in rows])} | {cell([r['worst'] for r in rows])} | {alphas} |"
     )
-    lines += ["", f"Averaged weights (seed {rows[0]['seed']}): "
-              + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, rows[0]["weights"]))]  # fmt: skip
+    lines += [
+        "",
+        f"Averaged weights (seed {rows[0]['seed']}): "
+        + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, rows[0]["weights"])),
+    ]
     text = "\n".join(lines) + "\n"
     (HERE / f"doremi_eta{args.eta}.md").write_text(text)
     print(text)

@@ -38,7 +38,7 @@ from mixture import load_split, run_experiment  # noqa: E402
 
 from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform  # noqa: E402
 from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline  # noqa: E402
-from dataflex.tiny import default_data_dir, per_domain_loss, tiny_gpt2  # noqa: E402
+from dataflex.testbeds.tiny import default_data_dir, per_domain_loss, tiny_gpt2  # noqa: E402
 
 METHODS = ["natural", "uniform", "temperature", "odm", "ado", "doremi", "doremi_online"]
 
@@ -131,11 +131,21 @@ def main() -> None:
         for name in args.methods:
             print(f"[seed {seed}] {name} ...", flush=True)
             res = run_experiment(
-                policy=make_policy(name, args.lr), make_model=make_model, data_root=args.data, steps=args.steps,
-                batch_size=args.batch_size, lr=args.lr, seed=seed, update_every=args.update_every,
-                eval_every=eval_every, max_len=args.max_len, val_per_domain=None, work_dir=work,
-                eval_splits=("validation", "test"), train_ds=train_ds,
-            )  # fmt: skip
+                policy=make_policy(name, args.lr),
+                make_model=make_model,
+                data_root=args.data,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=seed,
+                update_every=args.update_every,
+                eval_every=eval_every,
+                max_len=args.max_len,
+                val_per_domain=None,
+                work_dir=work,
+                eval_splits=("validation", "test"),
+                train_ds=train_ds,
+            )
             runs[name].append(res)
             print(f"    mean test loss {np.mean(list(res['test_loss'].values())):.4f} in {res['train_seconds']:.0f}s")
         ref_path = work / "reference" / "model.pt"
@@ -156,8 +166,9 @@ def main() -> None:
         worsts = [float(max(r["test_loss"].values())) for r in seeds]
         excess = (
             [max(r["test_loss"][d] - ref[d] for d in domains) for r, ref in zip(seeds, reference_loss)]
-            if len(reference_loss) == len(seeds) else []
-        )  # fmt: skip
+            if len(reference_loss) == len(seeds)
+            else []
+        )
         targets = [u["curve"][-1]["mean"] for u in runs["uniform"]]
         reach = [steps_to_reach(r["curve"], t) for r, t in zip(seeds, targets)]
         # Full cost: main run + stages it ran; online DoReMi reuses the seed's reference, so add its cost.
@@ -222,10 +233,14 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     (args.out / f"results{suffix}.md").write_text(table)
     payload = {
-        "command": command, "machine": machine, "minutes": total_minutes,
+        "command": command,
+        "machine": machine,
+        "minutes": total_minutes,
         "args": {k: str(v) for k, v in vars(args).items()},
-        "summary": summary, "reference_test_loss": reference_loss, "runs": runs,
-    }  # fmt: skip
+        "summary": summary,
+        "reference_test_loss": reference_loss,
+        "runs": runs,
+    }
     (args.out / f"results{suffix}.json").write_text(json.dumps(payload, indent=1))
     print(table)
 

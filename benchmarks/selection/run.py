@@ -59,7 +59,7 @@ from dataflex.policies import Natural  # noqa: E402
 from dataflex.proxies.loop import train_mixture  # noqa: E402
 from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top  # noqa: E402
 from dataflex.state import DatasetFingerprint  # noqa: E402
-from dataflex.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
 
 SELECTED = ["random", "less", "tracin", "rho", "loss_hard"]
 REFERENCES = ["full_pool", "target_only"]
@@ -109,8 +109,21 @@ def finetune(model, pool, ids: np.ndarray, args, seed: int, work: Path, steps: i
     """LoRA-train on ``pool[ids]`` (examples drawn in natural proportions) with the resumable loop."""
     subset = pool.select(ids.tolist())
     dom, names = encode_domains(subset["task"])
-    return train_mixture(model, subset, dom, names, Natural(), steps=steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=seed, ckpt_dir=work / "ckpt", ckpt_every=50, desc=desc)  # fmt: skip
+    return train_mixture(
+        model,
+        subset,
+        dom,
+        names,
+        Natural(),
+        collate=collate_causal,
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=seed,
+        ckpt_dir=work / "ckpt",
+        ckpt_every=50,
+        desc=desc,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -159,19 +172,33 @@ class Scorer:
     def warm(self):
         if self._warm is None:
             model = lora_model(self.base, self.args, self.seed)
-            res = finetune(model, self.pool, self.warm_ids, self.args, self.seed, self.work / "warm",
-                           self.args.warm_steps, desc=f"warm-up s{self.seed}")  # fmt: skip
+            res = finetune(
+                model,
+                self.pool,
+                self.warm_ids,
+                self.args,
+                self.seed,
+                self.work / "warm",
+                self.args.warm_steps,
+                desc=f"warm-up s{self.seed}",
+            )
             self._warm = (model, res.optimizer)
         return self._warm
 
     def features(self, mode: str) -> np.ndarray:
         """Pool features of the warm model; LESS and TracIn come from one shared backward per batch."""
         model, optimizer = self.warm()
-        featurizer = GradientFeaturizer(model, lora_linears(model), dim=self.args.dim, seed=self.seed,
-                                        mode="less", optimizer=optimizer)  # fmt: skip
-        both = score_pool(lambda b: torch.cat(list(featurizer.feature_sets(b, ("less", "tracin")).values()), 1),
-                          self.pool, collate_causal, batch_size=32, cache=self.work / "pool_features.npz",
-                          desc=f"gradient features s{self.seed}")  # fmt: skip
+        featurizer = GradientFeaturizer(
+            model, lora_linears(model), dim=self.args.dim, seed=self.seed, mode="less", optimizer=optimizer
+        )
+        both = score_pool(
+            lambda b: torch.cat(list(featurizer.feature_sets(b, ("less", "tracin")).values()), 1),
+            self.pool,
+            collate_causal,
+            batch_size=32,
+            cache=self.work / "pool_features.npz",
+            desc=f"gradient features s{self.seed}",
+        )
         dim = self.args.dim
         return both[:, :dim] if mode == "less" else both[:, dim:]
 
@@ -182,8 +209,14 @@ class Scorer:
 
     def warm_losses(self) -> np.ndarray:
         model, _ = self.warm()
-        return score_pool(token_mean_losses(model), self.pool, collate_causal, batch_size=64,
-                          cache=self.work / "pool_warm_loss.npz", desc=f"warm losses s{self.seed}")  # fmt: skip
+        return score_pool(
+            token_mean_losses(model),
+            self.pool,
+            collate_causal,
+            batch_size=64,
+            cache=self.work / "pool_warm_loss.npz",
+            desc=f"warm losses s{self.seed}",
+        )
 
     def irreducible_losses(self, target: str, target_ds) -> np.ndarray:
         """Warm model, further trained on the target's validation examples: the RHO-LOSS holdout model."""
@@ -191,8 +224,16 @@ class Scorer:
         warm_model, _ = self.warm()
         model.load_state_dict(warm_model.state_dict())
         all_ids = np.arange(len(target_ds))
-        finetune(model, target_ds, all_ids, self.args, self.seed, self.work / f"il_{target}", self.args.il_steps,
-                 desc=f"holdout {target} s{self.seed}")  # fmt: skip
+        finetune(
+            model,
+            target_ds,
+            all_ids,
+            self.args,
+            self.seed,
+            self.work / f"il_{target}",
+            self.args.il_steps,
+            desc=f"holdout {target} s{self.seed}",
+        )
         return score_pool(
             token_mean_losses(model),
             self.pool,
@@ -232,8 +273,10 @@ def main() -> None:
     fingerprint = DatasetFingerprint.from_labels(pool_dom, pool_names)
     test_records = {t: load_jsonl_file(args.data / "instruct" / "test" / f"{t}.jsonl", cap) for t in pool_names}
     test_sets = {t: instruct_dataset(r, args.max_len) for t, r in test_records.items()}
-    targets_val = {t: instruct_dataset(load_jsonl_file(args.data / "instruct" / "validation" / f"{t}.jsonl", cap),
-                                       args.max_len) for t in args.targets}  # fmt: skip
+    targets_val = {
+        t: instruct_dataset(load_jsonl_file(args.data / "instruct" / "validation" / f"{t}.jsonl", cap), args.max_len)
+        for t in args.targets
+    }
     print(f"pool: {len(pool)} examples over {len(pool_names)} tasks; budget {budget(len(pool), args.fraction)}")
     base = pretrained_base(
         args.data, args.work, max_len=args.max_len, steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.lr
@@ -250,15 +293,27 @@ def main() -> None:
                 if not result_file.is_file():
                     t0 = time.perf_counter()
                     ids = scorer.select(method, target, targets_val[target], seed)
-                    write_subset(run_dir / f"{key}_subset.json", ids, pool=fingerprint, method=method,
-                                 fraction=len(ids) / len(pool), extra={"target": target, "seed": seed})  # fmt: skip
+                    write_subset(
+                        run_dir / f"{key}_subset.json",
+                        ids,
+                        pool=fingerprint,
+                        method=method,
+                        fraction=len(ids) / len(pool),
+                        extra={"target": target, "seed": seed},
+                    )
                     select_s = time.perf_counter() - t0
                     model = lora_model(base, args, seed)
                     finetune(model, pool, ids, args, seed, run_dir / key, args.steps, desc=f"{key} s{seed}")
                     tasks = np.asarray(pool["task"])[ids]
-                    result = {"key": key, "method": method, "seed": seed, "n_selected": int(len(ids)),
-                              "composition": {t: int((tasks == t).sum()) for t in pool_names},
-                              "select_seconds": select_s, **evaluate(model, test_sets, test_records)}  # fmt: skip
+                    result = {
+                        "key": key,
+                        "method": method,
+                        "seed": seed,
+                        "n_selected": int(len(ids)),
+                        "composition": {t: int((tasks == t).sum()) for t in pool_names},
+                        "select_seconds": select_s,
+                        **evaluate(model, test_sets, test_records),
+                    }
                     result_file.write_text(json.dumps(result, indent=1))
                     print(f"seed {seed} {key}: {result['loss']}", flush=True)
                 runs.append({**json.loads(result_file.read_text()), "target": target})
@@ -278,9 +333,13 @@ def report(args, runs: list[dict], tasks: list[str], seconds: float) -> None:
     summary: dict[str, Any] = {}
     for target in args.targets:
         rows = [r for r in runs if r["target"] == target]
-        lines += [f"### target: {target}", "",
-                  f"| method | {target} test loss | arc_easy letter acc | mean loss, other 11 tasks | "
-                  f"share of subset from {target} |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### target: {target}",
+            "",
+            f"| method | {target} test loss | arc_easy letter acc | mean loss, other 11 tasks | "
+            f"share of subset from {target} |",
+            "|---|---|---|---|---|",
+        ]
         for method in args.methods:
             mine = [r for r in rows if r["method"] == method]
             if not mine:
@@ -289,15 +348,22 @@ def report(args, runs: list[dict], tasks: list[str], seconds: float) -> None:
             acc = [r.get("arc_easy_accuracy", float("nan")) for r in mine]
             other = [float(np.mean([v for t, v in r["loss"].items() if t != target])) for r in mine]
             share = [r["composition"][target] / max(1, r["n_selected"]) for r in mine]
-            summary.setdefault(target, {})[method] = {"target_loss": tl, "arc_easy_accuracy": acc,
-                                                      "other_loss": other, "target_share": share}  # fmt: skip
-            lines.append(f"| {method} | {median_range(tl)} | {median_range(acc)} | {median_range(other)} | "
-                         f"{median_range(share, '{:.2f}')} |")  # fmt: skip
+            summary.setdefault(target, {})[method] = {
+                "target_loss": tl,
+                "arc_easy_accuracy": acc,
+                "other_loss": other,
+                "target_share": share,
+            }
+            lines.append(
+                f"| {method} | {median_range(tl)} | {median_range(acc)} | {median_range(other)} | "
+                f"{median_range(share, '{:.2f}')} |"
+            )
         lines.append("")
     lines.append(f"Total wall time of this invocation: {seconds / 60:.1f} min (cached stages are not re-run).")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "summary": summary, "runs": runs}, indent=1))  # fmt: skip
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}, indent=1)
+    )
     plot(args, summary)
     print("\n".join(lines))
 

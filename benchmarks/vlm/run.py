@@ -5,7 +5,7 @@
 
 A tiny LLaVA (CLIP vision tower + projector + Llama, built from config) is finetuned from scratch
 with a stock ``transformers.Trainer`` on visual questions about real handwritten digits
-(``dataflex.digits``: what digit / even or odd / more than four / which comes next). ``--noise`` of
+(``dataflex.testbeds.digits``: what digit / even or odd / more than four / which comes next). ``--noise`` of
 the training answers are wrong on purpose, with a known mask. Every arm takes the same number of
 steps of the same batch size:
 
@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataflex.digits import digits_vqa
 from dataflex.recipes.vlm import METHODS, holdout_signals, train_vlm
+from dataflex.testbeds.digits import digits_vqa
 
 HERE = Path(__file__).resolve().parent
 ARMS = list(METHODS)
@@ -65,8 +65,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--fraction", type=float, default=0.7, help="share of the pool the selection arms keep")
-    p.add_argument("--label-by", choices=["question", "question_answer"], default="question",
-                   help="selection arms keep the same share of every group of this kind")  # fmt: skip
+    p.add_argument(
+        "--label-by",
+        choices=["question", "question_answer"],
+        default="question",
+        help="selection arms keep the same share of every group of this kind",
+    )
     p.add_argument("--update-every", type=int, default=100)
     p.add_argument("--warmup", type=int, default=200, help="steps before the first selection")
     p.add_argument("--temperature", type=float, default=1.0, help="reweight arm: T in exp(-z / T)")
@@ -85,23 +89,43 @@ def main() -> None:
     data = digits_vqa(args.noise, seed=args.data_seed)
     extras: dict = {}
     if {"rho", "clusters"} & set(args.arms):
-        extras = holdout_signals(data, args.runs, steps=args.holdout_steps, batch_size=args.batch_size, lr=args.lr,
-                                 clusters=args.clusters, seed=args.data_seed)  # fmt: skip
+        extras = holdout_signals(
+            data,
+            args.runs,
+            steps=args.holdout_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            clusters=args.clusters,
+            seed=args.data_seed,
+        )
     runs = []
     args.runs.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for arm in args.arms:
             path = args.runs / f"{arm}_seed{seed}.json"
             if not path.is_file():
-                result = train_vlm(arm, data, out=args.runs / f"{arm}_seed{seed}", seed=seed, steps=args.steps,
-                                   batch_size=args.batch_size, lr=args.lr, fraction=args.fraction,
-                                   update_every=args.update_every, warmup=args.warmup,
-                                   temperature=args.temperature, label_by=args.label_by,
-                                   signals=extras)  # fmt: skip
+                result = train_vlm(
+                    arm,
+                    data,
+                    out=args.runs / f"{arm}_seed{seed}",
+                    seed=seed,
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    fraction=args.fraction,
+                    update_every=args.update_every,
+                    warmup=args.warmup,
+                    temperature=args.temperature,
+                    label_by=args.label_by,
+                    signals=extras,
+                )
                 result["arm"] = arm
                 path.write_text(json.dumps(result, indent=1))
-                print(f"seed {seed} {arm}: acc {result['accuracy']:.3f} loss {result['loss']:.3f} "
-                      f"noisy share {result['noisy_share']:.3f}", flush=True)  # fmt: skip
+                print(
+                    f"seed {seed} {arm}: acc {result['accuracy']:.3f} loss {result['loss']:.3f} "
+                    f"noisy share {result['noisy_share']:.3f}",
+                    flush=True,
+                )
             runs.append(json.loads(path.read_text()))
     report(args, runs, data, extras)
 
@@ -123,28 +147,47 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
     summary = {}
     for arm in args.arms:
         mine = [r for r in runs if r["arm"] == arm]
-        keys = ("accuracy", "loss", "validation_accuracy_given_answers", "noisy_share", "noisy_share_after_warmup",
-                "seconds")  # fmt: skip
+        keys = (
+            "accuracy",
+            "loss",
+            "validation_accuracy_given_answers",
+            "noisy_share",
+            "noisy_share_after_warmup",
+            "seconds",
+        )
         summary[arm] = {k: [r[k] for r in mine] for k in keys}
         s = summary[arm]
         name = f"{arm} (reference: reads the noise mask)" if arm == "clean_oracle" else arm
-        lines.append(f"| {name} | {median_range(s['accuracy'])} | {median_range(s['loss'])} | "
-                     f"{median_range(s['validation_accuracy_given_answers'])} | "
-                     f"{median_range(s['noisy_share'])} | {median_range(s['noisy_share_after_warmup'])} | "
-                     f"{median_range(s['seconds'], '{:.0f}')} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {median_range(s['accuracy'])} | {median_range(s['loss'])} | "
+            f"{median_range(s['validation_accuracy_given_answers'])} | "
+            f"{median_range(s['noisy_share'])} | {median_range(s['noisy_share_after_warmup'])} | "
+            f"{median_range(s['seconds'], '{:.0f}')} |"
+        )
     lines += [
         "",
         "*Wall time of each run's training; runs may have shared the two cores with another run, so "
         "it is not a timing comparison.",
     ]
     if "cluster_digit_purity" in extras:
-        lines += ["", f"Image clusters ({args.clusters}, holdout model's projected features): digit purity "
-                      f"{extras['cluster_digit_purity']:.2f}."]  # fmt: skip
+        lines += [
+            "",
+            f"Image clusters ({args.clusters}, holdout model's projected features): digit purity "
+            f"{extras['cluster_digit_purity']:.2f}.",
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs, "noise_rate": noisy_rate,
-                                                       "cluster_digit_purity": extras.get("cluster_digit_purity")},
-                                                      indent=1))  # fmt: skip
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "runs": runs,
+                "noise_rate": noisy_rate,
+                "cluster_digit_purity": extras.get("cluster_digit_purity"),
+            },
+            indent=1,
+        )
+    )
     plot(args, summary)
     print("\n".join(lines))
 
@@ -156,8 +199,10 @@ def plot(args, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "accuracy", "clean test accuracy"),
-                           (axes[1], "noisy_share_after_warmup", "share of noisy examples trained on")):  # fmt: skip
+    for ax, key, title in (
+        (axes[0], "accuracy", "clean test accuracy"),
+        (axes[1], "noisy_share_after_warmup", "share of noisy examples trained on"),
+    ):
         for x, arm in enumerate(args.arms):
             values = summary[arm][key]
             color = {"uniform": "tab:gray", "clean_oracle": "tab:green"}.get(arm, "tab:blue")

@@ -52,7 +52,7 @@ class DataFlexCallback(TrainerAdapter):
 
     Args:
         policy: a mixing policy (``Uniform()``, ``Natural()``, ``Temperature(tau)``, ``Static(w)``, ``ODM()``,
-            ``ADO()``, ``DoReMiOnline(proxy, reference)``).
+            ``ADO()``, ``dataflex.proxies.doremi.DoReMiOnline(proxy, reference)``).
         domains: the domain label of every training example, in the order of the dataset the Trainer
             trains on. Optional when that dataset has the ``domain_column`` column (the Trainer keeps it
             in ``trainer.train_dataset`` even with ``remove_unused_columns=True``); when both exist they
@@ -89,12 +89,28 @@ class DataFlexCallback(TrainerAdapter):
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
         self.policy = policy
-        decider = MixingDecider(policy, update_every=update_every, replacement=replacement,
-                                when_exhausted=when_exhausted, stratified=stratified)  # fmt: skip
-        super().__init__(decider, labels=domains, label_column=domain_column, labels_required=True,
-                         warmup_steps=warmup_steps, seed=seed, lookahead_batches=lookahead_batches,
-                         check_ids=check_ids, allow_missing_state=allow_missing_state, embeddings=embeddings,
-                         embeddings_from=embeddings_from, check_images=check_images, trainer=trainer)  # fmt: skip
+        decider = MixingDecider(
+            policy,
+            update_every=update_every,
+            replacement=replacement,
+            when_exhausted=when_exhausted,
+            stratified=stratified,
+        )
+        super().__init__(
+            decider,
+            labels=domains,
+            label_column=domain_column,
+            labels_required=True,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            lookahead_batches=lookahead_batches,
+            check_ids=check_ids,
+            allow_missing_state=allow_missing_state,
+            embeddings=embeddings,
+            embeddings_from=embeddings_from,
+            check_images=check_images,
+            trainer=trainer,
+        )
 
     @property
     def weights(self) -> dict[str, float]:
@@ -148,10 +164,21 @@ class DataFlexSelectCallback(TrainerAdapter):
             raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
         self.selector = selector
         decider = SelectionDecider(selector, update_every=update_every, score_batch_size=score_batch_size)
-        super().__init__(decider, labels=labels, label_column=label_column, labels_required=False,
-                         warmup_steps=warmup_steps, seed=seed, lookahead_batches=lookahead_batches,
-                         check_ids=check_ids, allow_missing_state=allow_missing_state, embeddings=embeddings,
-                         embeddings_from=embeddings_from, check_images=check_images, trainer=trainer)  # fmt: skip
+        super().__init__(
+            decider,
+            labels=labels,
+            label_column=label_column,
+            labels_required=False,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            lookahead_batches=lookahead_batches,
+            check_ids=check_ids,
+            allow_missing_state=allow_missing_state,
+            embeddings=embeddings,
+            embeddings_from=embeddings_from,
+            check_images=check_images,
+            trainer=trainer,
+        )
 
     @property
     def selected(self) -> np.ndarray:
@@ -202,10 +229,21 @@ class DataFlexCurriculumCallback(TrainerAdapter):
     ) -> None:
         self.curriculum = curriculum
         decider = CurriculumDecider(curriculum, horizon_steps=horizon_steps, rescore_every=rescore_every)
-        super().__init__(decider, labels=labels, label_column=label_column, labels_required=False, warmup_steps=0,
-                         seed=seed, lookahead_batches=lookahead_batches, check_ids=check_ids,
-                         allow_missing_state=allow_missing_state, embeddings=embeddings,
-                         embeddings_from=embeddings_from, check_images=check_images, trainer=trainer)  # fmt: skip
+        super().__init__(
+            decider,
+            labels=labels,
+            label_column=label_column,
+            labels_required=False,
+            warmup_steps=0,
+            seed=seed,
+            lookahead_batches=lookahead_batches,
+            check_ids=check_ids,
+            allow_missing_state=allow_missing_state,
+            embeddings=embeddings,
+            embeddings_from=embeddings_from,
+            check_images=check_images,
+            trainer=trainer,
+        )
 
     @property
     def open_fraction(self) -> float:

@@ -128,8 +128,11 @@ class MixingDecider:
         when_exhausted: ExhaustionMode = "reshuffle",
         stratified: bool = False,
     ) -> None:
-        _require_methods(policy, ("bind", "initial_weights", "update", "state_dict", "load_state_dict"),
-                         "a mixing policy from dataflex.policies")  # fmt: skip
+        _require_methods(
+            policy,
+            ("bind", "initial_weights", "update", "state_dict", "load_state_dict"),
+            "a mixing policy from dataflex.policies",
+        )
         self.policy, self.update_every = policy, update_every
         self.replacement, self.when_exhausted, self.stratified = replacement, when_exhausted, bool(stratified)
         self.sampler: DomainMixtureSampler | None = None
@@ -193,8 +196,11 @@ class SelectionDecider:
     """A subset re-chosen by a selector every ``update_every`` steps, for :class:`~dataflex.samplers.SubsetSampler`."""
 
     def __init__(self, selector: Selector, *, update_every: int, score_batch_size: int = 32) -> None:
-        _require_methods(selector, ("initial_subset", "select", "state_dict", "load_state_dict"),
-                         "a selector from dataflex.selectors")  # fmt: skip
+        _require_methods(
+            selector,
+            ("initial_subset", "select", "state_dict", "load_state_dict"),
+            "a selector from dataflex.selectors",
+        )
         if score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1; got {score_batch_size!r}")
         self.selector, self.update_every, self.score_batch_size = selector, update_every, int(score_batch_size)
@@ -205,9 +211,16 @@ class SelectionDecider:
         return SubsetSampler(schedule, seed=run.seed, num_samples=run.num_samples, labels=labels)
 
     def decide(self, step, stats, store, run):
-        context = SelectionContext(model=run.model, dataset=run.dataset, collate=run.collate, step=step,
-                                   seed=run.seed, optimizer=run.optimizer, batch_size=self.score_batch_size,
-                                   labels=run.domain_ids)  # fmt: skip
+        context = SelectionContext(
+            model=run.model,
+            dataset=run.dataset,
+            collate=run.collate,
+            step=step,
+            seed=run.seed,
+            optimizer=run.optimizer,
+            batch_size=self.score_batch_size,
+            labels=run.domain_ids,
+        )
         chosen = self.selector.select(context)
         scores = getattr(self.selector, "last_scores", None)
         if scores is not None:
@@ -268,9 +281,15 @@ class CurriculumDecider:
         )
         steps = self.horizon_steps or run.max_steps
         labels = [run.domain_names[d] for d in run.domain_ids]
-        self.sampler = CurriculumSampler(OrderSchedule(order), self.curriculum.pacing,
-                                         horizon=steps * run.samples_per_step, pacing_name=self.curriculum.pacing_name,
-                                         seed=run.seed, num_samples=run.num_samples, labels=labels)  # fmt: skip
+        self.sampler = CurriculumSampler(
+            OrderSchedule(order),
+            self.curriculum.pacing,
+            horizon=steps * run.samples_per_step,
+            pacing_name=self.curriculum.pacing_name,
+            seed=run.seed,
+            num_samples=run.num_samples,
+            labels=labels,
+        )
         return self.sampler
 
     def open_fraction(self) -> float:

@@ -10,25 +10,19 @@ with Group DRO: at every step, for each domain ``i``,
 and the proxy minimises the alpha-weighted per-domain loss. The weights used for the main run are the
 average of alpha over proxy training. Defaults follow the paper's code: eta = 1, c = 1e-3.
 
-This module has the pure update and the *online* variant (not in the paper's code): the proxy and the
-frozen reference step on the main run's own batches, and their live alpha drives the main sampler.
-The offline three-stage pipeline lives in ``dataflex.proxies.doremi``.
+This module has the pure update rule: :func:`doremi_update`, the Group-DRO step on a micro-batch and
+the running weights. Proxy training — the offline three stages and the *online* variant, whose proxy
+and frozen reference step on the main run's own batches — lives in ``dataflex.proxies.doremi``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from dataflex import dist
-from dataflex.losses import IGNORE_INDEX, token_cross_entropy
-from dataflex.policies.base import BoundPolicy
-from dataflex.store import DomainStats
-from dataflex.weights import apply_floor
 
 
 def doremi_update(weights: np.ndarray, excess: np.ndarray, eta: float = 1.0, smoothing: float = 1e-3) -> np.ndarray:
@@ -52,12 +46,6 @@ def doremi_update(weights: np.ndarray, excess: np.ndarray, eta: float = 1.0, smo
     new /= new.sum()
     k = w.shape[0]
     return (1.0 - smoothing) * new + smoothing / k
-
-
-@torch.no_grad()
-def _token_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, labels) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return token_cross_entropy(logits, labels)
 
 
 def domain_excess(
@@ -129,129 +117,15 @@ class GroupDROWeights:
         return self.alpha_sum / self.steps if self.steps else self.alpha.copy()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.tolist(), "alpha_sum": self.alpha_sum.tolist(), "steps": self.steps,
-                "trajectory": self.trajectory}  # fmt: skip
+        return {
+            "alpha": self.alpha.tolist(),
+            "alpha_sum": self.alpha_sum.tolist(),
+            "steps": self.steps,
+            "trajectory": self.trajectory,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.alpha = np.asarray(state["alpha"], dtype=np.float64)
         self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
         self.steps = int(state["steps"])
         self.trajectory = [list(r) for r in state.get("trajectory", [])]
-
-
-class DoReMiOnline(BoundPolicy):
-    """Online DoReMi: a small proxy and a frozen reference learn beside the main model.
-
-    Every training micro-batch the main run sees is also fed to :meth:`observe`: the reference gives
-    per-token losses, the proxy takes one Group-DRO step, and alpha moves by :func:`doremi_update`.
-    Per-domain excess sums and the proxy's gradients are summed across ranks, so every rank keeps an
-    identical proxy and identical weights. ``update`` hands the live alpha (or its running average
-    with ``use_average=True``) to the sampler. ``proxy_seconds`` accumulates the proxy's cost.
-
-    Args:
-        proxy: a causal LM, trained here (usually smaller than or equal to the main model).
-        reference: a causal LM trained beforehand on a fixed mixture; kept frozen.
-        eta, smoothing: the DoReMi step size and smoothing (paper defaults 1 and 1e-3).
-        lr: proxy learning rate (AdamW).
-        use_average: hand the sampler the running average of alpha (DoReMi's own output, stable) rather
-            than the last alpha, which with small batches swings to nearly one-hot within a few steps
-            (the collapse reported in the DoReMi repository's issue #5).
-        floor: minimum sampling weight per domain for the main model.
-    """
-
-    def __init__(
-        self,
-        proxy: torch.nn.Module | None,
-        reference: torch.nn.Module | None,
-        *,
-        eta: float = 1.0,
-        smoothing: float = 1e-3,
-        lr: float = 1e-3,
-        use_average: bool = True,
-        floor: float = 0.01,
-    ) -> None:
-        self.eta, self.smoothing, self.lr, self.use_average = float(eta), float(smoothing), float(lr), use_average
-        self.floor = float(floor)
-        self.proxy: torch.nn.Module | None = None
-        self.reference: torch.nn.Module | None = None
-        if proxy is not None and reference is not None:
-            self.set_models(proxy, reference)
-        self.dro: GroupDROWeights | None = None
-        self.proxy_seconds = 0.0
-
-    def set_models(self, proxy: torch.nn.Module, reference: torch.nn.Module) -> None:
-        """Attach the proxy (trained here) and the reference (frozen)."""
-        self.proxy = proxy
-        self.reference = reference.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.proxy.parameters(), lr=self.lr)
-
-    def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None:
-        super().bind(domain_names, domain_sizes)
-        if self.proxy is None or self.reference is None:
-            raise RuntimeError("DoReMiOnline needs a proxy and a reference model: pass them or call set_models()")
-        self.dro = GroupDROWeights(self.num_domains, self.eta, self.smoothing)
-
-    def initial_weights(self) -> np.ndarray:
-        self._require_bound()
-        return np.full(self.num_domains, 1.0 / self.num_domains)
-
-    @property
-    def alpha(self) -> np.ndarray:
-        """The live weights (after the latest proxy step)."""
-        assert self.dro is not None, "bind() first"
-        return self.dro.alpha
-
-    @property
-    def steps(self) -> int:
-        return self.dro.steps if self.dro is not None else 0
-
-    @property
-    def average_weights(self) -> np.ndarray:
-        assert self.dro is not None, "bind() first"
-        return self.dro.average
-
-    def observe(self, inputs: dict[str, torch.Tensor], row_domain: torch.Tensor) -> None:
-        """One proxy step on a micro-batch (``input_ids``, ``attention_mask``, ``labels``)."""
-        self._require_bound()
-        start = time.perf_counter()
-        device = next(self.proxy.parameters()).device
-        ids = inputs["input_ids"].to(device)
-        att = inputs.get("attention_mask")
-        att = att.to(device) if att is not None else None
-        labels = inputs["labels"].to(device)
-        row_domain = row_domain.to(device)
-        mask = (labels[:, 1:] != IGNORE_INDEX).float()
-        ref_tok = _token_losses(self.reference, ids, att, labels).to(device)
-        self.proxy.train()
-        proxy_tok = token_cross_entropy(self.proxy(input_ids=ids, attention_mask=att).logits, labels)
-        loss = self.dro.step(proxy_tok, ref_tok, mask, row_domain)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if dist.is_distributed():
-            for p in self.proxy.parameters():
-                if p.grad is not None:
-                    p.grad.copy_(dist.all_reduce_sum(p.grad))
-        self.optimizer.step()
-        self.proxy_seconds += time.perf_counter() - start
-
-    def update(self, stats: DomainStats, current: np.ndarray) -> np.ndarray:
-        self._require_bound()
-        weights = self.average_weights if self.use_average else self.alpha.copy()
-        return apply_floor(weights, self.floor)
-
-    def state_dict(self) -> dict[str, Any]:
-        # The proxy's parameters and optimizer are tensors: see tensor_state_dict (TensorStateful),
-        # which every checkpoint writer saves beside this JSON-safe part.
-        return {"dro": self.dro.state_dict(), "proxy_seconds": self.proxy_seconds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dro.load_state_dict(state["dro"])
-        self.proxy_seconds = float(state["proxy_seconds"])
-
-    def tensor_state_dict(self) -> dict[str, Any]:
-        """Proxy weights and optimizer (:class:`~dataflex.state.TensorStateful`)."""
-        return {"proxy": self.proxy.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_tensor_state_dict(self, state: dict[str, Any]) -> None:
-        self.proxy.load_state_dict(state["proxy"])
-        self.optimizer.load_state_dict(state["optimizer"])

@@ -10,7 +10,7 @@ for a holdout set drawn like the training data), test answers never are.
 
 Splits are by image (an image and all its questions sit in one split), drawn from ``seed``.
 
-Sequence layout, one byte per text token (see :mod:`dataflex.tiny`)::
+Sequence layout, one byte per text token (see :mod:`dataflex.testbeds.tiny`)::
 
     [image] x num_image_tokens  "what digit? "  "7"  <end>
     `------------- prompt: label -100 ---------'  `- answer: learnt and scored -'
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dataflex.losses import IGNORE_INDEX
-from dataflex.tiny import PAD_ID, collate_causal
+from dataflex.testbeds.tiny import PAD_ID, collate_causal
 
 IMAGE_TOKEN_ID = 257  # one past the byte vocabulary's pad/end id
 VLM_VOCAB_SIZE = 258
@@ -121,8 +121,21 @@ def digits_vqa(
     out: dict[str, Any] = {}
     for split, image_ids in split_images(len(digit_labels), fractions, seed).items():
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), 23]))
-        rows: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "pixel_values", "domain", "digit",
-                                                 "image", "answer", "true_answer", "noisy")}  # fmt: skip
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "input_ids",
+                "labels",
+                "prompt_len",
+                "pixel_values",
+                "domain",
+                "digit",
+                "image",
+                "answer",
+                "true_answer",
+                "noisy",
+            )
+        }
         for i in image_ids.tolist():
             digit = int(digit_labels[i])
             pixels = images[i].tolist()
@@ -133,9 +146,18 @@ def digits_vqa(
                 answer = str(rng.choice([c for c in choices if c != truth])) if noisy else truth
                 ids, prompt_len = encode_vqa(question, answer, num_image_tokens)
                 target = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
-                example = {"input_ids": ids, "labels": target, "prompt_len": prompt_len, "pixel_values": pixels,
-                           "domain": kind, "digit": digit, "image": i, "answer": answer, "true_answer": truth,
-                           "noisy": int(noisy)}  # fmt: skip
+                example = {
+                    "input_ids": ids,
+                    "labels": target,
+                    "prompt_len": prompt_len,
+                    "pixel_values": pixels,
+                    "domain": kind,
+                    "digit": digit,
+                    "image": i,
+                    "answer": answer,
+                    "true_answer": truth,
+                    "noisy": int(noisy),
+                }
                 for key, value in example.items():
                     rows[key].append(value)
         out[split] = Dataset.from_dict(rows)
@@ -143,7 +165,7 @@ def digits_vqa(
 
 
 def collate_vlm(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """:func:`~dataflex.tiny.collate_causal` plus stacked ``pixel_values``; image tokens never get a label.
+    """:func:`~dataflex.testbeds.tiny.collate_causal` plus stacked ``pixel_values``; image tokens never get a label.
 
     Raises ``ValueError`` naming the position in the batch when an example has no image, an image of
     another shape than the first, or non-finite pixels.
@@ -197,5 +219,9 @@ def answer_metrics(model: torch.nn.Module, dataset: Any, batch_size: int = 128) 
     finally:
         model.train(was_training)
     loss_arr, correct_arr = np.concatenate(losses), np.concatenate(correct)
-    return {"loss": loss_arr, "correct": correct_arr, "mean_loss": float(loss_arr.mean()),
-            "accuracy": float(correct_arr.mean())}  # fmt: skip
+    return {
+        "loss": loss_arr,
+        "correct": correct_arr,
+        "mean_loss": float(loss_arr.mean()),
+        "accuracy": float(correct_arr.mean()),
+    }

@@ -21,7 +21,7 @@ VOCAB_SIZE = 257
 def default_data_dir() -> Path:
     """``$DATAFLEX_DATA`` if set, else the ``data/`` folder bundled with the repository."""
     env = os.environ.get("DATAFLEX_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
 def load_jsonl_dir(folder: str | os.PathLike[str], max_per_file: int | None = None) -> list[dict[str, Any]]:
@@ -77,8 +77,13 @@ def instruct_dataset(records: Sequence[dict[str, Any]], max_len: int) -> Any:
     if missing:
         raise ValueError(f"instruction records need 'instruction', 'response' and 'task'; missing {missing}")
     encoded = [encode_instruction(r["instruction"], r["response"], max_len) for r in records]
-    return Dataset.from_dict({"input_ids": [e[0] for e in encoded], "prompt_len": [e[1] for e in encoded],
-                              "task": [r["task"] for r in records]})  # fmt: skip
+    return Dataset.from_dict(
+        {
+            "input_ids": [e[0] for e in encoded],
+            "prompt_len": [e[1] for e in encoded],
+            "task": [r["task"] for r in records],
+        }
+    )
 
 
 def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -179,7 +184,7 @@ def tiny_llava(
     """
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from dataflex.digits import IMAGE_TOKEN_ID, VLM_VOCAB_SIZE
+    from dataflex.testbeds.digits import IMAGE_TOKEN_ID, VLM_VOCAB_SIZE
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
