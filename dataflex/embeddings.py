@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dataflex.batching import model_inputs
+from dataflex.modes import eval_mode
 from dataflex.taps import Tap
 
 
@@ -54,14 +55,9 @@ def hidden_state_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.T
         device = next(model.parameters()).device
         mask = batch.get("attention_mask")
         mask = None if mask is None else mask.to(device)
-        was_training = model.training
-        model.eval()
-        try:
-            with last_hidden_tap(model) as tap:
-                model(**model_inputs(batch, device))
-                hidden = tap.pop()
-        finally:
-            model.train(was_training)
+        with eval_mode(model), last_hidden_tap(model) as tap:
+            model(**model_inputs(batch, device))
+            hidden = tap.pop()
         return mean_pool(hidden.float(), mask)
 
     return embed

@@ -14,13 +14,14 @@ batched backward), never from a loop over examples.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from dataflex.grads import PerExampleGradients, RademacherProjector
 from dataflex.losses import per_example_mean_loss
+from dataflex.modes import eval_mode
 
 
 class GradientFeaturizer:
@@ -113,11 +114,9 @@ class GradientFeaturizer:
         n = batch["input_ids"].shape[0]
         bytes_per_example = 4 * self._params_per_example
         per_buffer = max(self.micro_batch, self.grad_buffer_bytes // max(bytes_per_example, 1))
-        was_training = self.model.training
-        self.model.eval()  # no dropout: a feature must not depend on the random mask
         parts: list[dict[str, torch.Tensor]] = []
         pending, pending_rows = [], 0
-        try:
+        with eval_mode(self.model):  # no dropout: a feature must not depend on the random mask
             for start in range(0, n, self.micro_batch):
                 pending.append(self._gradients({k: v[start : start + self.micro_batch] for k, v in batch.items()}))
                 pending_rows += min(self.micro_batch, n - start)
@@ -126,21 +125,8 @@ class GradientFeaturizer:
                     pending, pending_rows = [], 0
             if pending:
                 parts.append(self._project(pending, modes))
-        finally:
-            self.model.train(was_training)
         out = {}
         for m in modes:
             feats = torch.cat([p[m] for p in parts])
             out[m] = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
         return out
-
-
-def influence_scores(
-    featurizer: GradientFeaturizer,
-    train_batches: Sequence[dict[str, Any]],
-    target_batches: Sequence[dict[str, Any]],
-) -> torch.Tensor:
-    """Cosine of each training example's feature with the mean target feature, in batch order."""
-    target = torch.cat([featurizer.features(b) for b in target_batches]).mean(0)
-    target = target / target.norm().clamp(min=1e-12)
-    return torch.cat([featurizer.features(b) @ target for b in train_batches]).cpu()

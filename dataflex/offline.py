@@ -26,6 +26,7 @@ import torch
 
 from dataflex.batching import model_inputs
 from dataflex.losses import per_example_token_loss
+from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
 from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
 
@@ -95,13 +96,9 @@ def token_mean_losses(model: torch.nn.Module) -> Callable[[dict[str, torch.Tenso
     @torch.no_grad()
     def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             logits = model(**model_inputs(batch, device)).logits
             loss, valid = per_example_token_loss(logits, batch["labels"].to(device))
-        finally:
-            model.train(was_training)
         return torch.where(valid, loss, torch.full_like(loss, float("nan")))
 
     return score

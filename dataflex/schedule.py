@@ -130,8 +130,45 @@ class WeightSchedule(EventSchedule[np.ndarray]):
         self._restore([s for s, _ in state["events"]], weights)
 
 
-class SubsetSchedule(EventSchedule[np.ndarray]):
+class _ExampleIdSchedule(EventSchedule[np.ndarray]):
+    """Shared by schedules whose values are arrays of example ids of a pool of ``num_examples``.
+
+    A subclass defines ``_validate(ids) -> array`` and ``KIND`` (named in errors).
+    """
+
+    KIND = "id"
+    num_examples: int
+
+    def _validate(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def current(self) -> np.ndarray:
+        return self._values[-1].copy()
+
+    def add(self, effective_at: int, ids: Sequence[int] | np.ndarray) -> None:
+        """Use ``ids`` from global sample ``effective_at`` on."""
+        self._append(effective_at, self._validate(ids))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_examples": self.num_examples,
+            "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_examples"]) != self.num_examples:
+            raise ValueError(
+                f"{self.KIND} schedule was saved for {state['num_examples']} examples, this pool has "
+                f"{self.num_examples}"
+            )
+        self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])
+
+
+class SubsetSchedule(_ExampleIdSchedule):
     """Piecewise-constant selected subsets (sorted unique example ids) of a pool of ``num_examples``."""
+
+    KIND = "subset"
 
     def __init__(self, num_examples: int, initial: Sequence[int] | np.ndarray | None = None) -> None:
         if num_examples <= 0:
@@ -148,30 +185,11 @@ class SubsetSchedule(EventSchedule[np.ndarray]):
             raise ValueError(f"example ids {bad} are outside the pool [0, {self.num_examples})")
         return arr
 
-    @property
-    def current(self) -> np.ndarray:
-        return self._values[-1].copy()
 
-    def add(self, effective_at: int, ids: Sequence[int] | np.ndarray) -> None:
-        """Train on ``ids`` from global sample ``effective_at`` on."""
-        self._append(effective_at, self._validate(ids))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_examples": self.num_examples,
-            "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["num_examples"]) != self.num_examples:
-            raise ValueError(
-                f"subset schedule was saved for {state['num_examples']} examples, this pool has {self.num_examples}"
-            )
-        self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])
-
-
-class OrderSchedule(EventSchedule[np.ndarray]):
+class OrderSchedule(_ExampleIdSchedule):
     """Piecewise-constant difficulty orders: each value is a permutation of ``0..n-1``, easiest first."""
+
+    KIND = "order"
 
     def __init__(self, initial_order: Sequence[int] | np.ndarray) -> None:
         first = np.asarray(initial_order, dtype=np.int64).reshape(-1)
@@ -188,24 +206,3 @@ class OrderSchedule(EventSchedule[np.ndarray]):
                 f"{arr.size} ids {arr[:5].tolist()}..."
             )
         return arr
-
-    @property
-    def current(self) -> np.ndarray:
-        return self._values[-1].copy()
-
-    def add(self, effective_at: int, order: Sequence[int] | np.ndarray) -> None:
-        """Use the re-ranked ``order`` from global sample ``effective_at`` on."""
-        self._append(effective_at, self._validate(order))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_examples": self.num_examples,
-            "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["num_examples"]) != self.num_examples:
-            raise ValueError(
-                f"order schedule was saved for {state['num_examples']} examples, this pool has {self.num_examples}"
-            )
-        self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])

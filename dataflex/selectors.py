@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
-from dataflex.batching import model_inputs
-from dataflex.losses import per_example_token_loss
+from dataflex.offline import target_direction, token_mean_losses
 from dataflex.selection import budget, select_by_loss, select_random, select_top
 
 
@@ -73,18 +72,8 @@ def scored_across_ranks(ids: np.ndarray, score_part: Callable[[np.ndarray], np.n
 @torch.no_grad()
 def current_losses(ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
     """Per-example token-mean loss of ``ids`` under the current model (eval mode, batched)."""
-    model = ctx.model
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for _, batch in _batches(ids, ctx):
-            labels = batch["labels"].to(device)
-            loss, valid = per_example_token_loss(model(**model_inputs(batch, device)).logits, labels)
-            out.append(torch.where(valid, loss, torch.full_like(loss, float("nan"))).cpu().numpy())
-    finally:
-        model.train(was_training)
+    score = token_mean_losses(ctx.model)
+    out = [score(batch).cpu().numpy() for _, batch in _batches(ids, ctx)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -283,8 +272,8 @@ class Influence(Selector):
             target_featurizer.features(ctx.collate(self.target[i : i + ctx.batch_size]))
             for i in range(0, len(self.target), ctx.batch_size)
         ]
-        direction = torch.cat(target_feats).mean(0)
-        direction = direction / direction.norm().clamp(min=1e-12)
+        target = torch.cat(target_feats)
+        direction = torch.as_tensor(target_direction(target.cpu()), dtype=target.dtype, device=target.device)
 
         def part_scores(part: np.ndarray) -> np.ndarray:
             return np.concatenate(

@@ -3,9 +3,9 @@
 The training hook adds one record per micro-batch (example ids, per-example loss, whether the
 example had any counted token). Records stay on the model's device until :meth:`ScoreStore.flush`,
 which is called once per policy update: it gathers every rank's records, reduces them to per-domain
-statistics in a canonical order (sorted by example id, float64), and keeps each example's latest
-loss with the step it was measured at. Every rank therefore hands bit-identical statistics to its
-policy, and so computes bit-identical weights.
+statistics in a canonical order (sorted by example id, float64). Every rank therefore hands
+bit-identical statistics to its policy, and so computes bit-identical weights. Selector scores
+(identical on every rank) are kept per example with the step they were taken at.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class DomainStats:
 
     loss_sum: np.ndarray  # (K,) sum of finite per-example losses
     count: np.ndarray  # (K,) number of examples with a finite loss
-    seen: np.ndarray  # (K,) every example seen, valid or not
     non_finite: int  # examples whose loss was NaN/Inf although they had counted tokens
     masked: int  # examples whose labels were all ignore_index
 
@@ -36,24 +35,14 @@ class DomainStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1), np.nan)
 
-    @property
-    def total(self) -> int:
-        return int(self.count.sum())
-
-
-def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
 
 class ScoreStore:
-    """Collects per-example losses between updates and remembers each example's latest loss."""
+    """Collects per-example losses between updates; keeps selector scores per example."""
 
     def __init__(self, domain_ids: np.ndarray, num_domains: int) -> None:
         self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
         self.num_domains = int(num_domains)
         n = self.domain_ids.shape[0]
-        self.last_loss = np.full(n, np.nan)
-        self.last_step = np.full(n, -1, dtype=np.int64)
         self.total_non_finite = 0
         self.total_masked = 0
         # Scores a selector computed at re-selection time (same on every rank), with their step.
@@ -90,7 +79,7 @@ class ScoreStore:
         return np.concatenate(self._gathered) if self._gathered else np.zeros((0, 3))
 
     def flush(self, step: int) -> DomainStats:
-        """Gather all ranks' records, update per-example memory and return per-domain statistics."""
+        """Gather all ranks' records and return their per-domain statistics."""
         records = self.gather_pending()
         self._gathered.clear()
         # Canonical order makes float sums independent of rank count and of checkpoint boundaries.
@@ -106,12 +95,9 @@ class ScoreStore:
         stats = DomainStats(
             loss_sum=np.bincount(domains[valid], weights=loss[valid], minlength=k).astype(np.float64),
             count=np.bincount(domains[valid], minlength=k).astype(np.int64),
-            seen=np.bincount(domains, minlength=k).astype(np.int64),
             non_finite=int((has & ~finite).sum()),
             masked=int((~has).sum()),
         )
-        self.last_loss[ids[valid]] = loss[valid]
-        self.last_step[ids[valid]] = step
         self.total_non_finite += stats.non_finite
         self.total_masked += stats.masked
         return stats
@@ -127,8 +113,6 @@ class ScoreStore:
         """Collective when records are pending: every rank must call it (the callback does, in on_save)."""
         pending = self.gather_pending()
         return {
-            "last_loss": floats_to_json(self.last_loss),
-            "last_step": self.last_step.tolist(),
             "total_non_finite": self.total_non_finite,
             "total_masked": self.total_masked,
             "score": floats_to_json(self.score),
@@ -138,13 +122,9 @@ class ScoreStore:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        last_loss = floats_from_json(state["last_loss"])
-        if last_loss.shape != self.last_loss.shape:
-            raise ValueError(
-                f"score store was saved for {last_loss.shape[0]} examples, this run has {self.last_loss.shape[0]}"
-            )
-        self.last_loss = last_loss
-        self.last_step = np.asarray(state["last_step"], dtype=np.int64)
+        score = floats_from_json(state["score"])
+        if score.shape != self.score.shape:
+            raise ValueError(f"score store was saved for {score.shape[0]} examples, this run has {self.score.shape[0]}")
         self.total_non_finite = int(state["total_non_finite"])
         self.total_masked = int(state["total_masked"])
         self.score = floats_from_json(state["score"])

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dataflex.modes import eval_mode
 from dataflex.taps import Tap
 
 
@@ -121,14 +122,9 @@ def image_feature_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.
         if pixels is None:
             raise ValueError(f"image embeddings need 'pixel_values' in the batch; it has {sorted(batch)}")
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with image_feature_tap(model) as tap:
-                model.get_image_features(pixel_values=pixels.to(device))
-                features = tap.pop()
-        finally:
-            model.train(was_training)
+        with eval_mode(model), image_feature_tap(model) as tap:
+            model.get_image_features(pixel_values=pixels.to(device))
+            features = tap.pop()
         if features.shape[0] != pixels.shape[0]:
             raise RuntimeError(f"expected one feature row per image; got {features.shape[0]} for {pixels.shape[0]}")
         return features

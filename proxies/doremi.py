@@ -31,6 +31,7 @@ import torch
 
 from dataflex import dist
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
+from dataflex.modes import eval_mode
 from dataflex.policies.base import BoundPolicy
 from dataflex.policies.doremi import GroupDROWeights
 from dataflex.policies.static import Natural, Uniform
@@ -50,18 +51,18 @@ def reference_token_losses(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Per-token loss of ``model`` on every example: ``(N, max_len - 1)`` float32, NaN where not counted."""
-    model.eval()
     device = next(model.parameters()).device
     width = max(len(x) for x in dataset["input_ids"]) - 1
     out = np.full((len(dataset), width), np.nan, dtype=np.float32)
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        tok = token_cross_entropy(logits, batch["labels"]).cpu().numpy()
-        counted = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu().numpy()
-        tok[~counted] = np.nan
-        out[start : start + len(rows), : tok.shape[1]] = tok
+    with eval_mode(model):
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            tok = token_cross_entropy(logits, batch["labels"]).cpu().numpy()
+            counted = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu().numpy()
+            tok[~counted] = np.nan
+            out[start : start + len(rows), : tok.shape[1]] = tok
     return out
 
 

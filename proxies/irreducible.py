@@ -17,9 +17,27 @@ import numpy as np
 import torch
 
 from dataflex.domains import encode_domains
+from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies.static import Uniform
-from dataflex.proxies.doremi import reference_token_losses
 from dataflex.proxies.loop import train_mixture
+
+
+def pool_losses(
+    model: torch.nn.Module,
+    pool_ds: Any,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    desc: str = "irreducible losses",
+    progress: bool = True,
+) -> np.ndarray:
+    """The holdout model's token-mean loss on every pool example (NaN without counted tokens): RHO-LOSS's
+    irreducible loss, however the holdout model was trained. ``cache`` (``.npz``) makes it crash-resumable."""
+    losses = score_pool(
+        token_mean_losses(model), pool_ds, collate, batch_size=batch_size, cache=cache, desc=desc, progress=progress
+    )
+    return np.asarray(losses, dtype=np.float64)
 
 
 def irreducible_losses(
@@ -31,10 +49,11 @@ def irreducible_losses(
     label_column: str | None = None,
     **loop_kwargs: Any,
 ) -> np.ndarray:
-    """Train (or reuse) the holdout model and return its per-example loss on ``pool_ds`` (NaN if unscored).
+    """Train (or reuse) the holdout model with the plain loop and return :func:`pool_losses` on ``pool_ds``.
 
     ``label_column`` (e.g. the task) balances the holdout batches across labels; without it the holdout
-    set is sampled uniformly over examples.
+    set is sampled uniformly over examples. ``loop_kwargs`` go to :func:`~dataflex.proxies.loop.train_mixture`
+    (``collate`` is required).
     """
     out = Path(out_dir)
     cache = out / "irreducible_losses.npy"
@@ -47,10 +66,7 @@ def irreducible_losses(
     domain_ids, names = encode_domains(labels)
     model = make_model()
     train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout", **loop_kwargs)
-    tokens = reference_token_losses(model, pool_ds, loop_kwargs["collate"])
-    counted = np.isfinite(tokens).sum(1)
-    with np.errstate(invalid="ignore"):
-        losses = np.where(counted > 0, np.nansum(tokens, 1) / np.maximum(counted, 1), np.nan)
+    losses = pool_losses(model, pool_ds, loop_kwargs["collate"], progress=loop_kwargs.get("progress", True))
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "irreducible_losses.tmp.npy", losses)
     os.replace(out / "irreducible_losses.tmp.npy", cache)

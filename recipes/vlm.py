@@ -88,7 +88,8 @@ def holdout_signals(
     pool scores (crash-resumable).
     """
     from dataflex.clustering import kmeans
-    from dataflex.offline import score_pool, token_mean_losses
+    from dataflex.offline import score_pool
+    from dataflex.proxies.irreducible import pool_losses
     from dataflex.testbeds.digits import collate_vlm
     from dataflex.testbeds.tiny import tiny_llava
     from dataflex.vlm import image_feature_embedder
@@ -108,14 +109,7 @@ def holdout_signals(
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     train = data["train"]
-    irreducible = score_pool(
-        token_mean_losses(model),
-        train,
-        collate_vlm,
-        batch_size=128,
-        cache=folder / "irreducible.npz",
-        desc="irreducible losses",
-    )
+    irreducible = pool_losses(model, train, collate_vlm, batch_size=128, cache=folder / "irreducible.npz")
     features = score_pool(
         image_feature_embedder(model),
         train,

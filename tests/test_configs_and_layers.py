@@ -55,8 +55,14 @@ LAYERS = {
     "proxies": (["proxies/*.py"], CORE | {"dataflex.samplers", "dataflex.proxies"}),
     "hf": (["dataflex/hf/*.py"], CORE | {"dataflex.samplers", "dataflex.hf"}),
 }
-SUBPACKAGES = ("dataflex.policies", "dataflex.samplers", "dataflex.proxies", "dataflex.recipes", "dataflex.hf",
-               "dataflex.testbeds")  # fmt: skip
+SUBPACKAGES = (
+    "dataflex.policies",
+    "dataflex.samplers",
+    "dataflex.proxies",
+    "dataflex.recipes",
+    "dataflex.hf",
+    "dataflex.testbeds",
+)
 
 
 def dataflex_imports(path: Path) -> set[str]:

@@ -148,14 +148,14 @@ def test_ado_prefers_the_domain_still_learning_and_stays_valid():
     for t in range(1, 30):
         n = 40.0 * t
         loss = np.array([1.0 + 5.0 * n**-0.5, 2.0 + 0.01 * n**-0.05])  # "fast" still falls, "flat" barely
-        stats = DomainStats(loss * 20, np.array([20, 20]), np.array([20, 20]), 0, 0)
+        stats = DomainStats(loss * 20, np.array([20, 20]), 0, 0)
         w = ado.update(stats, w)
         assert np.isfinite(w).all() and abs(w.sum() - 1) < 1e-9 and w.min() >= 0.01 - 1e-12
     assert w[0] > w[1]
     clone = ADO(prior="uniform", warmup_updates=3)
     clone.bind(["fast", "flat"], np.array([100.0, 100.0]))
     clone.load_state_dict(json.loads(json.dumps(ado.state_dict())))
-    stats = DomainStats(np.array([30.0, 40.0]), np.array([20, 20]), np.array([20, 20]), 0, 0)
+    stats = DomainStats(np.array([30.0, 40.0]), np.array([20, 20]), 0, 0)
     assert np.array_equal(clone.update(stats, w), ado.update(stats, w))
     with pytest.raises(ValueError, match="prior='zipf'"):
         ADO(prior="zipf")

@@ -35,7 +35,7 @@ def test_static_policies():
 
 def stats(loss_sum, count, non_finite=0, masked=0):
     count = np.asarray(count)
-    return DomainStats(np.asarray(loss_sum, float), count, count, non_finite, masked)
+    return DomainStats(np.asarray(loss_sum, float), count, non_finite, masked)
 
 
 def test_odm_exploration_schedule_and_reward_credit():
@@ -99,7 +99,6 @@ def test_store_masks_and_counts_non_finite():
     assert s.count.tolist() == [2, 1, 0] and s.loss_sum.tolist() == [4.0, 2.0, 0.0]
     assert s.non_finite == 2 and s.masked == 1
     assert np.isnan(s.mean_loss[2])
-    assert store.last_step.tolist() == [7, -1, -1, 7, 7, -1]
     odm = bound(ODM())
     w = odm.update(s, odm.initial_weights())
     assert_valid(w)

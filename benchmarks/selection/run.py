@@ -56,6 +56,7 @@ from dataflex.grads import lora_linears  # noqa: E402
 from dataflex.influence import GradientFeaturizer  # noqa: E402
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset  # noqa: E402
 from dataflex.policies import Natural  # noqa: E402
+from dataflex.proxies.irreducible import pool_losses  # noqa: E402
 from dataflex.proxies.loop import train_mixture  # noqa: E402
 from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top  # noqa: E402
 from dataflex.state import DatasetFingerprint  # noqa: E402
@@ -234,11 +235,10 @@ class Scorer:
             self.args.il_steps,
             desc=f"holdout {target} s{self.seed}",
         )
-        return score_pool(
-            token_mean_losses(model),
+        return pool_losses(
+            model,
             self.pool,
             collate_causal,
-            batch_size=64,
             cache=self.work / f"pool_il_{target}.npz",
             desc=f"irreducible {target} s{self.seed}",
         )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dataflex.losses import IGNORE_INDEX
+from dataflex.modes import eval_mode
 from dataflex.testbeds.tiny import PAD_ID, collate_causal
 
 IMAGE_TOKEN_ID = 257  # one past the byte vocabulary's pad/end id
@@ -203,10 +204,8 @@ def answer_metrics(model: torch.nn.Module, dataset: Any, batch_size: int = 128) 
     from dataflex.losses import per_example_token_loss
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     losses, correct = [], []
-    try:
+    with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             batch = collate_vlm([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             labels = batch["labels"].to(device)
@@ -216,8 +215,6 @@ def answer_metrics(model: torch.nn.Module, dataset: Any, batch_size: int = 128) 
             scored = target != IGNORE_INDEX
             correct.append(((guess == target) | ~scored).all(1).cpu().numpy())
             losses.append(loss.float().cpu().numpy())
-    finally:
-        model.train(was_training)
     loss_arr, correct_arr = np.concatenate(losses), np.concatenate(correct)
     return {
         "loss": loss_arr,

@@ -213,19 +213,20 @@ def tiny_llava(
 def per_domain_loss(model: Any, dataset: Any, domains: Sequence[str], batch_size: int = 32) -> dict[str, float]:
     """Token-mean loss per domain (tokens pooled within a domain), in eval mode."""
     from dataflex.losses import per_example_token_loss
+    from dataflex.modes import eval_mode
 
-    model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate_causal(rows).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, valid = per_example_token_loss(logits, batch["labels"])
-        tokens = (batch["labels"][:, 1:] != -100).sum(1)
-        for j, dom in enumerate(domains[start : start + len(rows)]):
-            if bool(valid[j]):
-                sums[dom] = sums.get(dom, 0.0) + float(loss[j]) * int(tokens[j])
-                counts[dom] = counts.get(dom, 0) + int(tokens[j])
+    with eval_mode(model):
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collate_causal(rows).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, valid = per_example_token_loss(logits, batch["labels"])
+            tokens = (batch["labels"][:, 1:] != -100).sum(1)
+            for j, dom in enumerate(domains[start : start + len(rows)]):
+                if bool(valid[j]):
+                    sums[dom] = sums.get(dom, 0.0) + float(loss[j]) * int(tokens[j])
+                    counts[dom] = counts.get(dom, 0) + int(tokens[j])
     return {d: sums[d] / counts[d] for d in sorted(sums)}
