@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import BatchSampler
 
+__all__ = ["LoaderLayout", "inspect_loader", "model_inputs", "rank_position_batches"]
+
 
 @dataclass
 class LoaderLayout:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = ["KMeansResult", "cluster_names", "gpu_available", "kmeans"]
+
 
 @dataclass
 class KMeansResult:

@@ -19,6 +19,8 @@ import torch
 from dataflex.pacing import PACINGS, make_pacing
 from dataflex.ranking import rank_ids
 
+__all__ = ["Curriculum", "length_difficulty", "loss_difficulty"]
+
 Scorer = Callable[[torch.nn.Module, Any, Callable], np.ndarray]
 
 

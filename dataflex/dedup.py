@@ -16,6 +16,8 @@ from typing import Literal
 
 import numpy as np
 
+__all__ = ["normalise", "semdedup"]
+
 
 def normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "is_distributed", "rank", "world_size"]
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()

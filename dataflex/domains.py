@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+__all__ = ["encode_domains"]
+
 
 def encode_domains(labels: Sequence[str], domain_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Map per-example domain labels to ids.

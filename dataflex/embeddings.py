@@ -24,6 +24,8 @@ from dataflex.batching import model_inputs
 from dataflex.modes import eval_mode
 from dataflex.taps import Tap
 
+__all__ = ["EmbeddingCache", "hidden_state_embedder", "last_hidden_tap", "mean_pool", "output_layer"]
+
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """``(batch, dim)`` mean of ``hidden`` over real positions (all positions without a mask)."""

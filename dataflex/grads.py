@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = ["PerExampleGradients", "RademacherProjector", "lora_linears"]
+
 
 def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The trainable LoRA ``lora_A`` / ``lora_B`` linear layers of a peft model, by module name."""

@@ -23,6 +23,8 @@ from dataflex.grads import PerExampleGradients, RademacherProjector
 from dataflex.losses import per_example_mean_loss
 from dataflex.modes import eval_mode
 
+__all__ = ["GradientFeaturizer"]
+
 
 class GradientFeaturizer:
     """Projected per-example gradient features of some linear layers, optionally Adam-preconditioned.

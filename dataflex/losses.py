@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["IGNORE_INDEX", "per_example_mean_loss", "per_example_token_loss", "token_cross_entropy"]
+
 IGNORE_INDEX = -100
 
 

@@ -30,6 +30,8 @@ from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
 from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
 
+__all__ = ["SUBSET_FORMAT", "read_subset", "score_pool", "target_direction", "token_mean_losses", "write_subset"]
+
 SUBSET_FORMAT = "dataflex.subset/1"
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+__all__ = ["PACINGS", "competence", "linear", "make_pacing", "root", "step"]
+
 Pacing = Callable[[float], float]
 PACINGS = ("linear", "root", "competence", "step")
 

@@ -22,6 +22,8 @@ import numpy as np
 
 from dataflex.weights import validate_weights
 
+__all__ = ["EventSchedule", "LateScheduleChangeError", "OrderSchedule", "SubsetSchedule", "T", "WeightSchedule"]
+
 T = TypeVar("T")
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from dataflex.ranking import rank_ids
 
+__all__ = ["budget", "select_by_loss", "select_random", "select_reducible", "select_top"]
+
 
 def budget(n: int, fraction: float) -> int:
     """Number of examples a ``fraction`` of ``n`` keeps (at least one)."""

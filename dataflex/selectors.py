@@ -27,6 +27,19 @@ from dataflex import dist
 from dataflex.offline import target_direction, token_mean_losses
 from dataflex.selection import budget, select_by_loss, select_random, select_top
 
+__all__ = [
+    "FixedSubset",
+    "Influence",
+    "LossFocus",
+    "RandomSelection",
+    "RhoLoss",
+    "SelectionContext",
+    "Selector",
+    "candidate_pool",
+    "current_losses",
+    "scored_across_ranks",
+]
+
 
 @dataclass
 class SelectionContext:

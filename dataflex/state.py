@@ -22,6 +22,20 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+__all__ = [
+    "DatasetFingerprint",
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "Stateful",
+    "TensorStateful",
+    "floats_from_json",
+    "floats_to_json",
+    "read_json",
+    "unwrap_state",
+    "wrap_state",
+    "write_json_atomic",
+]
+
 STATE_FORMAT = "dataflex.state"
 STATE_VERSION = 2  # 2: the decider's state under 'decider', with the policy class recorded
 

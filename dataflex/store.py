@@ -19,6 +19,8 @@ import torch
 from dataflex import dist
 from dataflex.state import floats_from_json, floats_to_json
 
+__all__ = ["DomainStats", "ScoreStore"]
+
 
 @dataclass
 class DomainStats:

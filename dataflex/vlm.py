@@ -22,6 +22,15 @@ import torch
 from dataflex.modes import eval_mode
 from dataflex.taps import Tap
 
+__all__ = [
+    "check_image_batch",
+    "image_feature_embedder",
+    "image_feature_tap",
+    "image_shape",
+    "image_token_id",
+    "projector",
+]
+
 
 def image_token_id(model: torch.nn.Module) -> int | None:
     """The id marking image positions in ``input_ids`` (None for a text-only model)."""

@@ -20,6 +20,8 @@ import torch
 from dataflex import dist
 from dataflex.losses import per_example_mean_loss
 
+__all__ = ["ExampleWeightedLoss", "loss_weights"]
+
 
 def loss_weights(
     losses: torch.Tensor,

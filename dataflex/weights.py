@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+__all__ = ["SUM_TOLERANCE", "apply_floor", "entropy", "validate_weights", "weights_from_mapping"]
+
 #: Tolerance on ``sum(weights) == 1`` for user-given weights.
 SUM_TOLERANCE = 1e-6
 

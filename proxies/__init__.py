@@ -1,7 +1,9 @@
-"""Proxy and reference models for DoReMi and RHO-LOSS (installed as ``dataflex.proxies``).
+"""Models trained beside or before the main run (installed as ``dataflex.proxies``).
 
-Nothing is implemented here yet: proxy-model DoReMi is tracked in issue 3 and the holdout model for
-RHO-LOSS in issue 4. The package exists so the installed layout is stable.
+* :mod:`~dataflex.proxies.loop` — a plain, resumable PyTorch training loop over a domain mixture.
+* :mod:`~dataflex.proxies.doremi` — DoReMi's reference and Group-DRO proxy training, offline (three
+  stages) and online (:class:`~dataflex.proxies.doremi.DoReMiOnline`).
+* :mod:`~dataflex.proxies.irreducible` — RHO-LOSS's holdout model and its per-example losses on a pool.
 """
 
 __all__: list[str] = []

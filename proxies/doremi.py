@@ -40,6 +40,19 @@ from dataflex.state import write_json_atomic
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor, validate_weights
 
+__all__ = [
+    "DoReMiOffline",
+    "DoReMiOnline",
+    "GroupDROObjective",
+    "PreparedDoReMiOnline",
+    "WEIGHTS_FILE",
+    "load_doremi_weights",
+    "reference_token_losses",
+    "run_doremi_offline",
+    "train_proxy",
+    "train_reference",
+]
+
 WEIGHTS_FILE = "doremi_weights.json"
 
 

@@ -21,6 +21,8 @@ from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies.static import Uniform
 from dataflex.proxies.loop import train_mixture
 
+__all__ = ["irreducible_losses", "pool_losses"]
+
 
 def pool_losses(
     model: torch.nn.Module,

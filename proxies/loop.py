@@ -36,6 +36,8 @@ from dataflex.schedule import WeightSchedule
 from dataflex.state import TensorStateful
 from dataflex.store import ScoreStore
 
+__all__ = ["LOOP_STATE", "LoopResult", "MeanTokenLoss", "Objective", "cosine_lr", "train_mixture"]
+
 LOOP_STATE = "loop_state"  # loop_state.json + loop_state.pt (see dataflex.checkpoint)
 
 

@@ -21,6 +21,8 @@ from torch.utils.data import Sampler
 
 from dataflex.state import DatasetFingerprint
 
+__all__ = ["ScheduledSampler"]
+
 
 class ScheduledSampler(Sampler[int]):
     """Base class; see the module docstring. ``schedule`` needs ``mark_generated`` and ``state_dict``."""

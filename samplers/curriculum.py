@@ -25,6 +25,8 @@ from dataflex.samplers.base import ScheduledSampler
 from dataflex.schedule import OrderSchedule
 from dataflex.state import DatasetFingerprint
 
+__all__ = ["CurriculumSampler"]
+
 _CURRICULUM_STREAM = 3
 
 

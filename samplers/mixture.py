@@ -30,6 +30,8 @@ from dataflex.samplers.base import ScheduledSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.state import DatasetFingerprint
 
+__all__ = ["DomainMixtureSampler"]
+
 ExhaustionMode = Literal["reshuffle", "redistribute"]
 _WITHIN_DOMAIN_STREAM = 1
 

@@ -21,6 +21,8 @@ from dataflex.samplers.base import ScheduledSampler
 from dataflex.schedule import SubsetSchedule
 from dataflex.state import DatasetFingerprint
 
+__all__ = ["SubsetSampler"]
+
 _SUBSET_STREAM = 2
 
 

@@ -44,14 +44,15 @@ def test_mixture_configs_compose_and_instantiate(model, data):
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each layer: its source folder and the dataflex packages it may import. The core (``dataflex/*.py`` and
-# ``dataflex.policies``) uses only itself; samplers build on the core; the test beds, the proxies and the
-# HF adapter on core + samplers; recipes may use everything. ``dataflex/__init__.py`` is the facade that
+# ``dataflex.policies``) uses only itself; samplers build on the core; the proxies and the HF adapter on
+# core + samplers; the test beds (models, data and measurement helpers for tests, demo and benchmarks)
+# on core + samplers + proxies; recipes may use everything. ``dataflex/__init__.py`` is the facade that
 # re-exports the HF callbacks lazily, so it is the one file allowed to name ``dataflex.hf``.
 CORE = {"dataflex", "dataflex.policies"}
 LAYERS = {
     "core": (["dataflex/*.py", "dataflex/policies/*.py"], CORE),
     "samplers": (["samplers/*.py"], CORE | {"dataflex.samplers"}),
-    "testbeds": (["dataflex/testbeds/*.py"], CORE | {"dataflex.testbeds"}),
+    "testbeds": (["dataflex/testbeds/*.py"], CORE | {"dataflex.samplers", "dataflex.proxies", "dataflex.testbeds"}),
     "proxies": (["proxies/*.py"], CORE | {"dataflex.samplers", "dataflex.proxies"}),
     "hf": (["dataflex/hf/*.py"], CORE | {"dataflex.samplers", "dataflex.hf"}),
 }

@@ -26,6 +26,8 @@ import numpy as np
 from dataflex.policies.base import BoundPolicy
 from dataflex.store import DomainStats
 
+__all__ = ["ADO", "ALPHA_GRID", "fit_power_law"]
+
 ALPHA_GRID = np.linspace(0.01, 0.8, 80)  # the paper bounds the exponent to (0, 0.8]
 
 

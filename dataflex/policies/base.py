@@ -10,6 +10,8 @@ import torch
 
 from dataflex.store import DomainStats
 
+__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy"]
+
 
 @runtime_checkable
 class MixingPolicy(Protocol):

@@ -24,6 +24,8 @@ import torch
 
 from dataflex import dist
 
+__all__ = ["GroupDROWeights", "domain_excess", "doremi_update", "group_dro_step"]
+
 
 def doremi_update(weights: np.ndarray, excess: np.ndarray, eta: float = 1.0, smoothing: float = 1e-3) -> np.ndarray:
     """One exponentiated-gradient step on the domain weights, then smoothing towards uniform.

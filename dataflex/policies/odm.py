@@ -27,6 +27,8 @@ from dataflex.policies.base import BoundPolicy
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor
 
+__all__ = ["ODM"]
+
 
 class ODM(BoundPolicy):
     """EXP3 online data mixing (arXiv 2312.02406).

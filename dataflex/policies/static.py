@@ -13,6 +13,8 @@ import numpy as np
 from dataflex.policies.base import BoundPolicy
 from dataflex.weights import validate_weights
 
+__all__ = ["Natural", "Static", "Temperature", "Uniform"]
+
 
 class Uniform(BoundPolicy):
     """Every domain gets ``1/K`` of the samples, whatever its size."""

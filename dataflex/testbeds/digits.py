@@ -28,6 +28,20 @@ from dataflex.losses import IGNORE_INDEX
 from dataflex.modes import eval_mode
 from dataflex.testbeds.tiny import PAD_ID, collate_causal
 
+__all__ = [
+    "DIGIT_WORDS",
+    "IMAGE_TOKEN_ID",
+    "QUESTIONS",
+    "SPLITS",
+    "VLM_VOCAB_SIZE",
+    "answer_metrics",
+    "collate_vlm",
+    "digit_images",
+    "digits_vqa",
+    "encode_vqa",
+    "split_images",
+]
+
 IMAGE_TOKEN_ID = 257  # one past the byte vocabulary's pad/end id
 VLM_VOCAB_SIZE = 258
 

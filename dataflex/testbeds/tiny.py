@@ -14,6 +14,22 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "PAD_ID",
+    "VOCAB_SIZE",
+    "byte_dataset",
+    "collate_causal",
+    "default_data_dir",
+    "encode_bytes",
+    "encode_instruction",
+    "instruct_dataset",
+    "load_jsonl_dir",
+    "per_domain_loss",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_llava",
+]
+
 PAD_ID = 256  # byte values are 0..255; one extra id pads and ends sequences
 VOCAB_SIZE = 257
 
