@@ -10,7 +10,7 @@ Accelerator falls back to gloo on CPU; accelerate's ``--cpu --num_processes 2`` 
     python -m dataflex.recipes.mixture -m policy=uniform,natural,odm,ado,doremi,doremi_online seed=0,1,2
 
 Each run writes ``results.json`` (per-domain validation loss, the weight history, timings) into its
-Hydra output folder; ``python benchmarks/mixture/summarize.py <multirun folder>`` tabulates a sweep.
+Hydra output folder; ``python -m benchmarks.mixture.summarize <multirun folder>`` tabulates a sweep.
 The loop is :func:`dataflex.proxies.loop.train_mixture`: the DomainMixtureSampler feeds an
 ``accelerate``-prepared DataLoader, per-example losses are recorded from the training logits, and the
 policy updates the schedule every ``update_every`` steps. DoReMi policies first run (or reuse) their
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dataflex.domains import encode_domains
+from dataflex.policies.base import NeedsPreparation
 from dataflex.proxies.loop import train_mixture
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, per_domain_loss
 
@@ -75,7 +76,7 @@ def run_experiment(
         progress=progress,
     )
     prepare_seconds = 0.0
-    if hasattr(policy, "prepare"):
+    if isinstance(policy, NeedsPreparation):
         start = time.perf_counter()
         policy.prepare(make_model, train_ds, domain_ids, names, work_dir, loop_kwargs)
         prepare_seconds = time.perf_counter() - start
@@ -116,6 +117,17 @@ def run_experiment(
     return out
 
 
+def write_run_result(out_dir: Path, result: dict[str, Any]) -> None:
+    """``results.json`` in the run folder (rank 0; every rank holds the same result) and a one-line summary."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    val = result["validation_loss"]
+    print(
+        f"{result['policy']} seed {result['seed']}: mean val loss {np.mean(list(val.values())):.4f}, "
+        f"worst {max(val.values()):.4f} ({max(val, key=val.get)})"
+    )
+
+
 def _hydra_main() -> None:
     import hydra
     from hydra.utils import instantiate
@@ -148,13 +160,7 @@ def _hydra_main() -> None:
             train_per_domain=cfg.data.train_per_domain,
         )
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank holds the same result
-            (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-        val = result["validation_loss"]
-        print(
-            f"{result['policy']} seed {cfg.seed}: mean val loss {np.mean(list(val.values())):.4f}, "
-            f"worst {max(val.values()):.4f} ({max(val, key=val.get)})"
-        )
+        write_run_result(out_dir, result)
 
     main()
 

@@ -61,12 +61,39 @@ def test_loop_resumes_exactly_across_an_epoch(data, tmp_path, make_policy):
         assert torch.equal(a, b)
 
 
-def test_loop_negative_control_fresh_start_differs(data, tmp_path):
+def test_loop_resume_reads_its_checkpoint_negative_control(data, tmp_path):
+    """A loop that ignored its checkpoint and retrained from step 0 would end bit-equal too (it is
+    deterministic), so check on the same resume path that it really continues from the checkpoint:
+    the resumed call trains only the remaining steps, a perturbed checkpoint changes the result, and a
+    checkpoint whose two files come from different saves is refused."""
+    from dataflex.checkpoint import load_state, save_state
+    from dataflex.proxies.loop import LOOP_STATE
+
     ds, ids, names = data
-    kw = dict(collate=collate_causal, steps=12, batch_size=8, lr=3e-3, update_every=2, progress=False)
-    a = train_mixture(tiny_gpt2(n_layer=1, n_embd=32, n_head=2), ds, ids, names, ODM(), seed=0, **kw)
-    b = train_mixture(tiny_gpt2(n_layer=1, n_embd=32, n_head=2), ds, ids, names, ODM(), seed=1, **kw)
-    assert a.history != b.history
+    kw = dict(collate=collate_causal, steps=12, batch_size=8, lr=3e-3, seed=0, update_every=2, progress=False)
+
+    def run(ckpt, stop=None):
+        model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+        forwards = []
+        model.register_forward_hook(lambda m, a, o: forwards.append(1) if m.training else None)
+        train_mixture(model, ds, ids, names, ODM(), ckpt_dir=ckpt, ckpt_every=4, stop_after=stop, **kw)
+        return model, len(forwards)
+
+    full, _ = run(tmp_path / "full")
+    run(tmp_path / "cut", stop=8)
+    state, tensors = load_state(tmp_path / "cut", LOOP_STATE)
+    resumed, forwards = run(tmp_path / "cut")
+    assert forwards == 4  # steps 9..12 only
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+    tensors["model"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors["model"].items()}
+    save_state(tmp_path / "cut", LOOP_STATE, state, tensors)  # the step-8 checkpoint, perturbed
+    perturbed, _ = run(tmp_path / "cut")
+    assert not all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), perturbed.state_dict().values()))
+
+    torch.save({"commit": "another save", "tensors": tensors}, tmp_path / "cut" / f"{LOOP_STATE}.pt")
+    with pytest.raises(ValueError, match="come from different saves"):
+        run(tmp_path / "cut")
 
 
 def test_recipe_under_accelerate_two_processes(tmp_path):

@@ -1,7 +1,7 @@
 """Near-duplicate stress test: random vs cluster-balanced vs SemDeDup sampling at equal steps.
 
-    python benchmarks/clusters/dedup.py            # 3 seeds, ~15 min on 2 cores
-    python benchmarks/clusters/dedup.py --quick    # 1 seed, a few steps: pipeline smoke test
+    python -m benchmarks.clusters.dedup            # 3 seeds, ~15 min on 2 cores
+    python -m benchmarks.clusters.dedup --quick    # 1 seed, a few steps: pipeline smoke test
 
 Pool: up to ``--per-task`` training examples of each of the 12 instruction tasks, plus, for three
 short tasks (``--dup-tasks``), ``--sources`` examples each copied ``--copies`` times with small
@@ -29,37 +29,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Trainer
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from instruct_common import (  # noqa: E402
+from benchmarks.common import (
     add_common_args,
     last_checkpoint,
     load_jsonl_file,
     make_base,
-    median_range,
     pretrained_base,
     task_losses,
     trainer_args,
 )
-from transformers import Trainer  # noqa: E402
+from benchmarks.report import median_range, write_results
+from dataflex import DataFlexCallback, DataFlexSelectCallback
+from dataflex.clustering import cluster_names, kmeans
+from dataflex.dedup import normalise, semdedup
+from dataflex.embeddings import hidden_state_embedder
+from dataflex.offline import score_pool
+from dataflex.policies import Uniform
+from dataflex.selectors import FixedSubset
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir
 
-from dataflex import DataFlexCallback, DataFlexSelectCallback  # noqa: E402
-from dataflex.clustering import cluster_names, kmeans  # noqa: E402
-from dataflex.dedup import normalise, semdedup  # noqa: E402
-from dataflex.embeddings import hidden_state_embedder  # noqa: E402
-from dataflex.offline import score_pool  # noqa: E402
-from dataflex.policies import Uniform  # noqa: E402
-from dataflex.selectors import FixedSubset  # noqa: E402
-from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 ARMS = ["random", "cluster_balanced", "semdedup_model", "semdedup_ngram"]
 EPS_SWEEP = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
@@ -223,8 +219,7 @@ def main() -> None:
 def report(args, runs, sweep, eps, n_pool, n_planted, n_kept) -> None:
     dup = set(args.dup_tasks)
     lines = [
-        f"Command: `python benchmarks/clusters/dedup.py {' '.join(sys.argv[1:])}` on {platform.platform()}, torch "
-        f"{torch.__version__}. Pool {n_pool} examples, {n_planted} planted near-copies ({', '.join(args.dup_tasks)}); "
+        f"Pool {n_pool} examples, {n_planted} planted near-copies ({', '.join(args.dup_tasks)}); "
         f"k={args.k} spherical clusters; {args.steps} steps x {args.batch_size}; seeds {args.seeds}.",
         "",
         "SemDeDup against the planted duplicates (recall = planted copies removed / planted copies; precision = "
@@ -273,20 +268,13 @@ def report(args, runs, sweep, eps, n_pool, n_planted, n_kept) -> None:
             mine = [r for r in runs if r["arm"] == arm]
             cells = [f"{np.median([r[split][t] for r in mine]):.3f}" for t in tasks]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dedup.md").write_text("\n".join(lines) + "\n")
-    (args.out / "dedup.json").write_text(
-        json.dumps(
-            {
-                "sweep": {n: {str(e): q for e, q in t.items()} for n, t in sweep.items()},
-                "eps": eps,
-                "summary": summary,
-                "runs": runs,
-            },
-            indent=1,
-        )
-    )
-    print("\n".join(lines))
+    data = {
+        "sweep": {n: {str(e): q for e, q in t.items()} for n, t in sweep.items()},
+        "eps": eps,
+        "summary": summary,
+        "runs": runs,
+    }
+    print(write_results(args.out, lines, data, stem="dedup"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """k-means speed: dataflex's faiss path vs scikit-learn's Lloyd KMeans on the same embeddings.
 
-    python benchmarks/clusters/kmeans_speed.py               # 100k x 256, k = 256, 20 iterations (~6 min)
-    python benchmarks/clusters/kmeans_speed.py --n 20000     # smaller
+    python -m benchmarks.clusters.kmeans_speed               # 100k x 256, k = 256, 20 iterations (~6 min)
+    python -m benchmarks.clusters.kmeans_speed --n 20000     # smaller
 
 Embeddings are real: mean-pooled last hidden states (width 256) of a tiny byte-level GPT-2 over
 ``--n`` windows of textmix training text, extracted with the library's own path
@@ -24,15 +24,13 @@ GFLOP/s counts the distance computations of the iterations only (2 n k d per ite
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+from benchmarks.report import write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -115,15 +113,13 @@ def main() -> None:
             "sklearn_inertia": inertia["sklearn"],
             "inertia_rel_diff": abs(inertia["dataflex"] - inertia["sklearn"]) / inertia["sklearn"],
         }
-    machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    command = "python benchmarks/clusters/kmeans_speed.py " + " ".join(sys.argv[1:])
     labels = {
         "lloyd": "Lloyd only, same initial centroids",
         "k-means++": "k-means++ seeding + Lloyd (each library's own seeding)",
         "defaults": f"plain `faiss.Kmeans` defaults (trains on {min(n, 256 * k):,} points) vs `KMeans` defaults",
     }
     md = [
-        f"Command: `{command}` on {machine}. {n} x {d} float32 embeddings, k = {k}, {iters} iterations; "
+        f"{n} x {d} float32 embeddings, k = {k}, {iters} iterations; "
         f"median of {args.repeats} alternating runs; GFLOP/s = 2 n k d iters / seconds. Embedding extraction "
         f"(library path, separate): {embed_s:.0f} s ({n / embed_s:.0f} windows/s).",
         "",
@@ -138,11 +134,7 @@ def main() -> None:
             f"| {row['speedup']:.2f}x | {row['dataflex_gflops']:.0f} / {row['sklearn_gflops']:.0f} "
             f"| {row['inertia_rel_diff']:.2%} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kmeans_speed.md").write_text("\n".join(md) + "\n")
     result = {
-        "command": command,
-        "machine": machine,
         "n": n,
         "d": d,
         "k": k,
@@ -150,8 +142,7 @@ def main() -> None:
         "embedding_seconds": embed_s,
         "comparisons": rows,
     }
-    (args.out / "kmeans_speed.json").write_text(json.dumps(result, indent=1))
-    print("\n".join(md))
+    print(write_results(args.out, md, result, stem="kmeans_speed"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Curriculum benchmark: grade-school math, easy-to-hard vs random vs hard-to-easy, on a stock Trainer.
 
-    python benchmarks/curriculum/run.py            # 3 seeds x 4 orders, ~20 min on 2 cores
-    python benchmarks/curriculum/run.py --quick    # 1 seed, a few steps: pipeline smoke test
+    python -m benchmarks.curriculum.run            # 3 seeds x 4 orders, ~20 min on 2 cores
+    python -m benchmarks.curriculum.run --quick    # 1 seed, a few steps: pipeline smoke test
 
 A byte-level GPT-2 pretrained on textmix (shared with the other instruction benchmarks) is finetuned
 on gsm8k's training split with ``DataFlexCurriculumCallback``. Every arm draws uniformly among the
@@ -22,32 +22,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Trainer, TrainerCallback
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from instruct_common import (  # noqa: E402
+from benchmarks.common import (
     add_common_args,
     last_checkpoint,
     load_jsonl_file,
     make_base,
-    median_range,
     pretrained_base,
     task_losses,
     trainer_args,
 )
-from transformers import Trainer, TrainerCallback  # noqa: E402
+from benchmarks.report import median_range, write_results
+from dataflex import DataFlexCurriculumCallback
+from dataflex.curriculum import Curriculum
+from dataflex.offline import score_pool, token_mean_losses
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset
 
-from dataflex import DataFlexCurriculumCallback  # noqa: E402
-from dataflex.curriculum import Curriculum  # noqa: E402
-from dataflex.offline import score_pool, token_mean_losses  # noqa: E402
-from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 ARMS = ["random", "length", "ref_loss", "anti"]
 
@@ -143,8 +139,7 @@ def first_step_at_or_below(curve: list[dict], target: float) -> int | None:
 
 def report(args, runs: list[dict]) -> None:
     lines = [
-        f"Command: `python benchmarks/curriculum/run.py {' '.join(sys.argv[1:])}` on {platform.platform()}, "
-        f"torch {torch.__version__}. Task {args.task}; {args.steps} steps x {args.batch_size} examples; seeds "
+        f"Task {args.task}; {args.steps} steps x {args.batch_size} examples; seeds "
         f"{args.seeds}; competence pacing c0={args.c0}, whole pool open at step {args.steps // 2}. Median [min, max] "
         "over seeds of the mean per-example loss on response bytes.",
         "",
@@ -164,11 +159,8 @@ def report(args, runs: list[dict]) -> None:
             f"| {arm} | {median_range(summary[arm]['val'])} | {median_range(summary[arm]['test'])} | "
             f"{', '.join('never' if s is None else str(s) for s in reach)} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    print(write_results(args.out, lines, {"summary": summary, "runs": runs}))
     plot(args, runs)
-    print("\n".join(lines))
 
 
 def plot(args, runs: list[dict]) -> None:

@@ -1,7 +1,7 @@
 """Ablation: DoReMi's step size eta, reusing the references and cached reference losses of run.py.
 
-    python benchmarks/mixture/run.py                 # first: trains the per-seed references
-    python benchmarks/mixture/doremi_eta.py --eta 0.1
+    python -m benchmarks.mixture.run                 # first: trains the per-seed references
+    python -m benchmarks.mixture.doremi_eta --eta 0.1
 
 For each seed, trains a Group-DRO proxy with the given eta on the cached reference losses, then a main
 run with the averaged weights, and reports the test loss next to run.py's uniform and eta=1 results.
@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from dataflex.domains import encode_domains
+from dataflex.proxies.doremi import DoReMiOffline, train_proxy
+from dataflex.recipes.mixture import load_split, run_experiment
+from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "recipes"))
-
-from mixture import load_split, run_experiment  # noqa: E402
-
-from dataflex.domains import encode_domains  # noqa: E402
-from dataflex.proxies.doremi import DoReMiOffline, train_proxy  # noqa: E402
-from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2  # noqa: E402
 
 
 def main() -> None:
@@ -90,7 +87,7 @@ def main() -> None:
         )
     summary = base["summary"]
     lines = [
-        f"DoReMi eta ablation: `python benchmarks/mixture/doremi_eta.py --eta {args.eta}` (same seeds, budget and "
+        f"DoReMi eta ablation: `python -m benchmarks.mixture.doremi_eta --eta {args.eta}` (same seeds, budget and "
         "references as run.py). Median [min, max] over seeds; the validation columns are the ones to judge by.",
         "",
         "| method | val mean | val worst | test mean | test worst | max alpha during proxy training |",

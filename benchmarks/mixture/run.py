@@ -1,8 +1,8 @@
 """Mixture benchmark: every mixing policy on the 8-domain textmix corpus, several seeds, one run.
 
-    python benchmarks/mixture/run.py            # full: 3 seeds, ~50 min on 2 CPU cores
-    python benchmarks/mixture/run.py --quick    # 1 seed, 100 steps, ~4 min (a smoke test of the pipeline)
-    python benchmarks/mixture/run.py --data ../shared/data/textmix
+    python -m benchmarks.mixture.run            # full: 3 seeds, ~50 min on 2 CPU cores
+    python -m benchmarks.mixture.run --quick    # 1 seed, 100 steps, ~4 min (a smoke test of the pipeline)
+    python -m benchmarks.mixture.run --data ../shared/data/textmix
 
 A byte-level GPT-2 (2 layers, width 96) is trained from scratch at a fixed budget (steps x batch x
 128 bytes) with: natural, uniform, temperature (tau=2), ODM, ADO, offline DoReMi (uniform reference ->
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,14 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.report import median_range, write_results
+from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform
+from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline
+from dataflex.recipes.mixture import load_split, run_experiment
+from dataflex.testbeds.tiny import default_data_dir, per_domain_loss, tiny_gpt2
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "recipes"))
-
-from mixture import load_split, run_experiment  # noqa: E402
-
-from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform  # noqa: E402
-from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline  # noqa: E402
-from dataflex.testbeds.tiny import default_data_dir, per_domain_loss, tiny_gpt2  # noqa: E402
 
 METHODS = ["natural", "uniform", "temperature", "odm", "ado", "doremi", "doremi_online"]
 
@@ -64,10 +61,7 @@ def steps_to_reach(curve: list[dict[str, float]], target: float) -> int | None:
 
 def spread(values: list[float]) -> str:
     vals = [v for v in values if v is not None]
-    if not vals:
-        return "n/a"
-    med = statistics.median(vals)
-    return f"{med:.3f} [{min(vals):.3f}, {max(vals):.3f}]" if len(vals) > 1 else f"{med:.3f}"
+    return median_range(vals) if vals else "n/a"
 
 
 def plot_weights(runs: dict[str, list[dict]], out: Path) -> list[str]:
@@ -189,12 +183,9 @@ def main() -> None:
         }
     plots = plot_weights(runs, args.out)
     total_minutes = (time.perf_counter() - started) / 60
-    command = "python benchmarks/mixture/run.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
     lines = [
-        f"Command: `{command}` — {len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.batch_size} x "
-        f"{args.max_len} bytes, {total_minutes:.1f} min in all on {machine}.",
+        f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.batch_size} x "
+        f"{args.max_len} bytes, {total_minutes:.1f} min in all.",
         "",
         "Test-split loss (nats/byte), median over seeds [min, max]. Steps-to-target: first evaluation at which the "
         f"mean validation loss (50/domain subset, every {eval_every} steps) reaches uniform's final value.",
@@ -229,20 +220,15 @@ def main() -> None:
     for i, d in enumerate(domains):
         lines.append(f"| {d} | " + " | ".join(f"{summary[m]['final_weights'][0][i]:.3f}" for m in summary) + " |")
     lines += ["", "Weight trajectories: " + ", ".join(f"`{p}`" for p in plots)]
-    table = "\n".join(lines) + "\n"
     suffix = "_quick" if args.quick else ""
-    (args.out / f"results{suffix}.md").write_text(table)
     payload = {
-        "command": command,
-        "machine": machine,
         "minutes": total_minutes,
         "args": {k: str(v) for k, v in vars(args).items()},
         "summary": summary,
         "reference_test_loss": reference_loss,
         "runs": runs,
     }
-    (args.out / f"results{suffix}.json").write_text(json.dumps(payload, indent=1))
-    print(table)
+    print(write_results(args.out, lines, payload, stem=f"results{suffix}"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tabulate a Hydra sweep of recipes/mixture.py: median over seeds of mean / worst validation loss.
 
 python -m dataflex.recipes.mixture -m policy=uniform,natural,odm,ado,doremi,doremi_online seed=0,1,2
-python benchmarks/mixture/summarize.py multirun/mixture
+python -m benchmarks.mixture.summarize multirun/mixture
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Targeted instruction tuning: which 5 % of the 12-task instruction pool helps a target task most?
 
-    python benchmarks/selection/run.py                 # 3 seeds, targets gsm8k and arc_easy (~1 h on 2 cores)
-    python benchmarks/selection/run.py --quick         # 1 seed, short runs: a smoke test of the pipeline
-    python benchmarks/selection/run.py --data ../shared/data
+    python -m benchmarks.selection.run                 # 3 seeds, targets gsm8k and arc_easy (~1 h on 2 cores)
+    python -m benchmarks.selection.run --quick         # 1 seed, short runs: a smoke test of the pipeline
+    python -m benchmarks.selection.run --data ../shared/data
 
 Protocol (LESS, arXiv 2402.04333, scaled down to a byte-level model on 2 CPU cores):
 
@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,21 +44,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import add_common_args, load_jsonl_file, make_base, pretrained_base
+from benchmarks.report import median_range, write_results
+from dataflex.domains import encode_domains
+from dataflex.grads import lora_linears
+from dataflex.influence import GradientFeaturizer
+from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
+from dataflex.policies import Natural
+from dataflex.proxies.irreducible import pool_losses
+from dataflex.proxies.loop import train_mixture
+from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
+from dataflex.state import DatasetFingerprint
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from instruct_common import add_common_args, load_jsonl_file, make_base, median_range, pretrained_base  # noqa: E402
-
-from dataflex.domains import encode_domains  # noqa: E402
-from dataflex.grads import lora_linears  # noqa: E402
-from dataflex.influence import GradientFeaturizer  # noqa: E402
-from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset  # noqa: E402
-from dataflex.policies import Natural  # noqa: E402
-from dataflex.proxies.irreducible import pool_losses  # noqa: E402
-from dataflex.proxies.loop import train_mixture  # noqa: E402
-from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top  # noqa: E402
-from dataflex.state import DatasetFingerprint  # noqa: E402
-from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir  # noqa: E402
 
 SELECTED = ["random", "less", "tracin", "rho", "loss_hard"]
 REFERENCES = ["full_pool", "target_only"]
@@ -324,8 +321,7 @@ def main() -> None:
 def report(args, runs: list[dict], tasks: list[str], seconds: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"Command: `python benchmarks/selection/run.py {' '.join(sys.argv[1:])}` on {platform.platform()}, "
-        f"torch {torch.__version__}; seeds {args.seeds}; {args.steps} finetuning steps x {args.batch_size} "
+        f"Seeds {args.seeds}; {args.steps} finetuning steps x {args.batch_size} "
         f"examples x <= {args.max_len} bytes for every method; budget {args.fraction:.0%} of the pool. "
         f"Median [min, max] over seeds; loss = mean over test examples of the token-mean loss on response bytes.",
         "",
@@ -360,12 +356,9 @@ def report(args, runs: list[dict], tasks: list[str], seconds: float) -> None:
             )
         lines.append("")
     lines.append(f"Total wall time of this invocation: {seconds / 60:.1f} min (cached stages are not re-run).")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}, indent=1)
-    )
+    data = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}
+    print(write_results(args.out, lines, data))
     plot(args, summary)
-    print("\n".join(lines))
 
 
 def plot(args, summary: dict[str, Any]) -> None:

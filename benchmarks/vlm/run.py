@@ -1,7 +1,7 @@
 """VLM benchmark: which data policy copes with 30 % wrong answers on a LLaVA-style model?
 
-    python benchmarks/vlm/run.py             # 3 seeds x 6 arms, ~30 min on 2 cores
-    python benchmarks/vlm/run.py --quick     # 1 seed, a few steps: pipeline smoke test
+    python -m benchmarks.vlm.run             # 3 seeds x 6 arms, ~30 min on 2 cores
+    python -m benchmarks.vlm.run --quick     # 1 seed, a few steps: pipeline smoke test
 
 A tiny LLaVA (CLIP vision tower + projector + Llama, built from config) is finetuned from scratch
 with a stock ``transformers.Trainer`` on visual questions about real handwritten digits
@@ -36,23 +36,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from benchmarks.report import median_range, write_results
 from dataflex.recipes.vlm import METHODS, holdout_signals, train_vlm
 from dataflex.testbeds.digits import digits_vqa
 
 HERE = Path(__file__).resolve().parent
+
 ARMS = list(METHODS)
-
-
-def median_range(values: list[float], fmt: str = "{:.3f}") -> str:
-    v = np.asarray(values, dtype=float)
-    return f"{fmt.format(np.median(v))} [{fmt.format(v.min())}, {fmt.format(v.max())}]"
 
 
 def main() -> None:
@@ -133,8 +127,7 @@ def main() -> None:
 def report(args, runs: list[dict], data, extras: dict) -> None:
     noisy_rate = float(np.mean(data["train"]["noisy"]))
     lines = [
-        f"Command: `python benchmarks/vlm/run.py {' '.join(sys.argv[1:])}` on {platform.platform()}, torch "
-        f"{torch.__version__}. Tiny LLaVA from config, digits VQA: {len(data['train'])} training examples "
+        f"Tiny LLaVA from config, digits VQA: {len(data['train'])} training examples "
         f"({noisy_rate:.1%} with a wrong answer), clean test split of {len(data['test'])}; {args.steps} steps x "
         f"{args.batch_size}; seeds {args.seeds}; selection keeps {args.fraction:.0%} of every "
         f"{args.label_by.replace('_', ' and ')} group, re-selected every "
@@ -175,21 +168,14 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
             f"Image clusters ({args.clusters}, holdout model's projected features): digit purity "
             f"{extras['cluster_digit_purity']:.2f}.",
         ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(
-        json.dumps(
-            {
-                "summary": summary,
-                "runs": runs,
-                "noise_rate": noisy_rate,
-                "cluster_digit_purity": extras.get("cluster_digit_purity"),
-            },
-            indent=1,
-        )
-    )
+    data = {
+        "summary": summary,
+        "runs": runs,
+        "noise_rate": noisy_rate,
+        "cluster_digit_purity": extras.get("cluster_digit_purity"),
+    }
+    print(write_results(args.out, lines, data))
     plot(args, summary)
-    print("\n".join(lines))
 
 
 def plot(args, summary: dict) -> None:

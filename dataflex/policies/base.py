@@ -10,7 +10,7 @@ import torch
 
 from dataflex.store import DomainStats
 
-__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy"]
+__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy", "NeedsPreparation"]
 
 
 @runtime_checkable
@@ -42,6 +42,25 @@ class BatchObserver(Protocol):
     """
 
     def observe(self, batch: dict[str, torch.Tensor], row_domain: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class NeedsPreparation(Protocol):
+    """A policy that must run stages before the main run (offline DoReMi's reference and proxy).
+
+    ``prepare`` trains or reuses its stage models in ``work_dir`` with the plain loop (``loop_kwargs`` are
+    :func:`~dataflex.proxies.loop.train_mixture`'s); a recipe calls it before training.
+    """
+
+    def prepare(
+        self,
+        make_model: Any,
+        train_ds: Any,
+        domain_ids: np.ndarray,
+        domain_names: Sequence[str],
+        work_dir: Any,
+        loop_kwargs: dict[str, Any],
+    ) -> None: ...
 
 
 class BoundPolicy:

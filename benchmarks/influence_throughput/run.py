@@ -1,6 +1,6 @@
 """Influence-scoring throughput: batched per-example gradients vs. a per-example loop.
 
-    python benchmarks/influence_throughput.py             # batch sizes 8, 32, 128 (~4 min on 2 cores)
+    python -m benchmarks.influence_throughput.run             # batch sizes 8, 32, 128 (~4 min on 2 cores)
 
 Timing: both paths run in one process, alternating (batched, loop, batched, loop, ...) after a warm-up,
 and the speed-up is the median of the per-pair ratios, so slow drifts in machine load (about +-20 % on
@@ -17,8 +17,6 @@ must agree to 1e-4. Writes ``benchmarks/results/influence_throughput.{json,md}``
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import write_results
+
+RESULTS = Path(__file__).resolve().parent  # results.{md,json} beside this file
 
 
 def build(batch_size: int, seed: int = 0):
@@ -137,10 +137,8 @@ def main() -> None:
         }
         rows.append(row)
         print(row, flush=True)
-    machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    command = "python benchmarks/influence_throughput.py " + " ".join(sys.argv[1:])
     md = [
-        f"Command: `{command}` on {machine}. {args.pairs} alternating timing pairs after a warm-up; "
+        f"{args.pairs} alternating timing pairs after a warm-up; "
         "speed-up = median of per-pair (loop time / batched time); ex/s = batch / median time.",
         "",
         "| batch | batched ex/s | loop ex/s | speed-up | max abs feature diff | peak RSS batched / loop (MB) |",
@@ -152,12 +150,7 @@ def main() -> None:
             f"{r['speedup']:.2f}x | {r['max_abs_feature_diff']:.1e} | "
             f"{r['batched_peak_rss_mb']:.0f} / {r['loop_peak_rss_mb']:.0f} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "influence_throughput.md").write_text("\n".join(md) + "\n")
-    (args.out / "influence_throughput.json").write_text(
-        json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1)
-    )
-    print("\n".join(md))
+    print(write_results(args.out, md, {"rows": rows}))
 
 
 if __name__ == "__main__":

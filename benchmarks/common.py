@@ -7,7 +7,6 @@ finetuning run; losses are the mean over examples of the token-mean loss on resp
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +78,6 @@ def task_losses(model: torch.nn.Module, sets: dict[str, Any]) -> dict[str, float
         task: float(np.nanmean(score_pool(token_mean_losses(model), ds, collate_causal, batch_size=32, progress=False)))
         for task, ds in sets.items()
     }
-
-
-def median_range(values: list[float], fmt: str = "{:.3f}") -> str:
-    """``median [min, max]`` over seeds (just the value for one seed)."""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def trainer_args(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, save_steps: int = 50) -> Any:

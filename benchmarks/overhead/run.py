@@ -1,34 +1,32 @@
 """Step-time overhead of DataFlexCallback (per-example loss capture + ODM) on a stock HF Trainer.
 
-    python benchmarks/overhead.py                  # ~3 minutes on 2 CPU cores
-    python benchmarks/overhead.py --pairs 3 --steps 40
+    python -m benchmarks.overhead.run                  # ~3 minutes on 2 CPU cores
+    python -m benchmarks.overhead.run --pairs 3 --steps 40
 
 Same model, data and seed in both arms; runs are interleaved (baseline, dataflex, baseline, ...)
 so machine noise hits both alike. A step's time is the wall time between consecutive
 ``on_step_end`` events (data loading, forward, backward, optimizer, callbacks). For each run we
 take the median step time after a warm-up; the reported number is the median over pairs of
-``dataflex / baseline``. Writes ``benchmarks/results/overhead.{json,md}``.
+``dataflex / baseline``. Writes ``results.{md,json}`` beside this file (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from benchmarks.report import write_results
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM
 from dataflex.samplers import DomainMixtureSampler
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent  # results.{md,json} beside this file
 
 
 class InstrumentedTime:
@@ -85,7 +83,9 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> tuple[f
     inside = InstrumentedTime()
     if with_dataflex:
         dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=args.update_every)
-        for name in ("_on_forward", "on_step_begin", "on_step_end", "on_epoch_begin", "on_save"):
+        # The forward hook (loss capture) is registered at train begin, so wrapping it here is what runs.
+        dfx.capture._on_forward = inside.wrap(dfx.capture._on_forward)
+        for name in ("on_step_begin", "on_step_end", "on_epoch_begin", "on_save"):
             setattr(dfx, name, inside.wrap(getattr(dfx, name)))
         callbacks.insert(0, dfx)
     targs = TrainingArguments(
@@ -163,12 +163,7 @@ def main() -> None:
         "baseline_ms": [x * 1e3 for x in base],
         "dataflex_ms": [x * 1e3 for x in flex],
         "config": {k: str(v) for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "command": "python benchmarks/overhead.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("data", "out")),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
     md = (
         "| arm | median step time (ms), per pair |\n|---|---|\n"
         f"| stock Trainer | {', '.join(f'{x * 1e3:.1f}' for x in base)} |\n"
@@ -176,11 +171,9 @@ def main() -> None:
         f"| ratio | {', '.join(f'{r:.3f}' for r in ratios)} |\n"
         f"| dataflex's own code (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in inside)} |\n\n"
         f"**median A/B ratio: {result['median_ratio']:.3f}**; instrumented estimate 1 + own/baseline: "
-        f"**{result['instrumented_ratio']:.4f}** (goal <= 1.05)\n\n"
-        f"command: `{result['command']}`  \nmachine: {result['machine']}\n"
+        f"**{result['instrumented_ratio']:.4f}** (goal <= 1.05)"
     )
-    (args.out / "overhead.md").write_text(md)
-    print(md)
+    print(write_results(args.out, md.split("\n"), result))
 
 
 if __name__ == "__main__":
