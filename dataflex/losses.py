@@ -6,8 +6,10 @@ follow the HF causal-LM convention: position ``t`` predicts label ``t + 1``; ``-
 
 * :func:`token_cross_entropy` — ``(batch, seq - 1)`` per-token losses, ignored tokens 0, with gradient.
 * :func:`per_example_mean_loss` — token-mean loss of each example, with gradient (influence, weighting).
-* :func:`per_example_token_loss` — the same under ``no_grad``, with NaN and a ``valid`` mask for
-  examples that have no counted token or a non-finite loss (scoring, statistics).
+* :func:`per_example_token_loss` — the same under ``no_grad`` in bounded memory (counted positions only,
+  in chunks), with NaN and a ``valid`` mask for examples that have no counted token or a non-finite loss.
+* :func:`per_example_loss_from_log_probs` — the same from per-token log-probabilities and their mask, as a
+  fused LM head (TRL's ``SFTTrainer``) returns them instead of logits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "per_example_mean_loss", "per_example_token_loss", "token_cross_entropy"]
+__all__ = [
+    "IGNORE_INDEX",
+    "SCORING_CHUNK_ELEMENTS",
+    "counted_tokens",
+    "flattened_sequence_ids",
+    "per_example_loss_from_log_probs",
+    "per_example_mean_loss",
+    "per_example_token_loss",
+    "token_cross_entropy",
+]
 
 IGNORE_INDEX = -100
 
@@ -47,14 +58,88 @@ def per_example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return token_cross_entropy(logits, labels).sum(1) / _counted_tokens(labels, logits.device).clamp(min=1)
 
 
-@torch.no_grad()
-def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean cross-entropy of each example, without gradient.
+#: Most logits elements converted to float32 at once when scoring without gradient (64 MB): the extra
+#: memory of per-example scoring stays this small whatever the vocabulary and sequence length.
+SCORING_CHUNK_ELEMENTS = 2**24
 
-    Returns ``(loss, valid)``, both ``(batch,)`` on the logits' device. ``valid`` is False for an example
-    with no counted token (its loss is NaN) or with a non-finite loss; the caller masks those.
+
+def flattened_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which sequence each position of a padding-free row belongs to: ``(1, seq)`` ids 0..n-1.
+
+    Padding-free batches (TRL ``padding_free=True``, transformers' ``DataCollatorWithFlattening``) put
+    every example of the batch in one row; ``position_ids`` restart at 0 where a new example begins.
     """
-    counted = _counted_tokens(labels, logits.device)
-    loss = token_cross_entropy(logits, labels).sum(1) / counted.clamp(min=1)
-    loss = torch.where(counted > 0, loss, torch.full_like(loss, float("nan")))
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"a padding-free batch has position_ids of shape (1, seq); got {tuple(position_ids.shape)}")
+    return torch.cumsum(position_ids == 0, dim=1) - 1
+
+
+def _owners(rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: torch.Tensor | None):
+    """The example each shifted position ``(rows, positions)`` belongs to, and the number of examples."""
+    if segments is None:
+        return rows, n_rows
+    segments = segments.to(rows.device)  # shifted position t predicts the token at t + 1, in segment segments[0, t + 1]
+    return segments[0, positions + 1], int(segments.max()) + 1
+
+
+def counted_tokens(shifted_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Counted (label != -100) positions of each example, from the shifted ``(batch, seq - 1)`` mask."""
+    rows, positions = torch.nonzero(shifted_mask, as_tuple=True)
+    owner, n = _owners(rows, positions, shifted_mask.shape[0], segments)
+    return torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, owner, torch.ones_like(owner))
+
+
+def _per_owner_mean(
+    token_loss: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean of ``token_loss`` (at shifted ``(rows, positions)``) per example: per row, or per segment."""
+    owner, n = _owners(rows, positions, n_rows, segments)
+    sums = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add_(0, owner, token_loss.float())
+    counted = torch.zeros(n, dtype=torch.long, device=token_loss.device).index_add_(0, owner, torch.ones_like(owner))
+    loss = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, float("nan")))
     return loss, (counted > 0) & torch.isfinite(loss)
+
+
+@torch.no_grad()
+def per_example_token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    segments: torch.Tensor | None = None,
+    chunk_elements: int = SCORING_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean cross-entropy of each example, without gradient, in bounded extra memory.
+
+    Only counted positions are scored, in chunks of at most ``chunk_elements`` logits (float32), so a
+    128k vocabulary never costs a float32 copy of the whole ``(batch, seq, vocab)`` logits. With
+    ``segments`` (:func:`flattened_sequence_ids` of a padding-free row) the losses are per sequence of
+    that row instead of per row. Returns ``(loss, valid)`` on the logits' device. ``valid`` is False for
+    an example with no counted token (its loss is NaN) or a non-finite loss; the caller masks those.
+    """
+    _check_shapes(logits, labels)
+    shifted = labels[:, 1:].to(logits.device)
+    rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)  # one device sync per batch
+    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
+    step = max(1, chunk_elements // logits.shape[-1])
+    for start in range(0, rows.numel(), step):
+        r, t = rows[start : start + step], positions[start : start + step]
+        token_loss[start : start + step] = F.cross_entropy(logits[r, t].float(), shifted[r, t], reduction="none")
+    return _per_owner_mean(token_loss, rows, positions, logits.shape[0], segments)
+
+
+@torch.no_grad()
+def per_example_loss_from_log_probs(
+    log_probs: torch.Tensor, label_mask: torch.Tensor, *, segments: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from already-shifted per-token log-probabilities and their mask (TRL's fused LM head).
+
+    ``log_probs`` and ``label_mask`` are ``(batch, seq - 1)``; ignored positions are masked out.
+    """
+    if log_probs.shape != label_mask.shape or log_probs.dim() != 2:
+        raise ValueError(
+            f"expected log_probs and label_mask of the same (batch, seq) shape; got {tuple(log_probs.shape)} "
+            f"and {tuple(label_mask.shape)}"
+        )
+    rows, positions = torch.nonzero(label_mask.bool(), as_tuple=True)
+    token_loss = -log_probs.detach()[rows, positions].float()
+    return _per_owner_mean(token_loss, rows, positions, log_probs.shape[0], segments)

@@ -108,9 +108,12 @@ def single_example_loss(model, example) -> float:
 SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
 
 
-def comparable_log(log_history: list[dict]) -> list[dict]:
-    """Log entries without the end-of-run summary (wall-clock timings; its loss averages only this call)."""
-    return [h for h in log_history if not any(k in h for k in SUMMARY_KEYS)]
+def comparable_log(log_history: list[dict], ignore: tuple[str, ...] = ()) -> list[dict]:
+    """Log entries without the end-of-run summary (wall-clock timings; its loss averages only this call)
+    and without the ``ignore`` keys."""
+    return [
+        {k: v for k, v in h.items() if k not in ignore} for h in log_history if not any(k in h for k in SUMMARY_KEYS)
+    ]
 
 
 def assert_trainer_resumes_exactly(
@@ -127,6 +130,9 @@ def assert_trainer_resumes_exactly(
     make_model=None,
     make_loss=None,
     forced_differs=True,
+    trainer_factory=None,
+    log_keys_not_resumed=(),
+    **factory_kwargs,
 ):
     """Crash a Trainer run at ``crash_at``, resume it from its checkpoint, and compare with an uninterrupted run.
 
@@ -143,7 +149,7 @@ def assert_trainer_resumes_exactly(
         cb = make_callback(allow_missing_state)
         rec = StepRecorder(cb)
         extra = [rec] + ([CrashAt(crash)] if crash else [])
-        trainer = make_trainer(
+        trainer = (trainer_factory or make_trainer)(
             ds,
             cb,
             folder,
@@ -155,6 +161,7 @@ def assert_trainer_resumes_exactly(
             logging_steps=logging_steps,
             model=make_model() if make_model else None,
             compute_loss_func=make_loss(cb) if make_loss else None,
+            **factory_kwargs,
         )
         try:
             trainer.train(resume_from_checkpoint=resume)
@@ -170,7 +177,8 @@ def assert_trainer_resumes_exactly(
     resumed, tail_rec, resumed_tr = run(out / "crash", resume=str(ckpt))
     assert {**head_rec.ids, **tail_rec.ids} == full_rec.ids, "example ids per step differ after resuming"
     assert resumed.history == full.history, "decision history differs after resuming"
-    assert comparable_log(resumed_tr.state.log_history) == comparable_log(full_tr.state.log_history)
+    ignore = tuple(log_keys_not_resumed)
+    assert comparable_log(resumed_tr.state.log_history, ignore) == comparable_log(full_tr.state.log_history, ignore)
     p_full, p_res = params(full_tr.model), params(resumed_tr.model)
     assert all(np.array_equal(p_full[k], p_res[k]) for k in p_full), "parameters differ after resuming"
 

@@ -74,8 +74,8 @@ def test_state_for_another_dataset_is_refused(ds, tmp_path):
 def test_nan_losses_are_masked_counted_and_weights_stay_valid(ds, tmp_path, monkeypatch):
     real = capture_module.per_example_token_loss
 
-    def poisoned(logits, labels):
-        loss, valid = real(logits, labels)
+    def poisoned(logits, labels, **kwargs):
+        loss, valid = real(logits, labels, **kwargs)
         loss = loss.clone()
         loss[0] = float("nan")
         loss[1] = float("inf")

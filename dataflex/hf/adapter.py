@@ -189,6 +189,7 @@ class TrainerAdapter(TrainerCallback):
         trainer = self._find_trainer()
         if trainer is not None and sum(cb is self for cb in trainer.callback_handler.callbacks) > 1:
             raise RuntimeError(f"this {type(self).__name__} was added to the Trainer twice; add it once")
+        self._check_stack_settings(args)
         layout = inspect_loader(train_dataloader)
         dataset = train_dataloader.dataset
         labels = resolve_labels(
@@ -229,6 +230,27 @@ class TrainerAdapter(TrainerCallback):
         if not self.history:
             self.history.append(self._history_entry(0, 0))
 
+    def _check_stack_settings(self, args: Any) -> None:
+        """Trainer settings dataflex cannot honour: refuse or say so, never replace them silently."""
+        if getattr(args, "packing", False):
+            raise ValueError(
+                "dataset-level packing (packing=True) puts several examples into one training row, so dataflex cannot "
+                "mix, select or order examples; use padding-free batches instead (padding_free=True, packing=False), "
+                "which keep one example per sequence and are supported"
+            )
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if strategy == "batch_rebalance":
+            raise ValueError(
+                "train_sampling_strategy='batch_rebalance' builds its own batches, which dataflex's sampler would "
+                "replace; use train_sampling_strategy='random' with dataflex"
+            )
+        if strategy in ("group_by_length", "sequential"):
+            warnings.warn(
+                f"train_sampling_strategy={strategy!r} is replaced by dataflex's {type(self.decider).__name__} "
+                "sampler: batches follow dataflex's order and are not grouped by length",
+                stacklevel=3,
+            )
+
     def _attach_hooks(self, model: torch.nn.Module) -> None:
         self._detach_hooks()
         self.capture.attach(model)
@@ -254,19 +276,27 @@ class TrainerAdapter(TrainerCallback):
     def _on_micro_batch(self, inputs: dict[str, Any], loss: torch.Tensor, has_tokens: torch.Tensor) -> None:
         ids = self.sampler.ids_at(self.tracker.epoch, self.tracker.take())
         labels = inputs["labels"]
-        if labels.shape[0] != ids.shape[0]:
+        if loss.shape[0] != ids.shape[0]:
             raise RuntimeError(
-                f"batch has {labels.shape[0]} examples but dataflex expected {ids.shape[0]} at micro-batch "
-                f"{self.tracker.micro - 1}; was the DataLoader rebuilt after on_train_begin?"
+                f"the batch holds {loss.shape[0]} examples but dataflex expected {ids.shape[0]} at micro-batch "
+                f"{self.tracker.micro - 1}; was the DataLoader rebuilt after on_train_begin, or does the collator "
+                "pack several examples into one sequence?"
             )
-        if self._checks_left > 0:
+        flattened = labels.shape[0] != ids.shape[0]  # a padding-free batch: all examples in one row
+        if flattened and (self._embedding_tap is not None or self.decider.observes_batches):
+            raise NotImplementedError(
+                "embeddings and online DoReMi need one example per row; padding-free batches are supported for "
+                "mixing, selection, curricula and reweighting only"
+            )
+        if self._checks_left > 0 and not flattened:
             self._check_ids(ids, inputs)
         self.store.add(ids, loss, has_tokens)
         self._step_records.append((ids, loss, has_tokens))
         if self._embedding_tap is not None:
             self._record_embeddings(ids, inputs)
-        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if inputs.get(k) is not None}
-        self.decider.observe(batch, torch.as_tensor(self.run.domain_ids[ids], device=labels.device))
+        if self.decider.observes_batches:
+            batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if inputs.get(k) is not None}
+            self.decider.observe(batch, torch.as_tensor(self.run.domain_ids[ids], device=labels.device))
 
     def _record_embeddings(self, ids: np.ndarray, inputs: dict[str, Any]) -> None:
         value = self._embedding_tap.pop()
@@ -346,7 +376,9 @@ class TrainerAdapter(TrainerCallback):
             logger.info("step %d: %s", step, logs)
             return
         should_log = control.should_log
-        self._trainer.log(dict(logs))  # its on_log event clears should_log ...
+        # The base class's log, not a subclass override: TRL's SFTTrainer.log merges (and then clears) its own
+        # pending metrics into whatever entry is logged, which would move them into dataflex's entry.
+        Trainer.log(self._trainer, dict(logs))  # its on_log event clears should_log ...
         control.should_log = should_log  # ... which the Trainer reads right after on_step_end
         self._trainer.control.should_log = should_log
 

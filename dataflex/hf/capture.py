@@ -1,9 +1,16 @@
 """Loss capture: per-example losses from the forward the training step already runs.
 
-A forward hook on the model reads each training forward's logits and labels and hands
-``(inputs, per-example loss, has_tokens)`` to a sink; evaluation, generation and forwards outside the
-optimizer step (``active`` is False, or the module is in eval mode) are ignored. When the Trainer
-uses a ``compute_loss_func`` it pops ``labels`` before the forward, so the hook keeps the outputs and
+A forward hook on the model reads each training forward's output and labels and hands
+``(inputs, per-example loss, has_tokens)`` to a sink. Output forms understood (:func:`per_example_loss`):
+
+* ``logits`` (any causal LM) — cross-entropy of the counted positions, in bounded-memory chunks;
+* ``log_probs`` + ``label_mask`` (TRL's fused LM head, ``SFTTrainer`` from trl 1.15 on) — the per-token
+  log-probabilities the step's own loss is made of, so scoring costs nothing extra.
+
+A training forward is one inside the optimizer step (``active``), in train mode and with gradients
+enabled: evaluation, generation and no-grad forwards (TRL's second forward that only feeds its
+metrics) are ignored, so they never count as a micro-batch. When the Trainer uses a
+``compute_loss_func`` it pops ``labels`` before the forward; the hook keeps the outputs and
 :meth:`LossCapture.wrap_loss` scores them when the Trainer calls the loss function with the labels.
 """
 
@@ -15,25 +22,52 @@ from typing import Any
 
 import torch
 
-from dataflex.losses import IGNORE_INDEX, per_example_token_loss
+from dataflex.losses import (
+    IGNORE_INDEX,
+    counted_tokens,
+    flattened_sequence_ids,
+    per_example_loss_from_log_probs,
+    per_example_token_loss,
+)
 
-__all__ = ["LossCapture", "output_logits"]
+__all__ = ["LossCapture", "per_example_loss"]
 
 Sink = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
 
 
-def output_logits(output: Any) -> torch.Tensor:
-    """The logits of a causal-LM forward's output (a ModelOutput, a dict or a ``(loss, logits, ...)`` tuple)."""
-    if hasattr(output, "keys"):
-        if "logits" in output.keys() and output["logits"] is not None:
-            return output["logits"]
+def per_example_loss(
+    output: Any, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token-mean loss, has_tokens)`` per example from a causal-LM forward's output and its labels.
+
+    ``has_tokens`` is True for an example with counted positions, whether or not its loss is finite.
+
+    A padding-free batch (one row, ``position_ids`` restarting at 0 for each example) gives one loss per
+    example of the row. Raises ``ValueError`` naming the output's keys when it holds neither logits nor
+    log-probabilities.
+    """
+    segments = None
+    if labels.shape[0] == 1 and position_ids is not None and int((position_ids == 0).sum()) > 1:
+        segments = flattened_sequence_ids(position_ids)
+    keys = list(output.keys()) if hasattr(output, "keys") else None
+    if keys is not None:
+        if output.get("log_probs") is not None and output.get("label_mask") is not None:
+            mask = output["label_mask"].bool()
+            loss, _ = per_example_loss_from_log_probs(output["log_probs"], mask, segments=segments)
+            return loss, counted_tokens(mask, segments) > 0
+        logits = output.get("logits")
+    elif isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+        logits = output[1]  # return_dict=False with labels: (loss, logits, ...)
+    else:
+        logits = output if isinstance(output, torch.Tensor) and output.dim() == 3 else None
+    if logits is None:
+        seen = keys if keys is not None else type(output).__name__
         raise ValueError(
-            f"the model's forward returned the keys {sorted(output.keys())} without 'logits'; dataflex computes "
-            "per-example losses from the logits of the training forward"
+            f"dataflex cannot score this training forward: its output holds {seen}, but dataflex needs either "
+            "'logits' (batch, seq, vocab) or per-token 'log_probs' with a 'label_mask' (a fused LM head)"
         )
-    if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], torch.Tensor):
-        return output[1]  # return_dict=False with labels: (loss, logits, ...)
-    raise ValueError(f"cannot find logits in the model's output of type {type(output).__name__}")
+    loss, _ = per_example_token_loss(logits, labels, segments=segments)
+    return loss, counted_tokens(labels[:, 1:].to(loss.device) != IGNORE_INDEX, segments) > 0
 
 
 class LossCapture:
@@ -58,7 +92,7 @@ class LossCapture:
         self._pending = None
 
     def is_training_forward(self, module: torch.nn.Module) -> bool:
-        return self.active and module.training
+        return self.active and module.training and torch.is_grad_enabled()
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self.is_training_forward(module):
@@ -75,8 +109,7 @@ class LossCapture:
         self._score(kwargs, output, labels)
 
     def _score(self, inputs: dict[str, Any], output: Any, labels: torch.Tensor) -> None:
-        loss, _ = per_example_token_loss(output_logits(output), labels)
-        has_tokens = (labels[:, 1:] != IGNORE_INDEX).any(dim=1).to(loss.device)
+        loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"))
         self.sink({**inputs, "labels": labels}, loss, has_tokens)
 
     def wrap_loss(self, loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -60,6 +60,8 @@ class Decider(Protocol):
 
     #: Optimizer steps between decisions; None: decide only at the start.
     update_every: int | None
+    #: Whether ``observe`` uses the micro-batches (online DoReMi's proxy steps on them).
+    observes_batches: bool
 
     def build_sampler(self, run: RunContext) -> ScheduledSampler: ...
 
@@ -135,6 +137,7 @@ class MixingDecider:
         )
         self.policy, self.update_every = policy, update_every
         self.replacement, self.when_exhausted, self.stratified = replacement, when_exhausted, bool(stratified)
+        self.observes_batches = isinstance(policy, BatchObserver)
         self.sampler: DomainMixtureSampler | None = None
 
     def build_sampler(self, run: RunContext) -> DomainMixtureSampler:
@@ -175,7 +178,7 @@ class MixingDecider:
         return {"weights": sampler.schedule.current.tolist()}
 
     def observe(self, batch, row_domain):
-        if isinstance(self.policy, BatchObserver):  # online DoReMi: the proxy steps on this very micro-batch
+        if self.observes_batches:  # online DoReMi: the proxy steps on this very micro-batch
             self.policy.observe(batch, row_domain)
 
     def state_dict(self):
@@ -204,6 +207,7 @@ class SelectionDecider:
         if score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1; got {score_batch_size!r}")
         self.selector, self.update_every, self.score_batch_size = selector, update_every, int(score_batch_size)
+        self.observes_batches = False
 
     def build_sampler(self, run: RunContext) -> SubsetSampler:
         schedule = SubsetSchedule(run.num_samples, self.selector.initial_subset(run.num_samples))
@@ -272,6 +276,7 @@ class CurriculumDecider:
             raise ValueError(f"horizon_steps must be positive; got {horizon_steps}")
         self.curriculum, self.horizon_steps = curriculum, horizon_steps
         self.update_every = int(rescore_every) or None
+        self.observes_batches = False
         self.sampler: CurriculumSampler | None = None
 
     def build_sampler(self, run: RunContext) -> CurriculumSampler:

@@ -18,6 +18,7 @@ __all__ = [
     "PAD_ID",
     "VOCAB_SIZE",
     "byte_dataset",
+    "byte_tokenizer",
     "collate_causal",
     "default_data_dir",
     "encode_bytes",
@@ -123,6 +124,20 @@ def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
         elif "prompt_len" in f:  # instruction tuning: only the response is learnt and scored
             labels[i, : int(f["prompt_len"])] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def byte_tokenizer() -> Any:
+    """A ``PreTrainedTokenizerFast`` for the byte vocabulary (ids 0..255, pad/eos 256), built locally.
+
+    For trainers that want a tokenizer object (TRL's ``SFTTrainer`` reads the pad id from it) when the
+    data is already byte-encoded; it maps one token ``<b>`` per byte value.
+    """
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(256)} | {"<pad>": PAD_ID}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<pad>")
 
 
 def _seeded(model_cls: Any, config: Any, seed: int) -> Any:

@@ -1,0 +1,207 @@
+"""TRL's SFTTrainer (trl >= 1.15: fused LM head, metric forwards, shuffling, filtering, padding-free batches)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import StepRecorder, assert_trainer_resumes_exactly, small_dataset
+from transformers import TrainerCallback
+
+from dataflex import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
+from dataflex.curriculum import Curriculum, length_difficulty
+from dataflex.policies import ODM, Static, Uniform
+from dataflex.selectors import LossFocus
+from dataflex.testbeds.tiny import byte_tokenizer, collate_causal, tiny_gpt2, tiny_llama
+from dataflex.weighting import ExampleWeightedLoss
+
+trl = pytest.importorskip("trl")
+
+
+def sft_trainer(
+    ds,
+    dfx,
+    out_dir,
+    *,
+    max_steps=12,
+    accum=1,
+    workers=0,
+    save_steps=4,
+    extra=(),
+    logging_steps=100,
+    model=None,
+    compute_loss_func=None,
+    arch="gpt2",
+    **sft,
+):
+    """make_trainer's twin for TRL: SFTTrainer with its default loss (the fused LM head)."""
+    args = trl.SFTConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accum,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=workers,
+        disable_tqdm=True,
+        **sft,
+    )
+    if model is None:
+        model = (
+            tiny_llama(n_layer=1, hidden=32, n_head=2, seed=0)
+            if arch == "llama"
+            else tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+        )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=byte_tokenizer(),
+        callbacks=[*extra],
+        compute_loss_func=compute_loss_func,
+    )
+    dfx.attach(trainer)
+    return trainer
+
+
+class VerifyLosses(TrainerCallback):
+    """Before each optimizer step, recompute every recorded example alone from the Trainer's own dataset."""
+
+    def __init__(self, dfx) -> None:
+        self.dfx, self.trainer, self.checked, self.max_err, self.per_step = dfx, None, 0, 0.0, []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        ids, losses, valid = self.dfx.last_step_records()
+        self.per_step.append(len(ids))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for i, loss in zip(ids, losses):
+                example = self.trainer.train_dataset[int(i)]
+                batch = collate_causal([{"input_ids": example["input_ids"], "labels": example.get("labels")}])
+                if "completion_mask" in example:
+                    keep = torch.as_tensor(example["completion_mask"], dtype=torch.bool)
+                    batch["labels"][0, : keep.numel()] = batch["labels"][0, : keep.numel()].masked_fill(~keep, -100)
+                ref = float(model(**batch).loss)
+                self.max_err = max(self.max_err, abs(ref - float(loss)))
+                self.checked += 1
+        model.train(was_training)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return small_dataset(per_domain=12)  # 36 examples with a "domain" column
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_losses_equal_recomputation_with_shuffling(ds, tmp_path, padding_free):
+    """Default loss (fused LM head: log_probs, no logits), shuffled dataset, TRL's no-grad metric forward;
+    with padding_free=True every batch is one flattened row, split at the sequence starts."""
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    verify = VerifyLosses(dfx)
+    trainer = sft_trainer(
+        ds,
+        dfx,
+        tmp_path,
+        max_steps=6,
+        accum=2,
+        extra=[verify],
+        shuffle_dataset=True,
+        padding_free=padding_free,
+        max_length=None if padding_free else 1024,
+        arch="llama" if padding_free else "gpt2",
+    )
+    verify.trainer = trainer
+    trainer.train()
+    # one record per example (TRL's metric forward is not a micro-batch); the epoch's last step has one micro-batch
+    assert verify.per_step == [8, 8, 8, 8, 4, 8]
+    assert verify.checked == 44 and verify.max_err < 1e-4, verify.max_err
+    assert trainer.train_dataset["domain"] != ds["domain"]  # the trainer did reorder it
+    logged = [h for h in trainer.state.log_history if "dataflex/entropy" in h]
+    assert len(logged) == 3 and not any("mean_token_accuracy" in h for h in logged)  # TRL's metrics stay its own
+
+
+def test_sft_prompt_completion_scores_only_the_completion(tmp_path):
+    ds = small_dataset(per_domain=8)
+    ds = ds.map(lambda ex: {"completion_mask": [0] * 10 + [1] * (len(ex["input_ids"]) - 10)})
+    dfx = DataFlexCallback(Uniform(), update_every=2)
+    verify = VerifyLosses(dfx)
+    trainer = sft_trainer(ds, dfx, tmp_path, max_steps=4, extra=[verify], completion_only_loss=True)
+    verify.trainer = trainer
+    trainer.train()
+    assert verify.checked == 16 and verify.max_err < 1e-4, verify.max_err
+
+
+def test_sft_compute_loss_func_is_scored_once_per_micro_batch(ds, tmp_path):
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    rec = StepRecorder(dfx)
+    trainer = sft_trainer(
+        ds,
+        dfx,
+        tmp_path,
+        max_steps=4,
+        accum=2,
+        extra=[rec],
+        compute_loss_func=dfx.wrap_loss(ExampleWeightedLoss(gradient_accumulation_steps=2)),
+    )
+    trainer.train()
+    assert [len(v) for v in rec.ids.values()] == [8] * 4 and dfx.missing_labels == 0
+
+
+def test_sft_filtered_dataset_labels_follow_or_are_refused(tmp_path):
+    """TRL drops fully masked examples: labels taken before are refused, the column is followed."""
+    ds = small_dataset(per_domain=8)
+    ds = ds.map(lambda ex, i: {"completion_mask": [0 if i < 3 else 1] * len(ex["input_ids"])}, with_indices=True)
+    with pytest.raises(ValueError, match="got 24 domain labels for a training set of 21"):
+        sft_trainer(
+            ds, DataFlexCallback(Uniform(), domains=ds["domain"]), tmp_path, max_steps=2, completion_only_loss=True
+        ).train()
+    dfx = DataFlexCallback(Static({"code": 1.0}))
+    rec = StepRecorder(dfx)
+    trainer = sft_trainer(ds, dfx, tmp_path, max_steps=3, extra=[rec], completion_only_loss=True)
+    trainer.train()
+    assert {trainer.train_dataset[i]["domain"] for v in rec.ids.values() for i in v} == {"code"}
+
+
+def test_sft_packing_and_unsupported_sampling_are_named(ds, tmp_path):
+    with pytest.raises(ValueError, match="packing=True.*padding_free=True"):
+        sft_trainer(ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2, packing=True).train()
+    with pytest.raises(ValueError, match="batch_rebalance"):
+        sft_trainer(
+            ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2, train_sampling_strategy="batch_rebalance"
+        ).train()
+    with pytest.warns(UserWarning, match="group_by_length.*not grouped by length"):
+        sft_trainer(
+            ds, DataFlexCallback(Uniform()), tmp_path, max_steps=1, train_sampling_strategy="group_by_length"
+        ).train()
+
+
+@pytest.mark.parametrize("kind", ["mixing", "selection", "curriculum", "mixing_padding_free"])
+def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
+    def make_callback(allow):
+        if kind == "selection":
+            return DataFlexSelectCallback(LossFocus(0.5, "hard"), update_every=3, allow_missing_state=allow)
+        if kind == "curriculum":
+            return DataFlexCurriculumCallback(
+                Curriculum(length_difficulty(ds), pacing="linear", c0=0.3), allow_missing_state=allow
+            )
+        return DataFlexCallback(ODM(), update_every=2, allow_missing_state=allow)
+
+    sft = {"padding_free": True, "max_length": None, "arch": "llama"} if kind == "mixing_padding_free" else {}
+    full, _ = assert_trainer_resumes_exactly(
+        make_callback,
+        ds,
+        tmp_path,
+        accum=2 if kind == "mixing" else 1,
+        forced_differs=kind != "curriculum",
+        # TRL restarts its own num_tokens counter on resume (with or without dataflex)
+        log_keys_not_resumed=("num_tokens",),
+        trainer_factory=sft_trainer,
+        **sft,
+    )
+    assert len(full.history) > 1 or kind == "curriculum"
+    assert np.isfinite(full.store.score).all() or kind != "selection"
