@@ -23,6 +23,7 @@ __all__ = [
     "counted_tokens",
     "flattened_sequence_ids",
     "per_example_loss_from_log_probs",
+    "per_example_mean",
     "per_example_mean_loss",
     "per_example_token_loss",
     "token_cross_entropy",
@@ -89,7 +90,7 @@ def counted_tokens(shifted_mask: torch.Tensor, segments: torch.Tensor | None = N
     return torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, owner, torch.ones_like(owner))
 
 
-def _per_owner_mean(
+def per_example_mean(
     token_loss: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-mean of ``token_loss`` (at shifted ``(rows, positions)``) per example: per row, or per segment."""
@@ -124,7 +125,7 @@ def per_example_token_loss(
     for start in range(0, rows.numel(), step):
         r, t = rows[start : start + step], positions[start : start + step]
         token_loss[start : start + step] = F.cross_entropy(logits[r, t].float(), shifted[r, t], reduction="none")
-    return _per_owner_mean(token_loss, rows, positions, logits.shape[0], segments)
+    return per_example_mean(token_loss, rows, positions, logits.shape[0], segments)
 
 
 @torch.no_grad()
@@ -142,4 +143,4 @@ def per_example_loss_from_log_probs(
         )
     rows, positions = torch.nonzero(label_mask.bool(), as_tuple=True)
     token_loss = -log_probs.detach()[rows, positions].float()
-    return _per_owner_mean(token_loss, rows, positions, log_probs.shape[0], segments)
+    return per_example_mean(token_loss, rows, positions, log_probs.shape[0], segments)

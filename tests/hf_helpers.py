@@ -59,7 +59,10 @@ def make_trainer(
     logging_steps=100,
     model=None,
     compute_loss_func=None,
+    **args_overrides,
 ):
+    """A stock Trainer on ``ds`` with ``dfx`` attached; ``args_overrides`` go to TrainingArguments."""
+    args_overrides.setdefault("report_to", [])
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=4,
@@ -68,11 +71,11 @@ def make_trainer(
         save_steps=save_steps,
         logging_steps=logging_steps,
         learning_rate=3e-3,
-        report_to=[],
         use_cpu=True,
         seed=seed,
         dataloader_num_workers=workers,
         disable_tqdm=True,
+        **args_overrides,
     )
     if model is not None:
         pass

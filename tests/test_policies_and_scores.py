@@ -52,6 +52,25 @@ def test_odm_exploration_schedule_and_reward_credit():
     assert odm.exploration(10_000) == pytest.approx(math.sqrt(math.log(3) / (3 * 10_000)))
 
 
+@pytest.mark.parametrize("scale,expected", [(1.0, 17), (0.5, 5), (0.25, 2)])
+def test_odm_leaves_uniform_exactly_at_the_stated_update(scale, expected):
+    """8 domains: the paper's schedule is exactly uniform for floor(K ln K) = 16 updates; a smaller
+    exploration_scale c moves at update floor(c^2 K ln K) + 1."""
+    names = [f"d{i}" for i in range(8)]
+    odm = ODM(floor=0.0, exploration_scale=scale)
+    odm.bind(names, np.full(8, 10))
+    assert odm.first_adaptive_update() == expected
+    w = odm.initial_weights()
+    losses = np.linspace(1.0, 3.0, 8)
+    for t in range(1, expected + 1):
+        w = odm.update(stats(losses * 5, np.full(8, 5)), w)
+        if t < expected:
+            assert np.array_equal(w, np.full(8, 1 / 8)), (t, w)
+    assert np.abs(w - 1 / 8).max() > 1e-3 and w.argmax() == 7
+    with pytest.raises(ValueError, match="exploration_scale must be a finite number > 0; got 0"):
+        ODM(exploration_scale=0)
+
+
 def test_odm_is_invariant_to_relabelling_domains():
     perm = [2, 0, 1]
     a, b = bound(ODM()), ODM()

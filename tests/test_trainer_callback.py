@@ -72,16 +72,16 @@ def test_state_for_another_dataset_is_refused(ds, tmp_path):
 
 
 def test_nan_losses_are_masked_counted_and_weights_stay_valid(ds, tmp_path, monkeypatch):
-    real = capture_module.per_example_token_loss
+    real = capture_module.per_example_loss_from_token_losses  # the stock causal-LM loss path
 
-    def poisoned(logits, labels, **kwargs):
-        loss, valid = real(logits, labels, **kwargs)
+    def poisoned(*args, **kwargs):
+        loss, has_tokens = real(*args, **kwargs)
         loss = loss.clone()
         loss[0] = float("nan")
         loss[1] = float("inf")
-        return loss, valid
+        return loss, has_tokens
 
-    monkeypatch.setattr(capture_module, "per_example_token_loss", poisoned)
+    monkeypatch.setattr(capture_module, "per_example_loss_from_token_losses", poisoned)
     dfx = DataFlexCallback(ODM(floor=0.01), domains=ds["domain"], update_every=1)
     trainer = make_trainer(ds, dfx, tmp_path, max_steps=6, save_steps=100)
     trainer.train()

@@ -3,6 +3,11 @@
 A forward hook on the model reads each training forward's output and labels and hands
 ``(inputs, per-example loss, has_tokens)`` to a sink. Output forms understood (:func:`per_example_loss`):
 
+* the per-token losses of the step's own loss: on a transformers causal LM whose loss is the stock
+  ``ForCausalLMLoss``, the model's ``loss_function`` is replaced for training forwards by one that
+  computes the same cross-entropy with ``reduction="none"`` and sums it (the same operations; the sum
+  may differ from ``reduction="sum"`` in the last bits), keeping the detached per-token values — no
+  second pass over the logits, no extra memory beyond ``(batch, seq)`` floats;
 * ``logits`` (any causal LM) — cross-entropy of the counted positions, in bounded-memory chunks;
 * ``log_probs`` + ``label_mask`` (TRL's fused LM head, ``SFTTrainer`` from trl 1.15 on) — the per-token
   log-probabilities the step's own loss is made of, so scoring costs nothing extra.
@@ -21,18 +26,39 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dataflex.losses import (
     IGNORE_INDEX,
     counted_tokens,
     flattened_sequence_ids,
     per_example_loss_from_log_probs,
+    per_example_mean,
     per_example_token_loss,
 )
 
-__all__ = ["LossCapture", "per_example_loss"]
+__all__ = ["LossCapture", "per_example_loss", "per_example_loss_from_token_losses"]
 
 Sink = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
+
+
+def _segments(rows: int, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Sequence ids of a padding-free row (one row, position_ids restarting at 0), else None."""
+    if rows == 1 and position_ids is not None and int((position_ids == 0).sum()) > 1:
+        return flattened_sequence_ids(position_ids)
+    return None
+
+
+def per_example_loss_from_token_losses(
+    token_losses: torch.Tensor, shift_labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token-mean loss, has_tokens)`` per example from the loss computation's own ``(batch, seq)`` per-token
+    losses and its shifted labels (position t holds the loss of predicting token t + 1)."""
+    mask = shift_labels[:, :-1] != IGNORE_INDEX  # the last position predicts nothing
+    segments = _segments(token_losses.shape[0], position_ids)
+    rows, positions = torch.nonzero(mask, as_tuple=True)
+    loss, _ = per_example_mean(token_losses[rows, positions], rows, positions, token_losses.shape[0], segments)
+    return loss, counted_tokens(mask, segments) > 0
 
 
 def per_example_loss(
@@ -46,9 +72,7 @@ def per_example_loss(
     example of the row. Raises ``ValueError`` naming the output's keys when it holds neither logits nor
     log-probabilities.
     """
-    segments = None
-    if labels.shape[0] == 1 and position_ids is not None and int((position_ids == 0).sum()) > 1:
-        segments = flattened_sequence_ids(position_ids)
+    segments = _segments(labels.shape[0], position_ids)
     keys = list(output.keys()) if hasattr(output, "keys") else None
     if keys is not None:
         if output.get("log_probs") is not None and output.get("label_mask") is not None:
@@ -80,16 +104,60 @@ class LossCapture:
         self._loss_wrapped = False
         self._pending: tuple[dict[str, Any], Any] | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._loss_owner: torch.nn.Module | None = None  # the model whose loss_function is tapped
+        self._token_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (per-token loss, shifted labels)
 
     def attach(self, model: torch.nn.Module) -> None:
         self.detach()
         self._handle = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._tap_loss_function(model)
 
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
         self._handle = None
         self._pending = None
+        self._token_losses = None
+        if self._loss_owner is not None:
+            del self._loss_owner._loss_function  # back to the model's own (LOSS_MAPPING) loss
+            self._loss_owner = None
+
+    def _tap_loss_function(self, model: torch.nn.Module) -> None:
+        """Take per-token losses from the model's own loss computation when it is the stock causal-LM loss."""
+        from transformers import PreTrainedModel
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        owner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        if not isinstance(owner, PreTrainedModel) or hasattr(owner, "_loss_function"):
+            return  # not a transformers model, or its loss was customised: score from the outputs instead
+        if owner.loss_function is not ForCausalLMLoss:
+            return
+
+        def loss_function(
+            logits, labels, vocab_size, num_items_in_batch=None, ignore_index=IGNORE_INDEX, shift_labels=None, **kwargs
+        ):
+            if not (self.active and owner.training and torch.is_grad_enabled()) or kwargs:
+                return ForCausalLMLoss(
+                    logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
+                )
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            shift_labels = shift_labels.to(logits.device)
+            per_token = F.cross_entropy(
+                logits.float().reshape(-1, vocab_size),
+                shift_labels.reshape(-1),
+                ignore_index=ignore_index,
+                reduction="none",
+            )
+            self._token_losses = (per_token.detach().view(shift_labels.shape), shift_labels)
+            if num_items_in_batch is None:  # as ForCausalLMLoss: the mean over counted tokens
+                return per_token.sum() / (shift_labels != ignore_index).sum()
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(per_token.device)
+            return per_token.sum() / num_items_in_batch
+
+        owner.loss_function = loss_function
+        self._loss_owner = owner
 
     def is_training_forward(self, module: torch.nn.Module) -> bool:
         return self.active and module.training and torch.is_grad_enabled()
@@ -109,7 +177,11 @@ class LossCapture:
         self._score(kwargs, output, labels)
 
     def _score(self, inputs: dict[str, Any], output: Any, labels: torch.Tensor) -> None:
-        loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"))
+        tapped, self._token_losses = self._token_losses, None
+        if tapped is not None:
+            loss, has_tokens = per_example_loss_from_token_losses(*tapped, inputs.get("position_ids"))
+        else:
+            loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"))
         self.sink({**inputs, "labels": labels}, loss, has_tokens)
 
     def wrap_loss(self, loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
