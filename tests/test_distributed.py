@@ -9,8 +9,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_two_processes(worker: str, out) -> None:
-    """``torchrun --nproc_per_node 2 tests/<worker> <out>`` on CPU (gloo); fails the test on error."""
+def run_two_processes(worker: str, out, *args: str) -> None:
+    """``torchrun --nproc_per_node 2 tests/<worker> <out> <args>`` on CPU (gloo); fails the test on error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable,
@@ -21,6 +21,7 @@ def run_two_processes(worker: str, out) -> None:
         "2",
         str(HERE / worker),
         str(out),
+        *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,0 +1,71 @@
+"""Run by test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo on CPU): DeepSpeed ZeRO-<stage> through
+TrainingArguments(deepspeed=...), uninterrupted, crashed after the step-4 checkpoint and resumed from it.
+Writes <out>/rank<r>.json with the weight histories, the example ids of each step and the logged losses."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch.distributed as dist  # noqa: E402
+from hf_helpers import CrashAt, StepRecorder, comparable_log, make_trainer, small_dataset  # noqa: E402
+
+from dataflex import DataFlexCallback  # noqa: E402
+from dataflex.policies import ODM  # noqa: E402
+
+STEPS, CRASH = 8, 4
+
+
+def ds_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def run(ds, out: Path, stage: int, crash_at=None, resume=None):
+    dfx = DataFlexCallback(ODM(), update_every=1)
+    rec = StepRecorder(dfx)
+    extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
+    trainer = make_trainer(
+        ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra, logging_steps=1, deepspeed=ds_config(stage)
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        pass
+    return dfx, rec, trainer
+
+
+def main(out: str, stage: int) -> None:
+    ds = small_dataset(per_domain=12)
+    full, full_rec, full_tr = run(ds, Path(out) / "full", stage)
+    _, head_rec, _ = run(ds, Path(out) / "crash", stage, crash_at=CRASH)
+    resumed, tail_rec, res_tr = run(
+        ds, Path(out) / "crash", stage, resume=str(Path(out) / "crash" / f"checkpoint-{CRASH}")
+    )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "world": dist.get_world_size() if dist.is_initialized() else 1,
+                "deepspeed": bool(full_tr.is_deepspeed_enabled),
+                "zero_stage": full_tr.accelerator.state.deepspeed_plugin.zero_stage,
+                "history": full.history,
+                "ids": full_rec.ids,
+                "log": comparable_log(full_tr.state.log_history),
+                "resumed_history": resumed.history,
+                "resumed_ids": {**head_rec.ids, **tail_rec.ids},
+                "resumed_log": comparable_log(res_tr.state.log_history),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,28 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 through TrainingArguments(deepspeed=...) in 2 processes (gloo on CPU).
+
+Slow (DeepSpeed's start-up dominates): run with ``python -m pytest -m slow tests/test_deepspeed.py``;
+``.ci/run`` installs deepspeed (``DS_BUILD_OPS=0``) and runs it after the default suite.
+"""
+
+import json
+
+import pytest
+from test_distributed import run_two_processes
+
+pytest.importorskip("deepspeed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_processes_identical_ranks_and_exact_resume(tmp_path, stage):
+    run_two_processes("ds_worker.py", tmp_path, str(stage))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["deepspeed"] and r0["zero_stage"] == stage
+    assert r0["history"] == r1["history"] and len(r0["history"]) == 9
+    assert r0["history"][0]["weights"] != r0["history"][-1]["weights"]
+    assert r0["log"] == r1["log"] and any("loss" in h for h in r0["log"])
+    for r in (r0, r1):  # crash after the step-4 checkpoint and resume: ids, decisions and logged losses equal
+        assert r["resumed_ids"] == r["ids"]
+        assert r["resumed_history"] == r["history"]
+        assert r["resumed_log"] == r["log"]
