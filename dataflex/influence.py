@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dataflex.grads import PerExampleGradients, RademacherProjector
-from dataflex.losses import per_example_mean_loss
+from dataflex.losses import padding_free_segments, per_example_mean_loss
 from dataflex.modes import eval_mode
 
 __all__ = ["GradientFeaturizer"]
@@ -113,6 +113,11 @@ class GradientFeaturizer:
             raise ValueError("'less' features need the training optimizer (give optimizer= to the featurizer)")
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if padding_free_segments(batch["input_ids"].shape[0], batch.get("position_ids")) is not None:
+            raise NotImplementedError(
+                "gradient features need one example per row; this batch is padding-free (several examples in one "
+                "row): give the scorer a padding collator (e.g. the Trainer without padding_free)"
+            )
         n = batch["input_ids"].shape[0]
         bytes_per_example = 4 * self._params_per_example
         per_buffer = max(self.micro_batch, self.grad_buffer_bytes // max(bytes_per_example, 1))

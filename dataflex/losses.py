@@ -22,6 +22,7 @@ __all__ = [
     "SCORING_CHUNK_ELEMENTS",
     "counted_tokens",
     "flattened_sequence_ids",
+    "padding_free_segments",
     "per_example_loss_from_log_probs",
     "per_example_mean",
     "per_example_mean_loss",
@@ -73,6 +74,14 @@ def flattened_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
     if position_ids.dim() != 2 or position_ids.shape[0] != 1:
         raise ValueError(f"a padding-free batch has position_ids of shape (1, seq); got {tuple(position_ids.shape)}")
     return torch.cumsum(position_ids == 0, dim=1) - 1
+
+
+def padding_free_segments(rows: int, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`flattened_sequence_ids` when a batch of ``rows`` rows is one padding-free row holding several
+    sequences (``position_ids`` restart at 0 more than once), else None."""
+    if rows == 1 and position_ids is not None and int((position_ids == 0).sum()) > 1:
+        return flattened_sequence_ids(position_ids)
+    return None
 
 
 def _owners(rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: torch.Tensor | None):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dataflex.batching import model_inputs
-from dataflex.losses import per_example_token_loss
+from dataflex.losses import padding_free_segments, per_example_token_loss
 from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
 from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
@@ -93,14 +93,23 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def token_mean_losses(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """A ``score_batch`` for :func:`score_pool`: each example's token-mean loss (NaN if no label)."""
+    """A ``score_batch`` for :func:`score_pool`: each example's token-mean loss (NaN if no label).
+
+    A padding-free batch (one row, ``position_ids`` restarting per example) gives one loss per example.
+    """
 
     @torch.no_grad()
     def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(model.parameters()).device
+        labels = batch["labels"].to(device)
+        segments = padding_free_segments(labels.shape[0], batch.get("position_ids"))
+        inputs = model_inputs(batch, device)
+        if segments is not None:
+            # transformers masks attention at position_ids restarts only without a KV cache; eval mode would make one
+            inputs["use_cache"] = False
         with eval_mode(model):
-            logits = model(**model_inputs(batch, device)).logits
-            loss, valid = per_example_token_loss(logits, batch["labels"].to(device))
+            logits = model(**inputs).logits
+            loss, valid = per_example_token_loss(logits, labels, segments=segments)
         return torch.where(valid, loss, torch.full_like(loss, float("nan")))
 
     return score

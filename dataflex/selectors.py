@@ -73,7 +73,10 @@ def scored_across_ranks(ids: np.ndarray, score_part: Callable[[np.ndarray], np.n
     """Score ``ids`` with each rank taking every ``world``-th id, then gather: same result on all ranks."""
     world, rank = dist.world_size(), dist.rank()
     mine = ids[rank::world]
-    parts = dist.all_gather_objects((mine, score_part(mine) if len(mine) else np.zeros(0)))
+    scores = np.asarray(score_part(mine)) if len(mine) else np.zeros(0)
+    if scores.shape[0] != len(mine):  # never zip a short list silently: every id needs its own score
+        raise RuntimeError(f"scoring returned {scores.shape[0]} scores for {len(mine)} examples")
+    parts = dist.all_gather_objects((mine, scores))
     out = np.full(len(ids), np.nan)
     index = {int(i): j for j, i in enumerate(ids)}
     for part_ids, part_scores in parts:

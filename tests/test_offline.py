@@ -109,3 +109,20 @@ def test_instruction_examples_learn_only_the_response():
     assert bytes(batch["input_ids"][0][counted][:-1].tolist()) == b"Because."  # + the end id
     with pytest.raises(ValueError, match="missing \\['task'\\]"):
         instruct_dataset([{"instruction": "a", "response": "b"}], max_len=8)
+
+
+def test_token_mean_losses_split_a_padding_free_batch_per_example():
+    """One flattened row with position_ids restarting per example scores like the padded batch, per example."""
+    from dataflex.testbeds.tiny import collate_causal, tiny_llama
+
+    model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=0)  # Llama masks attention at position_ids restarts
+    rows = [list(range(5, 5 + n)) for n in (7, 4, 9)]
+    padded = token_mean_losses(model)(collate_causal([{"input_ids": r} for r in rows]))
+    flat_ids = torch.tensor([sum(rows, [])])
+    labels = flat_ids.clone()
+    starts = np.cumsum([0] + [len(r) for r in rows[:-1]])
+    labels[0, starts] = -100  # no prediction across an example boundary
+    positions = torch.tensor([sum((list(range(len(r))) for r in rows), [])])
+    flat = token_mean_losses(model)({"input_ids": flat_ids, "labels": labels, "position_ids": positions})
+    assert flat.shape == (3,)
+    assert torch.allclose(flat, padded, atol=1e-5), (flat, padded)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead.run                  # ~3 minutes on 2 CPU cores
     python -m benchmarks.overhead.run --pairs 3 --steps 40
+    python -m benchmarks.overhead.run --trainer sft    # TRL's SFTTrainer (default loss) -> results_sft.*
 
 Same model, data and seed in both arms; runs are interleaved (baseline, dataflex, baseline, ...)
 so machine noise hits both alike. A step's time is the wall time between consecutive
@@ -88,7 +89,7 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> tuple[f
         for name in ("on_step_begin", "on_step_end", "on_epoch_begin", "on_save"):
             setattr(dfx, name, inside.wrap(getattr(dfx, name)))
         callbacks.insert(0, dfx)
-    targs = TrainingArguments(
+    settings = dict(
         output_dir=str(out),
         per_device_train_batch_size=args.batch_size,
         max_steps=args.steps,
@@ -101,7 +102,26 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> tuple[f
         disable_tqdm=True,
     )
     model = tiny_gpt2(n_layer=args.layers, n_embd=args.width, n_head=4, n_positions=args.max_len, seed=0)
-    trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate_causal, callbacks=callbacks)
+    if args.trainer == "sft":  # TRL's SFTTrainer with its default loss (the fused LM head)
+        from trl import SFTConfig, SFTTrainer
+
+        from dataflex.testbeds.tiny import byte_tokenizer
+
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**settings, max_length=args.max_len),
+            train_dataset=ds,
+            processing_class=byte_tokenizer(),
+            callbacks=callbacks,
+        )
+    else:
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**settings),
+            train_dataset=ds,
+            data_collator=collate_causal,
+            callbacks=callbacks,
+        )
     for cb in callbacks:
         if hasattr(cb, "attach"):
             cb.attach(trainer)
@@ -127,7 +147,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--update-every", type=int, default=10)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer", help="stock Trainer or TRL SFTTrainer")
+    p.add_argument("--out", type=Path, default=None, help="default: this folder (results_sft.* for --trainer sft)")
     args = p.parse_args()
     # Every example is filled to exactly max_len bytes (its text repeated), so both arms do the same
     # compute per step even though they see different examples in a different order.
@@ -164,16 +185,18 @@ def main() -> None:
         "dataflex_ms": [x * 1e3 for x in flex],
         "config": {k: str(v) for k, v in vars(args).items()},
     }
+    trainer_name = "SFTTrainer" if args.trainer == "sft" else "Trainer"
     md = (
         "| arm | median step time (ms), per pair |\n|---|---|\n"
-        f"| stock Trainer | {', '.join(f'{x * 1e3:.1f}' for x in base)} |\n"
+        f"| stock {trainer_name} | {', '.join(f'{x * 1e3:.1f}' for x in base)} |\n"
         f"| + DataFlexCallback(ODM) | {', '.join(f'{x * 1e3:.1f}' for x in flex)} |\n"
         f"| ratio | {', '.join(f'{r:.3f}' for r in ratios)} |\n"
         f"| dataflex's own code (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in inside)} |\n\n"
         f"**median A/B ratio: {result['median_ratio']:.3f}**; instrumented estimate 1 + own/baseline: "
         f"**{result['instrumented_ratio']:.4f}** (goal <= 1.05)"
     )
-    print(write_results(args.out, md.split("\n"), result))
+    stem = "results_sft" if args.trainer == "sft" else "results"
+    print(write_results(args.out or RESULTS, md.split("\n"), result, stem=stem))
 
 
 if __name__ == "__main__":

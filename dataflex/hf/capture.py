@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from dataflex.losses import (
     IGNORE_INDEX,
     counted_tokens,
-    flattened_sequence_ids,
+    padding_free_segments,
     per_example_loss_from_log_probs,
     per_example_mean,
     per_example_token_loss,
@@ -42,20 +42,13 @@ __all__ = ["LossCapture", "per_example_loss", "per_example_loss_from_token_losse
 Sink = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
 
 
-def _segments(rows: int, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Sequence ids of a padding-free row (one row, position_ids restarting at 0), else None."""
-    if rows == 1 and position_ids is not None and int((position_ids == 0).sum()) > 1:
-        return flattened_sequence_ids(position_ids)
-    return None
-
-
 def per_example_loss_from_token_losses(
     token_losses: torch.Tensor, shift_labels: torch.Tensor, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token-mean loss, has_tokens)`` per example from the loss computation's own ``(batch, seq)`` per-token
     losses and its shifted labels (position t holds the loss of predicting token t + 1)."""
     mask = shift_labels[:, :-1] != IGNORE_INDEX  # the last position predicts nothing
-    segments = _segments(token_losses.shape[0], position_ids)
+    segments = padding_free_segments(token_losses.shape[0], position_ids)
     rows, positions = torch.nonzero(mask, as_tuple=True)
     loss, _ = per_example_mean(token_losses[rows, positions], rows, positions, token_losses.shape[0], segments)
     return loss, counted_tokens(mask, segments) > 0
@@ -72,7 +65,7 @@ def per_example_loss(
     example of the row. Raises ``ValueError`` naming the output's keys when it holds neither logits nor
     log-probabilities.
     """
-    segments = _segments(labels.shape[0], position_ids)
+    segments = padding_free_segments(labels.shape[0], position_ids)
     keys = list(output.keys()) if hasattr(output, "keys") else None
     if keys is not None:
         if output.get("log_probs") is not None and output.get("label_mask") is not None:
