@@ -59,6 +59,7 @@ def make_trainer(
     logging_steps=100,
     model=None,
     compute_loss_func=None,
+    eval_dataset=None,
     **args_overrides,
 ):
     """A stock Trainer on ``ds`` with ``dfx`` attached; ``args_overrides`` go to TrainingArguments."""
@@ -92,6 +93,7 @@ def make_trainer(
         data_collator=collate_causal,
         callbacks=[dfx, *extra],
         compute_loss_func=compute_loss_func,
+        eval_dataset=eval_dataset,
     )
     if hasattr(dfx, "attach"):
         dfx.attach(trainer)

@@ -416,3 +416,42 @@ def test_doremi_online_proxy_resumes_bit_exact(ds, tmp_path):
     for k, v in full.proxy.state_dict().items():
         assert torch.equal(v, resumed.policy.proxy.state_dict()[k]), k
     np.testing.assert_array_equal(full.alpha, resumed.policy.alpha)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"dataloader_drop_last": True},
+        {"gradient_checkpointing": True},
+        {"bf16": True},
+        {"eval_strategy": "steps", "eval_steps": 2},
+        {"num_train_epochs": 2, "max_steps": -1},
+    ],
+)
+def test_trainer_settings_users_combine_with_dataflex(settings, tmp_path):
+    """Drop-last, gradient checkpointing, bf16 autocast on CPU, evaluation during training and epoch-based runs:
+    one record per trained example, evaluation forwards never counted, decisions taken."""
+    ds = small_dataset(per_domain=6, max_len=32)  # 18 examples: 4 full batches + 2 (dropped with drop_last)
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    rec = StepRecorder(dfx)
+    evaluation = ds.select(range(8)) if "eval_strategy" in settings else None
+    trainer = make_trainer(
+        ds,
+        dfx,
+        tmp_path,
+        max_steps=settings.pop("max_steps", 6),
+        save_steps=100,
+        extra=[rec],
+        eval_dataset=evaluation,
+        **settings,
+    )
+    trainer.train()
+    if evaluation is not None:
+        assert any("eval_loss" in h for h in trainer.state.log_history)
+    sizes = [len(v) for v in rec.ids.values()]
+    assert sizes and all(n in (4, 2) for n in sizes)
+    if settings.get("dataloader_drop_last"):
+        assert all(n == 4 for n in sizes)
+    if "num_train_epochs" in settings:
+        assert sum(sizes) == 2 * len(ds)
+    assert len(dfx.history) > 1 and np.isfinite(dfx.last_step_records()[1]).all()
