@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,19 @@ def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
     assert len(full.history) > 1 or kind == "curriculum"
     if kind.startswith("selection"):
         assert np.isfinite(full.store.score).all()  # every example scored, none lost to a flattened batch
+
+
+@pytest.mark.slow
+def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path):
+    """SFTTrainer under torchrun (2 processes): same decisions on both ranks, disjoint examples per step, and
+    crash + resume equal to the uninterrupted run. Slow; .ci/run runs it with the DeepSpeed tests."""
+    from test_distributed import run_two_processes
+
+    run_two_processes("trl_dist_worker.py", tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == 2 and r0["history"] == r1["history"] and len(r0["history"]) == 9
+    assert r0["history"][0]["weights"] != r0["history"][-1]["weights"]
+    for step in r0["ids"]:
+        assert not set(r0["ids"][step]) & set(r1["ids"][step])  # each rank trains its own examples
+    for r in (r0, r1):
+        assert r["resumed_ids"] == r["ids"] and r["resumed_history"] == r["history"] and r["resumed_log"] == r["log"]

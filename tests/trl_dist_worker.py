@@ -1,0 +1,56 @@
+"""Run by test_trl.py::test_sft_two_processes under torchrun (2 processes, gloo on CPU): TRL's SFTTrainer with
+DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch.distributed as dist  # noqa: E402
+from hf_helpers import CrashAt, StepRecorder, comparable_log, small_dataset  # noqa: E402
+from test_trl import sft_trainer  # noqa: E402
+
+from dataflex import DataFlexCallback  # noqa: E402
+from dataflex.policies import ODM  # noqa: E402
+
+STEPS, CRASH = 8, 4
+
+
+def run(ds, out: Path, crash_at=None, resume=None):
+    dfx = DataFlexCallback(ODM(), update_every=1)
+    rec = StepRecorder(dfx)
+    extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
+    trainer = sft_trainer(
+        ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra, logging_steps=1, shuffle_dataset=True
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        pass
+    return dfx, rec, trainer
+
+
+def main(out: str) -> None:
+    ds = small_dataset(per_domain=12)
+    full, full_rec, full_tr = run(ds, Path(out) / "full")
+    _, head_rec, _ = run(ds, Path(out) / "crash", crash_at=CRASH)
+    resumed, tail_rec, res_tr = run(ds, Path(out) / "crash", resume=str(Path(out) / "crash" / f"checkpoint-{CRASH}"))
+    ignore = ("num_tokens",)  # TRL restarts its own token counter on resume
+    Path(out, f"rank{dist.get_rank()}.json").write_text(
+        json.dumps(
+            {
+                "world": dist.get_world_size(),
+                "history": full.history,
+                "ids": full_rec.ids,
+                "log": comparable_log(full_tr.state.log_history, ignore),
+                "resumed_history": resumed.history,
+                "resumed_ids": {**head_rec.ids, **tail_rec.ids},
+                "resumed_log": comparable_log(res_tr.state.log_history, ignore),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
