@@ -20,12 +20,13 @@ import torch.nn.functional as F
 __all__ = [
     "IGNORE_INDEX",
     "SCORING_CHUNK_ELEMENTS",
-    "counted_tokens",
+    "log_prob_positions",
     "flattened_sequence_ids",
     "padding_free_segments",
     "per_example_loss_from_log_probs",
     "per_example_mean",
     "per_example_mean_loss",
+    "scored_positions",
     "per_example_token_loss",
     "token_cross_entropy",
 ]
@@ -92,21 +93,49 @@ def _owners(rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: 
     return segments[0, positions + 1], int(segments.max()) + 1
 
 
-def counted_tokens(shifted_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """Counted (label != -100) positions of each example, from the shifted ``(batch, seq - 1)`` mask."""
-    rows, positions = torch.nonzero(shifted_mask, as_tuple=True)
-    owner, n = _owners(rows, positions, shifted_mask.shape[0], segments)
-    return torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, owner, torch.ones_like(owner))
-
-
 def per_example_mean(
     token_loss: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean of ``token_loss`` (at shifted ``(rows, positions)``) per example: per row, or per segment."""
+    """``(token-mean loss, counted tokens)`` per example from the losses at shifted ``(rows, positions)``:
+    per row, or per sequence of a padding-free row. The loss is NaN for an example without counted tokens."""
     owner, n = _owners(rows, positions, n_rows, segments)
     sums = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add_(0, owner, token_loss.float())
     counted = torch.zeros(n, dtype=torch.long, device=token_loss.device).index_add_(0, owner, torch.ones_like(owner))
     loss = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, float("nan")))
+    return loss, counted
+
+
+def scored_positions(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = SCORING_CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(token losses, rows, positions)`` of the counted (shifted) positions, computed without gradient in
+    float32 chunks of at most ``chunk_elements`` logits."""
+    _check_shapes(logits, labels)
+    shifted = labels[:, 1:].to(logits.device)
+    rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)  # one device sync per batch
+    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
+    step = max(1, chunk_elements // logits.shape[-1])
+    with torch.no_grad():
+        for start in range(0, rows.numel(), step):
+            r, t = rows[start : start + step], positions[start : start + step]
+            token_loss[start : start + step] = F.cross_entropy(logits[r, t].float(), shifted[r, t], reduction="none")
+    return token_loss, rows, positions
+
+
+def log_prob_positions(
+    log_probs: torch.Tensor, label_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(token losses, rows, positions)`` from already-shifted per-token log-probabilities and their mask."""
+    if log_probs.shape != label_mask.shape or log_probs.dim() != 2:
+        raise ValueError(
+            f"expected log_probs and label_mask of the same (batch, seq) shape; got {tuple(log_probs.shape)} "
+            f"and {tuple(label_mask.shape)}"
+        )
+    rows, positions = torch.nonzero(label_mask.bool(), as_tuple=True)
+    return -log_probs.detach()[rows, positions].float(), rows, positions
+
+
+def _loss_and_valid(loss: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, (counted > 0) & torch.isfinite(loss)
 
 
@@ -126,15 +155,8 @@ def per_example_token_loss(
     that row instead of per row. Returns ``(loss, valid)`` on the logits' device. ``valid`` is False for
     an example with no counted token (its loss is NaN) or a non-finite loss; the caller masks those.
     """
-    _check_shapes(logits, labels)
-    shifted = labels[:, 1:].to(logits.device)
-    rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)  # one device sync per batch
-    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
-    step = max(1, chunk_elements // logits.shape[-1])
-    for start in range(0, rows.numel(), step):
-        r, t = rows[start : start + step], positions[start : start + step]
-        token_loss[start : start + step] = F.cross_entropy(logits[r, t].float(), shifted[r, t], reduction="none")
-    return per_example_mean(token_loss, rows, positions, logits.shape[0], segments)
+    token_loss, rows, positions = scored_positions(logits, labels, chunk_elements)
+    return _loss_and_valid(*per_example_mean(token_loss, rows, positions, logits.shape[0], segments))
 
 
 @torch.no_grad()
@@ -145,11 +167,5 @@ def per_example_loss_from_log_probs(
 
     ``log_probs`` and ``label_mask`` are ``(batch, seq - 1)``; ignored positions are masked out.
     """
-    if log_probs.shape != label_mask.shape or log_probs.dim() != 2:
-        raise ValueError(
-            f"expected log_probs and label_mask of the same (batch, seq) shape; got {tuple(log_probs.shape)} "
-            f"and {tuple(label_mask.shape)}"
-        )
-    rows, positions = torch.nonzero(label_mask.bool(), as_tuple=True)
-    token_loss = -log_probs.detach()[rows, positions].float()
-    return per_example_mean(token_loss, rows, positions, log_probs.shape[0], segments)
+    token_loss, rows, positions = log_prob_positions(log_probs, label_mask)
+    return _loss_and_valid(*per_example_mean(token_loss, rows, positions, log_probs.shape[0], segments))

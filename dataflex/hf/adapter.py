@@ -45,6 +45,7 @@ from dataflex.hf.capture import LossCapture
 from dataflex.hf.deciders import Decider, RunContext
 from dataflex.hf.labels import resolve_labels
 from dataflex.hf.tracking import BatchTracker
+from dataflex.losses import padding_free_segments
 from dataflex.samplers.base import ScheduledSampler
 from dataflex.state import unwrap_state, wrap_state
 from dataflex.store import ScoreStore
@@ -288,7 +289,7 @@ class TrainerAdapter(TrainerCallback):
                 "embeddings and online DoReMi need one example per row; padding-free batches are supported for "
                 "mixing, selection, curricula and reweighting only"
             )
-        if self._checks_left > 0 and not flattened:
+        if self._checks_left > 0:
             self._check_ids(ids, inputs)
         self.store.add(ids, loss, has_tokens)
         self._step_records.append((ids, loss, has_tokens))
@@ -331,8 +332,11 @@ class TrainerAdapter(TrainerCallback):
         if batch_ids is None or expected is None:
             return
         row = batch_ids[0]
+        segments = padding_free_segments(batch_ids.shape[0], inputs.get("position_ids"))
         mask = inputs.get("attention_mask")
-        if mask is not None:
+        if segments is not None:  # a padding-free row: its first sequence is the first example
+            row = row[segments[0] == 0]
+        elif mask is not None:
             row = row[mask[0].bool()]
         expected_t = torch.as_tensor(expected, device=row.device)
         if row.shape != expected_t.shape or not torch.equal(row, expected_t):

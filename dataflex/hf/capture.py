@@ -30,11 +30,10 @@ import torch.nn.functional as F
 
 from dataflex.losses import (
     IGNORE_INDEX,
-    counted_tokens,
+    log_prob_positions,
     padding_free_segments,
-    per_example_loss_from_log_probs,
     per_example_mean,
-    per_example_token_loss,
+    scored_positions,
 )
 
 __all__ = ["LossCapture", "per_example_loss", "per_example_loss_from_token_losses"]
@@ -46,12 +45,12 @@ def per_example_loss_from_token_losses(
     token_losses: torch.Tensor, shift_labels: torch.Tensor, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token-mean loss, has_tokens)`` per example from the loss computation's own ``(batch, seq)`` per-token
-    losses and its shifted labels (position t holds the loss of predicting token t + 1)."""
-    mask = shift_labels[:, :-1] != IGNORE_INDEX  # the last position predicts nothing
+    losses and its padded shifted labels (position t holds the loss of predicting token t + 1; the last
+    position predicts nothing)."""
+    rows, positions = torch.nonzero(shift_labels[:, :-1] != IGNORE_INDEX, as_tuple=True)
     segments = padding_free_segments(token_losses.shape[0], position_ids)
-    rows, positions = torch.nonzero(mask, as_tuple=True)
-    loss, _ = per_example_mean(token_losses[rows, positions], rows, positions, token_losses.shape[0], segments)
-    return loss, counted_tokens(mask, segments) > 0
+    loss, counted = per_example_mean(token_losses[rows, positions], rows, positions, token_losses.shape[0], segments)
+    return loss, counted > 0
 
 
 def per_example_loss(
@@ -65,26 +64,24 @@ def per_example_loss(
     example of the row. Raises ``ValueError`` naming the output's keys when it holds neither logits nor
     log-probabilities.
     """
-    segments = padding_free_segments(labels.shape[0], position_ids)
     keys = list(output.keys()) if hasattr(output, "keys") else None
-    if keys is not None:
-        if output.get("log_probs") is not None and output.get("label_mask") is not None:
-            mask = output["label_mask"].bool()
-            loss, _ = per_example_loss_from_log_probs(output["log_probs"], mask, segments=segments)
-            return loss, counted_tokens(mask, segments) > 0
-        logits = output.get("logits")
-    elif isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], torch.Tensor):
-        logits = output[1]  # return_dict=False with labels: (loss, logits, ...)
+    if keys is not None and output.get("log_probs") is not None and output.get("label_mask") is not None:
+        parts = log_prob_positions(output["log_probs"], output["label_mask"])
+    elif keys is not None and output.get("logits") is not None:
+        parts = scored_positions(output["logits"], labels)
+    elif keys is None and isinstance(output, (tuple, list)) and len(output) > 1 and torch.is_tensor(output[1]):
+        parts = scored_positions(output[1], labels)  # return_dict=False with labels: (loss, logits, ...)
+    elif torch.is_tensor(output) and output.dim() == 3:
+        parts = scored_positions(output, labels)
     else:
-        logits = output if isinstance(output, torch.Tensor) and output.dim() == 3 else None
-    if logits is None:
         seen = keys if keys is not None else type(output).__name__
         raise ValueError(
             f"dataflex cannot score this training forward: its output holds {seen}, but dataflex needs either "
             "'logits' (batch, seq, vocab) or per-token 'log_probs' with a 'label_mask' (a fused LM head)"
         )
-    loss, _ = per_example_token_loss(logits, labels, segments=segments)
-    return loss, counted_tokens(labels[:, 1:].to(loss.device) != IGNORE_INDEX, segments) > 0
+    segments = padding_free_segments(labels.shape[0], position_ids)
+    loss, counted = per_example_mean(*parts, labels.shape[0], segments)
+    return loss, counted > 0
 
 
 class LossCapture:
@@ -129,13 +126,11 @@ class LossCapture:
         def loss_function(
             logits, labels, vocab_size, num_items_in_batch=None, ignore_index=IGNORE_INDEX, shift_labels=None, **kwargs
         ):
-            if not (self.active and owner.training and torch.is_grad_enabled()) or kwargs:
+            if not (self.active and owner.training and torch.is_grad_enabled()) or kwargs or shift_labels is not None:
                 return ForCausalLMLoss(
                     logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
                 )
-            if shift_labels is None:
-                shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-            shift_labels = shift_labels.to(logits.device)
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(logits.device)
             per_token = F.cross_entropy(
                 logits.float().reshape(-1, vocab_size),
                 shift_labels.reshape(-1),
