@@ -44,6 +44,32 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash before step {self.step + 1}")
 
 
+def trainer_settings(out_dir, *, accum, max_steps, save_steps, logging_steps, workers, seed) -> dict:
+    """The TrainingArguments every test Trainer shares (TRL's SFTConfig takes the same)."""
+    return dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accum,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        learning_rate=3e-3,
+        use_cpu=True,
+        seed=seed,
+        dataloader_num_workers=workers,
+        disable_tqdm=True,
+    )
+
+
+def tiny_model(arch: str = "gpt2", seed: int = 0):
+    """The one-layer test model of ``arch`` ('gpt2' or 'llama'), seeded."""
+    if arch == "gpt2":
+        return tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
+    if arch == "llama":
+        return tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
+    raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
+
+
 def make_trainer(
     ds,
     dfx,
@@ -64,28 +90,17 @@ def make_trainer(
 ):
     """A stock Trainer on ``ds`` with ``dfx`` attached; ``args_overrides`` go to TrainingArguments."""
     args_overrides.setdefault("report_to", [])
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=accum,
+    settings = trainer_settings(
+        out_dir,
+        accum=accum,
         max_steps=max_steps,
         save_steps=save_steps,
         logging_steps=logging_steps,
-        learning_rate=3e-3,
-        use_cpu=True,
+        workers=workers,
         seed=seed,
-        dataloader_num_workers=workers,
-        disable_tqdm=True,
-        **args_overrides,
     )
-    if model is not None:
-        pass
-    elif arch == "gpt2":
-        model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
-    elif arch == "llama":
-        model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
-    else:
-        raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
+    args = TrainingArguments(**settings, **args_overrides)
+    model = model if model is not None else tiny_model(arch, seed)
     trainer = Trainer(
         model=model,
         args=args,

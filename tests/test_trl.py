@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from hf_helpers import StepRecorder, assert_trainer_resumes_exactly, small_dataset
+from hf_helpers import StepRecorder, assert_trainer_resumes_exactly, small_dataset, tiny_model, trainer_settings
 from transformers import TrainerCallback
 
 from dataflex import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
 from dataflex.curriculum import Curriculum, length_difficulty, loss_difficulty
 from dataflex.policies import ODM, Static, Uniform
 from dataflex.selectors import LossFocus
-from dataflex.testbeds.tiny import byte_tokenizer, collate_causal, tiny_gpt2, tiny_llama
+from dataflex.testbeds.tiny import byte_tokenizer, collate_causal
 from dataflex.weighting import ExampleWeightedLoss
 
 trl = pytest.importorskip("trl")
@@ -37,27 +37,17 @@ def sft_trainer(
     **sft,
 ):
     """make_trainer's twin for TRL: SFTTrainer with its default loss (the fused LM head)."""
-    args = trl.SFTConfig(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=accum,
+    settings = trainer_settings(
+        out_dir,
+        accum=accum,
         max_steps=max_steps,
         save_steps=save_steps,
         logging_steps=logging_steps,
-        learning_rate=3e-3,
-        report_to=[],
-        use_cpu=True,
+        workers=workers,
         seed=0,
-        dataloader_num_workers=workers,
-        disable_tqdm=True,
-        **sft,
     )
-    if model is None:
-        model = (
-            tiny_llama(n_layer=1, hidden=32, n_head=2, seed=0)
-            if arch == "llama"
-            else tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
-        )
+    args = trl.SFTConfig(**settings, report_to=[], **sft)
+    model = model if model is not None else tiny_model(arch, seed=0)
     trainer = trl.SFTTrainer(
         model=model,
         args=args,
