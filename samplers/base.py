@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from dataflex.samplers.length import LengthGrouping
 from dataflex.state import DatasetFingerprint
 
 __all__ = ["ScheduledSampler"]
@@ -43,6 +44,7 @@ class ScheduledSampler(Sampler[int]):
         self._active_epoch: int | None = None  # epoch of the iteration most recently started
         self._order_epoch = -1
         self._order = np.full(self.num_samples, -1, dtype=np.int64)  # -1 = not generated yet
+        self.length_grouping: LengthGrouping | None = None
 
     # -- to implement ----------------------------------------------------------------------------
     def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
@@ -51,6 +53,35 @@ class ScheduledSampler(Sampler[int]):
     def _settings(self) -> dict[str, Any]:
         """Settings that change the order: a state saved with other values cannot be resumed."""
         return {"seed": self.seed, "num_samples": self.num_samples}
+
+    def group_by_length(self, grouping: LengthGrouping | None) -> None:
+        """Order each block of positions by example length (see :mod:`dataflex.samplers.length`); None: off.
+
+        Call before iterating. Which examples each epoch holds is unchanged; a saved state records the
+        grouping and refuses to resume under another one.
+        """
+        if grouping is not None and grouping.lengths.size != self.fingerprint.num_examples:
+            raise ValueError(
+                f"length grouping has {grouping.lengths.size} lengths but the dataset has "
+                f"{self.fingerprint.num_examples} examples"
+            )
+        self.length_grouping = grouping
+        self._order_epoch = -1
+
+    def _ordered(self, epoch: int) -> Iterator[tuple[int, int]]:
+        """``_generate`` with length grouping applied when it is on."""
+        order = self._generate(epoch)
+        return order if self.length_grouping is None else self.length_grouping.regroup(order)
+
+    def _generated_upto(self, position: int) -> int:
+        """Last position whose example is fixed once ``position`` has been yielded."""
+        if self.length_grouping is None:
+            return position
+        return self.length_grouping.block_end(position, self.num_samples)
+
+    def _all_settings(self) -> dict[str, Any]:
+        grouping = None if self.length_grouping is None else self.length_grouping.settings()
+        return {**self._settings(), "length_grouping": grouping}
 
     # -- Sampler ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -70,8 +101,8 @@ class ScheduledSampler(Sampler[int]):
             self._order_epoch = epoch
             self._order.fill(-1)
         base = epoch * self.num_samples
-        for pos, example in self._generate(epoch):
-            self.schedule.mark_generated(base + pos)
+        for pos, example in self._ordered(epoch):
+            self.schedule.mark_generated(base + self._generated_upto(pos))
             self._order[pos] = example
             if pos < start:
                 continue
@@ -88,7 +119,7 @@ class ScheduledSampler(Sampler[int]):
         out = np.empty(upto, dtype=np.int64)
         if upto == 0:
             return out
-        for pos, example in self._generate(epoch):
+        for pos, example in self._ordered(epoch):
             out[pos] = example
             if pos + 1 >= upto:
                 break
@@ -123,7 +154,7 @@ class ScheduledSampler(Sampler[int]):
             epoch, position = epoch + 1, 0
         return {
             "fingerprint": self.fingerprint.to_json(),
-            **self._settings(),
+            **self._all_settings(),
             "epoch": epoch,
             "position": position,
             "schedule": self.schedule.state_dict(),
@@ -137,10 +168,11 @@ class ScheduledSampler(Sampler[int]):
         sampler must start the epoch from 0 or the data would be skipped twice).
         """
         self.fingerprint.check_matches(state["fingerprint"])
-        for key, mine in self._settings().items():
-            if key not in state and key not in self.SETTINGS_ADDED_LATER:
+        added_later = {"length_grouping": None, **self.SETTINGS_ADDED_LATER}
+        for key, mine in self._all_settings().items():
+            if key not in state and key not in added_later:
                 raise ValueError(f"sampler state has no setting {key!r}; it was not saved by this kind of sampler")
-            saved = state.get(key, self.SETTINGS_ADDED_LATER.get(key))
+            saved = state.get(key, added_later.get(key))
             if saved != mine:
                 raise ValueError(
                     f"sampler state has {key}={saved!r} but this sampler has {key}={mine!r}; "

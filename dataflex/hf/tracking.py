@@ -42,12 +42,20 @@ class BatchTracker:
 
     @classmethod
     def from_layout(
-        cls, layout: LoaderLayout, num_samples: int, accumulation: int, lookahead_batches: int | None = None
+        cls,
+        layout: LoaderLayout,
+        num_samples: int,
+        accumulation: int,
+        lookahead_batches: int | None = None,
+        block_batches: int = 0,
     ) -> BatchTracker:
-        """Default look-ahead: accumulation + workers × prefetch factor + 2 micro-batches."""
+        """Default look-ahead: accumulation + workers × prefetch factor + 2 micro-batches, plus
+        ``block_batches`` when the sampler fixes that many batches at once (length grouping)."""
         if accumulation < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1; got {accumulation}")
-        lookahead = lookahead_batches or accumulation + layout.num_workers * layout.prefetch_factor + 2
+        lookahead = (
+            lookahead_batches or accumulation + layout.num_workers * layout.prefetch_factor + 2
+        ) + block_batches
         return cls(
             positions=rank_position_batches(num_samples, layout),
             accumulation=int(accumulation),
