@@ -8,6 +8,8 @@ follow the HF causal-LM convention: position ``t`` predicts label ``t + 1``; ``-
 * :func:`per_example_mean_loss` — token-mean loss of each example, with gradient (influence, weighting).
 * :func:`per_example_token_loss` — the same under ``no_grad`` in bounded memory (counted positions only,
   in chunks), with NaN and a ``valid`` mask for examples that have no counted token or a non-finite loss.
+* :func:`hidden_state_positions` — per-token losses from the last hidden states and the LM head, for a
+  forward that returns no logits (fused linear cross-entropy kernels).
 * :func:`per_example_loss_from_log_probs` — the same from per-token log-probabilities and their mask, as a
   fused LM head (TRL's ``SFTTrainer``) returns them instead of logits.
 """
@@ -22,6 +24,7 @@ __all__ = [
     "SCORING_CHUNK_ELEMENTS",
     "log_prob_positions",
     "flattened_sequence_ids",
+    "hidden_state_positions",
     "padding_free_segments",
     "per_example_loss_from_log_probs",
     "per_example_mean",
@@ -105,6 +108,20 @@ def per_example_mean(
     return loss, counted
 
 
+def _chunked_positions(
+    shifted: torch.Tensor, vocab: int, logits_at, chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the counted shifted positions, ``logits_at(rows, positions)`` giving a chunk's logits."""
+    rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)  # one device sync per batch
+    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=shifted.device)
+    step = max(1, chunk_elements // vocab)
+    with torch.no_grad():
+        for start in range(0, rows.numel(), step):
+            r, t = rows[start : start + step], positions[start : start + step]
+            token_loss[start : start + step] = F.cross_entropy(logits_at(r, t).float(), shifted[r, t], reduction="none")
+    return token_loss, rows, positions
+
+
 def scored_positions(
     logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = SCORING_CHUNK_ELEMENTS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,14 +129,33 @@ def scored_positions(
     float32 chunks of at most ``chunk_elements`` logits."""
     _check_shapes(logits, labels)
     shifted = labels[:, 1:].to(logits.device)
-    rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)  # one device sync per batch
-    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
-    step = max(1, chunk_elements // logits.shape[-1])
-    with torch.no_grad():
-        for start in range(0, rows.numel(), step):
-            r, t = rows[start : start + step], positions[start : start + step]
-            token_loss[start : start + step] = F.cross_entropy(logits[r, t].float(), shifted[r, t], reduction="none")
-    return token_loss, rows, positions
+    return _chunked_positions(shifted, logits.shape[-1], lambda r, t: logits[r, t], chunk_elements)
+
+
+def hidden_state_positions(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    *,
+    softcap: float | None = None,
+    chunk_elements: int = SCORING_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same from the last hidden states ``(batch, seq, hidden)`` and the LM head, for a forward that
+    returns no logits (fused linear cross-entropy kernels): the head is applied to the counted positions
+    only, in chunks of at most ``chunk_elements`` logits, without gradient. ``softcap`` is the model's
+    final logit soft-capping (``cap * tanh(logits / cap)``, Gemma 2), if any."""
+    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected hidden states (batch, seq, hidden) and labels (batch, seq); got {tuple(hidden.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+
+    def logits_at(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden[r, t].detach())
+        return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+    shifted = labels[:, 1:].to(hidden.device)
+    return _chunked_positions(shifted, head.weight.shape[0], logits_at, chunk_elements)
 
 
 def log_prob_positions(

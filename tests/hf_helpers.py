@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 
 import numpy as np
 import pytest
@@ -67,7 +67,13 @@ def tiny_model(arch: str = "gpt2", seed: int = 0):
         return tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=seed)
     if arch == "llama":
         return tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
-    raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama'")
+    if arch == "fused_llama":  # the same Llama, returning only the loss in training (fused linear cross-entropy)
+        from dataflex.testbeds.fused import FusedLossLlama
+
+        model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=seed)
+        model.__class__ = FusedLossLlama
+        return model
+    raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama', 'fused_llama'")
 
 
 def make_trainer(
@@ -202,7 +208,7 @@ def assert_trainer_resumes_exactly(
     p_full, p_res = params(full_tr.model), params(resumed_tr.model)
     assert all(np.array_equal(p_full[k], p_res[k]) for k in p_full), "parameters differ after resuming"
 
-    os.remove(ckpt / "dataflex_state.json")
+    shutil.rmtree(ckpt / "dataflex")
     with pytest.raises(FileNotFoundError, match="no dataflex state"):
         run(out / "crash", resume=str(ckpt))
     with pytest.warns(UserWarning, match="starting afresh"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ def sft_trainer(
     model=None,
     compute_loss_func=None,
     arch="gpt2",
+    peft_config=None,
     **sft,
 ):
     """make_trainer's twin for TRL: SFTTrainer with its default loss (the fused LM head)."""
@@ -55,6 +57,7 @@ def sft_trainer(
         processing_class=byte_tokenizer(),
         callbacks=[*extra],
         compute_loss_func=compute_loss_func,
+        peft_config=peft_config,
     )
     dfx.attach(trainer)
     return trainer
@@ -87,6 +90,25 @@ class VerifyLosses(TrainerCallback):
 @pytest.fixture(scope="module")
 def ds():
     return small_dataset(per_domain=12)  # 36 examples with a "domain" column
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator when TRL wraps the model
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
+
+
+def test_sft_with_lora_scores_the_adapted_model(ds, tmp_path):
+    """peft LoRA through SFTTrainer(peft_config=...): the losses are the adapted model's, not the base model's."""
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    verify = VerifyLosses(dfx)
+    trainer = sft_trainer(ds, dfx, tmp_path, max_steps=4, extra=[verify], peft_config=lora_config())
+    verify.trainer = trainer
+    trainer.train()
+    assert type(trainer.model).__name__.startswith("Peft")
+    assert verify.checked == 16 and verify.max_err < 1e-4, verify.max_err
+    assert len(dfx.history) == 3
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
@@ -166,10 +188,21 @@ def test_sft_packing_and_unsupported_sampling_are_named(ds, tmp_path):
         sft_trainer(
             ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2, train_sampling_strategy="batch_rebalance"
         ).train()
-    with pytest.warns(UserWarning, match="group_by_length.*not grouped by length"):
-        sft_trainer(
-            ds, DataFlexCallback(Uniform()), tmp_path, max_steps=1, train_sampling_strategy="group_by_length"
-        ).train()
+
+
+def test_sft_group_by_length_sorts_dataflex_blocks(ds, tmp_path):
+    dfx = DataFlexCallback(Uniform())
+    rec = StepRecorder(dfx)
+    trainer = sft_trainer(ds, dfx, tmp_path, max_steps=4, extra=[rec], train_sampling_strategy="group_by_length")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # honoured, so nothing to warn about
+        trainer.train()
+    lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset))]
+    trained = [i for step in sorted(rec.ids) for i in rec.ids[step]]
+    block = dfx.sampler.length_grouping.megabatch
+    assert len(trained) >= block
+    for start in range(0, len(trained) - block + 1, block):
+        assert np.all(np.diff([lengths[i] for i in trained[start : start + block]]) <= 0)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +214,7 @@ def test_sft_packing_and_unsupported_sampling_are_named(ds, tmp_path):
         "mixing_padding_free",
         "selection_padding_free",
         "curriculum_rescored_padding_free",
+        "mixing_lora",
     ],
 )
 def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
@@ -201,6 +235,8 @@ def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
         return DataFlexCallback(ODM(), update_every=2, allow_missing_state=allow)
 
     sft = {"padding_free": True, "max_length": None, "arch": "llama"} if kind.endswith("padding_free") else {}
+    if kind.endswith("lora"):
+        sft = {"peft_config": lora_config()}
     full, _ = assert_trainer_resumes_exactly(
         make_callback,
         ds,

@@ -10,10 +10,15 @@ Each run is its own process (so its peak RSS is its own): a tiny Llama built fro
 * ``dataflex`` — ``DataFlexCallback(Uniform())`` as users attach it: the per-token losses come from the
   model's own loss computation (tapped ``loss_function``);
 * ``dataflex_recompute`` — the same callback on a model whose loss function is customised, so dataflex
-  falls back to recomputing the loss from the logits in float32 chunks of at most 2^24 elements.
+  falls back to recomputing the loss from the logits in float32 chunks of at most 2^24 elements;
+* ``fused`` — no dataflex, the same Llama with a fused linear cross-entropy loss
+  (:class:`dataflex.testbeds.fused.FusedLossLlama`: no logits are materialised, none returned);
+* ``dataflex_fused`` — the callback on that model: dataflex scores from the last hidden state (one extra
+  LM-head forward over the counted tokens, no gradient, in chunks).
 
 Reported: the median over pairs of each arm's peak RSS and median step time, as ratios to ``stock``
-measured in the same pair (runs alternate so machine drift hits all arms alike).
+measured in the same pair (runs alternate so machine drift hits all arms alike); the fused arms are
+compared with ``fused``, the stock step of a fused-loss model.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARMS = ("stock", "dataflex", "dataflex_recompute")
+ARMS = ("stock", "dataflex", "dataflex_recompute", "fused", "dataflex_fused")
+BASELINE = {"dataflex_fused": "fused", "fused": "fused"}  # the stock run each arm is compared with (default: stock)
 
 
 def one_run(arm: str, args: argparse.Namespace) -> dict[str, float]:
@@ -52,7 +58,9 @@ def one_run(arm: str, args: argparse.Namespace) -> dict[str, float]:
         max_position_embeddings=args.seq_len,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
+    from dataflex.testbeds.fused import FusedLossLlama
+
+    model = (FusedLossLlama if "fused" in arm else LlamaForCausalLM)(config)
     if arm == "dataflex_recompute":
         model.loss_function = lambda *a, **k: ForCausalLMLoss(*a, **k)  # a custom loss: no tapping
     rng = torch.Generator().manual_seed(1)
@@ -81,7 +89,7 @@ def one_run(arm: str, args: argparse.Namespace) -> dict[str, float]:
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate, callbacks=[Stamp()])
-    if arm != "stock":
+    if arm.startswith("dataflex"):
         DataFlexCallback(Uniform(), update_every=5, trainer=trainer)
     trainer.train()
     steps = [b - a for a, b in zip(stamps[args.warmup :], stamps[args.warmup + 1 :])]
@@ -119,7 +127,10 @@ def main() -> None:
             runs[arm].append(json.loads(out))
         print(f"pair {pair + 1}/{args.pairs}: " + ", ".join(f"{a} {runs[a][-1]}" for a in ARMS), flush=True)
     ratios = {
-        arm: {key: [r[key] / s[key] for r, s in zip(runs[arm], runs["stock"])] for key in ("peak_rss_mb", "step_s")}
+        arm: {
+            key: [r[key] / s[key] for r, s in zip(runs[arm], runs[BASELINE.get(arm, "stock")])]
+            for key in ("peak_rss_mb", "step_s")
+        }
         for arm in ARMS
     }
     lines = [
@@ -127,12 +138,12 @@ def main() -> None:
         f"{args.seq_len} tokens, {args.steps} steps ({args.warmup} warm-up) per run, each run its own process; "
         f"{args.pairs} alternating pairs. Median over pairs; ratios are to the stock run of the same pair.",
         "",
-        "| arm | peak RSS (MB) | peak RSS / stock | step time (ms) | step time / stock |",
-        "|---|---|---|---|---|",
+        "| arm | compared with | peak RSS (MB) | peak RSS ratio | step time (ms) | step time ratio |",
+        "|---|---|---|---|---|---|",
     ]
     for arm in ARMS:
         lines.append(
-            f"| {arm} | {statistics.median(r['peak_rss_mb'] for r in runs[arm]):.0f} | "
+            f"| {arm} | {BASELINE.get(arm, 'stock')} | {statistics.median(r['peak_rss_mb'] for r in runs[arm]):.0f} | "
             f"{statistics.median(ratios[arm]['peak_rss_mb']):.3f} | "
             f"{1e3 * statistics.median(r['step_s'] for r in runs[arm]):.0f} | "
             f"{statistics.median(ratios[arm]['step_s']):.3f} |"

@@ -10,7 +10,12 @@ A forward hook on the model reads each training forward's output and labels and 
   second pass over the logits, no extra memory beyond ``(batch, seq)`` floats;
 * ``logits`` (any causal LM) — cross-entropy of the counted positions, in bounded-memory chunks;
 * ``log_probs`` + ``label_mask`` (TRL's fused LM head, ``SFTTrainer`` from trl 1.15 on) — the per-token
-  log-probabilities the step's own loss is made of, so scoring costs nothing extra.
+  log-probabilities the step's own loss is made of, so scoring costs nothing extra;
+* neither (fused linear cross-entropy kernels such as Liger's or Cut Cross-Entropy return only the loss):
+  the last hidden state, kept by a hook on the model's decoder, goes through the LM head again for the
+  counted positions only, without gradient, in chunks of at most ``SCORING_CHUNK_ELEMENTS`` logits. That
+  costs one extra LM-head forward (``2 × tokens × hidden × vocab`` FLOPs; no backward) per micro-batch and
+  is announced by a warning the first time (measured in ``benchmarks/loss_memory``).
 
 A training forward is one inside the optimizer step (``active``), in train mode and with gradients
 enabled: evaluation, generation and no-grad forwards (TRL's second forward that only feeds its
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 
 from dataflex.losses import (
     IGNORE_INDEX,
+    hidden_state_positions,
     log_prob_positions,
     padding_free_segments,
     per_example_mean,
@@ -53,16 +59,59 @@ def per_example_loss_from_token_losses(
     return loss, counted > 0
 
 
+class HiddenStateScorer:
+    """Scores a forward that returned no logits from its last hidden state and the model's LM head."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = getattr(model, "config", None)
+        #: Why logits cannot be rebuilt from hidden states for this model (None: they can).
+        self.unsupported = next(
+            (
+                f"{type(model).__name__} scales its logits ({name}={getattr(config, name)}), so dataflex cannot "
+                "rebuild them from hidden states; return logits from the training forward"
+                for name in ("logit_scale", "logits_scaling")
+                if getattr(config, name, None) not in (None, 1, 1.0)
+            ),
+            None,
+        )
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.hidden: torch.Tensor | None = None
+        self.warned = False
+
+    def positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, self.hidden = self.hidden, None
+        if self.unsupported:
+            raise ValueError(self.unsupported)
+        if self.head.weight.numel() == 0:
+            raise RuntimeError(
+                "the LM head's weight is partitioned (DeepSpeed ZeRO-3) outside the forward, so dataflex cannot score "
+                "a forward without logits from hidden states; return logits (or log-probabilities) instead"
+            )
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                "the training forward returned no logits (a fused linear cross-entropy kernel?): dataflex scores "
+                f"examples from the last hidden state instead, one extra LM-head forward without gradient "
+                f"({self.head.weight.shape[0]:,} x {self.head.weight.shape[1]} per counted token) per micro-batch",
+                stacklevel=4,
+            )
+        return hidden_state_positions(hidden, self.head, labels, softcap=self.softcap)
+
+
 def per_example_loss(
-    output: Any, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    output: Any,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    hidden: HiddenStateScorer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token-mean loss, has_tokens)`` per example from a causal-LM forward's output and its labels.
 
     ``has_tokens`` is True for an example with counted positions, whether or not its loss is finite.
 
     A padding-free batch (one row, ``position_ids`` restarting at 0 for each example) gives one loss per
-    example of the row. Raises ``ValueError`` naming the output's keys when it holds neither logits nor
-    log-probabilities.
+    example of the row. An output without logits or log-probabilities is scored by ``hidden`` when it
+    holds this forward's last hidden state; otherwise ``ValueError`` names the output's keys.
     """
     keys = list(output.keys()) if hasattr(output, "keys") else None
     if keys is not None and output.get("log_probs") is not None and output.get("label_mask") is not None:
@@ -73,11 +122,14 @@ def per_example_loss(
         parts = scored_positions(output[1], labels)  # return_dict=False with labels: (loss, logits, ...)
     elif torch.is_tensor(output) and output.dim() == 3:
         parts = scored_positions(output, labels)
+    elif hidden is not None and hidden.hidden is not None:
+        parts = hidden.positions(labels)
     else:
         seen = keys if keys is not None else type(output).__name__
         raise ValueError(
             f"dataflex cannot score this training forward: its output holds {seen}, but dataflex needs either "
-            "'logits' (batch, seq, vocab) or per-token 'log_probs' with a 'label_mask' (a fused LM head)"
+            "'logits' (batch, seq, vocab), per-token 'log_probs' with a 'label_mask' (a fused LM head), or a "
+            "transformers model whose decoder (get_decoder()) returns the last hidden state"
         )
     segments = padding_free_segments(labels.shape[0], position_ids)
     loss, counted = per_example_mean(*parts, labels.shape[0], segments)
@@ -96,16 +148,22 @@ class LossCapture:
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._loss_owner: torch.nn.Module | None = None  # the model whose loss_function is tapped
         self._token_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (per-token loss, shifted labels)
+        self._hidden: HiddenStateScorer | None = None  # last hidden states, for outputs without logits
+        self._decoder_handle: torch.utils.hooks.RemovableHandle | None = None
 
     def attach(self, model: torch.nn.Module) -> None:
         self.detach()
         self._handle = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._tap_loss_function(model)
+        self._keep_hidden_states(model)
 
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
         self._handle = None
+        if self._decoder_handle is not None:
+            self._decoder_handle.remove()
+        self._decoder_handle, self._hidden = None, None
         self._pending = None
         self._token_losses = None
         if self._loss_owner is not None:
@@ -147,6 +205,24 @@ class LossCapture:
         owner.loss_function = loss_function
         self._loss_owner = owner
 
+    def _keep_hidden_states(self, model: torch.nn.Module) -> None:
+        """Hook the decoder so a forward that returns no logits can still be scored from its hidden states."""
+        owner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        get_decoder, get_head = getattr(owner, "get_decoder", None), getattr(owner, "get_output_embeddings", None)
+        if not (callable(get_decoder) and callable(get_head)):
+            return
+        decoder, head = get_decoder(), get_head()
+        if decoder is None or decoder is owner or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            return
+        scorer = HiddenStateScorer(owner)
+
+        def keep(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if self.is_training_forward(module):
+                scorer.hidden = output if torch.is_tensor(output) else output[0]
+
+        self._hidden = scorer
+        self._decoder_handle = decoder.register_forward_hook(keep)
+
     def is_training_forward(self, module: torch.nn.Module) -> bool:
         return self.active and module.training and torch.is_grad_enabled()
 
@@ -169,7 +245,9 @@ class LossCapture:
         if tapped is not None:
             loss, has_tokens = per_example_loss_from_token_losses(*tapped, inputs.get("position_ids"))
         else:
-            loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"))
+            loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"), self._hidden)
+        if self._hidden is not None:
+            self._hidden.hidden = None  # never reused by a later forward
         self.sink({**inputs, "labels": labels}, loss, has_tokens)
 
     def wrap_loss(self, loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
