@@ -9,11 +9,18 @@ step-N tensors with an older JSON state and resume wrong without a word).
 How: the tensor file is written first, each file atomically (temporary file, fsync, rename), and
 both carry the same random ``commit`` token; the JSON, written last, names the token it expects.
 Used by the Trainer adapter (``dataflex.hf``) and the plain loop (``dataflex.proxies.loop``).
+
+A loop that owns its checkpoints writes each one with :func:`save_step` as its own folder
+``step-<N>/``, built under a temporary name and renamed into place: a checkpoint folder is complete
+or absent, the previous ones stay until the new one is in place, and :func:`latest_step` resumes from
+the newest, so a kill at any instant never combines files of two steps.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,9 @@ import torch
 
 from dataflex.state import read_json, write_json_atomic
 
-__all__ = ["json_path", "load_state", "save_state", "tensors_path"]
+__all__ = ["fsync_dir", "json_path", "latest_step", "load_state", "save_state", "save_step", "tensors_path"]
+
+_STEP = re.compile(r"^step-(\d+)$")
 
 
 def json_path(folder: str | os.PathLike[str], name: str) -> Path:
@@ -80,3 +89,62 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
             "interrupted between the two writes; resume from an earlier checkpoint"
         )
     return state, saved["tensors"]
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), root / d) for d in os.listdir(root) if (m := _STEP.match(d)) and (root / d).is_dir()]
+    return sorted(found)
+
+
+def save_step(
+    root: str | os.PathLike[str],
+    step: int,
+    name: str,
+    state: dict[str, Any],
+    tensors: dict[str, Any] | None,
+    keep: int = 2,
+) -> Path:
+    """Write ``root/step-<step>/`` (``<name>.json`` and ``<name>.pt``) in one commit; keep the newest ``keep``."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1; got {keep}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{int(step)}"
+    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex}"
+    save_state(tmp, name, state, tensors)
+    fsync_dir(tmp)
+    if final.is_dir():  # the same step written again (a rerun past an older kill): the new one wins
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for _, old in _steps(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".step-*.tmp-*"):  # staging folders of saves a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def latest_step(root: str | os.PathLike[str], name: str) -> Path | None:
+    """The newest ``root/step-<N>/`` holding ``<name>.json`` (complete by construction), else None.
+
+    A ``root`` written by older versions (``<name>.json`` directly inside) is returned as is.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for _, folder in reversed(_steps(root)):
+        if json_path(folder, name).is_file():
+            return folder
+    return root if json_path(root, name).is_file() else None

@@ -6,7 +6,42 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["encode_domains"]
+__all__ = ["encode_domains", "label_texts"]
+
+
+def _missing(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(np.isnan(value))  # float('nan'), np.nan, NaN of any float type
+    except (TypeError, ValueError):
+        return False
+
+
+def label_texts(labels: Sequence[object], what: str = "domain labels") -> list[str]:
+    """Labels as text, refusing what text would silently distort.
+
+    A missing label (``None``, NaN) would become a domain called ``"None"`` or ``"nan"``, and two labels
+    that differ but print alike (``1`` and ``"1"``) would merge into one domain; both raise ``ValueError``
+    naming the positions or values.
+    """
+    labels = list(labels)
+    missing = [i for i, x in enumerate(labels) if _missing(x)]
+    if missing:
+        raise ValueError(
+            f"{what} are missing (None or NaN) at {len(missing)} of {len(labels)} examples, first at positions "
+            f"{missing[:10]}; give every example a label, or drop the unlabelled ones before training"
+        )
+    texts = [str(x) for x in labels]
+    originals: dict[str, object] = {}
+    for x, text in zip(labels, texts):
+        seen = originals.setdefault(text, x)
+        if seen is not x and not bool(seen == x):
+            raise ValueError(
+                f"{what} {seen!r} ({type(seen).__name__}) and {x!r} ({type(x).__name__}) both read as {text!r} and "
+                "would merge into one domain; use labels of one type"
+            )
+    return texts
 
 
 def encode_domains(labels: Sequence[str], domain_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -16,7 +51,7 @@ def encode_domains(labels: Sequence[str], domain_names: Sequence[str] | None = N
     every rank and every run. With ``domain_names`` every label must be one of them and every name
     must occur at least once (a domain with no examples cannot be sampled, so it is an error).
     """
-    labels = [str(x) for x in labels]
+    labels = label_texts(labels)
     if len(labels) == 0:
         raise ValueError("the dataset has no examples: need at least one domain label")
     present = sorted(set(labels))

@@ -78,6 +78,16 @@ class EventSchedule(Generic[T]):
         self.version += 1
 
     def _restore(self, starts: list[int], values: list[T]) -> None:
+        """Replace the events with saved ones, refusing starts that are not 0, then strictly increasing."""
+        if not starts or len(starts) != len(values):
+            raise ValueError(f"schedule state needs at least one event with one value each; got {len(starts)} starts")
+        if any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) for s in starts):
+            raise ValueError(f"schedule event starts must be integers; got {starts[:5]}...")
+        if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(
+                f"schedule event starts must begin at 0 and increase strictly; got {list(starts)[:10]}"
+                f"{'...' if len(starts) > 10 else ''}"
+            )
         self._starts, self._values = [int(s) for s in starts], values
         self.version += 1
         # A restored schedule starts a fresh process: nothing has been generated yet.
@@ -128,7 +138,10 @@ class WeightSchedule(EventSchedule[np.ndarray]):
             raise ValueError(
                 f"schedule was saved for domains {state['domain_names']}, this run has {self.domain_names}"
             )
-        weights = [np.asarray(w, dtype=np.float64) for _, w in state["events"]]
+        weights = []
+        for i, (_, w) in enumerate(state["events"]):
+            validate_weights(w, self.domain_names, what=f"saved schedule weights (event {i})")
+            weights.append(np.asarray(w, dtype=np.float64))  # as saved, bit for bit (no renormalising)
         self._restore([s for s, _ in state["events"]], weights)
 
 
@@ -164,7 +177,13 @@ class _ExampleIdSchedule(EventSchedule[np.ndarray]):
                 f"{self.KIND} schedule was saved for {state['num_examples']} examples, this pool has "
                 f"{self.num_examples}"
             )
-        self._restore([s for s, _ in state["events"]], [np.asarray(v, dtype=np.int64) for _, v in state["events"]])
+        values = []
+        for i, (_, v) in enumerate(state["events"]):
+            arr = np.asarray(v)
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"saved {self.KIND} schedule event {i} holds {arr.dtype} values, not example ids")
+            values.append(self._validate(arr))
+        self._restore([s for s, _ in state["events"]], values)
 
 
 class SubsetSchedule(_ExampleIdSchedule):

@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = [
+    "saved_count",
+    "saved_vector",
     "DatasetFingerprint",
     "STATE_FORMAT",
     "STATE_VERSION",
@@ -141,6 +143,32 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             return json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{os.fspath(path)} is not valid JSON ({err}); the file is damaged") from err
+
+
+def saved_count(state: dict[str, Any], key: str, owner: str) -> int:
+    """``state[key]`` as an integer >= 0, or ``ValueError`` naming ``owner`` and ``key``."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{owner} state {key!r} must be an integer >= 0; got {value!r}")
+    return int(value)
+
+
+def saved_vector(
+    state: dict[str, Any], key: str, owner: str, length: int | None = None, *, nonnegative: bool = False
+) -> np.ndarray:
+    """``state[key]`` as a finite float64 vector (of ``length`` entries, >= 0 if asked), or ``ValueError``
+    naming ``owner``, ``key`` and what is wrong: a corrupted state must not resume and fail steps later."""
+    try:
+        vec = np.asarray(state[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner} state {key!r} must be a list of numbers; got {state[key]!r:.80}") from None
+    if vec.ndim != 1 or (length is not None and vec.shape[0] != length):
+        raise ValueError(f"{owner} state {key!r} must hold {length or 'a list of'} numbers; got shape {vec.shape}")
+    if not np.isfinite(vec).all():
+        raise ValueError(f"{owner} state {key!r} holds non-finite values at {np.flatnonzero(~np.isfinite(vec))[:5]}")
+    if nonnegative and (vec < 0).any():
+        raise ValueError(f"{owner} state {key!r} holds negative values at {np.flatnonzero(vec < 0)[:5]}")
+    return vec
 
 
 def floats_to_json(values: np.ndarray) -> list[float | None]:

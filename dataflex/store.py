@@ -127,12 +127,24 @@ class ScoreStore:
         score = floats_from_json(state["score"])
         if score.shape != self.score.shape:
             raise ValueError(f"score store was saved for {score.shape[0]} examples, this run has {self.score.shape[0]}")
-        self.total_non_finite = int(state["total_non_finite"])
-        self.total_masked = int(state["total_masked"])
-        self.score = floats_from_json(state["score"])
-        self.score_step = np.asarray(state["score_step"], dtype=np.int64)
-        self._local.clear()
+        n = self.score.shape[0]
+        totals = {k: state[k] for k in ("total_non_finite", "total_masked")}
+        if any(not isinstance(v, int) or v < 0 for v in totals.values()):
+            raise ValueError(f"score store counts must be integers >= 0; got {totals}")
+        score_step = np.asarray(state["score_step"])
+        if score_step.shape != (n,) or (score_step.size and not np.issubdtype(score_step.dtype, np.integer)):
+            raise ValueError(f"score store 'score_step' must hold {n} integers; got shape {score_step.shape}")
         pending = np.array(
             [[i, np.nan if v is None else v, h] for i, v, h in state["pending"]], dtype=np.float64
         ).reshape(-1, 3)
+        ids = pending[:, 0]
+        if ((ids < 0) | (ids >= n) | (ids != np.round(ids))).any():
+            bad = ids[(ids < 0) | (ids >= n) | (ids != np.round(ids))][:5].tolist()
+            raise ValueError(f"score store 'pending' names example ids {bad} outside [0, {n})")
+        if not np.isin(pending[:, 2], (0.0, 1.0)).all():
+            raise ValueError("score store 'pending' has_tokens flags must be 0 or 1")
+        self.total_non_finite, self.total_masked = totals["total_non_finite"], totals["total_masked"]
+        self.score = score
+        self.score_step = score_step.astype(np.int64)
+        self._local.clear()
         self._gathered = [pending] if pending.shape[0] else []

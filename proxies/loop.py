@@ -6,9 +6,10 @@ and per-domain statistics are gathered across ranks before the policy sees them,
 unchanged under ``accelerate launch --cpu --num_processes 2``.
 
 Checkpoints (every ``ckpt_every`` steps, and at the end) hold the model, optimizer, sampler, policy,
-score store and objective state; a run restarted with the same arguments continues exactly where the
-last checkpoint left off. Here the loop owns the sampler position (unlike the HF path, nothing else
-fast-forwards the DataLoader).
+score store and objective state, each in its own ``ckpt_dir/step-<N>/`` folder that appears complete or
+not at all (:func:`dataflex.checkpoint.save_step`; the two newest are kept); a run restarted with the
+same arguments continues exactly where the newest checkpoint left off. Here the loop owns the sampler
+position (unlike the HF path, nothing else fast-forwards the DataLoader).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from dataflex import dist
 from dataflex.batching import inspect_loader, rank_position_batches
-from dataflex.checkpoint import json_path, load_state, save_state
+from dataflex.checkpoint import latest_step, load_state, save_step
 from dataflex.losses import per_example_token_loss
 from dataflex.policies.base import BatchObserver, MixingPolicy
 from dataflex.samplers.mixture import DomainMixtureSampler
@@ -157,8 +158,9 @@ def train_mixture(
         global_batch,
     )
     start = 0
-    if ckpt is not None and json_path(ckpt, LOOP_STATE).is_file():
-        start = _load(ckpt, parts)
+    resume_from = latest_step(ckpt, LOOP_STATE) if ckpt is not None else None
+    if resume_from is not None:
+        start = _load(resume_from, parts)
     unwrapped = accelerator.unwrap_model(model)
     domain_t = torch.as_tensor(domain_ids)
     t0 = time.perf_counter() - result.seconds
@@ -246,6 +248,8 @@ def _save(ckpt: Path, parts: _Parts, step: int) -> None:
         }
         state = {
             "step": step,
+            "world_size": parts.accelerator.num_processes,
+            "global_batch": parts.global_batch,
             "sampler": sampler_state,
             "policy": parts.policy.state_dict(),
             "store": store_state,
@@ -254,12 +258,19 @@ def _save(ckpt: Path, parts: _Parts, step: int) -> None:
             "curve": parts.result.curve,
             "seconds": parts.result.seconds,
         }
-        save_state(ckpt, LOOP_STATE, state, tensors)
+        save_step(ckpt, step, LOOP_STATE, state, tensors)
     dist.barrier()
 
 
 def _load(ckpt: Path, parts: _Parts) -> int:
     state, tensors = load_state(ckpt, LOOP_STATE)
+    saved = (state.get("world_size", parts.accelerator.num_processes), state.get("global_batch", parts.global_batch))
+    if saved != (parts.accelerator.num_processes, parts.global_batch):
+        raise ValueError(
+            f"{ckpt} was written by {saved[0]} process(es) with a global batch of {saved[1]}, but this run has "
+            f"{parts.accelerator.num_processes} process(es) and a global batch of {parts.global_batch}: the steps "
+            "would map to other samples; resume with the same number of processes and batch size"
+        )
     parts.accelerator.unwrap_model(parts.model).load_state_dict(tensors["model"])
     parts.optimizer.load_state_dict(tensors["optimizer"])
     parts.scheduler.load_state_dict(tensors["scheduler"])

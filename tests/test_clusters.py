@@ -94,7 +94,7 @@ def test_hidden_state_embeddings_offline_and_from_the_training_forward(tmp_path)
     trainer.train()
     seen = sorted({i for ids in rec.ids.values() for i in ids})
     assert cache.filled[seen].all() and cache.filled.sum() == len(seen)
-    assert (tmp_path / "checkpoint-3" / "dataflex_embeddings.npz").is_file()
+    assert (tmp_path / "checkpoint-3" / "dataflex" / "dataflex_embeddings.npz").is_file()
     # an example's cached embedding equals the offline embedding with the weights of the step it was taken at
     model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)  # make_trainer's initial weights
     first = rec.ids[1][0]

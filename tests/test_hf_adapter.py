@@ -409,7 +409,7 @@ def test_doremi_online_proxy_resumes_bit_exact(ds, tmp_path):
         except KeyboardInterrupt:
             pass
         runs[name] = cb
-    assert (tmp_path / "crash" / "checkpoint-4" / "dataflex_state.pt").is_file()
+    assert (tmp_path / "crash" / "checkpoint-4" / "dataflex" / "dataflex_state.pt").is_file()
     resumed = DataFlexCallback(doremi_online(), update_every=2)
     make_trainer(ds, resumed, tmp_path / "crash", max_steps=8).train(str(tmp_path / "crash" / "checkpoint-4"))
     full = runs["full"].policy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,17 +82,20 @@ def test_loop_resume_reads_its_checkpoint_negative_control(data, tmp_path):
 
     full, _ = run(tmp_path / "full")
     run(tmp_path / "cut", stop=8)
-    state, tensors = load_state(tmp_path / "cut", LOOP_STATE)
+    step8 = tmp_path / "cut" / "step-8"
+    state, tensors = load_state(step8, LOOP_STATE)
     resumed, forwards = run(tmp_path / "cut")
     assert forwards == 4  # steps 9..12 only
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
 
     tensors["model"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors["model"].items()}
-    save_state(tmp_path / "cut", LOOP_STATE, state, tensors)  # the step-8 checkpoint, perturbed
+    shutil.rmtree(tmp_path / "cut" / "step-12")
+    save_state(step8, LOOP_STATE, state, tensors)  # the step-8 checkpoint, perturbed
     perturbed, _ = run(tmp_path / "cut")
     assert not all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), perturbed.state_dict().values()))
 
-    torch.save({"commit": "another save", "tensors": tensors}, tmp_path / "cut" / f"{LOOP_STATE}.pt")
+    shutil.rmtree(tmp_path / "cut" / "step-12")
+    torch.save({"commit": "another save", "tensors": tensors}, step8 / f"{LOOP_STATE}.pt")
     with pytest.raises(ValueError, match="come from different saves"):
         run(tmp_path / "cut")
 

@@ -270,7 +270,7 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["method"] == "rho" and 0 <= result["accuracy"] <= 1 and not result["resumed"]
-    assert (tmp_path / "run" / "checkpoint-4" / "dataflex_state.json").is_file()
+    assert (tmp_path / "run" / "checkpoint-4" / "dataflex" / "dataflex_state.json").is_file()
     holdouts = list((tmp_path / "outputs" / "vlm_work").glob("holdout_2x8_*/model.pt"))
     assert len(holdouts) == 1
     longer = [c if c != "steps=4" else "steps=6" for c in cmd]

@@ -7,6 +7,12 @@ Trainer's dataset), :mod:`~dataflex.hf.checkpoint` (files in the Trainer's check
 """
 
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
-from dataflex.hf.checkpoint import STATE_FILENAME
+from dataflex.hf.checkpoint import STATE_FILENAME, last_complete_checkpoint
 
-__all__ = ["STATE_FILENAME", "DataFlexCallback", "DataFlexCurriculumCallback", "DataFlexSelectCallback"]
+__all__ = [
+    "STATE_FILENAME",
+    "DataFlexCallback",
+    "DataFlexCurriculumCallback",
+    "DataFlexSelectCallback",
+    "last_complete_checkpoint",
+]

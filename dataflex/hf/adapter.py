@@ -8,7 +8,9 @@ What happens, in Trainer events::
                      the decider's observe)
     on_step_end      every ``update_every`` steps after ``warmup_steps``: gather all ranks' records,
                      decide, schedule the decision ``lookahead`` samples ahead, log its metrics
-    on_save          dataflex's state (and tensor state) into the Trainer's checkpoint folder
+    on_step_end /    when the Trainer is about to save: dataflex's state staged beside the output folder
+    on_epoch_end     (before the Trainer writes and rotates its checkpoints)
+    on_save          the staged state moved into the Trainer's checkpoint folder (one rename)
 
 The pieces each do one job: :mod:`~dataflex.hf.tracking` (which positions a micro-batch holds),
 :mod:`~dataflex.hf.capture` (losses from the forward), :mod:`~dataflex.hf.checkpoint` (files),
@@ -44,9 +46,11 @@ from dataflex.hf import checkpoint
 from dataflex.hf.capture import LossCapture
 from dataflex.hf.deciders import Decider, RunContext
 from dataflex.hf.labels import resolve_labels
+from dataflex.hf.lengths import example_lengths
 from dataflex.hf.tracking import BatchTracker
 from dataflex.losses import padding_free_segments
 from dataflex.samplers.base import ScheduledSampler
+from dataflex.samplers.length import LengthGrouping, default_megabatch
 from dataflex.state import unwrap_state, wrap_state
 from dataflex.store import ScoreStore
 from dataflex.taps import Tap
@@ -71,6 +75,13 @@ def _trainer_on_stack() -> Trainer | None:
         return None
     finally:
         del frame
+
+
+def _describe(batching: dict[str, int]) -> str:
+    return (
+        f"{batching.get('world_size')} process(es) x per-device batch {batching.get('per_device_batch')} x "
+        f"gradient accumulation {batching.get('gradient_accumulation_steps')}"
+    )
 
 
 class TrainerAdapter(TrainerCallback):
@@ -127,6 +138,9 @@ class TrainerAdapter(TrainerCallback):
         self._step_records: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         self._step_now = 0
         self._checks_left = 0
+        self._staged_step = -1  # global step whose state is staged for the Trainer's next checkpoint
+        self._batching: dict[str, int] = {}  # processes and batch sizes: the step <-> sample mapping
+        self._warned: set[str] = set()  # no-signal conditions already reported
         if trainer is not None:
             self.attach(trainer)
 
@@ -221,9 +235,20 @@ class TrainerAdapter(TrainerCallback):
             resuming=folder is not None and checkpoint.has_state(folder),
         )
         self.sampler = self.decider.build_sampler(self.run)
+        grouping = None
+        if getattr(args, "train_sampling_strategy", "random") == "group_by_length":
+            grouping = self._length_grouping(args, trainer, dataset, self.run.samples_per_step)
+            self.sampler.group_by_length(grouping)
         layout.batch_sampler.sampler = self.sampler
         self.store = ScoreStore(domain_ids, len(self.domain_names))
-        self.tracker = BatchTracker.from_layout(layout, n, accum, self.lookahead_batches)
+        # A length-sorted block is fixed before its first batch trains: decisions land after the current block.
+        block_batches = 0 if grouping is None else -(-grouping.megabatch // (layout.batch_size * layout.world_size))
+        self.tracker = BatchTracker.from_layout(layout, n, accum, self.lookahead_batches, block_batches)
+        self._batching = {
+            "world_size": layout.world_size,
+            "per_device_batch": layout.batch_size,
+            "gradient_accumulation_steps": accum,
+        }
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
         self._attach_hooks(model)
         if self.run.resuming:
@@ -245,12 +270,29 @@ class TrainerAdapter(TrainerCallback):
                 "train_sampling_strategy='batch_rebalance' builds its own batches, which dataflex's sampler would "
                 "replace; use train_sampling_strategy='random' with dataflex"
             )
-        if strategy in ("group_by_length", "sequential"):
+        if strategy == "sequential":
             warnings.warn(
-                f"train_sampling_strategy={strategy!r} is replaced by dataflex's {type(self.decider).__name__} "
-                "sampler: batches follow dataflex's order and are not grouped by length",
+                f"train_sampling_strategy='sequential' is replaced by dataflex's {type(self.decider).__name__} "
+                "sampler: batches follow dataflex's order, not the dataset's",
                 stacklevel=3,
             )
+        elif strategy not in ("random", "group_by_length"):
+            raise ValueError(
+                f"train_sampling_strategy={strategy!r} is not supported with dataflex; use 'random' or "
+                "'group_by_length' (length-sorted blocks of dataflex's order)"
+            )
+
+    def _length_grouping(self, args: Any, trainer: Trainer | None, dataset: Any, per_step: int) -> LengthGrouping:
+        """Stock ``group_by_length`` applied to dataflex's order: blocks of the stock size sorted by length."""
+        processing = getattr(trainer, "processing_class", None)
+        names = getattr(processing, "model_input_names", None) or ["input_ids"]
+        lengths = example_lengths(
+            loader_dataset=dataset,
+            trainer_dataset=getattr(trainer, "train_dataset", None),
+            length_column=getattr(args, "length_column_name", "length"),
+            input_name=names[0],
+        )
+        return LengthGrouping(lengths, default_megabatch(len(dataset), per_step))
 
     def _attach_hooks(self, model: torch.nn.Module) -> None:
         self._detach_hooks()
@@ -361,6 +403,8 @@ class TrainerAdapter(TrainerCallback):
         step, every = state.global_step, self.decider.update_every
         if every is not None and step > self.warmup_steps and step % every == 0:
             self._update(step, control)
+        if control.should_save:  # the Trainer saves right after this event: stage our state first
+            self._stage(args, state)
 
     def consumed_samples(self, global_step: int) -> int:
         """Global sample index reached after ``global_step`` optimizer steps (counted at the consumer)."""
@@ -368,11 +412,35 @@ class TrainerAdapter(TrainerCallback):
 
     def _update(self, step: int, control: Any) -> None:
         stats = self.store.flush(step)
+        self._warn_without_signal(stats, step)
         value, logs = self.decider.decide(step, stats, self.store, self.run)
         effective_at = self.tracker.effective_at(step)
         self.sampler.schedule.add(effective_at, value)
         self.history.append(self._history_entry(step, effective_at))
         self._log(step, logs, control)
+
+    def _warn_without_signal(self, stats: Any, step: int) -> None:
+        """Say so (once per condition) when a decision is taken on little or no signal."""
+        total = int(stats.count.sum()) + stats.non_finite + stats.masked
+        conditions = []
+        if total and stats.non_finite > total / 2:
+            conditions.append(("non_finite", f"{stats.non_finite} of {total} examples had a NaN/Inf loss"))
+        if total and stats.masked > total / 2:
+            conditions.append(("masked", f"{stats.masked} of {total} examples had no label token (all -100)"))
+        if stats.non_finite and "parameters" not in self._warned:
+            bad = next((n for n, p in self.run.model.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:
+                conditions.append(("parameters", f"the model's parameters are not finite (first: {bad})"))
+        for key, what in conditions:
+            if key in self._warned:
+                continue
+            self._warned.add(key)
+            message = (
+                f"dataflex at step {step}: {what}; {type(self.decider).__name__} decides on the rest, which may be "
+                "nothing (then the previous decision stands). Check the learning rate, the data and the labels"
+            )
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
 
     def _log(self, step: int, logs: dict[str, float], control: Any) -> None:
         """Send metrics through Trainer.log without costing the Trainer its own log entry of this step."""
@@ -387,16 +455,27 @@ class TrainerAdapter(TrainerCallback):
         self._trainer.control.should_log = should_log
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:  # save_strategy="epoch": the Trainer saves after this event
+            self._stage(args, state)
+
     def on_save(self, args, state, control, **kwargs):
+        if self._staged_step != state.global_step:  # a save nobody announced (save_strategy="best", manual)
+            self._stage(args, state)
+        if state.is_world_process_zero:
+            folder = checkpoint.checkpoint_folder(args.output_dir, state.global_step)
+            if not checkpoint.commit(folder):
+                warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
+        dist.barrier()  # no rank may run ahead (and possibly crash and resume) before the state is in place
+
+    def _stage(self, args: Any, state: Any) -> None:
+        """Write this step's state where a crash cannot lose it, before the Trainer's own checkpoint."""
         payload = self.state_dict(global_step=state.global_step)  # collective: every rank calls it
         tensors = self.decider.tensor_state_dict()
         if state.is_world_process_zero:
             folder = checkpoint.checkpoint_folder(args.output_dir, state.global_step)
-            if os.path.isdir(folder):
-                checkpoint.save(folder, payload, tensors, self.embeddings)
-            else:
-                warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
-        # No rank may run ahead (and possibly crash and resume) before the state is on disk.
+            checkpoint.stage(folder, payload, tensors, self.embeddings)
+        self._staged_step = state.global_step
         dist.barrier()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -409,7 +488,8 @@ class TrainerAdapter(TrainerCallback):
         if checkpoint.has_state(folder):
             return
         message = (
-            f"resuming at step {global_step} but {os.path.join(folder, checkpoint.STATE_FILENAME)} does not exist: "
+            f"resuming at step {global_step} but {folder} has no dataflex state "
+            f"({checkpoint.STATE_DIRNAME}/{checkpoint.STATE_FILENAME}): "
             "this checkpoint has no dataflex state, so the example order and decisions of the interrupted run "
             "cannot be reproduced"
         )
@@ -419,14 +499,23 @@ class TrainerAdapter(TrainerCallback):
 
     def _restore(self, folder: str, global_step: int) -> None:
         payload, tensors = checkpoint.restore(folder, self.embeddings)
-        self.load_state_dict(payload, global_step=global_step)
-        self.decider.load_tensor_state_dict(tensors)
+        where = os.path.join(checkpoint.state_folder(folder) or folder, checkpoint.STATE_FILENAME)
+        try:
+            self.load_state_dict(payload, global_step=global_step)
+            self.decider.load_tensor_state_dict(tensors)
+        except KeyError as missing:  # an incomplete state: name the file and the field, not a bare KeyError
+            raise ValueError(
+                f"{where} is incomplete: it has no field {missing}; it was not written by dataflex or was edited"
+            ) from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where} cannot be resumed: {error}") from error
 
     def state_dict(self, global_step: int) -> dict[str, Any]:
         return wrap_state(
             self.sampler.fingerprint,
             {
                 "global_step": int(global_step),
+                "batching": self._batching,
                 "sampler": self.sampler.state_dict(consumed=0),
                 "decider": self.decider.state_dict(),
                 "store": self.store.state_dict(),
@@ -441,10 +530,25 @@ class TrainerAdapter(TrainerCallback):
             raise ValueError(
                 f"dataflex state is from step {payload['global_step']} but the Trainer resumes at step {global_step}"
             )
+        saved = payload.get("batching", self._batching)  # older states did not record it
+        if saved != self._batching:
+            raise ValueError(
+                f"the checkpoint was written with {_describe(saved)} but this run has {_describe(self._batching)}: "
+                "the Trainer would map its steps to other samples, so the run would not continue where it stopped; "
+                "resume with the same number of processes, per-device batch size and gradient accumulation"
+            )
         # The Trainer skips consumed batches itself, so the sampler must not skip them again.
         self.sampler.load_state_dict(payload["sampler"], restore_position=False)
         self.decider.load_state_dict(payload["decider"])
         self.store.load_state_dict(payload["store"])
-        self.history = list(payload["history"])
+        history = payload["history"]
+        schedule = self.sampler.schedule
+        starts = [schedule.segment(i)[0] for i in range(len(schedule))]
+        if not isinstance(history, list) or [h.get("effective_at") for h in history] != starts:
+            raise ValueError(
+                f"the decision history ({len(history)} entries) does not match the sampler's schedule "
+                f"({len(starts)} events at samples {starts[:6]}...): the state was truncated or edited"
+            )
+        self.history = list(history)
         self.capture.missing_labels = int(payload["missing_labels"])
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0

@@ -1,9 +1,21 @@
 """Checkpoint I/O of the Trainer adapter: file names, save, restore, the resume folder, the LLaVA weight repair.
 
-dataflex's state goes into the Trainer's own checkpoint folder (``checkpoint-<step>``), written in
-``on_save`` after the Trainer wrote its files: ``dataflex_state.json`` always, ``dataflex_state.pt``
-when a decider holds tensors (online DoReMi's proxy and optimizer; see :mod:`dataflex.checkpoint`)
-and ``dataflex_embeddings.npz`` when embeddings are collected.
+dataflex's state goes into the Trainer's own checkpoint folder, as one sub-folder
+``checkpoint-<step>/dataflex/``: ``dataflex_state.json`` always, ``dataflex_state.pt`` when a decider
+holds tensors (online DoReMi's proxy and optimizer; see :mod:`dataflex.checkpoint`) and
+``dataflex_embeddings.npz`` when embeddings are collected.
+
+Crash safety. The Trainer writes a checkpoint's files one after another and then deletes older
+checkpoints (``save_total_limit``) *before* callbacks hear ``on_save``. Writing dataflex's state in
+``on_save`` would leave a window in which the newest checkpoint has no dataflex state and the previous
+one is already gone. So the state is written *before* the Trainer saves — at ``on_step_end`` /
+``on_epoch_end`` once the Trainer has decided to save — into ``<output_dir>/.dataflex-pending/
+checkpoint-<step>/`` (written in a temporary folder, then renamed: complete or absent), and ``on_save``
+moves that folder into the checkpoint with one rename. A kill at any instant leaves the state either in
+the checkpoint or in the pending area; :func:`state_folder` looks in both, and
+:func:`last_complete_checkpoint` names the newest checkpoint whose Trainer files and dataflex state are
+all there. Checkpoints written by older dataflex versions (files directly in ``checkpoint-<step>``)
+are still read.
 
 The resumed folder is the one the user passed to ``Trainer.train(resume_from_checkpoint=...)``
 (recorded by :func:`record_resume_requests` when the callback is attached to the trainer), the
@@ -26,13 +38,16 @@ import functools
 import json
 import logging
 import os
+import re
+import shutil
+import uuid
 import weakref
 from typing import Any
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dataflex.checkpoint import load_state, save_state
+from dataflex.checkpoint import fsync_dir, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +98,18 @@ def repair_resumed_weights(model: torch.nn.Module, folder: str) -> bool:
 STATE_NAME = "dataflex_state"  # dataflex_state.json (+ dataflex_state.pt with tensor state)
 STATE_FILENAME = STATE_NAME + ".json"
 EMBEDDINGS_FILENAME = "dataflex_embeddings.npz"
+STATE_DIRNAME = "dataflex"  # checkpoint-<step>/dataflex/ holds the files above
+PENDING_DIRNAME = ".dataflex-pending"  # <output_dir>/.dataflex-pending/checkpoint-<step>/: staged, not yet moved
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last, after weights, optimizer and RNG states
+WEIGHT_FILES = (
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 # What each attached trainer's latest train() call asked to resume from (str, True or None).
 _RESUME_REQUESTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -118,15 +145,68 @@ def resume_folder(trainer: Any, output_dir: str, global_step: int, fallback: str
     return fallback or checkpoint_folder(output_dir, global_step)
 
 
-def save(folder: str, state: dict[str, Any], tensors: dict[str, Any] | None, embeddings: Any = None) -> None:
-    """Write dataflex's files into a Trainer checkpoint folder (call on the main process)."""
-    save_state(folder, STATE_NAME, state, tensors)
+def pending_folder(checkpoint: str) -> str:
+    """Where dataflex stages the state of ``checkpoint`` before the Trainer has written it."""
+    parent, name = os.path.split(os.path.normpath(checkpoint))
+    return os.path.join(parent, PENDING_DIRNAME, name)
+
+
+def stage(checkpoint: str, state: dict[str, Any], tensors: dict[str, Any] | None, embeddings: Any = None) -> str:
+    """Write dataflex's files for ``checkpoint`` into its pending folder, completely or not at all."""
+    final = pending_folder(checkpoint)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    save_state(tmp, STATE_NAME, state, tensors)
     if embeddings is not None:
-        embeddings.save(os.path.join(folder, EMBEDDINGS_FILENAME))
+        embeddings.save(os.path.join(tmp, EMBEDDINGS_FILENAME))
+    fsync_dir(tmp)
+    if os.path.isdir(final):  # staged by an earlier attempt at this step (a resumed run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
+    return final
 
 
-def restore(folder: str, embeddings: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Read dataflex's files from a Trainer checkpoint folder: ``(state, tensors or None)``."""
+def commit(checkpoint: str) -> bool:
+    """Move the staged state into ``checkpoint/dataflex`` (one rename); False if nothing was staged."""
+    staged, target = pending_folder(checkpoint), os.path.join(checkpoint, STATE_DIRNAME)
+    if not os.path.isdir(staged) or not os.path.isdir(checkpoint):
+        return False
+    if os.path.isdir(target):  # a checkpoint rewritten at the same step: the new state wins
+        shutil.rmtree(target)
+    os.replace(staged, target)
+    fsync_dir(checkpoint)
+    _drop_stale_pending(os.path.dirname(staged), _step_of(checkpoint))
+    return True
+
+
+def _step_of(checkpoint: str) -> int:
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else -1
+
+
+def _drop_stale_pending(pending_root: str, step: int) -> None:
+    """Staged states of earlier steps whose Trainer save never finished, and half-written staging folders."""
+    for name in os.listdir(pending_root):
+        match = _CHECKPOINT.match(name)
+        if ".tmp-" in name or (match and int(match.group(1)) < step):
+            shutil.rmtree(os.path.join(pending_root, name), ignore_errors=True)
+
+
+def state_folder(checkpoint: str) -> str | None:
+    """The folder holding ``checkpoint``'s dataflex state: committed, still pending, or (older versions)
+    the checkpoint itself; None when there is none."""
+    for folder in (os.path.join(checkpoint, STATE_DIRNAME), pending_folder(checkpoint), checkpoint):
+        if os.path.isfile(os.path.join(folder, STATE_FILENAME)):
+            return folder
+    return None
+
+
+def restore(checkpoint: str, embeddings: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Read dataflex's files of a Trainer checkpoint: ``(state, tensors or None)``."""
+    folder = state_folder(checkpoint)
+    if folder is None:
+        raise FileNotFoundError(f"{checkpoint} has no dataflex state ({STATE_DIRNAME}/{STATE_FILENAME})")
     state, tensors = load_state(folder, STATE_NAME)
     path = os.path.join(folder, EMBEDDINGS_FILENAME)
     if embeddings is not None and os.path.isfile(path):
@@ -134,18 +214,62 @@ def restore(folder: str, embeddings: Any = None) -> tuple[dict[str, Any], dict[s
     return state, tensors
 
 
-def has_state(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, STATE_FILENAME))
+def has_state(checkpoint: str) -> bool:
+    return state_folder(checkpoint) is not None
+
+
+def trainer_files_complete(checkpoint: str) -> bool:
+    """The Trainer finished writing ``checkpoint``: its ``trainer_state.json`` (written last) parses and
+    names this step, and model weights are there (full, sharded, adapter or DeepSpeed)."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if step != _step_of(checkpoint):
+        return False
+    return any(os.path.isfile(os.path.join(checkpoint, name)) for name in WEIGHT_FILES) or any(
+        name.startswith("global_step") for name in os.listdir(checkpoint)
+    )
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_dataflex: bool = True) -> str | None:
+    """The newest ``checkpoint-<step>`` of ``output_dir`` that a resume can use, or None.
+
+    Skips checkpoints the Trainer did not finish writing (killed mid-save) and, with ``require_dataflex``,
+    those without dataflex state. Use it as ``trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))``
+    after a crash instead of ``resume_from_checkpoint=True``, which takes the newest folder whatever it holds.
+    """
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        if trainer_files_complete(folder) and (not require_dataflex or has_state(folder)):
+            return folder
+    return None
 
 
 __all__ = [
     "EMBEDDINGS_FILENAME",
+    "PENDING_DIRNAME",
+    "STATE_DIRNAME",
     "STATE_FILENAME",
     "checkpoint_folder",
+    "commit",
     "has_state",
+    "last_complete_checkpoint",
+    "pending_folder",
     "record_resume_requests",
     "repair_resumed_weights",
     "restore",
     "resume_folder",
-    "save",
+    "stage",
+    "state_folder",
+    "trainer_files_complete",
 ]

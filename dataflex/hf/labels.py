@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from dataflex.domains import label_texts
+
 __all__ = ["resolve_labels"]
 
 
@@ -46,7 +48,7 @@ def resolve_labels(
                 f"the Trainer's train_dataset has {len(source)} rows but its DataLoader serves {n}: dataflex cannot "
                 f"tell which {column!r} label belongs to which training example"
             )
-        column_labels = [str(x) for x in source[column]]
+        column_labels = label_texts(source[column], f"the {column!r} labels")
     if given is None:
         if column_labels is not None:
             return column_labels
@@ -57,7 +59,7 @@ def resolve_labels(
                 "dataset you give the Trainer, or pass the labels explicitly (domains=...)"
             )
         return ["pool"] * n
-    labels = [str(x) for x in given]
+    labels = label_texts(given, "the labels given to dataflex")
     if len(labels) != n:
         raise ValueError(
             f"got {len(labels)} domain labels for a training set of {n} examples; give one label per example, in "

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dataflex.policies.base import BoundPolicy
+from dataflex.state import saved_count, saved_vector
 from dataflex.store import DomainStats
 
 __all__ = ["ADO", "ALPHA_GRID", "fit_power_law"]
@@ -151,9 +152,13 @@ class ADO(BoundPolicy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.h = np.asarray(state["h"], dtype=np.float64)
-        self.rho_bar = np.asarray(state["rho_bar"], dtype=np.float64)
-        self.seen = np.asarray(state["seen"], dtype=np.float64)
-        self.history_n = [list(r) for r in state["history_n"]]
-        self.history_loss = [[np.nan if v is None else v for v in r] for r in state["history_loss"]]
-        self.t = int(state["t"])
+        h = saved_vector(state, "h", "ADO")
+        k = h.shape[0]
+        rho_bar = saved_vector(state, "rho_bar", "ADO", k, nonnegative=True)
+        seen = saved_vector(state, "seen", "ADO", k, nonnegative=True)
+        history_n = [list(r) for r in state["history_n"]]
+        history_loss = [[np.nan if v is None else v for v in r] for r in state["history_loss"]]
+        if len(history_n) != len(history_loss) or any(len(r) != k for r in history_n + history_loss):
+            raise ValueError(f"ADO state histories must be {k}-domain rows of equal count")
+        self.h, self.rho_bar, self.seen, self.t = h, rho_bar, seen, saved_count(state, "t", "ADO")
+        self.history_n, self.history_loss = history_n, history_loss

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.state import saved_count, saved_vector
+from dataflex.weights import SUM_TOLERANCE
 
 __all__ = ["GroupDROWeights", "domain_excess", "doremi_update", "group_dro_step"]
 
@@ -127,7 +129,9 @@ class GroupDROWeights:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
-        self.steps = int(state["steps"])
+        alpha = saved_vector(state, "alpha", "DoReMi", nonnegative=True)
+        if abs(alpha.sum() - 1.0) > SUM_TOLERANCE:
+            raise ValueError(f"DoReMi state 'alpha' must sum to 1; got {alpha.sum():.8g}")
+        self.alpha_sum = saved_vector(state, "alpha_sum", "DoReMi", alpha.shape[0], nonnegative=True)
+        self.alpha, self.steps = alpha, saved_count(state, "steps", "DoReMi")
         self.trajectory = [list(r) for r in state.get("trajectory", [])]

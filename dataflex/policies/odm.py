@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dataflex.policies.base import BoundPolicy
+from dataflex.state import saved_count, saved_vector
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor
 
@@ -107,9 +108,10 @@ class ODM(BoundPolicy):
         return {"t": self.t, "rewards": None if self.rewards is None else self.rewards.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.t = int(state["t"])
+        t = saved_count(state, "t", "ODM")
         if state["rewards"] is not None:
-            rewards = np.asarray(state["rewards"], dtype=np.float64)
+            rewards = saved_vector(state, "rewards", "ODM")
             if self.rewards is not None and rewards.shape != self.rewards.shape:
                 raise ValueError(f"ODM state has {rewards.shape[0]} domains, this run has {self.rewards.shape[0]}")
             self.rewards = rewards
+        self.t = t

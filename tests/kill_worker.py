@@ -1,0 +1,218 @@
+"""A Trainer run with DataFlexCallback that SIGKILLs itself at a chosen phase of a chosen checkpoint save.
+
+    python tests/kill_worker.py OUT [--phase PHASE --kill-step N] [--save-total-limit L]
+
+Every start resumes from ``dataflex.hf.last_complete_checkpoint(OUT)`` (fresh when there is none). Each
+optimizer step's example ids are appended to ``OUT/steps.jsonl`` as they happen (a later, resumed run
+rewrites the steps it repeats); a run that finishes writes ``OUT/result.json``. The kill is armed only
+on the first start (``OUT/armed`` marks it), so rerunning the same command after the kill completes the run.
+
+With ``--loop`` the run is the plain loop (``dataflex.proxies.loop.train_mixture`` with ``ckpt_dir=OUT``,
+rerun to continue) and the phases are ``loop_between_files`` (the tensor file of step N is written, the
+JSON not) and ``loop_after_save`` (step N's checkpoint is complete).
+
+Phases of the Trainer run (where inside the save of step N the process dies):
+  model_save      the Trainer has written the weights, not the optimizer
+  trainer_state   half of trainer_state.json (the Trainer's last file) is written
+  after_rotation  the Trainer finished and deleted older checkpoints; dataflex has not yet moved its state in
+  dataflex_write  half of dataflex's JSON is written (in its staging folder)
+  commit          dataflex's state is staged, the Trainer's checkpoint complete, the move not yet done
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import transformers.trainer as hf_trainer  # noqa: E402
+from hf_helpers import comparable_log, make_trainer, small_dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import TrainerState  # noqa: E402
+
+import dataflex.checkpoint as df_checkpoint  # noqa: E402
+import dataflex.hf.checkpoint as hf_checkpoint  # noqa: E402
+import dataflex.proxies.loop as loop_module  # noqa: E402
+from dataflex import DataFlexCallback  # noqa: E402
+from dataflex.hf import last_complete_checkpoint  # noqa: E402
+from dataflex.policies import ODM  # noqa: E402
+
+PHASES = ("model_save", "trainer_state", "after_rotation", "dataflex_write", "commit")
+LOOP_PHASES = ("loop_between_files", "loop_after_save")
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm_loop(phase: str, step: int) -> None:
+    """Patch the plain loop's checkpoint writer so the process dies in ``phase`` of the step-``step`` save."""
+    original_write, original_save = df_checkpoint.write_json_atomic, df_checkpoint.save_step
+
+    def write(path, obj):
+        if phase == "loop_between_files" and obj.get("step") == step:
+            die()
+        return original_write(path, obj)
+
+    def save(root, at, *args, **kwargs):
+        folder = original_save(root, at, *args, **kwargs)
+        if phase == "loop_after_save" and at == step:
+            die()
+        return folder
+
+    df_checkpoint.write_json_atomic = write
+    loop_module.save_step = save
+
+
+def run_loop(out: Path, steps: int = 12, save_steps: int = 2) -> None:
+    from dataflex.domains import encode_domains
+    from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
+
+    ds = small_dataset(per_domain=12)
+    ids, names = encode_domains(ds["domain"])
+    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+    result = loop_module.train_mixture(
+        model,
+        ds,
+        ids,
+        names,
+        ODM(),
+        collate=collate_causal,
+        steps=steps,
+        batch_size=8,
+        lr=3e-3,
+        seed=0,
+        update_every=2,
+        progress=False,
+        ckpt_dir=out,
+        ckpt_every=save_steps,
+    )
+    (out / "result.json").write_text(
+        json.dumps({"history": result.history, "params": params_digest(model), "log": [], "steps": {}})
+    )
+
+
+def params_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def arm(phase: str, step: int, trainer) -> None:
+    """Patch the function the phase names so the process dies there at global step ``step``."""
+    at_step = lambda: trainer.state.global_step == step  # noqa: E731
+    if phase == "model_save":
+        original = trainer._save_optimizer_and_scheduler
+        trainer._save_optimizer_and_scheduler = lambda out: die() if at_step() else original(out)
+    elif phase == "trainer_state":
+        original_save = TrainerState.save_to_json
+
+        def half_json(self, path):
+            if not at_step():
+                return original_save(self, path)
+            text = json.dumps(self.__dict__, default=str)
+            Path(path).write_text(text[: len(text) // 2])
+            die()
+
+        TrainerState.save_to_json = half_json
+    elif phase == "after_rotation":
+        original_rotate = hf_trainer.rotate_checkpoints
+
+        def rotate_then_die(*args, **kwargs):
+            original_rotate(*args, **kwargs)
+            if at_step():
+                die()
+
+        hf_trainer.rotate_checkpoints = rotate_then_die
+    elif phase == "dataflex_write":
+        original_write = df_checkpoint.write_json_atomic
+
+        def half_write(path, obj):
+            if not at_step():
+                return original_write(path, obj)
+            text = json.dumps(obj)
+            Path(str(path) + ".tmp").write_text(text[: len(text) // 2])
+            die()
+
+        df_checkpoint.write_json_atomic = half_write
+    elif phase == "commit":
+        original_commit = hf_checkpoint.commit
+        hf_checkpoint.commit = lambda folder: die() if at_step() else original_commit(folder)
+    else:
+        raise ValueError(f"phase={phase!r}; valid: {PHASES}")
+
+
+class StepLog(TrainerCallback):
+    def __init__(self, dfx, path: Path) -> None:
+        self.dfx, self.path = dfx, path
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ids, _, _ = self.dfx.last_step_records()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, "ids": ids.tolist()}) + "\n")
+
+
+def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_limit: int | None = None):
+    out.mkdir(parents=True, exist_ok=True)
+    dfx = DataFlexCallback(ODM(), update_every=1)
+    trainer = make_trainer(
+        small_dataset(per_domain=12),
+        dfx,
+        out,
+        max_steps=steps,
+        save_steps=save_steps,
+        logging_steps=1,
+        extra=[StepLog(dfx, out / "steps.jsonl")],
+        save_total_limit=save_total_limit,
+    )
+    return dfx, trainer
+
+
+def run_trainer(dfx, trainer, out: Path) -> None:
+    """Train from the newest complete checkpoint of ``out`` (or afresh) and write ``out/result.json``."""
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "history": dfx.history,
+                "params": params_digest(trainer.model),
+                "log": comparable_log(trainer.state.log_history),
+            }
+        )
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", type=Path)
+    p.add_argument("--phase", choices=PHASES + LOOP_PHASES)
+    p.add_argument("--loop", action="store_true", help="the plain loop instead of the Trainer")
+    p.add_argument("--kill-step", type=int, default=0)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--save-steps", type=int, default=2)
+    p.add_argument("--save-total-limit", type=int, default=None)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    marker = args.out / "armed"
+    armed = args.phase is not None and not marker.exists()
+    if armed:
+        marker.write_text(args.phase)
+    if args.loop:
+        if armed:
+            arm_loop(args.phase, args.kill_step)
+        return run_loop(args.out, args.steps, args.save_steps)
+    dfx, trainer = build_trainer(args.out, args.steps, args.save_steps, args.save_total_limit)
+    if armed:
+        arm(args.phase, args.kill_step, trainer)
+    run_trainer(dfx, trainer, args.out)
+
+
+if __name__ == "__main__":
+    main()

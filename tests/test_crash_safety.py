@@ -1,0 +1,142 @@
+"""kill -9 during checkpoint saves: resuming through ``last_complete_checkpoint`` ends bit-exact, nothing lost.
+
+Each case runs ``tests/kill_worker.py`` in a subprocess that SIGKILLs itself at one phase of one save, then
+resumes the run from ``dataflex.hf.last_complete_checkpoint`` (in this process in the default suite, by
+rerunning the same command in the slow matrix) and compares example ids per step, decisions, every logged
+entry and the final parameters with an uninterrupted run of the same code. Subprocesses get this process's
+thread count, so float results do not depend on where a run happened. The full matrix
+(every phase, ``save_total_limit`` 1 and 2, random-time kills) is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from kill_worker import build_trainer, run_loop, run_trainer
+
+from dataflex.checkpoint import latest_step
+from dataflex.hf import last_complete_checkpoint
+from dataflex.proxies.loop import LOOP_STATE
+
+HERE = Path(__file__).resolve().parent
+SAVE_STEPS = 2  # kill_worker's default
+# Killed once the step's checkpoint (Trainer files and dataflex state) is complete: resume at that step.
+RESUMES_AT_THE_KILLED_STEP = {"after_rotation", "commit", "loop_after_save"}
+WORKER = HERE / "kill_worker.py"
+
+
+def start(out: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def finish(proc: subprocess.Popen) -> int:
+    _, err = proc.communicate(timeout=600)
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(err.decode()[-4000:])
+    return proc.returncode
+
+
+def outcome(out: Path) -> dict:
+    steps: dict[int, list[int]] = {}
+    lines = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
+    for line in lines:
+        record = json.loads(line)
+        steps[record["step"]] = record["ids"]  # a resumed run rewrites the steps it repeats
+    return {**json.loads((out / "result.json").read_text()), "steps": steps}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("reference")
+    run_trainer(*build_trainer(out), out)
+    return outcome(out)
+
+
+@pytest.fixture(scope="module")
+def loop_reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("loop_reference")
+    run_loop(out)
+    return outcome(out)
+
+
+def kill_and_resume(
+    out: Path, phase: str, step: int, limit: int | None, loop: bool = False, in_process: bool = False
+) -> dict:
+    """Kill a run at ``phase`` of step ``step``'s save, then resume it (here, or by rerunning the command)."""
+    extra = [] if limit is None else ["--save-total-limit", str(limit)]
+    extra += ["--loop"] if loop else []
+    assert finish(start(out, "--phase", phase, "--kill-step", str(step), *extra)) == -signal.SIGKILL
+    assert not (out / "result.json").exists()
+    # A deterministic run restarted from scratch would also end equal: check it resumes where it should.
+    expected = step if phase in RESUMES_AT_THE_KILLED_STEP else step - SAVE_STEPS
+    found = latest_step(out, LOOP_STATE) if loop else last_complete_checkpoint(out)
+    want = f"step-{expected}" if loop else f"checkpoint-{expected}"
+    assert found is not None and Path(found).name == want, f"resumes from {found}, expected {want}"
+    if not in_process:
+        assert finish(start(out, *extra)) == 0
+    elif loop:
+        run_loop(out)
+    else:
+        run_trainer(*build_trainer(out, save_total_limit=limit), out)
+    return outcome(out)
+
+
+def assert_same_run(result: dict, reference: dict) -> None:
+    assert result["steps"] == reference["steps"], "example ids per step differ"
+    assert result["history"] == reference["history"], "decisions differ"
+    assert result["log"] == reference["log"], "logged entries differ"
+    assert result["params"] == reference["params"], "final parameters differ"
+
+
+def test_kill_after_the_trainers_rotation_resumes_exactly(reference, tmp_path):
+    """The window that lost runs before: the Trainer had saved and, with save_total_limit=1, deleted the
+    previous checkpoint, but dataflex's state was not yet in the new one."""
+    assert_same_run(kill_and_resume(tmp_path, "after_rotation", 6, 1, in_process=True), reference)
+
+
+def test_plain_loop_killed_between_its_files_resumes_exactly(loop_reference, tmp_path):
+    """Before: a kill between the loop's two files combined step-N tensors with an older JSON state."""
+    assert_same_run(
+        kill_and_resume(tmp_path, "loop_between_files", 6, None, loop=True, in_process=True), loop_reference
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["loop_between_files", "loop_after_save"])
+@pytest.mark.parametrize("step", [4, 10])
+def test_plain_loop_killed_while_checkpointing_resumes_exactly(loop_reference, tmp_path, phase, step):
+    assert_same_run(kill_and_resume(tmp_path, phase, step, None, loop=True), loop_reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [1, 2])
+@pytest.mark.parametrize("phase", ["model_save", "trainer_state", "after_rotation", "dataflex_write", "commit"])
+@pytest.mark.parametrize("step", [4, 10])
+def test_kill_at_every_phase_resumes_exactly(reference, tmp_path, phase, limit, step):
+    assert_same_run(kill_and_resume(tmp_path, phase, step, limit), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(20))
+def test_kill_at_a_random_instant_resumes_exactly(reference, tmp_path, trial):
+    """SIGKILL from outside at a random time of the run (startup included), then rerun until it finishes."""
+    rng = random.Random(trial)
+    proc = start(tmp_path, "--save-total-limit", str(1 + trial % 2))
+    time.sleep(rng.uniform(2.0, 12.0))
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    while not (tmp_path / "result.json").exists():
+        assert finish(start(tmp_path, "--save-total-limit", str(1 + trial % 2))) == 0
+    assert_same_run(outcome(tmp_path), reference)

@@ -1,0 +1,170 @@
+"""Bad labels, bad state and resumes under other batch settings: refused with the value named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import make_trainer, small_dataset
+from transformers import TrainerCallback
+
+from dataflex import DataFlexCallback
+from dataflex.domains import encode_domains, label_texts
+from dataflex.policies import ODM, Uniform
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return small_dataset(per_domain=12)
+
+
+@pytest.mark.parametrize(
+    "labels,message",
+    [
+        (["a", None, "b", None], r"missing \(None or NaN\) at 2 of 4 examples, first at positions \[1, 3\]"),
+        (["a", float("nan"), "b"], r"missing \(None or NaN\) at 1 of 3 examples, first at positions \[1\]"),
+        (["a", np.float32("nan")], r"positions \[1\]"),
+        ([1, "1", 2], r"1 \(int\) and '1' \(str\) both read as '1'"),
+        ([True, "True"], r"True \(bool\) and 'True' \(str\)"),
+    ],
+)
+def test_labels_that_text_would_distort_are_refused(labels, message):
+    with pytest.raises(ValueError, match=message):
+        encode_domains(labels)
+
+
+def test_labels_of_equal_value_and_different_types_are_one_domain():
+    assert label_texts(["a", np.str_("a"), "b"]) == ["a", "a", "b"]
+    ids, names = encode_domains([1, np.int64(1), 2])
+    assert names == ["1", "2"] and ids.tolist() == [0, 0, 1]
+
+
+def test_trainer_refuses_a_domain_column_with_missing_labels(ds, tmp_path):
+    domains = list(ds["domain"])
+    domains[5] = None
+    bad = ds.remove_columns("domain").add_column("domain", domains)
+    with pytest.raises(ValueError, match=r"the 'domain' labels are missing .* positions \[5\]"):
+        make_trainer(bad, DataFlexCallback(Uniform()), tmp_path, max_steps=1).train()
+
+
+def test_resume_with_other_batch_settings_is_refused_naming_both(ds, tmp_path):
+    make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=4, save_steps=4).train()
+    ckpt = tmp_path / "checkpoint-4"
+    before, after = "gradient accumulation 1 but this run", "gradient accumulation 2"
+    with pytest.raises(ValueError, match=rf"1 process\(es\) x per-device batch 4 x {before} has .* {after}"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8, accum=2).train(str(ckpt))
+    state_file = ckpt / "dataflex" / "dataflex_state.json"
+    state = json.loads(state_file.read_text())
+    state["batching"]["world_size"] = 2  # as if written by a 2-process run
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"written with 2 process\(es\).*this run has 1 process\(es\)"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8).train(str(ckpt))
+
+
+class PoisonParameters(TrainerCallback):
+    """Sets one weight to NaN before step ``at`` (as a diverged run would)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                model.transformer.wte.weight[3, 0] = float("nan")
+
+
+def test_no_signal_is_warned_once_per_condition(ds, tmp_path):
+    import dataflex.testbeds.tiny as tiny
+
+    def collate_masking_most(features):
+        batch = tiny.collate_causal(features)
+        batch["labels"][1:, :] = -100  # 3 of 4 examples have no label token
+        return batch
+
+    dfx = DataFlexCallback(ODM(), update_every=1)
+    trainer = make_trainer(ds, dfx, tmp_path / "masked", max_steps=4, save_steps=100)
+    trainer.data_collator = collate_masking_most
+    with pytest.warns(UserWarning, match="3 of 4 examples had no label token") as caught:
+        trainer.train()
+    assert sum("no label token" in str(w.message) for w in caught) == 1
+
+    dfx = DataFlexCallback(ODM(), update_every=1)
+    trainer = make_trainer(ds, dfx, tmp_path / "nan", max_steps=4, save_steps=100, extra=[PoisonParameters(2)])
+    with pytest.warns(UserWarning, match="parameters are not finite \\(first: transformer.wte.weight\\)") as caught:
+        trainer.train()
+    assert sum("had a NaN/Inf loss" in str(w.message) for w in caught) == 1
+    assert all(np.isfinite(h["weights"]).all() for h in dfx.history)
+
+
+def _corrupt(edit):
+    def apply(state):
+        edit(state)
+        return state
+
+    return apply
+
+
+BAD_STATES = {
+    "negative weight": (
+        _corrupt(lambda s: s["sampler"]["schedule"]["events"][1].__setitem__(1, [1.2, -0.1, -0.1])),
+        r"saved schedule weights \(event 1\) must be >= 0",
+    ),
+    "unnormalised weights": (
+        _corrupt(lambda s: s["sampler"]["schedule"]["events"][1].__setitem__(1, [0.5, 0.5, 0.5])),
+        r"saved schedule weights \(event 1\) must sum to 1",
+    ),
+    "unsorted events": (
+        _corrupt(lambda s: s["sampler"]["schedule"]["events"].reverse()),
+        r"must begin at 0 and increase strictly",
+    ),
+    "truncated history": (
+        _corrupt(lambda s: s["history"].pop()),
+        r"decision history \(2 entries\) does not match the sampler's schedule",
+    ),
+    "NaN reward": (
+        _corrupt(lambda s: s["decider"]["policy"].__setitem__("rewards", [float("nan"), 1.0, 1.0])),
+        r"ODM state 'rewards' holds non-finite values",
+    ),
+    "pending id out of range": (
+        _corrupt(lambda s: s["store"].__setitem__("pending", [[99, 1.0, 1]])),
+        r"'pending' names example ids \[99.0\] outside \[0, 36\)",
+    ),
+    "missing field": (
+        _corrupt(lambda s: s["decider"]["policy"].pop("t")),
+        r"dataflex_state.json is incomplete: it has no field 't'",
+    ),
+    "negative count": (
+        _corrupt(lambda s: s["decider"]["policy"].__setitem__("t", -3)),
+        r"ODM state 't' must be an integer >= 0; got -3",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_state(ds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved")
+    make_trainer(ds, DataFlexCallback(ODM(), update_every=2), out, max_steps=4, save_steps=4).train()
+    return out / "checkpoint-4"
+
+
+@pytest.mark.parametrize("name", list(BAD_STATES))
+def test_corrupted_but_parseable_state_is_refused_naming_the_field(ds, saved_state, tmp_path, name):
+    edit, message = BAD_STATES[name]
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(saved_state, ckpt)
+    path = ckpt / "dataflex" / "dataflex_state.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=message):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8).train(str(ckpt))
+
+
+def test_unparseable_state_names_its_file(ds, saved_state, tmp_path):
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(saved_state, ckpt)
+    path = ckpt / "dataflex" / "dataflex_state.json"
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint-4/dataflex/dataflex_state.json"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8).train(str(ckpt))
