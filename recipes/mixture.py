@@ -9,6 +9,8 @@ Single process, several processes, or a Hydra sweep (configs/ composes model x d
 Accelerator falls back to gloo on CPU; accelerate's ``--cpu --num_processes 2`` needs MPI.)
     python -m dataflex.recipes.mixture -m policy=uniform,natural,odm,ado,doremi,doremi_online seed=0,1,2
 
+Each run checkpoints every ``ckpt_every`` steps into ``ckpt_dir`` (default: ``ckpt/`` in its Hydra output
+folder); rerunning the same command after a kill continues exactly from the newest complete checkpoint.
 Each run writes ``results.json`` (per-domain validation loss, the weight history, timings) into its
 Hydra output folder; ``python -m benchmarks.mixture.summarize <multirun folder>`` tabulates a sweep.
 The loop is :func:`dataflex.proxies.loop.train_mixture`: the DomainMixtureSampler feeds an
@@ -31,7 +33,22 @@ import torch
 from dataflex.domains import encode_domains
 from dataflex.policies.base import NeedsPreparation
 from dataflex.proxies.loop import train_mixture
-from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, per_domain_loss
+from dataflex.recipes.settings import (
+    check_model_fits,
+    integer,
+    nonnegative_int,
+    optional_positive_int,
+    positive_int,
+    positive_number,
+)
+from dataflex.testbeds.tiny import (
+    VOCAB_SIZE,
+    byte_dataset,
+    collate_causal,
+    default_data_dir,
+    load_jsonl_dir,
+    per_domain_loss,
+)
 
 
 def load_split(root: Path, split: str, max_len: int, per_domain: int | None = None) -> Any:
@@ -58,10 +75,29 @@ def run_experiment(
     train_ds: Any = None,
     train_per_domain: int | None = None,
     progress: bool = True,
+    ckpt_dir: Path | None = None,
+    ckpt_every: int = 0,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train one model with ``policy`` and evaluate it; returns a JSON-safe result dict."""
+    """Train one model with ``policy`` and evaluate it; returns a JSON-safe result dict.
+
+    With ``ckpt_dir`` and ``ckpt_every``, checkpoints go there and a repeated call continues from the newest
+    one; ``stop_after`` ends training early after that many steps (as a pre-emption would), leaving the
+    checkpoint to continue from.
+    """
     from accelerate import Accelerator
 
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("update_every", update_every)):
+        positive_int(key, value)
+    nonnegative_int("eval_every", eval_every)
+    nonnegative_int("ckpt_every", ckpt_every)
+    positive_number("lr", lr)
+    integer("seed", seed)
+    positive_int("data.max_len", max_len)
+    optional_positive_int("data.val_per_domain", val_per_domain)
+    optional_positive_int("data.train_per_domain", train_per_domain)
+    optional_positive_int("stop_after", stop_after)
+    check_model_fits(make_model(), max_len=max_len, vocab_needed=VOCAB_SIZE)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     train_ds = train_ds if train_ds is not None else load_split(data_root, "train", max_len, train_per_domain)
     domain_ids, names = encode_domains(train_ds["domain"])
@@ -97,6 +133,9 @@ def run_experiment(
         eval_fn=curve_eval,
         eval_every=eval_every,
         desc=type(policy).__name__,
+        ckpt_dir=ckpt_dir,
+        ckpt_every=ckpt_every,
+        stop_after=stop_after,
         **loop_kwargs,
     )
     model = accelerator.unwrap_model(model)
@@ -144,6 +183,7 @@ def _hydra_main() -> None:
             return instantiate(model_cfg, seed=cfg.seed)
 
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
         result = run_experiment(
             policy=policy,
             make_model=make_model,
@@ -158,8 +198,9 @@ def _hydra_main() -> None:
             val_per_domain=cfg.data.val_per_domain,
             work_dir=Path(cfg.work_dir) / f"seed{cfg.seed}",
             train_per_domain=cfg.data.train_per_domain,
+            ckpt_dir=Path(cfg.ckpt_dir) if cfg.ckpt_dir else out_dir / "ckpt",
+            ckpt_every=cfg.ckpt_every,
         )
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
         write_run_result(out_dir, result)
 
     main()

@@ -5,7 +5,8 @@
 
 A tiny byte-level GPT-2 built from config trains on the 8 textmix domains (``configs/trainer.yaml``)
 while the policy mixes them; checkpoints go to the Hydra run folder every ``save_steps`` and rerunning
-the same command resumes from the newest one (model, optimizer, sampler, policy). ``results.json``
+the same command resumes from the newest complete one (model, optimizer, sampler, policy; see
+:func:`dataflex.hf.last_complete_checkpoint`). ``results.json``
 there holds the per-domain validation loss and the weight history.
 """
 
@@ -16,19 +17,28 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from dataflex.hf.callbacks import DataFlexCallback
+from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.recipes.mixture import write_run_result
-from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, per_domain_loss
+from dataflex.recipes.settings import (
+    check_model_fits,
+    integer,
+    nonnegative_int,
+    optional_positive_int,
+    positive_int,
+    positive_number,
+)
+from dataflex.testbeds.tiny import (
+    VOCAB_SIZE,
+    byte_dataset,
+    collate_causal,
+    default_data_dir,
+    load_jsonl_dir,
+    per_domain_loss,
+)
 
 __all__ = ["train_with_callback"]
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return value
 
 
 def train_with_callback(
@@ -58,12 +68,16 @@ def train_with_callback(
         ("update_every", update_every),
         ("save_steps", save_steps),
         ("logging_steps", logging_steps),
-        ("max_len", max_len),
+        ("data.max_len", max_len),
         ("gradient_accumulation_steps", gradient_accumulation_steps),
     ):
-        _positive(name, value)
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number; got {lr!r}")
+        positive_int(name, value)
+    positive_number("lr", lr)
+    integer("seed", seed)
+    nonnegative_int("warmup_steps", warmup_steps)
+    optional_positive_int("data.train_per_domain", train_per_domain)
+    optional_positive_int("data.val_per_domain", val_per_domain)
+    check_model_fits(model, max_len=max_len, vocab_needed=VOCAB_SIZE)
     train_ds = byte_dataset(load_jsonl_dir(data_root / "train", max_per_file=train_per_domain), max_len)
     val_ds = byte_dataset(load_jsonl_dir(data_root / "validation", max_per_file=val_per_domain), max_len)
     args = TrainingArguments(
@@ -81,7 +95,7 @@ def train_with_callback(
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_causal)
     dfx = DataFlexCallback(policy, update_every=update_every, warmup_steps=warmup_steps, trainer=trainer)
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out_dir)))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out_dir))
     return {
         "policy": type(policy).__name__,
         "seed": seed,

@@ -1,0 +1,58 @@
+"""Checks on recipe settings, run before any data is read: every error names the config key and the value.
+
+Hydra passes overrides through as given (``seed=abc`` arrives as the string ``"abc"``), and a bad value
+would otherwise surface late and unnamed — a ``ZeroDivisionError`` for ``update_every=0``, a 19-frame
+``IndexError`` for sequences longer than the model's positions, or a silent no-op for ``steps=-5``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["check_model_fits", "integer", "nonnegative_int", "optional_positive_int", "positive_int", "positive_number"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(key: str, value: Any) -> int:
+    if not _is_int(value):
+        raise ValueError(f"{key} must be an integer; got {value!r}")
+    return value
+
+
+def positive_int(key: str, value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{key} must be a positive integer; got {value!r}")
+    return value
+
+
+def nonnegative_int(key: str, value: Any) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{key} must be an integer >= 0; got {value!r}")
+    return value
+
+
+def optional_positive_int(key: str, value: Any) -> int | None:
+    return None if value is None else positive_int(key, value)
+
+
+def positive_number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        raise ValueError(f"{key} must be a positive number; got {value!r}")
+    return float(value)
+
+
+def check_model_fits(model: Any, *, max_len: int, vocab_needed: int, len_key: str = "data.max_len") -> None:
+    """Refuse sequences longer than the model's positions, or token ids beyond its vocabulary, by name."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_len > positions:
+        raise ValueError(
+            f"{len_key}={max_len} exceeds the model's {positions} positions; raise the model's n_positions "
+            f"(model.n_positions=...) or lower {len_key}"
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and vocab < vocab_needed:
+        raise ValueError(f"the model's vocabulary has {vocab} tokens but the data uses ids up to {vocab_needed - 1}")

@@ -1,0 +1,67 @@
+"""Recipe settings are checked before any data is read; the mixture recipe checkpoints and resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataflex.policies import ODM
+from dataflex.recipes.mixture import run_experiment
+from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2
+
+
+def mixture_settings(tmp_path: Path, **over):
+    kw = dict(
+        policy=ODM(),
+        make_model=lambda: tiny_gpt2(n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=0),
+        data_root=default_data_dir() / "textmix",
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        seed=0,
+        update_every=2,
+        eval_every=6,
+        max_len=48,
+        val_per_domain=2,
+        train_per_domain=8,
+        work_dir=tmp_path / "work",
+        curve_per_domain=2,
+        progress=False,
+        ckpt_every=4,
+    )
+    return {**kw, **over}
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("update_every", -1, "update_every must be a positive integer; got -1"),
+        ("update_every", 0, "update_every must be a positive integer; got 0"),
+        ("steps", -5, "steps must be a positive integer; got -5"),
+        ("batch_size", 0, "batch_size must be a positive integer; got 0"),
+        ("seed", "abc", "seed must be an integer; got 'abc'"),
+        ("lr", "abc", "lr must be a positive number; got 'abc'"),
+        ("eval_every", -1, "eval_every must be an integer >= 0; got -1"),
+        ("max_len", 100, r"data.max_len=100 exceeds the model's 64 positions"),
+        ("train_per_domain", 0, "data.train_per_domain must be a positive integer; got 0"),
+    ],
+)
+def test_bad_mixture_settings_name_the_key_before_reading_data(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        run_experiment(**mixture_settings(tmp_path, data_root=tmp_path / "no-data-here", **{key: value}))
+
+
+def test_mixture_recipe_killed_midway_continues_exactly(tmp_path, monkeypatch):
+    import dataflex.proxies.loop as loop
+
+    loaded = []
+    real_load = loop._load
+    monkeypatch.setattr(loop, "_load", lambda folder, parts: loaded.append(folder.name) or real_load(folder, parts))
+    full = run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "full"))
+    run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", stop_after=6))  # pre-empted at 6
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["step-4", "step-6"]
+    resumed = run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut"))
+    assert loaded == ["step-6"]  # continued from the checkpoint, not retrained from step 0
+    for key in ("history", "curve", "validation_loss"):
+        assert resumed[key] == full[key], key
