@@ -8,6 +8,11 @@ step-N tensors with an older JSON state and resume wrong without a word).
 
 How: the tensor file is written first, each file atomically (temporary file, fsync, rename), and
 both carry the same random ``commit`` token; the JSON, written last, names the token it expects.
+
+Per-example data stays out of the JSON: every numpy array in ``state`` (scores, loss histories, selected
+id sets) is moved into the binary file and replaced by a ``{"$array": key}`` marker, so the JSON holds
+settings and per-domain values only (``O(domains)``), and writing a 10M-example state costs a memory copy,
+not a text conversion. Loading puts the arrays back where they were.
 Used by the Trainer adapter (``dataflex.hf``) and the plain loop (``dataflex.proxies.loop``).
 
 A loop that owns its checkpoints writes each one with :func:`save_step` as its own folder
@@ -25,11 +30,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dataflex.state import read_json, write_json_atomic
 
-__all__ = ["fsync_dir", "json_path", "latest_step", "load_state", "save_state", "save_step", "tensors_path"]
+__all__ = [
+    "fsync_dir",
+    "join_arrays",
+    "split_arrays",
+    "json_path",
+    "latest_step",
+    "load_state",
+    "save_state",
+    "save_step",
+    "tensors_path",
+]
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -42,6 +58,42 @@ def tensors_path(folder: str | os.PathLike[str], name: str) -> Path:
     return Path(folder) / f"{name}.pt"
 
 
+ARRAY_MARKER = "$array"
+
+
+def _may_hold_arrays(items: list | tuple) -> bool:
+    """Short lists and lists of containers are searched; long lists of scalars (already JSON) are not walked."""
+    return bool(items) and (len(items) <= 64 or isinstance(items[0], (dict, list, tuple, np.ndarray)))
+
+
+def split_arrays(state: Any, arrays: dict[str, np.ndarray] | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """``state`` with every numpy array replaced by a marker, and the arrays by marker key."""
+    arrays = {} if arrays is None else arrays
+    if isinstance(state, np.ndarray):
+        key = f"a{len(arrays)}"
+        arrays[key] = state
+        return {ARRAY_MARKER: key}, arrays
+    if isinstance(state, dict):
+        return {k: split_arrays(v, arrays)[0] for k, v in state.items()}, arrays
+    if isinstance(state, (list, tuple)) and _may_hold_arrays(state):
+        return [split_arrays(v, arrays)[0] for v in state], arrays
+    return state, arrays
+
+
+def join_arrays(state: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Inverse of :func:`split_arrays`."""
+    if isinstance(state, dict):
+        if set(state) == {ARRAY_MARKER}:
+            key = state[ARRAY_MARKER]
+            if key not in arrays:
+                raise ValueError(f"the state names array {key!r}, which its binary file does not hold")
+            return arrays[key]
+        return {k: join_arrays(v, arrays) for k, v in state.items()}
+    if isinstance(state, list) and _may_hold_arrays(state):
+        return [join_arrays(v, arrays) for v in state]
+    return state
+
+
 def save_state(
     folder: str | os.PathLike[str], name: str, state: dict[str, Any], tensors: dict[str, Any] | None
 ) -> None:
@@ -52,15 +104,18 @@ def save_state(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     commit = uuid.uuid4().hex
-    if tensors is not None:
+    state, arrays = split_arrays(state)
+    binary = tensors is not None or bool(arrays)
+    if binary:
         final = tensors_path(folder, name)
         tmp = final.with_name(final.name + ".tmp")
+        stored = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         with open(tmp, "wb") as f:
-            torch.save({"commit": commit, "tensors": tensors}, f)
+            torch.save({"commit": commit, "tensors": tensors, "arrays": stored}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    write_json_atomic(json_path(folder, name), {**state, "commit": commit if tensors is not None else None})
+    write_json_atomic(json_path(folder, name), {**state, "commit": commit if binary else None})
 
 
 def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -88,7 +143,8 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
             f"{tpath} and {path} come from different saves (commit {found!r} vs {commit!r}): the process was "
             "interrupted between the two writes; resume from an earlier checkpoint"
         )
-    return state, saved["tensors"]
+    arrays = {k: v.numpy() for k, v in saved.get("arrays", {}).items()}
+    return join_arrays(state, arrays), saved["tensors"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

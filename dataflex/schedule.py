@@ -168,7 +168,7 @@ class _ExampleIdSchedule(EventSchedule[np.ndarray]):
     def state_dict(self) -> dict[str, Any]:
         return {
             "num_examples": self.num_examples,
-            "events": [[s, v.tolist()] for s, v in zip(self._starts, self._values)],
+            "events": [[s, v.copy()] for s, v in zip(self._starts, self._values)],  # arrays: binary state
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -187,7 +187,7 @@ class LossFocus(Selector):
     def state_dict(self) -> dict[str, Any]:
         if self._loss_sum is None:
             return {}
-        return {"loss_sum": self._loss_sum.tolist(), "loss_count": self._loss_count.tolist()}
+        return {"loss_sum": self._loss_sum.copy(), "loss_count": self._loss_count.copy()}  # binary state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "loss_sum" in state:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
-from dataflex.state import floats_from_json, floats_to_json
+from dataflex.state import floats_from_json
 
 __all__ = ["DomainStats", "ScoreStore"]
 
@@ -36,6 +36,11 @@ class DomainStats:
         """Mean loss per domain; NaN for a domain with no valid example in the window."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1), np.nan)
+
+
+def _floats(values: Any) -> np.ndarray:
+    """A saved float array: numpy (binary state) or a JSON list with null for NaN (older states)."""
+    return values.astype(np.float64) if isinstance(values, np.ndarray) else floats_from_json(values)
 
 
 class ScoreStore:
@@ -114,29 +119,36 @@ class ScoreStore:
     def state_dict(self) -> dict[str, Any]:
         """Collective when records are pending: every rank must call it (the callback does, in on_save)."""
         pending = self.gather_pending()
+        scored = bool((self.score_step >= 0).any())  # only selectors record scores; mixing never does
         return {
             "total_non_finite": self.total_non_finite,
             "total_masked": self.total_masked,
-            "score": floats_to_json(self.score),
-            "score_step": self.score_step.tolist(),
-            # JSON has no NaN: a non-finite loss is stored as null with has_tokens kept.
-            "pending": [[int(i), None if not np.isfinite(v) else float(v), int(h)] for i, v, h in pending.tolist()],
+            # Per-example arrays go to the binary file beside the JSON (dataflex.checkpoint.split_arrays),
+            # and only when there is something in them.
+            "score": self.score.copy() if scored else None,
+            "score_step": self.score_step.copy() if scored else None,
+            "pending": pending.copy(),  # (m, 3): id, loss (NaN kept), has_tokens
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        score = floats_from_json(state["score"])
+        n = self.score.shape[0]
+        if state["score"] is None:  # nothing was scored when it was saved
+            state = {**state, "score": np.full(n, np.nan), "score_step": np.full(n, -1, dtype=np.int64)}
+        score = _floats(state["score"])
         if score.shape != self.score.shape:
             raise ValueError(f"score store was saved for {score.shape[0]} examples, this run has {self.score.shape[0]}")
-        n = self.score.shape[0]
         totals = {k: state[k] for k in ("total_non_finite", "total_masked")}
         if any(not isinstance(v, int) or v < 0 for v in totals.values()):
             raise ValueError(f"score store counts must be integers >= 0; got {totals}")
         score_step = np.asarray(state["score_step"])
         if score_step.shape != (n,) or (score_step.size and not np.issubdtype(score_step.dtype, np.integer)):
             raise ValueError(f"score store 'score_step' must hold {n} integers; got shape {score_step.shape}")
-        pending = np.array(
-            [[i, np.nan if v is None else v, h] for i, v, h in state["pending"]], dtype=np.float64
-        ).reshape(-1, 3)
+        if isinstance(state["pending"], np.ndarray):
+            pending = state["pending"].astype(np.float64).reshape(-1, 3)
+        else:  # a state written before arrays went to the binary file: [[id, loss or null, has_tokens], ...]
+            pending = np.array(
+                [[i, np.nan if v is None else v, h] for i, v, h in state["pending"]], dtype=np.float64
+            ).reshape(-1, 3)
         ids = pending[:, 0]
         if ((ids < 0) | (ids >= n) | (ids != np.round(ids))).any():
             bad = ids[(ids < 0) | (ids >= n) | (ids != np.round(ids))][:5].tolist()

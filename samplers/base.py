@@ -1,8 +1,12 @@
 """What every dataflex sampler shares: epochs, exact resume, and the record of the order it produced.
 
-A subclass defines ``_generate(epoch)``, yielding ``(position, example_id)`` for the whole epoch as a pure
-function of its seed, the epoch and its schedule, plus ``_settings()`` (what must match to resume).
-This base turns that into a ``torch.utils.data.Sampler`` that
+A subclass defines ``_chunk(epoch, start, carry)``: the example ids of positions ``start ..
+start + chunk_size - 1`` of an epoch as one numpy array, a pure function of its seed, the epoch, its
+schedule and ``carry`` — whatever the chunk needs from the positions before it (the mixture sampler's
+per-domain draw counts; ``None`` for samplers without such state) — plus the carry after the chunk, and
+``_settings()`` (what must match to resume). Chunks are computed with numpy in one go; a resume at
+position ``k`` computes the ``k / chunk_size`` chunks before it without yielding them (no Python work per
+sample). This base turns that into a ``torch.utils.data.Sampler`` that
 
 * resumes exactly: ``state_dict(consumed=k)`` / ``load_state_dict`` restart at position ``k``;
 * records which example sat at each position of the current epoch, so a consumer that only knows
@@ -26,7 +30,7 @@ __all__ = ["ScheduledSampler"]
 
 
 class ScheduledSampler(Sampler[int]):
-    """Base class; see the module docstring. ``schedule`` needs ``mark_generated`` and ``state_dict``."""
+    """Base class; see the module docstring. ``schedule`` needs ``version``, ``frontier`` and ``state_dict``."""
 
     #: Settings introduced after states were first saved, with the value those older states implied.
     SETTINGS_ADDED_LATER: dict[str, Any] = {}
@@ -45,10 +49,25 @@ class ScheduledSampler(Sampler[int]):
         self._order_epoch = -1
         self._order = np.full(self.num_samples, -1, dtype=np.int64)  # -1 = not generated yet
         self.length_grouping: LengthGrouping | None = None
+        self._carry_epoch = -1
+        self._carry_version = -1
+        self._carries: dict[int, Any] = {}  # chunk start -> carry, for the epoch being generated
 
     # -- to implement ----------------------------------------------------------------------------
-    def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
+    #: Positions per chunk (a subclass whose random streams are seeded per chunk sets its own).
+    chunk_size: int = 4096
+
+    def _initial_carry(self, epoch: int) -> Any:
+        """What the first chunk of ``epoch`` starts from (see the module docstring)."""
+        return None
+
+    def _chunk(self, epoch: int, start: int, carry: Any) -> tuple[np.ndarray, Any]:
+        """Example ids of positions ``start .. min(start + chunk_size, num_samples) - 1`` and the next carry."""
         raise NotImplementedError
+
+    def _advance(self, epoch: int, start: int, carry: Any) -> Any:
+        """Only the carry after a chunk (a subclass may skip producing the examples)."""
+        return self._chunk(epoch, start, carry)[1] if carry is not None else None
 
     def _settings(self) -> dict[str, Any]:
         """Settings that change the order: a state saved with other values cannot be resumed."""
@@ -68,16 +87,45 @@ class ScheduledSampler(Sampler[int]):
         self.length_grouping = grouping
         self._order_epoch = -1
 
-    def _ordered(self, epoch: int) -> Iterator[tuple[int, int]]:
-        """``_generate`` with length grouping applied when it is on."""
-        order = self._generate(epoch)
-        return order if self.length_grouping is None else self.length_grouping.regroup(order)
+    # -- chunks ----------------------------------------------------------------------------------
+    def _carry_at(self, epoch: int, start: int) -> Any:
+        """The carry at chunk ``start`` of ``epoch``, computed forward from the nearest cached one.
 
-    def _generated_upto(self, position: int) -> int:
-        """Last position whose example is fixed once ``position`` has been yielded."""
-        if self.length_grouping is None:
-            return position
-        return self.length_grouping.block_end(position, self.num_samples)
+        Carries of chunks past the sampler's frontier are dropped whenever the schedule changed: a new
+        event lands beyond the frontier, so the draws (and the carries) after it may differ.
+        """
+        if self._carry_epoch != epoch:
+            self._carry_epoch, self._carries = epoch, {0: self._initial_carry(epoch)}
+            self._carry_version = self.schedule.version
+        elif self._carry_version != self.schedule.version:
+            self._carry_version = self.schedule.version
+            first_open = self.schedule.frontier + 1 - epoch * self.num_samples
+            self._carries = {c: v for c, v in self._carries.items() if c <= max(first_open, 0)}
+        if start not in self._carries:
+            c = max(k for k in self._carries if k <= start)
+            carry = self._carries[c]
+            while c < start:
+                carry = self._advance(epoch, c, carry)
+                c += self.chunk_size
+                self._carries[c] = carry
+        return self._carries[start]
+
+    def _range(self, epoch: int, a: int, b: int) -> np.ndarray:
+        """Example ids of positions ``a .. b - 1`` of ``epoch`` under the schedule as it is now."""
+        parts = []
+        for c in range(a - a % self.chunk_size, b, self.chunk_size):
+            ids, after = self._chunk(epoch, c, self._carry_at(epoch, c))
+            self._carries.setdefault(c + self.chunk_size, after)
+            parts.append(ids[max(a - c, 0) : b - c])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def _unit(self) -> int:
+        """Positions fixed together: a chunk, or a length-grouping block."""
+        return self.chunk_size if self.length_grouping is None else self.length_grouping.megabatch
+
+    def _unit_ids(self, epoch: int, a: int, b: int) -> np.ndarray:
+        ids = self._range(epoch, a, b)
+        return ids if self.length_grouping is None else self.length_grouping.sort_block(ids)
 
     def _all_settings(self) -> dict[str, Any]:
         grouping = None if self.length_grouping is None else self.length_grouping.settings()
@@ -100,14 +148,24 @@ class ScheduledSampler(Sampler[int]):
         if epoch != self._order_epoch:
             self._order_epoch = epoch
             self._order.fill(-1)
-        base = epoch * self.num_samples
-        for pos, example in self._ordered(epoch):
-            self.schedule.mark_generated(base + self._generated_upto(pos))
-            self._order[pos] = example
-            if pos < start:
-                continue
-            self._yielded = pos + 1
-            yield example
+        base, n, unit, schedule = epoch * self.num_samples, self.num_samples, self._unit(), self.schedule
+        grouped = self.length_grouping is not None
+        for a in range(start - start % unit, n, unit):
+            b = min(a + unit, n)
+            version = schedule.version
+            ids = self._order[a:b] = self._unit_ids(epoch, a, b)
+            todo = ids.tolist()
+            for j in range(max(start - a, 0), b - a):
+                if schedule.version != version:  # a decision arrived: positions after it may change
+                    version = schedule.version
+                    ids = self._order[a:b] = self._unit_ids(epoch, a, b)
+                    todo = ids.tolist()
+                # What is fixed once this example is out: itself, or its whole length-sorted block.
+                fixed = base + (b - 1 if grouped else a + j)
+                if fixed > schedule.frontier:
+                    schedule.frontier = fixed
+                self._yielded = a + j + 1
+                yield todo[j]
         # A finished epoch moves on, so a state saved now resumes at the start of the next one.
         self.epoch = epoch + 1
         self._yielded = 0
@@ -116,14 +174,9 @@ class ScheduledSampler(Sampler[int]):
     def epoch_order(self, epoch: int, upto: int | None = None) -> np.ndarray:
         """Example ids of positions ``0..upto-1`` of ``epoch`` (whole epoch by default), without consuming."""
         upto = self.num_samples if upto is None else min(int(upto), self.num_samples)
-        out = np.empty(upto, dtype=np.int64)
-        if upto == 0:
-            return out
-        for pos, example in self._ordered(epoch):
-            out[pos] = example
-            if pos + 1 >= upto:
-                break
-        return out
+        unit = self._unit()
+        parts = [self._unit_ids(epoch, a, min(a + unit, self.num_samples)) for a in range(0, upto, unit)]
+        return np.concatenate(parts)[:upto] if parts else np.zeros(0, np.int64)
 
     def ids_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """Example ids at ``positions`` of ``epoch`` (normally already generated by iteration)."""

@@ -14,7 +14,7 @@ Random order is ``pacing`` that is 1 everywhere (``c0=1``); an anti-curriculum i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -73,15 +73,16 @@ class CurriculumSampler(ScheduledSampler):
             raise ValueError(f"pacing returned {c} at t={global_index / self.horizon:.4f}; it must lie in (0, 1]")
         return max(1, min(n, math.ceil(c * n - 1e-9)))
 
-    def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
-        base = epoch * self.num_samples
-        for chunk_start in range(0, self.num_samples, self.chunk_size):
-            seq = np.random.SeedSequence([self.seed, epoch, _CURRICULUM_STREAM, chunk_start // self.chunk_size])
-            u = np.random.default_rng(seq).random(self.chunk_size)
-            for j in range(min(self.chunk_size, self.num_samples - chunk_start)):
-                g = base + chunk_start + j
-                order = self.schedule.value_at(g)
-                yield chunk_start + j, int(order[int(u[j] * self.open_count(g))])
+    def _chunk(self, epoch: int, start: int, carry: None) -> tuple[np.ndarray, None]:
+        """Position ``j`` of the chunk takes ``order[int(u_j * open_count(g))]`` with the order in force at ``g``."""
+        seq = np.random.SeedSequence([self.seed, epoch, _CURRICULUM_STREAM, start // self.chunk_size])
+        u = np.random.default_rng(seq).random(self.chunk_size)
+        g0 = epoch * self.num_samples + start
+        length = min(self.chunk_size, self.num_samples - start)
+        out = np.empty(length, dtype=np.int64)
+        for j in range(length):  # the pacing function is scalar Python: one call per position
+            out[j] = self.schedule.value_at(g0 + j)[int(u[j] * self.open_count(g0 + j))]
+        return out, None
 
     def _settings(self) -> dict[str, Any]:
         return {

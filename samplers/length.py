@@ -17,7 +17,6 @@ the Trainer adapter adds ``megabatch`` samples to its look-ahead.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,26 +54,6 @@ class LengthGrouping:
         digest = hashlib.sha256(self.lengths.tobytes()).hexdigest()[:16]
         return {"megabatch": self.megabatch, "lengths_sha256": digest, "num_examples": int(self.lengths.size)}
 
-    def block_end(self, position: int, num_samples: int) -> int:
-        """Last position of the block holding ``position``: everything up to it is generated with it."""
-        return min((position // self.megabatch + 1) * self.megabatch, num_samples) - 1
-
-    def regroup(self, order: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-        """``(position, example)`` pairs of ``order`` with each block's examples sorted by length, descending."""
-        block: list[int] = []
-        start = 0
-        for pos, example in order:
-            if not block:
-                start = pos
-            block.append(example)
-            if len(block) == self.megabatch or (pos + 1) % self.megabatch == 0:
-                yield from self._sorted(start, block)
-                block = []
-        if block:
-            yield from self._sorted(start, block)
-
-    def _sorted(self, start: int, block: list[int]) -> Iterator[tuple[int, int]]:
-        examples = np.asarray(block, dtype=np.int64)
-        ranked = examples[np.argsort(-self.lengths[examples], kind="stable")]
-        for offset, example in enumerate(ranked.tolist()):
-            yield start + offset, example
+    def sort_block(self, examples: np.ndarray) -> np.ndarray:
+        """A block's examples sorted by length, longest first (ties keep their order)."""
+        return examples[np.argsort(-self.lengths[examples], kind="stable")]

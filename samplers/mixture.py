@@ -36,6 +36,28 @@ ExhaustionMode = Literal["reshuffle", "redistribute"]
 _WITHIN_DOMAIN_STREAM = 1
 
 
+_FEW_DOMAINS = 32  # up to here a (K x chunk) comparison beats a binary search or a sort
+
+
+def _count_at_most(cdf: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(cdf, values, side="right")`` for a non-decreasing ``cdf``: entries <= each value."""
+    if cdf.size <= _FEW_DOMAINS:
+        return (cdf[None, :] <= values[:, None]).sum(axis=1)
+    return np.searchsorted(cdf, values, side="right")
+
+
+def _positions_by_domain(domain: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(domain, its positions in increasing order)`` for every domain present in ``domain``."""
+    if k <= _FEW_DOMAINS:
+        for dom in np.flatnonzero(np.bincount(domain, minlength=k)).tolist():
+            yield dom, np.flatnonzero(domain == dom)
+        return
+    by_domain = np.argsort(domain, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(domain, minlength=k))])
+    for dom in np.flatnonzero(np.diff(bounds)).tolist():
+        yield dom, by_domain[bounds[dom] : bounds[dom + 1]]
+
+
 class DomainMixtureSampler(ScheduledSampler):
     """Sample example indices so each domain's share follows the schedule's weights.
 
@@ -119,42 +141,80 @@ class DomainMixtureSampler(ScheduledSampler):
             self._perm_cache[key] = perm
         return perm
 
-    def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
-        """Yield ``(position, example_id)`` for the whole epoch, in order."""
+    def _initial_carry(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draws taken from each domain so far in the epoch, and which domains are retired."""
+        k = len(self.members)
+        return np.zeros(k, dtype=np.int64), np.zeros(k, dtype=bool)
+
+    def _domains(
+        self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each position's domain in one seeded chunk, its within-domain uniform, and the carry after it."""
         n, k = self.num_samples, len(self.members)
-        base = epoch * n
-        sizes = np.array([m.size for m in self.members])
-        drawn = np.zeros(k, dtype=np.int64)
-        retired = np.zeros(k, dtype=bool)
-        cdf: np.ndarray | None = None
-        segment_end = -1  # global index where the cached cdf stops being valid
-        seen_version = -1  # schedule events added while we run must invalidate the cache
-        for chunk_start in range(0, n, self.chunk_size):
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, chunk_start // self.chunk_size]))
-            u_domain = rng.random(self.chunk_size)
-            u_within = rng.random(self.chunk_size)
-            if self.stratified:  # one uniform per stratum [s/L, (s+1)/L) of the L positions used, in random order
-                used = min(self.chunk_size, n - chunk_start)
-                u_domain[:used] = (rng.permutation(used) + u_domain[:used]) / used
-            for j in range(min(self.chunk_size, n - chunk_start)):
-                pos = chunk_start + j
-                g = base + pos
-                if cdf is None or g >= segment_end or self.schedule.version != seen_version:
-                    seen_version = self.schedule.version
-                    cdf = self._cdf(g, retired)
-                    nxt = self.schedule.next_change_after(g)
-                    segment_end = nxt if nxt is not None else np.iinfo(np.int64).max
-                d = min(int(np.searchsorted(cdf, u_domain[j] * cdf[-1], side="right")), k - 1)
-                if self.replacement:
-                    example = int(self.members[d][int(u_within[j] * sizes[d])])
-                else:
-                    pass_index, offset = divmod(int(drawn[d]), int(sizes[d]))
-                    example = int(self._permutation(epoch, d, pass_index)[offset])
-                    drawn[d] += 1
-                    if self.when_exhausted == "redistribute" and drawn[d] == sizes[d]:
-                        retired[d] = True
-                        cdf = None
-                yield pos, example
+        drawn, retired = carry[0].copy(), carry[1].copy()
+        length = min(self.chunk_size, n - start)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, start // self.chunk_size]))
+        u_domain = rng.random(self.chunk_size)
+        u_within = rng.random(self.chunk_size)
+        if self.stratified:  # one uniform per stratum [s/L, (s+1)/L) of the L positions used, in random order
+            u_domain[:length] = (rng.permutation(length) + u_domain[:length]) / length
+        domain = np.empty(length, dtype=np.int64)
+        retiring = self.when_exhausted == "redistribute" and not self.replacement
+        j, g0 = 0, epoch * n + start
+        while j < length:
+            # One stretch under one cdf: up to the next schedule change or, when domains retire, the next retirement.
+            cdf = self._cdf(g0 + j, retired)
+            nxt = self.schedule.next_change_after(g0 + j)
+            end = length if nxt is None else min(length, nxt - g0)
+            d = np.minimum(_count_at_most(cdf, u_domain[j:end] * cdf[-1]), k - 1)
+            if retiring:
+                end, d = self._until_retirement(d, j, drawn, retired)
+                drawn += np.bincount(d, minlength=k)
+            domain[j:end] = d
+            j = end
+        if not retiring and not self.replacement:
+            drawn += np.bincount(domain, minlength=k)
+        return domain, u_within[:length], drawn, retired
+
+    def _advance(self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The carry after a chunk without producing its examples (what a resume needs for skipped chunks)."""
+        _, _, drawn, retired = self._domains(epoch, start, carry)
+        return drawn, retired
+
+    def _chunk(
+        self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Positions ``start ..`` of one seeded chunk, vectorised (see the module docstring for the rule)."""
+        domain, u_within, drawn, retired = self._domains(epoch, start, carry)
+        examples = np.empty(domain.size, dtype=np.int64)
+        for dom, where in _positions_by_domain(domain, len(self.members)):
+            size = self.members[dom].size
+            if self.replacement:
+                examples[where] = self.members[dom][(u_within[where] * size).astype(np.int64)]
+                continue
+            index = int(carry[0][dom]) + np.arange(where.size)  # this chunk's draws from the domain
+            passes, offsets = np.divmod(index, size)
+            if passes[0] == passes[-1]:
+                examples[where] = self._permutation(epoch, dom, int(passes[0]))[offsets]
+                continue
+            for p in range(int(passes[0]), int(passes[-1]) + 1):
+                at = passes == p
+                examples[where[at]] = self._permutation(epoch, dom, p)[offsets[at]]
+        return examples, (drawn, retired)
+
+    def _until_retirement(
+        self, d: np.ndarray, j: int, drawn: np.ndarray, retired: np.ndarray
+    ) -> tuple[int, np.ndarray]:
+        """Cut a stretch of domain draws at the first one that uses up its domain (which then retires)."""
+        first_end = d.size
+        for dom, hits in _positions_by_domain(d, len(self.members)):
+            left = int(self.members[dom].size - drawn[dom])
+            if hits.size >= left:
+                first_end = min(first_end, int(hits[left - 1]) + 1)
+        d = d[:first_end]
+        counts = np.bincount(d, minlength=len(self.members))
+        retired |= (drawn + counts) == np.array([m.size for m in self.members])
+        return j + first_end, d
 
     def _cdf(self, global_index: int, retired: np.ndarray) -> np.ndarray:
         w = self.schedule.weights_at(global_index)

@@ -11,7 +11,7 @@ is seen once before any is repeated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -61,15 +61,21 @@ class SubsetSampler(ScheduledSampler):
             perm = self._perm_cache[key] = rng.permutation(subset)
         return perm
 
-    def _generate(self, epoch: int) -> Iterator[tuple[int, int]]:
+    def _chunk(self, epoch: int, start: int, carry: None) -> tuple[np.ndarray, None]:
+        """Position ``g`` takes entry ``(g - segment start) mod size`` of its segment's seeded permutation."""
         base = epoch * self.num_samples
-        for pos in range(self.num_samples):
-            g = base + pos
-            segment = self.schedule.segment_index(g)
-            effective_at, subset = self.schedule.segment(segment)
-            start = max(effective_at, base)
-            pass_index, offset = divmod(g - start, subset.shape[0])
-            yield pos, int(self._permutation(epoch, segment, pass_index, subset)[offset])
+        g = base + np.arange(start, min(start + self.chunk_size, self.num_samples), dtype=np.int64)
+        starts = np.array([self.schedule.segment(i)[0] for i in range(len(self.schedule))], dtype=np.int64)
+        segment = np.searchsorted(starts, g, side="right") - 1
+        out = np.empty(g.size, dtype=np.int64)
+        for seg in np.unique(segment).tolist():
+            at = np.flatnonzero(segment == seg)
+            effective_at, subset = self.schedule.segment(seg)
+            passes, offsets = np.divmod(g[at] - max(effective_at, base), subset.shape[0])
+            for p in np.unique(passes).tolist():
+                hit = passes == p
+                out[at[hit]] = self._permutation(epoch, seg, p, subset)[offsets[hit]]
+        return out, None
 
     def _settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "num_samples": self.num_samples}

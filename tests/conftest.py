@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -55,6 +55,15 @@ def run_loader(sampler, batch_size: int, num_workers: int, num_batches: int | No
     return out
 
 
+def through_checkpoint(state: dict) -> dict:
+    """``state`` written and read back as a checkpoint stores it (JSON plus binary arrays)."""
+    from dataflex.checkpoint import load_state, save_state
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_state(folder, "state", state, None)
+        return load_state(folder, "state")[0]
+
+
 def assert_resumes_exactly(build, stop_batches, *, batch_size=4, num_workers=0, epochs=2):
     """Interrupt after each of ``stop_batches`` batches, save to JSON, rebuild, resume: same ids.
 
@@ -70,7 +79,7 @@ def assert_resumes_exactly(build, stop_batches, *, batch_size=4, num_workers=0, 
         first.set_epoch(0)
         head = run_loader(first, batch_size, num_workers, num_batches=stop)
         consumed = len(head)
-        state = json.loads(json.dumps(first.state_dict(consumed=consumed)))
+        state = through_checkpoint(first.state_dict(consumed=consumed))
         second = build()
         second.load_state_dict(state)
         tail = run_loader(second, batch_size, num_workers)

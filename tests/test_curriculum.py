@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
-from conftest import assert_resumes_exactly
+from conftest import assert_resumes_exactly, through_checkpoint
 from hf_helpers import CrashAt, StepRecorder, make_trainer, small_dataset
 from torch.utils.data import BatchSampler
 
@@ -70,7 +68,7 @@ def test_curriculum_sampler_resumes_exactly_with_reorders(workers):
     rng = np.random.default_rng(0)
     events = [(6, rng.permutation(N)), (50, rng.permutation(N))]  # before and after the stop points
     assert_resumes_exactly(lambda: build(events), [0, 1, 3, 7], num_workers=workers)
-    state = json.loads(json.dumps(build(events).state_dict(consumed=0)))
+    state = through_checkpoint(build(events).state_dict(consumed=0))
     with pytest.raises(ValueError, match="pacing='competence' but this sampler has pacing='linear'"):
         build(events, pacing="linear").load_state_dict(state)
 

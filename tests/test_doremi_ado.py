@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import through_checkpoint
 from hf_helpers import small_dataset
 
 from dataflex.domains import encode_domains
@@ -154,7 +155,7 @@ def test_ado_prefers_the_domain_still_learning_and_stays_valid():
     assert w[0] > w[1]
     clone = ADO(prior="uniform", warmup_updates=3)
     clone.bind(["fast", "flat"], np.array([100.0, 100.0]))
-    clone.load_state_dict(json.loads(json.dumps(ado.state_dict())))
+    clone.load_state_dict(through_checkpoint(ado.state_dict()))
     stats = DomainStats(np.array([30.0, 40.0]), np.array([20, 20]), 0, 0)
     assert np.array_equal(clone.update(stats, w), ado.update(stats, w))
     with pytest.raises(ValueError, match="prior='zipf'"):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from conftest import assert_resumes_exactly, make_sampler, run_loader
+from conftest import assert_resumes_exactly, make_sampler, run_loader, through_checkpoint
 from hf_helpers import StepRecorder, assert_trainer_resumes_exactly, make_trainer, small_dataset
 
 from dataflex.hf import DataFlexCallback
@@ -62,14 +60,14 @@ def test_state_saved_with_a_grouping_resumes_only_under_the_same_grouping(domain
     lengths = lengths_for(domain_ids.size)
     grouped = make_sampler(domain_ids)
     grouped.group_by_length(LengthGrouping(lengths, 24))
-    state = json.loads(json.dumps(grouped.state_dict(consumed=8)))
+    state = through_checkpoint(grouped.state_dict(consumed=8))
     with pytest.raises(ValueError, match="length_grouping"):
         make_sampler(domain_ids).load_state_dict(state)
     other = make_sampler(domain_ids)
     other.group_by_length(LengthGrouping(lengths + 1, 24))
     with pytest.raises(ValueError, match="length_grouping"):
         other.load_state_dict(state)
-    plain_state = json.loads(json.dumps(make_sampler(domain_ids).state_dict(consumed=8)))
+    plain_state = through_checkpoint(make_sampler(domain_ids).state_dict(consumed=8))
     with pytest.raises(ValueError, match="length_grouping"):
         grouped.load_state_dict(plain_state)
     with pytest.raises(ValueError, match="lengths but the dataset has"):

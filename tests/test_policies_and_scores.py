@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import through_checkpoint
 
 from dataflex.losses import per_example_token_loss
 from dataflex.policies import ODM, Natural, Static, Temperature, Uniform
@@ -126,9 +127,8 @@ def test_store_masks_and_counts_non_finite():
 def test_store_state_keeps_pending_records():
     store = ScoreStore(np.array([0, 1, 0]), 2)
     store.add(np.array([0, 1]), torch.tensor([1.5, float("inf")]), torch.tensor([True, True]))
-    import json
 
-    state = json.loads(json.dumps(store.state_dict()))
+    state = through_checkpoint(store.state_dict())
     other = ScoreStore(np.array([0, 1, 0]), 2)
     other.load_state_dict(state)
     s = other.flush(step=1)

@@ -1,8 +1,6 @@
-import json
-
 import numpy as np
 import pytest
-from conftest import DOMAINS, assert_resumes_exactly, make_domain_ids, make_sampler, run_loader
+from conftest import DOMAINS, assert_resumes_exactly, make_domain_ids, make_sampler, run_loader, through_checkpoint
 
 from dataflex.schedule import LateScheduleChangeError
 
@@ -38,7 +36,7 @@ def test_schedule_change_after_checkpoint_added_live(domain_ids):
     first = build()
     it = iter(first)
     head = [next(it) for _ in range(30)]
-    state = json.loads(json.dumps(first.state_dict()))
+    state = through_checkpoint(first.state_dict())
     second = build()
     second.load_state_dict(state)
     second.schedule.add(60, [0.25, 0.25, 0.0, 0.5])
@@ -131,7 +129,7 @@ def test_bad_sampler_arguments(domain_ids):
 
 def test_state_saved_before_a_setting_existed_resumes_with_its_old_meaning():
     ids = make_domain_ids()
-    state = json.loads(json.dumps(make_sampler(ids, seed=2).state_dict(consumed=8)))
+    state = through_checkpoint(make_sampler(ids, seed=2).state_dict(consumed=8))
     del state["stratified"]  # as written by dataflex before stratified sampling existed
     make_sampler(ids, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="stratified=False but this sampler has stratified=True"):
@@ -139,3 +137,20 @@ def test_state_saved_before_a_setting_existed_resumes_with_its_old_meaning():
     del state["chunk_size"]
     with pytest.raises(ValueError, match="no setting 'chunk_size'"):
         make_sampler(ids, seed=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(replacement=True), dict(when_exhausted="redistribute"), dict(stratified=True)],
+)
+def test_many_domain_code_path_gives_the_same_order(domain_ids, monkeypatch, kwargs):
+    """With many domains the sampler sorts and binary-searches instead of comparing (K x chunk) tables;
+    both paths must give the identical order (the determinism contract does not depend on K)."""
+    import dataflex.samplers.mixture as mixture
+
+    events = [(37, [0.7, 0.1, 0.1, 0.1]), (120, [0.1, 0.2, 0.3, 0.4])]
+    few = make_sampler(domain_ids, events, seed=5, chunk_size=32, **kwargs)
+    expected = [few.epoch_order(e) for e in range(2)]
+    monkeypatch.setattr(mixture, "_FEW_DOMAINS", 0)
+    many = make_sampler(domain_ids, events, seed=5, chunk_size=32, **kwargs)
+    assert all(np.array_equal(a, many.epoch_order(e)) for e, a in enumerate(expected))

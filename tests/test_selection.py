@@ -1,7 +1,6 @@
-import json
-
 import numpy as np
 import pytest
+from conftest import through_checkpoint
 
 from dataflex.selection import budget, select_by_loss, select_random, select_reducible, select_top
 
@@ -77,7 +76,7 @@ def test_loss_history_mean_separates_memorised_noise_and_resumes(monkeypatch):
     assert picks_mean == [0, 2]  # averaged: 1.60 for the wrong answer vs 1.47 for the hard right one
     np.testing.assert_allclose(mean.last_scores[1], [1.7 / 3, 4.8 / 3, 4.4 / 3, 2.5])
     resumed = LossFocus(0.5, "easy", history="mean")
-    resumed.load_state_dict(json.loads(json.dumps(mean.state_dict())))
+    resumed.load_state_dict(through_checkpoint(mean.state_dict()))
     now["round"] = 3
     assert resumed.select(ctx).tolist() == mean.select(ctx).tolist()
     np.testing.assert_array_equal(resumed.last_scores[1], mean.last_scores[1])

@@ -519,7 +519,11 @@ class TrainerAdapter(TrainerCallback):
                 "sampler": self.sampler.state_dict(consumed=0),
                 "decider": self.decider.state_dict(),
                 "store": self.store.state_dict(),
-                "history": self.history,
+                # Selected id lists equal the schedule's events: saved once, there, in binary form.
+                "history": [
+                    {k: v for k, v in h.items() if k != "ids"} | ({"ids": None} if "ids" in h else {})
+                    for h in self.history
+                ],
                 "missing_labels": self.capture.missing_labels,
             },
         )
@@ -549,6 +553,9 @@ class TrainerAdapter(TrainerCallback):
                 f"the decision history ({len(history)} entries) does not match the sampler's schedule "
                 f"({len(starts)} events at samples {starts[:6]}...): the state was truncated or edited"
             )
+        for entry, start in zip(history, range(len(starts))):
+            if "ids" in entry and entry["ids"] is None:  # saved without them: they are the schedule's event
+                entry["ids"] = schedule.segment(start)[1].tolist()
         self.history = list(history)
         self.capture.missing_labels = int(payload["missing_labels"])
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
