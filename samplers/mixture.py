@@ -36,14 +36,17 @@ ExhaustionMode = Literal["reshuffle", "redistribute"]
 _WITHIN_DOMAIN_STREAM = 1
 
 
-_FEW_DOMAINS = 32  # up to here a (K x chunk) comparison beats a binary search or a sort
+_FEW_DOMAINS = 32  # up to here K passes over a chunk beat a binary search (or a sort) per position
 
 
 def _count_at_most(cdf: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``np.searchsorted(cdf, values, side="right")`` for a non-decreasing ``cdf``: entries <= each value."""
-    if cdf.size <= _FEW_DOMAINS:
-        return (cdf[None, :] <= values[:, None]).sum(axis=1)
-    return np.searchsorted(cdf, values, side="right")
+    if cdf.size > _FEW_DOMAINS:
+        return np.searchsorted(cdf, values, side="right")
+    count = np.zeros(values.size, dtype=np.int64)
+    for edge in cdf.tolist():  # K vector comparisons beat a binary search per value when K is small
+        count += values >= edge
+    return count
 
 
 def _positions_by_domain(domain: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -147,15 +150,20 @@ class DomainMixtureSampler(ScheduledSampler):
         return np.zeros(k, dtype=np.int64), np.zeros(k, dtype=bool)
 
     def _domains(
-        self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Each position's domain in one seeded chunk, its within-domain uniform, and the carry after it."""
+        self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray], within: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Each position's domain in one seeded chunk, its within-domain uniform (``within``), and the carry
+        after it."""
         n, k = self.num_samples, len(self.members)
         drawn, retired = carry[0].copy(), carry[1].copy()
         length = min(self.chunk_size, n - start)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, start // self.chunk_size]))
         u_domain = rng.random(self.chunk_size)
-        u_within = rng.random(self.chunk_size)
+        if within or self.stratified:
+            u_within = rng.random(self.chunk_size)
+        else:  # only the counts are wanted: skip the draws (one 64-bit word each) instead of making them
+            rng.bit_generator.advance(self.chunk_size)
+            u_within = None
         if self.stratified:  # one uniform per stratum [s/L, (s+1)/L) of the L positions used, in random order
             u_domain[:length] = (rng.permutation(length) + u_domain[:length]) / length
         domain = np.empty(length, dtype=np.int64)
@@ -174,11 +182,11 @@ class DomainMixtureSampler(ScheduledSampler):
             j = end
         if not retiring and not self.replacement:
             drawn += np.bincount(domain, minlength=k)
-        return domain, u_within[:length], drawn, retired
+        return domain, None if u_within is None else u_within[:length], drawn, retired
 
     def _advance(self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The carry after a chunk without producing its examples (what a resume needs for skipped chunks)."""
-        _, _, drawn, retired = self._domains(epoch, start, carry)
+        _, _, drawn, retired = self._domains(epoch, start, carry, within=False)
         return drawn, retired
 
     def _chunk(
