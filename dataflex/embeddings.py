@@ -98,8 +98,21 @@ class EmbeddingCache:
         os.replace(tmp, path)
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        with np.load(path) as saved:
-            if saved["step"].shape[0] != self.num_examples:
-                raise ValueError(f"{path} holds {saved['step'].shape[0]} examples, this cache {self.num_examples}")
-            self.step = saved["step"].copy()
-            self.values = saved["values"].copy() if saved["values"].shape[1] else None
+        """Restore a cache :meth:`save` wrote; a file that does not fit this cache is refused, naming it."""
+        try:
+            with np.load(path) as saved:
+                step, values = saved["step"].copy(), saved["values"].copy()
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{path} is not a readable embedding cache: {error}") from None
+        if step.shape != (self.num_examples,) or values.ndim != 2 or values.shape[0] != self.num_examples:
+            raise ValueError(
+                f"{path} holds steps {step.shape} and embeddings {values.shape}, but this cache has "
+                f"{self.num_examples} examples"
+            )
+        if not np.issubdtype(step.dtype, np.integer) or (step < -1).any():
+            raise ValueError(f"{path}: the step of each embedding must be an integer >= -1 (-1: never taken)")
+        taken = step >= 0
+        if values.shape[1] and not np.isfinite(values[taken]).all():
+            raise ValueError(f"{path}: embeddings marked as taken hold NaN or Inf")
+        self.step = step
+        self.values = values if values.shape[1] else None

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_model_fits", "integer", "nonnegative_int", "optional_positive_int", "positive_int", "positive_number"]
+__all__ = [
+    "check_vlm_settings",
+    "fraction",
+    "one_of",
+    "check_model_fits",
+    "integer",
+    "nonnegative_int",
+    "optional_positive_int",
+    "positive_int",
+    "positive_number",
+]
 
 
 def _is_int(value: Any) -> bool:
@@ -56,3 +66,36 @@ def check_model_fits(model: Any, *, max_len: int, vocab_needed: int, len_key: st
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and vocab < vocab_needed:
         raise ValueError(f"the model's vocabulary has {vocab} tokens but the data uses ids up to {vocab_needed - 1}")
+
+
+def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A share in (0, 1] (or [0, 1) with ``allow_zero``, for noise rates)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and ((0 <= value < 1) if allow_zero else (0 < value <= 1))
+    if not ok:
+        raise ValueError(f"{key} must be a number in {'[0, 1)' if allow_zero else '(0, 1]'}; got {value!r}")
+    return float(value)
+
+
+def one_of(key: str, value: Any, valid: Any) -> Any:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r}; valid values are {', '.join(map(str, valid))}")
+    return value
+
+
+def check_vlm_settings(cfg: Any, methods: Any) -> None:
+    """Every setting of ``configs/vlm.yaml``, checked before the digits data is built."""
+    one_of("method", cfg.method, methods)
+    one_of("label_by", cfg.label_by, ("question", "question_answer"))
+    fraction("noise", cfg.noise, allow_zero=True)
+    fraction("fraction", cfg.fraction)
+    for key in ("seed", "data_seed"):
+        integer(key, cfg[key])
+    for key in ("steps", "batch_size", "update_every", "save_steps", "holdout_steps", "clusters"):
+        positive_int(key, cfg[key])
+    nonnegative_int("warmup", cfg.warmup)
+    optional_positive_int("num_images", cfg.num_images)
+    positive_number("lr", cfg.lr)
+    positive_number("temperature", cfg.temperature)
+    if not isinstance(cfg.per_label, bool):
+        raise ValueError(f"per_label must be true or false; got {cfg.per_label!r}")

@@ -166,10 +166,12 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
+    from dataflex.recipes.settings import check_vlm_settings
     from dataflex.testbeds.digits import digits_vqa
 
     @hydra.main(config_path="../configs", config_name="vlm", version_base=None)
     def main(cfg: DictConfig) -> None:
+        check_vlm_settings(cfg, METHODS)
         out = Path(HydraConfig.get().runtime.output_dir)
         data = digits_vqa(cfg.noise, seed=cfg.data_seed, num_images=cfg.num_images)
         signals = None

@@ -65,3 +65,39 @@ def test_mixture_recipe_killed_midway_continues_exactly(tmp_path, monkeypatch):
     assert loaded == ["step-6"]  # continued from the checkpoint, not retrained from step 0
     for key in ("history", "curve", "validation_loss"):
         assert resumed[key] == full[key], key
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method=fancy", "method='fancy'; valid values are uniform"),
+        ("noise=1.5", r"noise must be a number in \[0, 1\); got 1.5"),
+        ("fraction=0", r"fraction must be a number in \(0, 1\]; got 0"),
+        ("steps=-5", "steps must be a positive integer; got -5"),
+        ("update_every=0", "update_every must be a positive integer; got 0"),
+        ("seed=abc", "seed must be an integer; got 'abc'"),
+        ("lr=abc", "lr must be a positive number; got 'abc'"),
+        ("label_by=answer", "label_by='answer'; valid values are question, question_answer"),
+    ],
+)
+def test_bad_vlm_overrides_name_the_key(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.settings import check_vlm_settings
+    from dataflex.recipes.vlm import METHODS
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose(config_name="vlm", overrides=[override])
+    with pytest.raises(ValueError, match=message):
+        check_vlm_settings(cfg, METHODS)
+
+
+def test_the_default_vlm_config_passes_its_checks():
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.settings import check_vlm_settings
+    from dataflex.recipes.vlm import METHODS
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        check_vlm_settings(compose(config_name="vlm"), METHODS)

@@ -168,3 +168,24 @@ def test_unparseable_state_names_its_file(ds, saved_state, tmp_path):
     path.write_text(path.read_text()[:100])
     with pytest.raises(ValueError, match=r"checkpoint-4/dataflex/dataflex_state.json"):
         make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8).train(str(ckpt))
+
+
+def test_embedding_cache_files_that_do_not_fit_are_refused(tmp_path):
+    from dataflex.embeddings import EmbeddingCache
+
+    cache = EmbeddingCache(6)
+    cache.update(np.array([1, 4]), torch.ones(2, 3), step=2)
+    cache.save(tmp_path / "ok.npz")
+    restored = EmbeddingCache(6)
+    restored.load(tmp_path / "ok.npz")
+    assert restored.step.tolist() == [-1, 2, -1, -1, 2, -1]
+    with pytest.raises(ValueError, match="but this cache has 7 examples"):
+        EmbeddingCache(7).load(tmp_path / "ok.npz")
+    values = restored.values.copy()
+    values[1, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", values=values, step=restored.step)
+    with pytest.raises(ValueError, match="marked as taken hold NaN"):
+        EmbeddingCache(6).load(tmp_path / "nan.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz is not a readable embedding cache"):
+        EmbeddingCache(6).load(tmp_path / "junk.npz")

@@ -209,7 +209,12 @@ def restore(checkpoint: str, embeddings: Any = None) -> tuple[dict[str, Any], di
         raise FileNotFoundError(f"{checkpoint} has no dataflex state ({STATE_DIRNAME}/{STATE_FILENAME})")
     state, tensors = load_state(folder, STATE_NAME)
     path = os.path.join(folder, EMBEDDINGS_FILENAME)
-    if embeddings is not None and os.path.isfile(path):
+    if embeddings is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} does not exist, but this run collects embeddings and every dataflex checkpoint of such a "
+                "run holds them; the checkpoint was written without an embedding cache or the file was removed"
+            )
         embeddings.load(path)
     return state, tensors
 
