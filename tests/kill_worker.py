@@ -1,6 +1,7 @@
 """A Trainer run with DataFlexCallback that SIGKILLs itself at a chosen phase of a chosen checkpoint save.
 
     python tests/kill_worker.py OUT [--phase PHASE --kill-step N] [--save-total-limit L]
+    torchrun --nproc_per_node 2 tests/kill_worker.py OUT ...     (2 processes: files per rank)
 
 Every start resumes from ``dataflex.hf.last_complete_checkpoint(OUT)`` (fresh when there is none). Each
 optimizer step's example ids are appended to ``OUT/steps.jsonl`` as they happen (a later, resumed run
@@ -159,6 +160,11 @@ class StepLog(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, "ids": ids.tolist()}) + "\n")
 
 
+def rank_suffix() -> str:
+    """``""`` in one process, ``"-rank<r>"`` under torchrun, so ranks never share a record file."""
+    return f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_limit: int | None = None):
     out.mkdir(parents=True, exist_ok=True)
     dfx = DataFlexCallback(ODM(), update_every=1)
@@ -169,7 +175,7 @@ def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_li
         max_steps=steps,
         save_steps=save_steps,
         logging_steps=1,
-        extra=[StepLog(dfx, out / "steps.jsonl")],
+        extra=[StepLog(dfx, out / f"steps{rank_suffix()}.jsonl")],
         save_total_limit=save_total_limit,
     )
     return dfx, trainer
@@ -178,7 +184,7 @@ def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_li
 def run_trainer(dfx, trainer, out: Path) -> None:
     """Train from the newest complete checkpoint of ``out`` (or afresh) and write ``out/result.json``."""
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
-    (out / "result.json").write_text(
+    (out / f"result{rank_suffix()}.json").write_text(
         json.dumps(
             {
                 "history": dfx.history,
@@ -200,7 +206,7 @@ def main() -> None:
     p.add_argument("--save-total-limit", type=int, default=None)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    marker = args.out / "armed"
+    marker = args.out / f"armed{rank_suffix()}"
     armed = args.phase is not None and not marker.exists()
     if armed:
         marker.write_text(args.phase)

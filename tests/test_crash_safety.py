@@ -48,13 +48,20 @@ def finish(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def outcome(out: Path) -> dict:
+def start_two_processes(out: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    return subprocess.Popen([*cmd, str(out), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def outcome(out: Path, suffix: str = "") -> dict:
     steps: dict[int, list[int]] = {}
-    lines = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
+    path = out / f"steps{suffix}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
     for line in lines:
         record = json.loads(line)
         steps[record["step"]] = record["ids"]  # a resumed run rewrites the steps it repeats
-    return {**json.loads((out / "result.json").read_text()), "steps": steps}
+    return {**json.loads((out / f"result{suffix}.json").read_text()), "steps": steps}
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +147,25 @@ def test_kill_at_a_random_instant_resumes_exactly(reference, tmp_path, trial):
     while not (tmp_path / "result.json").exists():
         assert finish(start(tmp_path, "--save-total-limit", str(1 + trial % 2))) == 0
     assert_same_run(outcome(tmp_path), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase,limit", [("after_rotation", 1), ("dataflex_write", 1), ("model_save", 2)])
+def test_two_process_run_killed_while_saving_resumes_exactly(tmp_path, phase, limit):
+    """torchrun, 2 processes (gloo): a rank dies inside a save, torchrun tears the job down; rerunning the
+    command resumes both ranks from the last complete checkpoint and each ends as an uninterrupted run."""
+    extra = ["--save-total-limit", str(limit)]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    ref = start_two_processes(reference, *extra)
+    ref.communicate(timeout=900)
+    assert ref.returncode == 0
+    killed = start_two_processes(run, "--phase", phase, "--kill-step", "6", *extra)
+    killed.communicate(timeout=900)
+    assert killed.returncode != 0 and not (run / "result-rank0.json").exists()
+    expected = 6 if phase in RESUMES_AT_THE_KILLED_STEP else 6 - SAVE_STEPS
+    assert Path(last_complete_checkpoint(run)).name == f"checkpoint-{expected}"
+    again = start_two_processes(run, *extra)
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err.decode()[-3000:]
+    for rank in (0, 1):
+        assert_same_run(outcome(run, f"-rank{rank}"), outcome(reference, f"-rank{rank}"))
