@@ -103,12 +103,14 @@ class ScheduledSampler(Sampler[int]):
             self._carries = {c: v for c, v in self._carries.items() if c <= max(first_open, 0)}
         if start not in self._carries:
             c = max(k for k in self._carries if k <= start)
-            carry = self._carries[c]
-            while c < start:
-                carry = self._advance(epoch, c, carry)
-                c += self.chunk_size
-                self._carries[c] = carry
+            self._carries[start] = self._advance_span(epoch, c, start, self._carries[c])
         return self._carries[start]
+
+    def _advance_span(self, epoch: int, start: int, stop: int, carry: Any) -> Any:
+        """The carry at chunk ``stop`` from the carry at chunk ``start`` (a subclass may batch the chunks)."""
+        for c in range(start, stop, self.chunk_size):
+            carry = self._advance(epoch, c, carry)
+        return carry
 
     def _range(self, epoch: int, a: int, b: int) -> np.ndarray:
         """Example ids of positions ``a .. b - 1`` of ``epoch`` under the schedule as it is now."""

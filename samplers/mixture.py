@@ -157,15 +157,7 @@ class DomainMixtureSampler(ScheduledSampler):
         n, k = self.num_samples, len(self.members)
         drawn, retired = carry[0].copy(), carry[1].copy()
         length = min(self.chunk_size, n - start)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, start // self.chunk_size]))
-        u_domain = rng.random(self.chunk_size)
-        if within or self.stratified:
-            u_within = rng.random(self.chunk_size)
-        else:  # only the counts are wanted: skip the draws (one 64-bit word each) instead of making them
-            rng.bit_generator.advance(self.chunk_size)
-            u_within = None
-        if self.stratified:  # one uniform per stratum [s/L, (s+1)/L) of the L positions used, in random order
-            u_domain[:length] = (rng.permutation(length) + u_domain[:length]) / length
+        u_domain, u_within = self._uniforms(epoch, start, within)
         domain = np.empty(length, dtype=np.int64)
         retiring = self.when_exhausted == "redistribute" and not self.replacement
         j, g0 = 0, epoch * n + start
@@ -183,6 +175,57 @@ class DomainMixtureSampler(ScheduledSampler):
         if not retiring and not self.replacement:
             drawn += np.bincount(domain, minlength=k)
         return domain, None if u_within is None else u_within[:length], drawn, retired
+
+    def _uniforms(self, epoch: int, start: int, within: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The chunk's domain uniforms and (if ``within``) its within-domain uniforms, from its own seed."""
+        length = min(self.chunk_size, self.num_samples - start)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, start // self.chunk_size]))
+        u_domain = rng.random(self.chunk_size)
+        if within or self.stratified:
+            u_within = rng.random(self.chunk_size)
+        else:  # only the counts are wanted: skip the draws (one 64-bit word each) instead of making them
+            rng.bit_generator.advance(self.chunk_size)
+            u_within = None
+        if self.stratified:  # one uniform per stratum [s/L, (s+1)/L) of the L positions used, in random order
+            u_domain[:length] = (rng.permutation(length) + u_domain[:length]) / length
+        return u_domain, u_within
+
+    def _advance_span(
+        self, epoch: int, start: int, stop: int, carry: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-domain draw counts over many skipped chunks at once (a resume): chunks under one cdf are
+        counted together, the same comparisons as chunk by chunk; chunks with a schedule change or a
+        retirement inside take the chunk path."""
+        if self.replacement:
+            return carry  # drawing with replacement leaves nothing to carry
+        if self.when_exhausted == "redistribute":
+            return super()._advance_span(epoch, start, stop, carry)
+        k, base = len(self.members), epoch * self.num_samples
+        drawn, retired = carry[0].copy(), carry[1]
+        batch: list[np.ndarray] = []
+        cdf: np.ndarray | None = None
+
+        def count() -> None:
+            if batch:
+                values = np.concatenate(batch) * cdf[-1]
+                drawn[:] += np.bincount(np.minimum(_count_at_most(cdf, values), k - 1), minlength=k)
+                batch.clear()
+
+        for c in range(start, stop, self.chunk_size):
+            g0, length = base + c, min(self.chunk_size, self.num_samples - c)
+            nxt = self.schedule.next_change_after(g0)
+            if nxt is not None and nxt < g0 + length:  # a change inside this chunk
+                count()
+                drawn = self._advance(epoch, c, (drawn, retired))[0]
+                cdf = None
+                continue
+            here = self._cdf(g0, retired)
+            if cdf is not None and not np.array_equal(here, cdf):
+                count()
+            cdf = here
+            batch.append(self._uniforms(epoch, c, within=False)[0][:length])
+        count()
+        return drawn, retired
 
     def _advance(self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The carry after a chunk without producing its examples (what a resume needs for skipped chunks)."""

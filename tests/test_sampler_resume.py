@@ -154,3 +154,31 @@ def test_many_domain_code_path_gives_the_same_order(domain_ids, monkeypatch, kwa
     monkeypatch.setattr(mixture, "_FEW_DOMAINS", 0)
     many = make_sampler(domain_ids, events, seed=5, chunk_size=32, **kwargs)
     assert all(np.array_equal(a, many.epoch_order(e)) for e, a in enumerate(expected))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(stratified=True), dict(replacement=True), dict(when_exhausted="redistribute")]
+)
+def test_resume_deep_into_an_epoch_continues_the_order(kwargs):
+    """A resume at position k computes only the per-domain counts of the chunks before k (many chunks at
+    once where one cdf holds): the rest of the epoch must equal the uninterrupted order, for changes
+    inside chunks and on chunk boundaries alike."""
+    ids = np.random.default_rng(0).integers(0, 4, 3000)
+    events = [
+        (37, [0.7, 0.1, 0.1, 0.1]),
+        (1000, [0.1, 0.2, 0.3, 0.4]),
+        (1003, [0.4, 0.3, 0.2, 0.1]),
+        (2500, [0.25] * 4),
+        (4000, [0.1, 0.1, 0.1, 0.7]),
+    ]
+    for epoch in (0, 1):
+        full = make_sampler(ids, events, seed=2, **kwargs).epoch_order(epoch)
+        for k in (15, 16, 500, 1001, 1600, 2999):
+            state = {
+                **make_sampler(ids, events, seed=2, **kwargs).state_dict(consumed=0),
+                "epoch": epoch,
+                "position": k,
+            }
+            resumed = make_sampler(ids, events, seed=2, **kwargs)
+            resumed.load_state_dict(state)
+            assert np.array_equal(np.array(list(resumed)), full[k:]), (epoch, k)
