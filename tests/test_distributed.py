@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -50,6 +52,7 @@ def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
         assert r["resumed_weights"] == r["weights"]
 
 
+@pytest.mark.slow  # 15 s; .ci/run runs it
 def test_two_process_influence_selection_is_identical_on_both_ranks(tmp_path):
     run_two_processes("select_dist_worker.py", tmp_path)
     r0 = json.loads((tmp_path / "select_rank0.json").read_text())

@@ -110,7 +110,10 @@ def trainer_log(ds, out, *, logging_steps, update_every, steps, with_dataflex):
     return trainer.state.log_history
 
 
-@pytest.mark.parametrize("logging_steps,update_every,steps", [(4, 4, 12), (2, 4, 12), (3, 4, 12), (500, 50, 500)])
+@pytest.mark.parametrize(
+    "logging_steps,update_every,steps",
+    [(4, 4, 12), (2, 4, 12), (3, 4, 12), pytest.param(500, 50, 500, marks=pytest.mark.slow)],  # the defaults: 9 s
+)
 def test_trainer_keeps_its_own_log_entries(logging_steps, update_every, steps, tmp_path):
     """Same loss/grad_norm/learning_rate entries at the same steps with and without dataflex; dataflex's own at
     every update. The last case is the default settings (logging_steps=500, update_every=50)."""
