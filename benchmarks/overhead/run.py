@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from benchmarks.report import write_results
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM
-from dataflex.samplers import DomainMixtureSampler
+from dataflex.samplers import ScheduledSampler
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
 
 RESULTS = Path(__file__).resolve().parent  # results.{md,json} beside this file
@@ -127,12 +127,12 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> tuple[f
             cb.attach(trainer)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    original = DomainMixtureSampler._generate
-    DomainMixtureSampler._generate = inside.wrap_generator(original)
+    original = ScheduledSampler.__iter__  # the sampler's own work: chunk computation and per-item bookkeeping
+    ScheduledSampler.__iter__ = inside.wrap_generator(original)
     try:
         trainer.train()
     finally:
-        DomainMixtureSampler._generate = original
+        ScheduledSampler.__iter__ = original
     return statistics.median(timer.step_times(skip=args.warmup)), inside.seconds / args.steps
 
 
