@@ -189,3 +189,13 @@ def test_embedding_cache_files_that_do_not_fit_are_refused(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz is not a readable embedding cache"):
         EmbeddingCache(6).load(tmp_path / "junk.npz")
+
+
+def test_epoch_save_strategy_puts_the_state_in_every_checkpoint(ds, tmp_path):
+    """save_strategy="epoch" is announced at on_epoch_end: the state is staged there and moved in at on_save."""
+    make_trainer(
+        ds, DataFlexCallback(ODM(), update_every=2), tmp_path / "epoch", max_steps=12, save_strategy="epoch"
+    ).train()
+    folders = sorted((tmp_path / "epoch").glob("checkpoint-*"))
+    assert len(folders) >= 2 and all((f / "dataflex" / "dataflex_state.json").is_file() for f in folders)
+    assert not any((tmp_path / "epoch" / ".dataflex-pending").iterdir())  # everything staged was moved in
