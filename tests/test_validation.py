@@ -199,3 +199,37 @@ def test_epoch_save_strategy_puts_the_state_in_every_checkpoint(ds, tmp_path):
     folders = sorted((tmp_path / "epoch").glob("checkpoint-*"))
     assert len(folders) >= 2 and all((f / "dataflex" / "dataflex_state.json").is_file() for f in folders)
     assert not any((tmp_path / "epoch" / ".dataflex-pending").iterdir())  # everything staged was moved in
+
+
+def test_best_save_strategy_stages_the_state_before_the_trainer_saves(ds, tmp_path):
+    """save_strategy="best" saves right after an evaluation, with no event between: the state must already be
+    staged when the Trainer starts writing (and rotating), or a kill there leaves a checkpoint without it."""
+    out = tmp_path / "best"
+    trainer = make_trainer(
+        ds,
+        DataFlexCallback(ODM(), update_every=2),
+        out,
+        max_steps=12,
+        save_strategy="best",
+        eval_strategy="steps",
+        eval_steps=3,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the loss falls: only the first evaluation is a "best", the others stage in vain
+        save_total_limit=1,
+        eval_dataset=ds.select(range(8)),
+    )
+    staged_when_saving = []
+    save_checkpoint = trainer._save_checkpoint
+
+    def checked_save(model, trial):
+        step = trainer.state.global_step
+        staged_when_saving.append((step, (out / ".dataflex-pending" / f"checkpoint-{step}").is_dir()))
+        return save_checkpoint(model, trial)
+
+    trainer._save_checkpoint = checked_save
+    trainer.train()
+    assert staged_when_saving and all(staged for _, staged in staged_when_saving), staged_when_saving
+    folders = sorted(out.glob("checkpoint-*"))
+    assert [f.name for f in folders] == ["checkpoint-3"]
+    assert (folders[0] / "dataflex" / "dataflex_state.json").is_file()
+    assert not any((out / ".dataflex-pending").glob("checkpoint-*"))  # nothing left behind but what was moved in

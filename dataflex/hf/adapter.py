@@ -9,7 +9,8 @@ What happens, in Trainer events::
     on_step_end      every ``update_every`` steps after ``warmup_steps``: gather all ranks' records,
                      decide, schedule the decision ``lookahead`` samples ahead, log its metrics
     on_step_end /    when the Trainer is about to save: dataflex's state staged beside the output folder
-    on_epoch_end     (before the Trainer writes and rotates its checkpoints)
+    on_epoch_end /   (before the Trainer writes and rotates its checkpoints); under save_strategy="best"
+    on_evaluate      at every evaluation, since the Trainer decides to save right after it, unannounced
     on_save          the staged state moved into the Trainer's checkpoint folder (one rename)
 
 The pieces each do one job: :mod:`~dataflex.hf.tracking` (which positions a micro-batch holds),
@@ -138,6 +139,7 @@ class TrainerAdapter(TrainerCallback):
         self._step_records: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         self._step_now = 0
         self._checks_left = 0
+        self._in_training = False  # between on_train_begin and on_train_end (evaluations outside do not stage)
         self._staged_step = -1  # global step whose state is staged for the Trainer's next checkpoint
         self._batching: dict[str, int] = {}  # processes and batch sizes: the step <-> sample mapping
         self._warned: set[str] = set()  # no-signal conditions already reported
@@ -205,6 +207,7 @@ class TrainerAdapter(TrainerCallback):
         if trainer is not None and sum(cb is self for cb in trainer.callback_handler.callbacks) > 1:
             raise RuntimeError(f"this {type(self).__name__} was added to the Trainer twice; add it once")
         self._check_stack_settings(args)
+        self._in_training = True
         layout = inspect_loader(train_dataloader)
         dataset = train_dataloader.dataset
         labels = resolve_labels(
@@ -459,8 +462,15 @@ class TrainerAdapter(TrainerCallback):
         if control.should_save:  # save_strategy="epoch": the Trainer saves after this event
             self._stage(args, state)
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        # save_strategy="best": the Trainer saves when this evaluation is a new best, with no event between the
+        # decision and its save (which rotates older checkpoints away), so stage at every evaluation during
+        # training; a staged state whose save never comes is dropped at the next commit.
+        if args.save_strategy == "best" and self._in_training:
+            self._stage(args, state)
+
     def on_save(self, args, state, control, **kwargs):
-        if self._staged_step != state.global_step:  # a save nobody announced (save_strategy="best", manual)
+        if self._staged_step != state.global_step:  # a save nobody announced (a manual _save_checkpoint)
             self._stage(args, state)
         if state.is_world_process_zero:
             folder = checkpoint.checkpoint_folder(args.output_dir, state.global_step)
@@ -479,6 +489,9 @@ class TrainerAdapter(TrainerCallback):
         dist.barrier()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._in_training = False
+        if state.is_world_process_zero:
+            checkpoint.drop_orphans(args.output_dir)
         self._detach_hooks()
 
     def _check_resumable(self, folder: str, global_step: int, model: torch.nn.Module) -> None:

@@ -193,6 +193,17 @@ def _drop_stale_pending(pending_root: str, step: int) -> None:
             shutil.rmtree(os.path.join(pending_root, name), ignore_errors=True)
 
 
+def drop_orphans(output_dir: str) -> None:
+    """Staged states whose checkpoint was never written (an evaluation under save_strategy="best" that was
+    not a new best): nothing can resume from them once training has ended."""
+    pending_root = os.path.join(output_dir, PENDING_DIRNAME)
+    if not os.path.isdir(pending_root):
+        return
+    for name in os.listdir(pending_root):
+        if not os.path.isdir(os.path.join(output_dir, name)):
+            shutil.rmtree(os.path.join(pending_root, name), ignore_errors=True)
+
+
 def state_folder(checkpoint: str) -> str | None:
     """The folder holding ``checkpoint``'s dataflex state: committed, still pending, or (older versions)
     the checkpoint itself; None when there is none."""
@@ -267,6 +278,7 @@ __all__ = [
     "STATE_FILENAME",
     "checkpoint_folder",
     "commit",
+    "drop_orphans",
     "has_state",
     "last_complete_checkpoint",
     "pending_folder",
