@@ -27,9 +27,10 @@ import torch
 
 from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
+from dataflex.recipes.settings import check_model_fits, check_select_offline_settings
 from dataflex.selection import select_by_loss, select_random, select_top
 from dataflex.state import DatasetFingerprint
-from dataflex.testbeds.tiny import collate_causal, instruct_dataset, load_jsonl_dir
+from dataflex.testbeds.tiny import VOCAB_SIZE, collate_causal, instruct_dataset, load_jsonl_dir
 
 METHODS = ("less", "tracin", "loss_hard", "loss_easy", "random")
 
@@ -128,7 +129,9 @@ def _hydra_main() -> None:
     @hydra.main(config_path="../configs", config_name="select_offline", version_base=None)
     def main(cfg: DictConfig) -> None:
         path = lambda p: to_absolute_path(p) if p else None  # noqa: E731  (relative to where it was launched)
+        check_select_offline_settings(cfg, METHODS, resolve=path)
         base = instantiate(cfg.model, seed=cfg.seed)
+        check_model_fits(base, max_len=cfg.max_len, vocab_needed=VOCAB_SIZE, len_key="max_len")
         if cfg.base_weights:
             base.load_state_dict(torch.load(path(cfg.base_weights), map_location="cpu", weights_only=True))
         model = load_lora_checkpoint(base, path(cfg.checkpoint))

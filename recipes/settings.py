@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "check_select_offline_settings",
     "check_vlm_settings",
     "fraction",
     "one_of",
@@ -99,3 +100,37 @@ def check_vlm_settings(cfg: Any, methods: Any) -> None:
     positive_number("temperature", cfg.temperature)
     if not isinstance(cfg.per_label, bool):
         raise ValueError(f"per_label must be true or false; got {cfg.per_label!r}")
+
+
+def _path(key: str, value: Any, *, kind: str, required: bool = True) -> str | None:
+    """A path setting that must name an existing file or folder (``kind``) when given."""
+    import os
+
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a path to a {kind}; got {value!r}")
+    exists = os.path.isdir(value) if kind == "folder" else os.path.isfile(value)
+    if not exists:
+        raise FileNotFoundError(f"{key}={value!r}: no such {kind}")
+    return value
+
+
+def check_select_offline_settings(cfg: Any, methods: Any, resolve: Any = lambda p: p) -> None:
+    """Every setting of ``configs/select_offline.yaml``, checked before the model is built or data read;
+    ``resolve`` maps a path as given to where it is (Hydra changes the working directory)."""
+    one_of("method", cfg.method, methods)
+    fraction("fraction", cfg.fraction)
+    integer("seed", cfg.seed)
+    for key in ("dim", "max_len", "batch_size"):
+        positive_int(key, cfg[key])
+    for key, kind, required in (
+        ("checkpoint", "folder", True),
+        ("target", "file", True),
+        ("pool", "folder", False),
+        ("base_weights", "file", False),
+    ):
+        _path(key, resolve(cfg[key]) if cfg[key] is not None else None, kind=kind, required=required)
+    for key in ("out", "cache"):
+        if not (cfg[key] is None and key == "cache") and (not isinstance(cfg[key], str) or not cfg[key]):
+            raise ValueError(f"{key} must be a file path; got {cfg[key]!r}")

@@ -101,3 +101,49 @@ def test_the_default_vlm_config_passes_its_checks():
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
         check_vlm_settings(compose(config_name="vlm"), METHODS)
+
+
+def select_offline_config(tmp_path: Path, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    (tmp_path / "target.jsonl").write_text('{"instruction": "a", "response": "b", "task": "t"}\n')
+    paths = [f"checkpoint={tmp_path / 'ckpt'}", f"target={tmp_path / 'target.jsonl'}"]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        return compose(config_name="select_offline", overrides=paths + overrides)
+
+
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        ("method=lesss", ValueError, "method='lesss'; valid values are less, tracin, loss_hard, loss_easy, random"),
+        ("fraction=1.5", ValueError, r"fraction must be a number in \(0, 1\]; got 1.5"),
+        ("dim=0", ValueError, "dim must be a positive integer; got 0"),
+        ("max_len=-1", ValueError, "max_len must be a positive integer; got -1"),
+        ("batch_size=abc", ValueError, "batch_size must be a positive integer; got 'abc'"),
+        ("seed=1.5", ValueError, "seed must be an integer; got 1.5"),
+        ("checkpoint=/nonexistent/ckpt", FileNotFoundError, "checkpoint='/nonexistent/ckpt': no such folder"),
+        ("target=/nonexistent.jsonl", FileNotFoundError, "target='/nonexistent.jsonl': no such file"),
+        ("pool=/nonexistent", FileNotFoundError, "pool='/nonexistent': no such folder"),
+        ("base_weights=/no.pt", FileNotFoundError, "base_weights='/no.pt': no such file"),
+        ("out=null", ValueError, "out must be a file path; got None"),
+    ],
+)
+def test_bad_select_offline_overrides_name_the_key(tmp_path, override, error, message):
+    from dataflex.recipes.select_offline import METHODS
+    from dataflex.recipes.settings import check_select_offline_settings
+
+    with pytest.raises(error, match=message):
+        check_select_offline_settings(select_offline_config(tmp_path, [override]), METHODS)
+
+
+def test_select_offline_defaults_pass_and_a_too_long_max_len_is_named(tmp_path):
+    from hydra.utils import instantiate
+
+    from dataflex.recipes.select_offline import METHODS
+    from dataflex.recipes.settings import check_model_fits, check_select_offline_settings
+
+    cfg = select_offline_config(tmp_path, ["max_len=100000"])
+    check_select_offline_settings(cfg, METHODS)
+    with pytest.raises(ValueError, match="max_len=100000 exceeds the model's"):
+        check_model_fits(instantiate(cfg.model, seed=0), max_len=cfg.max_len, vocab_needed=257, len_key="max_len")
