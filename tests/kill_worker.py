@@ -12,8 +12,13 @@ With ``--loop`` the run is the plain loop (``dataflex.proxies.loop.train_mixture
 rerun to continue) and the phases are ``loop_between_files`` (the tensor file of step N is written, the
 JSON not) and ``loop_after_save`` (step N's checkpoint is complete).
 
+``--kill-after S`` instead dies S seconds after training starts (imports and data built), whatever it is
+doing then: random-instant kills that land inside training rather than in the interpreter's start-up. Under
+torchrun only ``--kill-rank`` arms it; torchrun then tears the other rank down.
+
 Phases of the Trainer run (where inside the save of step N the process dies):
   model_save      the Trainer has written the weights, not the optimizer
+  rank_rng_state  the last rank has written half of its rng_state file (the others go on; 2 processes)
   trainer_state   half of trainer_state.json (the Trainer's last file) is written
   after_rotation  the Trainer finished and deleted older checkpoints; dataflex has not yet moved its state in
   dataflex_write  half of dataflex's JSON is written (in its staging folder)
@@ -28,10 +33,13 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 import transformers.trainer as hf_trainer  # noqa: E402
 from hf_helpers import comparable_log, make_trainer, small_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -44,12 +52,18 @@ from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.hf import last_complete_checkpoint  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
 
-PHASES = ("model_save", "trainer_state", "after_rotation", "dataflex_write", "commit")
+PHASES = ("model_save", "rank_rng_state", "trainer_state", "after_rotation", "dataflex_write", "commit")
 LOOP_PHASES = ("loop_between_files", "loop_after_save")
 
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm_timer(seconds: float) -> None:
+    timer = threading.Timer(seconds, die)
+    timer.daemon = True
+    timer.start()
 
 
 def arm_loop(phase: str, step: int) -> None:
@@ -71,13 +85,16 @@ def arm_loop(phase: str, step: int) -> None:
     loop_module.save_step = save
 
 
-def run_loop(out: Path, steps: int = 12, save_steps: int = 2) -> None:
+def run_loop(out: Path, steps: int = 12, save_steps: int = 2, kill_after: float | None = None) -> None:
     from dataflex.domains import encode_domains
     from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
     ds = small_dataset(per_domain=12)
     ids, names = encode_domains(ds["domain"])
     model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+    if kill_after is not None:
+        arm_timer(kill_after)
+    started = time.perf_counter()
     result = loop_module.train_mixture(
         model,
         ds,
@@ -95,7 +112,15 @@ def run_loop(out: Path, steps: int = 12, save_steps: int = 2) -> None:
         ckpt_every=save_steps,
     )
     (out / "result.json").write_text(
-        json.dumps({"history": result.history, "params": params_digest(model), "log": [], "steps": {}})
+        json.dumps(
+            {
+                "history": result.history,
+                "params": params_digest(model),
+                "log": [],
+                "steps": {},
+                "seconds": time.perf_counter() - started,
+            }
+        )
     )
 
 
@@ -112,6 +137,20 @@ def arm(phase: str, step: int, trainer) -> None:
     if phase == "model_save":
         original = trainer._save_optimizer_and_scheduler
         trainer._save_optimizer_and_scheduler = lambda out: die() if at_step() else original(out)
+    elif phase == "rank_rng_state":
+        original_rng = trainer._save_rng_state
+        last_rank = int(os.environ.get("WORLD_SIZE", "1")) - 1
+
+        def half_rng(output_dir):
+            if not at_step() or int(os.environ.get("RANK", "0")) != last_rank:
+                return original_rng(output_dir)
+            original_rng(output_dir)
+            name = "rng_state.pth" if last_rank == 0 else f"rng_state_{last_rank}.pth"
+            path = Path(output_dir) / name
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            die()
+
+        trainer._save_rng_state = half_rng
     elif phase == "trainer_state":
         original_save = TrainerState.save_to_json
 
@@ -183,10 +222,12 @@ def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_li
 
 def run_trainer(dfx, trainer, out: Path) -> None:
     """Train from the newest complete checkpoint of ``out`` (or afresh) and write ``out/result.json``."""
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     (out / f"result{rank_suffix()}.json").write_text(
         json.dumps(
             {
+                "seconds": time.perf_counter() - started,
                 "history": dfx.history,
                 "params": params_digest(trainer.model),
                 "log": comparable_log(trainer.state.log_history),
@@ -204,20 +245,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--save-steps", type=int, default=2)
     p.add_argument("--save-total-limit", type=int, default=None)
+    p.add_argument("--kill-after", type=float, default=None, help="seconds after training starts")
+    p.add_argument("--kill-rank", type=int, default=0, help="the rank --kill-after arms under torchrun")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     marker = args.out / f"armed{rank_suffix()}"
-    armed = args.phase is not None and not marker.exists()
+    timed = args.kill_after is not None and int(os.environ.get("RANK", "0")) == args.kill_rank
+    armed = (args.phase is not None or timed) and not marker.exists()
     if armed:
-        marker.write_text(args.phase)
+        marker.write_text(args.phase or f"after {args.kill_after} s")
     if args.loop:
-        if armed:
+        if armed and args.phase:
             arm_loop(args.phase, args.kill_step)
-        return run_loop(args.out, args.steps, args.save_steps)
+        return run_loop(args.out, args.steps, args.save_steps, kill_after=args.kill_after if armed else None)
     dfx, trainer = build_trainer(args.out, args.steps, args.save_steps, args.save_total_limit)
-    if armed:
+    if armed and args.phase:
         arm(args.phase, args.kill_step, trainer)
+    if armed and timed:
+        arm_timer(args.kill_after)
     run_trainer(dfx, trainer, args.out)
+    if torch.distributed.is_initialized():  # an orderly teardown: gloo aborts at exit otherwise, now and then
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +107,43 @@ def assert_same_run(result: dict, reference: dict) -> None:
     assert result["params"] == reference["params"], "final parameters differ"
 
 
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("short")
+    run_trainer(*build_trainer(out, steps=4), out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["trainer_state_cut", "weights_missing", "rng_state_cut", "rng_state_of_a_rank_missing", "dataflex_state_missing"],
+)
+def test_last_complete_checkpoint_skips_a_damaged_checkpoint(short_run, tmp_path, damage):
+    out = tmp_path / "out"
+    shutil.copytree(short_run, out)
+    newest = out / "checkpoint-4"
+    assert Path(last_complete_checkpoint(out)) == newest
+    if damage == "trainer_state_cut":
+        cut(newest / "trainer_state.json")
+    elif damage == "weights_missing":
+        (newest / "model.safetensors").unlink()
+    elif damage == "rng_state_cut":
+        cut(newest / "rng_state.pth")
+    elif damage == "rng_state_of_a_rank_missing":  # the state says 2 processes; their RNG files are not there
+        state = json.loads((newest / "dataflex" / "dataflex_state.json").read_text())
+        state["batching"]["world_size"] = 2
+        (newest / "dataflex" / "dataflex_state.json").write_text(json.dumps(state))
+    else:
+        shutil.rmtree(newest / "dataflex")
+    assert Path(last_complete_checkpoint(out)) == out / "checkpoint-2"
+    if damage == "dataflex_state_missing":
+        assert Path(last_complete_checkpoint(out, require_dataflex=False)) == newest
+
+
+def cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 def test_kill_after_the_trainers_rotation_resumes_exactly(reference, tmp_path):
     """The window that lost runs before: the Trainer had saved and, with save_total_limit=1, deleted the
     previous checkpoint, but dataflex's state was not yet in the new one."""
@@ -129,7 +166,9 @@ def test_plain_loop_killed_while_checkpointing_resumes_exactly(loop_reference, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("limit", [1, 2])
-@pytest.mark.parametrize("phase", ["model_save", "trainer_state", "after_rotation", "dataflex_write", "commit"])
+@pytest.mark.parametrize(
+    "phase", ["model_save", "rank_rng_state", "trainer_state", "after_rotation", "dataflex_write", "commit"]
+)
 @pytest.mark.parametrize("step", [4, 10])
 def test_kill_at_every_phase_resumes_exactly(reference, tmp_path, phase, limit, step):
     assert_same_run(kill_and_resume(tmp_path, phase, step, limit), reference)
@@ -138,34 +177,90 @@ def test_kill_at_every_phase_resumes_exactly(reference, tmp_path, phase, limit, 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(20))
 def test_kill_at_a_random_instant_resumes_exactly(reference, tmp_path, trial):
-    """SIGKILL from outside at a random time of the run (startup included), then rerun until it finishes."""
-    rng = random.Random(trial)
-    proc = start(tmp_path, "--save-total-limit", str(1 + trial % 2))
-    time.sleep(rng.uniform(2.0, 12.0))
-    proc.send_signal(signal.SIGKILL)
-    finish(proc)
+    """SIGKILL at a random instant of training (inside a step, a save, a decision: wherever it lands), then
+    rerun the command until it finishes; at most save_steps of progress may be lost."""
+    limit = ["--save-total-limit", str(1 + trial % 2)]
+    after = random.Random(trial).uniform(0.0, 0.9) * reference["seconds"]
+    assert finish(start(tmp_path, "--kill-after", f"{after:.4f}", *limit)) == -signal.SIGKILL
+    assert_lost_at_most_one_interval(tmp_path, "")
     while not (tmp_path / "result.json").exists():
-        assert finish(start(tmp_path, "--save-total-limit", str(1 + trial % 2))) == 0
+        assert finish(start(tmp_path, *limit)) == 0
     assert_same_run(outcome(tmp_path), reference)
 
 
+def assert_lost_at_most_one_interval(out: Path, suffix: str) -> None:
+    """The steps a killed run had finished (its step log) minus the step it resumes from."""
+    done = max(outcome_steps(out, suffix), default=0)
+    found = last_complete_checkpoint(out)
+    resumed = int(Path(found).name.split("-")[1]) if found else 0
+    assert 0 <= done - resumed <= SAVE_STEPS, f"finished step {done}, resumes from {found}"
+
+
+def outcome_steps(out: Path, suffix: str) -> list[int]:
+    path = out / f"steps{suffix}.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("phase,limit", [("after_rotation", 1), ("dataflex_write", 1), ("model_save", 2)])
-def test_two_process_run_killed_while_saving_resumes_exactly(tmp_path, phase, limit):
-    """torchrun, 2 processes (gloo): a rank dies inside a save, torchrun tears the job down; rerunning the
-    command resumes both ranks from the last complete checkpoint and each ends as an uninterrupted run."""
-    extra = ["--save-total-limit", str(limit)]
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    ref = start_two_processes(reference, *extra)
-    ref.communicate(timeout=900)
-    assert ref.returncode == 0
-    killed = start_two_processes(run, "--phase", phase, "--kill-step", "6", *extra)
-    killed.communicate(timeout=900)
-    assert killed.returncode != 0 and not (run / "result-rank0.json").exists()
-    expected = 6 if phase in RESUMES_AT_THE_KILLED_STEP else 6 - SAVE_STEPS
-    assert Path(last_complete_checkpoint(run)).name == f"checkpoint-{expected}"
-    again = start_two_processes(run, *extra)
-    _, err = again.communicate(timeout=900)
-    assert again.returncode == 0, err.decode()[-3000:]
+@pytest.mark.parametrize("trial", range(16))
+def test_plain_loop_killed_at_a_random_instant_resumes_exactly(loop_reference, tmp_path, trial):
+    after = random.Random(100 + trial).uniform(0.0, 0.8) * loop_reference["seconds"]
+    assert finish(start(tmp_path, "--loop", "--kill-after", f"{after:.4f}")) == -signal.SIGKILL
+    while not (tmp_path / "result.json").exists():
+        assert finish(start(tmp_path, "--loop")) == 0
+    assert_same_run(outcome(tmp_path), loop_reference)
+
+
+@pytest.fixture(scope="module")
+def two_process_references(tmp_path_factory) -> dict[int, Path]:
+    """One uninterrupted 2-process run per save_total_limit."""
+    folders = {}
+    for limit in (1, 2):
+        folders[limit] = tmp_path_factory.mktemp(f"two_process_reference_{limit}")
+        assert finish_job(start_two_processes(folders[limit], "--save-total-limit", str(limit))) == 0
+    return folders
+
+
+def finish_job(proc: subprocess.Popen) -> int:
+    _, err = proc.communicate(timeout=900)
+    proc.stderr_text = err.decode()[-3000:]
+    return proc.returncode
+
+
+def resume_two_processes_and_compare(run: Path, reference: Path, limit: int) -> None:
+    again = start_two_processes(run, "--save-total-limit", str(limit))
+    assert finish_job(again) == 0, again.stderr_text
     for rank in (0, 1):
         assert_same_run(outcome(run, f"-rank{rank}"), outcome(reference, f"-rank{rank}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [1, 2])
+@pytest.mark.parametrize(
+    "phase", ["model_save", "rank_rng_state", "trainer_state", "after_rotation", "dataflex_write", "commit"]
+)
+def test_two_process_run_killed_while_saving_resumes_exactly(two_process_references, tmp_path, phase, limit):
+    """torchrun, 2 processes (gloo): the ranks die inside a save (rank_rng_state: rank 1 alone, while rank 0
+    goes on — before the barrier dataflex adds, rank 0 then declared the checkpoint complete and deleted the
+    previous one), torchrun tears the job down; rerunning the command resumes both ranks from the last complete
+    checkpoint and each ends as an uninterrupted run."""
+    extra = ["--save-total-limit", str(limit)]
+    killed = start_two_processes(tmp_path, "--phase", phase, "--kill-step", "6", *extra)
+    assert finish_job(killed) != 0 and not (tmp_path / "result-rank0.json").exists()
+    expected = 6 if phase in RESUMES_AT_THE_KILLED_STEP else 6 - SAVE_STEPS
+    assert Path(last_complete_checkpoint(tmp_path)).name == f"checkpoint-{expected}"
+    resume_two_processes_and_compare(tmp_path, two_process_references[limit], limit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(10))
+def test_two_process_run_killed_at_a_random_instant_resumes_exactly(two_process_references, tmp_path, trial):
+    """One rank (alternating) SIGKILLed at a random instant of training; the other is torn down by torchrun."""
+    limit = 1 + trial % 2
+    seconds = outcome(two_process_references[limit], "-rank0")["seconds"]
+    after = random.Random(200 + trial).uniform(0.0, 0.9) * seconds
+    args = ["--kill-after", f"{after:.4f}", "--kill-rank", str(trial % 2), "--save-total-limit", str(limit)]
+    assert finish_job(start_two_processes(tmp_path, *args)) != 0
+    assert not (tmp_path / "result-rank0.json").exists() or not (tmp_path / "result-rank1.json").exists()
+    assert_lost_at_most_one_interval(tmp_path, "-rank0")
+    resume_two_processes_and_compare(tmp_path, two_process_references[limit], limit)

@@ -42,11 +42,13 @@ import re
 import shutil
 import uuid
 import weakref
+import zipfile
 from typing import Any
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from dataflex import dist
 from dataflex.checkpoint import fsync_dir, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,28 @@ def record_resume_requests(trainer: Any) -> None:
 
     train._dataflex_records_resume = True  # type: ignore[attr-defined]
     trainer.train = train
+
+
+def barrier_after_rank_files(trainer: Any) -> None:
+    """Make every rank finish its own checkpoint file before rank 0 declares the checkpoint complete.
+
+    In ``Trainer._save_checkpoint`` each rank writes its ``rng_state_<rank>.pth``, then rank 0 alone writes
+    ``trainer_state.json`` and deletes older checkpoints, with no barrier in between: a rank killed while
+    writing its RNG file leaves a checkpoint that looks complete (and, with ``save_total_limit=1``, the
+    previous one already deleted) whose resume fails or silently restarts that rank's RNG. A barrier after
+    the RNG files (every rank writes one, so every rank reaches it) closes the window.
+    """
+    original = trainer._save_rng_state
+    if getattr(original, "_dataflex_barrier", False):
+        return
+
+    @functools.wraps(original)
+    def save_rng_state(output_dir: str) -> None:
+        original(output_dir)
+        dist.barrier()
+
+    save_rng_state._dataflex_barrier = True  # type: ignore[attr-defined]
+    trainer._save_rng_state = save_rng_state
 
 
 def checkpoint_folder(output_dir: str, global_step: int) -> str:
@@ -244,9 +268,34 @@ def trainer_files_complete(checkpoint: str) -> bool:
         return False
     if step != _step_of(checkpoint):
         return False
-    return any(os.path.isfile(os.path.join(checkpoint, name)) for name in WEIGHT_FILES) or any(
-        name.startswith("global_step") for name in os.listdir(checkpoint)
-    )
+    names = os.listdir(checkpoint)
+    has_weights = any(name in WEIGHT_FILES for name in names) or any(name.startswith("global_step") for name in names)
+    return has_weights and rng_files_complete(checkpoint)
+
+
+def _recorded_world_size(state_dir: str) -> int | None:
+    """The number of processes dataflex recorded in its state (None when it cannot be read)."""
+    try:
+        with open(os.path.join(state_dir, STATE_FILENAME), encoding="utf-8") as f:
+            return int(json.load(f)["batching"]["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def rng_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
+    """Every ``rng_state*.pth`` of ``checkpoint`` is a whole file (torch's zip format ends with its
+    directory, which a cut-off write lacks), and with ``world_size`` > 1 there is one per rank (when the
+    checkpoint has RNG files at all: ``save_only_model`` writes none)."""
+    names = [n for n in os.listdir(checkpoint) if n.startswith("rng_state") and n.endswith(".pth")]
+    for name in names:
+        try:
+            with zipfile.ZipFile(os.path.join(checkpoint, name)):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return False
+    if names and world_size is not None and world_size > 1:
+        return all(f"rng_state_{rank}.pth" in names for rank in range(world_size))
+    return True
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_dataflex: bool = True) -> str | None:
@@ -266,7 +315,12 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_datafle
     )
     for _, name in reversed(steps):
         folder = os.path.join(output_dir, name)
-        if trainer_files_complete(folder) and (not require_dataflex or has_state(folder)):
+        if not trainer_files_complete(folder):
+            continue
+        if not require_dataflex:
+            return folder
+        state = state_folder(folder)
+        if state is not None and rng_files_complete(folder, _recorded_world_size(state)):
             return folder
     return None
 
@@ -283,6 +337,8 @@ __all__ = [
     "last_complete_checkpoint",
     "pending_folder",
     "record_resume_requests",
+    "barrier_after_rank_files",
+    "rng_files_complete",
     "repair_resumed_weights",
     "restore",
     "resume_folder",
