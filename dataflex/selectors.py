@@ -53,6 +53,7 @@ class SelectionContext:
     optimizer: torch.optim.Optimizer | None = None
     batch_size: int = 32
     labels: np.ndarray | None = None  # integer label (task / question type) of every pool example
+    dynamics: Any = None  # dataflex.dynamics.TrainingDynamics of the run, when it keeps one
 
 
 def candidate_pool(n: int, fraction: float, seed: int, step: int) -> np.ndarray:

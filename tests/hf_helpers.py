@@ -105,7 +105,7 @@ def make_trainer(
         workers=workers,
         seed=seed,
     )
-    args = TrainingArguments(**settings, **args_overrides)
+    args = TrainingArguments(**(settings | args_overrides))
     model = model if model is not None else tiny_model(arch, seed)
     trainer = Trainer(
         model=model,
@@ -158,6 +158,7 @@ def assert_trainer_resumes_exactly(
     forced_differs=True,
     trainer_factory=None,
     log_keys_not_resumed=(),
+    compare=None,
     **factory_kwargs,
 ):
     """Crash a Trainer run at ``crash_at``, resume it from its checkpoint, and compare with an uninterrupted run.
@@ -207,6 +208,8 @@ def assert_trainer_resumes_exactly(
     assert comparable_log(resumed_tr.state.log_history, ignore) == comparable_log(full_tr.state.log_history, ignore)
     p_full, p_res = params(full_tr.model), params(resumed_tr.model)
     assert all(np.array_equal(p_full[k], p_res[k]) for k in p_full), "parameters differ after resuming"
+    if compare is not None:  # what else the caller needs equal: compare(uninterrupted, resumed callback)
+        compare(full, resumed)
 
     shutil.rmtree(ckpt / "dataflex")
     with pytest.raises(FileNotFoundError, match="no dataflex state"):

@@ -42,6 +42,7 @@ from transformers import Trainer, TrainerCallback
 from dataflex import dist
 from dataflex.batching import inspect_loader
 from dataflex.domains import encode_domains
+from dataflex.dynamics import TrainingDynamics
 from dataflex.embeddings import last_hidden_tap, mean_pool
 from dataflex.hf import checkpoint
 from dataflex.hf.capture import LossCapture
@@ -108,6 +109,7 @@ class TrainerAdapter(TrainerCallback):
         embeddings_from: Literal["text", "image"],
         check_images: bool,
         trainer: Trainer | None,
+        dynamics: bool = False,
     ) -> None:
         update_every = decider.update_every
         if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
@@ -132,6 +134,10 @@ class TrainerAdapter(TrainerCallback):
         self.run: RunContext | None = None
         self.tracker: BatchTracker | None = None
         self.capture = LossCapture(self._on_micro_batch)
+        #: Per-example training dynamics (dataflex.dynamics), kept when ``dynamics=True`` or the decider needs
+        #: them (``decider.needs_dynamics``); built in on_train_begin.
+        self.dynamics: TrainingDynamics | None = None
+        self.keep_dynamics = bool(dynamics) or bool(getattr(decider, "needs_dynamics", False))
         self._trainer: Trainer | None = None
         self._taps: list[Tap] = []
         self._embedding_tap: Tap | None = None
@@ -159,6 +165,7 @@ class TrainerAdapter(TrainerCallback):
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
         checkpoint.record_resume_requests(trainer)
+        checkpoint.barrier_after_rank_files(trainer)
         return self
 
     def _find_trainer(self) -> Trainer | None:
@@ -207,6 +214,8 @@ class TrainerAdapter(TrainerCallback):
         if trainer is not None and sum(cb is self for cb in trainer.callback_handler.callbacks) > 1:
             raise RuntimeError(f"this {type(self).__name__} was added to the Trainer twice; add it once")
         self._check_stack_settings(args)
+        if trainer is not None:
+            checkpoint.barrier_after_rank_files(trainer)
         self._in_training = True
         layout = inspect_loader(train_dataloader)
         dataset = train_dataloader.dataset
@@ -244,6 +253,9 @@ class TrainerAdapter(TrainerCallback):
             self.sampler.group_by_length(grouping)
         layout.batch_sampler.sampler = self.sampler
         self.store = ScoreStore(domain_ids, len(self.domain_names))
+        self.dynamics = TrainingDynamics(n) if self.keep_dynamics else None
+        self.run.dynamics = self.dynamics
+        self.capture.record_visits = self.dynamics is not None
         # A length-sorted block is fixed before its first batch trains: decisions land after the current block.
         block_batches = 0 if grouping is None else -(-grouping.megabatch // (layout.batch_size * layout.world_size))
         self.tracker = BatchTracker.from_layout(layout, n, accum, self.lookahead_batches, block_batches)
@@ -319,7 +331,9 @@ class TrainerAdapter(TrainerCallback):
         return {"step": step, "effective_at": effective_at, **self.decider.history_entry(self.sampler)}
 
     # -- every training micro-batch ------------------------------------------------------------
-    def _on_micro_batch(self, inputs: dict[str, Any], loss: torch.Tensor, has_tokens: torch.Tensor) -> None:
+    def _on_micro_batch(
+        self, inputs: dict[str, Any], loss: torch.Tensor, has_tokens: torch.Tensor, visits: Any = None
+    ) -> None:
         ids = self.sampler.ids_at(self.tracker.epoch, self.tracker.take())
         labels = inputs["labels"]
         if loss.shape[0] != ids.shape[0]:
@@ -337,6 +351,8 @@ class TrainerAdapter(TrainerCallback):
         if self._checks_left > 0:
             self._check_ids(ids, inputs)
         self.store.add(ids, loss, has_tokens)
+        if visits is not None and self.dynamics is not None:
+            self.dynamics.add(ids, self._step_now, visits)
         self._step_records.append((ids, loss, has_tokens))
         if self._embedding_tap is not None:
             self._record_embeddings(ids, inputs)
@@ -415,6 +431,8 @@ class TrainerAdapter(TrainerCallback):
 
     def _update(self, step: int, control: Any) -> None:
         stats = self.store.flush(step)
+        if self.dynamics is not None:
+            self.dynamics.gather()  # collective, as the flush: every rank decides on the same record
         self._warn_without_signal(stats, step)
         value, logs = self.decider.decide(step, stats, self.store, self.run)
         effective_at = self.tracker.effective_at(step)
@@ -538,8 +556,20 @@ class TrainerAdapter(TrainerCallback):
                     for h in self.history
                 ],
                 "missing_labels": self.capture.missing_labels,
+                "dynamics": None if self.dynamics is None else self.dynamics.state_dict(),
             },
         )
+
+    def _load_dynamics(self, saved: dict[str, Any] | None) -> None:
+        if (saved is None) != (self.dynamics is None):
+            has = "has no" if saved is None else "has a"
+            wants = "keeps one" if self.dynamics is not None else "does not keep one"
+            raise ValueError(
+                f"the checkpoint {has} training-dynamics record but this run {wants} (dynamics=... or a detector "
+                "selector): resume with the setting the run was started with"
+            )
+        if saved is not None:
+            self.dynamics.load_state_dict(saved)
 
     def load_state_dict(self, state: dict[str, Any], global_step: int) -> None:
         payload = unwrap_state(state, self.sampler.fingerprint)
@@ -571,4 +601,5 @@ class TrainerAdapter(TrainerCallback):
                 entry["ids"] = schedule.segment(start)[1].tolist()
         self.history = list(history)
         self.capture.missing_labels = int(payload["missing_labels"])
+        self._load_dynamics(payload.get("dynamics"))
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0

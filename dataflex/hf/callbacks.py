@@ -43,6 +43,10 @@ _COMMON_ARGS = """
             projected image features, mean over patches; one image per example).
         check_images: on a model with an image token, check every training batch before its forward and
             raise a ``ValueError`` naming the example ids instead of silently training without the image.
+        dynamics: keep a per-example training-dynamics record (:class:`~dataflex.dynamics.TrainingDynamics`:
+            loss mean/variance/EMA, AUM margin, cartography confidence and variability, forgetting events)
+            from the training forward's logits, saved in checkpoints, as ``callback.dynamics``. Detector
+            selectors turn it on themselves.
         trainer: the Trainer to attach to (same as calling :meth:`attach`)."""
 
 
@@ -84,6 +88,7 @@ class DataFlexCallback(TrainerAdapter):
         embeddings: EmbeddingCache | None = None,
         embeddings_from: Literal["text", "image"] = "text",
         check_images: bool = True,
+        dynamics: bool = False,
         trainer: Trainer | None = None,
     ) -> None:
         if not isinstance(update_every, int) or update_every < 1:
@@ -109,6 +114,7 @@ class DataFlexCallback(TrainerAdapter):
             embeddings=embeddings,
             embeddings_from=embeddings_from,
             check_images=check_images,
+            dynamics=dynamics,
             trainer=trainer,
         )
 
@@ -158,6 +164,7 @@ class DataFlexSelectCallback(TrainerAdapter):
         embeddings: EmbeddingCache | None = None,
         embeddings_from: Literal["text", "image"] = "text",
         check_images: bool = True,
+        dynamics: bool = False,
         trainer: Trainer | None = None,
     ) -> None:
         if not isinstance(update_every, int) or update_every < 1:
@@ -177,6 +184,7 @@ class DataFlexSelectCallback(TrainerAdapter):
             embeddings=embeddings,
             embeddings_from=embeddings_from,
             check_images=check_images,
+            dynamics=dynamics,
             trainer=trainer,
         )
 
@@ -225,6 +233,7 @@ class DataFlexCurriculumCallback(TrainerAdapter):
         embeddings: EmbeddingCache | None = None,
         embeddings_from: Literal["text", "image"] = "text",
         check_images: bool = True,
+        dynamics: bool = False,
         trainer: Trainer | None = None,
     ) -> None:
         self.curriculum = curriculum
@@ -242,6 +251,7 @@ class DataFlexCurriculumCallback(TrainerAdapter):
             embeddings=embeddings,
             embeddings_from=embeddings_from,
             check_images=check_images,
+            dynamics=dynamics,
             trainer=trainer,
         )
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dataflex.dynamics import visit_statistics
 from dataflex.losses import (
     IGNORE_INDEX,
     hidden_state_positions,
@@ -42,7 +43,7 @@ from dataflex.losses import (
     scored_positions,
 )
 
-__all__ = ["LossCapture", "per_example_loss", "per_example_loss_from_token_losses"]
+__all__ = ["LossCapture", "per_example_loss", "per_example_loss_from_token_losses", "visits_of_forward"]
 
 Sink = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], None]
 
@@ -79,8 +80,18 @@ class HiddenStateScorer:
         self.hidden: torch.Tensor | None = None
         self.warned = False
 
-    def positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden, self.hidden = self.hidden, None
+    def logits_at(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Logits of shifted positions ``(rows, positions)`` of the kept hidden state, without gradient."""
+        self._check()
+        hidden = self.hidden
+
+        def logits_at(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            logits = self.head(hidden[r, t].detach())
+            return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+        return logits_at
+
+    def _check(self) -> None:
         if self.unsupported:
             raise ValueError(self.unsupported)
         if self.head.weight.numel() == 0:
@@ -88,6 +99,10 @@ class HiddenStateScorer:
                 "the LM head's weight is partitioned (DeepSpeed ZeRO-3) outside the forward, so dataflex cannot score "
                 "a forward without logits from hidden states; return logits (or log-probabilities) instead"
             )
+
+    def positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._check()
+        hidden, self.hidden = self.hidden, None
         if not self.warned:
             self.warned = True
             warnings.warn(
@@ -97,6 +112,52 @@ class HiddenStateScorer:
                 stacklevel=4,
             )
         return hidden_state_positions(hidden, self.head, labels, softcap=self.softcap)
+
+
+def _log_probs_of(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(log_probs, label_mask)`` of a fused LM head's output (TRL), or None."""
+    if hasattr(output, "keys") and output.get("log_probs") is not None and output.get("label_mask") is not None:
+        return output["log_probs"], output["label_mask"]
+    return None
+
+
+def _logits_of(output: Any) -> torch.Tensor | None:
+    """The ``(batch, seq, vocab)`` logits of a forward's output, whatever its form, or None."""
+    if hasattr(output, "keys"):
+        return output.get("logits")
+    if isinstance(output, (tuple, list)) and len(output) > 1 and torch.is_tensor(output[1]):
+        return output[1]  # return_dict=False with labels: (loss, logits, ...)
+    if torch.is_tensor(output) and output.dim() == 3:
+        return output
+    return None
+
+
+def _unscorable(output: Any) -> str:
+    seen = list(output.keys()) if hasattr(output, "keys") else type(output).__name__
+    return (
+        f"dataflex cannot score this training forward: its output holds {seen}, but dataflex needs either "
+        "'logits' (batch, seq, vocab), per-token 'log_probs' with a 'label_mask' (a fused LM head), or a "
+        "transformers model whose decoder (get_decoder()) returns the last hidden state"
+    )
+
+
+def visits_of_forward(
+    output: Any, labels: torch.Tensor, position_ids: torch.Tensor | None, hidden: HiddenStateScorer | None
+) -> dict[str, torch.Tensor]:
+    """Per-example training-dynamics statistics (:func:`dataflex.dynamics.visit_statistics`) of one forward,
+    from whichever of log-probabilities, logits or hidden states it gives; call before :func:`per_example_loss`
+    (which releases the kept hidden state)."""
+    segments = padding_free_segments(labels.shape[0], position_ids)
+    log_probs, logits = _log_probs_of(output), _logits_of(output)
+    if log_probs is not None:
+        return visit_statistics(None, labels, vocab=0, segments=segments, log_probs=log_probs)
+    if logits is not None:
+        labels = labels.to(logits.device)
+        return visit_statistics(lambda r, t: logits[r, t], labels, vocab=logits.shape[-1], segments=segments)
+    if hidden is not None and hidden.hidden is not None:
+        labels = labels.to(hidden.hidden.device)
+        return visit_statistics(hidden.logits_at(), labels, vocab=hidden.head.weight.shape[0], segments=segments)
+    raise ValueError(_unscorable(output))
 
 
 def per_example_loss(
@@ -113,24 +174,15 @@ def per_example_loss(
     example of the row. An output without logits or log-probabilities is scored by ``hidden`` when it
     holds this forward's last hidden state; otherwise ``ValueError`` names the output's keys.
     """
-    keys = list(output.keys()) if hasattr(output, "keys") else None
-    if keys is not None and output.get("log_probs") is not None and output.get("label_mask") is not None:
-        parts = log_prob_positions(output["log_probs"], output["label_mask"])
-    elif keys is not None and output.get("logits") is not None:
-        parts = scored_positions(output["logits"], labels)
-    elif keys is None and isinstance(output, (tuple, list)) and len(output) > 1 and torch.is_tensor(output[1]):
-        parts = scored_positions(output[1], labels)  # return_dict=False with labels: (loss, logits, ...)
-    elif torch.is_tensor(output) and output.dim() == 3:
-        parts = scored_positions(output, labels)
+    log_probs, logits = _log_probs_of(output), _logits_of(output)
+    if log_probs is not None:
+        parts = log_prob_positions(*log_probs)
+    elif logits is not None:
+        parts = scored_positions(logits, labels)
     elif hidden is not None and hidden.hidden is not None:
         parts = hidden.positions(labels)
     else:
-        seen = keys if keys is not None else type(output).__name__
-        raise ValueError(
-            f"dataflex cannot score this training forward: its output holds {seen}, but dataflex needs either "
-            "'logits' (batch, seq, vocab), per-token 'log_probs' with a 'label_mask' (a fused LM head), or a "
-            "transformers model whose decoder (get_decoder()) returns the last hidden state"
-        )
+        raise ValueError(_unscorable(output))
     segments = padding_free_segments(labels.shape[0], position_ids)
     loss, counted = per_example_mean(*parts, labels.shape[0], segments)
     return loss, counted > 0
@@ -141,6 +193,9 @@ class LossCapture:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
+        #: Also hand the sink each example's training-dynamics statistics (``visits_of_forward``) as a
+        #: fourth argument; set by the adapter when a training-dynamics record is kept.
+        self.record_visits = False
         self.active = False  # True between on_step_begin and on_step_end
         self.missing_labels = 0  # training forwards without labels (cannot be scored)
         self._loss_wrapped = False
@@ -242,13 +297,18 @@ class LossCapture:
 
     def _score(self, inputs: dict[str, Any], output: Any, labels: torch.Tensor) -> None:
         tapped, self._token_losses = self._token_losses, None
+        position_ids = inputs.get("position_ids")
+        visits = visits_of_forward(output, labels, position_ids, self._hidden) if self.record_visits else None
         if tapped is not None:
             loss, has_tokens = per_example_loss_from_token_losses(*tapped, inputs.get("position_ids"))
         else:
             loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"), self._hidden)
         if self._hidden is not None:
             self._hidden.hidden = None  # never reused by a later forward
-        self.sink({**inputs, "labels": labels}, loss, has_tokens)
+        if visits is None:
+            self.sink({**inputs, "labels": labels}, loss, has_tokens)
+        else:
+            self.sink({**inputs, "labels": labels}, loss, has_tokens, visits)
 
     def wrap_loss(self, loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A ``compute_loss_func`` that lets dataflex see the labels, then calls ``loss_func``."""

@@ -53,6 +53,7 @@ class RunContext:
     samples_per_step: int  # global samples per optimizer step
     max_steps: int
     resuming: bool  # the schedule will be replaced by the checkpoint's
+    dynamics: Any = None  # dataflex.dynamics.TrainingDynamics when the run keeps one (gathered before decide)
 
 
 class Decider(Protocol):
@@ -208,6 +209,7 @@ class SelectionDecider:
             raise ValueError(f"score_batch_size must be >= 1; got {score_batch_size!r}")
         self.selector, self.update_every, self.score_batch_size = selector, update_every, int(score_batch_size)
         self.observes_batches = False
+        self.needs_dynamics = bool(getattr(selector, "needs_dynamics", False))
 
     def build_sampler(self, run: RunContext) -> SubsetSampler:
         schedule = SubsetSchedule(run.num_samples, self.selector.initial_subset(run.num_samples))
@@ -224,6 +226,7 @@ class SelectionDecider:
             optimizer=run.optimizer,
             batch_size=self.score_batch_size,
             labels=run.domain_ids,
+            dynamics=run.dynamics,
         )
         chosen = self.selector.select(context)
         scores = getattr(self.selector, "last_scores", None)

@@ -1,0 +1,177 @@
+"""Noisy-example detectors built on the training-dynamics record, and the selector that drops what they flag.
+
+Scores are *noise scores*: higher means more likely mislabeled. Examples never trained on have no
+evidence and are never dropped.
+
+* ``"aum"`` — minus the area under the margin (Pleiss et al., arXiv 2001.10528): a mislabeled example's
+  target keeps losing to another token, so its margin averaged over visits stays low or negative.
+  :func:`plant_threshold_examples` adds the paper's *threshold examples* — a small seeded share whose answers
+  are deliberately replaced by another example's — and :func:`aum_threshold` takes the given percentile
+  (99 in the paper) of their AUM as the cut: an example whose AUM is at or below it is flagged. The cut is
+  then learned from examples known to be wrong instead of guessed. The paper's 99th percentile flags nearly
+  every example that behaves like a wrong one, at the cost of clean examples whose margins overlap theirs;
+  a lower ``percentile`` keeps more clean data and lets more noise through.
+* ``"cartography"`` — minus the mean confidence (Swayamdipta et al., arXiv 2009.10795): the
+  *hard-to-learn* region (low confidence, low variability) is where the paper finds mislabeled examples.
+  :func:`cartography_regions` names each example's region.
+* ``"loss"`` — the mean training loss over visits (the small-loss criterion of co-teaching and its kin).
+* ``"forgetting"`` — forgetting events (Toneva et al., arXiv 1812.05159), ties broken by the mean loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dataflex.dynamics import TrainingDynamics
+from dataflex.selectors import SelectionContext, Selector
+
+__all__ = [
+    "DETECTORS",
+    "DropNoisy",
+    "aum_threshold",
+    "cartography_regions",
+    "noise_scores",
+    "plant_threshold_examples",
+]
+
+DETECTORS = ("aum", "cartography", "loss", "forgetting")
+
+
+def noise_scores(record: TrainingDynamics, detector: str) -> np.ndarray:
+    """Per-example noise score (higher = more likely wrong); NaN for examples never visited."""
+    visited = record.visits > 0
+    if detector == "aum":
+        score = -record.aum
+    elif detector == "cartography":
+        score = -record.confidence_mean
+    elif detector == "loss":
+        score = record.loss_mean.copy()
+    elif detector == "forgetting":
+        # Forgetting counts are small integers: the loss orders examples with equal counts (a monotone map of
+        # the loss into [0, 1) keeps the count dominant).
+        loss = np.nan_to_num(record.loss_mean, nan=0.0)
+        score = record.forgetting + loss / (1.0 + np.abs(loss))
+    else:
+        raise ValueError(f"detector={detector!r}; valid detectors are {', '.join(DETECTORS)}")
+    return np.where(visited, score, np.nan)
+
+
+def plant_threshold_examples(
+    answers: Sequence[Any], share: float, seed: int, groups: Sequence[Any] | None = None
+) -> tuple[list[Any], np.ndarray]:
+    """Give a seeded ``share`` of examples another example's answer (within the same group when ``groups``
+    is given, e.g. the task): returns the new answers and the ids of these threshold examples.
+
+    Each threshold example takes the answer of a different example of its group whose answer differs from
+    its own, so every threshold example is surely wrong (when its group has another answer at all).
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1); got {share!r}")
+    n = len(answers)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A]))
+    chosen = np.sort(rng.choice(n, size=max(1, int(round(share * n))), replace=False))
+    group = np.zeros(n, dtype=np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    new = list(answers)
+    planted = []
+    for i in chosen.tolist():
+        donors = [j for j in np.flatnonzero(group == group[i]).tolist() if answers[j] != answers[i]]
+        if donors:
+            new[i] = answers[donors[int(rng.integers(len(donors)))]]
+            planted.append(i)
+    return new, np.asarray(planted, dtype=np.int64)
+
+
+def aum_threshold(record: TrainingDynamics, threshold_ids: np.ndarray, percentile: float = 99.0) -> float:
+    """The ``percentile`` of the threshold examples' AUM (those visited): examples at or below it are flagged."""
+    aum = record.aum[np.asarray(threshold_ids, dtype=np.int64)]
+    aum = aum[np.isfinite(aum)]
+    if aum.size == 0:
+        raise ValueError("no threshold example has been trained on yet; the AUM threshold is not defined")
+    return float(np.percentile(aum, percentile))
+
+
+def cartography_regions(record: TrainingDynamics) -> np.ndarray:
+    """``"easy"``, ``"ambiguous"``, ``"hard"`` or ``""`` (never visited) per example.
+
+    The paper draws regions on the confidence / variability map by eye; here, reproducibly: *ambiguous* is
+    the top third of variability, the rest split at the median confidence into *easy* (above) and *hard*.
+    """
+    visited = record.visits > 0
+    out = np.full(record.num_examples, "", dtype=object)
+    if not visited.any():
+        return out
+    variability, confidence = record.variability, record.confidence_mean
+    ambiguous = visited & (variability >= np.quantile(variability[visited], 2 / 3))
+    rest = visited & ~ambiguous
+    median = np.median(confidence[rest]) if rest.any() else 0.0
+    out[rest & (confidence > median)] = "easy"
+    out[rest & (confidence <= median)] = "hard"
+    out[ambiguous] = "ambiguous"
+    return out
+
+
+class DropNoisy(Selector):
+    """Train on the examples a detector does not flag, re-decided from the training-dynamics record.
+
+    Either ``drop`` (the share of the pool with the highest noise scores is left out) or, for ``"aum"``,
+    ``threshold_ids`` (examples whose AUM is at or below :func:`aum_threshold` are left out; so are the
+    threshold examples themselves, which are wrong by construction). Examples never visited stay in. Used
+    through :class:`~dataflex.hf.DataFlexSelectCallback`, which keeps the record when a selector sets
+    ``needs_dynamics``; ``last_scores`` holds the noise scores of each decision.
+    """
+
+    needs_dynamics = True
+
+    def __init__(
+        self,
+        detector: str = "aum",
+        *,
+        drop: float | None = None,
+        threshold_ids: Sequence[int] | np.ndarray | None = None,
+        percentile: float = 99.0,
+    ) -> None:
+        if detector not in DETECTORS:
+            raise ValueError(f"detector={detector!r}; valid detectors are {', '.join(DETECTORS)}")
+        if (drop is None) == (threshold_ids is None):
+            raise ValueError(
+                "give exactly one of drop (a share to leave out) or threshold_ids (AUM threshold examples)"
+            )
+        if threshold_ids is not None and detector != "aum":
+            raise ValueError(f"threshold_ids set the AUM threshold; they do not apply to detector={detector!r}")
+        if drop is not None and not 0 < drop < 1:
+            raise ValueError(f"drop must be in (0, 1); got {drop!r}")
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100]; got {percentile!r}")
+        super().__init__(fraction=1.0 if drop is None else 1.0 - drop)
+        self.detector, self.drop, self.percentile = detector, drop, float(percentile)
+        self.threshold_ids = None if threshold_ids is None else np.asarray(threshold_ids, dtype=np.int64)
+        self.threshold: float | None = None  # the AUM cut of the last decision (threshold mode)
+        self.last_scores: tuple[np.ndarray, np.ndarray] | None = None
+
+    def select(self, ctx: SelectionContext) -> np.ndarray:
+        record = ctx.dynamics
+        if record is None:
+            raise RuntimeError("DropNoisy needs the run's training-dynamics record (use DataFlexSelectCallback)")
+        scores = noise_scores(record, self.detector)
+        n = record.num_examples
+        self.last_scores = (np.arange(n), scores)
+        known = np.isfinite(scores)
+        if self.threshold_ids is not None:
+            self.threshold = aum_threshold(record, self.threshold_ids, self.percentile)
+            keep = ~known | (record.aum > self.threshold)
+            keep[self.threshold_ids] = False
+            return np.flatnonzero(keep)
+        k = int(round(self.drop * n))
+        ranked = np.flatnonzero(known)[np.argsort(-scores[known], kind="stable")]
+        keep = np.ones(n, dtype=bool)
+        keep[ranked[:k]] = False
+        return np.flatnonzero(keep)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.threshold = state["threshold"]

@@ -1,0 +1,132 @@
+"""Noise detectors on the training-dynamics record: planted wrong answers are ranked first, threshold examples
+are seeded, and DropNoisy leaves the flagged examples out of training online."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import make_trainer
+from sklearn.metrics import roc_auc_score
+
+from dataflex import DataFlexCallback, DataFlexSelectCallback
+from dataflex.detectors import DropNoisy, aum_threshold, cartography_regions, noise_scores, plant_threshold_examples
+from dataflex.dynamics import TrainingDynamics
+from dataflex.policies import Uniform
+from dataflex.testbeds.tiny import instruct_dataset, tiny_gpt2
+
+CLASSES = "ABCD"
+
+
+def planted_noise_set(n: int = 160, noise: float = 0.2, seed: int = 0):
+    """Class c's prompts are 10 letters from its own 6-letter alphabet and its answer is CLASSES[c]; a seeded
+    ``noise`` share of answers is replaced by another class's. Returns (records, planted mask)."""
+    rng = np.random.default_rng(seed)
+    letters = "abcdefghijklmnopqrstuvwx"
+    records = []
+    for i in range(n):
+        c = i % 4
+        prompt = "".join(rng.choice(list(letters[6 * c : 6 * c + 6]), 10))
+        records.append({"instruction": prompt, "response": CLASSES[c], "task": "toy"})
+    planted = np.zeros(n, dtype=bool)
+    for i in rng.choice(n, int(noise * n), replace=False).tolist():
+        c = CLASSES.index(records[i]["response"])
+        records[i]["response"] = CLASSES[(c + 1 + int(rng.integers(3))) % 4]
+        planted[i] = True
+    return records, planted
+
+
+def train(records, callback, out, steps: int = 200):
+    ds = instruct_dataset(records, 32).add_column("domain", [r["task"] for r in records])
+    model = tiny_gpt2(n_layer=2, n_embd=64, n_head=2, seed=0)
+    settings = {"max_steps": steps, "save_steps": 10_000, "learning_rate": 5e-3, "per_device_train_batch_size": 16}
+    trainer = make_trainer(ds, callback, out, model=model, **settings)
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    records, planted = planted_noise_set()
+    cb = DataFlexCallback(Uniform(), update_every=20, dynamics=True)
+    train(records, cb, tmp_path_factory.mktemp("planted"))
+    return cb.dynamics, planted
+
+
+@pytest.mark.parametrize("detector,least", [("aum", 0.95), ("cartography", 0.95), ("loss", 0.8)])
+def test_detectors_rank_planted_wrong_answers_first(planted_run, detector, least):
+    record, planted = planted_run
+    assert (record.visits == record.visits[0]).all() and record.visits[0] >= 10  # every example, many times
+    auroc = roc_auc_score(planted, noise_scores(record, detector))
+    assert auroc >= least, f"{detector}: AUROC {auroc:.3f}"
+    regions = cartography_regions(record)
+    assert (regions[planted] == "hard").mean() > 0.5 > (regions[~planted] == "hard").mean()
+
+
+def test_threshold_examples_are_seeded_wrong_and_within_their_group():
+    answers = [f"{g}{k}" for g in "xy" for k in range(10)]
+    groups = [a[0] for a in answers]
+    new, planted = plant_threshold_examples(answers, 0.25, seed=3, groups=groups)
+    again, planted_again = plant_threshold_examples(answers, 0.25, seed=3, groups=groups)
+    assert new == again and np.array_equal(planted, planted_again) and planted.size == 5
+    assert not np.array_equal(planted, plant_threshold_examples(answers, 0.25, seed=4, groups=groups)[1])
+    for i in range(len(answers)):
+        assert (new[i] != answers[i]) == (i in planted)
+        assert new[i][0] == groups[i]  # the donor is from the same group
+    with pytest.raises(ValueError, match="share must be in \\(0, 1\\); got 1.5"):
+        plant_threshold_examples(answers, 1.5, seed=0)
+
+
+def synthetic_record(aum: np.ndarray) -> TrainingDynamics:
+    record = TrainingDynamics(aum.size)
+    stats = {
+        "loss": torch.tensor(-aum),
+        "margin": torch.tensor(aum),
+        "confidence": torch.tensor(1 / (1 + np.exp(-aum))),
+        "accuracy": torch.tensor((aum > 0).astype(float)),
+    }
+    record.add(np.arange(aum.size), 0, stats)
+    record.gather()
+    return record
+
+
+def test_drop_noisy_threshold_mode_cuts_at_the_threshold_examples_percentile():
+    aum = np.array([3.0, 2.0, -1.0, 0.5, -2.0, -3.0, 1.0, np.nan])  # 7 is never visited
+    record = synthetic_record(np.nan_to_num(aum))
+    record.visits[7] = 0
+    record.margin_mean[7] = np.nan
+    selector = DropNoisy("aum", threshold_ids=[4, 5], percentile=100)
+    assert aum_threshold(record, np.array([4, 5]), 100) == -2.0
+
+    class Context:
+        dynamics = record
+
+    kept = selector.select(Context())
+    # AUM > -2 kept, threshold examples 4, 5 out, the unvisited 7 kept
+    assert kept.tolist() == [0, 1, 2, 3, 6, 7] and selector.threshold == -2.0
+    share = DropNoisy("aum", drop=0.25).select(Context())
+    assert share.tolist() == [0, 1, 2, 3, 6, 7]  # the 2 lowest AUM of 8 out
+    with pytest.raises(ValueError, match="exactly one of drop"):
+        DropNoisy("aum")
+    with pytest.raises(ValueError, match="detector='margin'; valid detectors are aum, cartography"):
+        DropNoisy("margin", drop=0.1)
+    with pytest.raises(ValueError, match="do not apply to detector='loss'"):
+        DropNoisy("loss", threshold_ids=[1])
+
+
+def test_drop_noisy_online_leaves_planted_noise_out(tmp_path):
+    """Threshold examples planted on top of the noisy set; DropNoisy re-decides every 30 steps from step 150."""
+    records, planted = planted_noise_set()
+    answers, threshold_ids = plant_threshold_examples([r["response"] for r in records], 0.05, seed=0)
+    records = [dict(r, response=a) for r, a in zip(records, answers)]
+    wrong = planted.copy()
+    wrong[threshold_ids] = True
+    cb = DataFlexSelectCallback(DropNoisy("aum", threshold_ids=threshold_ids), update_every=30, warmup_steps=140)
+    train(records, cb, tmp_path)
+    kept = cb.selected
+    assert not np.isin(threshold_ids, kept).any()
+    assert wrong[kept].mean() < 0.25 * wrong.mean(), (wrong[kept].mean(), wrong.mean())
+    # The paper's 99th percentile trades clean examples for purity (measured here: none wrong, 63 % of the clean
+    # kept); what must hold is that most clean examples stay.
+    assert (~wrong[kept]).sum() >= 0.5 * (~wrong).sum()
+    assert cb.history[-1]["size"] == kept.size and len(cb.history) >= 3
