@@ -21,7 +21,7 @@ STEPS, CRASH = 8, 4
 
 
 def run(ds, out: Path, crash_at=None, resume=None):
-    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
+    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1, dynamics=True)
     rec = StepRecorder(dfx)
     extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
     trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra)
@@ -30,6 +30,12 @@ def run(ds, out: Path, crash_at=None, resume=None):
     except KeyboardInterrupt:
         pass
     return dfx, rec
+
+
+def dynamics_digest(record) -> list:
+    """Every array of the training-dynamics record, after gathering the visits still buffered."""
+    record.gather()
+    return [getattr(record, name).tolist() for name in ("visits", "loss_mean", "loss_m2", "margin_mean", "forgetting")]
 
 
 def main(out: str) -> None:
@@ -50,6 +56,9 @@ def main(out: str) -> None:
                 "resumed_history": resumed.history,
                 "resumed_weights": resumed.weights,
                 "resumed_ids": {**head_rec.ids, **tail_rec.ids},
+                "visits": full.dynamics.visits.tolist(),
+                "dynamics": dynamics_digest(full.dynamics),
+                "resumed_dynamics": dynamics_digest(resumed.dynamics),
             }
         )
     )

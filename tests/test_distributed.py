@@ -50,6 +50,11 @@ def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
         assert r["resumed_ids"] == r["ids"]
         assert r["resumed_history"] == r["history"]
         assert r["resumed_weights"] == r["weights"]
+        assert r["resumed_dynamics"] == r["dynamics"]
+    # the training-dynamics record holds both ranks' visits, identically on each rank
+    assert r0["dynamics"] == r1["dynamics"]
+    trained = [i for r in (r0, r1) for ids in r["ids"].values() for i in ids]
+    assert r0["visits"] == [trained.count(i) for i in range(len(r0["visits"]))] and sum(r0["visits"]) == 64
 
 
 @pytest.mark.slow  # 15 s; .ci/run runs it
