@@ -31,6 +31,7 @@ from dataflex.selectors import SelectionContext, Selector
 __all__ = [
     "DETECTORS",
     "DropNoisy",
+    "detection_quality",
     "aum_threshold",
     "cartography_regions",
     "noise_scores",
@@ -57,6 +58,20 @@ def noise_scores(record: TrainingDynamics, detector: str) -> np.ndarray:
     else:
         raise ValueError(f"detector={detector!r}; valid detectors are {', '.join(DETECTORS)}")
     return np.where(visited, score, np.nan)
+
+
+def detection_quality(scores: np.ndarray, wrong: np.ndarray) -> dict[str, float]:
+    """How well noise ``scores`` find the examples of a known ``wrong`` mask (planted noise, threshold
+    examples): AUROC, and the recall among the top ``wrong.mean()`` share (recall at the true noise rate).
+    Examples without a score count as least suspect."""
+    from sklearn.metrics import roc_auc_score
+
+    wrong = np.asarray(wrong, dtype=bool)
+    finite = np.isfinite(scores)
+    floor = scores[finite].min() - 1.0 if finite.any() else 0.0
+    ranked = np.where(finite, scores, floor)
+    top = np.argsort(-ranked, kind="stable")[: int(wrong.sum())]
+    return {"auroc": float(roc_auc_score(wrong, ranked)), "recall_at_noise_rate": float(wrong[top].mean())}
 
 
 def plant_threshold_examples(
@@ -116,10 +131,11 @@ def cartography_regions(record: TrainingDynamics) -> np.ndarray:
 class DropNoisy(Selector):
     """Train on the examples a detector does not flag, re-decided from the training-dynamics record.
 
-    Either ``drop`` (the share of the pool with the highest noise scores is left out) or, for ``"aum"``,
-    ``threshold_ids`` (examples whose AUM is at or below :func:`aum_threshold` are left out; so are the
-    threshold examples themselves, which are wrong by construction). Examples never visited stay in. Used
-    through :class:`~dataflex.hf.DataFlexSelectCallback`, which keeps the record when a selector sets
+    Either ``drop`` (the share of the pool with the highest noise scores is left out; with ``per_label``, that
+    share of every label, as the other selectors do) or, for ``"aum"``, ``threshold_ids`` (examples whose AUM
+    is at or below :func:`aum_threshold` are left out; so are the threshold examples themselves, which are
+    wrong by construction). Examples never visited stay in. Used through
+    :class:`~dataflex.hf.DataFlexSelectCallback`, which keeps the record when a selector sets
     ``needs_dynamics``; ``last_scores`` holds the noise scores of each decision.
     """
 
@@ -132,6 +148,7 @@ class DropNoisy(Selector):
         drop: float | None = None,
         threshold_ids: Sequence[int] | np.ndarray | None = None,
         percentile: float = 99.0,
+        per_label: bool = False,
     ) -> None:
         if detector not in DETECTORS:
             raise ValueError(f"detector={detector!r}; valid detectors are {', '.join(DETECTORS)}")
@@ -145,33 +162,36 @@ class DropNoisy(Selector):
             raise ValueError(f"drop must be in (0, 1); got {drop!r}")
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100]; got {percentile!r}")
-        super().__init__(fraction=1.0 if drop is None else 1.0 - drop)
+        super().__init__(fraction=1.0 if drop is None else 1.0 - drop, per_label=per_label)
         self.detector, self.drop, self.percentile = detector, drop, float(percentile)
         self.threshold_ids = None if threshold_ids is None else np.asarray(threshold_ids, dtype=np.int64)
         self.threshold: float | None = None  # the AUM cut of the last decision (threshold mode)
-        self.last_scores: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _record(self, ctx: SelectionContext) -> TrainingDynamics:
+        if ctx.dynamics is None:
+            raise RuntimeError("DropNoisy needs the run's training-dynamics record (use DataFlexSelectCallback)")
+        return ctx.dynamics
+
+    def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
+        """Higher = kept: minus the noise score; examples never visited first of all (no evidence)."""
+        noise = noise_scores(self._record(ctx), self.detector)[ids]
+        return np.where(np.isfinite(noise), -noise, np.finfo(np.float64).max)
 
     def select(self, ctx: SelectionContext) -> np.ndarray:
-        record = ctx.dynamics
-        if record is None:
-            raise RuntimeError("DropNoisy needs the run's training-dynamics record (use DataFlexSelectCallback)")
-        scores = noise_scores(record, self.detector)
-        n = record.num_examples
-        self.last_scores = (np.arange(n), scores)
-        known = np.isfinite(scores)
-        if self.threshold_ids is not None:
-            self.threshold = aum_threshold(record, self.threshold_ids, self.percentile)
-            keep = ~known | (record.aum > self.threshold)
-            keep[self.threshold_ids] = False
-            return np.flatnonzero(keep)
-        k = int(round(self.drop * n))
-        ranked = np.flatnonzero(known)[np.argsort(-scores[known], kind="stable")]
-        keep = np.ones(n, dtype=bool)
-        keep[ranked[:k]] = False
+        if self.threshold_ids is None:
+            return super().select(ctx)
+        record = self._record(ctx)
+        self.last_scores = (np.arange(record.num_examples), noise_scores(record, "aum"))
+        self.threshold = aum_threshold(record, self.threshold_ids, self.percentile)
+        keep = ~np.isfinite(record.aum) | (record.aum > self.threshold)
+        keep[self.threshold_ids] = False
         return np.flatnonzero(keep)
 
     def state_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.threshold = state["threshold"]
+        threshold = state["threshold"]
+        if threshold is not None and not (isinstance(threshold, float) and np.isfinite(threshold)):
+            raise ValueError(f"DropNoisy threshold must be a finite number or null; got {threshold!r}")
+        self.threshold = threshold

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 from transformers import Trainer
 
+from dataflex.detectors import DropNoisy
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
-from dataflex.testbeds.vlm_runs import NoiseCounter, holdout_signals, training_args
+from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, holdout_signals, training_args
 from dataflex.weighting import ExampleWeightedLoss
 
 #: method -> what decides the training data
@@ -36,6 +37,8 @@ METHODS = {
     "rho": "RHO-LOSS (arXiv 2206.07137): current minus irreducible loss (holdout-trained model)",
     "reweight": "ExampleWeightedLoss(direction='easy'): weights ∝ exp(-z / T) in backprop",
     "clusters": "cluster-balanced over faiss k-means of projected image features (holdout model)",
+    "aum": "DropNoisy('aum', drop=1 - fraction): leave out the lowest area-under-margin share (arXiv 2001.10528)",
+    "cartography": "DropNoisy('cartography', drop=1 - fraction): lowest mean confidence out (arXiv 2009.10795)",
     "clean_oracle": "reference, not a method: FixedSubset of the examples whose answer is right (reads the noise mask)",
 }
 
@@ -64,8 +67,11 @@ def method_callback(
     domains = train["domain"]
     groups = domains if label_by == "question" else [f"{d}:{a}" for d, a in zip(domains, train["answer"])]
     selection = {"update_every": update_every, "warmup_steps": warmup}
-    if method == "uniform":
-        return DataFlexCallback(Uniform(), domains=domains, update_every=update_every), None
+    if method == "uniform":  # its training-dynamics record measures every detector after plain training
+        return DataFlexCallback(Uniform(), domains=domains, update_every=update_every, dynamics=True), None
+    if method in ("aum", "cartography"):
+        rule = DropNoisy(method, drop=1.0 - fraction, per_label=per_label)
+        return DataFlexSelectCallback(rule, groups, **selection), None
     if method in ("loss_hard", "loss_easy", "loss_easy_mean"):
         history = "mean" if method.endswith("_mean") else "last"
         rule = LossFocus(fraction, method.split("_")[1], per_label=per_label, history=history)
@@ -132,11 +138,12 @@ def train_vlm(
         label_by=label_by,
     )
     counter = NoiseCounter(dfx, np.asarray(train["noisy"], dtype=bool), weighted)
+    probe = DetectionProbe(dfx, np.asarray(train["noisy"], dtype=bool), steps=(warmup,))
     extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
     model = tiny_llava(seed=seed)
     args = training_args(out, seed=seed, steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps)
     trainer = Trainer(
-        model=model, args=args, train_dataset=train, data_collator=collate_vlm, callbacks=[dfx, counter], **extra
+        model=model, args=args, train_dataset=train, data_collator=collate_vlm, callbacks=[dfx, counter, probe], **extra
     )
     dfx.attach(trainer)
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if resume else []
@@ -157,6 +164,12 @@ def train_vlm(
         "noisy_share_after_warmup": counter.share(after=warmup),
         "seconds": seconds,
         "resumed": bool(checkpoints),
+        # Noise detection on the run's training-dynamics record (runs that keep one): at the first selection
+        # (step ``warmup``) and at the end. Only the uniform arm's end-of-run figure is free of selection bias.
+        "detection": {
+            "at_warmup": probe.by_step.get(warmup),
+            "at_end": probe.measure() if getattr(dfx, "dynamics", None) is not None else None,
+        },
     }
 
 

@@ -99,13 +99,15 @@ def test_drop_noisy_threshold_mode_cuts_at_the_threshold_examples_percentile():
     assert aum_threshold(record, np.array([4, 5]), 100) == -2.0
 
     class Context:
-        dynamics = record
+        dynamics, dataset, seed, step, labels = record, range(8), 0, 0, np.array([0, 0, 0, 0, 1, 1, 1, 1])
 
     kept = selector.select(Context())
     # AUM > -2 kept, threshold examples 4, 5 out, the unvisited 7 kept
     assert kept.tolist() == [0, 1, 2, 3, 6, 7] and selector.threshold == -2.0
     share = DropNoisy("aum", drop=0.25).select(Context())
     assert share.tolist() == [0, 1, 2, 3, 6, 7]  # the 2 lowest AUM of 8 out
+    by_label = DropNoisy("aum", drop=0.25, per_label=True).select(Context())
+    assert by_label.tolist() == [0, 1, 3, 4, 6, 7]  # the lowest of each label out: 2 (of 0..3), 5 (of 4..7)
     with pytest.raises(ValueError, match="exactly one of drop"):
         DropNoisy("aum")
     with pytest.raises(ValueError, match="detector='margin'; valid detectors are aum, cartography"):

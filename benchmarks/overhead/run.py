@@ -3,6 +3,8 @@
     python -m benchmarks.overhead.run                  # ~3 minutes on 2 CPU cores
     python -m benchmarks.overhead.run --pairs 3 --steps 40
     python -m benchmarks.overhead.run --trainer sft    # TRL's SFTTrainer (default loss) -> results_sft.*
+    python -m benchmarks.overhead.run --dynamics       # + a third arm keeping the training-dynamics record
+                                                       #   -> results_dynamics.*
 
 Same model, data and seed in both arms; runs are interleaved (baseline, dataflex, baseline, ...)
 so machine noise hits both alike. A step's time is the wall time between consecutive
@@ -77,13 +79,14 @@ class StepTimer(TrainerCallback):
         return [b - a for a, b in zip(self.stamps[skip:], self.stamps[skip + 1 :])]
 
 
-def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path) -> tuple[float, float]:
-    """Median step time after warm-up, and dataflex's own seconds per step (0 for the baseline)."""
+def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path, dynamics: bool = False) -> tuple[float, float]:
+    """Median step time after warm-up, and dataflex's own seconds per step (0 for the baseline); with
+    ``dynamics`` the callback also keeps the per-example training-dynamics record."""
     timer = StepTimer()
     callbacks: list[TrainerCallback] = [timer]
     inside = InstrumentedTime()
     if with_dataflex:
-        dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=args.update_every)
+        dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=args.update_every, dynamics=dynamics)
         # The forward hook (loss capture) is registered at train begin, so wrapping it here is what runs.
         dfx.capture._on_forward = inside.wrap(dfx.capture._on_forward)
         for name in ("on_step_begin", "on_step_end", "on_epoch_begin", "on_save"):
@@ -149,6 +152,7 @@ def main() -> None:
     p.add_argument("--update-every", type=int, default=10)
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer", help="stock Trainer or TRL SFTTrainer")
     p.add_argument("--out", type=Path, default=None, help="default: this folder (results_sft.* for --trainer sft)")
+    p.add_argument("--dynamics", action="store_true", help="add an arm that keeps the training-dynamics record")
     args = p.parse_args()
     # Every example is filled to exactly max_len bytes (its text repeated), so both arms do the same
     # compute per step even though they see different examples in a different order.
@@ -159,23 +163,31 @@ def main() -> None:
     ds = byte_dataset(records, args.max_len)
     scratch = Path("/tmp") / "dataflex_overhead"
     base, flex, ratios, inside, inside_ratios = [], [], [], [], []
+    dyn, dyn_ratios, dyn_inside = [], [], []
     for i in range(args.pairs):
-        # Alternate which arm goes first, so warm-up effects of the machine do not favour one arm.
-        if i % 2 == 0:
-            b, _ = run(ds, False, args, scratch)
-            f, own = run(ds, True, args, scratch)
-        else:
-            f, own = run(ds, True, args, scratch)
-            b, _ = run(ds, False, args, scratch)
+        # Alternate the arms' order, so warm-up effects of the machine do not favour one arm.
+        arms = ["base", "flex", "dyn"] if args.dynamics else ["base", "flex"]
+        arms = arms if i % 2 == 0 else arms[::-1]
+        times = {}
+        for arm in arms:
+            times[arm] = run(ds, arm != "base", args, scratch, dynamics=arm == "dyn")
+        (b, _), (f, own) = times["base"], times["flex"]
         base.append(b)
         flex.append(f)
         ratios.append(f / b)
         inside.append(own)
         inside_ratios.append(1 + own / b)
-        print(
+        line = (
             f"pair {i + 1}/{args.pairs}: baseline {b * 1e3:.1f} ms/step, dataflex {f * 1e3:.1f} ms/step, "
             f"ratio {f / b:.3f}; dataflex's own code {own * 1e3:.2f} ms/step"
         )
+        if args.dynamics:
+            d, own_d = times["dyn"]
+            dyn.append(d)
+            dyn_ratios.append(d / f)
+            dyn_inside.append(own_d)
+            line += f"; with dynamics {d * 1e3:.1f} ms/step ({d / f:.3f} x dataflex), own {own_d * 1e3:.2f} ms"
+        print(line, flush=True)
     result = {
         "median_ratio": statistics.median(ratios),
         "instrumented_ratio": statistics.median(inside_ratios),
@@ -186,17 +198,43 @@ def main() -> None:
         "config": {k: str(v) for k, v in vars(args).items()},
     }
     trainer_name = "SFTTrainer" if args.trainer == "sft" else "Trainer"
-    md = (
-        "| arm | median step time (ms), per pair |\n|---|---|\n"
-        f"| stock {trainer_name} | {', '.join(f'{x * 1e3:.1f}' for x in base)} |\n"
-        f"| + DataFlexCallback(ODM) | {', '.join(f'{x * 1e3:.1f}' for x in flex)} |\n"
-        f"| ratio | {', '.join(f'{r:.3f}' for r in ratios)} |\n"
-        f"| dataflex's own code (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in inside)} |\n\n"
+    rows = [
+        "| arm | median step time (ms), per pair |",
+        "|---|---|",
+        f"| stock {trainer_name} | {', '.join(f'{x * 1e3:.1f}' for x in base)} |",
+        f"| + DataFlexCallback(ODM) | {', '.join(f'{x * 1e3:.1f}' for x in flex)} |",
+        f"| ratio | {', '.join(f'{r:.3f}' for r in ratios)} |",
+        f"| dataflex's own code (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in inside)} |",
+    ]
+    if args.dynamics:
+        # The record's own cost: dataflex's instrumented time with the record minus without, over the step.
+        record = [(od - o) / b for od, o, b in zip(dyn_inside, inside, base)]
+        result |= {
+            "dynamics_ms": [x * 1e3 for x in dyn],
+            "dynamics_vs_dataflex": dyn_ratios,
+            "dynamics_median_ratio": statistics.median(dyn_ratios),
+            "dynamics_own_ms_per_step": [x * 1e3 for x in dyn_inside],
+            "dynamics_instrumented_ratio": 1 + statistics.median(record),
+        }
+        rows += [
+            f"| + dynamics=True | {', '.join(f'{x * 1e3:.1f}' for x in dyn)} |",
+            f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in dyn_ratios)} |",
+            f"| dataflex's own code with the record (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in dyn_inside)} |",
+        ]
+    rows += [
+        "",
         f"**median A/B ratio: {result['median_ratio']:.3f}**; instrumented estimate 1 + own/baseline: "
-        f"**{result['instrumented_ratio']:.4f}** (goal <= 1.05)"
-    )
-    stem = "results_sft" if args.trainer == "sft" else "results"
-    print(write_results(args.out or RESULTS, md.split("\n"), result, stem=stem))
+        f"**{result['instrumented_ratio']:.4f}** (goal <= 1.05)",
+    ]
+    if args.dynamics:
+        rows += [
+            "",
+            f"Training-dynamics record: **median A/B ratio to the callback without it "
+            f"{result['dynamics_median_ratio']:.3f}**; instrumented estimate 1 + (own time with - without) / "
+            f"baseline: **{result['dynamics_instrumented_ratio']:.4f}** (goal <= 1.02)",
+        ]
+    stem = "results_sft" if args.trainer == "sft" else "results_dynamics" if args.dynamics else "results"
+    print(write_results(args.out or RESULTS, rows, result, stem=stem))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ steps of the same batch size:
   (``ExampleWeightedLoss(direction="easy")`` through ``compute_loss_func``);
 * ``clusters``: cluster-balanced sampling over faiss k-means clusters of projected image features
   (taken with the holdout model), ``DataFlexCallback(Uniform(), domains=clusters, stratified=True)``;
+* ``aum`` / ``cartography``: ``DataFlexSelectCallback(DropNoisy(detector, drop=1 - f))`` — leave out the
+  share ``1 - f`` of every question type that the detector finds most suspect, from the training-dynamics
+  record the training forwards fill (area under the margin, arXiv 2001.10528; mean confidence, arXiv
+  2009.10795); the uniform arm keeps the same record, and its detection quality is reported;
 * ``clean_oracle`` (a reference, not a method: it reads the noise mask): trains only on the examples
   whose answer is right — what perfect noise filtering could give at this step budget.
 
@@ -162,6 +166,9 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
         "*Wall time of each run's training; runs may have shared the two cores with another run, so "
         "it is not a timing comparison.",
     ]
+    detection = detection_table(args, runs)
+    if detection:
+        lines += ["", *detection]
     if "cluster_digit_purity" in extras:
         lines += [
             "",
@@ -176,6 +183,30 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
     }
     print(write_results(args.out, lines, data))
     plot(args, summary)
+
+
+def detection_table(args, runs: list[dict]) -> list[str]:
+    """AUROC and recall at the true noise rate of every detector on the uniform arm's training-dynamics
+    record (plain training: no selection decided what the record saw), at the first selection and at the end."""
+    mine = [r for r in runs if r["arm"] == "uniform" and (r.get("detection") or {}).get("at_end")]
+    if not mine:
+        return []
+    lines = [
+        "Noise detection on the uniform arm's training-dynamics record (`DataFlexCallback(dynamics=True)`), against "
+        f"the known mask; median [min, max] over seeds {[r['seed'] for r in mine]}:",
+        "",
+        f"| detector | AUROC at step {args.warmup} | recall at the noise rate, step {args.warmup} | AUROC at the end "
+        "| recall at the noise rate, end |",
+        "|---|---|---|---|---|",
+    ]
+    for detector in mine[0]["detection"]["at_end"]:
+        cells = [
+            median_range([r["detection"][when][detector][key] for r in mine])
+            for when in ("at_warmup", "at_end")
+            for key in ("auroc", "recall_at_noise_rate")
+        ]
+        lines.append(f"| {detector} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(args, summary: dict) -> None:

@@ -149,6 +149,7 @@ class TrainerAdapter(TrainerCallback):
         self._staged_step = -1  # global step whose state is staged for the Trainer's next checkpoint
         self._batching: dict[str, int] = {}  # processes and batch sizes: the step <-> sample mapping
         self._warned: set[str] = set()  # no-signal conditions already reported
+        self._log_metrics: list[Any] = []  # callables giving metrics for the Trainer's logging steps
         if trainer is not None:
             self.attach(trainer)
 
@@ -195,6 +196,15 @@ class TrainerAdapter(TrainerCallback):
         loss = torch.cat([r[1].float() for r in self._step_records]).cpu().numpy()
         has = torch.cat([r[2] for r in self._step_records]).cpu().numpy()
         return ids, loss, has & np.isfinite(loss)
+
+    def current_ids(self) -> np.ndarray | None:
+        """Example ids of the micro-batch scored last in this step (under ``wrap_loss``: the one whose loss the
+        Trainer is computing), or None before any."""
+        return self._step_records[-1][0] if self._step_records else None
+
+    def add_log_metrics(self, metrics: Any) -> None:
+        """Log ``metrics()`` (a dict) with dataflex's entries at the Trainer's logging steps."""
+        self._log_metrics.append(metrics)
 
     def wrap_loss(self, loss_func: Any) -> Any:
         """A ``compute_loss_func`` that lets dataflex see the labels, then calls ``loss_func``.
@@ -422,6 +432,10 @@ class TrainerAdapter(TrainerCallback):
         step, every = state.global_step, self.decider.update_every
         if every is not None and step > self.warmup_steps and step % every == 0:
             self._update(step, control)
+        if control.should_log and self._log_metrics:
+            logs = {k: v for metrics in self._log_metrics for k, v in metrics().items()}
+            if logs:
+                self._log(step, logs, control)
         if control.should_save:  # the Trainer saves right after this event: stage our state first
             self._stage(args, state)
 

@@ -40,6 +40,25 @@ class NoiseCounter(TrainerCallback):
         return sum(r[1] for r in rows) / max(sum(r[2] for r in rows), 1e-12)
 
 
+class DetectionProbe(TrainerCallback):
+    """Detection quality of every detector on the run's training-dynamics record at chosen steps (after
+    dataflex's own on_step_end has gathered the record at its update steps)."""
+
+    def __init__(self, dfx: Any, noisy: np.ndarray, steps: tuple[int, ...]) -> None:
+        self.dfx, self.noisy, self.steps = dfx, noisy, steps
+        self.by_step: dict[int, dict[str, dict[str, float]]] = {}
+
+    def measure(self) -> dict[str, dict[str, float]]:
+        from dataflex.detectors import DETECTORS, detection_quality, noise_scores
+
+        self.dfx.dynamics.gather()  # collective, like dataflex's own gathers; every rank runs this callback
+        return {d: detection_quality(noise_scores(self.dfx.dynamics, d), self.noisy) for d in DETECTORS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.dfx.dynamics is not None and state.global_step in self.steps:
+            self.by_step[state.global_step] = self.measure()
+
+
 def training_args(
     out: Path, *, seed: int, steps: int, batch_size: int, lr: float, save_steps: int | None = None
 ) -> TrainingArguments:

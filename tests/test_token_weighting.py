@@ -1,0 +1,115 @@
+"""Token-level weighting: weights of 1 are the stock loss, Rho-1's selected loss equals a direct computation,
+reference losses are the model's own token losses, and the effective token share is logged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import make_trainer, params, small_dataset, tiny_model
+
+from dataflex import DataFlexCallback
+from dataflex.policies import Uniform
+from dataflex.testbeds.tiny import collate_causal
+from dataflex.token_weighting import ReferenceTokenLosses, TokenWeightedLoss, reference_token_losses, rho1
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return small_dataset(per_domain=8)
+
+
+def ones(token_loss, counted, ids):
+    return torch.ones_like(token_loss)
+
+
+def test_weights_of_one_train_exactly_like_the_stock_loss(ds, tmp_path):
+    """Gradient accumulation 2, so the Trainer's num_items_in_batch spans micro-batches, as in the stock loss."""
+    stock_cb = DataFlexCallback(Uniform(), update_every=4)
+    stock = make_trainer(ds, stock_cb, tmp_path / "stock", max_steps=6, accum=2, logging_steps=2)
+    stock.train()
+    cb = DataFlexCallback(Uniform(), update_every=4)
+    weighted = make_trainer(ds, cb, tmp_path / "ones", max_steps=6, accum=2, logging_steps=2, compute_loss_func=None)
+    weighted.compute_loss_func = cb.wrap_loss(TokenWeightedLoss(ones, cb))
+    weighted.train()
+    a, b = params(stock.model), params(weighted.model)
+    assert all(np.allclose(a[k], b[k], rtol=0, atol=2e-6) for k in a), "weights of 1 changed training"
+    losses = [h["loss"] for h in weighted.state.log_history if "loss" in h]
+    assert np.allclose(losses, [h["loss"] for h in stock.state.log_history if "loss" in h], rtol=1e-5)
+    shares = [
+        h["dataflex/effective_token_share"] for h in weighted.state.log_history if "dataflex/effective_tokens" in h
+    ]
+    assert shares and all(s == 1.0 for s in shares)
+
+
+class FakeCallback:
+    def __init__(self, ids):
+        self.ids, self.metrics = np.asarray(ids), []
+
+    def current_ids(self):
+        return self.ids
+
+    def add_log_metrics(self, fn):
+        self.metrics.append(fn)
+
+
+def test_rho1_loss_is_the_mean_loss_of_the_selected_tokens(ds):
+    model = tiny_model("gpt2", 0)
+    batch = collate_causal([ds[i] for i in (3, 7, 11)])
+    labels = batch.pop("labels")
+    outputs = model(**batch)
+    g = torch.Generator().manual_seed(0)
+    counted = labels[:, 1:] != -100
+    reference = ReferenceTokenLosses(
+        [torch.rand(int(c.sum()), generator=g).numpy() * 5 for c in counted] + [np.zeros(0)] * 20
+    )
+    ids = np.array([0, 1, 2])
+    cb = FakeCallback(ids)
+    loss = TokenWeightedLoss(rho1(reference, keep=0.4), cb)(outputs, labels)
+    # direct: every counted token's loss and excess, the top 40 % by excess, their plain mean
+    token_losses, excess = [], []
+    for r in range(3):
+        ref = iter(reference.per_example[r].tolist())
+        for t in range(labels.shape[1] - 1):
+            y = int(labels[r, t + 1])
+            if y == -100:
+                continue
+            logits = outputs.logits[r, t][None].detach().float()
+            lt = float(torch.nn.functional.cross_entropy(logits, torch.tensor([y])))
+            token_losses.append(lt)
+            excess.append(lt - next(ref))
+    k = int(np.ceil(0.4 * len(excess)))
+    chosen = np.argsort(excess)[::-1][:k]
+    assert loss.item() == pytest.approx(np.mean(np.asarray(token_losses)[chosen]), rel=1e-5)
+    assert cb.metrics[0]()["dataflex/effective_token_share"] == pytest.approx(k / len(excess))
+    loss.backward()  # the selection carries no gradient; the loss does
+
+
+def test_reference_token_losses_are_the_models_own_token_losses(ds):
+    model = tiny_model("gpt2", 1)
+    reference = reference_token_losses(model, ds.select(range(6)), collate_causal, batch_size=4)
+    assert len(reference) == 6
+    for i in range(6):
+        batch = collate_causal([ds[i]])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits[0, :-1]
+        target = labels[0, 1:]
+        want = torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100], reduction="none")
+        np.testing.assert_allclose(reference.per_example[i], want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_token_weights_and_missing_ids_are_refused(ds):
+    model = tiny_model("gpt2", 0)
+    batch = collate_causal([ds[0], ds[1]])
+    labels = batch.pop("labels")
+    outputs = model(**batch)
+    with pytest.raises(ValueError, match="token weights must be finite, >= 0"):
+        TokenWeightedLoss(lambda loss, c, i: -torch.ones_like(loss), FakeCallback([0, 1]))(outputs, labels)
+    with pytest.raises(RuntimeError, match="needs the micro-batch's example ids"):
+        TokenWeightedLoss(ones, FakeCallback([0]))(outputs, labels)
+    with pytest.raises(ValueError, match="keep must be in \\(0, 1\\]; got 0"):
+        rho1(ReferenceTokenLosses([]), keep=0)
+    short = ReferenceTokenLosses([np.zeros(1), np.zeros(1)])
+    with pytest.raises(ValueError, match="example 0 has .* counted tokens in this batch but its reference"):
+        TokenWeightedLoss(rho1(short), FakeCallback([0, 1]))(outputs, labels)
