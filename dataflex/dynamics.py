@@ -42,10 +42,15 @@ VISIT_FIELDS = ("loss", "margin", "confidence", "accuracy")
 @torch.no_grad()
 def token_margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``logits[i, target[i]] - max_{j != target[i]} logits[i, j]`` for ``(m, vocab)`` float logits."""
-    top = logits.topk(2, dim=-1)
-    target_logit = logits.gather(1, target[:, None])[:, 0]
-    other = torch.where(top.indices[:, 0] == target, top.values[:, 1], top.values[:, 0])
-    return target_logit - other
+    return _margins_in_place(logits.clone(), target)
+
+
+def _margins_in_place(chunk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`token_margins` on a chunk the caller owns: the target column is overwritten (one max pass
+    instead of a top-2, the cost that matters at large vocabularies)."""
+    target_logit = chunk.gather(1, target[:, None])[:, 0]
+    chunk.scatter_(1, target[:, None], float("-inf"))
+    return target_logit - chunk.max(dim=-1).values
 
 
 @torch.no_grad()
@@ -56,14 +61,18 @@ def visit_statistics(
     vocab: int,
     segments: torch.Tensor | None = None,
     log_probs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    token_losses: torch.Tensor | None = None,
     chunk_elements: int = SCORING_CHUNK_ELEMENTS,
 ) -> dict[str, torch.Tensor]:
     """Per-example ``loss, margin, confidence, accuracy`` (``VISIT_FIELDS``) of one training micro-batch.
 
     ``logits_at(rows, positions)`` gives the logits of shifted positions (the forward's logits, or the LM
-    head applied to its hidden states), evaluated in chunks of at most ``chunk_elements``. Without logits,
-    ``log_probs = (per-token log-probabilities, label mask)`` (a fused LM head) gives loss and confidence;
-    margin and accuracy are then NaN. Examples without counted tokens get NaN everywhere.
+    head applied to its hidden states), evaluated in chunks of at most ``chunk_elements``; the chunks it
+    returns are written to (advanced indexing and the LM head both return fresh tensors). ``token_losses``
+    ``(batch, seq - 1 or more)``: the step's own per-token losses (position t predicts token t + 1), reused
+    instead of recomputing the cross-entropy. Without logits, ``log_probs = (per-token log-probabilities,
+    label mask)`` (a fused LM head) gives loss and confidence; margin and accuracy are then NaN. Examples
+    without counted tokens get NaN everywhere.
     """
     if log_probs is not None:
         values, mask = log_probs
@@ -74,14 +83,16 @@ def visit_statistics(
     else:
         shifted = labels[:, 1:]
         rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)
-        token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device)
-        margin = torch.empty_like(token_loss)
+        given = None if token_losses is None else token_losses.detach()[rows, positions].float()
+        token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device) if given is None else given
+        margin = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device)
         step = max(1, chunk_elements // vocab)
         for start in range(0, rows.numel(), step):
             r, t = rows[start : start + step], positions[start : start + step]
             chunk, target = logits_at(r, t).float(), shifted[r, t]
-            token_loss[start : start + step] = F.cross_entropy(chunk, target, reduction="none")
-            margin[start : start + step] = token_margins(chunk, target)
+            if given is None:
+                token_loss[start : start + step] = F.cross_entropy(chunk, target, reduction="none")
+            margin[start : start + step] = _margins_in_place(chunk, target)
         n_rows = labels.shape[0]
     token_stats = {
         "loss": token_loss,

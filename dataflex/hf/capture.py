@@ -142,7 +142,11 @@ def _unscorable(output: Any) -> str:
 
 
 def visits_of_forward(
-    output: Any, labels: torch.Tensor, position_ids: torch.Tensor | None, hidden: HiddenStateScorer | None
+    output: Any,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    hidden: HiddenStateScorer | None,
+    token_losses: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-example training-dynamics statistics (:func:`dataflex.dynamics.visit_statistics`) of one forward,
     from whichever of log-probabilities, logits or hidden states it gives; call before :func:`per_example_loss`
@@ -153,7 +157,9 @@ def visits_of_forward(
         return visit_statistics(None, labels, vocab=0, segments=segments, log_probs=log_probs)
     if logits is not None:
         labels = labels.to(logits.device)
-        return visit_statistics(lambda r, t: logits[r, t], labels, vocab=logits.shape[-1], segments=segments)
+        return visit_statistics(
+            lambda r, t: logits[r, t], labels, vocab=logits.shape[-1], segments=segments, token_losses=token_losses
+        )
     if hidden is not None and hidden.hidden is not None:
         labels = labels.to(hidden.hidden.device)
         return visit_statistics(hidden.logits_at(), labels, vocab=hidden.head.weight.shape[0], segments=segments)
@@ -298,7 +304,10 @@ class LossCapture:
     def _score(self, inputs: dict[str, Any], output: Any, labels: torch.Tensor) -> None:
         tapped, self._token_losses = self._token_losses, None
         position_ids = inputs.get("position_ids")
-        visits = visits_of_forward(output, labels, position_ids, self._hidden) if self.record_visits else None
+        visits = None
+        if self.record_visits:  # the tapped per-token losses spare a second cross-entropy
+            own = None if tapped is None else tapped[0]
+            visits = visits_of_forward(output, labels, position_ids, self._hidden, own)
         if tapped is not None:
             loss, has_tokens = per_example_loss_from_token_losses(*tapped, inputs.get("position_ids"))
         else:
