@@ -187,6 +187,14 @@ class DropNoisy(Selector):
         keep[self.threshold_ids] = False
         return np.flatnonzero(keep)
 
+    def keep_ids(self, record: TrainingDynamics, labels: np.ndarray | None = None) -> np.ndarray:
+        """The ids this rule keeps given a finished run's record, for a subset file (offline use):
+        ``write_subset(path, rule.keep_ids(callback.dynamics), pool=..., method="aum", fraction=...)``."""
+        n = record.num_examples
+        ctx = SelectionContext(model=None, dataset=range(n), collate=None, step=0, seed=0, labels=labels)
+        ctx.dynamics = record
+        return self.select(ctx)
+
     def state_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold}
 

@@ -53,6 +53,18 @@ def planted_run(tmp_path_factory):
     return cb.dynamics, planted
 
 
+def test_a_finished_runs_record_gives_a_subset_file(planted_run, tmp_path):
+    from dataflex.offline import read_subset, write_subset
+    from dataflex.state import DatasetFingerprint
+
+    record, planted = planted_run
+    keep = DropNoisy("aum", drop=0.2).keep_ids(record)
+    pool = DatasetFingerprint.from_labels(np.zeros(record.num_examples, dtype=np.int64), ["toy"])
+    write_subset(tmp_path / "clean.json", keep, pool=pool, method="aum", fraction=0.8)
+    ids = read_subset(tmp_path / "clean.json", pool)
+    assert ids.size == 128 and planted[ids].mean() < 0.25 * planted.mean()
+
+
 @pytest.mark.parametrize("detector,least", [("aum", 0.95), ("cartography", 0.95), ("loss", 0.8)])
 def test_detectors_rank_planted_wrong_answers_first(planted_run, detector, least):
     record, planted = planted_run
