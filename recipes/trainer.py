@@ -20,15 +20,8 @@ from transformers import Trainer, TrainingArguments
 
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.hf.checkpoint import last_complete_checkpoint
+from dataflex.recipes import settings
 from dataflex.recipes.mixture import write_run_result
-from dataflex.recipes.settings import (
-    check_model_fits,
-    integer,
-    nonnegative_int,
-    optional_positive_int,
-    positive_int,
-    positive_number,
-)
 from dataflex.testbeds.tiny import (
     VOCAB_SIZE,
     byte_dataset,
@@ -71,13 +64,13 @@ def train_with_callback(
         ("data.max_len", max_len),
         ("gradient_accumulation_steps", gradient_accumulation_steps),
     ):
-        positive_int(name, value)
-    positive_number("lr", lr)
-    integer("seed", seed)
-    nonnegative_int("warmup_steps", warmup_steps)
-    optional_positive_int("data.train_per_domain", train_per_domain)
-    optional_positive_int("data.val_per_domain", val_per_domain)
-    check_model_fits(model, max_len=max_len, vocab_needed=VOCAB_SIZE)
+        settings.positive_int(name, value)
+    settings.positive_number("lr", lr)
+    settings.integer("seed", seed)
+    settings.nonnegative_int("warmup_steps", warmup_steps)
+    settings.optional_positive_int("data.train_per_domain", train_per_domain)
+    settings.optional_positive_int("data.val_per_domain", val_per_domain)
+    settings.check_model_fits(model, max_len=max_len, vocab_needed=VOCAB_SIZE)
     train_ds = byte_dataset(load_jsonl_dir(data_root / "train", max_per_file=train_per_domain), max_len)
     val_ds = byte_dataset(load_jsonl_dir(data_root / "validation", max_per_file=val_per_domain), max_len)
     args = TrainingArguments(
