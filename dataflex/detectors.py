@@ -16,17 +16,25 @@ evidence and are never dropped.
   :func:`cartography_regions` names each example's region.
 * ``"loss"`` — the mean training loss over visits (the small-loss criterion of co-teaching and its kin).
 * ``"forgetting"`` — forgetting events (Toneva et al., arXiv 1812.05159), ties broken by the mean loss.
+
+Offline, :func:`out_of_fold_scores` scores every example with a proxy that never trained on it (k small runs,
+each scoring the fold it left out), the held-out setting of confident learning (Northcutt et al., arXiv
+1911.00068): a wrong answer that a model fitted on the other folds cannot predict stands out, where the same
+model trained on it would have memorised it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dataflex.dynamics import TrainingDynamics
 from dataflex.selectors import SelectionContext, Selector
+from dataflex.state import floats_from_json, read_json, write_json_atomic
 
 __all__ = [
     "DETECTORS",
@@ -35,6 +43,7 @@ __all__ = [
     "aum_threshold",
     "cartography_regions",
     "noise_scores",
+    "out_of_fold_scores",
     "plant_threshold_examples",
 ]
 
@@ -72,6 +81,53 @@ def detection_quality(scores: np.ndarray, wrong: np.ndarray) -> dict[str, float]
     ranked = np.where(finite, scores, floor)
     top = np.argsort(-ranked, kind="stable")[: int(wrong.sum())]
     return {"auroc": float(roc_auc_score(wrong, ranked)), "recall_at_noise_rate": float(wrong[top].mean())}
+
+
+def out_of_fold_scores(
+    n: int,
+    k: int,
+    train_and_score: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+    *,
+    seed: int = 0,
+    cache: str | os.PathLike[str] | None = None,
+) -> np.ndarray:
+    """A noise score for each of ``n`` examples from ``k`` proxy runs, each blind to the examples it scores.
+
+    The ids are split into ``k`` seeded folds; ``train_and_score(train_ids, held_out_ids, fold)`` trains a
+    small proxy on ``train_ids`` and returns a noise score (e.g. the token-mean loss) for each of
+    ``held_out_ids``. With ``cache`` (a folder), each finished fold is written atomically and a rerun after
+    a crash skips it; a cache made with other ``n``, ``k`` or ``seed`` is refused.
+    """
+    if not 2 <= k <= n:
+        raise ValueError(f"k must be in [2, n={n}]; got {k!r}")
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x0F])).permutation(n)
+    folds = np.array_split(order, k)
+    scores = np.full(n, np.nan)
+    for f, held_out in enumerate(folds):
+        held_out = np.sort(held_out)
+        path = None if cache is None else Path(cache) / f"fold-{f}-of-{k}.json"
+        if path is not None and path.is_file():
+            saved = read_json(path)
+            if (saved.get("n"), saved.get("k"), saved.get("seed")) != (n, k, seed):
+                raise ValueError(
+                    f"{path} was written for n={saved.get('n')}, k={saved.get('k')}, "
+                    f"seed={saved.get('seed')}; this call has n={n}, k={k}, seed={seed}"
+                )
+            scores[held_out] = floats_from_json(saved["scores"])
+            continue
+        train = np.sort(np.concatenate([folds[j] for j in range(k) if j != f]))
+        fold_scores = np.asarray(train_and_score(train, held_out, f), dtype=np.float64)
+        if fold_scores.shape != held_out.shape:
+            raise ValueError(
+                f"train_and_score returned {fold_scores.shape[0] if fold_scores.ndim else 'a scalar'} scores for "
+                f"fold {f}'s {held_out.size} held-out examples"
+            )
+        scores[held_out] = fold_scores
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            values = [None if not np.isfinite(v) else float(v) for v in fold_scores]
+            write_json_atomic(path, {"n": n, "k": k, "seed": seed, "fold": f, "scores": values})
+    return scores
 
 
 def plant_threshold_examples(

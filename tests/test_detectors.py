@@ -144,3 +144,42 @@ def test_drop_noisy_online_leaves_planted_noise_out(tmp_path):
     # kept); what must hold is that most clean examples stay.
     assert (~wrong[kept]).sum() >= 0.5 * (~wrong).sum()
     assert cb.history[-1]["size"] == kept.size and len(cb.history) >= 3
+
+
+@pytest.mark.slow  # three 200-step proxy runs (~40 s); .ci/run runs it
+def test_out_of_fold_scores_find_planted_noise_and_resume_from_their_cache(tmp_path):
+    """3 tiny proxies, each trained on two folds of the planted-noise set and scoring the third by loss."""
+    from dataflex.detectors import out_of_fold_scores
+    from dataflex.losses import per_example_token_loss
+    from dataflex.testbeds.tiny import collate_causal
+
+    records, planted = planted_noise_set()
+    ds = instruct_dataset(records, 32)
+
+    def train_and_score(train_ids, held_out, fold):
+        torch.manual_seed(fold)
+        model = tiny_gpt2(n_layer=2, n_embd=64, n_head=2, seed=fold)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        rng = np.random.default_rng(fold)
+        for _ in range(200):
+            batch = collate_causal([ds[int(i)] for i in rng.choice(train_ids, 16)])
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            batch = collate_causal([ds[int(i)] for i in held_out])
+            labels = batch.pop("labels")
+            loss, _ = per_example_token_loss(model(**batch).logits, labels)
+        return loss.numpy()
+
+    scores = out_of_fold_scores(len(ds), 3, train_and_score, seed=0, cache=tmp_path / "oof")
+    assert np.isfinite(scores).all()
+    assert roc_auc_score(planted, scores) >= 0.9
+
+    def must_not_run(*args):
+        raise AssertionError("a cached fold was recomputed")
+
+    again = out_of_fold_scores(len(ds), 3, must_not_run, seed=0, cache=tmp_path / "oof")
+    np.testing.assert_allclose(again, scores, rtol=1e-6)
+    with pytest.raises(ValueError, match="was written for n=160, k=3, seed=0; this call has n=160, k=3, seed=1"):
+        out_of_fold_scores(len(ds), 3, must_not_run, seed=1, cache=tmp_path / "oof")
