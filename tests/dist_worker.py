@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from hf_helpers import CrashAt, StepRecorder, make_trainer, small_dataset  # noqa: E402
+from hf_helpers import CrashAt, StepRecorder, finish_distributed, make_trainer, small_dataset  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
@@ -66,3 +66,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_distributed()

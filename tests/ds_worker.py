@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from hf_helpers import CrashAt, StepRecorder, comparable_log, make_trainer, small_dataset  # noqa: E402
+from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, make_trainer, small_dataset  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
@@ -69,3 +69,4 @@ def main(out: str, stage: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    finish_distributed()

@@ -219,3 +219,13 @@ def assert_trainer_resumes_exactly(
     differs = {**head_rec.ids, **forced_rec.ids} != full_rec.ids or forced.history != full.history
     assert differs == forced_differs
     return full, full_rec
+
+
+def finish_distributed() -> None:
+    """End a torchrun worker in order: a process that exits with its gloo process group alive now and then
+    aborts in C++ teardown ("terminate called without an active exception"), failing the job spuriously."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

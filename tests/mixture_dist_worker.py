@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from hf_helpers import small_dataset  # noqa: E402
+from hf_helpers import finish_distributed, small_dataset  # noqa: E402
 
 from dataflex.domains import encode_domains  # noqa: E402
 from dataflex.proxies.doremi import DoReMiOnline  # noqa: E402
@@ -50,3 +50,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_distributed()

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from hf_helpers import CrashAt, StepRecorder, comparable_log, small_dataset  # noqa: E402
+from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, small_dataset  # noqa: E402
 from test_trl import sft_trainer  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
@@ -54,3 +54,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_distributed()
