@@ -53,6 +53,13 @@ DETECTORS = ("aum", "cartography", "loss", "forgetting")
 def noise_scores(record: TrainingDynamics, detector: str) -> np.ndarray:
     """Per-example noise score (higher = more likely wrong); NaN for examples never visited."""
     visited = record.visits > 0
+    if detector in ("aum", "forgetting") and visited.any() and np.isnan(record.margin_mean[visited]).all():
+        # A forward that returns per-token log-probabilities only (TRL's fused LM head) gives losses but no
+        # margins or argmax: every AUM would be NaN and every example would look unvisited (kept).
+        raise ValueError(
+            f"detector={detector!r} needs margins, but this run's training forwards gave no logits (per-token "
+            "log-probabilities only, e.g. TRL's fused LM head); use detector='loss' or 'cartography', or return logits"
+        )
     if detector == "aum":
         score = -record.aum
     elif detector == "cartography":

@@ -102,6 +102,18 @@ def synthetic_record(aum: np.ndarray) -> TrainingDynamics:
     return record
 
 
+def test_margin_detectors_refuse_a_record_without_margins():
+    """Log-probability outputs (TRL's fused head) give losses but no margins: AUM must not silently keep all."""
+    record = TrainingDynamics(3)
+    nan = torch.full((3,), float("nan"))
+    record.add(np.arange(3), 0, {"loss": torch.ones(3), "margin": nan, "confidence": torch.ones(3), "accuracy": nan})
+    record.gather()
+    for detector in ("aum", "forgetting"):
+        with pytest.raises(ValueError, match=f"detector='{detector}' needs margins"):
+            noise_scores(record, detector)
+    assert np.isfinite(noise_scores(record, "loss")).all() and np.isfinite(noise_scores(record, "cartography")).all()
+
+
 def test_drop_noisy_threshold_mode_cuts_at_the_threshold_examples_percentile():
     aum = np.array([3.0, 2.0, -1.0, 0.5, -2.0, -3.0, 1.0, np.nan])  # 7 is never visited
     record = synthetic_record(np.nan_to_num(aum))
