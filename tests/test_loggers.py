@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -68,17 +69,25 @@ def test_wandb_offline_gets_dataflex_metrics_and_the_trainer_loss(ds, tmp_path, 
     import wandb
 
     wandb.finish()
-    run_file = next(tmp_path.rglob("run-*.wandb"))
     from wandb.proto import wandb_internal_pb2
 
-    steps: dict[str, list[int]] = {"train/loss": [], "train/dataflex/entropy": []}
-    for data in wandb_records(run_file.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
-        for key in steps:
-            if key in items:
-                steps[key].append(int(json.loads(items["train/global_step"])))
+    want = {"train/loss": [2, 4, 6], "train/dataflex/entropy": [2, 4, 6]}
+    # wandb's service process writes the run file on its own schedule: on a loaded machine the history may
+    # land a moment after finish() returns, so read until it is there (or 60 s have passed).
+    deadline = time.monotonic() + 60
+    while True:
+        steps: dict[str, list[int]] = {key: [] for key in want}
+        for run_file in sorted(tmp_path.rglob("run-*.wandb")):
+            for data in wandb_records(run_file.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(data)
+                if record.WhichOneof("record_type") != "history":
+                    continue
+                items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                for key in steps:
+                    if key in items:
+                        steps[key].append(int(json.loads(items["train/global_step"])))
+        if steps == want or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert steps == {"train/loss": [2, 4, 6], "train/dataflex/entropy": [2, 4, 6]}
