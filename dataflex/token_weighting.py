@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 
@@ -113,6 +112,8 @@ def rho1(reference: ReferenceTokenLosses, keep: float = 0.6) -> Rule:
 class TokenWeightedLoss:
     """A ``compute_loss_func`` with a weight per target token; see the module docstring.
 
+    Evaluation forwards (no gradient, no training micro-batch) get the plain loss: every weight 1.
+
     ``Trainer(..., compute_loss_func=callback.wrap_loss(TokenWeightedLoss(rule, callback)))``: ``callback`` is
     the run's dataflex callback (it knows which examples the micro-batch holds and logs the token share).
     """
@@ -134,30 +135,34 @@ class TokenWeightedLoss:
                 "cross-entropy kernel?): turn the fused loss off for token-weighted training"
             )
         labels = labels.to(logits.device)
-        shifted = labels[:, 1:]
-        counted = shifted != IGNORE_INDEX
-        token_loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            shifted.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(shifted.shape)
-        ids = self.callback.current_ids()
-        if ids is None or len(ids) != labels.shape[0]:
-            raise RuntimeError(
-                "TokenWeightedLoss needs the micro-batch's example ids from its dataflex callback: pass "
-                "compute_loss_func=callback.wrap_loss(TokenWeightedLoss(rule, callback))"
-            )
-        with torch.no_grad():
-            weights = self.rule(token_loss.detach(), counted, ids).to(token_loss.dtype) * counted
-        if weights.shape != token_loss.shape or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError(
-                f"token weights must be finite, >= 0 and of shape {tuple(token_loss.shape)}; got {tuple(weights.shape)}"
-            )
+        token_loss = token_cross_entropy(logits, labels)  # (batch, seq - 1), ignored positions 0
+        counted = labels[:, 1:] != IGNORE_INDEX
         n_counted = int(counted.sum())
+        ids = self.callback.current_ids()
+        if ids is None and not torch.is_grad_enabled():
+            weights = counted.to(token_loss.dtype)  # an evaluation forward: the plain loss, every token 1
+        else:
+            if ids is None or len(ids) != labels.shape[0]:
+                raise RuntimeError(
+                    "TokenWeightedLoss needs the micro-batch's example ids from its dataflex callback: pass "
+                    "compute_loss_func=callback.wrap_loss(TokenWeightedLoss(rule, callback))"
+                )
+            with torch.no_grad():
+                weights = self.rule(token_loss.detach(), counted, ids)
+            # Checked before masking: a (batch, 1) answer would otherwise broadcast into a plausible shape.
+            if (
+                weights.shape != token_loss.shape
+                or not bool(torch.isfinite(weights).all())
+                or bool((weights < 0).any())
+            ):
+                raise ValueError(
+                    f"token weights must be finite, >= 0 and of shape {tuple(token_loss.shape)}; got "
+                    f"{tuple(weights.shape)}"
+                )
+            weights = weights.to(token_loss.dtype) * counted
+            self.effective_tokens += float(weights.sum())  # the logged share counts training tokens only
+            self.counted_tokens += n_counted
         self.last_weights = weights
-        self.effective_tokens += float(weights.sum())
-        self.counted_tokens += n_counted
         if n_counted == 0:
             return (token_loss * 0.0).sum()
         mean_weight = weights.sum() / n_counted

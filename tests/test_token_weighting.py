@@ -24,27 +24,32 @@ def ones(token_loss, counted, ids):
 
 
 def test_weights_of_one_train_exactly_like_the_stock_loss(ds, tmp_path):
-    """Gradient accumulation 2, so the Trainer's num_items_in_batch spans micro-batches, as in the stock loss."""
-    stock_cb = DataFlexCallback(Uniform(), update_every=4)
-    stock = make_trainer(ds, stock_cb, tmp_path / "stock", max_steps=6, accum=2, logging_steps=2)
+    """Gradient accumulation 2, so the Trainer's num_items_in_batch spans micro-batches, as in the stock loss;
+    evaluations during training take the plain loss (no training micro-batch's ids apply to them)."""
+    settings = dict(max_steps=6, accum=2, logging_steps=2, eval_dataset=ds.select(range(8)))
+    settings |= {"eval_strategy": "steps", "eval_steps": 3}
+    stock = make_trainer(ds, DataFlexCallback(Uniform(), update_every=4), tmp_path / "stock", **settings)
     stock.train()
     cb = DataFlexCallback(Uniform(), update_every=4)
-    weighted = make_trainer(ds, cb, tmp_path / "ones", max_steps=6, accum=2, logging_steps=2, compute_loss_func=None)
-    weighted.compute_loss_func = cb.wrap_loss(TokenWeightedLoss(ones, cb))
+    loss = cb.wrap_loss(TokenWeightedLoss(ones, cb))
+    weighted = make_trainer(ds, cb, tmp_path / "ones", compute_loss_func=loss, **settings)
     weighted.train()
     a, b = params(stock.model), params(weighted.model)
     assert all(np.allclose(a[k], b[k], rtol=0, atol=2e-6) for k in a), "weights of 1 changed training"
-    losses = [h["loss"] for h in weighted.state.log_history if "loss" in h]
-    assert np.allclose(losses, [h["loss"] for h in stock.state.log_history if "loss" in h], rtol=1e-5)
-    shares = [
-        h["dataflex/effective_token_share"] for h in weighted.state.log_history if "dataflex/effective_tokens" in h
-    ]
-    assert shares and all(s == 1.0 for s in shares)
+
+    def logged(trainer, key):
+        return [h[key] for h in trainer.state.log_history if key in h]
+
+    assert np.allclose(logged(weighted, "loss"), logged(stock, "loss"), rtol=1e-5)
+    assert len(logged(stock, "eval_loss")) == 2
+    assert np.allclose(logged(weighted, "eval_loss"), logged(stock, "eval_loss"), rtol=1e-5)
+    shares = logged(weighted, "dataflex/effective_token_share")
+    assert len(shares) == 3 and all(s == 1.0 for s in shares)  # every logging step, training tokens only
 
 
 class FakeCallback:
     def __init__(self, ids):
-        self.ids, self.metrics = np.asarray(ids), []
+        self.ids, self.metrics = None if ids is None else np.asarray(ids), []
 
     def current_ids(self):
         return self.ids
@@ -106,8 +111,12 @@ def test_bad_token_weights_and_missing_ids_are_refused(ds):
     outputs = model(**batch)
     with pytest.raises(ValueError, match="token weights must be finite, >= 0"):
         TokenWeightedLoss(lambda loss, c, i: -torch.ones_like(loss), FakeCallback([0, 1]))(outputs, labels)
+    with pytest.raises(ValueError, match=r"of shape \(2, \d+\); got \(2, 1\)"):  # would broadcast if masked first
+        TokenWeightedLoss(lambda loss, c, i: torch.ones(2, 1), FakeCallback([0, 1]))(outputs, labels)
     with pytest.raises(RuntimeError, match="needs the micro-batch's example ids"):
         TokenWeightedLoss(ones, FakeCallback([0]))(outputs, labels)
+    with pytest.raises(RuntimeError, match="needs the micro-batch's example ids"):  # a training forward, no ids
+        TokenWeightedLoss(ones, FakeCallback(None))(outputs, labels)
     with pytest.raises(ValueError, match="keep must be in \\(0, 1\\]; got 0"):
         rho1(ReferenceTokenLosses([]), keep=0)
     short = ReferenceTokenLosses([np.zeros(1), np.zeros(1)])

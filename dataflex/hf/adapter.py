@@ -198,9 +198,11 @@ class TrainerAdapter(TrainerCallback):
         return ids, loss, has & np.isfinite(loss)
 
     def current_ids(self) -> np.ndarray | None:
-        """Example ids of the micro-batch scored last in this step (under ``wrap_loss``: the one whose loss the
-        Trainer is computing), or None before any."""
-        return self._step_records[-1][0] if self._step_records else None
+        """Example ids of the micro-batch whose loss the Trainer is computing through ``wrap_loss``; None when
+        that loss is not a scored training micro-batch's (an evaluation forward)."""
+        if not (self.capture.loss_call_scored and self._step_records):
+            return None
+        return self._step_records[-1][0]
 
     def add_log_metrics(self, metrics: Any) -> None:
         """Log ``metrics()`` (a dict) with dataflex's entries at the Trainer's logging steps."""
@@ -430,12 +432,13 @@ class TrainerAdapter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.capture.active = False
         step, every = state.global_step, self.decider.update_every
+        logs = {}
         if every is not None and step > self.warmup_steps and step % every == 0:
-            self._update(step, control)
-        if control.should_log and self._log_metrics:
-            logs = {k: v for metrics in self._log_metrics for k, v in metrics().items()}
-            if logs:
-                self._log(step, logs, control)
+            logs = self._update(step)
+        if control.should_log:  # metrics of added sources (token weighting) at the Trainer's logging steps
+            logs |= {k: v for metrics in self._log_metrics for k, v in metrics().items()}
+        if logs:
+            self._log(step, logs, control)  # one dataflex entry per step
         if control.should_save:  # the Trainer saves right after this event: stage our state first
             self._stage(args, state)
 
@@ -443,7 +446,7 @@ class TrainerAdapter(TrainerCallback):
         """Global sample index reached after ``global_step`` optimizer steps (counted at the consumer)."""
         return self.tracker.consumed_samples(global_step)
 
-    def _update(self, step: int, control: Any) -> None:
+    def _update(self, step: int) -> dict[str, float]:
         stats = self.store.flush(step)
         if self.dynamics is not None:
             self.dynamics.gather()  # collective, as the flush: every rank decides on the same record
@@ -452,7 +455,7 @@ class TrainerAdapter(TrainerCallback):
         effective_at = self.tracker.effective_at(step)
         self.sampler.schedule.add(effective_at, value)
         self.history.append(self._history_entry(step, effective_at))
-        self._log(step, logs, control)
+        return logs
 
     def _warn_without_signal(self, stats: Any, step: int) -> None:
         """Say so (once per condition) when a decision is taken on little or no signal."""

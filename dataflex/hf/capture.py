@@ -205,6 +205,7 @@ class LossCapture:
         self.active = False  # True between on_step_begin and on_step_end
         self.missing_labels = 0  # training forwards without labels (cannot be scored)
         self._loss_wrapped = False
+        self.loss_call_scored = False  # see wrap_loss
         self._pending: tuple[dict[str, Any], Any] | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._loss_owner: torch.nn.Module | None = None  # the model whose loss_function is tapped
@@ -309,9 +310,9 @@ class LossCapture:
             own = None if tapped is None else tapped[0]
             visits = visits_of_forward(output, labels, position_ids, self._hidden, own)
         if tapped is not None:
-            loss, has_tokens = per_example_loss_from_token_losses(*tapped, inputs.get("position_ids"))
+            loss, has_tokens = per_example_loss_from_token_losses(*tapped, position_ids)
         else:
-            loss, has_tokens = per_example_loss(output, labels, inputs.get("position_ids"), self._hidden)
+            loss, has_tokens = per_example_loss(output, labels, position_ids, self._hidden)
         if self._hidden is not None:
             self._hidden.hidden = None  # never reused by a later forward
         if visits is None:
@@ -327,6 +328,9 @@ class LossCapture:
             pending, self._pending = self._pending, None
             if pending is not None:
                 self._score(pending[0], pending[1], labels)
+            # Whether this loss belongs to a micro-batch just scored (False for evaluation forwards): a loss
+            # that looks up the micro-batch's example ids must not take the previous micro-batch's.
+            self.loss_call_scored = pending is not None
             return loss_func(outputs, labels, num_items_in_batch)
 
         return compute_loss

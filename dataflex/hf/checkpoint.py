@@ -258,9 +258,10 @@ def has_state(checkpoint: str) -> bool:
     return state_folder(checkpoint) is not None
 
 
-def trainer_files_complete(checkpoint: str) -> bool:
+def trainer_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
     """The Trainer finished writing ``checkpoint``: its ``trainer_state.json`` (written last) parses and
-    names this step, and model weights are there (full, sharded, adapter or DeepSpeed)."""
+    names this step, model weights are there (full, sharded, adapter or DeepSpeed) and the RNG files are whole
+    (one per rank of ``world_size``, see :func:`rng_files_complete`)."""
     try:
         with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as f:
             step = json.load(f).get("global_step")
@@ -270,7 +271,7 @@ def trainer_files_complete(checkpoint: str) -> bool:
         return False
     names = os.listdir(checkpoint)
     has_weights = any(name in WEIGHT_FILES for name in names) or any(name.startswith("global_step") for name in names)
-    return has_weights and rng_files_complete(checkpoint)
+    return has_weights and rng_files_complete(checkpoint, world_size)
 
 
 def _recorded_world_size(state_dir: str) -> int | None:
@@ -315,12 +316,10 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_datafle
     )
     for _, name in reversed(steps):
         folder = os.path.join(output_dir, name)
-        if not trainer_files_complete(folder):
+        state = state_folder(folder) if require_dataflex else None
+        if require_dataflex and state is None:
             continue
-        if not require_dataflex:
-            return folder
-        state = state_folder(folder)
-        if state is not None and rng_files_complete(folder, _recorded_world_size(state)):
+        if trainer_files_complete(folder, None if state is None else _recorded_world_size(state)):
             return folder
     return None
 
