@@ -254,8 +254,9 @@ class DropNoisy(Selector):
         """The ids this rule keeps given a finished run's record, for a subset file (offline use):
         ``write_subset(path, rule.keep_ids(callback.dynamics), pool=..., method="aum", fraction=...)``."""
         n = record.num_examples
-        ctx = SelectionContext(model=None, dataset=range(n), collate=None, step=0, seed=0, labels=labels)
-        ctx.dynamics = record
+        ctx = SelectionContext(
+            model=None, dataset=range(n), collate=None, step=0, seed=0, labels=labels, dynamics=record
+        )
         return self.select(ctx)
 
     def state_dict(self) -> dict[str, Any]:

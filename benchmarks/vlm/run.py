@@ -1,6 +1,6 @@
 """VLM benchmark: which data policy copes with 30 % wrong answers on a LLaVA-style model?
 
-    python -m benchmarks.vlm.run             # 3 seeds x 6 arms, ~30 min on 2 cores
+    python -m benchmarks.vlm.run             # 3 seeds x 10 arms = 30 runs (18 of them took 39 min here)
     python -m benchmarks.vlm.run --quick     # 1 seed, a few steps: pipeline smoke test
 
 A tiny LLaVA (CLIP vision tower + projector + Llama, built from config) is finetuned from scratch
