@@ -7,6 +7,7 @@ would otherwise surface late and unnamed — a ``ZeroDivisionError`` for ``updat
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = [
@@ -104,8 +105,6 @@ def check_vlm_settings(cfg: Any, methods: Any) -> None:
 
 def _path(key: str, value: Any, *, kind: str, required: bool = True) -> str | None:
     """A path setting that must name an existing file or folder (``kind``) when given."""
-    import os
-
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value:
@@ -131,6 +130,7 @@ def check_select_offline_settings(cfg: Any, methods: Any, resolve: Any = lambda 
         ("base_weights", "file", False),
     ):
         _path(key, resolve(cfg[key]) if cfg[key] is not None else None, kind=kind, required=required)
-    for key in ("out", "cache"):
-        if not (cfg[key] is None and key == "cache") and (not isinstance(cfg[key], str) or not cfg[key]):
-            raise ValueError(f"{key} must be a file path; got {cfg[key]!r}")
+    for key, optional in (("out", False), ("cache", True)):
+        value = cfg[key]
+        if not (optional and value is None) and not (isinstance(value, str) and value):
+            raise ValueError(f"{key} must be a file path; got {value!r}")
