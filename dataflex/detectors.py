@@ -199,7 +199,7 @@ class DropNoisy(Selector):
     is at or below :func:`aum_threshold` are left out; so are the threshold examples themselves, which are
     wrong by construction). Examples never visited stay in. Used through
     :class:`~dataflex.hf.DataFlexSelectCallback`, which keeps the record when a selector sets
-    ``needs_dynamics``; ``last_scores`` holds the noise scores of each decision.
+    ``needs_dynamics``; ``last_scores`` holds the noise scores of each decision (NaN: never visited).
     """
 
     needs_dynamics = True
@@ -242,7 +242,12 @@ class DropNoisy(Selector):
 
     def select(self, ctx: SelectionContext) -> np.ndarray:
         if self.threshold_ids is None:
-            return super().select(ctx)
+            chosen = super().select(ctx)
+            # Record the noise scores (NaN = never visited), not the ranking keys above: those put unvisited
+            # examples at the float maximum, which would reach the score store and overflow the logged means.
+            pool = self.last_scores[0]
+            self.last_scores = (pool, noise_scores(self._record(ctx), self.detector)[pool])
+            return chosen
         record = self._record(ctx)
         self.last_scores = (np.arange(record.num_examples), noise_scores(record, "aum"))
         self.threshold = aum_threshold(record, self.threshold_ids, self.percentile)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 __all__ = [
+    "check_instruct_settings",
     "check_select_offline_settings",
     "check_vlm_settings",
     "fraction",
@@ -134,3 +135,38 @@ def check_select_offline_settings(cfg: Any, methods: Any, resolve: Any = lambda 
         value = cfg[key]
         if not (optional and value is None) and not (isinstance(value, str) and value):
             raise ValueError(f"{key} must be a file path; got {value!r}")
+
+
+def check_instruct_settings(cfg: Any, detectors: Any, resolve: Any = lambda p: p) -> None:
+    """Every setting of ``configs/instruct.yaml`` and its ``detector`` group, checked before data is read."""
+    detector = cfg.detector
+    if not hasattr(detector, "get") or "name" not in detector:
+        raise ValueError(f"detector must be a config group entry with a name; got {detector!r}")
+    one_of("detector.name", detector.name, detectors)
+    tasks = cfg.tasks
+    if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks must be a non-empty list of task names; got {tasks!r}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct; got {list(tasks)}")
+    fraction("noise", cfg.noise, allow_zero=True)
+    for key in ("seed", "data_seed"):
+        integer(key, cfg[key])
+    for key in ("steps", "batch_size", "update_every", "save_steps"):
+        positive_int(key, cfg[key])
+    optional_positive_int("per_task", cfg.per_task)
+    positive_number("lr", cfg.lr)
+    if "drop" in detector:
+        drop = detector.drop
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 < drop < 1:
+            raise ValueError(f"detector.drop must be a number in (0, 1); got {drop!r}")
+    if "warmup" in detector:
+        nonnegative_int("detector.warmup", detector.warmup)
+    for key in ("folds", "fold_steps"):
+        if key in detector:
+            positive_int(f"detector.{key}", detector[key])
+    if "folds" in detector and detector.folds < 2:
+        raise ValueError(f"detector.folds must be >= 2 (each proxy scores the fold it left out); got {detector.folds}")
+    if cfg.data_dir is not None:
+        _path("data_dir", resolve(cfg.data_dir) if isinstance(cfg.data_dir, str) else cfg.data_dir, kind="folder")
+    if cfg.base is not None:
+        _path("base", resolve(cfg.base) if isinstance(cfg.base, str) else cfg.base, kind="file")

@@ -39,9 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 import transformers.trainer as hf_trainer  # noqa: E402
-from hf_helpers import comparable_log, make_trainer, small_dataset  # noqa: E402
+from hf_helpers import comparable_log, finish_distributed, make_trainer, small_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import TrainerState  # noqa: E402
 
@@ -264,9 +263,7 @@ def main() -> None:
     if armed and timed:
         arm_timer(args.kill_after)
     run_trainer(dfx, trainer, args.out)
-    if torch.distributed.is_initialized():  # an orderly teardown: gloo aborts at exit otherwise, now and then
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -128,8 +128,10 @@ def test_drop_noisy_threshold_mode_cuts_at_the_threshold_examples_percentile():
     kept = selector.select(Context())
     # AUM > -2 kept, threshold examples 4, 5 out, the unvisited 7 kept
     assert kept.tolist() == [0, 1, 2, 3, 6, 7] and selector.threshold == -2.0
-    share = DropNoisy("aum", drop=0.25).select(Context())
-    assert share.tolist() == [0, 1, 2, 3, 6, 7]  # the 2 lowest AUM of 8 out
+    drop_share = DropNoisy("aum", drop=0.25)
+    assert drop_share.select(Context()).tolist() == [0, 1, 2, 3, 6, 7]  # the 2 lowest AUM of 8 out
+    ids, recorded = drop_share.last_scores  # the noise scores (what the score store keeps), NaN when unvisited
+    assert ids.tolist() == list(range(8)) and np.array_equal(recorded, -aum, equal_nan=True)
     by_label = DropNoisy("aum", drop=0.25, per_label=True).select(Context())
     assert by_label.tolist() == [0, 1, 3, 4, 6, 7]  # the lowest of each label out: 2 (of 0..3), 5 (of 4..7)
     with pytest.raises(ValueError, match="exactly one of drop"):

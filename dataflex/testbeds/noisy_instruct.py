@@ -1,0 +1,94 @@
+"""Noisy instruction finetuning: the bundled instruction pool with a known share of swapped responses.
+
+A share ``noise`` of each task's training examples get the response of *another example of the same task*
+(a plausible wrong answer: right format, wrong content), taken from that task's examples *outside* the
+training pool, each at most once. Donors from inside the pool would make every swapped response a duplicate
+of a training example, seen twice as often as the others and so learnt faster: loss-based detectors then
+rank the wrong examples as the *easiest* (measured: AUROC 0.47 for every detector). The mask is returned
+for scoring only. Validation and test splits are clean.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dataflex.testbeds.tiny import instruct_dataset
+
+__all__ = ["NOISY_TASKS", "noisy_instructions"]
+
+#: Tasks whose responses depend on the instruction's content (numbers, names), so a swapped response is wrong
+#: in a way a model could in principle notice (letter or yes/no answers are not), with enough examples beyond
+#: a pool of 500 to donate responses (human_eval has 124).
+NOISY_TASKS = ("gsm8k", "competition_math", "jeopardy")
+
+
+def _task_records(folder: Path, tasks: tuple[str, ...], cap: int | None) -> list[dict[str, Any]]:
+    missing = [t for t in tasks if not (folder / f"{t}.jsonl").is_file()]
+    if missing:
+        known = sorted(p.stem for p in folder.glob("*.jsonl"))
+        raise FileNotFoundError(f"no {folder}/<task>.jsonl for tasks {missing}; tasks there: {known}")
+    records: list[dict[str, Any]] = []
+    for t in tasks:
+        with open(folder / f"{t}.jsonl") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        records += rows[:cap] if cap is not None else rows
+    return records
+
+
+def noisy_instructions(
+    data_root: str | Path,
+    *,
+    tasks: tuple[str, ...] = NOISY_TASKS,
+    per_task: int | None = 500,
+    noise: float = 0.3,
+    seed: int = 0,
+    max_len: int = 256,
+    eval_per_task: int | None = None,
+) -> dict[str, Any]:
+    """``train`` (a ``datasets.Dataset`` with ``input_ids, prompt_len, task, noisy``), and per task the clean
+    ``validation`` and ``test`` datasets. ``per_task`` caps each task's training examples (its first ones);
+    ``seed`` draws which examples are swapped (``round(noise * per_task)`` of every task) and their donors."""
+    root = Path(data_root) / "instruct"
+    tasks = tuple(tasks)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct task names; got {list(tasks)}")
+    if not 0 <= noise < 1:
+        raise ValueError(f"noise must be in [0, 1); got {noise!r}")
+    records: list[dict[str, Any]] = []
+    noisy_parts = []
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A]))
+    for task in tasks:
+        rows = _task_records(root / "train", (task,), None)
+        pool, donors = rows[:per_task], rows[per_task if per_task is not None else len(rows) :]
+        swapped = rng.choice(len(pool), size=int(round(noise * len(pool))), replace=False)
+        if swapped.size > len(donors):
+            raise ValueError(
+                f"task {task!r} has {len(rows)} training examples: {len(pool)} in the pool leave {len(donors)} "
+                f"to donate responses, fewer than the {swapped.size} swapped; lower per_task or noise"
+            )
+        # Each donor is used once; one whose response equals the example's own (short answers repeat) is
+        # skipped, so every swapped example is surely wrong.
+        order = iter(rng.permutation(len(donors)).tolist())
+        pool = [dict(r) for r in pool]
+        for i in swapped.tolist():
+            response = next(
+                (donors[d]["response"] for d in order if donors[d]["response"] != pool[i]["response"]), None
+            )
+            if response is None:
+                raise ValueError(f"task {task!r} ran out of donor responses that differ from the swapped ones")
+            pool[i]["response"] = response
+        mask = np.zeros(len(pool), dtype=bool)
+        mask[swapped] = True
+        records += pool
+        noisy_parts.append(mask)
+    noisy = np.concatenate(noisy_parts)
+    train = instruct_dataset(records, max_len).add_column("noisy", noisy.tolist())
+    splits = {
+        split: {t: instruct_dataset(_task_records(root / split, (t,), eval_per_task), max_len) for t in tasks}
+        for split in ("validation", "test")
+    }
+    return {"train": train, "noisy": noisy, **splits}

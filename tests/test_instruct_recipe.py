@@ -1,0 +1,166 @@
+"""The noisy-instruction test bed and recipe: swapped responses, detectors as Hydra choices, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataflex.testbeds.noisy_instruct import noisy_instructions
+from dataflex.testbeds.tiny import default_data_dir
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    return noisy_instructions(default_data_dir(), tasks=("gsm8k", "jeopardy"), per_task=40, noise=0.3, seed=3)
+
+
+def test_swapped_responses_come_from_outside_the_pool_of_their_task_and_are_seeded(noisy):
+    clean = noisy_instructions(default_data_dir(), tasks=("gsm8k", "jeopardy"), per_task=40, noise=0.0)
+    train, mask = noisy["train"], noisy["noisy"]
+    assert len(train) == 80 and mask.sum() == 24 and list(train["noisy"]) == mask.tolist()
+    assert mask[:40].sum() == mask[40:].sum() == 12 and not clean["noisy"].any()
+    same = [a == b for a, b in zip(train["input_ids"], clean["train"]["input_ids"])]
+    assert np.array_equal(~np.asarray(same), mask)  # exactly the masked examples changed
+
+    def response(ds, i):
+        return bytes(x for x in ds["input_ids"][i][ds["prompt_len"][i] :] if x < 256).decode(errors="ignore")
+
+    donated = []
+    for i in np.flatnonzero(mask):  # another example's response of the same task, from beyond the pool
+        task = train["task"][i]
+        rows = [json.loads(line) for line in open(default_data_dir() / "instruct" / "train" / f"{task}.jsonl")]
+        outside = {r["response"] for r in rows[40:]} - {r["response"] for r in rows[:40]}
+        got = response(train, i)  # cut to max_len, as encoded
+        assert any(r.startswith(got) for r in outside) and got != response(clean["train"], i)
+        donated.append(got)
+    assert len(set(donated)) == len(donated)  # each donor once: no swapped response is a duplicate
+    again = noisy_instructions(default_data_dir(), tasks=("gsm8k", "jeopardy"), per_task=40, noise=0.3, seed=3)
+    other = noisy_instructions(default_data_dir(), tasks=("gsm8k", "jeopardy"), per_task=40, noise=0.3, seed=4)
+    assert np.array_equal(again["noisy"], mask) and not np.array_equal(other["noisy"], mask)
+    assert again["train"]["input_ids"] == train["input_ids"]
+    assert set(noisy["validation"]) == set(noisy["test"]) == {"gsm8k", "jeopardy"}
+
+
+def test_noisy_instructions_refuse_bad_arguments():
+    with pytest.raises(FileNotFoundError, match=r"tasks \['gsm8kk'\]; tasks there: \[.*'gsm8k'"):
+        noisy_instructions(default_data_dir(), tasks=("gsm8kk",))
+    with pytest.raises(ValueError, match=r"noise must be in \[0, 1\); got 1.0"):
+        noisy_instructions(default_data_dir(), noise=1.0)
+    with pytest.raises(ValueError, match="tasks must be distinct task names"):
+        noisy_instructions(default_data_dir(), tasks=("gsm8k", "gsm8k"))
+    with pytest.raises(ValueError, match="task 'human_eval' has 124 training examples: 100 in the pool leave 24 "):
+        noisy_instructions(default_data_dir(), tasks=("human_eval",), per_task=100)
+
+
+def test_keep_per_task_drops_the_highest_scores_of_every_task():
+    from dataflex.recipes.instruct import keep_per_task
+
+    tasks = np.array(["a"] * 10 + ["b"] * 10)
+    scores = np.concatenate([np.arange(10.0), -np.arange(10.0)])
+    kept = keep_per_task(scores, tasks, drop=0.3)
+    assert kept.tolist() == list(range(7)) + list(range(13, 20))
+
+
+@pytest.mark.parametrize("detector", ["aum", "clean_oracle", "out_of_fold"])
+def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
+    from dataflex.recipes.instruct import train_instruct
+
+    kwargs = dict(
+        out=tmp_path / detector, steps=6, batch_size=8, warmup=2, update_every=2, folds=2, fold_steps=2, save_steps=3
+    )
+    result = train_instruct(detector, noisy, **kwargs)
+    assert set(result["validation_loss"]) == set(result["test_loss"]) == {"gsm8k", "jeopardy"}
+    assert np.isfinite(result["mean_test_loss"]) and (tmp_path / detector / "final_model.pt").is_file()
+    if detector == "clean_oracle":
+        assert result["noisy_share"] == 0.0
+    if detector == "aum":  # the record's detectors are measured at the first decision and at the end
+        assert set(result["detection"]["at_end"]) == {"aum", "cartography", "loss", "forgetting"}
+        state = json.loads((tmp_path / detector / "checkpoint-6" / "dataflex" / "dataflex_state.json").read_text())
+        decided = [h for h in state["history"] if h["step"] > 0]  # every update_every steps *after* warmup
+        assert [h["step"] for h in decided] == [4, 6] and all(h["size"] < len(noisy["train"]) for h in decided)
+    if detector == "out_of_fold":
+        quality = result["detection"]["at_end"]["out_of_fold"]
+        assert 0 <= quality["auroc"] <= 1
+        assert sorted(p.name for p in (tmp_path / detector / "folds" / "scores").iterdir()) == [
+            "fold-0-of-2.json",
+            "fold-1-of-2.json",
+        ]
+    with pytest.raises(ValueError, match=r"unknown detector 'bogus'; valid: \['none', 'aum'"):
+        train_instruct("bogus", noisy, out=tmp_path / "bogus")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("detector.drop=1.5", r"detector.drop must be a number in \(0, 1\); got 1.5"),
+        ("detector.warmup=-1", "detector.warmup must be an integer >= 0; got -1"),
+        ("tasks=[]", "tasks must be a non-empty list of task names; got"),
+        ("tasks=[gsm8k,gsm8k]", r"tasks must be distinct; got \['gsm8k', 'gsm8k'\]"),
+        ("noise=1", r"noise must be a number in \[0, 1\); got 1"),
+        ("per_task=0", "per_task must be a positive integer; got 0"),
+        ("steps=abc", "steps must be a positive integer; got 'abc'"),
+        ("lr=-1", "lr must be a positive number; got -1"),
+        ("base=/no/model.pt", "base='/no/model.pt': no such file"),
+        ("data_dir=/no/data", "data_dir='/no/data': no such folder"),
+    ],
+)
+def test_bad_instruct_overrides_name_the_key(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.instruct import DETECTORS
+    from dataflex.recipes.settings import check_instruct_settings
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose(config_name="instruct", overrides=["detector=aum", override])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        check_instruct_settings(cfg, DETECTORS)
+
+
+def test_out_of_fold_settings_are_checked():
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.instruct import DETECTORS
+    from dataflex.recipes.settings import check_instruct_settings
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        for choice in ("none", "aum", "cartography", "loss", "forgetting", "out_of_fold", "clean_oracle"):
+            check_instruct_settings(compose(config_name="instruct", overrides=[f"detector={choice}"]), DETECTORS)
+        cfg = compose(config_name="instruct", overrides=["detector=out_of_fold", "detector.folds=1"])
+    with pytest.raises(ValueError, match="detector.folds must be >= 2"):
+        check_instruct_settings(cfg, DETECTORS)
+
+
+def test_instruct_recipe_cli_runs_and_resumes(tmp_path):
+    """The Hydra recipe end to end with a detector chosen on the command line, then the same command resumes."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataflex.recipes.instruct",
+        "detector=cartography",
+        "detector.warmup=2",
+        "steps=4",
+        "save_steps=2",
+        "update_every=2",
+        "batch_size=8",
+        "per_task=16",
+        "hydra.run.dir=run",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["detector"] == "cartography" and not result["resumed"]
+    assert (tmp_path / "run" / "checkpoint-4" / "dataflex" / "dataflex_state.json").is_file()
+    longer = [c if c != "steps=4" else "steps=6" for c in cmd]
+    again = subprocess.run(longer, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["resumed"]
+    bogus = [c if c != "detector=cartography" else "detector=bogus" for c in cmd]
+    bad = subprocess.run(bogus, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert bad.returncode != 0 and "bogus" in bad.stderr and "Available options" in bad.stderr
