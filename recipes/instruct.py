@@ -87,19 +87,21 @@ def fold_losses(
 def detector_callback(
     detector: str, data: dict[str, Any], *, drop: float, update_every: int, warmup: int, fold_scores: np.ndarray | None
 ) -> DataFlexCallback:
-    tasks = data["train"]["task"]
+    # Labels come from the dataset's own "task" column, so dataflex checks them against what the Trainer sees.
+    by_task = {"label_column": "task"}
     if detector == "none":
-        return DataFlexCallback(Uniform(), domains=tasks, update_every=update_every, dynamics=True)
-    selection = {"update_every": update_every, "warmup_steps": warmup}
+        return DataFlexCallback(Uniform(), domain_column="task", update_every=update_every, dynamics=True)
+    selection = {"update_every": update_every, "warmup_steps": warmup, **by_task}
     if detector in RECORD_DETECTORS:
-        return DataFlexSelectCallback(DropNoisy(detector, drop=drop, per_label=True), tasks, **selection)
+        return DataFlexSelectCallback(DropNoisy(detector, drop=drop, per_label=True), **selection)
     if detector == "out_of_fold":
         if fold_scores is None:
             raise ValueError("detector='out_of_fold' needs fold_scores (see fold_losses)")
-        keep = keep_per_task(fold_scores, np.asarray(tasks), drop)
-        return DataFlexSelectCallback(FixedSubset(keep), tasks, update_every=update_every)
+        keep = keep_per_task(fold_scores, np.asarray(data["train"]["task"]), drop)
+        return DataFlexSelectCallback(FixedSubset(keep), update_every=update_every, **by_task)
     if detector == "clean_oracle":
-        return DataFlexSelectCallback(FixedSubset(np.flatnonzero(~data["noisy"])), tasks, update_every=update_every)
+        clean = np.flatnonzero(~np.asarray(data["noisy"], dtype=bool))
+        return DataFlexSelectCallback(FixedSubset(clean), update_every=update_every, **by_task)
     raise ValueError(f"unknown detector {detector!r}; valid: {list(DETECTORS)}")
 
 

@@ -1,0 +1,275 @@
+"""Propose a training mixture from a fitted :class:`~dataflex.mixture_law.MixtureLaw`, under the constraints a
+main run needs.
+
+Objective (lower is better) over the law's evaluated domains: ``"mean"``, ``"worst"`` (the largest predicted
+loss), one domain's name, or a mapping ``{domain: weight}`` (a weighted mean, e.g. a target set).
+
+Constraints, every one checked on the answer:
+
+* ``min_weight`` — a floor for every training domain;
+* ``max_weight`` — a cap per domain; :func:`repetition_caps` turns a main run's token budget, each domain's
+  size and the number of epochs a domain may be repeated into these caps (repeating data past a few epochs
+  stops paying, Muennighoff et al., arXiv 2305.16264; OLMix constrains repetition the same way);
+* ``max_kl`` / ``max_l1`` — the distance to a ``prior`` (KL(w || prior), or the L1 distance): stay near a
+  known-good mixture where the law was fitted, since a law fitted on a swarm around the prior extrapolates
+  poorly far from it.
+
+Search (RegMix's recipe, arXiv 2407.01492: score many random mixtures with the law, keep the best): seeded
+Dirichlet candidates around the prior at several concentrations, plus the prior, uniform and the swarm's own
+mixtures, are projected onto the box-simplex ``{min <= w <= max, sum w = 1}`` and pulled toward a feasible
+anchor until the distance constraint holds (the feasible set is convex, so the segment stays inside); the
+best candidates are refined by a shrinking local search, and for the smooth ``loglinear`` law by SLSQP with
+the law's gradient. The result is the best *feasible* point found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dataflex.mixture_law import MixtureLaw
+
+__all__ = ["Proposal", "objective_values", "propose_mixture", "repetition_caps"]
+
+_TOL = 1e-9
+
+
+@dataclass
+class Proposal:
+    """The proposed mixture, the law's predicted loss per evaluated domain there, and the objective value."""
+
+    weights: np.ndarray
+    predicted: np.ndarray
+    objective: float
+    train_domains: list[str]
+    eval_domains: list[str]
+
+    def as_mapping(self) -> dict[str, float]:
+        return {d: float(w) for d, w in zip(self.train_domains, self.weights)}
+
+
+def repetition_caps(domain_tokens: Sequence[float], budget_tokens: float, max_epochs: float) -> np.ndarray:
+    """Per-domain weight caps so that no domain is seen more than ``max_epochs`` times in a main run of
+    ``budget_tokens`` tokens: ``min(1, max_epochs * tokens_d / budget)``."""
+    tokens = np.asarray(domain_tokens, dtype=np.float64)
+    if not (np.isfinite(tokens).all() and (tokens >= 0).all()):
+        raise ValueError(f"domain_tokens must be finite and >= 0; got {tokens.tolist()}")
+    if not budget_tokens > 0 or not max_epochs > 0:
+        raise ValueError(f"budget_tokens and max_epochs must be > 0; got {budget_tokens!r}, {max_epochs!r}")
+    return np.minimum(1.0, max_epochs * tokens / float(budget_tokens))
+
+
+def objective_values(
+    predicted: np.ndarray, eval_domains: Sequence[str], objective: str | Mapping[str, float]
+) -> np.ndarray:
+    """The objective of each row of ``predicted`` ``(mixtures, eval domains)``."""
+    predicted = np.atleast_2d(predicted)
+    if objective == "mean":
+        return predicted.mean(1)
+    if objective == "worst":
+        return predicted.max(1)
+    names = list(eval_domains)
+    if isinstance(objective, str):
+        if objective not in names:
+            raise ValueError(f"objective={objective!r}; valid: 'mean', 'worst', a domain of {names} or a mapping")
+        return predicted[:, names.index(objective)]
+    unknown = sorted(set(objective) - set(names))
+    weights = np.array([float(objective.get(n, 0.0)) for n in names])
+    if unknown or not (weights >= 0).all() or weights.sum() <= 0:
+        raise ValueError(
+            f"objective weights must be >= 0 over evaluated domains {names}, not all 0; got {dict(objective)}"
+        )
+    return predicted @ (weights / weights.sum())
+
+
+def _project_box_simplex(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row onto ``{lo <= w <= hi, sum w = 1}`` (bisection on the shift)."""
+    v = np.atleast_2d(v)
+    low = (v - hi).min(1) - 1.0
+    high = (v - lo).max(1) + 1.0
+    for _ in range(80):
+        mid = (low + high) / 2
+        total = np.clip(v - mid[:, None], lo, hi).sum(1)
+        low = np.where(total > 1, mid, low)
+        high = np.where(total > 1, high, mid)
+    return np.clip(v - ((low + high) / 2)[:, None], lo, hi)
+
+
+def _distance(w: np.ndarray, prior: np.ndarray, kind: str) -> np.ndarray:
+    w = np.atleast_2d(w)
+    if kind == "l1":
+        return np.abs(w - prior).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(w > 0, w * np.log(w / prior), 0.0)
+    return terms.sum(1)
+
+
+class _Feasible:
+    """The constraint set: box-simplex and an optional distance ball around the prior."""
+
+    def __init__(self, d: int, prior, min_weight, max_weight, max_kl, max_l1) -> None:
+        self.prior = np.full(d, 1.0 / d) if prior is None else np.asarray(prior, dtype=np.float64)
+        if self.prior.shape != (d,) or not np.isfinite(self.prior).all() or (self.prior < 0).any():
+            raise ValueError(f"prior must be {d} weights >= 0 summing to 1; got {np.asarray(prior).tolist()}")
+        if abs(self.prior.sum() - 1) > 1e-6:
+            raise ValueError(f"prior must sum to 1; got {self.prior.sum():.6g}")
+        self.lo = np.full(d, float(min_weight))
+        self.hi = np.ones(d) if max_weight is None else np.asarray(max_weight, dtype=np.float64)
+        if self.hi.shape != (d,) or not (self.hi >= 0).all():
+            raise ValueError(f"max_weight must be {d} caps >= 0; got {np.asarray(max_weight).tolist()}")
+        if not 0 <= min_weight <= 1:
+            raise ValueError(f"min_weight must be in [0, 1]; got {min_weight!r}")
+        if (self.lo > self.hi + _TOL).any() or self.lo.sum() > 1 + _TOL or self.hi.sum() < 1 - _TOL:
+            raise ValueError(
+                f"no mixture meets min_weight={min_weight} and caps {np.round(self.hi, 4).tolist()}: the floors "
+                f"sum to {self.lo.sum():.4g} and the caps to {self.hi.sum():.4g} (need floors <= 1 <= caps)"
+            )
+        if max_kl is not None and max_l1 is not None:
+            raise ValueError("give at most one of max_kl and max_l1")
+        self.kind, self.budget = ("kl", max_kl) if max_kl is not None else ("l1", max_l1)
+        if self.budget is not None and not self.budget >= 0:
+            raise ValueError(f"max_{self.kind} must be >= 0; got {self.budget!r}")
+        if self.kind == "kl" and self.budget is not None and (self.prior == 0).any():
+            raise ValueError("max_kl needs a prior with every weight > 0 (KL to a zero weight is infinite)")
+        # The feasible point closest to the prior: the anchor candidates are pulled toward.
+        self.anchor = _project_box_simplex(self.prior, self.lo, self.hi)[0]
+        if self.budget is not None and _distance(self.anchor, self.prior, self.kind)[0] > self.budget + _TOL:
+            raise ValueError(
+                f"no mixture within max_{self.kind}={self.budget} of the prior meets the weight bounds (the "
+                f"closest is at {_distance(self.anchor, self.prior, self.kind)[0]:.4g})"
+            )
+
+    def make(self, v: np.ndarray) -> np.ndarray:
+        """Rows mapped into the feasible set: projected onto the box-simplex, then pulled toward the anchor."""
+        w = _project_box_simplex(v, self.lo, self.hi)
+        if self.budget is None:
+            return w
+        lo, hi = np.zeros(len(w)), np.ones(len(w))
+        ok = _distance(w, self.prior, self.kind) <= self.budget
+        lo[ok] = 1.0
+        for _ in range(50):  # the distance is convex along the segment anchor -> w: bisection on the step
+            mid = (lo + hi) / 2
+            inside = _distance(self.anchor + mid[:, None] * (w - self.anchor), self.prior, self.kind) <= self.budget
+            lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+        return self.anchor + lo[:, None] * (w - self.anchor)
+
+    def check(self, w: np.ndarray, tol: float = 1e-6) -> bool:
+        ok = abs(w.sum() - 1) <= tol and (w >= self.lo - tol).all() and (w <= self.hi + tol).all()
+        if self.budget is not None:
+            ok = ok and _distance(w, self.prior, self.kind)[0] <= self.budget + tol
+        return bool(ok)
+
+
+def propose_mixture(
+    law: MixtureLaw,
+    objective: str | Mapping[str, float] = "mean",
+    *,
+    prior: Sequence[float] | np.ndarray | None = None,
+    max_kl: float | None = None,
+    max_l1: float | None = None,
+    min_weight: float = 0.0,
+    max_weight: Sequence[float] | np.ndarray | None = None,
+    candidates: int = 20000,
+    seed: int = 0,
+) -> Proposal:
+    """The feasible mixture with the lowest predicted ``objective``; see the module docstring."""
+    if law.runs is None:
+        raise RuntimeError("fit the law before proposing a mixture")
+    train, evaluated = law.runs.train_domains, law.runs.eval_domains
+    d = len(train)
+    region = _Feasible(d, prior, min_weight, max_weight, max_kl, max_l1)
+
+    def score(w: np.ndarray) -> np.ndarray:
+        return objective_values(law.predict(w), evaluated, objective)
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x3C]))
+    base = np.maximum(region.prior, 1e-3)
+    draws = [
+        rng.dirichlet(alpha * base / base.sum() * d, size=max(1, candidates // 5)) for alpha in (0.3, 1, 3, 10, 50)
+    ]
+    pool = np.vstack([region.prior, np.full(d, 1.0 / d), law.runs.weights, *draws])
+    pool = region.make(pool)
+    values = score(pool)
+    order = np.argsort(values, kind="stable")[:8]
+    best_w, best_v = pool[order[0]], float(values[order[0]])
+    for start in pool[order]:  # local search around the best candidates, with a shrinking step
+        w, v = start.copy(), float(score(start[None])[0])
+        for step in (0.3, 0.1, 0.03, 0.01, 0.003):
+            for _ in range(6):
+                trial = region.make(w + rng.normal(0, step, size=(64, d)) * np.maximum(w, step))
+                tv = score(trial)
+                if tv.min() < v:
+                    w, v = trial[int(np.argmin(tv))], float(tv.min())
+        if v < best_v:
+            best_w, best_v = w, v
+    if law.kind == "loglinear":
+        refined = _refine_smooth(law, objective, region, best_w)
+        if refined is not None:
+            rv = float(score(refined[None])[0])
+            if rv < best_v:
+                best_w, best_v = refined, rv
+    if not region.check(best_w):
+        raise RuntimeError(f"internal error: the proposed mixture {best_w.tolist()} violates the constraints")
+    return Proposal(best_w, law.predict(best_w[None])[0], best_v, list(train), list(evaluated))
+
+
+def _refine_smooth(law: MixtureLaw, objective: Any, region: _Feasible, start: np.ndarray) -> np.ndarray | None:
+    """SLSQP from ``start`` on the loglinear law (epigraph form for ``"worst"``); None if it fails."""
+    from scipy.optimize import minimize
+
+    d = start.size
+    names = law.runs.eval_domains
+    worst = objective == "worst"
+    if not worst:
+        mix = objective_values(np.eye(len(names)), names, objective)  # the objective's weight per eval domain
+
+    def split(x):
+        return (x[:d], x[d]) if worst else (x, None)
+
+    def fun(x):
+        w, s = split(x)
+        return s if worst else float(law.predict(w[None])[0] @ mix)
+
+    def jac(x):
+        w, _ = split(x)
+        if worst:
+            g = np.zeros(d + 1)
+            g[d] = 1.0
+            return g
+        return mix @ law.gradient(w)
+
+    constraints = [
+        {"type": "eq", "fun": lambda x: split(x)[0].sum() - 1.0, "jac": lambda x: np.r_[np.ones(d), 0][: x.size]}
+    ]
+    if worst:
+        constraints.append(
+            {
+                "type": "ineq",
+                "fun": lambda x: x[d] - law.predict(x[None, :d])[0],
+                "jac": lambda x: np.hstack([-law.gradient(x[:d]), np.ones((len(names), 1))]),
+            }
+        )
+    if region.budget is not None:
+        constraints.append(
+            {"type": "ineq", "fun": lambda x: region.budget - _distance(split(x)[0], region.prior, region.kind)[0]}
+        )
+    bounds = [(lo, hi) for lo, hi in zip(region.lo, region.hi)] + ([(None, None)] if worst else [])
+    x0 = np.r_[start, law.predict(start[None])[0].max()] if worst else start
+    try:
+        result = minimize(
+            fun,
+            x0,
+            jac=jac,
+            bounds=bounds,
+            constraints=constraints,
+            method="SLSQP",
+            options={"maxiter": 300, "ftol": 1e-12},
+        )
+    except (ValueError, ArithmeticError):
+        return None
+    w = np.clip(split(result.x)[0], region.lo, region.hi)
+    w = w / w.sum()
+    return w if region.check(w) else None

@@ -1,0 +1,167 @@
+"""Mixture laws (fit, held-out error, save/load) and the constrained mixture search over them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dataflex.mixture_law import LAW_KINDS, MixtureLaw, SwarmRuns
+from dataflex.mixture_search import objective_values, propose_mixture, repetition_caps
+
+DOMAINS = ["a", "b", "c", "d", "e"]
+
+
+def synthetic_loglinear(seed: int = 0, runs: int = 40, noise: float = 0.002):
+    """Runs drawn from a known law L_i = c_i + exp(log k_i + w @ t_i), its parameters in the mean-0 gauge."""
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(-3, 1, (3, 5))
+    c, log_k = rng.uniform(1, 2, 3), rng.uniform(-1, 0.5, 3)
+    weights = rng.dirichlet(np.ones(5), runs)
+    losses = c + np.exp(log_k + weights @ t.T) + rng.normal(0, noise, (runs, 3))
+    truth = {"c": c, "log_k": log_k + t.mean(1), "t": t - t.mean(1, keepdims=True)}
+
+    def law(w):
+        return c + np.exp(log_k + np.atleast_2d(w) @ t.T)
+
+    return SwarmRuns(weights, losses, DOMAINS, ["x", "y", "z"]), truth, law
+
+
+def diagonal_law():
+    """L_i = c_i + k_i exp(-s_i w_i): the mean's optimum solves k_i s_i exp(-s_i w_i) = lambda (KKT)."""
+    rng = np.random.default_rng(1)
+    s, k, c = rng.uniform(2, 6, 5), rng.uniform(0.5, 2, 5), rng.uniform(1, 2, 5)
+    weights = rng.dirichlet(np.ones(5), 60)
+    runs = SwarmRuns(weights, c + k * np.exp(-weights * s), DOMAINS, DOMAINS)
+
+    def optimum_for(lam):
+        return np.maximum(0.0, (np.log(k * s) - np.log(lam)) / s)
+
+    lo, hi = 1e-9, 1e3  # bisection on the multiplier until the weights sum to 1
+    for _ in range(200):
+        mid = np.sqrt(lo * hi)
+        lo, hi = (mid, hi) if optimum_for(mid).sum() > 1 else (lo, mid)
+    return runs, optimum_for(lo)
+
+
+def test_loglinear_fit_recovers_the_parameters_of_a_synthetic_law():
+    runs, truth, law = synthetic_loglinear()
+    fitted = MixtureLaw("loglinear").fit(runs)
+    assert np.abs(fitted.params[:, 0] - truth["c"]).max() < 0.03
+    assert np.abs(fitted.params[:, 1] - truth["log_k"]).max() < 0.1
+    assert np.abs(fitted.params[:, 2:] - truth["t"]).max() < 0.15
+    fresh = np.random.default_rng(9).dirichlet(np.ones(5), 200)
+    assert np.abs(fitted.predict(fresh) - law(fresh)).mean() < 0.003
+
+
+def test_every_kind_reports_its_held_out_error_and_the_right_law_fits_best():
+    runs, _, _ = synthetic_loglinear()
+    errors = {kind: MixtureLaw(kind).held_out_error(runs, folds=5) for kind in LAW_KINDS}
+    for kind, error in errors.items():
+        assert len(error["mae"]) == 3 and np.isfinite(error["predicted"]).all(), kind
+        assert error["mean_mae"] > 0
+    assert errors["loglinear"]["mean_mae"] < 0.005 < errors["gbm"]["mean_mae"]
+    with pytest.raises(ValueError, match=r"folds must be in \[2, runs=40\]; got 1"):
+        MixtureLaw("gp").held_out_error(runs, folds=1)
+
+
+@pytest.mark.parametrize("kind", LAW_KINDS)
+def test_a_saved_law_predicts_the_same_after_loading(tmp_path, kind):
+    runs, _, _ = synthetic_loglinear(runs=25)
+    law = MixtureLaw(kind, seed=3).fit(runs)
+    law.save(tmp_path / "law.json")
+    again = MixtureLaw.load(tmp_path / "law.json")
+    probe = np.random.default_rng(2).dirichlet(np.ones(5), 20)
+    assert again.kind == kind and np.allclose(again.predict(probe), law.predict(probe), rtol=0, atol=1e-9)
+    assert again.runs.state_dict() == runs.state_dict()  # saved with the runs it came from
+
+
+def test_bad_runs_and_saved_laws_are_refused(tmp_path):
+    runs, _, _ = synthetic_loglinear(runs=12)
+    bad = runs.weights.copy()
+    bad[3] = [0.5, 0.5, 0.5, -0.5, 0.0]
+    with pytest.raises(ValueError, match=r"runs \[3\] have weights that are not a mixture"):
+        SwarmRuns(bad, runs.losses, DOMAINS, ["x", "y", "z"])
+    losses = runs.losses.copy()
+    losses[5, 1] = np.nan
+    with pytest.raises(ValueError, match=r"runs \[5\] have non-finite losses"):
+        SwarmRuns(runs.weights, losses, DOMAINS, ["x", "y", "z"])
+    with pytest.raises(ValueError, match=r"losses must have shape \(12, 2\)"):
+        SwarmRuns(runs.weights, runs.losses, DOMAINS, ["x", "y"])
+    with pytest.raises(ValueError, match="needs at least 7 runs; got 5"):
+        MixtureLaw("loglinear").fit(runs.subset(np.arange(5)))
+    with pytest.raises(ValueError, match="kind='linear'; valid kinds are loglinear, gbm, gp"):
+        MixtureLaw("linear")
+    MixtureLaw("loglinear").fit(runs).save(tmp_path / "law.json")
+    state = json.loads((tmp_path / "law.json").read_text())
+    state["params"][0][2] = None
+    (tmp_path / "law.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"params must be finite with shape \(3, 7\)"):
+        MixtureLaw.load(tmp_path / "law.json")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a saved mixture law"):
+        MixtureLaw.load(tmp_path / "other.json")
+
+
+def test_the_search_finds_the_known_optimum_of_a_synthetic_law():
+    runs, optimum = diagonal_law()
+    assert optimum.sum() == pytest.approx(1.0) and (optimum > 0.1).sum() >= 3  # an interior optimum
+    for kind, tolerance in (("loglinear", 2e-3), ("gp", 0.05)):
+        proposal = propose_mixture(MixtureLaw(kind).fit(runs), "mean")
+        assert np.abs(proposal.weights - optimum).max() < tolerance, (kind, proposal.weights, optimum)
+    # one domain's loss alone is lowest when that domain takes everything
+    target = propose_mixture(MixtureLaw("loglinear").fit(runs), "c")
+    assert target.weights[2] > 0.99
+
+
+def test_worst_domain_objective_is_no_worse_than_the_mean_optimum_or_uniform():
+    runs, _ = diagonal_law()
+    law = MixtureLaw("loglinear").fit(runs)
+    worst = propose_mixture(law, "worst")
+    mean = propose_mixture(law, "mean")
+    assert worst.predicted.max() <= mean.predicted.max() + 1e-9
+    assert worst.predicted.max() <= law.predict(np.full(5, 0.2))[0].max()
+
+
+def test_the_search_respects_every_constraint():
+    runs, optimum = diagonal_law()
+    law = MixtureLaw("loglinear").fit(runs)
+    prior = np.array([0.1, 0.1, 0.2, 0.3, 0.3])
+    caps = repetition_caps([1e6, 2e6, 4e6, 1e7, 1e7], budget_tokens=2e7, max_epochs=2)
+    assert caps.tolist() == [0.1, 0.2, 0.4, 1.0, 1.0]
+    for kwargs in (
+        {"min_weight": 0.1},
+        {"max_weight": caps},
+        {"prior": prior, "max_kl": 0.02},
+        {"prior": prior, "max_l1": 0.1},
+        {"prior": prior, "max_kl": 0.05, "min_weight": 0.05, "max_weight": caps},
+    ):
+        w = propose_mixture(law, "mean", **kwargs).weights
+        assert w.sum() == pytest.approx(1.0, abs=1e-9) and (w >= kwargs.get("min_weight", 0) - 1e-9).all()
+        if "max_weight" in kwargs:
+            assert (w <= caps + 1e-9).all(), w
+        if "max_kl" in kwargs:
+            assert np.sum(w * np.log(np.where(w > 0, w, 1) / prior)) <= kwargs["max_kl"] + 1e-6
+        if "max_l1" in kwargs:
+            assert np.abs(w - prior).sum() <= kwargs["max_l1"] + 1e-6
+        assert np.abs(w - optimum).max() > 1e-3, kwargs  # every case binds: the free optimum is infeasible
+
+
+def test_infeasible_or_bad_constraints_are_named():
+    runs, _ = diagonal_law()
+    law = MixtureLaw("loglinear").fit(runs)
+    with pytest.raises(ValueError, match=r"no mixture meets min_weight=0.3 .* floors sum to 1.5"):
+        propose_mixture(law, min_weight=0.3)
+    with pytest.raises(ValueError, match="caps to 0.5"):
+        propose_mixture(law, max_weight=[0.1] * 5)
+    with pytest.raises(ValueError, match=r"no mixture within max_kl=0.01 of the prior meets the weight bounds"):
+        propose_mixture(law, prior=[0.6, 0.1, 0.1, 0.1, 0.1], max_kl=0.01, max_weight=[0.3] * 5)
+    with pytest.raises(ValueError, match="give at most one of max_kl and max_l1"):
+        propose_mixture(law, max_kl=0.1, max_l1=0.1)
+    with pytest.raises(ValueError, match=r"objective='q'; valid: 'mean', 'worst', a domain of"):
+        propose_mixture(law, "q")
+    with pytest.raises(ValueError, match="objective weights must be >= 0 over evaluated domains"):
+        objective_values(np.ones((2, 5)), DOMAINS, {"zz": 1.0})
+    with pytest.raises(ValueError, match="prior must sum to 1"):
+        propose_mixture(law, prior=[0.5, 0.5, 0.5, 0.0, 0.0])
