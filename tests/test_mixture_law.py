@@ -165,3 +165,58 @@ def test_infeasible_or_bad_constraints_are_named():
         objective_values(np.ones((2, 5)), DOMAINS, {"zz": 1.0})
     with pytest.raises(ValueError, match="prior must sum to 1"):
         propose_mixture(law, prior=[0.5, 0.5, 0.5, 0.0, 0.0])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_an_interrupted_swarm_resumes_without_redoing_finished_runs(tmp_path):
+    from dataflex.swarm import Swarm
+
+    runs, _, law = synthetic_loglinear()
+    calls = []
+
+    def train(weights, index):
+        calls.append(index)
+        if index == 5 and calls.count(5) == 1:
+            raise Killed  # the process dies half-way through the swarm
+        losses = law(weights)[0]
+        return {
+            "losses": dict(zip(["x", "y", "z"], losses.tolist())),
+            "tokens": {d: 100.0 * w for d, w in zip(DOMAINS, weights)},
+        }
+
+    swarm = Swarm(tmp_path / "swarm", DOMAINS, size=10, concentration=4.0, seed=7, extra={"steps": 50})
+    with pytest.raises(Killed):
+        swarm.run(train, progress=False)
+    assert calls == [0, 1, 2, 3, 4, 5] and swarm.pending() == [5, 6, 7, 8, 9]
+    again = Swarm(tmp_path / "swarm", DOMAINS, size=10, concentration=4.0, seed=7, extra={"steps": 50})
+    assert again.run(train, progress=False) == [5, 6, 7, 8, 9]
+    assert calls == [0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9] and again.pending() == []
+    collected = again.collect()
+    assert len(collected) == 10 and collected.eval_domains == ["x", "y", "z"]
+    # a run's mixture is a pure function of the settings and its index (any order, any process)
+    assert np.array_equal(
+        collected.weights[3], Swarm(tmp_path / "other", DOMAINS, size=10, concentration=4.0, seed=7).mixture(3)
+    )
+    assert np.allclose(again.tokens().sum(1), 100.0)
+    with pytest.raises(ValueError, match=r"holds a swarm made with other settings .*'seed': \(7, 8\)"):
+        Swarm(tmp_path / "swarm", DOMAINS, size=10, concentration=4.0, seed=8, extra={"steps": 50})
+    with pytest.raises(ValueError, match=r"run index 12 is outside the swarm's 0..9"):
+        again.pending([12])
+
+
+def test_a_swarm_refuses_bad_settings_and_results(tmp_path):
+    from dataflex.swarm import Swarm
+
+    with pytest.raises(ValueError, match="prior must be 2 weights > 0"):
+        Swarm(tmp_path / "a", ["p", "q"], prior=[1.0, 0.0])
+    with pytest.raises(ValueError, match="size must be a positive integer; got 0"):
+        Swarm(tmp_path / "b", ["p", "q"], size=0)
+    swarm = Swarm(tmp_path / "c", ["p", "q"], size=2)
+    with pytest.raises(ValueError, match=r"run 0: non-finite validation losses \{'v': nan\}"):
+        swarm.run(lambda w, i: {"losses": {"v": float("nan")}, "tokens": {"p": 1, "q": 1}}, progress=False)
+    with pytest.raises(ValueError, match=r"run 0: train must return 'tokens' for exactly the domains \['p', 'q'\]"):
+        swarm.run(lambda w, i: {"losses": {"v": 1.0}, "tokens": {"p": 1}}, progress=False)
+    assert swarm.pending() == [0, 1]  # nothing written for a refused result
