@@ -32,7 +32,7 @@ import numpy as np
 
 from dataflex.mixture_law import MixtureLaw
 
-__all__ = ["Proposal", "objective_values", "propose_mixture", "repetition_caps"]
+__all__ = ["MixtureRegion", "Proposal", "objective_values", "propose_mixture", "repetition_caps"]
 
 _TOL = 1e-9
 
@@ -107,8 +107,10 @@ def _distance(w: np.ndarray, prior: np.ndarray, kind: str) -> np.ndarray:
     return terms.sum(1)
 
 
-class _Feasible:
-    """The constraint set: box-simplex and an optional distance ball around the prior."""
+class MixtureRegion:
+    """The constraint set: the box-simplex ``{min_weight <= w <= max_weight, sum w = 1}`` and an optional
+    distance ball (``max_kl`` or ``max_l1``) around ``prior``. :meth:`make` maps any vector inside it;
+    :meth:`check` tells whether a mixture is inside. Shared by the search and the online corrector."""
 
     def __init__(self, d: int, prior, min_weight, max_weight, max_kl, max_l1) -> None:
         self.prior = np.full(d, 1.0 / d) if prior is None else np.asarray(prior, dtype=np.float64)
@@ -180,7 +182,7 @@ def propose_mixture(
         raise RuntimeError("fit the law before proposing a mixture")
     train, evaluated = law.runs.train_domains, law.runs.eval_domains
     d = len(train)
-    region = _Feasible(d, prior, min_weight, max_weight, max_kl, max_l1)
+    region = MixtureRegion(d, prior, min_weight, max_weight, max_kl, max_l1)
 
     def score(w: np.ndarray) -> np.ndarray:
         return objective_values(law.predict(w), evaluated, objective)
@@ -216,7 +218,7 @@ def propose_mixture(
     return Proposal(best_w, law.predict(best_w[None])[0], best_v, list(train), list(evaluated))
 
 
-def _refine_smooth(law: MixtureLaw, objective: Any, region: _Feasible, start: np.ndarray) -> np.ndarray | None:
+def _refine_smooth(law: MixtureLaw, objective: Any, region: MixtureRegion, start: np.ndarray) -> np.ndarray | None:
     """SLSQP from ``start`` on the loglinear law (epigraph form for ``"worst"``); None if it fails."""
     from scipy.optimize import minimize
 

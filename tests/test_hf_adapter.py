@@ -22,7 +22,7 @@ from dataflex import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelec
 from dataflex.batching import LoaderLayout
 from dataflex.curriculum import Curriculum, length_difficulty, loss_difficulty
 from dataflex.hf.tracking import BatchTracker
-from dataflex.policies import ADO, ODM, Natural, Static, Temperature, Uniform
+from dataflex.policies import ADO, ODM, LawCorrected, Natural, Static, Temperature, Uniform
 from dataflex.proxies.doremi import DoReMiOnline
 from dataflex.selectors import FixedSubset, Influence, LossFocus, RandomSelection, RhoLoss
 from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
@@ -306,6 +306,12 @@ def prepared_doremi_online(work_dir, ds):
     return make
 
 
+def law_corrected():
+    return LawCorrected(
+        {"code": 0.5, "literature": 0.3, "trivia": 0.2}, {"code": 3.0, "literature": 3.0, "trivia": 3.0}, radius=0.3
+    )
+
+
 def deciders(ds, work_dir):
     """name -> (make_callback(allow_missing_state), accumulation, workers, make_model, make_loss)."""
     code = [ds[i] for i in range(len(ds)) if ds[i]["domain"] == "code"][:4]
@@ -321,6 +327,7 @@ def deciders(ds, work_dir):
         "temperature": (mix(lambda: Temperature(3.0)), 1, 2, None, None),
         "static": (mix(lambda: Static({"code": 0.6, "literature": 0.3, "trivia": 0.1})), 2, 0, None, None),
         "odm": (mix(ODM), 2, 2, None, None),
+        "law_corrected": (mix(law_corrected), 1, 0, None, None),
         "ado": (mix(lambda: ADO(warmup_updates=3)), 1, 0, None, None),
         "doremi_online": (mix(doremi_online), 2, 0, None, None),
         "prepared_doremi_online": (mix(prepared_doremi_online(work_dir / "doremi", ds)), 1, 0, None, None),
@@ -365,6 +372,7 @@ DECIDERS = [
     "temperature",
     "static",
     "odm",
+    "law_corrected",
     "ado",
     "doremi_online",
     "prepared_doremi_online",

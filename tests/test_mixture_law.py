@@ -220,3 +220,66 @@ def test_a_swarm_refuses_bad_settings_and_results(tmp_path):
     with pytest.raises(ValueError, match=r"run 0: train must return 'tokens' for exactly the domains \['p', 'q'\]"):
         swarm.run(lambda w, i: {"losses": {"v": 1.0}, "tokens": {"p": 1}}, progress=False)
     assert swarm.pending() == [0, 1]  # nothing written for a refused result
+
+
+def law_stats(losses, counts=None):
+    from dataflex.store import DomainStats
+
+    losses = np.asarray(losses, dtype=np.float64)
+    counts = np.ones(losses.size) if counts is None else np.asarray(counts, dtype=np.float64)
+    return DomainStats(loss_sum=losses * counts, count=counts, non_finite=0, masked=0)
+
+
+def bound_corrector(**kwargs):
+    from dataflex.policies import LawCorrected
+
+    policy = LawCorrected(dict(zip(DOMAINS, [0.3, 0.3, 0.2, 0.1, 0.1])), dict.fromkeys(DOMAINS, 2.0), **kwargs)
+    policy.bind(DOMAINS, np.full(5, 100))
+    return policy
+
+
+def test_the_online_corrector_moves_toward_a_lagging_domain_and_stays_in_its_trust_region():
+    policy = bound_corrector(radius=0.2, step=3.0, max_weight=dict(zip(DOMAINS, [1, 1, 1, 1, 0.15])))
+    w0 = policy.initial_weights()
+    assert w0.tolist() == [0.3, 0.3, 0.2, 0.1, 0.1]
+    lagging = policy.update(law_stats([2.0, 2.0, 2.0, 2.0, 3.0]), w0)  # e: higher than predicted, vs the rest
+    assert lagging[4] > 0.1 and lagging[4] <= 0.15 + 1e-12 and abs(lagging.sum() - 1) < 1e-12
+    rng = np.random.default_rng(0)
+    current = lagging
+    for _ in range(200):  # any loss pattern, any missing domain: always inside the region
+        losses = rng.uniform(0.5, 8.0, 5)
+        counts = rng.integers(0, 3, 5)
+        current = policy.update(law_stats(losses, counts), current)
+        assert np.abs(current - w0).sum() <= 0.2 + 1e-9 and current.max() <= 1 and current[4] <= 0.15 + 1e-9
+        assert (current >= 0).all() and abs(current.sum() - 1) < 1e-9
+    frozen = bound_corrector(radius=0.0)
+    assert np.allclose(frozen.update(law_stats([1, 9, 1, 9, 1]), w0), w0)  # radius 0 is Static(w0)
+
+
+def test_the_online_corrector_resumes_exactly_and_refuses_bad_state():
+    rng = np.random.default_rng(1)
+    windows = [law_stats(rng.uniform(1, 4, 5), rng.integers(0, 3, 5)) for _ in range(12)]
+    full = bound_corrector()
+    w = full.initial_weights()
+    reference = []
+    for stats in windows:
+        w = full.update(stats, w)
+        reference.append(w)
+    first = bound_corrector()
+    w = first.initial_weights()
+    for stats in windows[:5]:
+        w = first.update(stats, w)
+    state = json.loads(json.dumps(first.state_dict()))  # through JSON, as a checkpoint does
+    second = bound_corrector()
+    second.load_state_dict(state)
+    for i, stats in enumerate(windows[5:], start=5):
+        w = second.update(stats, w)
+        assert np.array_equal(w, reference[i])
+    with pytest.raises(ValueError, match="LawCorrected state has 3 domains, this run has 5"):
+        bound_corrector().load_state_dict({"t": 1, "ratio": [0.1, None, 0.2]})
+    with pytest.raises(ValueError, match="LawCorrected state 't' must be an integer >= 0; got -1"):
+        bound_corrector().load_state_dict({"t": -1, "ratio": None})
+    with pytest.raises(ValueError, match="radius must be in"):
+        bound_corrector(radius=3)
+    with pytest.raises(ValueError, match=r"the proposal .* is outside the weight bounds"):
+        bound_corrector(max_weight={"a": 0.1})

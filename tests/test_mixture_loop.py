@@ -15,7 +15,7 @@ import torch
 from hf_helpers import small_dataset
 
 from dataflex.domains import encode_domains
-from dataflex.policies import ADO, ODM, Temperature, Uniform
+from dataflex.policies import ADO, ODM, LawCorrected, Temperature, Uniform
 from dataflex.proxies.loop import train_mixture
 from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
 
@@ -29,7 +29,15 @@ def data():
     return ds, ids, names
 
 
-@pytest.mark.parametrize("make_policy", [ODM, lambda: ADO(warmup_updates=3), Uniform, lambda: Temperature(3.0)])
+def law_corrected():
+    return LawCorrected(
+        {"code": 0.5, "literature": 0.3, "trivia": 0.2}, {"code": 3.0, "literature": 3.0, "trivia": 3.0}, radius=0.3
+    )
+
+
+@pytest.mark.parametrize(
+    "make_policy", [ODM, lambda: ADO(warmup_updates=3), Uniform, lambda: Temperature(3.0), law_corrected]
+)
 def test_loop_resumes_exactly_across_an_epoch(data, tmp_path, make_policy):
     ds, ids, names = data
 

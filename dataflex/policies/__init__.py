@@ -6,12 +6,14 @@ Online DoReMi trains a proxy model, so it lives with the proxies: ``from datafle
 from dataflex.policies.ado import ADO
 from dataflex.policies.base import BoundPolicy, MixingPolicy
 from dataflex.policies.doremi import doremi_update
+from dataflex.policies.law_corrected import LawCorrected
 from dataflex.policies.odm import ODM
 from dataflex.policies.static import Natural, Static, Temperature, Uniform
 
 __all__ = [
     "ADO",
     "BoundPolicy",
+    "LawCorrected",
     "MixingPolicy",
     "ODM",
     "Natural",
