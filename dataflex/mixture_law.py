@@ -100,9 +100,14 @@ class MixtureLaw:
         self._models: list[Any] = []
 
     # -- fitting ---------------------------------------------------------------------------------
+    @staticmethod
+    def runs_needed(kind: str, num_domains: int) -> int:
+        """The fewest runs a fit of ``kind`` over ``num_domains`` training domains accepts."""
+        return num_domains + 2 if kind == "loglinear" else 3
+
     def fit(self, runs: SwarmRuns) -> MixtureLaw:
         d = len(runs.train_domains)
-        needed = d + 2 if self.kind == "loglinear" else 3
+        needed = self.runs_needed(self.kind, d)
         if len(runs) < needed:
             raise ValueError(f"a {self.kind} law over {d} domains needs at least {needed} runs; got {len(runs)}")
         self.runs = runs

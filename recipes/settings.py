@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "check_instruct_settings",
+    "check_mixture_law_settings",
     "check_select_offline_settings",
     "check_vlm_settings",
     "fraction",
@@ -170,3 +171,47 @@ def check_instruct_settings(cfg: Any, detectors: Any, resolve: Any = lambda p: p
         _path("data_dir", resolve(cfg.data_dir) if isinstance(cfg.data_dir, str) else cfg.data_dir, kind="folder")
     if cfg.base is not None:
         _path("base", resolve(cfg.base) if isinstance(cfg.base, str) else cfg.base, kind="file")
+
+
+def check_mixture_law_settings(cfg: Any, stages: Any) -> None:
+    """Every setting of ``configs/mixture_law.yaml``, checked before any data is read."""
+    from dataflex.mixture_law import LAW_KINDS
+
+    one_of("stage", cfg.stage, stages)
+    integer("seed", cfg.seed)
+    positive_number("lr", cfg.lr)
+    for key in ("size", "steps", "batch_size"):
+        positive_int(f"swarm.{key}", cfg.swarm[key])
+    positive_number("swarm.concentration", cfg.swarm.concentration)
+    one_of("swarm.prior", cfg.swarm.prior, ("uniform", "natural"))
+    if cfg.swarm.run_index is not None:
+        index = nonnegative_int("swarm.run_index", cfg.swarm.run_index)
+        if index >= cfg.swarm.size:
+            raise ValueError(f"swarm.run_index={index} is outside the swarm's 0..{cfg.swarm.size - 1}")
+    kinds = list(cfg.law.kinds)
+    if not kinds:
+        raise ValueError("law.kinds must name at least one law kind")
+    for kind in kinds:
+        one_of("law.kinds", kind, LAW_KINDS)
+    folds = positive_int("law.folds", cfg.law.folds)
+    if not 2 <= folds <= cfg.swarm.size:
+        raise ValueError(f"law.folds must be in [2, swarm.size={cfg.swarm.size}]; got {folds}")
+    if not isinstance(cfg.propose.objective, str):
+        raise ValueError(f"propose.objective must be mean, worst or a domain name; got {cfg.propose.objective!r}")
+    if cfg.propose.max_kl is not None and cfg.propose.max_l1 is not None:
+        raise ValueError("give at most one of propose.max_kl and propose.max_l1")
+    for key in ("max_kl", "max_l1", "max_epochs"):
+        if cfg.propose[key] is not None:
+            positive_number(f"propose.{key}", cfg.propose[key])
+    weight = cfg.propose.min_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < 1:
+        raise ValueError(f"propose.min_weight must be a number in [0, 1); got {weight!r}")
+    radius = cfg.correct.radius
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 <= radius <= 2:
+        raise ValueError(f"correct.radius must be a number in [0, 2]; got {radius!r}")
+    positive_number("correct.step", cfg.correct.step)
+    for key in ("steps", "batch_size", "update_every", "ckpt_every"):
+        positive_int(f"main.{key}", cfg.main[key])
+    positive_int("data.max_len", cfg.data.max_len)
+    optional_positive_int("data.val_per_domain", cfg.data.val_per_domain)
+    optional_positive_int("data.train_per_domain", cfg.data.train_per_domain)

@@ -283,3 +283,90 @@ def test_the_online_corrector_resumes_exactly_and_refuses_bad_state():
         bound_corrector(radius=3)
     with pytest.raises(ValueError, match=r"the proposal .* is outside the weight bounds"):
         bound_corrector(max_weight={"a": 0.1})
+
+
+@pytest.mark.slow
+def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_path):
+    """One command: swarm -> fit -> propose -> main runs and the table; a swarm member alone (a parallel job)
+    first, then the whole command, which skips it; a rerun trains nothing."""
+    import subprocess
+    import sys
+
+    base = [
+        sys.executable,
+        "-m",
+        "dataflex.recipes.mixture_law",
+        "swarm.size=6",
+        "swarm.steps=3",
+        "law.folds=2",
+        "law.kinds=[gp,gbm]",
+        "main.steps=4",
+        "main.update_every=2",
+        "main.ckpt_every=2",
+        "data.val_per_domain=4",
+        "data.train_per_domain=20",
+        "work_dir=work",
+    ]
+    one = subprocess.run([*base, "stage=swarm", "swarm.run_index=2"], capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    work = tmp_path / "work" / "seed0"
+    assert sorted(p.name for p in (work / "swarm").glob("run-*.json")) == ["run-00002.json"]
+    first_member = (work / "swarm" / "run-00002.json").read_text()
+    done = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((work / "swarm").glob("run-*.json"))) == 6
+    assert (work / "swarm" / "run-00002.json").read_text() == first_member  # not redone
+    summary = json.loads((work / "results.json").read_text())
+    assert set(summary["arms"]) == {"law", "uniform", "natural"} and summary["swarm_steps"] == 18
+    proposal = summary["proposal"]["weights"]
+    assert abs(sum(proposal.values()) - 1) < 1e-9 and min(proposal.values()) >= 0.02 - 1e-9
+    assert "| **mean** |" in done.stdout and (work / "predicted_vs_measured.png").is_file()
+    again = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0 and "swarm:" not in again.stderr  # every stage cached
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stage=train", "stage='train'; valid values are swarm, fit, propose, main, all"),
+        ("swarm.size=0", "swarm.size must be a positive integer; got 0"),
+        ("swarm.run_index=20", r"swarm.run_index=20 is outside the swarm's 0..13"),
+        ("swarm.prior=zipf", "swarm.prior='zipf'; valid values are uniform, natural"),
+        ("law.kinds=[linear]", "law.kinds='linear'; valid values are loglinear, gbm, gp"),
+        ("law.folds=1", r"law.folds must be in \[2, swarm.size=14\]; got 1"),
+        ("propose.max_kl=0.1", "give at most one of propose.max_kl and propose.max_l1"),
+        ("propose.min_weight=1", r"propose.min_weight must be a number in \[0, 1\); got 1"),
+        ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
+        ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
+    ],
+)
+def test_bad_mixture_law_overrides_name_the_key(override, message):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.mixture_law import STAGES
+    from dataflex.recipes.settings import check_mixture_law_settings
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        check_mixture_law_settings(compose(config_name="mixture_law"), STAGES)
+        cfg = compose(config_name="mixture_law", overrides=[override])
+    with pytest.raises(ValueError, match=message):
+        check_mixture_law_settings(cfg, STAGES)
+
+
+def test_a_swarm_too_small_for_the_law_is_refused_before_any_run(tmp_path):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.mixture_law import run_stages
+    from dataflex.testbeds.tiny import default_data_dir
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose(config_name="mixture_law", overrides=["swarm.size=6", "law.folds=2", "data.train_per_domain=5"])
+    with pytest.raises(ValueError, match="law kind loglinear needs 10 runs per fit over 8 domains; with swarm.size=6"):
+        run_stages(cfg, lambda: None, default_data_dir() / "textmix", tmp_path / "work")
+    assert not (tmp_path / "work").exists()

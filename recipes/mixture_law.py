@@ -1,0 +1,278 @@
+"""Recipe: swarm -> fit -> propose -> main run, in one command (closing the mixing loop from a sweep).
+
+    python -m dataflex.recipes.mixture_law                                  # every stage, then the table
+    python -m dataflex.recipes.mixture_law stage=swarm swarm.run_index=3    # one swarm member (parallel jobs)
+    python -m dataflex.recipes.mixture_law -m stage=swarm 'swarm.run_index=range(0,16)'   # a Hydra multirun
+
+1. *Swarm* (:class:`dataflex.swarm.Swarm`): ``swarm.size`` small runs of the plain loop on textmix, each on a
+   ``Static`` mixture drawn around the prior (Dirichlet, ``swarm.concentration``), each writing its
+   per-domain validation loss and tokens per domain. Finished runs are skipped when the command is rerun.
+2. *Fit* (:class:`dataflex.mixture_law.MixtureLaw`): every kind in ``law.kinds`` is scored by its error on
+   held-out swarm runs (``law.folds``-fold); the kind with the lowest error is fitted on all runs and saved
+   with them (``law.json``).
+3. *Propose* (:func:`dataflex.mixture_search.propose_mixture`): the mixture minimising ``propose.objective``
+   under the floor, the KL/L1 distance to the prior and, with ``propose.max_epochs``, the repetition caps of
+   the main run's token budget (``proposal.json``).
+4. *Main run*: the proposal, corrected online by :class:`~dataflex.policies.LawCorrected` inside an L1 trust
+   region of ``correct.radius`` (0: the proposal as a ``Static`` mixture), and the uniform and natural
+   baselines, at the same budget and seed; the per-domain validation and test loss table is printed and
+   written (``results.json``, ``results.md``) with ``predicted_vs_measured.png``.
+
+Every stage caches its output under ``work_dir``; rerunning the command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataflex.domains import encode_domains
+from dataflex.mixture_law import MixtureLaw
+from dataflex.mixture_search import propose_mixture, repetition_caps
+from dataflex.policies import LawCorrected, Natural, Static, Uniform
+from dataflex.recipes.mixture import load_split, run_experiment
+from dataflex.state import read_json, write_json_atomic
+from dataflex.swarm import Swarm
+
+__all__ = ["STAGES", "domain_tokens", "run_stages"]
+
+STAGES = ("swarm", "fit", "propose", "main", "all")
+
+
+def domain_tokens(train_ds: Any, names: list[str]) -> np.ndarray:
+    """Tokens (bytes) of each domain's training split, in ``names`` order."""
+    lengths = np.array([len(x) for x in train_ds["input_ids"]], dtype=np.float64)
+    ids, found = encode_domains(train_ds["domain"])
+    by_name = dict(zip(found, np.bincount(ids, weights=lengths, minlength=len(found))))
+    return np.array([by_name[n] for n in names])
+
+
+def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[str, Any] | None:
+    """Run ``cfg.stage`` (and what it needs that is not cached yet); returns the main stage's results."""
+    train_ds = load_split(data_root, "train", cfg.data.max_len, cfg.data.train_per_domain)
+    _, names = encode_domains(train_ds["domain"])
+    tokens = domain_tokens(train_ds, names)
+    natural = tokens / tokens.sum()
+    prior = natural if cfg.swarm.prior == "natural" else np.full(len(names), 1.0 / len(names))
+    mean_len = tokens / np.bincount(encode_domains(train_ds["domain"])[0], minlength=len(names))
+    common = dict(
+        make_model=make_model,
+        data_root=data_root,
+        max_len=cfg.data.max_len,
+        val_per_domain=cfg.data.val_per_domain,
+        train_ds=train_ds,
+        progress=False,
+    )
+    per_fit = cfg.swarm.size - -(-cfg.swarm.size // cfg.law.folds)  # runs a held-out fit sees (the fewest)
+    for kind in cfg.law.kinds:
+        needed = MixtureLaw.runs_needed(kind, len(names))
+        if per_fit < needed:
+            raise ValueError(
+                f"law kind {kind} needs {needed} runs per fit over {len(names)} domains; with swarm.size="
+                f"{cfg.swarm.size} and law.folds={cfg.law.folds} a held-out fit sees {per_fit}: raise swarm.size "
+                "or law.folds, or drop that kind from law.kinds"
+            )
+    swarm = Swarm(
+        work / "swarm",
+        names,
+        prior=prior,
+        size=cfg.swarm.size,
+        concentration=cfg.swarm.concentration,
+        seed=cfg.seed,
+        extra={"steps": cfg.swarm.steps, "batch_size": cfg.swarm.batch_size, "lr": cfg.lr, "max_len": cfg.data.max_len},
+    )
+
+    def proxy(weights: np.ndarray, index: int) -> dict[str, Any]:
+        result = run_experiment(
+            policy=Static(weights.tolist()),
+            steps=cfg.swarm.steps,
+            batch_size=cfg.swarm.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            update_every=cfg.swarm.steps,
+            eval_every=0,
+            work_dir=work / "swarm" / f"work-{index}",
+            **common,
+        )
+        # Expected tokens per domain (the sampler draws each example's domain with these weights).
+        expected = weights * cfg.swarm.steps * cfg.swarm.batch_size * mean_len
+        return {
+            "losses": result["validation_loss"],
+            "tokens": dict(zip(names, expected.tolist())),
+            "seconds": result["train_seconds"],
+        }
+
+    indices = None if cfg.swarm.run_index is None else [int(cfg.swarm.run_index)]
+    swarm.run(proxy, indices=indices)
+    if cfg.stage == "swarm" or swarm.pending():
+        if swarm.pending() and cfg.stage != "swarm":
+            raise RuntimeError(f"swarm runs {swarm.pending()} are not finished; run stage=swarm for them first")
+        return None
+    runs = swarm.collect()
+    law_path, fit_path = work / "law.json", work / "fit.json"
+    if not law_path.is_file():
+        errors = {kind: MixtureLaw(kind, cfg.seed).held_out_error(runs, folds=cfg.law.folds) for kind in cfg.law.kinds}
+        best = min(errors, key=lambda k: errors[k]["mean_mae"])
+        MixtureLaw(best, cfg.seed).fit(runs).save(law_path)
+        write_json_atomic(fit_path, {"chosen": best, "held_out": errors})
+    law, fit = MixtureLaw.load(law_path), read_json(fit_path)
+    errors = {k: round(v["mean_mae"], 4) for k, v in fit["held_out"].items()}
+    print(f"law: {law.kind} (held-out mean absolute error per kind: {errors})")
+    if cfg.stage == "fit":
+        return None
+    proposal_path = work / "proposal.json"
+    if not proposal_path.is_file():
+        caps = None
+        if cfg.propose.max_epochs is not None:
+            budget = cfg.main.steps * cfg.main.batch_size * float((natural * mean_len).sum())
+            caps = repetition_caps(tokens, budget, cfg.propose.max_epochs)
+        proposal = propose_mixture(
+            law,
+            cfg.propose.objective,
+            prior=prior,
+            max_kl=cfg.propose.max_kl,
+            max_l1=cfg.propose.max_l1,
+            min_weight=cfg.propose.min_weight,
+            max_weight=caps,
+            seed=cfg.seed,
+        )
+        write_json_atomic(
+            proposal_path,
+            {
+                "weights": proposal.as_mapping(),
+                "predicted": dict(zip(proposal.eval_domains, proposal.predicted.tolist())),
+                "objective": proposal.objective,
+                "caps": None if caps is None else dict(zip(names, caps.tolist())),
+            },
+        )
+    proposed = read_json(proposal_path)
+    print("proposal:", {k: round(v, 3) for k, v in proposed["weights"].items()})
+    if cfg.stage == "propose":
+        return None
+    return main_runs(cfg, proposed, names, common, work, swarm_steps=cfg.swarm.steps * len(runs), fit=fit, runs=runs)
+
+
+def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit, runs) -> dict[str, Any]:
+    """The proposal (corrected online) and the uniform and natural baselines at the main run's budget."""
+    if cfg.correct.radius > 0:
+        law_policy = lambda: LawCorrected(  # noqa: E731
+            proposed["weights"],
+            proposed["predicted"],
+            radius=cfg.correct.radius,
+            step=cfg.correct.step,
+            max_weight=proposed["caps"],
+        )
+    else:
+        law_policy = lambda: Static(proposed["weights"])  # noqa: E731
+    arms = {"law": law_policy, "uniform": Uniform, "natural": Natural}
+    results: dict[str, Any] = {}
+    for arm, make_policy in arms.items():
+        path = work / "main" / f"{arm}.json"
+        if not path.is_file():
+            result = run_experiment(
+                policy=make_policy(),
+                steps=cfg.main.steps,
+                batch_size=cfg.main.batch_size,
+                lr=cfg.lr,
+                seed=cfg.seed,
+                update_every=cfg.main.update_every,
+                eval_every=0,
+                work_dir=work / "main" / f"work-{arm}",
+                eval_splits=("validation", "test"),
+                ckpt_dir=work / "main" / f"ckpt-{arm}",
+                ckpt_every=cfg.main.ckpt_every,
+                **common,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, result)
+        results[arm] = read_json(path)
+    summary = {
+        "proposal": proposed,
+        "law": fit["chosen"],
+        "held_out_mae": {k: v["mean_mae"] for k, v in fit["held_out"].items()},
+        "swarm_steps": swarm_steps,
+        "swarm_steps_per_main_run": swarm_steps / cfg.main.steps,
+        "arms": {arm: {split: r[f"{split}_loss"] for split in ("validation", "test")} for arm, r in results.items()},
+    }
+    write_json_atomic(work / "results.json", summary)
+    table = report_lines(summary, names)
+    (work / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    plot(work, runs, fit, proposed, results)
+    return summary
+
+
+def report_lines(summary: dict[str, Any], names: list[str]) -> list[str]:
+    arms = summary["arms"]
+    lines = [
+        f"Law: {summary['law']} (held-out MAE {summary['held_out_mae']}); swarm cost {summary['swarm_steps']} proxy "
+        f"steps = {summary['swarm_steps_per_main_run']:.2f} main runs.",
+        "",
+        "| domain | law predicted (proposal) | " + " | ".join(f"{a} test" for a in arms) + " |",
+        "|---|---|" + "---|" * len(arms),
+    ]
+    predicted = summary["proposal"]["predicted"]
+    for d in names:
+        cells = " | ".join(f"{arms[a]['test'][d]:.3f}" for a in arms)
+        lines.append(f"| {d} | {predicted.get(d, float('nan')):.3f} | {cells} |")
+    for label, reduce in (("mean", np.mean), ("worst", np.max)):
+        cells = " | ".join(f"{reduce(list(arms[a]['test'].values())):.3f}" for a in arms)
+        lines.append(f"| **{label}** | {reduce(list(predicted.values())):.3f} | {cells} |")
+    return lines
+
+
+def plot(work: Path, runs, fit, proposed, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held = np.asarray(fit["held_out"][fit["chosen"]]["predicted"])
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.scatter(runs.losses.ravel(), held.ravel(), s=10, alpha=0.6, label="swarm runs, held out")
+    measured = results["law"]["validation_loss"]
+    pairs = [(measured[d], p) for d, p in proposed["predicted"].items() if d in measured]
+    ax.scatter(
+        [m for m, _ in pairs], [p for _, p in pairs], s=30, marker="x", color="tab:red", label="main run (law arm)"
+    )
+    low = min(runs.losses.min(), min(m for m, _ in pairs))
+    high = max(runs.losses.max(), max(m for m, _ in pairs))
+    ax.plot([low, high], [low, high], color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("measured validation loss")
+    ax.set_ylabel("law's prediction")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(work / "predicted_vs_measured.png", dpi=120)
+    plt.close(fig)
+
+
+def _hydra_main() -> None:
+    import hydra
+    from hydra.utils import instantiate, to_absolute_path
+    from omegaconf import DictConfig
+
+    from dataflex.recipes.settings import check_mixture_law_settings
+    from dataflex.testbeds.tiny import default_data_dir
+
+    @hydra.main(config_path="../configs", config_name="mixture_law", version_base=None)
+    def main(cfg: DictConfig) -> None:
+        check_mixture_law_settings(cfg, STAGES)
+        model_cfg = cfg.model
+
+        def make_model() -> torch.nn.Module:
+            return instantiate(model_cfg, seed=cfg.seed)
+
+        root = Path(to_absolute_path(cfg.data.path)) if cfg.data.path else default_data_dir() / "textmix"
+        start = time.perf_counter()
+        run_stages(cfg, make_model, root, Path(to_absolute_path(cfg.work_dir)) / f"seed{cfg.seed}")
+        print(f"stage {cfg.stage} done in {time.perf_counter() - start:.0f} s")
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
