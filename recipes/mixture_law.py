@@ -14,8 +14,9 @@
    under the floor, the KL/L1 distance to the prior and, with ``propose.max_epochs``, the repetition caps of
    the main run's token budget (``proposal.json``).
 4. *Main run*: the proposal, corrected online by :class:`~dataflex.policies.LawCorrected` inside an L1 trust
-   region of ``correct.radius`` (0: the proposal as a ``Static`` mixture), and the uniform and natural
-   baselines, at the same budget and seed; the per-domain validation and test loss table is printed and
+   region of ``correct.radius`` (0: the proposal as a ``Static`` mixture; with a radius the uncorrected
+   proposal runs too, as ``law_static``), and the ``main.baselines`` (uniform, natural, odm, doremi) at the
+   same budget and seed; the per-domain validation and test loss table is printed and
    written (``results.json``, ``results.md``) with ``predicted_vs_measured.png``.
 
 Every stage caches its output under ``work_dir``; rerunning the command continues where it stopped.
@@ -33,14 +34,16 @@ import torch
 from dataflex.domains import encode_domains
 from dataflex.mixture_law import MixtureLaw
 from dataflex.mixture_search import propose_mixture, repetition_caps
-from dataflex.policies import LawCorrected, Natural, Static, Uniform
+from dataflex.policies import ODM, LawCorrected, Natural, Static, Uniform
+from dataflex.proxies.doremi import DoReMiOffline
 from dataflex.recipes.mixture import load_split, run_experiment
 from dataflex.state import read_json, write_json_atomic
 from dataflex.swarm import Swarm
 
-__all__ = ["STAGES", "domain_tokens", "run_stages"]
+__all__ = ["BASELINES", "STAGES", "domain_tokens", "run_stages"]
 
 STAGES = ("swarm", "fit", "propose", "main", "all")
+BASELINES = ("uniform", "natural", "odm", "doremi")
 
 
 def domain_tokens(train_ds: Any, names: list[str]) -> np.ndarray:
@@ -158,17 +161,25 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
 
 def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit, runs) -> dict[str, Any]:
     """The proposal (corrected online) and the uniform and natural baselines at the main run's budget."""
-    if cfg.correct.radius > 0:
-        law_policy = lambda: LawCorrected(  # noqa: E731
+
+    def corrected() -> LawCorrected:
+        return LawCorrected(
             proposed["weights"],
             proposed["predicted"],
             radius=cfg.correct.radius,
             step=cfg.correct.step,
             max_weight=proposed["caps"],
         )
-    else:
-        law_policy = lambda: Static(proposed["weights"])  # noqa: E731
-    arms = {"law": law_policy, "uniform": Uniform, "natural": Natural}
+
+    def static() -> Static:
+        return Static(proposed["weights"])
+
+    arms: dict[str, Any] = {"law": corrected if cfg.correct.radius > 0 else static}
+    if cfg.correct.radius > 0:
+        arms["law_static"] = static  # the proposal without the online correction
+    baselines = {"uniform": Uniform, "natural": Natural, "odm": ODM, "doremi": DoReMiOffline}
+    for name in cfg.main.baselines:
+        arms[name] = baselines[name]
     results: dict[str, Any] = {}
     for arm, make_policy in arms.items():
         path = work / "main" / f"{arm}.json"

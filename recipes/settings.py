@@ -173,7 +173,7 @@ def check_instruct_settings(cfg: Any, detectors: Any, resolve: Any = lambda p: p
         _path("base", resolve(cfg.base) if isinstance(cfg.base, str) else cfg.base, kind="file")
 
 
-def check_mixture_law_settings(cfg: Any, stages: Any) -> None:
+def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform", "natural", "odm", "doremi")) -> None:
     """Every setting of ``configs/mixture_law.yaml``, checked before any data is read."""
     from dataflex.mixture_law import LAW_KINDS
 
@@ -212,6 +212,8 @@ def check_mixture_law_settings(cfg: Any, stages: Any) -> None:
     positive_number("correct.step", cfg.correct.step)
     for key in ("steps", "batch_size", "update_every", "ckpt_every"):
         positive_int(f"main.{key}", cfg.main[key])
+    for name in cfg.main.baselines:
+        one_of("main.baselines", name, baselines)
     positive_int("data.max_len", cfg.data.max_len)
     optional_positive_int("data.val_per_domain", cfg.data.val_per_domain)
     optional_positive_int("data.train_per_domain", cfg.data.train_per_domain)

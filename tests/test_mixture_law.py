@@ -317,7 +317,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     assert len(list((work / "swarm").glob("run-*.json"))) == 6
     assert (work / "swarm" / "run-00002.json").read_text() == first_member  # not redone
     summary = json.loads((work / "results.json").read_text())
-    assert set(summary["arms"]) == {"law", "uniform", "natural"} and summary["swarm_steps"] == 18
+    assert set(summary["arms"]) == {"law", "law_static", "uniform", "natural"} and summary["swarm_steps"] == 18
     proposal = summary["proposal"]["weights"]
     assert abs(sum(proposal.values()) - 1) < 1e-9 and min(proposal.values()) >= 0.02 - 1e-9
     assert "| **mean** |" in done.stdout and (work / "predicted_vs_measured.png").is_file()
@@ -338,6 +338,10 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("propose.min_weight=1", r"propose.min_weight must be a number in \[0, 1\); got 1"),
         ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
         ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
+        (
+            "main.baselines=[uniform,doremii]",
+            "main.baselines='doremii'; valid values are uniform, natural, odm, doremi",
+        ),
     ],
 )
 def test_bad_mixture_law_overrides_name_the_key(override, message):
