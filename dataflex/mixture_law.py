@@ -34,6 +34,7 @@ from dataflex.state import read_json, write_json_atomic
 __all__ = ["LAW_KINDS", "MixtureLaw", "SwarmRuns"]
 
 LAW_KINDS = ("loglinear", "gbm", "gp")
+T_MAX = 10.0  # bound on each loglinear t_ij (see _fit_loglinear)
 
 
 class SwarmRuns:
@@ -225,11 +226,16 @@ def _fit_loglinear(weights: np.ndarray, loss: np.ndarray) -> np.ndarray:
     def residual(p: np.ndarray) -> np.ndarray:
         return p[0] + np.exp(np.clip(design @ p[1:], -50, 50)) - loss
 
-    upper = np.full(best.size, np.inf)
-    upper[0] = lowest  # the floor stays below every observed loss (else exp would have to be negative)
+    # Bounds: the floor stays below every observed loss (else exp would have to be negative), and each t_ij
+    # within +-T_MAX (a domain going from 0 to all of the mixture changes the reducible loss at most e^T_MAX
+    # fold): with nearly flat losses (short proxies) unbounded t fit noise and explode on held-out mixtures.
+    lower = np.r_[-np.inf, -np.inf, np.full(best.size - 2, -T_MAX)]
+    upper = np.r_[lowest, np.inf, np.full(best.size - 2, T_MAX)]
     start = best.copy()
+    start[1] += start[2:].mean()  # the mean-0 gauge, then inside the bounds
+    start[2:] = np.clip(start[2:] - start[2:].mean(), -T_MAX + 1e-6, T_MAX - 1e-6)
     start[0] = min(start[0], lowest - 1e-9)
-    p = least_squares(residual, start, bounds=(np.full(best.size, -np.inf), upper), method="trf").x
+    p = least_squares(residual, start, bounds=(lower, upper), method="trf").x
     # Mixtures sum to 1, so t_i + a and log k - a predict the same: report the gauge with mean_j t_ij = 0.
     shift = p[2:].mean()
     return np.concatenate([[p[0], p[1] + shift], p[2:] - shift])
