@@ -137,6 +137,7 @@ def test_out_of_fold_settings_are_checked():
         check_instruct_settings(cfg, DETECTORS)
 
 
+@pytest.mark.slow
 def test_instruct_recipe_cli_runs_and_resumes(tmp_path):
     """The Hydra recipe end to end with a detector chosen on the command line, then the same command resumes."""
     cmd = [
