@@ -19,17 +19,22 @@
    same budget and seed; the per-domain validation and test loss table is printed and
    written (``results.json``, ``results.md``) with ``predicted_vs_measured.png``.
 
-Every stage caches its output under ``work_dir``; rerunning the command continues where it stopped.
+Every stage caches its output under ``work_dir``, keyed by the settings it depends on: rerunning the command
+continues where it stopped, and rerunning it with other settings recomputes what they change (a swarm folder
+made with other swarm settings is refused: use another ``work_dir``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from dataflex.domains import encode_domains
 from dataflex.mixture_law import MixtureLaw
@@ -44,6 +49,11 @@ __all__ = ["BASELINES", "STAGES", "domain_tokens", "run_stages"]
 
 STAGES = ("swarm", "fit", "propose", "main", "all")
 BASELINES = ("uniform", "natural", "odm", "doremi")
+
+
+def settings_key(**parts: Any) -> str:
+    """A short stable digest of the settings a stage's output depends on (its cache key)."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def domain_tokens(train_ds: Any, names: list[str]) -> np.ndarray:
@@ -116,7 +126,10 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             raise RuntimeError(f"swarm runs {swarm.pending()} are not finished; run stage=swarm for them first")
         return None
     runs = swarm.collect()
-    law_path, fit_path = work / "law.json", work / "fit.json"
+    # Each stage's cache is keyed by the settings it depends on (and its upstream stage's key), so rerunning
+    # with other settings computes anew instead of silently reusing a law, proposal or run made otherwise.
+    law_key = settings_key(kinds=list(cfg.law.kinds), folds=cfg.law.folds, seed=cfg.seed, runs=len(runs))
+    law_path, fit_path = work / f"law-{law_key}.json", work / f"fit-{law_key}.json"
     if not law_path.is_file():
         errors = {kind: MixtureLaw(kind, cfg.seed).held_out_error(runs, folds=cfg.law.folds) for kind in cfg.law.kinds}
         best = min(errors, key=lambda k: errors[k]["mean_mae"])
@@ -127,7 +140,12 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     print(f"law: {law.kind} (held-out mean absolute error per kind: {errors})")
     if cfg.stage == "fit":
         return None
-    proposal_path = work / "proposal.json"
+    proposal_key = settings_key(
+        law=law_key,
+        propose=OmegaConf.to_container(cfg.propose, resolve=True),
+        budget=[cfg.main.steps, cfg.main.batch_size],
+    )
+    proposal_path = work / f"proposal-{proposal_key}.json"
     if not proposal_path.is_file():
         caps = None
         if cfg.propose.max_epochs is not None:
@@ -156,10 +174,20 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     print("proposal:", {k: round(v, 3) for k, v in proposed["weights"].items()})
     if cfg.stage == "propose":
         return None
-    return main_runs(cfg, proposed, names, common, work, swarm_steps=cfg.swarm.steps * len(runs), fit=fit, runs=runs)
+    return main_runs(
+        cfg,
+        proposed,
+        names,
+        common,
+        work,
+        swarm_steps=cfg.swarm.steps * len(runs),
+        fit=fit,
+        runs=runs,
+        key=proposal_key,
+    )
 
 
-def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit, runs) -> dict[str, Any]:
+def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit, runs, key: str) -> dict[str, Any]:
     """The proposal (corrected online) and the uniform and natural baselines at the main run's budget."""
 
     def corrected() -> LawCorrected:
@@ -181,8 +209,12 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
     for name in cfg.main.baselines:
         arms[name] = baselines[name]
     results: dict[str, Any] = {}
+    main_settings = OmegaConf.to_container(cfg.main, resolve=True)
+    main_settings.pop("baselines")
     for arm, make_policy in arms.items():
-        path = work / "main" / f"{arm}.json"
+        upstream = {"proposal": key, "correct": OmegaConf.to_container(cfg.correct)} if arm.startswith("law") else {}
+        arm_key = settings_key(arm=arm, main=main_settings, lr=cfg.lr, seed=cfg.seed, **upstream)
+        path = work / "main" / f"{arm}-{arm_key}.json"
         if not path.is_file():
             result = run_experiment(
                 policy=make_policy(),
@@ -192,9 +224,9 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
                 seed=cfg.seed,
                 update_every=cfg.main.update_every,
                 eval_every=0,
-                work_dir=work / "main" / f"work-{arm}",
+                work_dir=work / "main" / f"work-{arm}-{arm_key}",
                 eval_splits=("validation", "test"),
-                ckpt_dir=work / "main" / f"ckpt-{arm}",
+                ckpt_dir=work / "main" / f"ckpt-{arm}-{arm_key}",
                 ckpt_every=cfg.main.ckpt_every,
                 **common,
             )
@@ -207,6 +239,7 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
         "held_out_mae": {k: v["mean_mae"] for k, v in fit["held_out"].items()},
         "swarm_steps": swarm_steps,
         "swarm_steps_per_main_run": swarm_steps / cfg.main.steps,
+        "main_seconds": {arm: r["train_seconds"] for arm, r in results.items()},
         "arms": {arm: {split: r[f"{split}_loss"] for split in ("validation", "test")} for arm, r in results.items()},
     }
     write_json_atomic(work / "results.json", summary)

@@ -323,6 +323,15 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     assert "| **mean** |" in done.stdout and (work / "predicted_vs_measured.png").is_file()
     again = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "swarm:" not in again.stderr  # every stage cached
+    assert json.loads((work / "results.json").read_text()) == summary
+    # Other proposal settings: a new proposal and new law arms; the swarm, the law and the baselines are reused.
+    before = {p.name for p in (work / "main").glob("*.json")}
+    other = subprocess.run([*base, "propose.min_weight=0.05"], capture_output=True, text=True, cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert len(list(work.glob("proposal-*.json"))) == 2 and len(list(work.glob("law-*.json"))) == 1
+    new = {p.name for p in (work / "main").glob("*.json")} - before
+    assert sorted(n.split("-")[0] for n in new) == ["law", "law_static"]
+    assert min(json.loads((work / "results.json").read_text())["proposal"]["weights"].values()) >= 0.05 - 1e-9
 
 
 @pytest.mark.parametrize(

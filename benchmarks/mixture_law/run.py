@@ -78,7 +78,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     summary = run_stages(cfg, make_model, args.data, work)
     summary["seconds"] = time.perf_counter() - start
     summary["swarm_seconds"] = float(sum(read_json(p).get("seconds", 0.0) for p in (work / "swarm").glob("run-*.json")))
-    summary["main_seconds"] = {a: read_json(work / "main" / f"{a}.json")["train_seconds"] for a in summary["arms"]}
     return summary
 
 
