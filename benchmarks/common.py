@@ -10,11 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dataflex.domains import encode_domains
-from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies import Uniform
 from dataflex.proxies.loop import train_mixture
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
@@ -70,14 +68,6 @@ def load_jsonl_file(path: Path, cap: int | None = None) -> list[dict[str, Any]]:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return rows[:cap] if cap else rows
-
-
-def task_losses(model: torch.nn.Module, sets: dict[str, Any]) -> dict[str, float]:
-    """Mean over examples of the token-mean response loss, per task."""
-    return {
-        task: float(np.nanmean(score_pool(token_mean_losses(model), ds, collate_causal, batch_size=32, progress=False)))
-        for task, ds in sets.items()
-    }
 
 
 def trainer_args(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, save_steps: int = 50) -> Any:

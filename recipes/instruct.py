@@ -33,7 +33,7 @@ from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies import Uniform
 from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
-from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
 from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, training_args
 
 __all__ = ["DETECTORS", "keep_per_task", "train_instruct"]
@@ -103,14 +103,6 @@ def detector_callback(
         clean = np.flatnonzero(~np.asarray(data["noisy"], dtype=bool))
         return DataFlexSelectCallback(FixedSubset(clean), update_every=update_every, **by_task)
     raise ValueError(f"unknown detector {detector!r}; valid: {list(DETECTORS)}")
-
-
-def task_losses(model: torch.nn.Module, sets: dict[str, Any]) -> dict[str, float]:
-    """Mean over each task's examples of the token-mean loss on response bytes."""
-    return {
-        t: float(np.nanmean(score_pool(token_mean_losses(model), ds, collate_causal, batch_size=32, progress=False)))
-        for t, ds in sets.items()
-    }
 
 
 def train_instruct(

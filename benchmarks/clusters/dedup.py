@@ -42,7 +42,6 @@ from benchmarks.common import (
     load_jsonl_file,
     make_base,
     pretrained_base,
-    task_losses,
     trainer_args,
 )
 from benchmarks.report import median_range, write_results
@@ -53,7 +52,7 @@ from dataflex.embeddings import hidden_state_embedder
 from dataflex.offline import score_pool
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset
-from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir, task_losses
 
 HERE = Path(__file__).resolve().parent
 

@@ -34,14 +34,13 @@ from benchmarks.common import (
     load_jsonl_file,
     make_base,
     pretrained_base,
-    task_losses,
     trainer_args,
 )
 from benchmarks.report import median_range, write_results
 from dataflex import DataFlexCurriculumCallback
 from dataflex.curriculum import Curriculum
 from dataflex.offline import score_pool, token_mean_losses
-from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, task_losses
 
 HERE = Path(__file__).resolve().parent
 

@@ -36,9 +36,9 @@ import torch
 
 from benchmarks.common import add_common_args, pretrained_base
 from benchmarks.report import median_range, write_results
-from dataflex.recipes.instruct import DETECTORS, make_model, task_losses, train_instruct
+from dataflex.recipes.instruct import DETECTORS, make_model, train_instruct
 from dataflex.testbeds.noisy_instruct import NOISY_TASKS, noisy_instructions
-from dataflex.testbeds.tiny import default_data_dir
+from dataflex.testbeds.tiny import default_data_dir, task_losses
 
 HERE = Path(__file__).resolve().parent
 DROPPING = [d for d in DETECTORS if d not in ("none", "clean_oracle")]

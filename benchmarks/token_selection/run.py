@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from benchmarks.common import add_common_args, load_jsonl_file, make_base, pretrained_base, task_losses, trainer_args
+from benchmarks.common import add_common_args, load_jsonl_file, make_base, pretrained_base, trainer_args
 from benchmarks.report import median_range, write_results
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.policies import Natural
 from dataflex.selection import select_random
-from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir
+from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir, task_losses
 from dataflex.token_weighting import TokenWeightedLoss, reference_token_losses, rho1
 
 HERE = Path(__file__).resolve().parent

@@ -26,6 +26,7 @@ __all__ = [
     "instruct_dataset",
     "load_jsonl_dir",
     "per_domain_loss",
+    "task_losses",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_llava",
@@ -261,3 +262,17 @@ def per_domain_loss(model: Any, dataset: Any, domains: Sequence[str], batch_size
                     sums[dom] = sums.get(dom, 0.0) + float(loss[j]) * int(tokens[j])
                     counts[dom] = counts.get(dom, 0) + int(tokens[j])
     return {d: sums[d] / counts[d] for d in sorted(sums)}
+
+
+def task_losses(model: Any, sets: dict[str, Any], batch_size: int = 32) -> dict[str, float]:
+    """Per task: the mean over its examples of the token-mean loss on response bytes (each example counts
+    once, whatever its length; :func:`per_domain_loss` pools tokens instead)."""
+    import numpy as np
+
+    from dataflex.offline import score_pool, token_mean_losses
+
+    scorer = token_mean_losses(model)
+    return {
+        task: float(np.nanmean(score_pool(scorer, ds, collate_causal, batch_size=batch_size, progress=False)))
+        for task, ds in sets.items()
+    }
