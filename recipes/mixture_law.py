@@ -96,7 +96,14 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         size=cfg.swarm.size,
         concentration=cfg.swarm.concentration,
         seed=cfg.seed,
-        extra={"steps": cfg.swarm.steps, "batch_size": cfg.swarm.batch_size, "lr": cfg.lr, "max_len": cfg.data.max_len},
+        # Everything a run's losses depend on besides its mixture: a folder made otherwise is refused.
+        extra={
+            "steps": cfg.swarm.steps,
+            "batch_size": cfg.swarm.batch_size,
+            "lr": cfg.lr,
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+        },
     )
 
     def proxy(weights: np.ndarray, index: int) -> dict[str, Any]:
@@ -213,7 +220,15 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
     main_settings.pop("baselines")
     for arm, make_policy in arms.items():
         upstream = {"proposal": key, "correct": OmegaConf.to_container(cfg.correct)} if arm.startswith("law") else {}
-        arm_key = settings_key(arm=arm, main=main_settings, lr=cfg.lr, seed=cfg.seed, **upstream)
+        arm_key = settings_key(
+            arm=arm,
+            main=main_settings,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            data=OmegaConf.to_container(cfg.data, resolve=True),
+            **upstream,
+        )
         path = work / "main" / f"{arm}-{arm_key}.json"
         if not path.is_file():
             result = run_experiment(

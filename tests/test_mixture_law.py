@@ -383,3 +383,30 @@ def test_a_swarm_too_small_for_the_law_is_refused_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="law kind loglinear needs 10 runs per fit over 8 domains; with swarm.size=6"):
         run_stages(cfg, lambda: None, default_data_dir() / "textmix", tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_swarm_folder_made_with_another_model_or_data_is_refused(tmp_path):
+    """The swarm's losses depend on the proxy model and the data splits, not only on the mixtures: reusing a
+    folder made with another model width or validation subset would fit the law on other runs silently."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from dataflex.recipes.mixture_law import run_stages
+    from dataflex.testbeds.tiny import default_data_dir
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    common = ["stage=swarm", "swarm.run_index=0", "swarm.steps=1", "data.train_per_domain=5", "law.kinds=[gp]"]
+    for extra in ([], ["data.val_per_domain=3"], ["model.n_embd=32"]):
+        with initialize_config_dir(config_dir=str(configs), version_base=None):
+            cfg = compose(config_name="mixture_law", overrides=[*common, "data.val_per_domain=2", *extra])
+
+        def make_model(cfg=cfg):
+            return instantiate(cfg.model, seed=cfg.seed)
+
+        if not extra:
+            run_stages(cfg, make_model, default_data_dir() / "textmix", tmp_path / "work")
+            continue
+        with pytest.raises(ValueError, match=r"holds a swarm made with other settings .*'(data|model)'"):
+            run_stages(cfg, make_model, default_data_dir() / "textmix", tmp_path / "work")
