@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["command", "environment", "environment_line", "median_range", "write_results"]
+__all__ = ["command", "environment", "environment_line", "median_range", "strip_plot", "write_results"]
 
 
 def command() -> str:
@@ -71,3 +71,14 @@ def write_results(folder: str | os.PathLike[str], lines: list[str], data: dict[s
     (folder / f"{stem}.md").write_text(text)
     (folder / f"{stem}.json").write_text(json.dumps({"command": cmd, "environment": env, **data}, indent=1))
     return text
+
+
+def strip_plot(ax: Any, values: dict[str, list[float]], title: str, highlight: Any = lambda name: False) -> None:
+    """One column per arm: a point per seed and a bar at the median (blue for ``highlight(arm)``, else gray)."""
+    import statistics
+
+    for x, (arm, points) in enumerate(values.items()):
+        ax.scatter([x] * len(points), points, s=18, color="tab:blue" if highlight(arm) else "tab:gray")
+        ax.hlines(statistics.median(points), x - 0.3, x + 0.3, color="black")
+    ax.set_xticks(range(len(values)), list(values), rotation=30, ha="right")
+    ax.set_title(f"{title} (lower is better)")

@@ -16,7 +16,6 @@ per main run. Writes ``results.md``, ``results.json`` and ``results.png`` beside
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from benchmarks.report import median_range, write_results
+from benchmarks.report import median_range, strip_plot, write_results
 from dataflex.recipes.mixture_law import run_stages
 from dataflex.state import read_json
 from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2
@@ -159,11 +158,7 @@ def plot(args, summary: dict[str, Any], domains: list[str]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, title in ((axes[0], "mean", "mean test loss"), (axes[1], "worst", "worst-domain test loss")):
-        for x, (arm, row) in enumerate(summary.items()):
-            ax.scatter([x] * len(row[key]), row[key], s=18, color="tab:blue" if arm.startswith("law") else "tab:gray")
-            ax.hlines(statistics.median(row[key]), x - 0.3, x + 0.3, color="black")
-        ax.set_xticks(range(len(summary)), list(summary), rotation=30, ha="right")
-        ax.set_title(f"{title} (lower is better)")
+        strip_plot(ax, {arm: row[key] for arm, row in summary.items()}, title, highlight=lambda a: a.startswith("law"))
     fig.tight_layout()
     fig.savefig(args.out / "results.png", dpi=120)
     plt.close(fig)

@@ -38,7 +38,7 @@ import torch
 from transformers import Trainer
 
 from benchmarks.common import add_common_args, load_jsonl_file, make_base, pretrained_base, trainer_args
-from benchmarks.report import median_range, write_results
+from benchmarks.report import median_range, strip_plot, write_results
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.policies import Natural
 from dataflex.selection import select_random
@@ -285,11 +285,7 @@ def plot(args, summary: dict[str, Any]) -> None:
         (axes[0], "target_loss", f"{args.target} test loss"),
         (axes[1], "other_loss", "mean test loss, other tasks"),
     ):
-        for x, (arm, row) in enumerate(summary.items()):
-            ax.scatter([x] * len(row[key]), row[key], s=18, color="tab:blue" if arm == "rho1" else "tab:gray")
-            ax.hlines(statistics.median(row[key]), x - 0.3, x + 0.3, color="black")
-        ax.set_xticks(range(len(summary)), list(summary))
-        ax.set_title(f"{title} (lower is better)")
+        strip_plot(ax, {arm: row[key] for arm, row in summary.items()}, title, highlight=lambda arm: arm == "rho1")
     fig.tight_layout()
     fig.savefig(args.out / "results.png", dpi=120)
     plt.close(fig)
