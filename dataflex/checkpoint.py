@@ -12,7 +12,8 @@ both carry the same random ``commit`` token; the JSON, written last, names the t
 Per-example data stays out of the JSON: every numpy array in ``state`` (scores, loss histories, selected
 id sets) is moved into the binary file and replaced by a ``{"$array": key}`` marker, so the JSON holds
 settings and per-domain values only (``O(domains)``), and writing a 10M-example state costs a memory copy,
-not a text conversion. Loading puts the arrays back where they were.
+not a text conversion. Each array is stored in a lossless compact form (:mod:`dataflex.array_codec`: id
+sets as bitmasks, integers and float32-exact values narrowed). Loading puts the arrays back where they were.
 Used by the Trainer adapter (``dataflex.hf``) and the plain loop (``dataflex.proxies.loop``).
 
 A loop that owns its checkpoints writes each one with :func:`save_step` as its own folder
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataflex.array_codec import decode, encode
 from dataflex.state import read_json, write_json_atomic
 
 __all__ = [
@@ -109,7 +111,7 @@ def save_state(
     if binary:
         final = tensors_path(folder, name)
         tmp = final.with_name(final.name + ".tmp")
-        stored = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        stored = {k: encode(v) for k, v in arrays.items()}
         with open(tmp, "wb") as f:
             torch.save({"commit": commit, "tensors": tensors, "arrays": stored}, f)
             f.flush()
@@ -143,7 +145,7 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
             f"{tpath} and {path} come from different saves (commit {found!r} vs {commit!r}): the process was "
             "interrupted between the two writes; resume from an earlier checkpoint"
         )
-    arrays = {k: v.numpy() for k, v in saved.get("arrays", {}).items()}
+    arrays = {k: decode(v) for k, v in saved.get("arrays", {}).items()}
     return join_arrays(state, arrays), saved["tensors"]
 
 

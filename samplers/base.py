@@ -13,10 +13,16 @@ sample). This base turns that into a ``torch.utils.data.Sampler`` that
   positions (the HF callback) can name the examples of every batch (:meth:`ids_at`);
 * tells its schedule how far it has generated, so a late schedule change raises instead of landing at
   a timing-dependent sample.
+
+A saved state also holds the carry at the chunk where the resume starts (``O(domains)`` numbers, with a
+digest), so a resume deep into a long epoch computes one chunk instead of replaying the ones before it; a
+state without it (older versions) still resumes, by replaying.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +30,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from dataflex.samplers.length import LengthGrouping
-from dataflex.state import DatasetFingerprint
+from dataflex.state import DatasetFingerprint, saved_count
 
 __all__ = ["ScheduledSampler"]
 
@@ -69,6 +75,14 @@ class ScheduledSampler(Sampler[int]):
         """Only the carry after a chunk (a subclass may skip producing the examples)."""
         return self._chunk(epoch, start, carry)[1] if carry is not None else None
 
+    def _carry_to_json(self, carry: Any) -> Any:
+        """``carry`` as JSON (a subclass with a carry overrides this and :meth:`_carry_from_json`)."""
+        return None
+
+    def _carry_from_json(self, saved: Any, start: int) -> Any:
+        """The carry at chunk ``start`` back from JSON, validated: a wrong carry would resume silently wrong."""
+        raise ValueError("sampler state holds a carry, but this kind of sampler has none")
+
     def _settings(self) -> dict[str, Any]:
         """Settings that change the order: a state saved with other values cannot be resumed."""
         return {"seed": self.seed, "num_samples": self.num_samples}
@@ -111,6 +125,46 @@ class ScheduledSampler(Sampler[int]):
         for c in range(start, stop, self.chunk_size):
             carry = self._advance(epoch, c, carry)
         return carry
+
+    def _resume_chunk(self, position: int) -> int:
+        """The chunk a resume at ``position`` starts generating from (its unit may begin before it)."""
+        first = position - position % self._unit()
+        return first - first % self.chunk_size
+
+    def _carry_digest(self, epoch: int, start: int, value: Any) -> str:
+        text = json.dumps([self.seed, epoch, start, value], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _saved_carry(self, epoch: int, position: int) -> dict[str, Any] | None:
+        """The carry a resume at ``position`` of ``epoch`` needs, as JSON; None when there is nothing to carry."""
+        start = self._resume_chunk(position)
+        if start == 0 or self._initial_carry(epoch) is None:
+            return None
+        if self._carry_epoch == epoch:  # normally cached: the sampler produced these positions already
+            carry = self._carry_at(epoch, start)
+        else:  # another epoch than the one being generated: compute it without disturbing that cache
+            carry = self._advance_span(epoch, 0, start, self._initial_carry(epoch))
+        value = self._carry_to_json(carry)
+        return {"start": start, "value": value, "digest": self._carry_digest(epoch, start, value)}
+
+    def _load_carry(self, saved: Any, epoch: int, position: int) -> None:
+        """Seed the carry cache from a saved carry, after checking it belongs to this state."""
+        if not isinstance(saved, dict) or set(saved) != {"start", "value", "digest"}:
+            raise ValueError(f"sampler state 'carry' must hold start, value and digest; got {saved!r:.120}")
+        start = saved_count(saved, "start", "sampler carry")
+        if start != self._resume_chunk(position):
+            raise ValueError(
+                f"sampler state 'carry' is for chunk {start}, but a resume at position {position} starts at "
+                f"chunk {self._resume_chunk(position)}"
+            )
+        if saved["digest"] != self._carry_digest(epoch, start, saved["value"]):
+            raise ValueError(
+                "sampler state 'carry' does not match its digest: the state was altered or damaged, and "
+                "resuming from it would produce another order"
+            )
+        carry = self._carry_from_json(saved["value"], start)
+        self._carry_epoch, self._carry_version = epoch, self.schedule.version
+        self._carries = {0: self._initial_carry(epoch), start: carry}
 
     def _range(self, epoch: int, a: int, b: int) -> np.ndarray:
         """Example ids of positions ``a .. b - 1`` of ``epoch`` under the schedule as it is now."""
@@ -207,13 +261,15 @@ class ScheduledSampler(Sampler[int]):
             raise ValueError(f"consumed={position} is outside the epoch [0, {self.num_samples}]")
         if position == self.num_samples:
             epoch, position = epoch + 1, 0
-        return {
+        state = {
             "fingerprint": self.fingerprint.to_json(),
             **self._all_settings(),
             "epoch": epoch,
             "position": position,
             "schedule": self.schedule.state_dict(),
         }
+        carry = self._saved_carry(epoch, position)
+        return state if carry is None else {**state, "carry": carry}
 
     def load_state_dict(self, state: dict[str, Any], *, restore_position: bool = True) -> None:
         """Restore settings-checked state, schedule and epoch.
@@ -233,7 +289,13 @@ class ScheduledSampler(Sampler[int]):
                     f"sampler state has {key}={saved!r} but this sampler has {key}={mine!r}; "
                     "the order would differ, so the state cannot be resumed here"
                 )
+        epoch = saved_count(state, "epoch", "sampler")
+        position = saved_count(state, "position", "sampler")
+        if position >= self.num_samples:
+            raise ValueError(f"sampler state 'position' must lie in [0, {self.num_samples}); got {position}")
         self.schedule.load_state_dict(state["schedule"])
-        self.epoch = int(state["epoch"])
-        self._resume_position = int(state["position"]) if restore_position else 0
+        self.epoch = epoch
+        self._resume_position = position if restore_position else 0
         self._yielded = self._resume_position
+        if restore_position and state.get("carry") is not None:
+            self._load_carry(state["carry"], epoch, position)

@@ -149,6 +149,25 @@ class DomainMixtureSampler(ScheduledSampler):
         k = len(self.members)
         return np.zeros(k, dtype=np.int64), np.zeros(k, dtype=bool)
 
+    def _carry_to_json(self, carry: tuple[np.ndarray, np.ndarray]) -> list[int]:
+        return carry[0].tolist()  # the retired flags follow from the counts
+
+    def _carry_from_json(self, saved: Any, start: int) -> tuple[np.ndarray, np.ndarray]:
+        k, sizes = len(self.members), np.array([m.size for m in self.members])
+        ok = isinstance(saved, list) and len(saved) == k
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in saved)
+        if not ok:
+            raise ValueError(f"sampler state 'carry' value must be {k} integers >= 0; got {saved!r:.120}")
+        drawn = np.array(saved, dtype=np.int64)
+        expected = 0 if self.replacement else start  # without replacement every position draws once
+        retiring = self.when_exhausted == "redistribute" and not self.replacement
+        if int(drawn.sum()) != expected or (retiring and (drawn > sizes).any()):
+            raise ValueError(
+                f"sampler state 'carry' value {saved} cannot be the draws before position {start} "
+                f"(they must sum to {expected}{' and stay within the domain sizes' if retiring else ''})"
+            )
+        return drawn, (drawn == sizes) if retiring else np.zeros(k, dtype=bool)
+
     def _domains(
         self, epoch: int, start: int, carry: tuple[np.ndarray, np.ndarray], within: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:

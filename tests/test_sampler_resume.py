@@ -182,3 +182,69 @@ def test_resume_deep_into_an_epoch_continues_the_order(kwargs):
             resumed = make_sampler(ids, events, seed=2, **kwargs)
             resumed.load_state_dict(state)
             assert np.array_equal(np.array(list(resumed)), full[k:]), (epoch, k)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(stratified=True), dict(replacement=True), dict(when_exhausted="redistribute")]
+)
+def test_saved_carry_resumes_like_a_replay_without_replaying(kwargs, monkeypatch):
+    """A state saved mid-epoch holds the per-domain draws at its chunk: the resume starts there (no chunk
+    before it is computed) and continues exactly the uninterrupted order."""
+    ids = np.random.default_rng(0).integers(0, 4, 3000)
+    events = [(37, [0.7, 0.1, 0.1, 0.1]), (1003, [0.4, 0.3, 0.2, 0.1]), (4000, [0.1, 0.1, 0.1, 0.7])]
+    for epoch in (0, 1):
+        full = make_sampler(ids, events, seed=2, chunk_size=64, **kwargs).epoch_order(epoch)
+        for k in (70, 1001, 2999):
+            first = make_sampler(ids, events, seed=2, chunk_size=64, **kwargs)
+            first.set_epoch(epoch)
+            it = iter(first)
+            [next(it) for _ in range(min(k + 5, 3000))]  # a prefetching loader runs ahead of the consumer
+            state = through_checkpoint(first.state_dict(consumed=k))
+            assert state["carry"]["start"] == k - k % 64
+            resumed = make_sampler(ids, events, seed=2, chunk_size=64, **kwargs)
+            monkeypatch.setattr(type(resumed), "_advance_span", _no_replay)
+            resumed.load_state_dict(state)
+            assert np.array_equal(np.array(list(resumed)), full[k:]), (epoch, k)
+            monkeypatch.undo()
+            replayed = make_sampler(ids, events, seed=2, chunk_size=64, **kwargs)
+            replayed.load_state_dict({key: v for key, v in state.items() if key != "carry"})
+            assert np.array_equal(np.array(list(replayed)), full[k:]), (epoch, k)
+
+
+def _no_replay(self, epoch, start, stop, carry):
+    raise AssertionError(f"replayed chunks {start}..{stop} although the state held the carry")
+
+
+def _carry_edits():
+    def wrong_start(s):
+        s["carry"]["start"] += 64
+
+    def altered(s):
+        s["carry"]["value"][0] += 1
+        s["carry"]["value"][1] -= 1
+
+    def impossible(s):  # a value that cannot be the draws before the chunk, with a matching digest
+        s["carry"]["value"][0] += 1
+
+    return {
+        "wrong start": (wrong_start, r"'carry' is for chunk 1024, but a resume at position 1001 starts at chunk 960"),
+        "altered": (altered, r"'carry' does not match its digest"),
+        "impossible": (impossible, r"'carry' value \[.*\] cannot be the draws before position 960"),
+        "malformed": (lambda s: s["carry"].pop("digest"), r"'carry' must hold start, value and digest"),
+        "negative position": (lambda s: s.__setitem__("position", -5), r"'position' must be an integer >= 0; got -5"),
+        "position past the epoch": (lambda s: s.__setitem__("position", 3000), r"'position' must lie in \[0, 3000\)"),
+        "text epoch": (lambda s: s.__setitem__("epoch", "1"), r"'epoch' must be an integer >= 0; got '1'"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_carry_edits()))
+def test_a_damaged_position_or_carry_is_refused(name):
+    ids = np.random.default_rng(0).integers(0, 4, 3000)
+    first = make_sampler(ids, EVENTS, seed=2, chunk_size=64)
+    state = through_checkpoint(first.state_dict(consumed=1001))
+    edit, message = _carry_edits()[name]
+    edit(state)
+    if name == "impossible":
+        state["carry"]["digest"] = first._carry_digest(0, 960, state["carry"]["value"])
+    with pytest.raises(ValueError, match=message):
+        make_sampler(ids, EVENTS, seed=2, chunk_size=64).load_state_dict(state)
