@@ -20,6 +20,17 @@ mixtures, are projected onto the box-simplex ``{min <= w <= max, sum w = 1}`` an
 anchor until the distance constraint holds (the feasible set is convex, so the segment stays inside); the
 best candidates are refined by a shrinking local search, and for the smooth ``loglinear`` law by SLSQP with
 the law's gradient. The result is the best *feasible* point found.
+
+Schedules (:func:`propose_schedule`): with laws fitted on the swarm's losses at several fractions of its
+runs, the proposal becomes piecewise — stage ``s`` trains on ``w_s`` over fractions ``[f_(s-1), f_s)``.
+The laws were fitted on constant-mixture runs, so they are applied to the *cumulative* mixture a stage end
+has seen, ``c_s = sum_(r<=s) (f_r - f_(r-1)) w_r / f_s`` (the model at ``f_s`` is taken to depend on how
+much of each domain it has seen, not on the order — the assumption the laws themselves make). The final
+cumulative mixture is the static proposal (so the end of the run is predicted as good as with it); going
+backward, each earlier ``c_s`` minimises its own law's objective over the box that keeps the next stage's
+mixture within the weight bounds (``c_s = c_(s+1)`` always qualifies, so no stage end is predicted worse
+than under the static proposal). What this buys is a better run at every intermediate point (for a run
+that may be stopped early, or whose checkpoints are used), at no predicted cost at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +43,15 @@ import numpy as np
 
 from dataflex.mixture_law import MixtureLaw
 
-__all__ = ["MixtureRegion", "Proposal", "objective_values", "propose_mixture", "repetition_caps"]
+__all__ = [
+    "MixtureRegion",
+    "Proposal",
+    "ScheduleProposal",
+    "objective_values",
+    "propose_mixture",
+    "propose_schedule",
+    "repetition_caps",
+]
 
 _TOL = 1e-9
 
@@ -118,11 +137,11 @@ class MixtureRegion:
             raise ValueError(f"prior must be {d} weights >= 0 summing to 1; got {np.asarray(prior).tolist()}")
         if abs(self.prior.sum() - 1) > 1e-6:
             raise ValueError(f"prior must sum to 1; got {self.prior.sum():.6g}")
-        self.lo = np.full(d, float(min_weight))
+        self.lo = np.broadcast_to(np.asarray(min_weight, dtype=np.float64), (d,)).copy()  # a floor, or one per domain
         self.hi = np.ones(d) if max_weight is None else np.asarray(max_weight, dtype=np.float64)
         if self.hi.shape != (d,) or not (self.hi >= 0).all():
             raise ValueError(f"max_weight must be {d} caps >= 0; got {np.asarray(max_weight).tolist()}")
-        if not 0 <= min_weight <= 1:
+        if not ((0 <= self.lo) & (self.lo <= 1)).all():
             raise ValueError(f"min_weight must be in [0, 1]; got {min_weight!r}")
         if (self.lo > self.hi + _TOL).any() or self.lo.sum() > 1 + _TOL or self.hi.sum() < 1 - _TOL:
             raise ValueError(
@@ -172,12 +191,13 @@ def propose_mixture(
     prior: Sequence[float] | np.ndarray | None = None,
     max_kl: float | None = None,
     max_l1: float | None = None,
-    min_weight: float = 0.0,
+    min_weight: float | Sequence[float] | np.ndarray = 0.0,
     max_weight: Sequence[float] | np.ndarray | None = None,
     candidates: int = 20000,
     seed: int = 0,
 ) -> Proposal:
-    """The feasible mixture with the lowest predicted ``objective``; see the module docstring."""
+    """The feasible mixture with the lowest predicted ``objective``; see the module docstring.
+    ``min_weight`` is one floor for every domain or one per domain."""
     if law.runs is None:
         raise RuntimeError("fit the law before proposing a mixture")
     train, evaluated = law.runs.train_domains, law.runs.eval_domains
@@ -275,3 +295,125 @@ def _refine_smooth(law: MixtureLaw, objective: Any, region: MixtureRegion, start
     w = np.clip(split(result.x)[0], region.lo, region.hi)
     w = w / w.sum()
     return w if region.check(w) else None
+
+
+@dataclass
+class ScheduleProposal:
+    """A piecewise mixture: stage ``s`` trains on ``weights[s]`` from fraction ``starts[s]`` of the run.
+
+    ``cumulative[s]`` is the mixture seen by the end of stage ``s``, ``predicted[s]`` the law's losses there
+    (per evaluated domain), ``objective[s]`` their objective and ``static_objective[s]`` the same law's
+    objective for the static proposal at that point (what the schedule is compared with).
+    """
+
+    starts: list[float]
+    weights: np.ndarray
+    cumulative: np.ndarray
+    predicted: np.ndarray
+    objective: list[float]
+    static_objective: list[float]
+    train_domains: list[str]
+    eval_domains: list[str]
+
+    def stages(self) -> list[tuple[float, dict[str, float]]]:
+        return [(f, {d: float(x) for d, x in zip(self.train_domains, w)}) for f, w in zip(self.starts, self.weights)]
+
+    def to_weight_schedule(self, total_samples: int) -> Any:
+        """The schedule as a :class:`~dataflex.schedule.WeightSchedule` over a run of ``total_samples``."""
+        from dataflex.schedule import WeightSchedule
+
+        if not (isinstance(total_samples, int) and total_samples > 0):
+            raise ValueError(f"total_samples must be a positive integer; got {total_samples!r}")
+        schedule = WeightSchedule(self.train_domains, self.weights[0])
+        for f, w in zip(self.starts[1:], self.weights[1:]):
+            schedule.add(round(f * total_samples), w)
+        return schedule
+
+
+def propose_schedule(
+    laws: Mapping[float, MixtureLaw],
+    final: Proposal,
+    objective: str | Mapping[str, float] = "mean",
+    *,
+    prior: Sequence[float] | np.ndarray | None = None,
+    max_kl: float | None = None,
+    max_l1: float | None = None,
+    min_weight: float = 0.0,
+    max_weight: Sequence[float] | np.ndarray | None = None,
+    candidates: int = 20000,
+    seed: int = 0,
+) -> ScheduleProposal:
+    """A piecewise schedule ending at ``final`` (a :func:`propose_mixture` result for the whole run), from
+    ``laws`` fitted on the swarm's losses at fractions ``0 < f < 1`` of its runs; see the module docstring.
+    The constraints are :func:`propose_mixture`'s: the bounds hold for every stage's mixture, the distance
+    to the prior for every cumulative one."""
+    ends = sorted(float(f) for f in laws)
+    if not ends or ends[0] <= 0 or ends[-1] >= 1:
+        raise ValueError(f"laws must be keyed by training fractions strictly between 0 and 1; got {ends}")
+    train = final.train_domains
+    for f in ends:
+        if laws[f].runs is None or list(laws[f].runs.train_domains) != list(train):
+            raise ValueError(f"the law at fraction {f} is not fitted on the training domains {train}")
+    d = len(train)
+    full = MixtureRegion(d, prior, min_weight, max_weight, max_kl, max_l1)
+    bounds = [*ends, 1.0]
+    cumulative = [np.asarray(final.weights, dtype=np.float64)]
+    for s in range(len(ends) - 1, -1, -1):  # backward: each stage end given the next one
+        f, nxt, later = bounds[s], bounds[s + 1], cumulative[0]
+        span = nxt - f
+        lo = np.maximum(full.lo, (nxt * later - span * full.hi) / f)
+        hi = np.minimum(full.hi, (nxt * later - span * full.lo) / f)
+        law = laws[f]
+
+        def score(w: np.ndarray, law: MixtureLaw = law) -> float:
+            return float(objective_values(law.predict(w[None]), law.runs.eval_domains, objective)[0])
+
+        best = later.copy()  # keeping the next stage's cumulative mixture is always feasible
+        try:
+            found = propose_mixture(
+                law,
+                objective,
+                prior=full.prior,
+                max_kl=max_kl,
+                max_l1=max_l1,
+                min_weight=np.minimum(lo, later),
+                max_weight=np.maximum(hi, later),
+                candidates=candidates,
+                seed=seed + s + 1,
+            ).weights
+            if score(found) < score(best):
+                best = found
+        except ValueError:  # the box and the distance ball meet only near ``later``: keep it
+            pass
+        cumulative.insert(0, best)
+    cumulative_arr = np.array(cumulative)
+    fractions = np.array(bounds)
+    mass = cumulative_arr * fractions[:, None]  # data seen per domain by each stage end (in run fractions)
+    weights = np.diff(np.vstack([np.zeros(d), mass]), axis=0) / np.diff(np.r_[0.0, fractions])[:, None]
+    outside = (weights < full.lo - 1e-6) | (weights > full.hi + 1e-6)
+    if outside.any():
+        raise RuntimeError(f"internal error: stage mixtures {weights.tolist()} violate the weight bounds")
+    weights = np.clip(weights, full.lo, full.hi)  # rounding only (checked above)
+    weights /= weights.sum(1, keepdims=True)
+    stage_laws = [*(laws[f] for f in ends), None]
+    predicted, values, static = [], [], []
+    for law, c in zip(stage_laws, cumulative_arr):
+        if law is None:  # the final stage: the final proposal's own law
+            predicted.append(final.predicted)
+            values.append(final.objective)
+            static.append(final.objective)
+            continue
+        p = law.predict(c[None])[0]
+        predicted.append(p)
+        values.append(float(objective_values(p[None], law.runs.eval_domains, objective)[0]))
+        static.append(float(objective_values(law.predict(final.weights[None]), law.runs.eval_domains, objective)[0]))
+    return ScheduleProposal(
+        starts=[0.0, *ends],
+        weights=weights,
+        cumulative=cumulative_arr,
+        predicted=np.array(predicted),
+        objective=values,
+        static_objective=static,
+        train_domains=list(train),
+        eval_domains=list(final.eval_domains),
+    )

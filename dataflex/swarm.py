@@ -8,7 +8,9 @@ same way: many small models on random mixtures, each independent of the others).
 
 The folder holds ``swarm.json`` (the settings; a folder made with other settings is refused, naming the
 difference) and one ``run-<i>.json`` per finished run, written atomically: the mixture, the validation loss
-per evaluated domain and the tokens trained per training domain.
+per evaluated domain, the tokens trained per training domain and, when the proxy evaluated along the way,
+``losses_at``: the validation losses at fractions of the run (a law fitted on those proposes a schedule,
+:func:`dataflex.mixture_search.propose_schedule`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from dataflex.state import read_json, write_json_atomic
 
 __all__ = ["Swarm", "swarm_mixture"]
 
-#: ``train(weights, index) -> {"losses": {eval domain: loss}, "tokens": {train domain: count}}``
+#: ``train(weights, index) -> {"losses": {eval domain: loss}, "tokens": {train domain: count}}``, optionally
+#: with ``"losses_at": [{"fraction": f, "losses": {eval domain: loss}}, ...]`` for fractions ``0 < f < 1``.
 TrainFn = Callable[[np.ndarray, int], Mapping[str, Any]]
 
 
@@ -126,12 +129,40 @@ class Swarm:
             raise ValueError(f"run {index}: non-finite validation losses {bad}; the proxy diverged")
         if not isinstance(tokens, Mapping) or set(tokens) != set(self.domains):
             raise ValueError(f"run {index}: train must return 'tokens' for exactly the domains {self.domains}")
+        for point in result.get("losses_at", []):
+            f, at = point.get("fraction"), point.get("losses")
+            if not (isinstance(f, float) and 0 < f < 1) or not isinstance(at, Mapping) or set(at) != set(losses):
+                raise ValueError(
+                    f"run {index}: each 'losses_at' entry needs a fraction in (0, 1) and losses for the domains "
+                    f"{sorted(losses)}; got {point!r:.160}"
+                )
+            if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in at.values()):
+                raise ValueError(f"run {index}: non-finite validation losses at fraction {f}; the proxy diverged")
 
-    def collect(self) -> SwarmRuns:
-        """The finished runs (in index order) as :class:`~dataflex.mixture_law.SwarmRuns`."""
+    def fractions(self) -> list[float]:
+        """The fractions of the runs every finished run was evaluated at (besides the end)."""
+        records = self._records()
+        shared = set.intersection(*({p["fraction"] for p in r.get("losses_at", [])} for r in records))
+        return sorted(shared)
+
+    def _records(self) -> list[dict[str, Any]]:
         records = [read_json(self.result_path(i)) for i in range(self.size) if self.result_path(i).is_file()]
         if not records:
             raise ValueError(f"{self.folder}: no finished run to collect")
+        return records
+
+    def collect(self, at: float | None = None) -> SwarmRuns:
+        """The finished runs (in index order) as :class:`~dataflex.mixture_law.SwarmRuns`: their final losses,
+        or those at fraction ``at`` of the run (one of :meth:`fractions`)."""
+        records = self._records()
+        if at is not None:
+            if at not in self.fractions():
+                raise ValueError(
+                    f"the swarm's runs were not all evaluated at fraction {at}; they were at {self.fractions()}"
+                )
+            records = [
+                {**r, "losses": next(p["losses"] for p in r["losses_at"] if p["fraction"] == at)} for r in records
+            ]
         evaluated = sorted(records[0]["losses"])
         for r in records:
             if sorted(r["losses"]) != evaluated:
@@ -145,5 +176,4 @@ class Swarm:
 
     def tokens(self) -> np.ndarray:
         """Tokens trained per domain, ``(finished runs, domains)``: the swarm's cost and its repetition."""
-        records = [read_json(self.result_path(i)) for i in range(self.size) if self.result_path(i).is_file()]
-        return np.array([[float(r["tokens"][d]) for d in self.domains] for r in records])
+        return np.array([[float(r["tokens"][d]) for d in self.domains] for r in self._records()])

@@ -70,7 +70,8 @@ def run_experiment(
     val_per_domain: int | None,
     work_dir: Path,
     eval_splits: tuple[str, ...] = ("validation",),
-    curve_per_domain: int = 50,
+    curve_per_domain: int | None = 50,
+    curve_by_domain: bool = False,
     accelerator: Any = None,
     train_ds: Any = None,
     train_per_domain: int | None = None,
@@ -83,7 +84,8 @@ def run_experiment(
 
     With ``ckpt_dir`` and ``ckpt_every``, checkpoints go there and a repeated call continues from the newest
     one; ``stop_after`` ends training early after that many steps (as a pre-emption would), leaving the
-    checkpoint to continue from.
+    checkpoint to continue from. Every ``eval_every`` steps the validation loss on ``curve_per_domain``
+    examples per domain is added to the curve (its mean; per domain too with ``curve_by_domain``).
     """
     from accelerate import Accelerator
 
@@ -120,7 +122,8 @@ def run_experiment(
 
     def curve_eval(model: torch.nn.Module) -> dict[str, float]:
         losses = per_domain_loss(model, curve_ds, curve_ds["domain"])
-        return {"mean": float(np.mean(list(losses.values())))}
+        mean = {"mean": float(np.mean(list(losses.values())))}
+        return {**mean, "by_domain": losses} if curve_by_domain else mean
 
     torch.manual_seed(seed)
     model = make_model()

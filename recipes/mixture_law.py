@@ -20,8 +20,11 @@
    written (``results.json``, ``results.md``) with ``predicted_vs_measured.png``.
 
 Every stage caches its output under ``work_dir``, keyed by the settings it depends on: rerunning the command
-continues where it stopped, and rerunning it with other settings recomputes what they change (a swarm folder
-made with other swarm settings is refused: use another ``work_dir``).
+continues where it stopped, and rerunning it with other settings recomputes what they change (the swarm's
+folder, ``swarm-<key>``, is named by the settings its runs depend on; a larger ``swarm.size`` adds runs to it).
+With ``swarm.stages`` > 1 each swarm run is also evaluated at fractions ``1/stages, 2/stages, ...``; laws
+fitted there give a piecewise schedule ending at the proposal (:func:`~dataflex.mixture_search.propose_schedule`),
+run as the ``law_schedule`` arm (:class:`~dataflex.policies.Piecewise`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from omegaconf import OmegaConf
 
 from dataflex.domains import encode_domains
 from dataflex.mixture_law import MixtureLaw
-from dataflex.mixture_search import propose_mixture, repetition_caps
-from dataflex.policies import ODM, LawCorrected, Natural, Static, Uniform
+from dataflex.mixture_search import Proposal, propose_mixture, propose_schedule, repetition_caps
+from dataflex.policies import ODM, LawCorrected, Natural, Piecewise, Static, Uniform
 from dataflex.proxies.doremi import DoReMiOffline
 from dataflex.recipes.mixture import load_split, run_experiment
 from dataflex.state import read_json, write_json_atomic
@@ -66,6 +69,9 @@ def domain_tokens(train_ds: Any, names: list[str]) -> np.ndarray:
 
 def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[str, Any] | None:
     """Run ``cfg.stage`` (and what it needs that is not cached yet); returns the main stage's results."""
+    from dataflex.recipes.settings import check_mixture_law_settings
+
+    check_mixture_law_settings(cfg, STAGES)  # callers other than the CLI get the same errors, before any data
     train_ds = load_split(data_root, "train", cfg.data.max_len, cfg.data.train_per_domain)
     _, names = encode_domains(train_ds["domain"])
     tokens = domain_tokens(train_ds, names)
@@ -89,22 +95,30 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
                 f"{cfg.swarm.size} and law.folds={cfg.law.folds} a held-out fit sees {per_fit}: raise swarm.size "
                 "or law.folds, or drop that kind from law.kinds"
             )
+    # Everything a run's losses depend on besides its mixture (not swarm.size: a larger swarm reuses the runs
+    # of a smaller one). The folder is named by it, so other settings make another swarm, never reuse this one.
+    swarm_settings = {
+        "steps": cfg.swarm.steps,
+        "stages": cfg.swarm.stages,
+        "batch_size": cfg.swarm.batch_size,
+        "lr": cfg.lr,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+    swarm_key = settings_key(
+        **swarm_settings, prior=prior.tolist(), concentration=cfg.swarm.concentration, seed=cfg.seed
+    )
     swarm = Swarm(
-        work / "swarm",
+        work / f"swarm-{swarm_key}",
         names,
         prior=prior,
         size=cfg.swarm.size,
         concentration=cfg.swarm.concentration,
         seed=cfg.seed,
-        # Everything a run's losses depend on besides its mixture: a folder made otherwise is refused.
-        extra={
-            "steps": cfg.swarm.steps,
-            "batch_size": cfg.swarm.batch_size,
-            "lr": cfg.lr,
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
-        },
+        extra=swarm_settings,
     )
+
+    staged = cfg.swarm.stages > 1  # evaluate along each run too: laws per fraction give a schedule
 
     def proxy(weights: np.ndarray, index: int) -> dict[str, Any]:
         result = run_experiment(
@@ -114,16 +128,24 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             lr=cfg.lr,
             seed=cfg.seed,
             update_every=cfg.swarm.steps,
-            eval_every=0,
-            work_dir=work / "swarm" / f"work-{index}",
+            eval_every=cfg.swarm.steps // cfg.swarm.stages if staged else 0,
+            curve_per_domain=cfg.data.val_per_domain,  # the same validation examples as the final losses
+            curve_by_domain=staged,
+            work_dir=swarm.folder / f"work-{index}",
             **common,
         )
         # Expected tokens per domain (the sampler draws each example's domain with these weights).
         expected = weights * cfg.swarm.steps * cfg.swarm.batch_size * mean_len
+        along = [
+            {"fraction": p["step"] / cfg.swarm.steps, "losses": p["by_domain"]}
+            for p in result["curve"]
+            if p["step"] < cfg.swarm.steps
+        ]
         return {
             "losses": result["validation_loss"],
             "tokens": dict(zip(names, expected.tolist())),
             "seconds": result["train_seconds"],
+            **({"losses_at": along} if staged else {}),
         }
 
     indices = None if cfg.swarm.run_index is None else [int(cfg.swarm.run_index)]
@@ -135,7 +157,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     runs = swarm.collect()
     # Each stage's cache is keyed by the settings it depends on (and its upstream stage's key), so rerunning
     # with other settings computes anew instead of silently reusing a law, proposal or run made otherwise.
-    law_key = settings_key(kinds=list(cfg.law.kinds), folds=cfg.law.folds, seed=cfg.seed, runs=len(runs))
+    law_key = settings_key(kinds=list(cfg.law.kinds), folds=cfg.law.folds, swarm=swarm_key, runs=len(runs))
     law_path, fit_path = work / f"law-{law_key}.json", work / f"fit-{law_key}.json"
     if not law_path.is_file():
         errors = {kind: MixtureLaw(kind, cfg.seed).held_out_error(runs, folds=cfg.law.folds) for kind in cfg.law.kinds}
@@ -179,6 +201,12 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         )
     proposed = read_json(proposal_path)
     print("proposal:", {k: round(v, 3) for k, v in proposed["weights"].items()})
+    if staged:
+        schedule_path = work / f"schedule-{proposal_key}.json"
+        if not schedule_path.is_file():
+            write_json_atomic(schedule_path, propose_stages(cfg, swarm, law, proposed, prior, names))
+        proposed = {**proposed, "schedule": read_json(schedule_path)}
+        print("schedule:", [(s, {k: round(v, 3) for k, v in w.items()}) for s, w in proposed["schedule"]["stages"]])
     if cfg.stage == "propose":
         return None
     return main_runs(
@@ -192,6 +220,44 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         runs=runs,
         key=proposal_key,
     )
+
+
+def propose_stages(cfg: Any, swarm: Swarm, law: MixtureLaw, proposed: dict[str, Any], prior, names) -> dict[str, Any]:
+    """The piecewise schedule (:func:`~dataflex.mixture_search.propose_schedule`) ending at the proposal,
+    from laws of the chosen kind fitted on the swarm's losses at each fraction of its runs; stage starts in
+    main-run steps. Each fraction's law reports its held-out error too."""
+    laws, errors = {}, {}
+    for f in swarm.fractions():
+        runs_at = swarm.collect(f)
+        laws[f] = MixtureLaw(law.kind, cfg.seed).fit(runs_at)
+        errors[f] = MixtureLaw(law.kind, cfg.seed).held_out_error(runs_at, folds=cfg.law.folds)["mean_mae"]
+    evaluated = law.runs.eval_domains
+    final = Proposal(
+        weights=np.array([proposed["weights"][d] for d in names]),
+        predicted=np.array([proposed["predicted"][d] for d in evaluated]),
+        objective=proposed["objective"],
+        train_domains=list(names),
+        eval_domains=list(evaluated),
+    )
+    caps = None if proposed["caps"] is None else np.array([proposed["caps"][d] for d in names])
+    plan = propose_schedule(
+        laws,
+        final,
+        cfg.propose.objective,
+        prior=prior,
+        max_kl=cfg.propose.max_kl,
+        max_l1=cfg.propose.max_l1,
+        min_weight=cfg.propose.min_weight,
+        max_weight=caps,
+        seed=cfg.seed,
+    )
+    return {
+        "stages": [[round(f * cfg.main.steps), w] for f, w in plan.stages()],
+        "fractions": plan.starts,
+        "objective": plan.objective,
+        "static_objective": plan.static_objective,
+        "held_out_mae": {str(f): e for f, e in errors.items()},
+    }
 
 
 def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit, runs, key: str) -> dict[str, Any]:
@@ -209,9 +275,14 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
     def static() -> Static:
         return Static(proposed["weights"])
 
+    def piecewise() -> Piecewise:
+        return Piecewise([(int(s), w) for s, w in proposed["schedule"]["stages"]], cfg.main.update_every)
+
     arms: dict[str, Any] = {"law": corrected if cfg.correct.radius > 0 else static}
     if cfg.correct.radius > 0:
         arms["law_static"] = static  # the proposal without the online correction
+    if "schedule" in proposed:
+        arms["law_schedule"] = piecewise
     baselines = {"uniform": Uniform, "natural": Natural, "odm": ODM, "doremi": DoReMiOffline}
     for name in cfg.main.baselines:
         arms[name] = baselines[name]
@@ -220,6 +291,8 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
     main_settings.pop("baselines")
     for arm, make_policy in arms.items():
         upstream = {"proposal": key, "correct": OmegaConf.to_container(cfg.correct)} if arm.startswith("law") else {}
+        if arm == "law_schedule":
+            upstream["stages"] = cfg.swarm.stages
         arm_key = settings_key(
             arm=arm,
             main=main_settings,
@@ -238,7 +311,9 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
                 lr=cfg.lr,
                 seed=cfg.seed,
                 update_every=cfg.main.update_every,
-                eval_every=0,
+                # at the schedule's stage starts too, where it claims to be ahead of the static proposal
+                eval_every=cfg.main.steps // cfg.swarm.stages if cfg.swarm.stages > 1 else 0,
+                curve_per_domain=cfg.data.val_per_domain,
                 work_dir=work / "main" / f"work-{arm}-{arm_key}",
                 eval_splits=("validation", "test"),
                 ckpt_dir=work / "main" / f"ckpt-{arm}-{arm_key}",
@@ -256,6 +331,11 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
         "swarm_steps_per_main_run": swarm_steps / cfg.main.steps,
         "main_seconds": {arm: r["train_seconds"] for arm, r in results.items()},
         "arms": {arm: {split: r[f"{split}_loss"] for split in ("validation", "test")} for arm, r in results.items()},
+        # mean validation loss along each main run (at the schedule's stage starts)
+        "along": {
+            arm: {str(p["step"]): p["mean"] for p in r["curve"] if p["step"] < cfg.main.steps}
+            for arm, r in results.items()
+        },
     }
     write_json_atomic(work / "results.json", summary)
     table = report_lines(summary, names)
@@ -281,6 +361,26 @@ def report_lines(summary: dict[str, Any], names: list[str]) -> list[str]:
     for label, reduce in (("mean", np.mean), ("worst", np.max)):
         cells = " | ".join(f"{reduce(list(arms[a]['test'].values())):.3f}" for a in arms)
         lines.append(f"| **{label}** | {reduce(list(predicted.values())):.3f} | {cells} |")
+    schedule = summary["proposal"].get("schedule")
+    if schedule:
+        lines += ["", "Schedule (stage start step: weights):"]
+        lines += [
+            f"- {start}: " + ", ".join(f"{d} {w:.3f}" for d, w in weights.items())
+            for start, weights in schedule["stages"]
+        ]
+        lines.append(
+            "Law's objective at each stage end, schedule vs static proposal: "
+            + ", ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(schedule["objective"], schedule["static_objective"]))
+        )
+    along = summary.get("along", {})
+    if any(along.values()):
+        lines += [
+            "",
+            "Mean validation loss along the main runs: "
+            + "; ".join(
+                f"{arm} " + ", ".join(f"step {k}: {v:.3f}" for k, v in points.items()) for arm, points in along.items()
+            ),
+        ]
     return lines
 
 

@@ -180,8 +180,13 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     one_of("stage", cfg.stage, stages)
     integer("seed", cfg.seed)
     positive_number("lr", cfg.lr)
-    for key in ("size", "steps", "batch_size"):
+    for key in ("size", "steps", "stages", "batch_size"):
         positive_int(f"swarm.{key}", cfg.swarm[key])
+    if cfg.swarm.steps % cfg.swarm.stages:
+        raise ValueError(
+            f"swarm.steps={cfg.swarm.steps} must be a multiple of swarm.stages={cfg.swarm.stages} (the losses "
+            "along each run are taken at equal fractions of it)"
+        )
     positive_number("swarm.concentration", cfg.swarm.concentration)
     one_of("swarm.prior", cfg.swarm.prior, ("uniform", "natural"))
     if cfg.swarm.run_index is not None:
@@ -212,6 +217,13 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     positive_number("correct.step", cfg.correct.step)
     for key in ("steps", "batch_size", "update_every", "ckpt_every"):
         positive_int(f"main.{key}", cfg.main[key])
+    starts = [cfg.main.steps * s / cfg.swarm.stages for s in range(1, cfg.swarm.stages)]
+    off = [s for s in starts if s % cfg.main.update_every]
+    if off:
+        raise ValueError(
+            f"with swarm.stages={cfg.swarm.stages} the schedule's stages start at main steps {starts}, and "
+            f"{off} are not multiples of main.update_every={cfg.main.update_every} (weights change only at updates)"
+        )
     for name in cfg.main.baselines:
         one_of("main.baselines", name, baselines)
     positive_int("data.max_len", cfg.data.max_len)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dataflex.mixture_law import LAW_KINDS, MixtureLaw, SwarmRuns
-from dataflex.mixture_search import objective_values, propose_mixture, repetition_caps
+from dataflex.mixture_search import objective_values, propose_mixture, propose_schedule, repetition_caps
 
 DOMAINS = ["a", "b", "c", "d", "e"]
 
@@ -28,9 +28,9 @@ def synthetic_loglinear(seed: int = 0, runs: int = 40, noise: float = 0.002):
     return SwarmRuns(weights, losses, DOMAINS, ["x", "y", "z"]), truth, law
 
 
-def diagonal_law():
+def diagonal_law(seed: int = 1):
     """L_i = c_i + k_i exp(-s_i w_i): the mean's optimum solves k_i s_i exp(-s_i w_i) = lambda (KKT)."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     s, k, c = rng.uniform(2, 6, 5), rng.uniform(0.5, 2, 5), rng.uniform(1, 2, 5)
     weights = rng.dirichlet(np.ones(5), 60)
     runs = SwarmRuns(weights, c + k * np.exp(-weights * s), DOMAINS, DOMAINS)
@@ -297,7 +297,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         "-m",
         "dataflex.recipes.mixture_law",
         "swarm.size=6",
-        "swarm.steps=3",
+        "swarm.steps=4",
         "law.folds=2",
         "law.kinds=[gp,gbm]",
         "main.steps=4",
@@ -310,14 +310,19 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     one = subprocess.run([*base, "stage=swarm", "swarm.run_index=2"], capture_output=True, text=True, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     work = tmp_path / "work" / "seed0"
-    assert sorted(p.name for p in (work / "swarm").glob("run-*.json")) == ["run-00002.json"]
-    first_member = (work / "swarm" / "run-00002.json").read_text()
+    (folder,) = work.glob("swarm-*")
+    assert sorted(p.name for p in folder.glob("run-*.json")) == ["run-00002.json"]
+    first_member = (folder / "run-00002.json").read_text()
     done = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(list((work / "swarm").glob("run-*.json"))) == 6
-    assert (work / "swarm" / "run-00002.json").read_text() == first_member  # not redone
+    assert len(list(folder.glob("run-*.json"))) == 6
+    assert (folder / "run-00002.json").read_text() == first_member  # not redone
     summary = json.loads((work / "results.json").read_text())
-    assert set(summary["arms"]) == {"law", "law_static", "uniform", "natural"} and summary["swarm_steps"] == 18
+    assert set(summary["arms"]) == {"law", "law_static", "law_schedule", "uniform", "natural"}
+    assert summary["swarm_steps"] == 24
+    stages = summary["proposal"]["schedule"]["stages"]  # swarm.stages=2: a half-way law, a switch at step 2
+    assert [s for s, _ in stages] == [0, 2] and all(abs(sum(w.values()) - 1) < 1e-9 for _, w in stages)
+    assert json.loads((folder / "run-00002.json").read_text())["losses_at"][0]["fraction"] == 0.5
     proposal = summary["proposal"]["weights"]
     assert abs(sum(proposal.values()) - 1) < 1e-9 and min(proposal.values()) >= 0.02 - 1e-9
     assert "| **mean** |" in done.stdout and (work / "predicted_vs_measured.png").is_file()
@@ -330,7 +335,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     assert other.returncode == 0, other.stderr[-3000:]
     assert len(list(work.glob("proposal-*.json"))) == 2 and len(list(work.glob("law-*.json"))) == 1
     new = {p.name for p in (work / "main").glob("*.json")} - before
-    assert sorted(n.split("-")[0] for n in new) == ["law", "law_static"]
+    assert sorted(n.rsplit("-", 1)[0] for n in new) == ["law", "law_schedule", "law_static"]
     assert min(json.loads((work / "results.json").read_text())["proposal"]["weights"].values()) >= 0.05 - 1e-9
 
 
@@ -347,6 +352,11 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("propose.min_weight=1", r"propose.min_weight must be a number in \[0, 1\); got 1"),
         ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
         ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
+        ("swarm.stages=3", "swarm.steps=50 must be a multiple of swarm.stages=3"),
+        (
+            "main.update_every=60",
+            r"start at main steps \[350.0\], and \[350.0\] are not multiples of main.update_every=60",
+        ),
         (
             "main.baselines=[uniform,doremii]",
             "main.baselines='doremii'; valid values are uniform, natural, odm, doremi",
@@ -385,9 +395,10 @@ def test_a_swarm_too_small_for_the_law_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_a_swarm_folder_made_with_another_model_or_data_is_refused(tmp_path):
+def test_a_swarm_made_with_another_model_or_data_is_never_reused(tmp_path):
     """The swarm's losses depend on the proxy model and the data splits, not only on the mixtures: reusing a
-    folder made with another model width or validation subset would fit the law on other runs silently."""
+    swarm made with another model width or validation subset would fit the law on other runs silently. Each
+    gets its own folder, and a folder holding another swarm is refused."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -397,7 +408,7 @@ def test_a_swarm_folder_made_with_another_model_or_data_is_refused(tmp_path):
     from dataflex.testbeds.tiny import default_data_dir
 
     configs = Path(__file__).resolve().parents[1] / "configs"
-    common = ["stage=swarm", "swarm.run_index=0", "swarm.steps=1", "data.train_per_domain=5", "law.kinds=[gp]"]
+    common = ["stage=swarm", "swarm.run_index=0", "swarm.steps=2", "data.train_per_domain=5", "law.kinds=[gp]"]
     for extra in ([], ["data.val_per_domain=3"], ["model.n_embd=32"]):
         with initialize_config_dir(config_dir=str(configs), version_base=None):
             cfg = compose(config_name="mixture_law", overrides=[*common, "data.val_per_domain=2", *extra])
@@ -405,8 +416,107 @@ def test_a_swarm_folder_made_with_another_model_or_data_is_refused(tmp_path):
         def make_model(cfg=cfg):
             return instantiate(cfg.model, seed=cfg.seed)
 
-        if not extra:
-            run_stages(cfg, make_model, default_data_dir() / "textmix", tmp_path / "work")
-            continue
-        with pytest.raises(ValueError, match=r"holds a swarm made with other settings .*'(data|model)'"):
-            run_stages(cfg, make_model, default_data_dir() / "textmix", tmp_path / "work")
+        run_stages(cfg, make_model, default_data_dir() / "textmix", tmp_path / "work")
+    folders = sorted((tmp_path / "work").glob("swarm-*"))
+    assert len(folders) == 3 and all(len(list(f.glob("run-*.json"))) == 1 for f in folders)
+    from dataflex.swarm import Swarm
+
+    saved = json.loads((folders[0] / "swarm.json").read_text())
+    with pytest.raises(ValueError, match=r"holds a swarm made with other settings .*'steps': \(2, 3\)"):
+        Swarm(
+            folders[0],
+            saved["domains"],
+            seed=saved["seed"],
+            concentration=saved["concentration"],
+            prior=saved["prior"],
+            extra={**{k: saved[k] for k in ("stages", "batch_size", "lr", "model", "data")}, "steps": 3},
+        )
+
+
+def test_a_proposed_schedule_ends_at_the_static_proposal_and_does_better_before():
+    """Stage ends are scored by the law fitted at their fraction on the cumulative mixture: the end is the
+    static proposal, the half-way point the best mixture the bounds allow there (checked by brute force)."""
+    final_law = MixtureLaw("loglinear").fit(diagonal_law(1)[0])
+    half_law = MixtureLaw("loglinear").fit(diagonal_law(4)[0])
+    final = propose_mixture(final_law, "mean", min_weight=0.02, max_l1=0.8)
+    plan = propose_schedule({0.5: half_law}, final, "mean", min_weight=0.02, max_l1=0.8)
+    assert plan.starts == [0.0, 0.5] and np.allclose(plan.cumulative[-1], final.weights)
+    assert np.allclose(plan.weights.sum(1), 1.0) and (plan.weights >= 0.02 - 1e-9).all()
+    assert np.allclose(0.5 * plan.weights[0] + 0.5 * plan.weights[1], final.weights, atol=1e-6)
+    assert np.abs(plan.cumulative - 0.2).sum(1).max() <= 0.8 + 1e-6  # every cumulative mixture near the prior
+    assert plan.objective[-1] == pytest.approx(plan.static_objective[-1])
+    assert plan.objective[0] < plan.static_objective[0] - 1e-3  # the laws differ: the first half gains
+    # brute force over mixtures that keep both stages feasible (a domain at the floor in the static
+    # proposal is pinned there in both halves)
+    rng = np.random.default_rng(0)
+    pinned = final.weights <= 0.02 + 1e-9
+    c0 = np.tile(final.weights, (200_000, 1))
+    c0[:, ~pinned] = (1 - final.weights[pinned].sum()) * rng.dirichlet(np.ones((~pinned).sum()), 200_000)
+    second = 2 * final.weights - c0
+    ok = (c0 >= 0.02 - 1e-12).all(1) & (second >= 0.02 - 1e-12).all(1) & (np.abs(c0 - 0.2).sum(1) <= 0.8)
+    assert ok.sum() > 1000
+    brute = objective_values(half_law.predict(c0[ok]), DOMAINS, "mean").min()
+    assert plan.objective[0] <= brute + 1e-6
+    schedule = plan.to_weight_schedule(1000)
+    assert np.allclose(schedule.weights_at(499), plan.weights[0]) and np.allclose(
+        schedule.weights_at(500), plan.weights[1]
+    )
+
+
+def test_schedule_proposals_refuse_bad_fractions():
+    law = MixtureLaw("loglinear").fit(diagonal_law(1)[0])
+    final = propose_mixture(law, "mean")
+    for bad in ({1.0: law}, {0.0: law}, {}):
+        with pytest.raises(ValueError, match="fractions strictly between 0 and 1"):
+            propose_schedule(bad, final)
+
+
+def test_a_piecewise_policy_switches_at_its_stage_steps_and_resumes():
+    from dataflex.policies import Piecewise
+
+    w0, w1 = [0.6, 0.1, 0.1, 0.1, 0.1], dict(zip(DOMAINS, [0.1, 0.1, 0.1, 0.1, 0.6]))
+    policy = Piecewise([(0, w0), (100, w1)], update_every=50)
+    policy.bind(DOMAINS, np.full(5, 10))
+    stats = law_stats(np.ones(5))
+    seen = [policy.initial_weights()] + [policy.update(stats, None) for _ in range(3)]
+    assert np.allclose([w[0] for w in seen], [0.6, 0.6, 0.1, 0.1])  # steps 0, 50, 100, 150
+    again = Piecewise([(0, w0), (100, w1)], update_every=50)
+    again.bind(DOMAINS, np.full(5, 10))
+    fresh = Piecewise([(0, w0), (100, w1)], update_every=50)
+    fresh.bind(DOMAINS, np.full(5, 10))
+    fresh.update(stats, None)
+    again.load_state_dict(json.loads(json.dumps(fresh.state_dict())))
+    assert again.update(stats, None)[0] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"stage starts \[75\] are not multiples of update_every=50"):
+        Piecewise([(0, w0), (75, w1)], update_every=50)
+    with pytest.raises(ValueError, match=r"must begin at step 0 and increase strictly; got \[10, 100\]"):
+        Piecewise([(10, w0), (100, w1)], update_every=10)
+    with pytest.raises(ValueError, match="'t' must be an integer >= 0; got -1"):
+        again.load_state_dict({"t": -1})
+
+
+def test_a_swarm_keeps_losses_along_its_runs_for_a_schedule(tmp_path):
+    from dataflex.swarm import Swarm
+
+    def train(weights, index):
+        losses = {"x": 1.0 + weights[0], "y": 2.0}
+        early = {"x": 3.0 + weights[1], "y": 4.0}
+        return {
+            "losses": losses,
+            "tokens": dict.fromkeys(DOMAINS, 1.0),
+            "losses_at": [{"fraction": 0.5, "losses": early}],
+        }
+
+    swarm = Swarm(tmp_path / "s", DOMAINS, size=4)
+    swarm.run(train, progress=False)
+    assert swarm.fractions() == [0.5]
+    assert np.allclose(swarm.collect(0.5).losses[:, 0], 3.0 + swarm.collect().weights[:, 1])
+    assert np.allclose(swarm.collect().losses[:, 0], 1.0 + swarm.collect().weights[:, 0])
+    with pytest.raises(ValueError, match=r"not all evaluated at fraction 0.25; they were at \[0.5\]"):
+        swarm.collect(0.25)
+    bad = Swarm(tmp_path / "b", DOMAINS, size=1)
+    with pytest.raises(ValueError, match="each 'losses_at' entry needs a fraction in"):
+        bad.run(
+            lambda w, i: {**train(w, i), "losses_at": [{"fraction": 1.5, "losses": {"x": 1.0, "y": 1.0}}]},
+            progress=False,
+        )

@@ -8,9 +8,11 @@ with the main run of ``benchmarks/mixture`` (byte GPT-2, 2 layers x 96, 700 step
 the same seeds): a swarm of ``--swarm-size`` proxy runs of ``--swarm-steps`` steps each (the same model; its
 cost in proxy steps is reported against one main run), the law kind with the lowest held-out-run error,
 the proposal for the mean validation loss within an L1 distance ``--max-l1`` of uniform, then the main runs:
-``law`` (corrected online, ``--radius``), ``law_static`` (the proposal as is), uniform, natural, ODM and
-offline DoReMi. The law's choice and the proposal see only validation losses; the test split is scored once
-per main run. Writes ``results.md``, ``results.json`` and ``results.png`` beside this file (or ``--out``).
+``law`` (corrected online, ``--radius``), ``law_static`` (the proposal as is), ``law_schedule`` (a two-stage
+schedule from laws fitted at the half and the end of the swarm's runs, ending at the proposal), uniform,
+natural, ODM and offline DoReMi; every main run is also evaluated half-way. The law's choice and the
+proposal see only validation losses; the test split is scored once per main run. Writes ``results.md``,
+``results.json`` and ``results.png`` beside this file (or ``--out``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.steps, args.swarm_size, args.swarm_steps = [0], 30, 14, 5
+        args.seeds, args.steps, args.swarm_size, args.swarm_steps = [0], 40, 14, 6
         args.work = args.out = Path("outputs/mixture_law_quick")
     return args
 
@@ -76,7 +78,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     summary = run_stages(cfg, make_model, args.data, work)
     summary["seconds"] = time.perf_counter() - start
-    summary["swarm_seconds"] = float(sum(read_json(p).get("seconds", 0.0) for p in (work / "swarm").glob("run-*.json")))
+    summary["swarm_seconds"] = float(sum(read_json(p).get("seconds", 0.0) for p in work.glob("swarm-*/run-*.json")))
     return summary
 
 
@@ -137,6 +139,7 @@ def main() -> None:
         "Proposed weights per seed: "
         + "; ".join(", ".join(f"{d} {w:.2f}" for d, w in s["proposal"]["weights"].items()) for s in per_seed),
         "",
+        *schedule_lines(per_seed, arms, args.steps),
         f"Wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min (cached stages are not re-run).",
     ]
     data = {
@@ -148,6 +151,34 @@ def main() -> None:
     }
     print(write_results(args.out, lines, data))
     plot(args, summary, domains)
+
+
+def schedule_lines(per_seed: list[dict[str, Any]], arms: list[str], steps: int) -> list[str]:
+    """The two-stage schedule's weights, the laws' view of it, and every arm's validation loss half-way."""
+    if "schedule" not in per_seed[0]["proposal"]:
+        return []
+    plans = [s["proposal"]["schedule"] for s in per_seed]
+    half = [str(p["stages"][1][0]) for p in plans]
+    lines = [
+        "Schedule per seed (first stage's weights; the second stage's make the whole run's mixture the proposal): "
+        + "; ".join(", ".join(f"{d} {w:.2f}" for d, w in p["stages"][0][1].items()) for p in plans),
+        "",
+        "Half-way law (fitted on the swarm's losses at the middle of its runs): held-out mean absolute error "
+        + median_range([next(iter(p["held_out_mae"].values())) for p in plans], "{:.4f}")
+        + "; its predicted mean validation loss half-way, schedule vs static proposal: "
+        + median_range([p["objective"][0] for p in plans], "{:.4f}")
+        + " vs "
+        + median_range([p["static_objective"][0] for p in plans], "{:.4f}")
+        + " (the swarm's scale).",
+        "",
+        f"| arm | mean validation loss half-way (step {half[0]}) | at the end (step {steps}) |",
+        "|---|---|---|",
+    ]
+    for arm in arms:
+        mid = [s["along"][arm][h] for s, h in zip(per_seed, half) if h in s.get("along", {}).get(arm, {})]
+        end = [float(np.mean(list(s["arms"][arm]["validation"].values()))) for s in per_seed]
+        lines.append(f"| {arm} | {median_range(mid) if mid else 'not measured'} | {median_range(end)} |")
+    return [*lines, ""]
 
 
 def plot(args, summary: dict[str, Any], domains: list[str]) -> None:

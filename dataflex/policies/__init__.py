@@ -8,7 +8,7 @@ from dataflex.policies.base import BoundPolicy, MixingPolicy
 from dataflex.policies.doremi import doremi_update
 from dataflex.policies.law_corrected import LawCorrected
 from dataflex.policies.odm import ODM
-from dataflex.policies.static import Natural, Static, Temperature, Uniform
+from dataflex.policies.static import Natural, Piecewise, Static, Temperature, Uniform
 
 __all__ = [
     "ADO",
@@ -17,6 +17,7 @@ __all__ = [
     "MixingPolicy",
     "ODM",
     "Natural",
+    "Piecewise",
     "Static",
     "Temperature",
     "Uniform",

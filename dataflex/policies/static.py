@@ -7,13 +7,16 @@ natural proportions are always in the table.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from dataflex.policies.base import BoundPolicy
+from dataflex.state import saved_count
+from dataflex.store import DomainStats
 from dataflex.weights import validate_weights
 
-__all__ = ["Natural", "Static", "Temperature", "Uniform"]
+__all__ = ["Natural", "Piecewise", "Static", "Temperature", "Uniform"]
 
 
 class Uniform(BoundPolicy):
@@ -58,3 +61,54 @@ class Static(BoundPolicy):
     def initial_weights(self) -> np.ndarray:
         self._require_bound()
         return validate_weights(self.weights, self.domain_names, what="Static weights")
+
+
+class Piecewise(BoundPolicy):
+    """Fixed weights by training step: ``stages`` is ``[(start_step, weights), ...]`` from step 0 on.
+
+    A schedule proposed by :func:`dataflex.mixture_search.propose_schedule` (stages by training fraction)
+    becomes one with ``start_step = fraction * total_steps``. Weights change only at policy updates, which
+    come every ``update_every`` steps, so every start must be a multiple of it (refused otherwise, rather
+    than moved to the next update without a word).
+    """
+
+    def __init__(self, stages: Sequence[tuple[int, Mapping[str, float] | Sequence[float]]], update_every: int) -> None:
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
+        starts = [s for s, _ in stages]
+        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"stage starts must begin at step 0 and increase strictly; got {starts}")
+        off = [s for s in starts if not isinstance(s, int) or s % update_every]
+        if off:
+            raise ValueError(
+                f"stage starts {off} are not multiples of update_every={update_every}: the weights can only "
+                "change at a policy update"
+            )
+        self.stages = [(int(s), dict(w) if isinstance(w, Mapping) else list(w)) for s, w in stages]
+        self.update_every = update_every
+        self.t = 0  # updates so far: the run is at step t * update_every
+
+    def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None:
+        super().bind(domain_names, domain_sizes)
+        self._weights = [
+            validate_weights(w, self.domain_names, what=f"Piecewise weights of the stage from step {s}")
+            for s, w in self.stages
+        ]
+
+    def _at(self, step: int) -> np.ndarray:
+        stage = max(i for i, (s, _) in enumerate(self.stages) if s <= step)
+        return self._weights[stage].copy()
+
+    def initial_weights(self) -> np.ndarray:
+        self._require_bound()
+        return self._at(0)
+
+    def update(self, stats: DomainStats, current: np.ndarray) -> np.ndarray:
+        self.t += 1
+        return self._at(self.t * self.update_every)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t = saved_count(state, "t", "Piecewise")
