@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=700, help="main-run steps (benchmarks/mixture's budget)")
     p.add_argument("--swarm-size", type=int, default=14)
     p.add_argument("--swarm-steps", type=int, default=50)
+    p.add_argument("--law-kinds", nargs="+", default=["loglinear", "gp", "gbm"])
     p.add_argument("--max-l1", type=float, default=0.6)
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
@@ -62,6 +63,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"main.baselines=[{','.join(args.baselines)}]",
         f"swarm.size={args.swarm_size}",
         f"swarm.steps={args.swarm_steps}",
+        f"law.kinds=[{','.join(args.law_kinds)}]",
         f"propose.max_l1={args.max_l1}",
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
