@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--swarm-size", type=int, default=14)
     p.add_argument("--swarm-steps", type=int, default=50)
     p.add_argument("--law-kinds", nargs="+", default=["loglinear", "gp", "gbm"])
+    p.add_argument("--objective", default="mean", help="mean | worst | a domain: what the proposal minimises")
     p.add_argument("--max-l1", type=float, default=0.6)
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
@@ -65,6 +66,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"swarm.steps={args.swarm_steps}",
         f"law.kinds=[{','.join(args.law_kinds)}]",
         f"propose.max_l1={args.max_l1}",
+        f"propose.objective={args.objective}",
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
     ]
@@ -96,7 +98,7 @@ def main() -> None:
     )
     lines = [
         f"Seeds {args.seeds}; main runs {args.steps} steps x 16 x 128 bytes (byte GPT-2, 2 layers x 96); swarm "
-        f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the mean validation loss "
+        f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the {args.objective} validation loss "
         f"within L1 {args.max_l1} of uniform, floor 0.02; online correction radius {args.radius}. Test-split loss "
         "(nats/byte), median [min, max] over seeds.",
         "",
