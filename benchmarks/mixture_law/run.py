@@ -98,9 +98,9 @@ def main() -> None:
     )
     lines = [
         f"Seeds {args.seeds}; main runs {args.steps} steps x 16 x 128 bytes (byte GPT-2, 2 layers x 96); swarm "
-        f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the {args.objective} validation loss "
-        f"within L1 {args.max_l1} of uniform, floor 0.02; online correction radius {args.radius}. Test-split loss "
-        "(nats/byte), median [min, max] over seeds.",
+        f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the {args.objective} "
+        f"validation loss within L1 {args.max_l1} of uniform, floor 0.02; online correction radius {args.radius}. "
+        "Test-split loss (nats/byte), median [min, max] over seeds.",
         "",
         "| arm | mean test loss | worst-domain test loss | main-run wall time (x uniform) |",
         "|---|---|---|---|",
