@@ -143,7 +143,7 @@ def main() -> None:
         "Proposed weights per seed: "
         + "; ".join(", ".join(f"{d} {w:.2f}" for d, w in s["proposal"]["weights"].items()) for s in per_seed),
         "",
-        *schedule_lines(per_seed, arms, args.steps),
+        *schedule_lines(per_seed, arms, args.steps, args.objective),
         f"Wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min (cached stages are not re-run).",
     ]
     data = {
@@ -157,7 +157,7 @@ def main() -> None:
     plot(args, summary, domains)
 
 
-def schedule_lines(per_seed: list[dict[str, Any]], arms: list[str], steps: int) -> list[str]:
+def schedule_lines(per_seed: list[dict[str, Any]], arms: list[str], steps: int, objective: str) -> list[str]:
     """The two-stage schedule's weights, the laws' view of it, and every arm's validation loss half-way."""
     if "schedule" not in per_seed[0]["proposal"]:
         return []
@@ -169,7 +169,7 @@ def schedule_lines(per_seed: list[dict[str, Any]], arms: list[str], steps: int) 
         "",
         "Half-way law (fitted on the swarm's losses at the middle of its runs): held-out mean absolute error "
         + median_range([next(iter(p["held_out_mae"].values())) for p in plans], "{:.4f}")
-        + "; its predicted mean validation loss half-way, schedule vs static proposal: "
+        + f"; its predicted {objective} validation loss half-way, schedule vs static proposal: "
         + median_range([p["objective"][0] for p in plans], "{:.4f}")
         + " vs "
         + median_range([p["static_objective"][0] for p in plans], "{:.4f}")
