@@ -100,11 +100,14 @@ def per_example_mean(
     token_loss: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, n_rows: int, segments: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token-mean loss, counted tokens)`` per example from the losses at shifted ``(rows, positions)``:
-    per row, or per sequence of a padding-free row. The loss is NaN for an example without counted tokens."""
+    per row, or per sequence of a padding-free row. The loss is NaN for an example without counted tokens.
+    ``token_loss`` may carry several values per token, ``(tokens, k)``: each column is averaged alike."""
     owner, n = _owners(rows, positions, n_rows, segments)
-    sums = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add_(0, owner, token_loss.float())
+    shape = (n, *token_loss.shape[1:])
+    sums = torch.zeros(shape, dtype=torch.float32, device=token_loss.device).index_add_(0, owner, token_loss.float())
     counted = torch.zeros(n, dtype=torch.long, device=token_loss.device).index_add_(0, owner, torch.ones_like(owner))
-    loss = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, float("nan")))
+    per_row = counted.view(n, *([1] * (len(shape) - 1)))
+    loss = torch.where(per_row > 0, sums / per_row.clamp(min=1), torch.full_like(sums, float("nan")))
     return loss, counted
 
 

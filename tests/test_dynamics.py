@@ -11,6 +11,7 @@ from hf_helpers import assert_trainer_resumes_exactly, make_trainer, single_exam
 
 from dataflex import DataFlexCallback
 from dataflex.dynamics import TrainingDynamics, visit_statistics
+from dataflex.dynamics import _dense_margins as _dense
 from dataflex.policies import ODM
 from dataflex.testbeds.tiny import collate_causal
 
@@ -48,6 +49,31 @@ def test_visit_statistics_equal_a_direct_computation():
         np.testing.assert_allclose(got[key].numpy(), want[key], rtol=1e-5, atol=1e-6, equal_nan=True)
     assert got["accuracy"][3] == 1.0 and (got["margin"][3] > 0)
     assert np.isnan(got["loss"][2].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_margins_taken_on_the_logits_in_place_equal_the_copying_path_bit_for_bit(dtype, monkeypatch):
+    """With the step's own token losses and most positions counted, margins come from one max over the logits
+    as they are (a masked max only where the target is the argmax): the same numbers as the chunked copies."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, 9, 13, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 13, (6, 9), generator=g)
+    labels[0, :2] = -100
+    labels[4, 1:] = logits[4, :-1].float().argmax(-1)  # every target the argmax: the masked path
+    logits[5, 2, :] = logits[5, 2, 0]  # a row of ties
+    token_losses = torch.rand(6, 8, generator=g)
+    kwargs = dict(vocab=13, token_losses=token_losses, chunk_elements=26)
+    copied = visit_statistics(lambda r, t: logits[r, t], labels, **kwargs)
+    import dataflex.dynamics as dynamics
+
+    calls = []
+    monkeypatch.setattr(dynamics, "_dense_margins", lambda *a: calls.append(1) or _dense(*a))
+    dense = visit_statistics(lambda r, t: logits[r, t], labels, logits=logits, **kwargs)
+    assert calls == [1]
+    for key in copied:
+        torch.testing.assert_close(copied[key], dense[key], rtol=0, atol=0, equal_nan=True)
+    want = direct_statistics(logits.float(), labels)
+    np.testing.assert_allclose(dense["margin"].numpy(), want["margin"], rtol=1e-5, atol=1e-5)
 
 
 def test_visit_statistics_from_log_probs_have_no_margin():

@@ -158,7 +158,12 @@ def visits_of_forward(
     if logits is not None:
         labels = labels.to(logits.device)
         return visit_statistics(
-            lambda r, t: logits[r, t], labels, vocab=logits.shape[-1], segments=segments, token_losses=token_losses
+            lambda r, t: logits[r, t],
+            labels,
+            vocab=logits.shape[-1],
+            segments=segments,
+            token_losses=token_losses,
+            logits=logits,
         )
     if hidden is not None and hidden.hidden is not None:
         labels = labels.to(hidden.hidden.device)
