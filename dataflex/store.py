@@ -5,7 +5,9 @@ example had any counted token). Records stay on the model's device until :meth:`
 which is called once per policy update: it gathers every rank's records, reduces them to per-domain
 statistics in a canonical order (sorted by example id, float64). Every rank therefore hands
 bit-identical statistics to its policy, and so computes bit-identical weights. Selector scores
-(identical on every rank) are kept per example with the step they were taken at.
+(identical on every rank) are kept per example with the step they were taken at, in float32: they are a
+record for logs and inspection (no decision reads them back), computed from float32 model outputs, and
+float32 halves the memory and the checkpoint of a large pool (40 MB instead of 80 at 10M examples).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def _floats(values: Any) -> np.ndarray:
     return values.astype(np.float64) if isinstance(values, np.ndarray) else floats_from_json(values)
 
 
+SCORE_DTYPE = np.float32  # see the module docstring
+
+
 class ScoreStore:
     """Collects per-example losses between updates; keeps selector scores per example."""
 
@@ -53,7 +58,7 @@ class ScoreStore:
         self.total_non_finite = 0
         self.total_masked = 0
         # Scores a selector computed at re-selection time (same on every rank), with their step.
-        self.score = np.full(n, np.nan)
+        self.score = np.full(n, np.nan, dtype=SCORE_DTYPE)
         self.score_step = np.full(n, -1, dtype=np.int64)
         # Records of this rank not yet gathered: (ids, loss, has_tokens), loss on the model's device.
         self._local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -112,7 +117,7 @@ class ScoreStore:
     def record_scores(self, ids: np.ndarray, values: np.ndarray, step: int) -> None:
         """Keep selector scores (already identical on every rank) with the step they were taken at."""
         ids = np.asarray(ids, dtype=np.int64)
-        self.score[ids] = np.asarray(values, dtype=np.float64)
+        self.score[ids] = np.asarray(values, dtype=SCORE_DTYPE)
         self.score_step[ids] = step
 
     # -- Stateful --------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ class ScoreStore:
         n = self.score.shape[0]
         if state["score"] is None:  # nothing was scored when it was saved
             state = {**state, "score": np.full(n, np.nan), "score_step": np.full(n, -1, dtype=np.int64)}
-        score = _floats(state["score"])
+        score = _floats(state["score"]).astype(SCORE_DTYPE)  # states of earlier versions kept float64
         if score.shape != self.score.shape:
             raise ValueError(f"score store was saved for {score.shape[0]} examples, this run has {self.score.shape[0]}")
         totals = {k: state[k] for k in ("total_non_finite", "total_masked")}
