@@ -180,16 +180,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         if cfg.propose.max_epochs is not None:
             budget = cfg.main.steps * cfg.main.batch_size * float((natural * mean_len).sum())
             caps = repetition_caps(tokens, budget, cfg.propose.max_epochs)
-        proposal = propose_mixture(
-            law,
-            cfg.propose.objective,
-            prior=prior,
-            max_kl=cfg.propose.max_kl,
-            max_l1=cfg.propose.max_l1,
-            min_weight=cfg.propose.min_weight,
-            max_weight=caps,
-            seed=cfg.seed,
-        )
+        proposal = propose_mixture(law, cfg.propose.objective, **search_settings(cfg, prior, caps))
         write_json_atomic(
             proposal_path,
             {
@@ -222,6 +213,18 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     )
 
 
+def search_settings(cfg: Any, prior: np.ndarray, caps: np.ndarray | None) -> dict[str, Any]:
+    """The constraints and seed shared by the mixture and the schedule search (``propose.*``)."""
+    return dict(
+        prior=prior,
+        max_kl=cfg.propose.max_kl,
+        max_l1=cfg.propose.max_l1,
+        min_weight=cfg.propose.min_weight,
+        max_weight=caps,
+        seed=cfg.seed,
+    )
+
+
 def propose_stages(cfg: Any, swarm: Swarm, law: MixtureLaw, proposed: dict[str, Any], prior, names) -> dict[str, Any]:
     """The piecewise schedule (:func:`~dataflex.mixture_search.propose_schedule`) ending at the proposal,
     from laws of the chosen kind fitted on the swarm's losses at each fraction of its runs; stage starts in
@@ -240,17 +243,7 @@ def propose_stages(cfg: Any, swarm: Swarm, law: MixtureLaw, proposed: dict[str, 
         eval_domains=list(evaluated),
     )
     caps = None if proposed["caps"] is None else np.array([proposed["caps"][d] for d in names])
-    plan = propose_schedule(
-        laws,
-        final,
-        cfg.propose.objective,
-        prior=prior,
-        max_kl=cfg.propose.max_kl,
-        max_l1=cfg.propose.max_l1,
-        min_weight=cfg.propose.min_weight,
-        max_weight=caps,
-        seed=cfg.seed,
-    )
+    plan = propose_schedule(laws, final, cfg.propose.objective, **search_settings(cfg, prior, caps))
     return {
         "stages": [[round(f * cfg.main.steps), w] for f, w in plan.stages()],
         "fractions": plan.starts,
