@@ -29,8 +29,10 @@ much of each domain it has seen, not on the order — the assumption the laws th
 cumulative mixture is the static proposal (so the end of the run is predicted as good as with it); going
 backward, each earlier ``c_s`` minimises its own law's objective over the box that keeps the next stage's
 mixture within the weight bounds (``c_s = c_(s+1)`` always qualifies, so no stage end is predicted worse
-than under the static proposal). What this buys is a better run at every intermediate point (for a run
-that may be stopped early, or whose checkpoints are used), at no predicted cost at the end.
+than keeping the next stage end's mixture; with two stages that is the static proposal — with more, the
+static proposal may not be feasible at an early stage end, and ``static_objective`` reports it for
+comparison). What this aims at is a better run at intermediate points (for a run that may be stopped
+early, or whose checkpoints are used), at no predicted cost at the end.
 """
 
 from __future__ import annotations
