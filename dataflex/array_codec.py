@@ -23,14 +23,21 @@ import torch
 __all__ = ["decode", "encode"]
 
 _NARROW_INTS = (np.int8, np.int16, np.int32)
+_CHUNK = 1 << 20
 
 
 def _as_id_set(a: np.ndarray) -> dict[str, Any] | None:
     if a.ndim != 1 or a.size < 2 or a.dtype.kind not in "iu" or a[0] < 0:
         return None
     bound = int(a[-1]) + 1
-    if bound // 8 + 1 >= a.nbytes // 2 or not (a[1:] > a[:-1]).all():  # not worth it, or not a set
+    # Strictly increasing from >= 0 needs a[-1] >= size - 1: that rejects most other arrays (steps,
+    # counts) without reading them. The order is checked in chunks, to keep the temporary small.
+    if bound < a.size or bound // 8 + 1 >= a.nbytes // 2:  # not a set, or not worth it
         return None
+    for i in range(0, a.size - 1, _CHUNK):
+        j = min(i + _CHUNK, a.size - 1)
+        if not (a[i + 1 : j + 1] > a[i:j]).all():
+            return None
     mask = np.zeros(bound, dtype=bool)
     mask[a] = True
     return {"form": "id_set", "dtype": a.dtype.str, "bound": bound, "data": torch.from_numpy(np.packbits(mask))}

@@ -145,6 +145,12 @@ class WeightSchedule(EventSchedule[np.ndarray]):
         self._restore([s for s, _ in state["events"]], weights)
 
 
+def _frozen(ids: np.ndarray) -> np.ndarray:
+    """``ids`` made read-only: a schedule's value never changes once added (``current`` hands out copies)."""
+    ids.flags.writeable = False
+    return ids
+
+
 class _ExampleIdSchedule(EventSchedule[np.ndarray]):
     """Shared by schedules whose values are arrays of example ids of a pool of ``num_examples``.
 
@@ -163,13 +169,12 @@ class _ExampleIdSchedule(EventSchedule[np.ndarray]):
 
     def add(self, effective_at: int, ids: Sequence[int] | np.ndarray) -> None:
         """Use ``ids`` from global sample ``effective_at`` on."""
-        self._append(effective_at, self._validate(ids))
+        self._append(effective_at, _frozen(self._validate(ids)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_examples": self.num_examples,
-            "events": [[s, v.copy()] for s, v in zip(self._starts, self._values)],  # arrays: binary state
-        }
+        # The stored arrays are read-only (``_frozen``), so the state can hold them without a copy: at
+        # 10M examples a copy of every event would cost more than writing them.
+        return {"num_examples": self.num_examples, "events": [[s, v] for s, v in zip(self._starts, self._values)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["num_examples"]) != self.num_examples:
@@ -182,7 +187,7 @@ class _ExampleIdSchedule(EventSchedule[np.ndarray]):
             arr = np.asarray(v)
             if arr.size and not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"saved {self.KIND} schedule event {i} holds {arr.dtype} values, not example ids")
-            values.append(self._validate(arr))
+            values.append(_frozen(self._validate(arr)))
         self._restore([s for s, _ in state["events"]], values)
 
 
@@ -195,7 +200,7 @@ class SubsetSchedule(_ExampleIdSchedule):
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive; got {num_examples}")
         self.num_examples = int(num_examples)
-        super().__init__(self._validate(np.arange(num_examples) if initial is None else initial))
+        super().__init__(_frozen(self._validate(np.arange(num_examples) if initial is None else initial)))
 
     def _validate(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         arr = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -217,10 +222,10 @@ class OrderSchedule(_ExampleIdSchedule):
         self.num_examples = int(first.size)
         if self.num_examples == 0:
             raise ValueError("a difficulty order needs at least one example")
-        super().__init__(self._validate(first))
+        super().__init__(_frozen(self._validate(first)))
 
     def _validate(self, order: Sequence[int] | np.ndarray) -> np.ndarray:
-        arr = np.asarray(order, dtype=np.int64).reshape(-1)
+        arr = np.array(order, dtype=np.int64).reshape(-1)  # a copy: the caller's array stays theirs
         if arr.size != self.num_examples or not np.array_equal(np.sort(arr), np.arange(self.num_examples)):
             raise ValueError(
                 f"a difficulty order must be a permutation of 0..{self.num_examples - 1}; got "

@@ -46,6 +46,7 @@ def _floats(values: Any) -> np.ndarray:
 
 
 SCORE_DTYPE = np.float32  # see the module docstring
+STEP_DTYPE = np.int32  # a step count (2**31 steps is far beyond any run); half the bytes of int64
 
 
 class ScoreStore:
@@ -59,7 +60,7 @@ class ScoreStore:
         self.total_masked = 0
         # Scores a selector computed at re-selection time (same on every rank), with their step.
         self.score = np.full(n, np.nan, dtype=SCORE_DTYPE)
-        self.score_step = np.full(n, -1, dtype=np.int64)
+        self.score_step = np.full(n, -1, dtype=STEP_DTYPE)
         # Records of this rank not yet gathered: (ids, loss, has_tokens), loss on the model's device.
         self._local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Records already gathered from all ranks (identical everywhere): restored from a checkpoint.
@@ -138,7 +139,7 @@ class ScoreStore:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = self.score.shape[0]
         if state["score"] is None:  # nothing was scored when it was saved
-            state = {**state, "score": np.full(n, np.nan), "score_step": np.full(n, -1, dtype=np.int64)}
+            state = {**state, "score": np.full(n, np.nan), "score_step": np.full(n, -1, dtype=STEP_DTYPE)}
         score = _floats(state["score"]).astype(SCORE_DTYPE)  # states of earlier versions kept float64
         if score.shape != self.score.shape:
             raise ValueError(f"score store was saved for {score.shape[0]} examples, this run has {self.score.shape[0]}")
@@ -148,6 +149,11 @@ class ScoreStore:
         score_step = np.asarray(state["score_step"])
         if score_step.shape != (n,) or (score_step.size and not np.issubdtype(score_step.dtype, np.integer)):
             raise ValueError(f"score store 'score_step' must hold {n} integers; got shape {score_step.shape}")
+        if score_step.size and (score_step.min() < -1 or score_step.max() > np.iinfo(STEP_DTYPE).max):
+            raise ValueError(
+                f"score store 'score_step' must hold steps >= 0 or -1 (not scored); got values in "
+                f"[{score_step.min()}, {score_step.max()}]"
+            )
         if isinstance(state["pending"], np.ndarray):
             pending = state["pending"].astype(np.float64).reshape(-1, 3)
         else:  # a state written before arrays went to the binary file: [[id, loss or null, has_tokens], ...]
@@ -162,6 +168,6 @@ class ScoreStore:
             raise ValueError("score store 'pending' has_tokens flags must be 0 or 1")
         self.total_non_finite, self.total_masked = totals["total_non_finite"], totals["total_masked"]
         self.score = score
-        self.score_step = score_step.astype(np.int64)
+        self.score_step = score_step.astype(STEP_DTYPE)
         self._local.clear()
         self._gathered = [pending] if pending.shape[0] else []

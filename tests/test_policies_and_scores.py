@@ -133,3 +133,20 @@ def test_store_state_keeps_pending_records():
     other.load_state_dict(state)
     s = other.flush(step=1)
     assert s.loss_sum.tolist() == [1.5, 0.0] and s.non_finite == 1
+
+
+def test_store_scores_resume_and_step_records_of_any_integer_width_load():
+    store = ScoreStore(np.array([0, 1, 0, 1]), 2)
+    store.record_scores(np.array([1, 3]), np.array([0.25, -2.0]), step=70_000)  # beyond int16: narrowed to int32
+    state = through_checkpoint(store.state_dict())
+    other = ScoreStore(np.array([0, 1, 0, 1]), 2)
+    other.load_state_dict(state)
+    assert other.score_step.tolist() == [-1, 70_000, -1, 70_000] and other.score_step.dtype == np.int32
+    assert np.array_equal(other.score, store.score, equal_nan=True)
+
+    older = {**store.state_dict(), "score_step": np.array([-1, 5, -1, 5], dtype=np.int64)}  # earlier versions
+    other.load_state_dict(older)
+    assert other.score_step.tolist() == [-1, 5, -1, 5]
+    for bad in ([-2, 5, -1, 5], [-1, 2**31, -1, 5]):
+        with pytest.raises(ValueError, match="'score_step' must hold steps >= 0 or -1"):
+            other.load_state_dict({**older, "score_step": np.array(bad, dtype=np.int64)})

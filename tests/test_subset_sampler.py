@@ -70,3 +70,23 @@ def test_bad_subsets():
         SubsetSchedule(N).add(3, [])
     with pytest.raises(ValueError, match="got 3 labels for a pool of 50"):
         SubsetSampler(SubsetSchedule(N), labels=["a", "b", "c"])
+
+
+def test_id_schedules_share_their_arrays_with_a_state_safely():
+    """The state holds the schedule's own arrays (no copy at 10M examples); they are read-only, so neither
+    the caller who passed them in nor a later holder of the state can change what the schedule uses."""
+    from dataflex.schedule import OrderSchedule, SubsetSchedule
+
+    mine = np.array([3, 1, 0, 2])
+    order = OrderSchedule(mine)
+    mine[0] = 1  # the caller's array stays theirs
+    assert order.current.tolist() == [3, 1, 0, 2]
+    order.current[0] = 2  # a copy
+    subsets = SubsetSchedule(6)
+    subsets.add(10, [4, 1])
+    for schedule in (order, subsets):
+        state = schedule.state_dict()
+        first = state["events"][0][1]
+        with pytest.raises(ValueError, match="read-only"):
+            first[0] = 5
+    assert order.current.tolist() == [3, 1, 0, 2] and subsets.current.tolist() == [1, 4]

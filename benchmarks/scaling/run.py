@@ -10,10 +10,11 @@ tenth of the epoch, measured on one process (single-threaded numpy):
   as a DataLoader does (the first N/2 samples);
 * resume at half an epoch: the sampler's state after N/2 consumed (time to take it), then load it into a
   fresh sampler and produce the first sample after it;
-* checkpoint: write time (the first save in the process, then the median of the next two: a run saves
-  many) and size of a dataflex state, the JSON and the binary file, for a mixing run
-  (sampler, score store with nothing scored, policy) and for a selection run (a score per example and a
-  selected subset of N/2 ids, as selection checkpoints them).
+* checkpoint: write time — taking the state (``state_dict``) and writing it, as the callback's
+  ``on_save`` does; the first save in the process (every repeat runs in a fresh process), then the
+  median of the next two: a run saves many — and size of a dataflex state, the JSON and the binary
+  file, for a mixing run (sampler, score store with nothing scored, policy) and for a selection run
+  (a score per example and a selected subset of N/2 ids, as selection checkpoints them).
 
 Medians over ``--repeats``.
 """
@@ -21,10 +22,12 @@ Medians over ``--repeats``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,20 +76,25 @@ def measure(n: int) -> dict[str, float]:
     next(iter(fresh))
     resume_s = time.perf_counter() - t0
 
-    store = ScoreStore(ids, K)
-    mixing = {"sampler": sampler.state_dict(consumed=0), "store": store.state_dict(), "policy": {"t": 3}}
-    store.record_scores(np.arange(n), np.random.default_rng(2).random(n), step=10)
+    mixing_store, selection_store = ScoreStore(ids, K), ScoreStore(ids, K)
+    selection_store.record_scores(np.arange(n), np.random.default_rng(2).random(n), step=10)
     subset = SubsetSchedule(n)
     subset.add(n // 4, np.arange(0, n, 2))
-    selection = {**mixing, "store": store.state_dict(), "subset": subset.state_dict()}
+
+    def mixing() -> dict:
+        return {"sampler": sampler.state_dict(consumed=0), "store": mixing_store.state_dict(), "policy": {"t": 3}}
+
+    def selection() -> dict:
+        return {**mixing(), "store": selection_store.state_dict(), "subset": subset.state_dict()}
+
     out = {"epoch_us_per_sample": epoch_us, "iter_us_per_sample": iter_us, "state_s": state_s, "resume_s": resume_s}
-    for name, state in (("mixing", mixing), ("selection", selection)):
+    for name, take_state in (("mixing", mixing), ("selection", selection)):
         times = []
         for _ in range(3):  # a run saves many checkpoints: the first in a process, then the steady state
             folder = Path(tempfile.mkdtemp())
             try:
-                t0 = time.perf_counter()
-                save_state(folder, "dataflex_state", state, None)
+                t0 = time.perf_counter()  # what a checkpoint costs the run: taking the state and writing it
+                save_state(folder, "dataflex_state", take_state(), None)
                 times.append(time.perf_counter() - t0)
                 out[f"{name}_json_mb"] = (folder / "dataflex_state.json").stat().st_size / 1e6
                 binary = folder / "dataflex_state.pt"
@@ -107,7 +115,12 @@ def main() -> None:
 
     rows, raw = [], {}
     for n in args.sizes:
-        runs = [measure(n) for _ in range(args.repeats)]
+        # Each repeat in a fresh process, so the first save really is a process's first (cold allocator).
+        spawn = multiprocessing.get_context("spawn")
+        runs = []
+        for _ in range(args.repeats):
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                runs.append(pool.submit(measure, n).result())
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         raw[str(n)] = runs
         print(n, med, flush=True)
