@@ -101,8 +101,9 @@ def check_vlm_settings(cfg: Any, methods: Any) -> None:
     optional_positive_int("num_images", cfg.num_images)
     positive_number("lr", cfg.lr)
     positive_number("temperature", cfg.temperature)
-    if not isinstance(cfg.per_label, bool):
-        raise ValueError(f"per_label must be true or false; got {cfg.per_label!r}")
+    for key in ("per_label", "class_conditional"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key} must be true or false; got {cfg[key]!r}")
 
 
 def _path(key: str, value: Any, *, kind: str, required: bool = True) -> str | None:

@@ -39,6 +39,7 @@ METHODS = {
     "clusters": "cluster-balanced over faiss k-means of projected image features (holdout model)",
     "aum": "DropNoisy('aum', drop=1 - fraction): leave out the lowest area-under-margin share (arXiv 2001.10528)",
     "cartography": "DropNoisy('cartography', drop=1 - fraction): lowest mean confidence out (arXiv 2009.10795)",
+    "last_loss": "DropNoisy('last_loss', drop=1 - fraction): highest loss at the latest visit out (arXiv 1804.06872)",
     "clean_oracle": "reference, not a method: FixedSubset of the examples whose answer is right (reads the noise mask)",
 }
 
@@ -54,6 +55,7 @@ def method_callback(
     temperature: float,
     per_label: bool = True,
     label_by: str = "question",
+    class_conditional: bool = True,
 ) -> tuple[DataFlexCallback, ExampleWeightedLoss | None]:
     """The dataflex callback (and loss weighting, for ``reweight``) that implements ``method``.
 
@@ -61,6 +63,8 @@ def method_callback(
     ``"question_answer"`` (question type and given answer). The second stops a loss ranking from
     preferring the answer the model currently predicts most often (a model that cannot yet read parity
     from the image gives every "even" the same loss), so within a group the loss reflects the image.
+    ``class_conditional`` makes the detector arms (``aum``, ``cartography``, ``last_loss``) compare each
+    noise score within its question type and given answer (:func:`dataflex.detectors.standardised_within`).
     """
     if label_by not in ("question", "question_answer"):
         raise ValueError(f"label_by={label_by!r}; valid values are 'question', 'question_answer'")
@@ -69,8 +73,9 @@ def method_callback(
     selection = {"update_every": update_every, "warmup_steps": warmup}
     if method == "uniform":  # its training-dynamics record measures every detector after plain training
         return DataFlexCallback(Uniform(), domains=domains, update_every=update_every, dynamics=True), None
-    if method in ("aum", "cartography"):
-        rule = DropNoisy(method, drop=1.0 - fraction, per_label=per_label)
+    if method in ("aum", "cartography", "last_loss"):
+        classes = answer_classes(train) if class_conditional else None
+        rule = DropNoisy(method, drop=1.0 - fraction, per_label=per_label, classes=classes)
         return DataFlexSelectCallback(rule, groups, **selection), None
     if method in ("loss_hard", "loss_easy", "loss_easy_mean"):
         history = "mean" if method.endswith("_mean") else "last"
@@ -98,6 +103,11 @@ def method_callback(
     raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
 
 
+def answer_classes(train: Any) -> np.ndarray:
+    """Each example's given label for class-conditional noise scores: its question type and given answer."""
+    return np.array([f"{d}:{a}" for d, a in zip(train["domain"], train["answer"])])
+
+
 def train_vlm(
     method: str,
     data: dict[str, Any],
@@ -106,13 +116,14 @@ def train_vlm(
     seed: int = 0,
     steps: int = 1500,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 5e-4,
     fraction: float = 0.7,
     update_every: int = 100,
     warmup: int = 200,
     temperature: float = 1.0,
     per_label: bool = True,
     label_by: str = "question",
+    class_conditional: bool = True,
     signals: dict[str, Any] | None = None,
     save_steps: int | None = None,
     resume: bool = False,
@@ -136,9 +147,10 @@ def train_vlm(
         temperature=temperature,
         per_label=per_label,
         label_by=label_by,
+        class_conditional=class_conditional,
     )
     counter = NoiseCounter(dfx, np.asarray(train["noisy"], dtype=bool), weighted)
-    probe = DetectionProbe(dfx, np.asarray(train["noisy"], dtype=bool), steps=(warmup,))
+    probe = DetectionProbe(dfx, np.asarray(train["noisy"], dtype=bool), steps=(warmup,), classes=answer_classes(train))
     extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
     model = tiny_llava(seed=seed)
     args = training_args(out, seed=seed, steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps)
@@ -212,6 +224,7 @@ def _hydra_main() -> None:
             temperature=cfg.temperature,
             per_label=cfg.per_label,
             label_by=cfg.label_by,
+            class_conditional=cfg.class_conditional,
             signals=signals,
             save_steps=cfg.save_steps,
             resume=True,

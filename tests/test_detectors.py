@@ -10,7 +10,14 @@ from hf_helpers import make_trainer
 from sklearn.metrics import roc_auc_score
 
 from dataflex import DataFlexCallback, DataFlexSelectCallback
-from dataflex.detectors import DropNoisy, aum_threshold, cartography_regions, noise_scores, plant_threshold_examples
+from dataflex.detectors import (
+    DropNoisy,
+    aum_threshold,
+    cartography_regions,
+    noise_scores,
+    plant_threshold_examples,
+    standardised_within,
+)
 from dataflex.dynamics import TrainingDynamics
 from dataflex.policies import Uniform
 from dataflex.testbeds.tiny import instruct_dataset, tiny_gpt2
@@ -65,7 +72,7 @@ def test_a_finished_runs_record_gives_a_subset_file(planted_run, tmp_path):
     assert ids.size == 128 and planted[ids].mean() < 0.25 * planted.mean()
 
 
-@pytest.mark.parametrize("detector,least", [("aum", 0.95), ("cartography", 0.95), ("loss", 0.8)])
+@pytest.mark.parametrize("detector,least", [("aum", 0.95), ("cartography", 0.95), ("loss", 0.8), ("last_loss", 0.8)])
 def test_detectors_rank_planted_wrong_answers_first(planted_run, detector, least):
     record, planted = planted_run
     assert (record.visits == record.visits[0]).all() and record.visits[0] >= 10  # every example, many times
@@ -197,3 +204,39 @@ def test_out_of_fold_scores_find_planted_noise_and_resume_from_their_cache(tmp_p
     np.testing.assert_allclose(again, scores, rtol=1e-6)
     with pytest.raises(ValueError, match="was written for n=160, k=3, seed=0; this call has n=160, k=3, seed=1"):
         out_of_fold_scores(len(ds), 3, must_not_run, seed=1, cache=tmp_path / "oof")
+
+
+def test_standardised_within_is_the_z_score_of_each_class_and_leaves_unvisited_examples_out():
+    score = np.array([1.0, 3.0, np.nan, 10.0, 30.0, 20.0, 7.0, 5.0, 5.0])
+    classes = np.array(["a", "a", "a", "b", "b", "b", "c", "d", "d"])
+    z = standardised_within(score, classes)
+    for c in "ab":
+        finite = (classes == c) & np.isfinite(score)
+        expected = (score[finite] - score[finite].mean()) / score[finite].std()
+        assert np.allclose(z[finite], expected)
+    assert np.isnan(z[2]) and z[6] == 0.0 and (z[7:] == 0.0).all()  # one score / equal scores: no evidence
+    with pytest.raises(ValueError, match="one label per example \\(9\\); got shape \\(3,\\)"):
+        standardised_within(score, classes[:3])
+
+
+@pytest.mark.parametrize("detector", ["aum", "cartography", "loss", "last_loss"])
+def test_class_conditional_scores_find_noise_that_class_difficulty_hides(detector):
+    """Wrong answers cost more loss than right ones of their class, but one class is much harder than the
+    other: one cut across classes flags the hard class; within each class the wrong answers stand out."""
+    rng = np.random.default_rng(0)
+    n = 400
+    classes = np.repeat(["easy", "hard"], n // 2)
+    noisy = rng.random(n) < 0.3
+    margin = np.where(classes == "easy", 3.0, -1.0) - 1.5 * noisy + 0.3 * rng.standard_normal(n)
+    record = synthetic_record(margin)
+    raw = roc_auc_score(noisy, noise_scores(record, detector))
+    conditional = roc_auc_score(noisy, noise_scores(record, detector, classes))
+    assert raw < 0.75 and conditional > 0.97, (raw, conditional)
+    rule = DropNoisy(detector, drop=0.3, classes=classes)
+    kept = rule.keep_ids(record)
+    assert noisy[kept].mean() < 0.05 and (classes[kept] == "hard").mean() > 0.4
+
+
+def test_class_conditional_scores_do_not_mix_with_the_aum_threshold_mode():
+    with pytest.raises(ValueError, match="classes .* apply to drop="):
+        DropNoisy("aum", threshold_ids=[0, 1], classes=["a", "b", "a"])

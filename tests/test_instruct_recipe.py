@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataflex.detectors import DETECTORS as RECORD_DETECTORS
 from dataflex.testbeds.noisy_instruct import noisy_instructions
 from dataflex.testbeds.tiny import default_data_dir
 
@@ -81,7 +82,7 @@ def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
     if detector == "clean_oracle":
         assert result["noisy_share"] == 0.0
     if detector == "aum":  # the record's detectors are measured at the first decision and at the end
-        assert set(result["detection"]["at_end"]) == {"aum", "cartography", "loss", "forgetting"}
+        assert set(result["detection"]["at_end"]) == set(RECORD_DETECTORS)
         state = json.loads((tmp_path / detector / "checkpoint-6" / "dataflex" / "dataflex_state.json").read_text())
         decided = [h for h in state["history"] if h["step"] > 0]  # every update_every steps *after* warmup
         assert [h["step"] for h in decided] == [4, 6] and all(h["size"] < len(noisy["train"]) for h in decided)

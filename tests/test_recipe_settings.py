@@ -78,6 +78,7 @@ def test_mixture_recipe_killed_midway_continues_exactly(tmp_path, monkeypatch):
         ("seed=abc", "seed must be an integer; got 'abc'"),
         ("lr=abc", "lr must be a positive number; got 'abc'"),
         ("label_by=answer", "label_by='answer'; valid values are question, question_answer"),
+        ("class_conditional=maybe", "class_conditional must be true or false; got 'maybe'"),
     ],
 )
 def test_bad_vlm_overrides_name_the_key(override, message):

@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=ARMS)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-4, help="chosen on the uniform arm's validation accuracy")
     p.add_argument("--fraction", type=float, default=0.7, help="share of the pool the selection arms keep")
     p.add_argument(
         "--label-by",
@@ -69,12 +69,23 @@ def main() -> None:
         default="question",
         help="selection arms keep the same share of every group of this kind",
     )
+    p.add_argument(
+        "--class-conditional",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="detector arms compare noise scores within question type and given answer",
+    )
     p.add_argument("--update-every", type=int, default=100)
     p.add_argument("--warmup", type=int, default=200, help="steps before the first selection")
     p.add_argument("--temperature", type=float, default=1.0, help="reweight arm: T in exp(-z / T)")
     p.add_argument("--clusters", type=int, default=20)
     p.add_argument("--holdout-steps", type=int, default=600)
-    p.add_argument("--runs", type=Path, default=Path("outputs/vlm_work"), help="per-run results (resumable)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("outputs/vlm_work"),
+        help="per-run results (resumable), in a subfolder named by the settings that shape a run",
+    )
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
@@ -97,15 +108,16 @@ def main() -> None:
             seed=args.data_seed,
         )
     runs = []
-    args.runs.mkdir(parents=True, exist_ok=True)
+    folder = args.runs / run_settings_key(args)  # a changed setting never reuses another setting's runs
+    folder.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for arm in args.arms:
-            path = args.runs / f"{arm}_seed{seed}.json"
+            path = folder / f"{arm}_seed{seed}.json"
             if not path.is_file():
                 result = train_vlm(
                     arm,
                     data,
-                    out=args.runs / f"{arm}_seed{seed}",
+                    out=folder / f"{arm}_seed{seed}",
                     seed=seed,
                     steps=args.steps,
                     batch_size=args.batch_size,
@@ -115,6 +127,7 @@ def main() -> None:
                     warmup=args.warmup,
                     temperature=args.temperature,
                     label_by=args.label_by,
+                    class_conditional=args.class_conditional,
                     signals=extras,
                 )
                 result["arm"] = arm
@@ -128,6 +141,14 @@ def main() -> None:
     report(args, runs, data, extras)
 
 
+def run_settings_key(args) -> str:
+    """A folder name for the settings every run of one benchmark shares (not the seeds or arms)."""
+    import hashlib
+
+    shared = {k: v for k, v in sorted(vars(args).items()) if k not in ("seeds", "arms", "runs", "out", "quick")}
+    return "settings-" + hashlib.sha256(json.dumps(shared, default=str).encode()).hexdigest()[:10]
+
+
 def report(args, runs: list[dict], data, extras: dict) -> None:
     noisy_rate = float(np.mean(data["train"]["noisy"]))
     lines = [
@@ -135,7 +156,9 @@ def report(args, runs: list[dict], data, extras: dict) -> None:
         f"({noisy_rate:.1%} with a wrong answer), clean test split of {len(data['test'])}; {args.steps} steps x "
         f"{args.batch_size}; seeds {args.seeds}; selection keeps {args.fraction:.0%} of every "
         f"{args.label_by.replace('_', ' and ')} group, re-selected every "
-        f"{args.update_every} steps from step {args.warmup}. Median [min, max] over seeds.",
+        f"{args.update_every} steps from step {args.warmup}; learning rate {args.lr:g}; detector arms "
+        f"{'class-conditional (within question type and given answer)' if args.class_conditional else 'raw'}. "
+        "Median [min, max] over seeds.",
         "",
         "| arm | clean test accuracy | clean test loss | validation accuracy (given answers) | noisy share trained on "
         f"| ... after step {args.warmup} | train seconds* |",

@@ -44,15 +44,20 @@ class DetectionProbe(TrainerCallback):
     """Detection quality of every detector on the run's training-dynamics record at chosen steps (after
     dataflex's own on_step_end has gathered the record at its update steps)."""
 
-    def __init__(self, dfx: Any, noisy: np.ndarray, steps: tuple[int, ...]) -> None:
-        self.dfx, self.noisy, self.steps = dfx, noisy, steps
+    def __init__(self, dfx: Any, noisy: np.ndarray, steps: tuple[int, ...], classes: np.ndarray | None = None) -> None:
+        self.dfx, self.noisy, self.steps, self.classes = dfx, noisy, steps, classes
         self.by_step: dict[int, dict[str, dict[str, float]]] = {}
 
     def measure(self) -> dict[str, dict[str, float]]:
+        """Every detector's quality; with ``classes``, also its class-conditional form (key ``"<name> | class"``)."""
         from dataflex.detectors import DETECTORS, detection_quality, noise_scores
 
         self.dfx.dynamics.gather()  # collective, like dataflex's own gathers; every rank runs this callback
-        return {d: detection_quality(noise_scores(self.dfx.dynamics, d), self.noisy) for d in DETECTORS}
+        out = {d: detection_quality(noise_scores(self.dfx.dynamics, d), self.noisy) for d in DETECTORS}
+        if self.classes is not None:
+            for d in DETECTORS:
+                out[f"{d} | class"] = detection_quality(noise_scores(self.dfx.dynamics, d, self.classes), self.noisy)
+        return out
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.dfx.dynamics is not None and state.global_step in self.steps:
