@@ -49,14 +49,17 @@ class DetectionProbe(TrainerCallback):
         self.by_step: dict[int, dict[str, dict[str, float]]] = {}
 
     def measure(self) -> dict[str, dict[str, float]]:
-        """Every detector's quality; with ``classes``, also its class-conditional form (key ``"<name> | class"``)."""
+        """Every detector's quality; with ``classes``, also its class-conditional form
+        (key ``"<name> (class-conditional)"``)."""
         from dataflex.detectors import DETECTORS, detection_quality, noise_scores
 
         self.dfx.dynamics.gather()  # collective, like dataflex's own gathers; every rank runs this callback
         out = {d: detection_quality(noise_scores(self.dfx.dynamics, d), self.noisy) for d in DETECTORS}
         if self.classes is not None:
             for d in DETECTORS:
-                out[f"{d} | class"] = detection_quality(noise_scores(self.dfx.dynamics, d, self.classes), self.noisy)
+                out[f"{d} (class-conditional)"] = detection_quality(
+                    noise_scores(self.dfx.dynamics, d, self.classes), self.noisy
+                )
         return out
 
     def on_step_end(self, args, state, control, **kwargs):
