@@ -12,7 +12,10 @@ Constraints, every one checked on the answer:
   stops paying, Muennighoff et al., arXiv 2305.16264; OLMix constrains repetition the same way);
 * ``max_kl`` / ``max_l1`` — the distance to a ``prior`` (KL(w || prior), or the L1 distance): stay near a
   known-good mixture where the law was fitted, since a law fitted on a swarm around the prior extrapolates
-  poorly far from it.
+  poorly far from it;
+* ``no_worse_than`` — a reference mixture (e.g. uniform): no evaluated domain may be predicted worse than
+  at the reference, so a better mean cannot be bought with a worse domain (a Pareto improvement, as the
+  law sees it). The reference itself always qualifies, so the answer is predicted no worse anywhere.
 
 Search (RegMix's recipe, arXiv 2407.01492: score many random mixtures with the law, keep the best): seeded
 Dirichlet candidates around the prior at several concentrations, plus the prior, uniform and the swarm's own
@@ -195,6 +198,7 @@ def propose_mixture(
     max_l1: float | None = None,
     min_weight: float | Sequence[float] | np.ndarray = 0.0,
     max_weight: Sequence[float] | np.ndarray | None = None,
+    no_worse_than: Sequence[float] | np.ndarray | None = None,
     candidates: int = 20000,
     seed: int = 0,
 ) -> Proposal:
@@ -205,16 +209,32 @@ def propose_mixture(
     train, evaluated = law.runs.train_domains, law.runs.eval_domains
     d = len(train)
     region = MixtureRegion(d, prior, min_weight, max_weight, max_kl, max_l1)
+    reference, ceiling = None, None
+    if no_worse_than is not None:
+        reference = np.asarray(no_worse_than, dtype=np.float64)
+        if reference.shape != (d,) or not region.check(reference):
+            raise ValueError(
+                f"no_worse_than must be a mixture of the {d} training domains inside the constraints (weight "
+                f"bounds, distance to the prior); got {reference.tolist()}"
+            )
+        ceiling = law.predict(reference[None])[0]
+
+    def excess(w: np.ndarray) -> np.ndarray:
+        """How far each row's worst domain is predicted above its ceiling (0 when none is)."""
+        return np.zeros(len(w)) if ceiling is None else np.maximum(law.predict(w) - ceiling, 0).max(1)
 
     def score(w: np.ndarray) -> np.ndarray:
-        return objective_values(law.predict(w), evaluated, objective)
+        # A row above a ceiling ranks after every row within them (the reference itself is within).
+        value = objective_values(law.predict(w), evaluated, objective)
+        return np.where(excess(w) > 0, 1e6 + excess(w), value)
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x3C]))
     base = np.maximum(region.prior, 1e-3)
     draws = [
         rng.dirichlet(alpha * base / base.sum() * d, size=max(1, candidates // 5)) for alpha in (0.3, 1, 3, 10, 50)
     ]
-    pool = np.vstack([region.prior, np.full(d, 1.0 / d), law.runs.weights, *draws])
+    extra = [] if reference is None else [reference]
+    pool = np.vstack([region.prior, np.full(d, 1.0 / d), law.runs.weights, *extra, *draws])
     pool = region.make(pool)
     values = score(pool)
     order = np.argsort(values, kind="stable")[:8]
@@ -229,13 +249,13 @@ def propose_mixture(
                     w, v = trial[int(np.argmin(tv))], float(tv.min())
         if v < best_v:
             best_w, best_v = w, v
-    if law.kind == "loglinear":
+    if law.kind == "loglinear" and ceiling is None:  # SLSQP does not take the ceilings: the search's answer stands
         refined = _refine_smooth(law, objective, region, best_w)
         if refined is not None:
             rv = float(score(refined[None])[0])
             if rv < best_v:
                 best_w, best_v = refined, rv
-    if not region.check(best_w):
+    if not region.check(best_w) or excess(best_w[None])[0] > 0:
         raise RuntimeError(f"internal error: the proposed mixture {best_w.tolist()} violates the constraints")
     return Proposal(best_w, law.predict(best_w[None])[0], best_v, list(train), list(evaluated))
 

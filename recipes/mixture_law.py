@@ -180,7 +180,10 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         if cfg.propose.max_epochs is not None:
             budget = cfg.main.steps * cfg.main.batch_size * float((natural * mean_len).sum())
             caps = repetition_caps(tokens, budget, cfg.propose.max_epochs)
-        proposal = propose_mixture(law, cfg.propose.objective, **search_settings(cfg, prior, caps))
+        reference = prior if cfg.propose.no_worse_than == "prior" else None  # per-domain ceilings: no domain worse
+        proposal = propose_mixture(
+            law, cfg.propose.objective, no_worse_than=reference, **search_settings(cfg, prior, caps)
+        )
         write_json_atomic(
             proposal_path,
             {

@@ -204,6 +204,8 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
         raise ValueError(f"law.folds must be in [2, swarm.size={cfg.swarm.size}]; got {folds}")
     if not isinstance(cfg.propose.objective, str):
         raise ValueError(f"propose.objective must be mean, worst or a domain name; got {cfg.propose.objective!r}")
+    if cfg.propose.no_worse_than not in (None, "prior"):
+        raise ValueError(f"propose.no_worse_than must be null or prior; got {cfg.propose.no_worse_than!r}")
     if cfg.propose.max_kl is not None and cfg.propose.max_l1 is not None:
         raise ValueError("give at most one of propose.max_kl and propose.max_l1")
     for key in ("max_kl", "max_l1", "max_epochs"):

@@ -124,6 +124,26 @@ def test_worst_domain_objective_is_no_worse_than_the_mean_optimum_or_uniform():
     assert worst.predicted.max() <= law.predict(np.full(5, 0.2))[0].max()
 
 
+def test_no_worse_than_keeps_every_domain_at_or_below_the_reference_and_gives_up_mean_only_for_that():
+    # Eval domains depend on every training domain (transfer), so some mixtures beat uniform everywhere.
+    # (With diagonal_law each domain learns from itself only: uniform is Pareto-optimal and is returned.)
+    runs, _, _ = synthetic_loglinear(seed=4)
+    law = MixtureLaw("loglinear").fit(runs)
+    uniform = np.full(5, 0.2)
+    ceiling = law.predict(uniform[None])[0]
+    free = propose_mixture(law, "mean")
+    assert (free.predicted > ceiling + 0.05).any()  # the unconstrained mean optimum makes a domain worse
+    bound = propose_mixture(law, "mean", no_worse_than=uniform)
+    assert (bound.predicted <= ceiling + 1e-12).all()
+    assert free.objective <= bound.objective < ceiling.mean()  # still better on the mean than the reference
+    with pytest.raises(ValueError, match="no_worse_than must be a mixture of the 5 training domains"):
+        propose_mixture(law, "mean", no_worse_than=[0.5, 0.5])
+    with pytest.raises(ValueError, match="inside the constraints"):
+        propose_mixture(law, "mean", no_worse_than=[0.6, 0.1, 0.1, 0.1, 0.1], max_l1=0.3)
+    diagonal = MixtureLaw("loglinear").fit(diagonal_law()[0])
+    assert np.allclose(propose_mixture(diagonal, "mean", no_worse_than=uniform).weights, uniform)
+
+
 def test_the_search_respects_every_constraint():
     runs, optimum = diagonal_law()
     law = MixtureLaw("loglinear").fit(runs)
@@ -350,6 +370,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("law.folds=1", r"law.folds must be in \[2, swarm.size=14\]; got 1"),
         ("propose.max_kl=0.1", "give at most one of propose.max_kl and propose.max_l1"),
         ("propose.min_weight=1", r"propose.min_weight must be a number in \[0, 1\); got 1"),
+        ("propose.no_worse_than=uniform", "propose.no_worse_than must be null or prior; got 'uniform'"),
         ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
         ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
         ("swarm.stages=3", "swarm.steps=50 must be a multiple of swarm.stages=3"),

@@ -44,6 +44,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--law-kinds", nargs="+", default=["loglinear", "gp", "gbm"])
     p.add_argument("--objective", default="mean", help="mean | worst | a domain: what the proposal minimises")
     p.add_argument("--max-l1", type=float, default=0.6)
+    p.add_argument(
+        "--no-worse-than-prior",
+        action="store_true",
+        help="the proposal may not be predicted worse than uniform on any domain (propose.no_worse_than=prior)",
+    )
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
     p.add_argument("--work", type=Path, default=Path("outputs/mixture_law_bench"))
@@ -67,6 +72,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"law.kinds=[{','.join(args.law_kinds)}]",
         f"propose.max_l1={args.max_l1}",
         f"propose.objective={args.objective}",
+        f"propose.no_worse_than={'prior' if args.no_worse_than_prior else 'null'}",
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
     ]
@@ -99,7 +105,9 @@ def main() -> None:
     lines = [
         f"Seeds {args.seeds}; main runs {args.steps} steps x 16 x 128 bytes (byte GPT-2, 2 layers x 96); swarm "
         f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the {args.objective} "
-        f"validation loss within L1 {args.max_l1} of uniform, floor 0.02; online correction radius {args.radius}. "
+        f"validation loss within L1 {args.max_l1} of uniform, floor 0.02"
+        + (", no domain predicted worse than at uniform" if args.no_worse_than_prior else "")
+        + f"; online correction radius {args.radius}. "
         "Test-split loss (nats/byte), median [min, max] over seeds.",
         "",
         "| arm | mean test loss | worst-domain test loss | main-run wall time (x uniform) |",
