@@ -307,3 +307,20 @@ def test_selection_groups_by_question_and_given_answer(vqa):
     assert method_callback("loss_easy", train, {}, **kwargs)[0].labels == list(train["domain"])
     with pytest.raises(ValueError, match="label_by='answer'"):
         method_callback("loss_easy", train, {}, label_by="answer", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["aum", "cartography", "last_loss"])
+def test_detector_arms_compare_scores_within_question_and_given_answer(vqa, method):
+    """The detector arms hand DropNoisy each example's question type and given answer as its class (unless
+    class_conditional=False), and keep per-question-type shares."""
+    from dataflex.detectors import DropNoisy
+    from dataflex.recipes.vlm import method_callback
+
+    train = vqa["train"]
+    kwargs = {"fraction": 0.7, "update_every": 5, "warmup": 0, "temperature": 1.0}
+    dfx, weighted = method_callback(method, train, {}, **kwargs)
+    rule = dfx.selector
+    assert weighted is None and isinstance(rule, DropNoisy) and rule.detector == method
+    assert rule.drop == pytest.approx(0.3) and rule.per_label and dfx.labels == list(train["domain"])
+    assert rule.classes.tolist() == [f"{d}:{a}" for d, a in zip(train["domain"], train["answer"])]
+    assert method_callback(method, train, {}, class_conditional=False, **kwargs)[0].selector.classes is None
