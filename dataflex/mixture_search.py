@@ -219,14 +219,15 @@ def propose_mixture(
             )
         ceiling = law.predict(reference[None])[0]
 
-    def excess(w: np.ndarray) -> np.ndarray:
+    def excess(predicted: np.ndarray) -> np.ndarray:
         """How far each row's worst domain is predicted above its ceiling (0 when none is)."""
-        return np.zeros(len(w)) if ceiling is None else np.maximum(law.predict(w) - ceiling, 0).max(1)
+        return np.zeros(len(predicted)) if ceiling is None else np.maximum(predicted - ceiling, 0).max(1)
 
     def score(w: np.ndarray) -> np.ndarray:
         # A row above a ceiling ranks after every row within them (the reference itself is within).
-        value = objective_values(law.predict(w), evaluated, objective)
-        return np.where(excess(w) > 0, 1e6 + excess(w), value)
+        predicted = law.predict(w)  # once per call: the search calls this on tens of thousands of rows
+        over = excess(predicted)
+        return np.where(over > 0, 1e6 + over, objective_values(predicted, evaluated, objective))
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x3C]))
     base = np.maximum(region.prior, 1e-3)
@@ -255,7 +256,7 @@ def propose_mixture(
             rv = float(score(refined[None])[0])
             if rv < best_v:
                 best_w, best_v = refined, rv
-    if not region.check(best_w) or excess(best_w[None])[0] > 0:
+    if not region.check(best_w) or excess(law.predict(best_w[None]))[0] > 0:
         raise RuntimeError(f"internal error: the proposed mixture {best_w.tolist()} violates the constraints")
     return Proposal(best_w, law.predict(best_w[None])[0], best_v, list(train), list(evaluated))
 

@@ -69,7 +69,7 @@ def method_callback(
     if label_by not in ("question", "question_answer"):
         raise ValueError(f"label_by={label_by!r}; valid values are 'question', 'question_answer'")
     domains = train["domain"]
-    groups = domains if label_by == "question" else [f"{d}:{a}" for d, a in zip(domains, train["answer"])]
+    groups = domains if label_by == "question" else answer_classes(train).tolist()
     selection = {"update_every": update_every, "warmup_steps": warmup}
     if method == "uniform":  # its training-dynamics record measures every detector after plain training
         return DataFlexCallback(Uniform(), domains=domains, update_every=update_every, dynamics=True), None
