@@ -59,6 +59,7 @@ __all__ = [
     "out_of_fold_scores",
     "plant_threshold_examples",
     "standardised_within",
+    "class_codes",
 ]
 
 DETECTORS = ("aum", "cartography", "loss", "forgetting", "last_loss")
@@ -83,8 +84,7 @@ def standardised_within(score: np.ndarray, classes: Sequence[Any] | np.ndarray) 
     classes = np.asarray(classes)
     if classes.shape != score.shape:
         raise ValueError(f"classes must give one label per example ({score.shape[0]}); got shape {classes.shape}")
-    _, code = np.unique(classes, return_inverse=True)
-    code = code.reshape(-1)
+    code = class_codes(classes)
     finite = np.isfinite(score)
     k = int(code.max()) + 1 if code.size else 0
     count = np.bincount(code[finite], minlength=k).astype(np.float64)
@@ -97,6 +97,18 @@ def standardised_within(score: np.ndarray, classes: Sequence[Any] | np.ndarray) 
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(spread[code] > 0, deviation / spread[code], 0.0)
     return np.where(finite, z, np.nan)
+
+
+def class_codes(classes: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Each label as an integer in [0, number of examples): the same grouping as ``classes``.
+
+    Labels that already are such integers are used as they are; others (strings, say) are sorted once by
+    ``np.unique`` — :class:`DropNoisy` does it at construction, not at every decision.
+    """
+    classes = np.asarray(classes).reshape(-1)
+    if classes.dtype.kind in "iu" and (classes.size == 0 or (classes.min() >= 0 and classes.max() < classes.size)):
+        return classes.astype(np.int64, copy=False)
+    return np.unique(classes, return_inverse=True)[1].reshape(-1)
 
 
 def _raw_noise_scores(record: TrainingDynamics, detector: str) -> np.ndarray:
@@ -287,7 +299,9 @@ class DropNoisy(Selector):
         self.detector, self.drop, self.percentile = detector, drop, float(percentile)
         self.threshold_ids = None if threshold_ids is None else np.asarray(threshold_ids, dtype=np.int64)
         self.threshold: float | None = None  # the AUM cut of the last decision (threshold mode)
-        self.classes = None if classes is None else np.asarray(classes)
+        # Integer codes, sorted once here rather than at every decision (string labels at millions of examples).
+        self.classes = None if classes is None else class_codes(classes)
+        self._noise: np.ndarray | None = None  # the current decision's noise scores, while it runs
 
     def _record(self, ctx: SelectionContext) -> TrainingDynamics:
         if ctx.dynamics is None:
@@ -296,16 +310,35 @@ class DropNoisy(Selector):
 
     def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
         """Higher = kept: minus the noise score; examples never visited first of all (no evidence)."""
-        noise = noise_scores(self._record(ctx), self.detector, self.classes)[ids]
-        return np.where(np.isfinite(noise), -noise, np.finfo(np.float64).max)
+        noise = self._noise if self._noise is not None else self._noise_scores(self._record(ctx))
+        return np.where(np.isfinite(noise[ids]), -noise[ids], np.finfo(np.float64).max)
+
+    def initial_subset(self, n: int) -> np.ndarray:
+        self._check_classes(n)  # at the start of training, not after the warm-up
+        return super().initial_subset(n)
+
+    def _check_classes(self, n: int) -> None:
+        if self.classes is not None and self.classes.shape[0] != n:
+            raise ValueError(
+                f"DropNoisy classes give {self.classes.shape[0]} labels but the pool has {n} examples; "
+                "give one label per pool example"
+            )
+
+    def _noise_scores(self, record: TrainingDynamics) -> np.ndarray:
+        self._check_classes(record.num_examples)
+        return noise_scores(record, self.detector, self.classes)
 
     def select(self, ctx: SelectionContext) -> np.ndarray:
         if self.threshold_ids is None:
-            chosen = super().select(ctx)
-            # Record the noise scores (NaN = never visited), not the ranking keys above: those put unvisited
-            # examples at the float maximum, which would reach the score store and overflow the logged means.
-            pool = self.last_scores[0]
-            self.last_scores = (pool, noise_scores(self._record(ctx), self.detector, self.classes)[pool])
+            self._noise = self._noise_scores(self._record(ctx))  # once per decision, for score() and below
+            try:
+                chosen = super().select(ctx)
+                # Record the noise scores (NaN = never visited), not the ranking keys: those put unvisited
+                # examples at the float maximum, which would reach the score store and overflow the logged means.
+                pool = self.last_scores[0]
+                self.last_scores = (pool, self._noise[pool])
+            finally:
+                self._noise = None
             return chosen
         record = self._record(ctx)
         self.last_scores = (np.arange(record.num_examples), noise_scores(record, "aum"))

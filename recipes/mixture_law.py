@@ -105,6 +105,9 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
+    proxy_val = cfg.swarm.get("val_per_domain")  # the validation examples per domain a proxy is scored on
+    if proxy_val is not None:  # (only then in the key: swarms written before this setting existed stay valid)
+        swarm_settings["val_per_domain"] = proxy_val
     swarm_key = settings_key(
         **swarm_settings, prior=prior.tolist(), concentration=cfg.swarm.concentration, seed=cfg.seed
     )
@@ -121,6 +124,9 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     staged = cfg.swarm.stages > 1  # evaluate along each run too: laws per fraction give a schedule
 
     def proxy(weights: np.ndarray, index: int) -> dict[str, Any]:
+        # One validation pass per stage, the last at the end of training gives the run's losses (no second
+        # pass over the same examples afterwards); a proxy is scored on swarm.val_per_domain examples per
+        # domain when set — at 100-step proxies, evaluation, not training, is most of a proxy's time.
         result = run_experiment(
             policy=Static(weights.tolist()),
             steps=cfg.swarm.steps,
@@ -128,12 +134,14 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             lr=cfg.lr,
             seed=cfg.seed,
             update_every=cfg.swarm.steps,
-            eval_every=cfg.swarm.steps // cfg.swarm.stages if staged else 0,
-            curve_per_domain=cfg.data.val_per_domain,  # the same validation examples as the final losses
-            curve_by_domain=staged,
+            eval_every=cfg.swarm.steps // cfg.swarm.stages,
+            curve_per_domain=cfg.data.val_per_domain if proxy_val is None else proxy_val,
+            curve_by_domain=True,
             work_dir=swarm.folder / f"work-{index}",
+            eval_splits=(),
             **common,
         )
+        final = result["curve"][-1]  # the loop always evaluates at its last step
         # Expected tokens per domain (the sampler draws each example's domain with these weights).
         expected = weights * cfg.swarm.steps * cfg.swarm.batch_size * mean_len
         along = [
@@ -142,7 +150,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             if p["step"] < cfg.swarm.steps
         ]
         return {
-            "losses": result["validation_loss"],
+            "losses": final["by_domain"],
             "tokens": dict(zip(names, expected.tolist())),
             "seconds": result["train_seconds"],
             **({"losses_at": along} if staged else {}),

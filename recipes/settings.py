@@ -189,6 +189,7 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
             "along each run are taken at equal fractions of it)"
         )
     positive_number("swarm.concentration", cfg.swarm.concentration)
+    optional_positive_int("swarm.val_per_domain", cfg.swarm.get("val_per_domain"))
     one_of("swarm.prior", cfg.swarm.prior, ("uniform", "natural"))
     if cfg.swarm.run_index is not None:
         index = nonnegative_int("swarm.run_index", cfg.swarm.run_index)

@@ -14,6 +14,7 @@ from dataflex.detectors import (
     DropNoisy,
     aum_threshold,
     cartography_regions,
+    class_codes,
     noise_scores,
     plant_threshold_examples,
     standardised_within,
@@ -235,6 +236,34 @@ def test_class_conditional_scores_find_noise_that_class_difficulty_hides(detecto
     rule = DropNoisy(detector, drop=0.3, classes=classes)
     kept = rule.keep_ids(record)
     assert noisy[kept].mean() < 0.05 and (classes[kept] == "hard").mean() > 0.4
+
+
+def test_class_codes_group_like_the_labels_they_code():
+    score = np.random.default_rng(1).standard_normal(8)
+    labels = np.array(["x", "y", "x", "z", "y", "x", "z", "z"])
+    dense = np.array([0, 1, 0, 2, 1, 0, 2, 2])  # used as they are
+    sparse = np.array([7, 900, 7, -3, 900, 7, -3, -3])  # outside [0, n): recoded
+    expected = standardised_within(score, labels)
+    for codes in (dense, sparse, dense.astype(np.uint8)):
+        assert np.allclose(standardised_within(score, codes), expected)
+    assert (class_codes(dense) == dense).all() and class_codes(sparse).max() == 2
+
+
+def test_drop_noisy_refuses_classes_of_the_wrong_length_before_training_and_scores_once_per_decision(monkeypatch):
+    rule = DropNoisy("last_loss", drop=0.3, classes=["a", "b"] * 5)
+    with pytest.raises(ValueError, match="DropNoisy classes give 10 labels but the pool has 12 examples"):
+        rule.initial_subset(12)
+    assert len(rule.initial_subset(10)) == 10
+    record = synthetic_record(np.linspace(-1, 1, 10))
+    calls = []
+    import dataflex.detectors as detectors
+
+    real = detectors.noise_scores
+    monkeypatch.setattr(detectors, "noise_scores", lambda *a: calls.append(1) or real(*a))
+    kept = rule.keep_ids(record)
+    assert len(calls) == 1 and len(kept) == 7  # 70 % of the pool (per_label is off)
+    pool, noise = rule.last_scores
+    assert np.allclose(noise, real(record, "last_loss", ["a", "b"] * 5)[pool])
 
 
 def test_class_conditional_scores_do_not_mix_with_the_aum_threshold_mode():

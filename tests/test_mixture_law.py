@@ -365,6 +365,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("stage=train", "stage='train'; valid values are swarm, fit, propose, main, all"),
         ("swarm.size=0", "swarm.size must be a positive integer; got 0"),
         ("swarm.run_index=20", r"swarm.run_index=20 is outside the swarm's 0..13"),
+        ("swarm.val_per_domain=0", "swarm.val_per_domain must be a positive integer; got 0"),
         ("swarm.prior=zipf", "swarm.prior='zipf'; valid values are uniform, natural"),
         ("law.kinds=[linear]", "law.kinds='linear'; valid values are loglinear, gbm, gp"),
         ("law.folds=1", r"law.folds must be in \[2, swarm.size=14\]; got 1"),
@@ -430,7 +431,7 @@ def test_a_swarm_made_with_another_model_or_data_is_never_reused(tmp_path):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     common = ["stage=swarm", "swarm.run_index=0", "swarm.steps=2", "data.train_per_domain=5", "law.kinds=[gp]"]
-    for extra in ([], ["data.val_per_domain=3"], ["model.n_embd=32"]):
+    for extra in ([], ["data.val_per_domain=3"], ["model.n_embd=32"], ["swarm.val_per_domain=1"]):
         with initialize_config_dir(config_dir=str(configs), version_base=None):
             cfg = compose(config_name="mixture_law", overrides=[*common, "data.val_per_domain=2", *extra])
 
@@ -439,7 +440,7 @@ def test_a_swarm_made_with_another_model_or_data_is_never_reused(tmp_path):
 
         run_stages(cfg, make_model, default_data_dir() / "textmix", tmp_path / "work")
     folders = sorted((tmp_path / "work").glob("swarm-*"))
-    assert len(folders) == 3 and all(len(list(f.glob("run-*.json"))) == 1 for f in folders)
+    assert len(folders) == 4 and all(len(list(f.glob("run-*.json"))) == 1 for f in folders)
     from dataflex.swarm import Swarm
 
     saved = json.loads((folders[0] / "swarm.json").read_text())
@@ -452,6 +453,43 @@ def test_a_swarm_made_with_another_model_or_data_is_never_reused(tmp_path):
             prior=saved["prior"],
             extra={**{k: saved[k] for k in ("stages", "batch_size", "lr", "model", "data")}, "steps": 3},
         )
+
+
+def test_a_proxy_is_scored_once_per_stage_on_its_validation_subset(tmp_path, monkeypatch):
+    """swarm.val_per_domain scores the proxies on that many validation examples per domain; the losses a
+    proxy keeps (half-way and final) are those of its model on exactly those examples."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from dataflex.recipes.mixture import load_split
+    from dataflex.recipes.mixture_law import run_stages
+    from dataflex.testbeds.tiny import default_data_dir, per_domain_loss
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    overrides = ["stage=swarm", "swarm.run_index=0", "swarm.steps=2", "data.train_per_domain=5", "law.kinds=[gp]"]
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose(config_name="mixture_law", overrides=[*overrides, "swarm.val_per_domain=2"])
+    models, evaluated = [], []
+    real = per_domain_loss
+
+    def counting(model, ds, domains, **kw):
+        evaluated.append(len(ds))
+        return real(model, ds, domains, **kw)
+
+    def make_model():
+        models.append(instantiate(cfg.model, seed=cfg.seed))
+        return models[-1]
+
+    root = default_data_dir() / "textmix"
+    monkeypatch.setattr("dataflex.recipes.mixture.per_domain_loss", counting)
+    run_stages(cfg, make_model, root, tmp_path / "work")
+    assert evaluated == [16, 16]  # half-way and end, 2 examples x 8 domains; no extra pass afterwards
+    (run,) = (tmp_path / "work").glob("swarm-*/run-00000.json")
+    kept = json.loads(run.read_text())["losses"]
+    subset = load_split(root, "validation", cfg.data.max_len, 2)
+    assert kept == pytest.approx(per_domain_loss(models[-1], subset, subset["domain"]), rel=1e-6)
 
 
 def test_a_proposed_schedule_ends_at_the_static_proposal_and_does_better_before():

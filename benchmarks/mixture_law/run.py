@@ -49,6 +49,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="the proposal may not be predicted worse than uniform on any domain (propose.no_worse_than=prior)",
     )
+    p.add_argument(
+        "--proxy-val-per-domain",
+        type=int,
+        default=None,
+        help="score the proxies on this many validation examples per domain (swarm.val_per_domain; default all)",
+    )
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
     p.add_argument("--work", type=Path, default=Path("outputs/mixture_law_bench"))
@@ -75,6 +81,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"propose.no_worse_than={'prior' if args.no_worse_than_prior else 'null'}",
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
+        f"swarm.val_per_domain={'null' if args.proxy_val_per_domain is None else args.proxy_val_per_domain}",
     ]
     if args.quick:
         overrides += ["data.train_per_domain=60", "data.val_per_domain=20"]
