@@ -350,6 +350,11 @@ class DropNoisy(Selector):
     def keep_ids(self, record: TrainingDynamics, labels: np.ndarray | None = None) -> np.ndarray:
         """The ids this rule keeps given a finished run's record, for a subset file (offline use):
         ``write_subset(path, rule.keep_ids(callback.dynamics), pool=..., method="aum", fraction=...)``."""
+        if record.pending:  # the arrays would miss the latest visits: a stale, silently different decision
+            raise ValueError(
+                f"the record holds {record.pending} visits not folded in yet; call record.gather() (on every rank) "
+                "before keep_ids"
+            )
         n = record.num_examples
         ctx = SelectionContext(
             model=None, dataset=range(n), collate=None, step=0, seed=0, labels=labels, dynamics=record

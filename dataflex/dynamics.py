@@ -176,6 +176,11 @@ class TrainingDynamics:
         head = torch.as_tensor(np.stack([ids, np.full_like(ids, step)], 1), dtype=torch.float64)
         self._local.append(torch.cat([head.to(columns[0].device), torch.stack(columns, 1)], 1))
 
+    @property
+    def pending(self) -> int:
+        """This rank's buffered visits not folded into the arrays yet (:meth:`gather` folds them in)."""
+        return sum(int(part.shape[0]) for part in self._local)
+
     def gather(self) -> int:
         """Gather every rank's buffered visits and fold them in (collective: call on all ranks).
         Returns how many visits were applied."""

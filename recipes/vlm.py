@@ -41,6 +41,7 @@ METHODS = {
     "cartography": "DropNoisy('cartography', drop=1 - fraction): lowest mean confidence out (arXiv 2009.10795)",
     "last_loss": "DropNoisy('last_loss', drop=1 - fraction): highest loss at the latest visit out (arXiv 1804.06872)",
     "clean_oracle": "reference, not a method: FixedSubset of the examples whose answer is right (reads the noise mask)",
+    "subset": "FixedSubset(signals['subset']): given ids, e.g. those a cleaning run kept (two-stage cleaning)",
 }
 
 
@@ -97,6 +98,8 @@ def method_callback(
             ),
             None,
         )
+    if method == "subset":
+        return DataFlexSelectCallback(FixedSubset(np.asarray(signals["subset"])), domains, **selection), None
     if method == "clean_oracle":  # what perfect noise filtering would give at this budget (an upper reference)
         clean = np.flatnonzero(~np.asarray(train["noisy"], dtype=bool))
         return DataFlexSelectCallback(FixedSubset(clean), domains, **selection), None
@@ -127,8 +130,14 @@ def train_vlm(
     signals: dict[str, Any] | None = None,
     save_steps: int | None = None,
     resume: bool = False,
+    cleaning: DropNoisy | None = None,
 ) -> dict[str, Any]:
-    """Train one tiny LLaVA with ``method`` for ``steps`` and evaluate it on the clean test split."""
+    """Train one tiny LLaVA with ``method`` for ``steps`` and evaluate it on the clean test split.
+
+    ``cleaning`` (uniform runs only): a :class:`DropNoisy` rule applied to the finished run's
+    training-dynamics record; the ids it keeps are returned as ``kept_ids`` — the first stage of two-stage
+    cleaning (the AUM paper's protocol: train, drop the flagged examples, train afresh on the rest with
+    ``method="subset"``)."""
     from dataflex.testbeds.digits import answer_metrics, collate_vlm
     from dataflex.testbeds.tiny import tiny_llava
 
@@ -136,6 +145,10 @@ def train_vlm(
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
     if method in ("rho", "clusters") and not signals:
         raise ValueError(f"method {method!r} needs holdout signals (see holdout_signals)")
+    if method == "subset" and (signals is None or "subset" not in signals):
+        raise ValueError("method 'subset' needs signals={'subset': ids} (e.g. a cleaning run's kept_ids)")
+    if cleaning is not None and method != "uniform":
+        raise ValueError(f"cleaning reads the record of a plain (uniform) run; method={method!r} selects its own data")
     train = data["train"]
     dfx, weighted = method_callback(
         method,
@@ -165,6 +178,10 @@ def train_vlm(
     test = answer_metrics(model, data["test"])
     validation = answer_metrics(model, data["validation"])  # against its given (partly wrong) answers
     kinds = np.asarray(data["test"]["domain"])
+    kept = None
+    if cleaning is not None:
+        dfx.dynamics.gather()  # the last steps' visits (collective, like dataflex's own gathers)
+        kept = cleaning.keep_ids(dfx.dynamics, labels=np.asarray(train["domain"])).tolist()
     return {
         "method": method,
         "seed": seed,
@@ -176,6 +193,7 @@ def train_vlm(
         "noisy_share_after_warmup": counter.share(after=warmup),
         "seconds": seconds,
         "resumed": bool(checkpoints),
+        **({"kept_ids": kept} if kept is not None else {}),
         # Noise detection on the run's training-dynamics record (runs that keep one): at the first selection
         # (step ``warmup``) and at the end. Only the uniform arm's end-of-run figure is free of selection bias.
         "detection": {

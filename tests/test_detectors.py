@@ -266,6 +266,19 @@ def test_drop_noisy_refuses_classes_of_the_wrong_length_before_training_and_scor
     assert np.allclose(noise, real(record, "last_loss", ["a", "b"] * 5)[pool])
 
 
+def test_keep_ids_refuses_a_record_with_visits_not_folded_in():
+    """A finished run's last visits are buffered until a gather: deciding before it would silently use a
+    record without them."""
+    record = synthetic_record(np.linspace(-1, 1, 10))
+    one = {name: torch.tensor([5.0]) for name in ("loss", "margin", "confidence", "accuracy")}
+    record.add(np.array([3]), 1, one)
+    rule = DropNoisy("last_loss", drop=0.3)
+    with pytest.raises(ValueError, match="holds 1 visits not folded in yet; call record.gather"):
+        rule.keep_ids(record)
+    record.gather()
+    assert record.pending == 0 and 3 not in rule.keep_ids(record)  # its latest loss (5.0) is now the highest
+
+
 def test_class_conditional_scores_do_not_mix_with_the_aum_threshold_mode():
     with pytest.raises(ValueError, match="classes .* apply to drop="):
         DropNoisy("aum", threshold_ids=[0, 1], classes=["a", "b", "a"])

@@ -325,3 +325,28 @@ def test_detector_arms_compare_scores_within_question_and_given_answer(vqa, meth
     given = [f"{d}:{a}" for d, a in zip(train["domain"], train["answer"])]
     assert (rule.classes == class_codes(given)).all()  # kept as integer codes of these labels
     assert method_callback(method, train, {}, class_conditional=False, **kwargs)[0].selector.classes is None
+
+
+def test_two_stage_cleaning_keeps_a_share_of_every_question_type_and_trains_on_it(vqa, tmp_path):
+    """Stage 1 (uniform, with a cleaning rule) returns the ids the rule keeps from its finished record;
+    stage 2 (method='subset') trains only on them. Misuse is refused with the reason."""
+    from dataflex.detectors import DropNoisy
+    from dataflex.recipes.vlm import answer_classes, method_callback, train_vlm
+
+    train = vqa["train"]
+    rule = DropNoisy("last_loss", drop=0.3, per_label=True, classes=answer_classes(train))
+    common = {"steps": 6, "batch_size": 8, "update_every": 2, "warmup": 2}
+    first = train_vlm("uniform", vqa, out=tmp_path / "one", cleaning=rule, **common)
+    kept = np.asarray(first["kept_ids"])
+    domains = np.asarray(train["domain"])
+    assert np.array_equal(kept, np.unique(kept)) and 0 <= kept[0] and kept[-1] < len(train)
+    for kind in np.unique(domains):  # 70 % of every question type (unvisited examples are kept first)
+        assert abs(np.isin(np.flatnonzero(domains == kind), kept).sum() - 0.7 * (domains == kind).sum()) <= 1
+    dfx, _ = method_callback("subset", train, {"subset": kept}, fraction=0.7, update_every=2, warmup=0, temperature=1)
+    assert np.array_equal(dfx.selector.initial_subset(len(train)), kept)
+    second = train_vlm("subset", vqa, out=tmp_path / "two", signals={"subset": kept}, **common)
+    assert "kept_ids" not in second and 0 <= second["accuracy"] <= 1
+    with pytest.raises(ValueError, match="method 'subset' needs signals=\\{'subset': ids\\}"):
+        train_vlm("subset", vqa, out=tmp_path / "three", **common)
+    with pytest.raises(ValueError, match="cleaning reads the record of a plain \\(uniform\\) run; method='aum'"):
+        train_vlm("aum", vqa, out=tmp_path / "four", cleaning=rule, **common)

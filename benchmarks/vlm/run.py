@@ -237,25 +237,29 @@ def detection_table(args, runs: list[dict]) -> list[str]:
 
 
 def plot(args, summary: dict) -> None:
+    panels = (("accuracy", "clean test accuracy"), ("noisy_share_after_warmup", "share of noisy examples trained on"))
+    bar_panels(args.out / "results.png", list(args.arms), summary, panels)
+
+
+def bar_panels(path: Path, arms: list[str], summary: dict, panels: tuple[tuple[str, str], ...]) -> None:
+    """One panel per ``(key, title)``: a bar at each arm's median of ``summary[arm][key]``, a dot per seed
+    (the references — uniform, the clean oracle — in their own colours)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in (
-        (axes[0], "accuracy", "clean test accuracy"),
-        (axes[1], "noisy_share_after_warmup", "share of noisy examples trained on"),
-    ):
-        for x, arm in enumerate(args.arms):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for x, arm in enumerate(arms):
             values = summary[arm][key]
-            color = {"uniform": "tab:gray", "clean_oracle": "tab:green"}.get(arm, "tab:blue")
+            color = {"uniform": "tab:gray", "uniform_2x": "tab:gray", "clean_oracle": "tab:green"}.get(arm, "tab:blue")
             ax.bar(x, np.median(values), color=color, alpha=0.7)
             ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
-        ax.set_xticks(range(len(args.arms)), args.arms, rotation=30)
+        ax.set_xticks(range(len(arms)), arms, rotation=30)
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(args.out / "results.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
