@@ -160,5 +160,7 @@ def read_subset(path: str | os.PathLike[str], pool: DatasetFingerprint | None = 
     if payload.get("format") != SUBSET_FORMAT:
         raise ValueError(f"{path} is not a dataflex subset (format {payload.get('format')!r}, want {SUBSET_FORMAT})")
     if pool is not None:
-        pool.check_matches(payload["pool"])
+        pool.check_matches(
+            payload["pool"], f"{path} was written for a different dataset; its ids would pick other examples here"
+        )
     return np.asarray(payload["ids"], dtype=np.int64)

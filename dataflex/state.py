@@ -84,17 +84,18 @@ class DatasetFingerprint:
         d["domain_names"] = list(self.domain_names)
         return d
 
-    def check_matches(self, saved: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if a saved fingerprint describes a different dataset."""
+    def check_matches(
+        self,
+        saved: dict[str, Any],
+        refusal: str = "dataflex state was saved for a different dataset, refusing to resume on this one "
+        "(the example order would not be reproduced)",
+    ) -> None:
+        """Raise ``ValueError`` (``refusal`` and the differing fields) if a saved fingerprint describes a
+        different dataset."""
         mine = self.to_json()
         if saved != mine:
-            diffs = [
-                f"{k}: checkpoint={saved.get(k)!r} vs this run={mine[k]!r}" for k in mine if saved.get(k) != mine[k]
-            ]
-            raise ValueError(
-                "dataflex state was saved for a different dataset, refusing to resume on this one "
-                "(the example order would not be reproduced). Differences: " + "; ".join(diffs)
-            )
+            diffs = [f"{k}: saved={saved.get(k)!r} vs this run={mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+            raise ValueError(f"{refusal}. Differences: " + "; ".join(diffs))
 
 
 def wrap_state(fingerprint: DatasetFingerprint, payload: dict[str, Any]) -> dict[str, Any]:

@@ -87,9 +87,24 @@ def one_of(key: str, value: Any, valid: Any) -> Any:
     return value
 
 
-def check_vlm_settings(cfg: Any, methods: Any) -> None:
-    """Every setting of ``configs/vlm.yaml``, checked before the digits data is built."""
+def check_vlm_settings(cfg: Any, methods: Any, resolve: Any = lambda p: p) -> None:
+    """Every setting of ``configs/vlm.yaml``, checked before the digits data is built; ``resolve`` maps a
+    path as given to where it is (Hydra changes the working directory)."""
+    from dataflex.detectors import DETECTORS
+
     one_of("method", cfg.method, methods)
+    if cfg.get("clean_with") is not None:
+        one_of("clean_with", cfg.clean_with, DETECTORS)
+        if cfg.method != "uniform":
+            raise ValueError(
+                f"clean_with reads the record of a plain run; it needs method=uniform, got method={cfg.method!r}"
+            )
+    if cfg.method == "subset":
+        if cfg.get("subset_file") is None:
+            raise ValueError("method=subset needs subset_file=<a subset file, e.g. a clean_with run's kept_ids.json>")
+        _path("subset_file", resolve(cfg.subset_file), kind="file")
+    elif cfg.get("subset_file") is not None:
+        raise ValueError(f"subset_file is read by method=subset only; this run has method={cfg.method!r}")
     one_of("label_by", cfg.label_by, ("question", "question_answer"))
     fraction("noise", cfg.noise, allow_zero=True)
     fraction("fraction", cfg.fraction)

@@ -1,6 +1,8 @@
 """Recipe: finetune a tiny LLaVA-style VLM on digits VQA with noisy answers, under a dataflex data policy.
 
     python -m dataflex.recipes.vlm method=rho noise=0.3 seed=1
+    python -m dataflex.recipes.vlm clean_with=last_loss hydra.run.dir=stage1       # two-stage cleaning:
+    python -m dataflex.recipes.vlm method=subset subset_file=stage1/kept_ids.json  # train on what it kept
     python -m dataflex.recipes.vlm -m method=uniform,loss_easy,rho,reweight,clusters seed=0,1,2
 
 A stock ``transformers.Trainer`` trains :func:`dataflex.testbeds.tiny.tiny_llava` (CLIP vision tower ->
@@ -22,9 +24,12 @@ import numpy as np
 from transformers import Trainer
 
 from dataflex.detectors import DropNoisy
+from dataflex.domains import encode_domains
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
+from dataflex.offline import read_subset, write_subset
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
+from dataflex.state import DatasetFingerprint
 from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, holdout_signals, training_args
 from dataflex.weighting import ExampleWeightedLoss
 
@@ -104,6 +109,13 @@ def method_callback(
         clean = np.flatnonzero(~np.asarray(train["noisy"], dtype=bool))
         return DataFlexSelectCallback(FixedSubset(clean), domains, **selection), None
     raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
+
+
+def pool_fingerprint(train: Any) -> DatasetFingerprint:
+    """The training pool's identity for subset files: every example's question type and given answer, in
+    order (another data seed, noise rate or image count gives another fingerprint)."""
+    codes, names = encode_domains(answer_classes(train).tolist())
+    return DatasetFingerprint.from_labels(codes, names)
 
 
 def answer_classes(train: Any) -> np.ndarray:
@@ -214,10 +226,15 @@ def _hydra_main() -> None:
 
     @hydra.main(config_path="../configs", config_name="vlm", version_base=None)
     def main(cfg: DictConfig) -> None:
-        check_vlm_settings(cfg, METHODS)
+        check_vlm_settings(cfg, METHODS, resolve=to_absolute_path)
         out = Path(HydraConfig.get().runtime.output_dir)
         data = digits_vqa(cfg.noise, seed=cfg.data_seed, num_images=cfg.num_images)
-        signals = None
+        signals, cleaning, pool = None, None, pool_fingerprint(data["train"])
+        if cfg.clean_with is not None:
+            classes = answer_classes(data["train"]) if cfg.class_conditional else None
+            cleaning = DropNoisy(cfg.clean_with, drop=1.0 - cfg.fraction, per_label=cfg.per_label, classes=classes)
+        if cfg.method == "subset":  # refused if the file was made on another pool (data seed, noise, images)
+            signals = {"subset": read_subset(to_absolute_path(cfg.subset_file), pool)}
         if cfg.method in ("rho", "clusters"):
             signals = holdout_signals(
                 data,
@@ -246,7 +263,14 @@ def _hydra_main() -> None:
             signals=signals,
             save_steps=cfg.save_steps,
             resume=True,
+            cleaning=cleaning,
         )
+        if cleaning is not None:
+            kept = result.pop("kept_ids")
+            write_subset(
+                out / "kept_ids.json", np.asarray(kept), pool=pool, method=cfg.clean_with, fraction=cfg.fraction
+            )
+            print(f"kept {len(kept)} of {len(data['train'])} examples -> {out / 'kept_ids.json'}")
         (out / "results.json").write_text(json.dumps(result, indent=1))
         print(
             f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "

@@ -79,6 +79,11 @@ def test_mixture_recipe_killed_midway_continues_exactly(tmp_path, monkeypatch):
         ("lr=abc", "lr must be a positive number; got 'abc'"),
         ("label_by=answer", "label_by='answer'; valid values are question, question_answer"),
         ("class_conditional=maybe", "class_conditional must be true or false; got 'maybe'"),
+        ("clean_with=margin", "clean_with='margin'; valid values are aum, cartography, loss, forgetting, last_loss"),
+        ("clean_with=aum method=rho", "clean_with reads the record of a plain run; it needs method=uniform"),
+        ("method=subset", "method=subset needs subset_file="),
+        ("method=subset subset_file=nowhere.json", "subset_file='nowhere.json': no such file"),
+        ("subset_file=kept.json", "subset_file is read by method=subset only; this run has method='uniform'"),
     ],
 )
 def test_bad_vlm_overrides_name_the_key(override, message):
@@ -89,8 +94,8 @@ def test_bad_vlm_overrides_name_the_key(override, message):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base=None):
-        cfg = compose(config_name="vlm", overrides=[override])
-    with pytest.raises(ValueError, match=message):
+        cfg = compose(config_name="vlm", overrides=override.split())
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         check_vlm_settings(cfg, METHODS)
 
 

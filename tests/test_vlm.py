@@ -350,3 +350,37 @@ def test_two_stage_cleaning_keeps_a_share_of_every_question_type_and_trains_on_i
         train_vlm("subset", vqa, out=tmp_path / "three", **common)
     with pytest.raises(ValueError, match="cleaning reads the record of a plain \\(uniform\\) run; method='aum'"):
         train_vlm("aum", vqa, out=tmp_path / "four", cleaning=rule, **common)
+
+
+def test_vlm_recipe_cli_cleans_in_two_stages(tmp_path):
+    """clean_with writes the kept ids as a subset file; method=subset trains on exactly those; a subset file
+    made on another pool (another noise mask) is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from dataflex.offline import read_subset
+
+    common = [sys.executable, "-m", "dataflex.recipes.vlm", "steps=4", "batch_size=8", "num_images=60"]
+    common += ["save_steps=4", "warmup=1", "update_every=2"]
+    one = subprocess.run(
+        [*common, "clean_with=last_loss", "hydra.run.dir=one"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    kept = read_subset(tmp_path / "one" / "kept_ids.json")
+    assert "kept_ids" not in json.loads((tmp_path / "one" / "results.json").read_text())
+    two = subprocess.run(
+        [*common, "method=subset", "subset_file=one/kept_ids.json", "hydra.run.dir=two"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert 0 < len(kept) < 144 and f"'dataflex/selected': '{len(kept)}'" in two.stdout  # trained on the kept ids
+    other = subprocess.run(
+        [*common, "method=subset", "subset_file=one/kept_ids.json", "noise=0.1", "hydra.run.dir=three"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert other.returncode != 0 and "kept_ids.json was written for a different dataset" in other.stderr
