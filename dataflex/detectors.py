@@ -111,8 +111,19 @@ def class_codes(classes: Sequence[Any] | np.ndarray) -> np.ndarray:
     return np.unique(classes, return_inverse=True)[1].reshape(-1)
 
 
+def _folded(record: TrainingDynamics) -> TrainingDynamics:
+    """``record``, refused while it holds visits not folded into its arrays: every detector reads the arrays,
+    which would silently miss the latest visits (a finished run's last ones stay buffered until a gather)."""
+    if record.pending:
+        raise ValueError(
+            f"the training-dynamics record holds {record.pending} visits not folded in yet; call record.gather() "
+            "(on every rank) before scoring it"
+        )
+    return record
+
+
 def _raw_noise_scores(record: TrainingDynamics, detector: str) -> np.ndarray:
-    visited = record.visits > 0
+    visited = _folded(record).visits > 0
     if detector in ("aum", "forgetting") and visited.any() and np.isnan(record.margin_mean[visited]).all():
         # A forward that returns per-token log-probabilities only (TRL's fused LM head) gives losses but no
         # margins or argmax: every AUM would be NaN and every example would look unvisited (kept).
@@ -226,7 +237,7 @@ def plant_threshold_examples(
 
 def aum_threshold(record: TrainingDynamics, threshold_ids: np.ndarray, percentile: float = 99.0) -> float:
     """The ``percentile`` of the threshold examples' AUM (those visited): examples at or below it are flagged."""
-    aum = record.aum[np.asarray(threshold_ids, dtype=np.int64)]
+    aum = _folded(record).aum[np.asarray(threshold_ids, dtype=np.int64)]
     aum = aum[np.isfinite(aum)]
     if aum.size == 0:
         raise ValueError("no threshold example has been trained on yet; the AUM threshold is not defined")
@@ -239,7 +250,7 @@ def cartography_regions(record: TrainingDynamics) -> np.ndarray:
     The paper draws regions on the confidence / variability map by eye; here, reproducibly: *ambiguous* is
     the top third of variability, the rest split at the median confidence into *easy* (above) and *hard*.
     """
-    visited = record.visits > 0
+    visited = _folded(record).visits > 0
     out = np.full(record.num_examples, "", dtype=object)
     if not visited.any():
         return out
@@ -251,6 +262,9 @@ def cartography_regions(record: TrainingDynamics) -> np.ndarray:
     out[rest & (confidence <= median)] = "hard"
     out[ambiguous] = "ambiguous"
     return out
+
+
+_UNVISITED = np.finfo(np.float64).max  # DropNoisy's ranking key of an example never visited: kept first
 
 
 class DropNoisy(Selector):
@@ -301,7 +315,6 @@ class DropNoisy(Selector):
         self.threshold: float | None = None  # the AUM cut of the last decision (threshold mode)
         # Integer codes, sorted once here rather than at every decision (string labels at millions of examples).
         self.classes = None if classes is None else class_codes(classes)
-        self._noise: np.ndarray | None = None  # the current decision's noise scores, while it runs
 
     def _record(self, ctx: SelectionContext) -> TrainingDynamics:
         if ctx.dynamics is None:
@@ -310,8 +323,8 @@ class DropNoisy(Selector):
 
     def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
         """Higher = kept: minus the noise score; examples never visited first of all (no evidence)."""
-        noise = self._noise if self._noise is not None else self._noise_scores(self._record(ctx))
-        return np.where(np.isfinite(noise[ids]), -noise[ids], np.finfo(np.float64).max)
+        noise = self._noise_scores(self._record(ctx))[ids]
+        return np.where(np.isfinite(noise), -noise, _UNVISITED)
 
     def initial_subset(self, n: int) -> np.ndarray:
         self._check_classes(n)  # at the start of training, not after the warm-up
@@ -330,15 +343,11 @@ class DropNoisy(Selector):
 
     def select(self, ctx: SelectionContext) -> np.ndarray:
         if self.threshold_ids is None:
-            self._noise = self._noise_scores(self._record(ctx))  # once per decision, for score() and below
-            try:
-                chosen = super().select(ctx)
-                # Record the noise scores (NaN = never visited), not the ranking keys: those put unvisited
-                # examples at the float maximum, which would reach the score store and overflow the logged means.
-                pool = self.last_scores[0]
-                self.last_scores = (pool, self._noise[pool])
-            finally:
-                self._noise = None
+            chosen = super().select(ctx)
+            # Record the noise scores (NaN = never visited), not the ranking keys: those put unvisited examples
+            # at the float maximum, which would reach the score store and overflow the logged means.
+            pool, keys = self.last_scores
+            self.last_scores = (pool, np.where(keys == _UNVISITED, np.nan, -keys))
             return chosen
         record = self._record(ctx)
         self.last_scores = (np.arange(record.num_examples), noise_scores(record, "aum"))
@@ -350,11 +359,6 @@ class DropNoisy(Selector):
     def keep_ids(self, record: TrainingDynamics, labels: np.ndarray | None = None) -> np.ndarray:
         """The ids this rule keeps given a finished run's record, for a subset file (offline use):
         ``write_subset(path, rule.keep_ids(callback.dynamics), pool=..., method="aum", fraction=...)``."""
-        if record.pending:  # the arrays would miss the latest visits: a stale, silently different decision
-            raise ValueError(
-                f"the record holds {record.pending} visits not folded in yet; call record.gather() (on every rank) "
-                "before keep_ids"
-            )
         n = record.num_examples
         ctx = SelectionContext(
             model=None, dataset=range(n), collate=None, step=0, seed=0, labels=labels, dynamics=record

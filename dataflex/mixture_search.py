@@ -256,9 +256,10 @@ def propose_mixture(
             rv = float(score(refined[None])[0])
             if rv < best_v:
                 best_w, best_v = refined, rv
-    if not region.check(best_w) or excess(law.predict(best_w[None]))[0] > 0:
+    predicted = law.predict(best_w[None])
+    if not region.check(best_w) or excess(predicted)[0] > 0:
         raise RuntimeError(f"internal error: the proposed mixture {best_w.tolist()} violates the constraints")
-    return Proposal(best_w, law.predict(best_w[None])[0], best_v, list(train), list(evaluated))
+    return Proposal(best_w, predicted[0], best_v, list(train), list(evaluated))
 
 
 def _refine_smooth(law: MixtureLaw, objective: Any, region: MixtureRegion, start: np.ndarray) -> np.ndarray | None:

@@ -266,15 +266,21 @@ def test_drop_noisy_refuses_classes_of_the_wrong_length_before_training_and_scor
     assert np.allclose(noise, real(record, "last_loss", ["a", "b"] * 5)[pool])
 
 
-def test_keep_ids_refuses_a_record_with_visits_not_folded_in():
+def test_detectors_refuse_a_record_with_visits_not_folded_in():
     """A finished run's last visits are buffered until a gather: deciding before it would silently use a
     record without them."""
     record = synthetic_record(np.linspace(-1, 1, 10))
     one = {name: torch.tensor([5.0]) for name in ("loss", "margin", "confidence", "accuracy")}
     record.add(np.array([3]), 1, one)
     rule = DropNoisy("last_loss", drop=0.3)
-    with pytest.raises(ValueError, match="holds 1 visits not folded in yet; call record.gather"):
-        rule.keep_ids(record)
+    for read in (
+        lambda: rule.keep_ids(record),
+        lambda: noise_scores(record, "aum"),
+        lambda: aum_threshold(record, np.array([0, 1])),
+        lambda: cartography_regions(record),
+    ):
+        with pytest.raises(ValueError, match="holds 1 visits not folded in yet; call record.gather"):
+            read()
     record.gather()
     assert record.pending == 0 and 3 not in rule.keep_ids(record)  # its latest loss (5.0) is now the highest
 
