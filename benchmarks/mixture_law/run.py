@@ -153,7 +153,13 @@ def main() -> None:
         "",
         f"The law's prediction at the proposal vs the main run's final validation loss there (mean absolute error "
         f"over domains): {median_range(main_error)} — the swarm's runs are {args.steps // args.swarm_steps}x "
-        "shorter, so the level is not expected to carry over; the proposal relies on the ranking.",
+        "shorter, so the level is not expected to carry over; the proposal relies on the ranking"
+        + (
+            f" (the law predicts losses on {args.proxy_val_per_domain} validation examples per domain, the main "
+            "runs are scored on the whole split: the error includes that subset's offset)."
+            if args.proxy_val_per_domain is not None
+            else "."
+        ),
         "",
         "Proposed weights per seed: "
         + "; ".join(", ".join(f"{d} {w:.2f}" for d, w in s["proposal"]["weights"].items()) for s in per_seed),
