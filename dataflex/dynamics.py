@@ -50,33 +50,33 @@ def _margins_in_place(chunk: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     instead of a top-2, the cost that matters at large vocabularies)."""
     target_logit = chunk.gather(1, target[:, None])[:, 0]
     chunk.scatter_(1, target[:, None], float("-inf"))
-    return target_logit - chunk.max(dim=-1).values
+    return target_logit - chunk.amax(dim=-1)  # amax: no indices, several times faster than max on CPU
 
 
-_DENSE_SHARE = 0.5  # counted share of positions above which margins are taken on the logits in place
+_DENSE_SHARE = 0.5  # counted share of positions above which the statistics are taken on the whole grid
 
 
-def _dense_margins(
-    logits: torch.Tensor, shifted: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, chunk_elements: int
+def _grid_statistics(
+    logits: torch.Tensor, shifted: torch.Tensor, token_losses: torch.Tensor, chunk_elements: int
 ) -> torch.Tensor:
-    """:func:`token_margins` at the counted ``(rows, positions)`` of ``(batch, seq, vocab)`` logits without
-    copying their rows: one max over every position of the logits as they are, then the masked max only where
-    the target is the argmax (there the largest *other* logit is needed). Equal to the copying path bit for
-    bit (the same maxima, the same float32 subtraction); it saves the copy of the counted rows, most of the
-    record's cost when nearly every position is counted (pretraining-style batches)."""
-    view = logits[:, : shifted.shape[1]]  # position t predicts token t + 1
-    target = shifted[rows, positions]
-    best, arg = logits.max(dim=-1)  # over every position: a contiguous pass beats one over the view
-    other, arg = best[rows, positions].float(), arg[rows, positions]
-    target_logit = view[rows, positions, target].float()
-    hit = torch.nonzero(arg == target).flatten()
-    step = max(1, chunk_elements // logits.shape[-1])
-    for start in range(0, hit.numel(), step):
-        h = hit[start : start + step]
-        rest = view[rows[h], positions[h]].float()  # a copy of only these rows
-        rest.scatter_(1, target[h][:, None], float("-inf"))
-        other[h] = rest.max(dim=-1).values
-    return target_logit - other
+    """Token statistics (``VISIT_FIELDS`` order) of every shifted position of ``(batch, seq, vocab)`` logits,
+    ``(batch, seq - 1, 4)``, in whole-grid ops: when nearly every position counts (pretraining-style batches)
+    they are cheaper than gathering the counted positions one by one, and need no host sync. The largest
+    *other* logit comes from a masked copy of at most ``chunk_elements`` logits at a time (a scatter and a
+    values-only max: computing an argmax instead makes the pass several times slower on CPU). Positions that
+    do not count hold garbage; the caller masks them."""
+    batch, length, vocab = shifted.shape[0], shifted.shape[1], logits.shape[-1]
+    view = logits[:, :length]  # position t predicts token t + 1
+    target = shifted.clamp(min=0)[..., None]  # a position that does not count reads column 0 (masked later)
+    target_logit = view.gather(-1, target)[..., 0].float()
+    other = torch.empty_like(target_logit)
+    rows = max(1, chunk_elements // max(1, length * vocab))  # whole rows per chunk, or positions of one row
+    positions = length if length * vocab <= chunk_elements else max(1, chunk_elements // vocab)
+    for b in range(0, batch, rows):
+        for p in range(0, length, positions):
+            part = (slice(b, b + rows), slice(p, p + positions))
+            other[part] = view[part].scatter(-1, target[part], float("-inf")).amax(dim=-1).float()
+    return _token_statistics(token_losses[:, :length].float(), target_logit - other)
 
 
 @torch.no_grad()
@@ -98,7 +98,8 @@ def visit_statistics(
     returns are written to (advanced indexing and the LM head both return fresh tensors). ``token_losses``
     ``(batch, seq - 1 or more)``: the step's own per-token losses (position t predicts token t + 1), reused
     instead of recomputing the cross-entropy; with them, ``logits`` (the forward's whole ``(batch, seq,
-    vocab)`` tensor) lets the margins be taken without copying rows when most positions count. Without
+    vocab)`` tensor) lets every statistic be taken on the whole grid of positions when most of them count
+    (equal to the per-position path up to float32 summation order). Without
     logits, ``log_probs = (per-token log-probabilities, label mask)`` (a fused LM head) gives loss and
     confidence; margin and accuracy are then NaN. Examples without counted tokens get NaN everywhere.
     """
@@ -106,28 +107,41 @@ def visit_statistics(
         values, mask = log_probs
         rows, positions = torch.nonzero(mask.bool(), as_tuple=True)
         token_loss = -values.detach()[rows, positions].float()
-        margin = torch.full_like(token_loss, float("nan"))
-        n_rows = values.shape[0]
-    else:
-        shifted = labels[:, 1:]
-        rows, positions = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)
-        given = None if token_losses is None else token_losses.detach()[rows, positions].float()
-        token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device) if given is None else given
-        margin = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device)
-        step = max(1, chunk_elements // vocab)
-        dense = logits is not None and given is not None and rows.numel() >= _DENSE_SHARE * shifted.numel()
-        if dense:  # the losses are the step's own, and nearly every position counts: no copy of the rows
-            margin = _dense_margins(logits.detach(), shifted, rows, positions, chunk_elements)
-        for start in range(0, 0 if dense else rows.numel(), step):
-            r, t = rows[start : start + step], positions[start : start + step]
-            chunk, target = logits_at(r, t).float(), shifted[r, t]
-            if given is None:
-                token_loss[start : start + step] = F.cross_entropy(chunk, target, reduction="none")
-            margin[start : start + step] = _margins_in_place(chunk, target)
-        n_rows = labels.shape[0]
+        token_stats = _token_statistics(token_loss, torch.full_like(token_loss, float("nan")))
+        return _named(per_example_mean(token_stats, rows, positions, values.shape[0], segments)[0])
+    shifted = labels[:, 1:]
+    counted = shifted != IGNORE_INDEX
+    if logits is not None and token_losses is not None and counted.sum() >= _DENSE_SHARE * counted.numel():
+        # The losses are the step's own and nearly every position counts: whole-grid statistics.
+        grid = _grid_statistics(logits.detach(), shifted, token_losses.detach(), chunk_elements)
+        if segments is None:  # one example per row: a masked mean along each row, no gathers
+            n = counted.sum(1, keepdim=True)
+            sums = torch.where(counted[..., None], grid, 0.0).sum(1)
+            return _named(torch.where(n > 0, sums / n.clamp(min=1), float("nan")))
+        rows, positions = torch.nonzero(counted, as_tuple=True)
+        return _named(per_example_mean(grid[rows, positions], rows, positions, labels.shape[0], segments)[0])
+    rows, positions = torch.nonzero(counted, as_tuple=True)
+    given = None if token_losses is None else token_losses.detach()[rows, positions].float()
+    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device) if given is None else given
+    margin = torch.empty(rows.numel(), dtype=torch.float32, device=labels.device)
+    step = max(1, chunk_elements // vocab)
+    for start in range(0, rows.numel(), step):
+        r, t = rows[start : start + step], positions[start : start + step]
+        chunk, target = logits_at(r, t).float(), shifted[r, t]
+        if given is None:
+            token_loss[start : start + step] = F.cross_entropy(chunk, target, reduction="none")
+        margin[start : start + step] = _margins_in_place(chunk, target)
+    token_stats = _token_statistics(token_loss, margin)
+    return _named(per_example_mean(token_stats, rows, positions, labels.shape[0], segments)[0])
+
+
+def _token_statistics(token_loss: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """``VISIT_FIELDS`` of each token, stacked on a new last axis (accuracy is NaN where the margin is)."""
     accuracy = torch.where(torch.isnan(margin), margin, (margin > 0).float())
-    token_stats = torch.stack([token_loss, margin, torch.exp(-token_loss), accuracy], dim=1)  # VISIT_FIELDS order
-    means = per_example_mean(token_stats, rows, positions, n_rows, segments)[0]
+    return torch.stack([token_loss, margin, torch.exp(-token_loss), accuracy], dim=-1)
+
+
+def _named(means: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: means[:, i] for i, name in enumerate(VISIT_FIELDS)}
 
 

@@ -11,7 +11,7 @@ from hf_helpers import assert_trainer_resumes_exactly, make_trainer, single_exam
 
 from dataflex import DataFlexCallback
 from dataflex.dynamics import TrainingDynamics, visit_statistics
-from dataflex.dynamics import _dense_margins as _dense
+from dataflex.dynamics import _grid_statistics as _grid
 from dataflex.policies import ODM
 from dataflex.testbeds.tiny import collate_causal
 
@@ -52,28 +52,45 @@ def test_visit_statistics_equal_a_direct_computation():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_margins_taken_on_the_logits_in_place_equal_the_copying_path_bit_for_bit(dtype, monkeypatch):
-    """With the step's own token losses and most positions counted, margins come from one max over the logits
-    as they are (a masked max only where the target is the argmax): the same numbers as the chunked copies."""
+def test_statistics_on_the_whole_grid_equal_the_per_position_path(dtype, monkeypatch):
+    """With the step's own token losses and most positions counted, the statistics are taken on the whole grid
+    (margins from one max over the logits as they are, a masked max only where the target reaches it): the
+    same numbers as the chunked copies of the counted positions, up to float32 summation order."""
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(6, 9, 13, generator=g) * 3).to(dtype)
     labels = torch.randint(0, 13, (6, 9), generator=g)
     labels[0, :2] = -100
     labels[4, 1:] = logits[4, :-1].float().argmax(-1)  # every target the argmax: the masked path
     logits[5, 2, :] = logits[5, 2, 0]  # a row of ties
+    labels[2, 1:] = -100  # an example without counted tokens: NaN
     token_losses = torch.rand(6, 8, generator=g)
     kwargs = dict(vocab=13, token_losses=token_losses, chunk_elements=26)
     copied = visit_statistics(lambda r, t: logits[r, t], labels, **kwargs)
     import dataflex.dynamics as dynamics
 
     calls = []
-    monkeypatch.setattr(dynamics, "_dense_margins", lambda *a: calls.append(1) or _dense(*a))
+    monkeypatch.setattr(dynamics, "_grid_statistics", lambda *a: calls.append(1) or _grid(*a))
     dense = visit_statistics(lambda r, t: logits[r, t], labels, logits=logits, **kwargs)
     assert calls == [1]
+    assert np.isnan(dense["loss"][2].item()) and np.isnan(dense["margin"][2].item())
+    # Chunks of two positions above; chunks of two whole rows and one chunk of everything give the same.
+    for chunk_elements in (2 * 8 * 13, 2**24):
+        again = visit_statistics(None, labels, logits=logits, **{**kwargs, "chunk_elements": chunk_elements})
+        for key in dense:
+            torch.testing.assert_close(again[key], dense[key], rtol=0, atol=0, equal_nan=True)
     for key in copied:
-        torch.testing.assert_close(copied[key], dense[key], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(copied[key], dense[key], rtol=1e-6, atol=1e-6, equal_nan=True)
     want = direct_statistics(logits.float(), labels)
     np.testing.assert_allclose(dense["margin"].numpy(), want["margin"], rtol=1e-5, atol=1e-5)
+    # A padding-free row holding three sequences: the grid's statistics are averaged per sequence.
+    flat_logits, flat_labels = logits[:3].reshape(1, 27, 13), labels[:3].reshape(1, 27)
+    segments = torch.arange(3).repeat_interleave(9)[None]
+    flat = dict(vocab=13, token_losses=torch.rand(1, 26, generator=g), segments=segments, chunk_elements=26)
+    copied = visit_statistics(lambda r, t: flat_logits[r, t], flat_labels, **flat)
+    dense = visit_statistics(lambda r, t: flat_logits[r, t], flat_labels, logits=flat_logits, **flat)
+    assert calls == [1, 1, 1, 1] and dense["loss"].shape == (3,)
+    for key in copied:
+        torch.testing.assert_close(copied[key], dense[key], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def test_visit_statistics_from_log_probs_have_no_margin():
