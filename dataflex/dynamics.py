@@ -111,7 +111,8 @@ def visit_statistics(
         return _named(per_example_mean(token_stats, rows, positions, values.shape[0], segments)[0])
     shifted = labels[:, 1:]
     counted = shifted != IGNORE_INDEX
-    if logits is not None and token_losses is not None and counted.sum() >= _DENSE_SHARE * counted.numel():
+    dense = counted.numel() > 0 and counted.sum() >= _DENSE_SHARE * counted.numel()  # length-1 rows: no positions
+    if logits is not None and token_losses is not None and dense:
         # The losses are the step's own and nearly every position counts: whole-grid statistics.
         grid = _grid_statistics(logits.detach(), shifted, token_losses.detach(), chunk_elements)
         if segments is None:  # one example per row: a masked mean along each row, no gathers

@@ -93,6 +93,14 @@ def test_statistics_on_the_whole_grid_equal_the_per_position_path(dtype, monkeyp
         torch.testing.assert_close(copied[key], dense[key], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+def test_sequences_of_one_token_have_no_statistics():
+    """A row of length 1 has no shifted position: every statistic is NaN, on both paths, not an error."""
+    logits, labels = torch.randn(3, 1, 5), torch.randint(0, 5, (3, 1))
+    for kwargs in (dict(token_losses=torch.zeros(3, 0), logits=logits), {}):
+        got = visit_statistics(lambda r, t: logits[r, t], labels, vocab=5, **kwargs)
+        assert all(v.shape == (3,) and torch.isnan(v).all() for v in got.values())
+
+
 def test_visit_statistics_from_log_probs_have_no_margin():
     log_probs = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.1, 0.2, 0.3]]))
     mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
