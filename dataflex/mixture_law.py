@@ -99,6 +99,7 @@ class MixtureLaw:
         self.runs: SwarmRuns | None = None
         self.params: np.ndarray | None = None  # loglinear: (eval domains, 2 + train domains) = c, log k, t
         self._models: list[Any] = []
+        self._jackknife: list[MixtureLaw] = []  # leave-one-run-out refits, made on first use (predict_spread)
 
     # -- fitting ---------------------------------------------------------------------------------
     @staticmethod
@@ -111,7 +112,7 @@ class MixtureLaw:
         needed = self.runs_needed(self.kind, d)
         if len(runs) < needed:
             raise ValueError(f"a {self.kind} law over {d} domains needs at least {needed} runs; got {len(runs)}")
-        self.runs = runs
+        self.runs, self._jackknife = runs, []
         if self.kind == "loglinear":
             self.params = np.stack(
                 [_fit_loglinear(runs.weights, runs.losses[:, i]) for i in range(runs.losses.shape[1])]
@@ -150,6 +151,33 @@ class MixtureLaw:
             c, log_k, t = self.params[:, 0], self.params[:, 1], self.params[:, 2:]
             return c[None, :] + np.exp(log_k[None, :] + w @ t.T)
         return np.stack([m.predict(w) for m in self._models], axis=1)
+
+    def predict_spread(self, weights: np.ndarray) -> np.ndarray:
+        """How uncertain the law is about each prediction, ``(mixtures, eval domains)``, in loss units.
+
+        ``gp``: the posterior standard deviation (it grows away from the swarm's runs, which is the point:
+        a proposal in a region no run visited is a guess). The other kinds have no posterior; their spread
+        is the jackknife standard error — the standard deviation of the predictions of the laws refitted
+        with one run left out, times ``sqrt(runs - 1)`` (Efron's leave-one-out variance) — large where the
+        prediction leans on a single run. Used by :func:`~dataflex.mixture_search.propose_mixture`'s
+        ``pessimism``."""
+        w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        self.predict(w[:1])  # the same checks as a prediction
+        if self.kind == "gp":
+            return np.stack([m.predict(w, return_std=True)[1] for m in self._models], axis=1)
+        if not self._jackknife:
+            runs = self.runs
+            if len(runs) - 1 < self.runs_needed(self.kind, len(runs.train_domains)):
+                raise ValueError(
+                    f"a {self.kind} law's spread refits it without each run: that needs "
+                    f"{self.runs_needed(self.kind, len(runs.train_domains)) + 1} runs; it has {len(runs)}"
+                )
+            self._jackknife = [
+                MixtureLaw(self.kind, self.seed).fit(runs.subset(np.delete(np.arange(len(runs)), i)))
+                for i in range(len(runs))
+            ]
+        predictions = np.stack([law.predict(w) for law in self._jackknife])
+        return predictions.std(0) * np.sqrt(len(predictions) - 1)
 
     def gradient(self, weights: np.ndarray) -> np.ndarray | None:
         """``d L_i / d w_j`` ``(eval domains, train domains)`` at one mixture; None for the tree and GP kinds."""

@@ -17,6 +17,15 @@ Constraints, every one checked on the answer:
   at the reference, so a better mean cannot be bought with a worse domain (a Pareto improvement, as the
   law sees it). The reference itself always qualifies, so the answer is predicted no worse anywhere.
 
+Pessimism (``pessimism = k > 0``): every prediction the search compares — in the objective and in the
+ceilings, the reference's included — is the law's upper bound ``L + k * spread``
+(:meth:`~dataflex.mixture_law.MixtureLaw.predict_spread`: the GP's posterior standard deviation, else the
+jackknife standard error). A swarm of a few runs over many domains leaves most of the simplex unvisited,
+and a law's optimum there is often an artefact — e.g. a domain starved to its floor because no run showed
+what that costs; the upper bound ranks such guesses behind mixtures the runs support (the conservative
+counterpart of the optimism in Bayesian optimisation, where uncertainty attracts the next *experiment*;
+here the main run is not an experiment one can afford to waste). ``k = 0`` is the plain law.
+
 Search (RegMix's recipe, arXiv 2407.01492: score many random mixtures with the law, keep the best): seeded
 Dirichlet candidates around the prior at several concentrations, plus the prior, uniform and the swarm's own
 mixtures, are projected onto the box-simplex ``{min <= w <= max, sum w = 1}`` and pulled toward a feasible
@@ -199,13 +208,23 @@ def propose_mixture(
     min_weight: float | Sequence[float] | np.ndarray = 0.0,
     max_weight: Sequence[float] | np.ndarray | None = None,
     no_worse_than: Sequence[float] | np.ndarray | None = None,
+    pessimism: float = 0.0,
     candidates: int = 20000,
     seed: int = 0,
 ) -> Proposal:
     """The feasible mixture with the lowest predicted ``objective``; see the module docstring.
-    ``min_weight`` is one floor for every domain or one per domain."""
+    ``min_weight`` is one floor for every domain or one per domain; ``pessimism`` the multiple of the law's
+    spread added to every prediction compared (0: the law's predictions as they are)."""
     if law.runs is None:
         raise RuntimeError("fit the law before proposing a mixture")
+    if not (isinstance(pessimism, (int, float)) and np.isfinite(pessimism) and pessimism >= 0):
+        raise ValueError(f"pessimism must be a finite number >= 0 (a multiple of the law's spread); got {pessimism!r}")
+
+    def bound(w: np.ndarray) -> np.ndarray:
+        """What the search compares: the prediction, plus ``pessimism`` spreads."""
+        predicted = law.predict(w)
+        return predicted + pessimism * law.predict_spread(w) if pessimism > 0 else predicted
+
     train, evaluated = law.runs.train_domains, law.runs.eval_domains
     d = len(train)
     region = MixtureRegion(d, prior, min_weight, max_weight, max_kl, max_l1)
@@ -217,7 +236,7 @@ def propose_mixture(
                 f"no_worse_than must be a mixture of the {d} training domains inside the constraints (weight "
                 f"bounds, distance to the prior); got {reference.tolist()}"
             )
-        ceiling = law.predict(reference[None])[0]
+        ceiling = bound(reference[None])[0]
 
     def excess(predicted: np.ndarray) -> np.ndarray:
         """How far each row's worst domain is predicted above its ceiling (0 when none is)."""
@@ -225,7 +244,7 @@ def propose_mixture(
 
     def score(w: np.ndarray) -> np.ndarray:
         # A row above a ceiling ranks after every row within them (the reference itself is within).
-        predicted = law.predict(w)  # once per call: the search calls this on tens of thousands of rows
+        predicted = bound(w)  # once per call: the search calls this on tens of thousands of rows
         over = excess(predicted)
         return np.where(over > 0, 1e6 + over, objective_values(predicted, evaluated, objective))
 
@@ -250,14 +269,14 @@ def propose_mixture(
                     w, v = trial[int(np.argmin(tv))], float(tv.min())
         if v < best_v:
             best_w, best_v = w, v
-    if law.kind == "loglinear" and ceiling is None:  # SLSQP does not take the ceilings: the search's answer stands
+    if law.kind == "loglinear" and ceiling is None and pessimism == 0:  # SLSQP knows neither ceilings nor spreads
         refined = _refine_smooth(law, objective, region, best_w)
         if refined is not None:
             rv = float(score(refined[None])[0])
             if rv < best_v:
                 best_w, best_v = refined, rv
     predicted = law.predict(best_w[None])
-    if not region.check(best_w) or excess(predicted)[0] > 0:
+    if not region.check(best_w) or excess(bound(best_w[None]))[0] > 0:
         raise RuntimeError(f"internal error: the proposed mixture {best_w.tolist()} violates the constraints")
     return Proposal(best_w, predicted[0], best_v, list(train), list(evaluated))
 

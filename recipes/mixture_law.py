@@ -12,7 +12,9 @@
    with them (``law.json``).
 3. *Propose* (:func:`dataflex.mixture_search.propose_mixture`): the mixture minimising ``propose.objective``
    under the floor, the KL/L1 distance to the prior and, with ``propose.max_epochs``, the repetition caps of
-   the main run's token budget (``proposal.json``).
+   the main run's token budget (``proposal.json``); with ``propose.pessimism`` > 0 every prediction compared
+   carries that many of the law's spreads (a proposal where the swarm's runs give no evidence ranks behind
+   one they support).
 4. *Main run*: the proposal, corrected online by :class:`~dataflex.policies.LawCorrected` inside an L1 trust
    region of ``correct.radius`` (0: the proposal as a ``Static`` mixture; with a radius the uncorrected
    proposal runs too, as ``law_static``), and the ``main.baselines`` (uniform, natural, odm, doremi) at the
@@ -189,8 +191,13 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             budget = cfg.main.steps * cfg.main.batch_size * float((natural * mean_len).sum())
             caps = repetition_caps(tokens, budget, cfg.propose.max_epochs)
         reference = prior if cfg.propose.no_worse_than == "prior" else None  # per-domain ceilings: no domain worse
+        pessimism = float(cfg.propose.get("pessimism", 0.0))
         proposal = propose_mixture(
-            law, cfg.propose.objective, no_worse_than=reference, **search_settings(cfg, prior, caps)
+            law,
+            cfg.propose.objective,
+            no_worse_than=reference,
+            pessimism=pessimism,
+            **search_settings(cfg, prior, caps),
         )
         write_json_atomic(
             proposal_path,
@@ -199,6 +206,9 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
                 "predicted": dict(zip(proposal.eval_domains, proposal.predicted.tolist())),
                 "objective": proposal.objective,
                 "caps": None if caps is None else dict(zip(names, caps.tolist())),
+                "spread": dict(zip(proposal.eval_domains, law.predict_spread(proposal.weights[None])[0].tolist()))
+                if pessimism > 0
+                else None,
             },
         )
     proposed = read_json(proposal_path)

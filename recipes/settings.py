@@ -227,6 +227,9 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     for key in ("max_kl", "max_l1", "max_epochs"):
         if cfg.propose[key] is not None:
             positive_number(f"propose.{key}", cfg.propose[key])
+    pessimism = cfg.propose.get("pessimism", 0.0)
+    if isinstance(pessimism, bool) or not isinstance(pessimism, (int, float)) or not 0 <= pessimism < float("inf"):
+        raise ValueError(f"propose.pessimism must be a number >= 0 (a multiple of the law's spread); got {pessimism!r}")
     weight = cfg.propose.min_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < 1:
         raise ValueError(f"propose.min_weight must be a number in [0, 1); got {weight!r}")

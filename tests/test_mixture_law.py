@@ -144,6 +144,45 @@ def test_no_worse_than_keeps_every_domain_at_or_below_the_reference_and_gives_up
     assert np.allclose(propose_mixture(diagonal, "mean", no_worse_than=uniform).weights, uniform)
 
 
+def test_a_law_is_uncertain_away_from_its_runs_and_the_jackknife_needs_one_spare_run():
+    runs, _, _ = synthetic_loglinear(seed=4, runs=12, noise=0.0)
+    corners = np.eye(5)
+    gp = MixtureLaw("gp").fit(runs)
+    assert (gp.predict_spread(corners).min(0) > 2 * gp.predict_spread(runs.weights).max(0)).all()  # per domain
+    # Leave-one-run-out refits of an exact law agree wherever the runs pin it down; noise makes them differ.
+    exact = MixtureLaw("loglinear").fit(runs).predict_spread(runs.weights)
+    noisy_runs, _, _ = synthetic_loglinear(seed=4, runs=12, noise=0.02)
+    noisy = MixtureLaw("loglinear").fit(noisy_runs).predict_spread(noisy_runs.weights)
+    assert exact.shape == (12, 3) and exact.max() < 1e-3 < noisy.mean()
+    with pytest.raises(ValueError, match="that needs 8 runs; it has 7"):
+        MixtureLaw("loglinear").fit(runs.subset(np.arange(7))).predict_spread(runs.weights)
+
+
+def test_pessimism_keeps_the_proposal_where_the_runs_give_evidence():
+    """Runs in a tight cluster around uniform: the plain GP's optimum lies far from every run, where it
+    guesses; one spread of pessimism brings the proposal toward the runs and, here, to a better true loss.
+    No proposal's upper bound breaks the ceilings, and pessimism 0 is the plain search."""
+    _, _, true_law = synthetic_loglinear(seed=4)
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.full(5, 10.0), 12)
+    runs = SwarmRuns(weights, true_law(weights) + rng.normal(0, 0.002, (12, 3)), DOMAINS, ["x", "y", "z"])
+    law = MixtureLaw("gp").fit(runs)
+    plain = propose_mixture(law, "mean", max_l1=1.5)
+    careful = propose_mixture(law, "mean", max_l1=1.5, pessimism=1.0)
+    nearest = [np.abs(runs.weights - p.weights).sum(1).min() for p in (plain, careful)]
+    assert nearest[1] < nearest[0] - 0.3, nearest
+    assert true_law(careful.weights).mean() < true_law(plain.weights).mean() - 0.05
+    assert np.allclose(careful.predicted, law.predict(careful.weights[None])[0])  # the law's own prediction
+    assert np.array_equal(propose_mixture(law, "mean", max_l1=1.5, pessimism=0).weights, plain.weights)
+    uniform = np.full(5, 0.2)
+    bounded = propose_mixture(law, "mean", max_l1=1.5, pessimism=1.0, no_worse_than=uniform)
+    upper = law.predict(bounded.weights[None]) + law.predict_spread(bounded.weights[None])
+    assert (upper <= law.predict(uniform[None]) + law.predict_spread(uniform[None]) + 1e-12).all()
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match=f"pessimism must be a finite number >= 0.*got {bad!r}"):
+            propose_mixture(law, "mean", pessimism=bad)
+
+
 def test_the_search_respects_every_constraint():
     runs, optimum = diagonal_law()
     law = MixtureLaw("loglinear").fit(runs)
@@ -373,6 +412,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("propose.min_weight=1", r"propose.min_weight must be a number in \[0, 1\); got 1"),
         ("propose.no_worse_than=uniform", "propose.no_worse_than must be null or prior; got 'uniform'"),
         ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
+        ("propose.pessimism=-0.5", "propose.pessimism must be a number >= 0 .* got -0.5"),
         ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
         ("swarm.stages=3", "swarm.steps=50 must be a multiple of swarm.stages=3"),
         (

@@ -55,6 +55,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="score the proxies on this many validation examples per domain (swarm.val_per_domain; default all)",
     )
+    p.add_argument(
+        "--pessimism",
+        type=float,
+        default=0.0,
+        help="compare the law's predictions plus this many of its spreads (propose.pessimism; 0: the plain law)",
+    )
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
     p.add_argument("--work", type=Path, default=Path("outputs/mixture_law_bench"))
@@ -79,6 +85,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"propose.max_l1={args.max_l1}",
         f"propose.objective={args.objective}",
         f"propose.no_worse_than={'prior' if args.no_worse_than_prior else 'null'}",
+        f"propose.pessimism={args.pessimism}",
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
         f"swarm.val_per_domain={'null' if args.proxy_val_per_domain is None else args.proxy_val_per_domain}",
@@ -114,6 +121,7 @@ def main() -> None:
         f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the {args.objective} "
         f"validation loss within L1 {args.max_l1} of uniform, floor 0.02"
         + (", no domain predicted worse than at uniform" if args.no_worse_than_prior else "")
+        + (f", predictions compared with {args.pessimism:g} spreads of pessimism" if args.pessimism else "")
         + f"; online correction radius {args.radius}. "
         "Test-split loss (nats/byte), median [min, max] over seeds.",
         "",
