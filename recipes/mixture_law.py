@@ -228,6 +228,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         common,
         work,
         swarm_steps=cfg.swarm.steps * len(runs),
+        swarm_seconds=float(sum(read_json(swarm.result_path(i)).get("seconds", 0.0) for i in range(len(runs)))),
         fit=fit,
         runs=runs,
         key=proposal_key,
@@ -274,7 +275,9 @@ def propose_stages(cfg: Any, swarm: Swarm, law: MixtureLaw, proposed: dict[str, 
     }
 
 
-def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit, runs, key: str) -> dict[str, Any]:
+def main_runs(
+    cfg, proposed, names, common, work: Path, *, swarm_steps: int, swarm_seconds: float, fit, runs, key: str
+) -> dict[str, Any]:
     """The proposal (corrected online) and the uniform and natural baselines at the main run's budget."""
 
     def corrected() -> LawCorrected:
@@ -343,6 +346,7 @@ def main_runs(cfg, proposed, names, common, work: Path, *, swarm_steps: int, fit
         "held_out_mae": {k: v["mean_mae"] for k, v in fit["held_out"].items()},
         "swarm_steps": swarm_steps,
         "swarm_steps_per_main_run": swarm_steps / cfg.main.steps,
+        "swarm_seconds": swarm_seconds,  # this swarm's runs' training time (its folder's runs only)
         "main_seconds": {arm: r["train_seconds"] for arm, r in results.items()},
         "arms": {arm: {split: r[f"{split}_loss"] for split in ("validation", "test")} for arm, r in results.items()},
         # mean validation loss along each main run (at the schedule's stage starts)

@@ -379,6 +379,8 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     summary = json.loads((work / "results.json").read_text())
     assert set(summary["arms"]) == {"law", "law_static", "law_schedule", "uniform", "natural"}
     assert summary["swarm_steps"] == 24
+    own = sum(json.loads(p.read_text())["seconds"] for p in folder.glob("run-*.json"))
+    assert summary["swarm_seconds"] == pytest.approx(own) and summary["proposal"]["spread"] is None
     stages = summary["proposal"]["schedule"]["stages"]  # swarm.stages=2: a half-way law, a switch at step 2
     assert [s for s, _ in stages] == [0, 2] and all(abs(sum(w.values()) - 1) < 1e-9 for _, w in stages)
     assert json.loads((folder / "run-00002.json").read_text())["losses_at"][0]["fraction"] == 0.5
@@ -390,12 +392,16 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     assert json.loads((work / "results.json").read_text()) == summary
     # Other proposal settings: a new proposal and new law arms; the swarm, the law and the baselines are reused.
     before = {p.name for p in (work / "main").glob("*.json")}
-    other = subprocess.run([*base, "propose.min_weight=0.05"], capture_output=True, text=True, cwd=tmp_path)
+    other = subprocess.run(
+        [*base, "propose.min_weight=0.05", "propose.pessimism=1"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     assert len(list(work.glob("proposal-*.json"))) == 2 and len(list(work.glob("law-*.json"))) == 1
     new = {p.name for p in (work / "main").glob("*.json")} - before
     assert sorted(n.rsplit("-", 1)[0] for n in new) == ["law", "law_schedule", "law_static"]
-    assert min(json.loads((work / "results.json").read_text())["proposal"]["weights"].values()) >= 0.05 - 1e-9
+    careful = json.loads((work / "results.json").read_text())["proposal"]
+    assert min(careful["weights"].values()) >= 0.05 - 1e-9
+    assert set(careful["spread"]) == set(careful["predicted"]) and min(careful["spread"].values()) > 0
 
 
 @pytest.mark.parametrize(

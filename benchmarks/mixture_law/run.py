@@ -27,7 +27,6 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.report import median_range, strip_plot, write_results
 from dataflex.recipes.mixture_law import run_stages
-from dataflex.state import read_json
 from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +40,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=700, help="main-run steps (benchmarks/mixture's budget)")
     p.add_argument("--swarm-size", type=int, default=14)
     p.add_argument("--swarm-steps", type=int, default=50)
+    p.add_argument(
+        "--concentration",
+        type=float,
+        default=4.0,
+        help="Dirichlet concentration of the swarm's mixtures around uniform (swarm.concentration)",
+    )
     p.add_argument("--law-kinds", nargs="+", default=["loglinear", "gp", "gbm"])
     p.add_argument("--objective", default="mean", help="mean | worst | a domain: what the proposal minimises")
     p.add_argument("--max-l1", type=float, default=0.6)
@@ -81,6 +86,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"main.baselines=[{','.join(args.baselines)}]",
         f"swarm.size={args.swarm_size}",
         f"swarm.steps={args.swarm_steps}",
+        f"swarm.concentration={args.concentration}",
         f"law.kinds=[{','.join(args.law_kinds)}]",
         f"propose.max_l1={args.max_l1}",
         f"propose.objective={args.objective}",
@@ -102,7 +108,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     summary = run_stages(cfg, make_model, args.data, work)
     summary["seconds"] = time.perf_counter() - start
-    summary["swarm_seconds"] = float(sum(read_json(p).get("seconds", 0.0) for p in work.glob("swarm-*/run-*.json")))
     return summary
 
 
@@ -118,7 +123,8 @@ def main() -> None:
     )
     lines = [
         f"Seeds {args.seeds}; main runs {args.steps} steps x 16 x 128 bytes (byte GPT-2, 2 layers x 96); swarm "
-        f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform; proposal for the {args.objective} "
+        f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform (Dirichlet concentration "
+        f"{args.concentration:g}); proposal for the {args.objective} "
         f"validation loss within L1 {args.max_l1} of uniform, floor 0.02"
         + (", no domain predicted worse than at uniform" if args.no_worse_than_prior else "")
         + (f", predictions compared with {args.pessimism:g} spreads of pessimism" if args.pessimism else "")
