@@ -150,6 +150,17 @@ def test_kill_after_the_trainers_rotation_resumes_exactly(reference, tmp_path):
     assert_same_run(kill_and_resume(tmp_path, "after_rotation", 6, 1, in_process=True), reference)
 
 
+def test_a_run_resumed_from_its_final_checkpoint_trains_nothing_more(reference, tmp_path):
+    """Killed after the last save but before the script's end, the rerun resumes at max_steps: the Trainer alone
+    would train one more step (transformers 5.25) — an extra batch, optimizer step and decision."""
+    run_trainer(*build_trainer(tmp_path), tmp_path)
+    (tmp_path / "result.json").unlink()
+    assert Path(last_complete_checkpoint(tmp_path)).name == "checkpoint-12"
+    run_trainer(*build_trainer(tmp_path), tmp_path)
+    assert max(outcome_steps(tmp_path, "")) == 12
+    assert_same_run(outcome(tmp_path), reference)
+
+
 def test_plain_loop_killed_between_its_files_resumes_exactly(loop_reference, tmp_path):
     """Before: a kill between the loop's two files combined step-N tensors with an older JSON state."""
     assert_same_run(

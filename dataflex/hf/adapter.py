@@ -282,6 +282,14 @@ class TrainerAdapter(TrainerCallback):
             self._restore(folder, state.global_step)
         if not self.history:
             self.history.append(self._history_entry(0, 0))
+        if 0 < state.max_steps <= state.global_step:
+            # Resumed from the run's final checkpoint (a rerun after a crash between the last save and the
+            # script's end): the Trainer would still train one step past max_steps before it checks the step
+            # count (seen with transformers 5.25), consuming a batch and changing the optimizer and decisions.
+            # No batch is left to train on, and the Trainer stops after the (empty) epoch.
+            layout.batch_sampler.sampler = []
+            control.should_training_stop = True
+            logger.info("resumed at global_step=%d = max_steps: the run is already finished", state.global_step)
 
     def _check_stack_settings(self, args: Any) -> None:
         """Trainer settings dataflex cannot honour: refuse or say so, never replace them silently."""
