@@ -217,7 +217,9 @@ def propose_mixture(
     spread added to every prediction compared (0: the law's predictions as they are)."""
     if law.runs is None:
         raise RuntimeError("fit the law before proposing a mixture")
-    if not (isinstance(pessimism, (int, float)) and np.isfinite(pessimism) and pessimism >= 0):
+    if isinstance(pessimism, bool) or not (
+        isinstance(pessimism, (int, float)) and np.isfinite(pessimism) and pessimism >= 0
+    ):
         raise ValueError(f"pessimism must be a finite number >= 0 (a multiple of the law's spread); got {pessimism!r}")
 
     def bound(w: np.ndarray) -> np.ndarray:

@@ -178,7 +178,7 @@ def test_pessimism_keeps_the_proposal_where_the_runs_give_evidence():
     bounded = propose_mixture(law, "mean", max_l1=1.5, pessimism=1.0, no_worse_than=uniform)
     upper = law.predict(bounded.weights[None]) + law.predict_spread(bounded.weights[None])
     assert (upper <= law.predict(uniform[None]) + law.predict_spread(uniform[None]) + 1e-12).all()
-    for bad in (-1.0, float("nan"), "1"):
+    for bad in (-1.0, float("nan"), "1", True):
         with pytest.raises(ValueError, match=f"pessimism must be a finite number >= 0.*got {bad!r}"):
             propose_mixture(law, "mean", pessimism=bad)
 
