@@ -1,5 +1,6 @@
 """Run by test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo on CPU): DeepSpeed ZeRO-<stage> through
-TrainingArguments(deepspeed=...), uninterrupted, crashed after the step-4 checkpoint and resumed from it.
+TrainingArguments(deepspeed=...), uninterrupted, crashed after the step-4 checkpoint and resumed from it, and
+the finished run resumed from its final checkpoint (killed after the last save: nothing may be trained again).
 Writes <out>/rank<r>.json with the weight histories, the example ids of each step and the logged losses."""
 
 import json
@@ -49,6 +50,7 @@ def main(out: str, stage: int) -> None:
     resumed, tail_rec, res_tr = run(
         ds, Path(out) / "crash", stage, resume=str(Path(out) / "crash" / f"checkpoint-{CRASH}")
     )
+    again, again_rec, _ = run(ds, Path(out) / "full", stage, resume=str(Path(out) / "full" / f"checkpoint-{STEPS}"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     Path(out, f"rank{rank}.json").write_text(
         json.dumps(
@@ -62,6 +64,8 @@ def main(out: str, stage: int) -> None:
                 "resumed_history": resumed.history,
                 "resumed_ids": {**head_rec.ids, **tail_rec.ids},
                 "resumed_log": comparable_log(res_tr.state.log_history),
+                "final_resume_ids": again_rec.ids,
+                "final_resume_history": again.history,
             }
         )
     )

@@ -26,3 +26,5 @@ def test_zero_two_processes_identical_ranks_and_exact_resume(tmp_path, stage):
         assert r["resumed_ids"] == r["ids"]
         assert r["resumed_history"] == r["history"]
         assert r["resumed_log"] == r["log"]
+        # resumed from the final checkpoint: no batch trained, no decision added (the adapter's guard)
+        assert r["final_resume_ids"] == {} and r["final_resume_history"] == r["history"]
