@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--objective", default="mean", help="mean | worst | a domain: what the proposal minimises")
     p.add_argument("--max-l1", type=float, default=0.6)
     p.add_argument(
+        "--min-weight", type=float, default=0.02, help="no domain's proposed weight below this (propose.min_weight)"
+    )
+    p.add_argument(
         "--no-worse-than-prior",
         action="store_true",
         help="the proposal may not be predicted worse than uniform on any domain (propose.no_worse_than=prior)",
@@ -89,6 +92,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"swarm.concentration={args.concentration}",
         f"law.kinds=[{','.join(args.law_kinds)}]",
         f"propose.max_l1={args.max_l1}",
+        f"propose.min_weight={args.min_weight}",
         f"propose.objective={args.objective}",
         f"propose.no_worse_than={'prior' if args.no_worse_than_prior else 'null'}",
         f"propose.pessimism={args.pessimism}",
@@ -125,7 +129,7 @@ def main() -> None:
         f"Seeds {args.seeds}; main runs {args.steps} steps x 16 x 128 bytes (byte GPT-2, 2 layers x 96); swarm "
         f"{args.swarm_size} runs x {args.swarm_steps} steps around uniform (Dirichlet concentration "
         f"{args.concentration:g}); proposal for the {args.objective} "
-        f"validation loss within L1 {args.max_l1} of uniform, floor 0.02"
+        f"validation loss within L1 {args.max_l1} of uniform, floor {args.min_weight:g}"
         + (", no domain predicted worse than at uniform" if args.no_worse_than_prior else "")
         + (f", predictions compared with {args.pessimism:g} spreads of pessimism" if args.pessimism else "")
         + f"; online correction radius {args.radius}. "
