@@ -21,9 +21,10 @@ def _missing(value: object) -> bool:
 def label_texts(labels: Sequence[object], what: str = "domain labels") -> list[str]:
     """Labels as text, refusing what text would silently distort.
 
-    A missing label (``None``, NaN) would become a domain called ``"None"`` or ``"nan"``, and two labels
-    that differ but print alike (``1`` and ``"1"``) would merge into one domain; both raise ``ValueError``
-    naming the positions or values.
+    A missing label (``None``, NaN, an empty or blank string) would become a domain called ``"None"``,
+    ``"nan"`` or ``""``; two labels that differ but print alike (``1`` and ``"1"``) would merge into one
+    domain, and two that differ only by surrounding whitespace (``"code"``, ``"code "``) would split one;
+    all raise ``ValueError`` naming the positions or values.
     """
     labels = list(labels)
     missing = [i for i, x in enumerate(labels) if _missing(x)]
@@ -33,6 +34,23 @@ def label_texts(labels: Sequence[object], what: str = "domain labels") -> list[s
             f"{missing[:10]}; give every example a label, or drop the unlabelled ones before training"
         )
     texts = [str(x) for x in labels]
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ValueError(
+            f"{what} are empty or blank at {len(blank)} of {len(labels)} examples, first at positions {blank[:10]} "
+            "(an empty cell, usually a missing label, would become a domain of its own); give every example a "
+            "label, or drop the unlabelled ones before training"
+        )
+    # "code" and "code " would be two domains, and weights given for "code" would never reach the second.
+    by_stripped: dict[str, set[str]] = {}
+    for t in set(texts):
+        by_stripped.setdefault(t.strip(), set()).add(t)
+    padded = sorted(sorted(v) for v in by_stripped.values() if len(v) > 1)
+    if padded:
+        raise ValueError(
+            f"{what} differ only by surrounding whitespace: {padded[:5]}; they would be separate domains — "
+            "strip the labels before training"
+        )
     originals: dict[str, object] = {}
     for x, text in zip(labels, texts):
         seen = originals.setdefault(text, x)

@@ -7,6 +7,7 @@ shows the bad value and says what would be valid.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,11 +21,19 @@ SUM_TOLERANCE = 1e-6
 def weights_from_mapping(weights: Mapping[str, float], domain_names: Sequence[str]) -> np.ndarray:
     """Turn ``{"code": 0.3, ...}`` into a vector ordered like ``domain_names``.
 
-    Domains missing from the mapping get weight 0; names that are not domains raise.
+    Domains missing from the mapping get weight 0, with a warning naming them; names that are not domains raise.
     """
     unknown = sorted(set(weights) - set(domain_names))
     if unknown:
         raise ValueError(f"unknown domain name(s) {unknown}; valid domains are {list(domain_names)}")
+    omitted = [name for name in domain_names if name not in weights]
+    if omitted:  # allowed (a way to leave domains out), but a forgotten domain would silently never be trained on
+        warnings.warn(
+            f"the weights {dict(weights)} give no weight for domain(s) {omitted}: they get weight 0 and are never "
+            "sampled; list them with 0 to leave them out on purpose",
+            UserWarning,
+            stacklevel=3,
+        )
     return np.array([float(weights.get(name, 0.0)) for name in domain_names], dtype=np.float64)
 
 

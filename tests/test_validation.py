@@ -29,6 +29,11 @@ def ds():
         (["a", np.float32("nan")], r"positions \[1\]"),
         ([1, "1", 2], r"1 \(int\) and '1' \(str\) both read as '1'"),
         ([True, "True"], r"True \(bool\) and 'True' \(str\)"),
+        (["a", "", "b", "  "], r"empty or blank at 2 of 4 examples, first at positions \[1, 3\]"),
+        (
+            ["code", "code ", "math", "\tmath"],
+            r"differ only by surrounding whitespace: \[\['\\tmath', 'math'\], \['code', 'code '\]\]",
+        ),
     ],
 )
 def test_labels_that_text_would_distort_are_refused(labels, message):

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,11 @@ NAMES = ["code", "math", "wiki"]
 
 
 def test_valid_weights_pass_through():
-    assert validate_weights({"code": 0.5, "math": 0.5}, NAMES).tolist() == [0.5, 0.5, 0.0]
+    with pytest.warns(UserWarning, match=r"no weight for domain\(s\) \['wiki'\]: they get weight 0"):
+        assert validate_weights({"code": 0.5, "math": 0.5}, NAMES).tolist() == [0.5, 0.5, 0.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every domain named, a 0 among them: on purpose, no warning
+        assert validate_weights({"code": 0.5, "math": 0.5, "wiki": 0}, NAMES).tolist() == [0.5, 0.5, 0.0]
     assert np.allclose(validate_weights([0.2, 0.3, 0.5], NAMES), [0.2, 0.3, 0.5])
 
 
