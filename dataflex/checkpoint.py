@@ -25,6 +25,7 @@ the newest, so a kill at any instant never combines files of two steps.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -138,7 +139,11 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
     tpath = tensors_path(folder, name)
     if not tpath.is_file():
         raise FileNotFoundError(f"{path} was saved with tensor state, but {tpath} does not exist")
-    saved = torch.load(tpath, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(tpath, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch's own message does not name the file
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{tpath} cannot be read ({first_line}); the file is damaged") from err
     found = saved.get("commit") if isinstance(saved, dict) else None
     if found != commit:
         raise ValueError(

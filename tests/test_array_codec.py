@@ -55,6 +55,14 @@ def test_checkpoint_state_with_arrays_round_trips_and_older_files_still_load(tmp
     assert np.array_equal(load_state(tmp_path, "s")[0]["steps"], state["steps"])
 
 
+def test_a_damaged_tensor_file_is_refused_naming_it(tmp_path):
+    save_state(tmp_path, "s", {"steps": np.arange(10_000)}, None)
+    data = (tmp_path / "s.pt").read_bytes()
+    (tmp_path / "s.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"s\.pt cannot be read \(.*\); the file is damaged"):
+        load_state(tmp_path, "s")
+
+
 def test_damaged_stored_arrays_are_refused():
     stored = encode(np.arange(0, 1000, 2))
     with pytest.raises(ValueError, match="form 'zip'; known forms are"):
