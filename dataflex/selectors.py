@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.checks import real_number
 from dataflex.offline import target_direction, token_mean_losses
 from dataflex.selection import budget, select_by_loss, select_random, select_top
 
@@ -103,6 +104,7 @@ class Selector:
     """
 
     def __init__(self, fraction: float, candidates: float = 1.0, per_label: bool = False) -> None:
+        fraction, candidates = real_number("fraction", fraction), real_number("candidates", candidates)
         budget(10_000, fraction)  # validates fraction
         if not 0 < candidates <= 1:
             raise ValueError(f"candidates must lie in (0, 1]; got {candidates}")

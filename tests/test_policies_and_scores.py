@@ -6,7 +6,8 @@ import torch
 from conftest import through_checkpoint
 
 from dataflex.losses import per_example_token_loss
-from dataflex.policies import ODM, Natural, Static, Temperature, Uniform
+from dataflex.policies import ADO, ODM, LawCorrected, Natural, Static, Temperature, Uniform
+from dataflex.selectors import LossFocus
 from dataflex.store import DomainStats, ScoreStore
 
 NAMES = ["a", "b", "c"]
@@ -37,6 +38,25 @@ def test_static_policies():
 def stats(loss_sum, count, non_finite=0, masked=0):
     count = np.asarray(count)
     return DomainStats(np.asarray(loss_sum, float), count, non_finite, masked)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: ODM(alpha="abc"), r"alpha must be a number; got 'abc' \(str\)"),
+        (lambda: ODM(floor=None), r"floor must be a number; got None"),
+        (lambda: Temperature(tau="2"), r"tau must be a number; got '2' \(str\)"),
+        (lambda: ADO(gamma1=True), r"gamma1 must be a number; got True \(bool\)"),
+        (lambda: ADO(warmup_updates=4.5), r"warmup_updates must be an integer; got 4.5"),
+        (lambda: LawCorrected({"a": 1.0}, {"a": 1.0}, radius="0.1"), r"radius must be a number; got '0.1'"),
+        (lambda: LossFocus("0.5"), r"fraction must be a number; got '0.5'"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused_by_name(make, message):
+    """What a config override typed as text would pass: refused naming the setting, not a TypeError from a
+    comparison deep inside."""
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_odm_exploration_schedule_and_reward_credit():

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dataflex.checks import real_number, whole_number
 from dataflex.policies.base import BoundPolicy
 from dataflex.state import saved_count, saved_vector
 from dataflex.store import DomainStats
@@ -80,6 +81,9 @@ class ADO(BoundPolicy):
     ) -> None:
         if prior not in ("natural", "uniform"):
             raise ValueError(f"prior={prior!r}; valid values are 'natural', 'uniform'")
+        gamma1, gamma2 = real_number("gamma1", gamma1), real_number("gamma2", gamma2)
+        s, delta_min = real_number("s", s), real_number("delta_min", delta_min)
+        warmup_updates = whole_number("warmup_updates", warmup_updates)
         for name, v in (("gamma1", gamma1), ("gamma2", gamma2)):
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must lie in (0, 1]; got {v}")

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflex.checks import real_number
 from dataflex.mixture_search import MixtureRegion
 from dataflex.policies.base import BoundPolicy
 from dataflex.state import saved_count
@@ -57,6 +58,8 @@ class LawCorrected(BoundPolicy):
         min_weight: float = 0.0,
         max_weight: Mapping[str, float] | None = None,
     ) -> None:
+        radius, step, alpha = real_number("radius", radius), real_number("step", step), real_number("alpha", alpha)
+        min_weight = real_number("min_weight", min_weight)
         bad = {k: v for k, v in predicted.items() if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0)}
         if bad:
             raise ValueError(f"predicted losses must be finite and > 0; got {bad}")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflex.checks import real_number
 from dataflex.policies.base import BoundPolicy
 from dataflex.state import saved_count, saved_vector
 from dataflex.store import DomainStats
@@ -50,6 +51,8 @@ class ODM(BoundPolicy):
     """
 
     def __init__(self, alpha: float = 0.9, floor: float = 1e-3, exploration_scale: float = 1.0) -> None:
+        alpha, floor = real_number("alpha", alpha), real_number("floor", floor)
+        exploration_scale = real_number("exploration_scale", exploration_scale)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1); got {alpha!r}")
         if not (np.isfinite(floor) and floor >= 0):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflex.checks import real_number
 from dataflex.policies.base import BoundPolicy
 from dataflex.state import saved_count
 from dataflex.store import DomainStats
@@ -42,6 +43,7 @@ class Temperature(BoundPolicy):
     """
 
     def __init__(self, tau: float = 2.0) -> None:
+        tau = real_number("tau", tau)
         if not (np.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a positive finite number; got {tau!r}")
         self.tau = float(tau)

@@ -1,0 +1,27 @@
+"""Type checks on user-given numbers, so a bad value is refused by name before any arithmetic sees it.
+
+A Hydra override arrives as the string it was typed as (``policy.alpha=abc``), and a YAML ``yes`` as a bool;
+without these, the first comparison fails with ``'<=' not supported between 'float' and 'str'``, which names
+neither the setting nor the value.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+__all__ = ["real_number", "whole_number"]
+
+
+def real_number(name: str, value: Any) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` if it is not a real number (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def whole_number(name: str, value: Any) -> int:
+    """``value`` as an int; ``ValueError`` naming ``name`` if it is not an integer (a bool or 2.5 is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    return int(value)
