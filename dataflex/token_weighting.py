@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataflex.checks import real_number
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 
 __all__ = ["ReferenceTokenLosses", "TokenWeightedLoss", "reference_token_losses", "rho1"]
@@ -92,7 +93,7 @@ def reference_token_losses(
 def rho1(reference: ReferenceTokenLosses, keep: float = 0.6) -> Rule:
     """Rho-1's selection: weight 1 for the ``keep`` share of counted tokens with the highest excess loss
     (current minus reference) in the micro-batch, 0 for the rest (ties broken by position)."""
-    if not 0 < keep <= 1:
+    if not 0 < real_number("keep", keep) <= 1:
         raise ValueError(f"keep must be in (0, 1]; got {keep!r}")
 
     def rule(token_loss: torch.Tensor, counted: torch.Tensor, ids: np.ndarray) -> torch.Tensor:

@@ -18,9 +18,21 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.checks import real_number, whole_number
 from dataflex.losses import per_example_mean_loss
 
 __all__ = ["ExampleWeightedLoss", "loss_weights"]
+
+
+def check_weighting(temperature: float, direction: str, max_weight: float) -> None:
+    """Refuse settings that would silently change what is learnt (a cap below 1 scales every weight down:
+    with 0, nothing is learnt at all), naming the value."""
+    if not real_number("temperature", temperature) > 0:  # also rejects NaN; inf means uniform weights
+        raise ValueError(f"temperature must be > 0 (inf for uniform weights); got {temperature}")
+    if direction not in ("hard", "easy"):
+        raise ValueError(f"direction={direction!r}; valid values are 'hard', 'easy'")
+    if not real_number("max_weight", max_weight) >= 1:  # the weights average 1, so the cap must allow 1
+        raise ValueError(f"max_weight must be >= 1 (the weights average 1; inf for no cap); got {max_weight}")
 
 
 def loss_weights(
@@ -34,10 +46,7 @@ def loss_weights(
 
     Non-finite losses get weight 0 and do not enter the statistics.
     """
-    if not temperature > 0:  # also rejects NaN; inf means uniform weights
-        raise ValueError(f"temperature must be > 0 (inf for uniform weights); got {temperature}")
-    if direction not in ("hard", "easy"):
-        raise ValueError(f"direction={direction!r}; valid values are 'hard', 'easy'")
+    check_weighting(temperature, direction, max_weight)
     local = losses.detach().float()
     finite = torch.isfinite(local)
     parts = dist.all_gather_objects(local.cpu().numpy())
@@ -74,6 +83,8 @@ class ExampleWeightedLoss:
         max_weight: float = 10.0,
         gradient_accumulation_steps: int = 1,
     ) -> None:
+        check_weighting(temperature, direction, max_weight)
+        gradient_accumulation_steps = whole_number("gradient_accumulation_steps", gradient_accumulation_steps)
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1; got {gradient_accumulation_steps}")
         self.temperature, self.direction, self.max_weight = temperature, direction, max_weight

@@ -79,3 +79,22 @@ def test_uniform_weights_reproduce_stock_training_and_weighting_changes_it(tmp_p
     weighted = train(ds, tmp_path / "c", func)
     assert func.last_weights is not None and abs(float(func.last_weights.mean()) - 1) < 1e-4
     assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(stock.parameters(), weighted.parameters()))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"max_weight": 0}, r"max_weight must be >= 1 .*got 0"),  # before: every weight 0, a loss of 0, no learning
+        ({"max_weight": 0.5}, r"max_weight must be >= 1"),
+        ({"temperature": "1"}, r"temperature must be a number; got '1'"),
+        ({"temperature": float("nan")}, r"temperature must be > 0"),
+        ({"direction": "sideways"}, r"direction='sideways'; valid values are 'hard', 'easy'"),
+        ({"gradient_accumulation_steps": 2.5}, r"gradient_accumulation_steps must be an integer; got 2.5"),
+    ],
+)
+def test_weighting_settings_that_would_change_what_is_learnt_are_refused_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ExampleWeightedLoss(**settings)
+    if "gradient_accumulation_steps" not in settings:
+        with pytest.raises(ValueError, match=message):
+            loss_weights(torch.tensor([1.0, 2.0]), **settings)
