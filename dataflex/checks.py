@@ -10,7 +10,9 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["real_number", "whole_number"]
+import numpy as np
+
+__all__ = ["flag", "real_number", "whole_number"]
 
 
 def real_number(name: str, value: Any) -> float:
@@ -25,3 +27,11 @@ def whole_number(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; ``ValueError`` naming ``name`` for anything else — a string such as ``"false"``
+    or ``"no"`` is truthy and would silently switch the option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+    return bool(value)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataflex.checks import flag
 from dataflex.pacing import PACINGS, make_pacing
 from dataflex.ranking import rank_ids
 
@@ -66,6 +67,7 @@ class Curriculum:
         if pacing not in PACINGS:
             raise ValueError(f"pacing={pacing!r}; valid values are {', '.join(PACINGS)}")
         self.difficulty = None if difficulty is None else np.asarray(difficulty, dtype=np.float64)
+        reverse = flag("reverse", reverse)
         self.scorer, self.reverse, self.pacing_name = scorer, bool(reverse), pacing
         self.pacing = make_pacing(pacing, c0, **pacing_kwargs)
 

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflex.checks import real_number
 from dataflex.dynamics import TrainingDynamics
 from dataflex.selectors import SelectionContext, Selector
 from dataflex.state import floats_from_json, read_json, write_json_atomic
@@ -300,6 +301,7 @@ class DropNoisy(Selector):
             )
         if threshold_ids is not None and detector != "aum":
             raise ValueError(f"threshold_ids set the AUM threshold; they do not apply to detector={detector!r}")
+        drop = None if drop is None else real_number("drop", drop)
         if drop is not None and not 0 < drop < 1:
             raise ValueError(f"drop must be in (0, 1); got {drop!r}")
         if classes is not None and threshold_ids is not None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from dataflex.checks import real_number
+
 __all__ = ["PACINGS", "competence", "linear", "make_pacing", "root", "step"]
 
 Pacing = Callable[[float], float]
@@ -59,4 +61,5 @@ def make_pacing(name: str, c0: float = 0.1, **kwargs: float) -> Pacing:
     makers = {"linear": linear, "root": root, "competence": competence, "step": step}
     if name not in makers:
         raise ValueError(f"pacing={name!r}; valid values are {', '.join(PACINGS)}")
-    return makers[name](c0, **kwargs)
+    kwargs = {key: real_number(key, value) for key, value in kwargs.items()}
+    return makers[name](real_number("c0", c0), **kwargs)

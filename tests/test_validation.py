@@ -11,7 +11,9 @@ import torch
 from hf_helpers import make_trainer, small_dataset
 from transformers import TrainerCallback
 
-from dataflex import DataFlexCallback
+from dataflex import DataFlexCallback, DataFlexCurriculumCallback
+from dataflex.curriculum import Curriculum
+from dataflex.detectors import DropNoisy
 from dataflex.domains import encode_domains, label_texts
 from dataflex.policies import ODM, Uniform
 
@@ -45,6 +47,31 @@ def test_labels_of_equal_value_and_different_types_are_one_domain():
     assert label_texts(["a", np.str_("a"), "b"]) == ["a", "a", "b"]
     ids, names = encode_domains([1, np.int64(1), 2])
     assert names == ["1", "2"] and ids.tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        # a truthy string would have switched the option on: "no", "false"
+        (lambda: DataFlexCallback(ODM(), replacement="no"), r"replacement must be True or False; got 'no' \(str\)"),
+        (lambda: DataFlexCallback(ODM(), stratified="false"), r"stratified must be True or False"),
+        (lambda: DataFlexCallback(ODM(), dynamics="true"), r"dynamics must be True or False"),
+        (lambda: DataFlexCallback(ODM(), check_ids="false"), r"check_ids must be True or False"),
+        (lambda: Curriculum(np.arange(10.0), reverse="no"), r"reverse must be True or False; got 'no'"),
+        # refused only once training started, or with a TypeError that named nothing
+        (lambda: DataFlexCallback(ODM(), when_exhausted="loop"), r"when_exhausted='loop'; valid values are"),
+        (lambda: DataFlexCallback(ODM(), seed="1"), r"seed must be an integer; got '1' \(str\)"),
+        (
+            lambda: DataFlexCurriculumCallback(Curriculum(np.arange(10.0)), horizon_steps="100"),
+            r"horizon_steps must be",
+        ),
+        (lambda: Curriculum(np.arange(10.0), c0="0.1"), r"c0 must be a number; got '0.1'"),
+        (lambda: DropNoisy("aum", drop="0.3"), r"drop must be a number; got '0.3'"),
+    ],
+)
+def test_callback_settings_of_the_wrong_type_are_refused_when_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_trainer_refuses_a_domain_column_with_missing_labels(ds, tmp_path):

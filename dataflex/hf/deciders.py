@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dataflex.checks import flag, whole_number
 from dataflex.curriculum import Curriculum
 from dataflex.policies.base import BatchObserver, MixingPolicy
 from dataflex.samplers.base import ScheduledSampler
@@ -137,7 +138,10 @@ class MixingDecider:
             "a mixing policy from dataflex.policies",
         )
         self.policy, self.update_every = policy, update_every
-        self.replacement, self.when_exhausted, self.stratified = replacement, when_exhausted, bool(stratified)
+        replacement, stratified = flag("replacement", replacement), flag("stratified", stratified)
+        if when_exhausted not in ("reshuffle", "redistribute"):  # checked here too, before training starts
+            raise ValueError(f"when_exhausted={when_exhausted!r}; valid values are 'reshuffle', 'redistribute'")
+        self.replacement, self.when_exhausted, self.stratified = replacement, when_exhausted, stratified
         self.observes_batches = isinstance(policy, BatchObserver)
         self.sampler: DomainMixtureSampler | None = None
 
@@ -275,6 +279,8 @@ class CurriculumDecider:
             raise ValueError("rescore_every needs a curriculum with a scorer (difficulty= is fixed)")
         if rescore_every < 0:
             raise ValueError(f"rescore_every must be >= 0 (0 = never); got {rescore_every!r}")
+        rescore_every = whole_number("rescore_every", rescore_every)
+        horizon_steps = None if horizon_steps is None else whole_number("horizon_steps", horizon_steps)
         if horizon_steps is not None and horizon_steps <= 0:
             raise ValueError(f"horizon_steps must be positive; got {horizon_steps}")
         self.curriculum, self.horizon_steps = curriculum, horizon_steps
