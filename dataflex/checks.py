@@ -12,19 +12,29 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["flag", "real_number", "whole_number"]
+__all__ = ["flag", "is_real", "is_whole", "real_number", "whole_number"]
+
+
+def is_real(value: Any) -> bool:
+    """A real number, numpy's included; a bool is not one (``True`` would pass for 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def is_whole(value: Any) -> bool:
+    """An integer, numpy's included; a bool is not one (``update_every=True`` would pass for 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def real_number(name: str, value: Any) -> float:
     """``value`` as a float; ``ValueError`` naming ``name`` if it is not a real number (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ValueError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
     return float(value)
 
 
 def whole_number(name: str, value: Any) -> int:
     """``value`` as an int; ``ValueError`` naming ``name`` if it is not an integer (a bool or 2.5 is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_whole(value):
         raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
     return int(value)
 

@@ -67,8 +67,7 @@ class Curriculum:
         if pacing not in PACINGS:
             raise ValueError(f"pacing={pacing!r}; valid values are {', '.join(PACINGS)}")
         self.difficulty = None if difficulty is None else np.asarray(difficulty, dtype=np.float64)
-        reverse = flag("reverse", reverse)
-        self.scorer, self.reverse, self.pacing_name = scorer, bool(reverse), pacing
+        self.scorer, self.reverse, self.pacing_name = scorer, flag("reverse", reverse), pacing
         self.pacing = make_pacing(pacing, c0, **pacing_kwargs)
 
     def order(self, model: torch.nn.Module | None = None, dataset: Any = None, collate: Callable | None = None):

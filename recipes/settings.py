@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dataflex.checks import is_real, is_whole
+
 __all__ = [
     "check_instruct_settings",
     "check_mixture_law_settings",
@@ -26,24 +28,20 @@ __all__ = [
 ]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def integer(key: str, value: Any) -> int:
-    if not _is_int(value):
+    if not is_whole(value):
         raise ValueError(f"{key} must be an integer; got {value!r}")
     return value
 
 
 def positive_int(key: str, value: Any) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_whole(value) or value < 1:
         raise ValueError(f"{key} must be a positive integer; got {value!r}")
     return value
 
 
 def nonnegative_int(key: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
+    if not is_whole(value) or value < 0:
         raise ValueError(f"{key} must be an integer >= 0; got {value!r}")
     return value
 
@@ -53,7 +51,7 @@ def optional_positive_int(key: str, value: Any) -> int | None:
 
 
 def positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+    if not is_real(value) or not value > 0 or value != value:
         raise ValueError(f"{key} must be a positive number; got {value!r}")
     return float(value)
 
@@ -74,7 +72,7 @@ def check_model_fits(model: Any, *, max_len: int, vocab_needed: int, len_key: st
 
 def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
     """A share in (0, 1] (or [0, 1) with ``allow_zero``, for noise rates)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_real(value)
     ok = ok and ((0 <= value < 1) if allow_zero else (0 < value <= 1))
     if not ok:
         raise ValueError(f"{key} must be a number in {'[0, 1)' if allow_zero else '(0, 1]'}; got {value!r}")

@@ -61,6 +61,13 @@ def test_labels_of_equal_value_and_different_types_are_one_domain():
         # refused only once training started, or with a TypeError that named nothing
         (lambda: DataFlexCallback(ODM(), when_exhausted="loop"), r"when_exhausted='loop'; valid values are"),
         (lambda: DataFlexCallback(ODM(), seed="1"), r"seed must be an integer; got '1' \(str\)"),
+        # a bool is an int to Python: update_every=True would have meant every step
+        (lambda: DataFlexCallback(ODM(), update_every=True), r"update_every must be a positive integer; got True"),
+        (lambda: DataFlexCallback(ODM(), warmup_steps=False), r"warmup_steps must be an integer >= 0; got False"),
+        (
+            lambda: DataFlexCurriculumCallback(Curriculum(scorer=lambda *a: None), rescore_every="5"),
+            r"rescore_every must be an integer; got '5'",
+        ),
         (
             lambda: DataFlexCurriculumCallback(Curriculum(np.arange(10.0)), horizon_steps="100"),
             r"horizon_steps must be",

@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 
 from dataflex import dist
 from dataflex.batching import inspect_loader
-from dataflex.checks import flag, whole_number
+from dataflex.checks import flag, is_whole, whole_number
 from dataflex.domains import encode_domains
 from dataflex.dynamics import TrainingDynamics
 from dataflex.embeddings import last_hidden_tap, mean_pool
@@ -113,11 +113,11 @@ class TrainerAdapter(TrainerCallback):
         dynamics: bool = False,
     ) -> None:
         update_every = decider.update_every
-        if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
+        if update_every is not None and (not is_whole(update_every) or update_every < 1):
             raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_whole(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
-        if lookahead_batches is not None and (not isinstance(lookahead_batches, int) or lookahead_batches < 1):
+        if lookahead_batches is not None and (not is_whole(lookahead_batches) or lookahead_batches < 1):
             raise ValueError(f"lookahead_batches must be a positive integer; got {lookahead_batches!r}")
         check_ids, allow_missing_state = flag("check_ids", check_ids), flag("allow_missing_state", allow_missing_state)
         check_images, dynamics = flag("check_images", check_images), flag("dynamics", dynamics)

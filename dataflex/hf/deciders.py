@@ -275,11 +275,11 @@ class CurriculumDecider:
 
     def __init__(self, curriculum: Curriculum, *, horizon_steps: int | None = None, rescore_every: int = 0) -> None:
         _require_methods(curriculum, ("order", "state_dict", "load_state_dict"), "a dataflex.curriculum.Curriculum")
+        rescore_every = whole_number("rescore_every", rescore_every)
         if rescore_every and getattr(curriculum, "scorer", None) is None:
             raise ValueError("rescore_every needs a curriculum with a scorer (difficulty= is fixed)")
         if rescore_every < 0:
             raise ValueError(f"rescore_every must be >= 0 (0 = never); got {rescore_every!r}")
-        rescore_every = whole_number("rescore_every", rescore_every)
         horizon_steps = None if horizon_steps is None else whole_number("horizon_steps", horizon_steps)
         if horizon_steps is not None and horizon_steps <= 0:
             raise ValueError(f"horizon_steps must be positive; got {horizon_steps}")
