@@ -113,7 +113,7 @@ def run_loop(out: Path, steps: int = 12, save_steps: int = 2, kill_after: float 
         json.dumps(
             {
                 "history": result.history,
-                "params": params_digest(model),
+                "params": params_summary(model),
                 "log": [],
                 "steps": {},
                 "seconds": time.perf_counter() - started,
@@ -122,7 +122,7 @@ def run_loop(out: Path, steps: int = 12, save_steps: int = 2, kill_after: float 
     )
 
 
-def params_digest(model) -> dict[str, list[float]]:
+def params_summary(model) -> dict[str, list[float]]:
     """Per tensor: the sum and the L2 norm (float64) — comparable up to float32 rounding, unlike a hash."""
     out = {}
     for name, value in sorted(model.state_dict().items()):
@@ -229,7 +229,7 @@ def run_trainer(dfx, trainer, out: Path) -> None:
             {
                 "seconds": time.perf_counter() - started,
                 "history": dfx.history,
-                "params": params_digest(trainer.model),
+                "params": params_summary(trainer.model),
                 "log": comparable_log(trainer.state.log_history),
             }
         )
