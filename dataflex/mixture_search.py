@@ -31,7 +31,10 @@ Dirichlet candidates around the prior at several concentrations, plus the prior,
 mixtures, are projected onto the box-simplex ``{min <= w <= max, sum w = 1}`` and pulled toward a feasible
 anchor until the distance constraint holds (the feasible set is convex, so the segment stays inside); the
 best candidates are refined by a shrinking local search, and for the smooth ``loglinear`` law by SLSQP with
-the law's gradient. The result is the best *feasible* point found.
+the law's gradient. The result is the best *feasible* point found. With ``average_top = k > 1`` it is the
+mean of the best point and the ``k - 1`` best random candidates instead, as RegMix averages its top-ranked
+simulated mixtures: a law fitted on a few runs ranks many mixtures within its own error of the best one, and
+their mean depends less on which of them the fit's noise happened to put first.
 
 Schedules (:func:`propose_schedule`): with laws fitted on the swarm's losses at several fractions of its
 runs, the proposal becomes piecewise — stage ``s`` trains on ``w_s`` over fractions ``[f_(s-1), f_s)``.
@@ -55,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflex.checks import whole_number
 from dataflex.mixture_law import MixtureLaw
 
 __all__ = [
@@ -209,14 +213,19 @@ def propose_mixture(
     max_weight: Sequence[float] | np.ndarray | None = None,
     no_worse_than: Sequence[float] | np.ndarray | None = None,
     pessimism: float = 0.0,
+    average_top: int = 1,
     candidates: int = 20000,
     seed: int = 0,
 ) -> Proposal:
     """The feasible mixture with the lowest predicted ``objective``; see the module docstring.
     ``min_weight`` is one floor for every domain or one per domain; ``pessimism`` the multiple of the law's
-    spread added to every prediction compared (0: the law's predictions as they are)."""
+    spread added to every prediction compared (0: the law's predictions as they are); ``average_top`` > 1
+    answers the mean of that many best candidates instead of the single best (module docstring)."""
     if law.runs is None:
         raise RuntimeError("fit the law before proposing a mixture")
+    average_top = whole_number("average_top", average_top)
+    if not 1 <= average_top <= candidates:
+        raise ValueError(f"average_top must be in [1, candidates={candidates}]; got {average_top!r}")
     if isinstance(pessimism, bool) or not (
         isinstance(pessimism, (int, float)) and np.isfinite(pessimism) and pessimism >= 0
     ):
@@ -277,10 +286,30 @@ def propose_mixture(
             rv = float(score(refined[None])[0])
             if rv < best_v:
                 best_w, best_v = refined, rv
+    if average_top > 1:
+        best_w, best_v = _average_of_best(pool, values, best_w, average_top, region, score)
     predicted = law.predict(best_w[None])
     if not region.check(best_w) or excess(bound(best_w[None]))[0] > 0:
         raise RuntimeError(f"internal error: the proposed mixture {best_w.tolist()} violates the constraints")
     return Proposal(best_w, predicted[0], best_v, list(train), list(evaluated))
+
+
+def _average_of_best(
+    pool: np.ndarray, values: np.ndarray, best: np.ndarray, k: int, region: MixtureRegion, score: Any
+) -> tuple[np.ndarray, float]:
+    """The mean of the search's ``best`` and the ``k - 1`` best of ``pool`` (RegMix's top-k averaging).
+
+    The feasible region is convex, so the mean is inside it. A ceiling (``no_worse_than``) need not be under a
+    non-linear law: when the mean is above one, the answer moves back along the segment to ``best`` (halving
+    the distance, at most 6 times; ``best`` itself is within every ceiling).
+    """
+    mean = np.vstack([best[None], pool[np.argsort(values, kind="stable")][: k - 1]]).mean(axis=0)
+    for t in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125):
+        w = region.make((best + t * (mean - best))[None])[0]
+        v = float(score(w[None])[0])
+        if v < 1e6:  # within every ceiling (score ranks a row above one at 1e6 and beyond)
+            return w, v
+    return best, float(score(best[None])[0])
 
 
 def _refine_smooth(law: MixtureLaw, objective: Any, region: MixtureRegion, start: np.ndarray) -> np.ndarray | None:

@@ -1,7 +1,7 @@
 """Recipe: finetune on instructions with swapped (wrong) responses, with or without a noise detector.
 
     python -m dataflex.recipes.instruct detector=aum seed=1
-    python -m dataflex.recipes.instruct -m detector=none,aum,cartography,loss,out_of_fold seed=0,1,2
+    python -m dataflex.recipes.instruct -m detector=none,aum,cartography,loss,out_of_fold,prompt_support seed=0,1,2
 
 A stock ``transformers.Trainer`` finetunes a byte-level GPT-2 on
 :func:`dataflex.testbeds.noisy_instruct.noisy_instructions` (a share of responses replaced by another
@@ -31,6 +31,7 @@ from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies import Uniform
+from dataflex.prompt_support import prompt_support_scores
 from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
 from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
@@ -46,6 +47,7 @@ DETECTORS = {
         for d in RECORD_DETECTORS
     },
     "out_of_fold": "k proxy runs, each scoring the fold it did not train on by loss; the top drop share left out",
+    "prompt_support": "prompt_support_scores of the text (no model, no training); the top drop share left out",
     "clean_oracle": "reference, not a detector: FixedSubset of the examples whose response is right (reads the mask)",
 }
 
@@ -59,11 +61,15 @@ def make_model(base: dict[str, torch.Tensor] | None, seed: int) -> torch.nn.Modu
 
 
 def keep_per_task(scores: np.ndarray, tasks: np.ndarray, drop: float) -> np.ndarray:
-    """Ids kept when the ``drop`` share with the highest noise score of every task is left out."""
+    """Ids kept when the ``drop`` share with the highest noise score of every task is left out; examples
+    without a score (NaN: no evidence) are kept first, as :class:`~dataflex.detectors.DropNoisy` keeps the
+    examples it never saw."""
     kept = []
+    # The largest finite key: the ranking puts non-finite keys last.
+    keep_score = np.where(np.isnan(scores), np.finfo(np.float64).max, -np.asarray(scores, dtype=np.float64))
     for task in np.unique(tasks):
         ids = np.flatnonzero(tasks == task)
-        kept.append(ids[select_top(-scores[ids], 1.0 - drop)])
+        kept.append(ids[select_top(keep_score[ids], 1.0 - drop)])
     return np.sort(np.concatenate(kept))
 
 
@@ -85,7 +91,13 @@ def fold_losses(
 
 
 def detector_callback(
-    detector: str, data: dict[str, Any], *, drop: float, update_every: int, warmup: int, fold_scores: np.ndarray | None
+    detector: str,
+    data: dict[str, Any],
+    *,
+    drop: float,
+    update_every: int,
+    warmup: int,
+    offline_scores: np.ndarray | None,
 ) -> DataFlexCallback:
     # Labels come from the dataset's own "task" column, so dataflex checks them against what the Trainer sees.
     by_task = {"label_column": "task"}
@@ -94,10 +106,10 @@ def detector_callback(
     selection = {"update_every": update_every, "warmup_steps": warmup, **by_task}
     if detector in RECORD_DETECTORS:
         return DataFlexSelectCallback(DropNoisy(detector, drop=drop, per_label=True), **selection)
-    if detector == "out_of_fold":
-        if fold_scores is None:
-            raise ValueError("detector='out_of_fold' needs fold_scores (see fold_losses)")
-        keep = keep_per_task(fold_scores, np.asarray(data["train"]["task"]), drop)
+    if detector in ("out_of_fold", "prompt_support"):
+        if offline_scores is None:
+            raise ValueError(f"detector={detector!r} needs its offline scores (see fold_losses, prompt_support_scores)")
+        keep = keep_per_task(offline_scores, np.asarray(data["train"]["task"]), drop)
         return DataFlexSelectCallback(FixedSubset(keep), update_every=update_every, **by_task)
     if detector == "clean_oracle":
         clean = np.flatnonzero(~np.asarray(data["noisy"], dtype=bool))
@@ -123,11 +135,12 @@ def train_instruct(
     save_steps: int | None = None,
     evaluate_test: bool = True,
     folds_dir: Path | None = None,
+    analyzer: str = "char_wb",
 ) -> dict[str, Any]:
     """Train one run with ``detector`` for ``steps`` (resuming from ``out`` if it holds a checkpoint) and
     measure it: clean validation (and test) loss per task, wrong share trained on, detection quality.
     ``folds_dir`` (default ``out / "folds"``) caches the out-of-fold proxies' scores; runs that differ only in
-    ``drop`` can share it."""
+    ``drop`` can share it. ``analyzer`` is prompt_support's text similarity (``dataflex.prompt_support``)."""
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; valid: {list(DETECTORS)}")
     noisy = np.asarray(data["noisy"], dtype=bool)
@@ -143,7 +156,10 @@ def train_instruct(
             lr=lr,
             seed=seed,
         )
-    dfx = detector_callback(detector, data, drop=drop, update_every=update_every, warmup=warmup, fold_scores=scores)
+    if detector == "prompt_support":
+        text = data["train_text"]
+        scores = prompt_support_scores(text["prompts"], text["responses"], text["tasks"], analyzer=analyzer, seed=seed)
+    dfx = detector_callback(detector, data, drop=drop, update_every=update_every, warmup=warmup, offline_scores=scores)
     counter = NoiseCounter(dfx, noisy)
     probe = DetectionProbe(dfx, noisy, steps=(warmup,))
     model = make_model(base, seed)
@@ -166,7 +182,7 @@ def train_instruct(
     if dfx.dynamics is not None:  # the record's detectors, at the first decision and at the end
         detection = {"at_warmup": probe.by_step.get(warmup), "at_end": probe.measure()}
     if scores is not None:
-        detection = {"at_end": {"out_of_fold": detection_quality(scores, noisy)}}
+        detection = {"at_end": {detector: detection_quality(scores, noisy)}}
     validation = task_losses(model, data["validation"])
     test = task_losses(model, data["test"]) if evaluate_test else {}
     return {
@@ -222,6 +238,7 @@ def _hydra_main() -> None:
             folds=d.get("folds", 3),
             fold_steps=d.get("fold_steps", 200),
             save_steps=cfg.save_steps,
+            analyzer=d.get("analyzer", "char_wb"),
         )
         (out / "results.json").write_text(json.dumps(result, indent=1))
         print(

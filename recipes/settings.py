@@ -181,6 +181,10 @@ def check_instruct_settings(cfg: Any, detectors: Any, resolve: Any = lambda p: p
             positive_int(f"detector.{key}", detector[key])
     if "folds" in detector and detector.folds < 2:
         raise ValueError(f"detector.folds must be >= 2 (each proxy scores the fold it left out); got {detector.folds}")
+    if "analyzer" in detector:
+        from dataflex.prompt_support import ANALYZERS
+
+        one_of("detector.analyzer", detector.analyzer, tuple(ANALYZERS))
     if cfg.data_dir is not None:
         _path("data_dir", resolve(cfg.data_dir) if isinstance(cfg.data_dir, str) else cfg.data_dir, kind="folder")
     if cfg.base is not None:
@@ -228,6 +232,7 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     pessimism = cfg.propose.get("pessimism", 0.0)
     if isinstance(pessimism, bool) or not isinstance(pessimism, (int, float)) or not 0 <= pessimism < float("inf"):
         raise ValueError(f"propose.pessimism must be a number >= 0 (a multiple of the law's spread); got {pessimism!r}")
+    positive_int("propose.average_top", cfg.propose.get("average_top", 1))
     weight = cfg.propose.min_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < 1:
         raise ValueError(f"propose.min_weight must be a number in [0, 1); got {weight!r}")

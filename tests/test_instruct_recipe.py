@@ -67,11 +67,14 @@ def test_keep_per_task_drops_the_highest_scores_of_every_task():
     scores = np.concatenate([np.arange(10.0), -np.arange(10.0)])
     kept = keep_per_task(scores, tasks, drop=0.3)
     assert kept.tolist() == list(range(7)) + list(range(13, 20))
+    scores[[0, 9]] = np.nan  # no evidence: kept, ahead of the least suspect scored examples
+    assert keep_per_task(scores, tasks, drop=0.3).tolist() == [0, *range(1, 6), 9, *range(13, 20)]
 
 
-@pytest.mark.parametrize("detector", ["aum", "clean_oracle", "out_of_fold"])
+@pytest.mark.parametrize("detector", ["aum", "clean_oracle", "out_of_fold", "prompt_support"])
 def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
-    from dataflex.recipes.instruct import train_instruct
+    from dataflex.detectors import detection_quality
+    from dataflex.recipes.instruct import keep_per_task, train_instruct
 
     kwargs = dict(
         out=tmp_path / detector, steps=6, batch_size=8, warmup=2, update_every=2, folds=2, fold_steps=2, save_steps=3
@@ -93,6 +96,16 @@ def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
             "fold-0-of-2.json",
             "fold-1-of-2.json",
         ]
+    if detector == "prompt_support":  # scored from the text: the top drop share of every task is never trained on
+        from dataflex.prompt_support import prompt_support_scores
+
+        text = noisy["train_text"]
+        scores = prompt_support_scores(text["prompts"], text["responses"], text["tasks"])
+        quality = result["detection"]["at_end"]["prompt_support"]
+        assert quality == detection_quality(scores, noisy["noisy"]) and quality["auroc"] > 0.6
+        kept = keep_per_task(scores, np.asarray(noisy["train"]["task"]), 0.3)
+        state = json.loads((tmp_path / detector / "checkpoint-6" / "dataflex" / "dataflex_state.json").read_text())
+        assert state["history"][-1]["size"] == kept.size < len(noisy["train"])
     with pytest.raises(ValueError, match=r"unknown detector 'bogus'; valid: \['none', 'aum'"):
         train_instruct("bogus", noisy, out=tmp_path / "bogus")
 
@@ -131,11 +144,14 @@ def test_out_of_fold_settings_are_checked():
     from dataflex.recipes.settings import check_instruct_settings
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        for choice in ("none", "aum", "cartography", "loss", "forgetting", "out_of_fold", "clean_oracle"):
+        for choice in DETECTORS:  # every detector has its config file, and each checks out
             check_instruct_settings(compose(config_name="instruct", overrides=[f"detector={choice}"]), DETECTORS)
         cfg = compose(config_name="instruct", overrides=["detector=out_of_fold", "detector.folds=1"])
+        bad_analyzer = compose(config_name="instruct", overrides=["detector=prompt_support", "detector.analyzer=bpe"])
     with pytest.raises(ValueError, match="detector.folds must be >= 2"):
         check_instruct_settings(cfg, DETECTORS)
+    with pytest.raises(ValueError, match="detector.analyzer='bpe'; valid values are char_wb, word"):
+        check_instruct_settings(bad_analyzer, DETECTORS)
 
 
 @pytest.mark.slow

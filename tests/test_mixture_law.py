@@ -183,6 +183,37 @@ def test_pessimism_keeps_the_proposal_where_the_runs_give_evidence():
             propose_mixture(law, "mean", pessimism=bad)
 
 
+def test_averaging_the_top_candidates_stays_feasible_and_is_their_mean():
+    """RegMix's top-k averaging: the answer is the mean of the best point and the k - 1 best candidates, inside
+    every constraint (the region is convex; a ceiling is checked), near the best point, and k = 1 is the plain
+    search."""
+    runs, optimum = diagonal_law()
+    law = MixtureLaw("gp").fit(runs)
+    best = propose_mixture(law, "mean", min_weight=0.05, max_l1=0.5)
+    assert np.array_equal(
+        propose_mixture(law, "mean", min_weight=0.05, max_l1=0.5, average_top=1).weights, best.weights
+    )
+    averaged = propose_mixture(law, "mean", min_weight=0.05, max_l1=0.5, average_top=50)
+    w = averaged.weights
+    assert w.sum() == pytest.approx(1.0, abs=1e-9) and (w >= 0.05 - 1e-9).all()
+    assert np.abs(w - 0.2).sum() <= 0.5 + 1e-6
+    assert 0 < np.abs(w - best.weights).max() < 0.1  # a different point, close to the best one
+    assert averaged.objective <= law.predict(np.full((1, 5), 0.2)).mean() and np.allclose(
+        averaged.predicted, law.predict(w[None])[0]
+    )
+    # Under a ceiling the mean is checked too: every domain stays at or below the reference's prediction.
+    loglinear, _, _ = synthetic_loglinear(seed=4)
+    fitted = MixtureLaw("gbm").fit(loglinear)
+    uniform = np.full(5, 0.2)
+    bounded = propose_mixture(fitted, "mean", no_worse_than=uniform, average_top=200)
+    assert (bounded.predicted <= fitted.predict(uniform[None])[0] + 1e-12).all()
+    # (here the mean of the 200 is above a ceiling: the answer moved back toward the best point, not onto it)
+    assert not np.array_equal(bounded.weights, propose_mixture(fitted, "mean", no_worse_than=uniform).weights)
+    for bad in (0, 1.5, True, "3", 20001):
+        with pytest.raises(ValueError, match="average_top must be"):
+            propose_mixture(law, "mean", average_top=bad)
+
+
 def test_the_search_respects_every_constraint():
     runs, optimum = diagonal_law()
     law = MixtureLaw("loglinear").fit(runs)

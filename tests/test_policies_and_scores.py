@@ -49,6 +49,7 @@ def stats(loss_sum, count, non_finite=0, masked=0):
         (lambda: ADO(gamma1=True), r"gamma1 must be a number; got True \(bool\)"),
         (lambda: ADO(warmup_updates=4.5), r"warmup_updates must be an integer; got 4.5"),
         (lambda: LawCorrected({"a": 1.0}, {"a": 1.0}, radius="0.1"), r"radius must be a number; got '0.1'"),
+        (lambda: LawCorrected({"a": 1.0}, {"a": True}), r"predicted losses must be finite and > 0; got \{'a': True\}"),
         (lambda: LossFocus("0.5"), r"fraction must be a number; got '0.5'"),
     ],
 )

@@ -69,6 +69,12 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="compare the law's predictions plus this many of its spreads (propose.pessimism; 0: the plain law)",
     )
+    p.add_argument(
+        "--average-top",
+        type=int,
+        default=1,
+        help="propose the mean of this many best candidates (propose.average_top; 1: the single best)",
+    )
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
     p.add_argument("--work", type=Path, default=Path("outputs/mixture_law_bench"))
@@ -96,6 +102,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"propose.objective={args.objective}",
         f"propose.no_worse_than={'prior' if args.no_worse_than_prior else 'null'}",
         f"propose.pessimism={args.pessimism}",
+        f"propose.average_top={args.average_top}",
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
         f"swarm.val_per_domain={'null' if args.proxy_val_per_domain is None else args.proxy_val_per_domain}",
@@ -132,6 +139,7 @@ def main() -> None:
         f"validation loss within L1 {args.max_l1} of uniform, floor {args.min_weight:g}"
         + (", no domain predicted worse than at uniform" if args.no_worse_than_prior else "")
         + (f", predictions compared with {args.pessimism:g} spreads of pessimism" if args.pessimism else "")
+        + (f", the mean of the {args.average_top} best candidates" if args.average_top > 1 else "")
         + f"; online correction radius {args.radius}. "
         "Test-split loss (nats/byte), median [min, max] over seeds.",
         "",

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dataflex.checks import real_number
+from dataflex.checks import is_real, real_number
 from dataflex.mixture_search import MixtureRegion
 from dataflex.policies.base import BoundPolicy
 from dataflex.state import saved_count
@@ -60,7 +60,7 @@ class LawCorrected(BoundPolicy):
     ) -> None:
         radius, step, alpha = real_number("radius", radius), real_number("step", step), real_number("alpha", alpha)
         min_weight = real_number("min_weight", min_weight)
-        bad = {k: v for k, v in predicted.items() if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0)}
+        bad = {k: v for k, v in predicted.items() if not (is_real(v) and np.isfinite(v) and v > 0)}
         if bad:
             raise ValueError(f"predicted losses must be finite and > 0; got {bad}")
         if not (np.isfinite(radius) and 0 <= radius <= 2):

@@ -49,9 +49,11 @@ def noisy_instructions(
     max_len: int = 256,
     eval_per_task: int | None = None,
 ) -> dict[str, Any]:
-    """``train`` (a ``datasets.Dataset`` with ``input_ids, prompt_len, task, noisy``), and per task the clean
-    ``validation`` and ``test`` datasets. ``per_task`` caps each task's training examples (its first ones);
-    ``seed`` draws which examples are swapped (``round(noise * per_task)`` of every task) and their donors."""
+    """``train`` (a ``datasets.Dataset`` with ``input_ids, prompt_len, task, noisy``), ``train_text`` (its
+    ``prompts``, ``responses`` and ``tasks`` as text, for text-based detectors), per task the clean
+    ``validation`` and ``test`` datasets, and ``validation_text`` (the validation examples as text).
+    ``per_task`` caps each task's training examples (its first ones); ``seed`` draws which examples are
+    swapped (``round(noise * per_task)`` of every task) and their donors."""
     root = Path(data_root) / "instruct"
     tasks = tuple(tasks)
     if not tasks or len(set(tasks)) != len(tasks):
@@ -87,8 +89,25 @@ def noisy_instructions(
         noisy_parts.append(mask)
     noisy = np.concatenate(noisy_parts)
     train = instruct_dataset(records, max_len).add_column("noisy", noisy.tolist())
-    splits = {
-        split: {t: instruct_dataset(_task_records(root / split, (t,), eval_per_task), max_len) for t in tasks}
-        for split in ("validation", "test")
+    held_out = {
+        split: {t: _task_records(root / split, (t,), eval_per_task) for t in tasks} for split in ("validation", "test")
     }
-    return {"train": train, "noisy": noisy, **splits}
+    splits = {
+        split: {t: instruct_dataset(rows, max_len) for t, rows in by_task.items()}
+        for split, by_task in held_out.items()
+    }
+    validation_rows = [r for rows in held_out["validation"].values() for r in rows]
+    return {
+        "train": train,
+        "noisy": noisy,
+        "train_text": _text(records),
+        "validation_text": _text(validation_rows),
+        **splits,
+    }
+
+
+def _text(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    return {
+        key: [r[field] for r in records]
+        for key, field in (("prompts", "instruction"), ("responses", "response"), ("tasks", "task"))
+    }
