@@ -31,6 +31,7 @@ __all__ = ["ANALYZERS", "prompt_support_scores"]
 #: analyzer -> (scikit-learn analyzer, n-gram range)
 ANALYZERS = {"char_wb": ("char_wb", (3, 5)), "word": ("word", (1, 1))}
 _TIE = 1e-9
+_ROWS = 8192  # examples compared at once: two (rows x references) float64 blocks, 32 MB at 256 references
 
 
 def _texts(name: str, values: Sequence[Any]) -> list[str]:
@@ -43,6 +44,21 @@ def _texts(name: str, values: Sequence[Any]) -> list[str]:
 def _midrank_share(below: np.ndarray, tied: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Share of references ranked under the example, ties counted half (no evidence either way)."""
     return np.divide(below + 0.5 * tied, count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def _support(p: Any, r: Any, ref: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean midrank share of the two directions for the group's examples ``rows`` against the references."""
+    own = np.asarray(p[rows].multiply(r[rows]).sum(axis=1)).ravel()
+    other = rows[:, None] != ref[None, :]  # an example is not its own reference
+    count = other.sum(axis=1)
+    support = np.zeros(rows.size)
+    for sims in ((p[rows] @ r[ref].T).toarray(), (r[rows] @ p[ref].T).toarray()):  # its prompt vs others'
+        # responses, its response vs others' prompts. Equal cosines computed in different orders differ in the
+        # last bits: closer than _TIE is a tie.
+        below = ((sims < own[:, None] - _TIE) & other).sum(axis=1)
+        tied = ((np.abs(sims - own[:, None]) <= _TIE) & other).sum(axis=1)
+        support += _midrank_share(below, tied, count) / 2
+    return support
 
 
 def prompt_support_scores(
@@ -73,6 +89,10 @@ def prompt_support_scores(
     labels = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=object)
     if labels.shape != (n,):
         raise ValueError(f"groups must give one label per example ({n}); got shape {labels.shape}")
+    # A missing label (None, NaN) would silently become a group of its own, or (NaN != NaN) of none at all.
+    bad = next((i for i, g in enumerate(labels.tolist()) if g is None or (isinstance(g, float) and g != g)), None)
+    if bad is not None:
+        raise ValueError(f"groups[{bad}] is {labels[bad]!r}; every example needs a group label (e.g. its task)")
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     kind, ngrams = ANALYZERS[analyzer]
@@ -91,17 +111,9 @@ def prompt_support_scores(
         vectorizer.fit(texts)
         p = vectorizer.transform([prompts[i] for i in ids])  # rows are L2-normalised: a dot product is a cosine
         r = vectorizer.transform([responses[i] for i in ids])
-        own = np.asarray(p.multiply(r).sum(axis=1)).ravel()
         ref = np.sort(rng.choice(ids.size, size=min(references, ids.size), replace=False))
-        to_responses = (p @ r[ref].T).toarray()  # its prompt with reference responses: (group, refs)
-        to_prompts = (r @ p[ref].T).toarray()  # its response with reference prompts
-        other = np.arange(ids.size)[:, None] != ref[None, :]  # an example is not its own reference
-        count = other.sum(axis=1)
-        support = 0.0
-        for sims in (to_responses, to_prompts):
-            # Equal cosines computed in different orders differ in the last bits: closer than _TIE is a tie.
-            below = ((sims < own[:, None] - _TIE) & other).sum(axis=1)
-            tied = ((np.abs(sims - own[:, None]) <= _TIE) & other).sum(axis=1)
-            support = support + _midrank_share(below, tied, count) / 2
+        support = np.concatenate(
+            [_support(p, r, ref, rows) for rows in np.array_split(np.arange(ids.size), -(-ids.size // _ROWS))]
+        )
         scores[ids] = 1.0 - support
     return scores

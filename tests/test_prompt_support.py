@@ -77,6 +77,15 @@ def test_sampled_references_are_seeded_and_still_find_the_swaps():
     assert detection_quality(a, swapped)["auroc"] > 0.9
 
 
+def test_large_groups_are_compared_in_blocks_with_the_same_result(monkeypatch):
+    import dataflex.prompt_support as ps
+
+    prompts, responses, _ = planted_problems(90, seed=2)
+    whole = prompt_support_scores(prompts, responses, references=30)
+    monkeypatch.setattr(ps, "_ROWS", 7)  # 13 blocks, the last one shorter
+    assert np.array_equal(prompt_support_scores(prompts, responses, references=30), whole)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -87,6 +96,8 @@ def test_sampled_references_are_seeded_and_still_find_the_swaps():
         (dict(references=0), "references must be at least 1; got 0"),
         (dict(references=True), "references must be"),
         (dict(groups=["a"]), r"groups must give one label per example \(2\)"),
+        (dict(groups=["a", None]), r"groups\[1\] is None; every example needs a group label"),
+        (dict(groups=[float("nan"), "a"]), r"groups\[0\] is nan; every example needs a group label"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, message):
