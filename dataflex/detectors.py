@@ -54,6 +54,7 @@ __all__ = [
     "DETECTORS",
     "DropNoisy",
     "detection_quality",
+    "keep_priority",
     "aum_threshold",
     "cartography_regions",
     "noise_scores",
@@ -265,7 +266,14 @@ def cartography_regions(record: TrainingDynamics) -> np.ndarray:
     return out
 
 
-_UNVISITED = np.finfo(np.float64).max  # DropNoisy's ranking key of an example never visited: kept first
+_UNVISITED = np.finfo(np.float64).max  # the ranking key of an example without a score: kept first
+
+
+def keep_priority(noise: np.ndarray) -> np.ndarray:
+    """Higher = kept first: minus the noise score, and examples without one (never visited, no evidence) ahead
+    of all (the largest finite key: the ranking puts non-finite keys last)."""
+    noise = np.asarray(noise, dtype=np.float64)
+    return np.where(np.isfinite(noise), -noise, _UNVISITED)
 
 
 class DropNoisy(Selector):
@@ -325,8 +333,7 @@ class DropNoisy(Selector):
 
     def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
         """Higher = kept: minus the noise score; examples never visited first of all (no evidence)."""
-        noise = self._noise_scores(self._record(ctx))[ids]
-        return np.where(np.isfinite(noise), -noise, _UNVISITED)
+        return keep_priority(self._noise_scores(self._record(ctx))[ids])
 
     def initial_subset(self, n: int) -> np.ndarray:
         self._check_classes(n)  # at the start of training, not after the warm-up

@@ -32,9 +32,9 @@ mixtures, are projected onto the box-simplex ``{min <= w <= max, sum w = 1}`` an
 anchor until the distance constraint holds (the feasible set is convex, so the segment stays inside); the
 best candidates are refined by a shrinking local search, and for the smooth ``loglinear`` law by SLSQP with
 the law's gradient. The result is the best *feasible* point found. With ``average_top = k > 1`` it is the
-mean of the best point and the ``k - 1`` best random candidates instead, as RegMix averages its top-ranked
-simulated mixtures: a law fitted on a few runs ranks many mixtures within its own error of the best one, and
-their mean depends less on which of them the fit's noise happened to put first.
+mean of the best point and the ``k - 1`` best random candidates instead (top-k averaging of the scored
+candidates): a law fitted on a few runs ranks many mixtures within its own error of the best one, and their
+mean depends less on which of them the fit's noise happened to put first.
 
 Schedules (:func:`propose_schedule`): with laws fitted on the swarm's losses at several fractions of its
 runs, the proposal becomes piecewise — stage ``s`` trains on ``w_s`` over fractions ``[f_(s-1), f_s)``.
@@ -297,7 +297,7 @@ def propose_mixture(
 def _average_of_best(
     pool: np.ndarray, values: np.ndarray, best: np.ndarray, k: int, region: MixtureRegion, score: Any
 ) -> tuple[np.ndarray, float]:
-    """The mean of the search's ``best`` and the ``k - 1`` best of ``pool`` (RegMix's top-k averaging).
+    """The mean of the search's ``best`` and the ``k - 1`` best of ``pool`` (top-k averaging).
 
     The feasible region is convex, so the mean is inside it. A ceiling (``no_worse_than``) need not be under a
     non-linear law: when the mean is above one, the answer moves back along the segment to ``best`` (halving

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from dataflex.checks import whole_number
+from dataflex.domains import label_texts
 
 __all__ = ["ANALYZERS", "prompt_support_scores"]
 
@@ -86,20 +87,18 @@ def prompt_support_scores(
     references = whole_number("references", references)
     if references < 1:
         raise ValueError(f"references must be at least 1; got {references!r}")
-    labels = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=object)
-    if labels.shape != (n,):
-        raise ValueError(f"groups must give one label per example ({n}); got shape {labels.shape}")
-    # A missing label (None, NaN) would silently become a group of its own, or (NaN != NaN) of none at all.
-    bad = next((i for i, g in enumerate(labels.tolist()) if g is None or (isinstance(g, float) and g != g)), None)
-    if bad is not None:
-        raise ValueError(f"groups[{bad}] is {labels[bad]!r}; every example needs a group label (e.g. its task)")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups must give one label per example ({n}); got {len(groups)}")
+    # Missing, blank or ambiguous labels are refused as domain labels are (a None would be a group of its own).
+    names = np.zeros(n, dtype=np.int64) if groups is None else label_texts(groups, "groups")
+    _, codes = np.unique(np.asarray(names), return_inverse=True)
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     kind, ngrams = ANALYZERS[analyzer]
     scores = np.full(n, np.nan)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5B]))
-    for label in sorted(set(labels.tolist()), key=repr):  # a fixed order keeps the seeded draws reproducible
-        ids = np.flatnonzero(labels == label)
+    for ids in np.split(np.argsort(codes, kind="stable"), np.flatnonzero(np.diff(np.sort(codes))) + 1):
+        # groups in the sorted order of their labels: the seeded draws do not depend on the examples' order
         if ids.size < 2:
             continue
         # Words of one character count (single digits): scikit-learn's default pattern drops them.
@@ -108,9 +107,8 @@ def prompt_support_scores(
         texts = [prompts[i] for i in ids] + [responses[i] for i in ids]
         if not any(vectorizer.build_analyzer()(t) for t in texts):
             continue  # no word or n-gram in the whole group (empty or punctuation-only texts): no evidence
-        vectorizer.fit(texts)
-        p = vectorizer.transform([prompts[i] for i in ids])  # rows are L2-normalised: a dot product is a cosine
-        r = vectorizer.transform([responses[i] for i in ids])
+        both = vectorizer.fit_transform(texts)  # rows are L2-normalised: a dot product is a cosine
+        p, r = both[: ids.size], both[ids.size :]
         ref = np.sort(rng.choice(ids.size, size=min(references, ids.size), replace=False))
         support = np.concatenate(
             [_support(p, r, ref, rows) for rows in np.array_split(np.arange(ids.size), -(-ids.size // _ROWS))]

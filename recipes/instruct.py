@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer
 
 from dataflex.detectors import DETECTORS as RECORD_DETECTORS
-from dataflex.detectors import DropNoisy, detection_quality, out_of_fold_scores
+from dataflex.detectors import DropNoisy, detection_quality, keep_priority, out_of_fold_scores
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.offline import score_pool, token_mean_losses
@@ -65,8 +65,7 @@ def keep_per_task(scores: np.ndarray, tasks: np.ndarray, drop: float) -> np.ndar
     without a score (NaN: no evidence) are kept first, as :class:`~dataflex.detectors.DropNoisy` keeps the
     examples it never saw."""
     kept = []
-    # The largest finite key: the ranking puts non-finite keys last.
-    keep_score = np.where(np.isnan(scores), np.finfo(np.float64).max, -np.asarray(scores, dtype=np.float64))
+    keep_score = keep_priority(scores)
     for task in np.unique(tasks):
         ids = np.flatnonzero(tasks == task)
         kept.append(ids[select_top(keep_score[ids], 1.0 - drop)])

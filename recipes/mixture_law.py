@@ -15,7 +15,7 @@
    the main run's token budget (``proposal.json``); with ``propose.pessimism`` > 0 every prediction compared
    carries that many of the law's spreads (a proposal where the swarm's runs give no evidence ranks behind
    one they support); with ``propose.average_top`` > 1 the proposal is the mean of that many best candidates
-   (RegMix's top-k averaging); the schedule's earlier stages are searched on the plain laws.
+   (top-k averaging); the schedule's earlier stages are searched on the plain laws.
 4. *Main run*: the proposal, corrected online by :class:`~dataflex.policies.LawCorrected` inside an L1 trust
    region of ``correct.radius`` (0: the proposal as a ``Static`` mixture; with a radius the uncorrected
    proposal runs too, as ``law_static``), and the ``main.baselines`` (uniform, natural, odm, doremi) at the

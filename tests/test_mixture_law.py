@@ -184,7 +184,7 @@ def test_pessimism_keeps_the_proposal_where_the_runs_give_evidence():
 
 
 def test_averaging_the_top_candidates_stays_feasible_and_is_their_mean():
-    """RegMix's top-k averaging: the answer is the mean of the best point and the k - 1 best candidates, inside
+    """Top-k averaging: the answer is the mean of the best point and the k - 1 best candidates, inside
     every constraint (the region is convex; a ceiling is checked), near the best point, and k = 1 is the plain
     search."""
     runs, optimum = diagonal_law()

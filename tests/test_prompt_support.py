@@ -95,9 +95,14 @@ def test_large_groups_are_compared_in_blocks_with_the_same_result(monkeypatch):
         (dict(analyzer=["word"]), r"analyzer=\['word'\]; valid analyzers"),
         (dict(references=0), "references must be at least 1; got 0"),
         (dict(references=True), "references must be"),
-        (dict(groups=["a"]), r"groups must give one label per example \(2\)"),
-        (dict(groups=["a", None]), r"groups\[1\] is None; every example needs a group label"),
-        (dict(groups=[float("nan"), "a"]), r"groups\[0\] is nan; every example needs a group label"),
+        (dict(groups=["a"]), r"groups must give one label per example \(2\); got 1"),
+        (dict(groups=["a", None]), r"groups are missing \(None or NaN\) at 1 of 2 examples, first at positions \[1\]"),
+        (
+            dict(groups=[float("nan"), "a"]),
+            r"groups are missing \(None or NaN\) at 1 of 2 examples, first at positions \[0\]",
+        ),
+        (dict(groups=["a", " "]), r"groups are empty or blank at 1 of 2 examples"),
+        (dict(groups=["a", "a "]), "groups differ only by surrounding whitespace"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, message):
