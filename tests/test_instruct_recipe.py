@@ -182,3 +182,37 @@ def test_instruct_recipe_cli_runs_and_resumes(tmp_path):
     bogus = [c if c != "detector=cartography" else "detector=bogus" for c in cmd]
     bad = subprocess.run(bogus, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert bad.returncode != 0 and "bogus" in bad.stderr and "Available options" in bad.stderr
+
+
+def test_prompt_reliance_is_the_loss_of_each_response_under_the_previous_prompt_minus_under_its_own():
+    import torch
+
+    from dataflex.testbeds.noisy_instruct import prompt_reliance
+    from dataflex.testbeds.tiny import encode_instruction, tiny_gpt2
+
+    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=0).eval()
+    rows = [
+        {"instruction": "What is 2+3?", "response": "5", "task": "t"},
+        {"instruction": "Capital of France", "response": "Paris", "task": "t"},
+        {"instruction": "Same answer as before", "response": "Paris", "task": "t"},  # neighbour repeats: skipped
+        {"instruction": "A much longer instruction that gets cut at the front", "response": "yes", "task": "t"},
+    ]
+
+    def loss(instruction: str, response: str) -> float:
+        ids, prompt_len = encode_instruction(instruction, response, 64)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, :-1]
+        target = x[0, 1:].clone()
+        target[: prompt_len - 1] = -100
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=-100).item()
+
+    expected = np.mean(
+        [
+            loss(rows[j - 1]["instruction"], rows[j]["response"]) - loss(rows[j]["instruction"], rows[j]["response"])
+            for j in (0, 1, 3)
+        ]
+    )
+    got = prompt_reliance(model, {"t": rows, "lone": rows[1:3]}, max_len=64)
+    assert got["t"] == pytest.approx(expected, abs=1e-5) and abs(expected) > 1e-4
+    assert np.isnan(got["lone"])  # both pairs share their response: no evidence

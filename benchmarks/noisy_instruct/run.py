@@ -20,7 +20,9 @@ pretrained on textmix (shared with the other instruction benchmarks) is finetune
 ``drop`` is chosen per detector from ``--drops`` by the median clean *validation* loss over seeds; the test
 split is scored once, for the chosen configuration of each arm (the models are kept until then). Reported:
 mean clean test loss over the tasks and per task, the share of the uniform-to-oracle gap closed, the
-wrong share trained on, and detection AUROC / recall at the noise rate against the mask.
+wrong share trained on, prompt reliance (how much worse a test response is predicted under another test
+instruction of its task than under its own: :func:`~dataflex.testbeds.noisy_instruct.prompt_reliance`, mean
+over tasks) and detection AUROC / recall at the noise rate against the mask.
 Every run is cached under ``--runs`` and resumes after a crash.
 """
 
@@ -41,7 +43,7 @@ from benchmarks.report import median_range, write_results
 from dataflex.detectors import detection_quality, plant_threshold_examples
 from dataflex.prompt_support import ANALYZERS, prompt_support_scores
 from dataflex.recipes.instruct import DETECTORS, make_model, train_instruct
-from dataflex.testbeds.noisy_instruct import NOISY_TASKS, noisy_instructions
+from dataflex.testbeds.noisy_instruct import NOISY_TASKS, noisy_instructions, prompt_reliance
 from dataflex.testbeds.tiny import default_data_dir, task_losses
 
 HERE = Path(__file__).resolve().parent
@@ -137,14 +139,19 @@ def task_auroc(data: dict[str, Any], analyzer: str, seeds: list[int]) -> dict[st
     return out
 
 
-def test_losses(args, data, run: dict[str, Any]) -> dict[str, float]:
-    """The clean test loss per task of a chosen run (cached): the only place the test split is read."""
+def test_measures(args, data, run: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A chosen run's clean test loss and prompt reliance per task (cached): the only place the test split is
+    read."""
     folder = args.runs / run_key(run["detector"], run["drop"], run["seed"])
-    cached = folder / "test.json"
-    if not cached.is_file():
-        model = make_model(torch.load(folder / "final_model.pt"), seed=0)
-        cached.write_text(json.dumps(task_losses(model, data["test"])))
-    return json.loads(cached.read_text())
+    measures = {"test_loss": task_losses, "prompt_reliance": lambda m, _: prompt_reliance(m, data["records"]["test"])}
+    out = {}
+    for name, measure in measures.items():
+        cached = folder / ("test.json" if name == "test_loss" else f"test_{name}.json")
+        if not cached.is_file():
+            model = make_model(torch.load(folder / "final_model.pt"), seed=0)
+            cached.write_text(json.dumps(measure(model, data["test"])))
+        out[name] = json.loads(cached.read_text())
+    return out
 
 
 def main() -> None:
@@ -171,7 +178,7 @@ def main() -> None:
         best = min(
             drops, key=lambda d: statistics.median(r["mean_validation_loss"] for r in runs[run_key(detector, d, -1)])
         )
-        chosen[detector] = [{**r, "test_loss": test_losses(args, data, r)} for r in runs[run_key(detector, best, -1)]]
+        chosen[detector] = [{**r, **test_measures(args, data, r)} for r in runs[run_key(detector, best, -1)]]
     report(args, chosen, runs, n, wrong, time.perf_counter() - start)
 
 
@@ -208,8 +215,8 @@ def report(args, chosen, runs, n: int, wrong: float, seconds: float) -> None:
         "",
         "| arm | drop (chosen on validation) | mean clean test loss | share of uniform-to-oracle gap closed | "
         + " | ".join(f"{t} test loss" for t in tasks)
-        + " | wrong share trained on |",
-        "|---|---|---|---|" + "---|" * len(tasks) + "---|",
+        + " | wrong share trained on | prompt reliance (test, mean over tasks) |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
     ]
     summary: dict[str, Any] = {}
     for detector, rs in chosen.items():
@@ -219,6 +226,8 @@ def report(args, chosen, runs, n: int, wrong: float, seconds: float) -> None:
             "gap_closed": [gap_closed(r) for r in rs],
             "test_loss": {t: [r["test_loss"][t] for r in rs] for t in tasks},
             "noisy_share": [r["noisy_share"] for r in rs],
+            "prompt_reliance": [float(np.mean(list(r["prompt_reliance"].values()))) for r in rs],
+            "prompt_reliance_by_task": {t: [r["prompt_reliance"][t] for r in rs] for t in tasks},
         }
         summary[detector] = row
         name = detector if detector != "none" else "none (uniform)"
@@ -227,8 +236,19 @@ def report(args, chosen, runs, n: int, wrong: float, seconds: float) -> None:
             f"| {name} | {'-' if row['drop'] is None else row['drop']} | {median_range(row['mean_test_loss'])} | "
             f"{median_range(gaps, '{:.2f}') if gaps and detector not in ('none', 'clean_oracle') else '-'} | "
             + " | ".join(median_range(row["test_loss"][t]) for t in tasks)
-            + f" | {median_range(row['noisy_share'])} |"
+            + f" | {median_range(row['noisy_share'])} | {median_range(row['prompt_reliance'], '{:.4f}')} |"
         )
+    lines += [
+        "",
+        "Prompt reliance per task: test loss of each response under the previous test instruction of its task "
+        "minus under its own (higher: the model reads its instruction more; median [min, max] over seeds):",
+        "",
+        "| arm | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for detector, row in summary.items():
+        cells = [median_range(row["prompt_reliance_by_task"][t], "{:.4f}") for t in tasks]
+        lines.append(f"| {detector} | " + " | ".join(cells) + " |")
     lines += ["", "Validation loss of every drop share tried (median [min, max] over seeds):", ""]
     lines += ["| arm | " + " | ".join(f"drop {d}" for d in args.drops) + " |", "|---|" + "---|" * len(args.drops)]
     for detector in args.detectors:

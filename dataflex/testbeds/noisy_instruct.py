@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from dataflex.testbeds.tiny import instruct_dataset
+from dataflex.testbeds.tiny import collate_causal, instruct_dataset
 
-__all__ = ["NOISY_TASKS", "noisy_instructions"]
+__all__ = ["NOISY_TASKS", "noisy_instructions", "prompt_reliance"]
 
 #: Tasks whose responses depend on the instruction's content (numbers, names), so a swapped response is wrong
 #: in a way a model could in principle notice (letter or yes/no answers are not), with enough examples beyond
@@ -51,7 +51,8 @@ def noisy_instructions(
 ) -> dict[str, Any]:
     """``train`` (a ``datasets.Dataset`` with ``input_ids, prompt_len, task, noisy``), ``train_text`` (its
     ``prompts``, ``responses`` and ``tasks`` as text, for text-based detectors), per task the clean
-    ``validation`` and ``test`` datasets, and ``validation_text`` (the validation examples as text).
+    ``validation`` and ``test`` datasets, ``validation_text`` (the validation examples as text) and
+    ``records`` (``{"validation"|"test": {task: records}}``, for :func:`prompt_reliance`).
     ``per_task`` caps each task's training examples (its first ones); ``seed`` draws which examples are
     swapped (``round(noise * per_task)`` of every task) and their donors."""
     root = Path(data_root) / "instruct"
@@ -102,6 +103,7 @@ def noisy_instructions(
         "noisy": noisy,
         "train_text": _text(records),
         "validation_text": _text(validation_rows),
+        "records": held_out,
         **splits,
     }
 
@@ -111,3 +113,32 @@ def _text(records: list[dict[str, Any]]) -> dict[str, list[str]]:
         key: [r[field] for r in records]
         for key, field in (("prompts", "instruction"), ("responses", "response"), ("tasks", "task"))
     }
+
+
+def prompt_reliance(
+    model: Any, records_by_task: dict[str, list[dict[str, Any]]], max_len: int = 256, batch_size: int = 32
+) -> dict[str, float]:
+    """Per task, how much a model reads its instruction: the mean over examples ``j`` of the token-mean loss
+    of response ``j`` under the *previous* example's instruction minus its loss under its own.
+
+    Clean test loss mostly measures how well responses are modelled as text of their task; a swapped training
+    response teaches the wrong instruction-response link, which this isolates: the response bytes are the same
+    in both encodings (``encode_instruction`` keeps a response's start whatever the prompt's length), only the
+    instruction differs. Pairs whose neighbour has the same response (short answers repeat) are skipped, since
+    there the other instruction is also right. 0 means the instruction is ignored; NaN if no pair is left.
+    """
+    from dataflex.offline import score_pool, token_mean_losses
+
+    scorer = token_mean_losses(model)
+    reliance: dict[str, float] = {}
+    for task, rows in records_by_task.items():
+        previous = np.roll(np.arange(len(rows)), 1)
+        pairs = [j for j in range(len(rows)) if rows[previous[j]]["response"] != rows[j]["response"]]
+        if not pairs:
+            reliance[task] = float("nan")
+            continue
+        own = instruct_dataset([rows[j] for j in pairs], max_len)
+        other = instruct_dataset([{**rows[j], "instruction": rows[previous[j]]["instruction"]} for j in pairs], max_len)
+        losses = [score_pool(scorer, ds, collate_causal, batch_size=batch_size, progress=False) for ds in (own, other)]
+        reliance[task] = float(np.nanmean(losses[1] - losses[0]))
+    return reliance
