@@ -123,3 +123,14 @@ def test_samplers_and_proxies_are_installed_in_the_dataflex_namespace():
 
     assert Path(dataflex.samplers.__file__).parent.name == "samplers"
     assert Path(dataflex.proxies.__file__).parent.name == "proxies"
+
+
+def test_byte_tokenizer_encodes_text_as_its_utf8_bytes():
+    from dataflex.testbeds.tiny import PAD_ID, byte_tokenizer, encode_bytes
+
+    tok = byte_tokenizer()
+    for text in [" answer 7", "héllo wörld — ✓", "tab\there\nnewline  two spaces"]:
+        ids = tok(text)["input_ids"]
+        assert ids == list(text.encode("utf-8")) == encode_bytes(text, 1000)[:-1]
+        assert tok.decode(ids) == text
+    assert tok.pad_token_id == tok.eos_token_id == PAD_ID

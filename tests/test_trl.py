@@ -267,3 +267,64 @@ def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path):
         assert not set(r0["ids"][step]) & set(r1["ids"][step])  # each rank trains its own examples
     for r in (r0, r1):
         assert r["resumed_ids"] == r["ids"] and r["resumed_history"] == r["history"] and r["resumed_log"] == r["log"]
+
+
+def preference_rows(n: int = 24) -> list[dict]:
+    domains = ["web", "code", "math"]
+    return [
+        {"prompt": f"Question {i}: {domains[i % 3]}?", "chosen": f" right {i}", "rejected": f" no {i}",
+         "completion": f" answer {i * 7}", "label": bool(i % 2), "domain": domains[i % 3]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_kto_scores_each_rows_completion(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "label", "domain")} for r in preference_rows()])
+    settings = trainer_settings(tmp_path, accum=1, max_steps=4, save_steps=4, logging_steps=100, workers=0, seed=0)
+    trainer = trl.KTOTrainer(
+        model=tiny_model("gpt2", seed=0),
+        ref_model=tiny_model("gpt2", seed=0),
+        args=trl.KTOConfig(**settings, report_to=[], max_length=64),
+        train_dataset=ds,
+        processing_class=byte_tokenizer(),
+    )
+    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
+    errors: list[float] = []
+
+    class Verify(TrainerCallback):  # each recorded loss is its row's completion loss, recomputed alone
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            ids, losses, _ = dfx.last_step_records()
+            with torch.no_grad():
+                for i, loss in zip(ids, losses):
+                    row = trainer.train_dataset[int(i)]
+                    x = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+                    labels = x.clone()
+                    labels[0, : len(row["prompt_ids"])] = -100
+                    errors.append(abs(float(model(input_ids=x, labels=labels).loss) - float(loss)))
+
+    trainer.add_callback(Verify())
+    trainer.train()
+    assert len(errors) == 16 and max(errors) < 1e-4, errors
+
+
+@pytest.mark.parametrize("kind", ["DPO", "Reward"])
+def test_preference_trainers_are_refused_by_name(tmp_path, kind):
+    from datasets import Dataset
+    from transformers import GPT2ForSequenceClassification
+
+    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected", "domain")} for r in preference_rows()])
+    settings = trainer_settings(tmp_path, accum=1, max_steps=2, save_steps=2, logging_steps=100, workers=0, seed=0)
+    config = getattr(trl, f"{kind}Config")(**settings, report_to=[], max_length=64)
+    if kind == "DPO":
+        model, extra = tiny_model("gpt2", seed=0), {"ref_model": tiny_model("gpt2", seed=0)}
+    else:
+        config_dict = {**tiny_model("gpt2", seed=0).config.to_dict(), "num_labels": 1, "pad_token_id": 256}
+        model, extra = GPT2ForSequenceClassification(type(tiny_model("gpt2")).config_class(**config_dict)), {}
+    trainer = getattr(trl, f"{kind}Trainer")(
+        model=model, args=config, train_dataset=ds, processing_class=byte_tokenizer(), **extra
+    )
+    DataFlexCallback(Uniform(), trainer=trainer)
+    with pytest.raises(ValueError, match=f"does not support TRL's {kind}Trainer: it .* Supported: "):
+        trainer.train()

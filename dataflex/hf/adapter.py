@@ -63,6 +63,17 @@ __all__ = ["TrainerAdapter"]
 
 logger = logging.getLogger(__name__)
 
+#: TRL trainers whose training forward is not one language-model loss per dataset row (by class name, so TRL
+#: need not be installed). KTOTrainer is not here: its training forward scores each row's completion, which
+#: dataflex records as SFTTrainer's (tests/test_trl.py).
+UNSUPPORTED_TRAINERS = {
+    "DPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
+    "example) and trains a preference loss",
+    "RewardTrainer": "trains a sequence-classification reward model on chosen/rejected pairs, without a "
+    "language-model loss per example",
+    "GRPOTrainer": "trains on completions it generates (several per prompt), not on the dataset's rows",
+    "RLOOTrainer": "trains on completions it generates (several per prompt), not on the dataset's rows",
+}
 CHECKS_AFTER_START = 4  # micro-batches whose input_ids are compared with the dataset after (re)start
 
 
@@ -230,6 +241,7 @@ class TrainerAdapter(TrainerCallback):
         if trainer is not None and sum(cb is self for cb in trainer.callback_handler.callbacks) > 1:
             raise RuntimeError(f"this {type(self).__name__} was added to the Trainer twice; add it once")
         self._check_stack_settings(args)
+        self._check_trainer_kind(trainer)
         if trainer is not None:
             checkpoint.barrier_after_rank_files(trainer)
         self._in_training = True
@@ -320,6 +332,17 @@ class TrainerAdapter(TrainerCallback):
                 f"train_sampling_strategy={strategy!r} is not supported with dataflex; use 'random' or "
                 "'group_by_length' (length-sorted blocks of dataflex's order)"
             )
+
+    @staticmethod
+    def _check_trainer_kind(trainer: Trainer | None) -> None:
+        """Refuse trainers whose batches dataflex would attribute to the wrong examples (or cannot score)."""
+        for cls in type(trainer).__mro__ if trainer is not None else ():
+            if cls.__name__ in UNSUPPORTED_TRAINERS and cls.__module__.startswith("trl"):
+                raise ValueError(
+                    f"dataflex does not support TRL's {cls.__name__}: it {UNSUPPORTED_TRAINERS[cls.__name__]}, "
+                    "while dataflex samples dataset rows and scores one language-model loss per row. Supported: "
+                    "transformers.Trainer, TRL's SFTTrainer and KTOTrainer"
+                )
 
     def _length_grouping(self, args: Any, trainer: Trainer | None, dataset: Any, per_step: int) -> LengthGrouping:
         """Stock ``group_by_length`` applied to dataflex's order: blocks of the stock size sorted by length."""

@@ -130,14 +130,25 @@ def collate_causal(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
 def byte_tokenizer() -> Any:
     """A ``PreTrainedTokenizerFast`` for the byte vocabulary (ids 0..255, pad/eos 256), built locally.
 
-    For trainers that want a tokenizer object (TRL's ``SFTTrainer`` reads the pad id from it) when the
-    data is already byte-encoded; it maps one token ``<b>`` per byte value.
+    Text is encoded as its UTF-8 bytes, exactly as :func:`encode_bytes` does (``"é"`` -> ``[195, 169]``), so
+    trainers that tokenize text themselves (TRL's prompt-completion and preference data) see the same ids as
+    the byte datasets; decoding inverts it. ``<pad>`` is the pad and end-of-sequence token.
     """
-    from tokenizers import Tokenizer, models
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {f"<{i}>": i for i in range(256)} | {"<pad>": PAD_ID}
+    # ByteLevel maps each byte to one printable character (GPT-2's table); splitting into single characters
+    # then gives one token per byte, whose id is the byte's value.
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()} | {"<pad>": PAD_ID}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            pre_tokenizers.Split(Regex("."), behavior="isolated"),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<pad>")
 
 
