@@ -18,7 +18,6 @@ from typing import Literal
 import numpy as np
 from transformers import Trainer
 
-from dataflex.checks import is_whole
 from dataflex.curriculum import Curriculum
 from dataflex.embeddings import EmbeddingCache
 from dataflex.hf.adapter import TrainerAdapter
@@ -92,8 +91,6 @@ class DataFlexCallback(TrainerAdapter):
         dynamics: bool = False,
         trainer: Trainer | None = None,
     ) -> None:
-        if not is_whole(update_every) or update_every < 1:
-            raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
         self.policy = policy
         decider = MixingDecider(
             policy,
@@ -168,8 +165,6 @@ class DataFlexSelectCallback(TrainerAdapter):
         dynamics: bool = False,
         trainer: Trainer | None = None,
     ) -> None:
-        if not is_whole(update_every) or update_every < 1:
-            raise ValueError(f"update_every must be a positive integer; got {update_every!r}")
         self.selector = selector
         decider = SelectionDecider(selector, update_every=update_every, score_batch_size=score_batch_size)
         super().__init__(
