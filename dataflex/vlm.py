@@ -1,4 +1,5 @@
-"""Vision-language models (LLaVA-style, arXiv 2304.08485): image inputs checks and image embeddings.
+"""Vision-language models (LLaVA-style, arXiv 2304.08485; Qwen2-VL-style patch sequences, arXiv 2409.12191):
+image input checks and image embeddings.
 
 A LLaVA-style model replaces each image-token position of ``input_ids`` with one projected patch
 feature of ``pixel_values``. Two things go wrong silently or cryptically with a stock model:
@@ -67,48 +68,108 @@ def projector(model: torch.nn.Module) -> torch.nn.Module:
 def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_ids: Sequence[int] | None = None) -> None:
     """Raise ``ValueError`` if ``inputs`` cannot be a correct VLM batch for ``model``.
 
-    Checks: every row holding image tokens has an image; ``pixel_values`` is ``(images, C, H, W)`` with
-    the vision tower's ``C, H, W``, one image per row with image tokens, finite. ``example_ids`` (the
-    dataset ids of the rows) make the message name the offending examples.
+    Every row holding image tokens needs ``pixel_values``. Then, by layout:
+
+    * LLaVA-style ``(images, C, H, W)``: the vision tower's ``C, H, W``, one image per row with image tokens;
+    * patch sequences with ``image_grid_thw`` (Qwen2-VL and its successors: ``(patches, patch_dim)``, image
+      ``i`` made of ``t*h*w`` patches and ``t*h*w / merge**2`` image tokens): the patch count the grid
+      describes, and image tokens that end each row exactly at an image boundary;
+    * any other layout (tiles, several crops per image): left to the model, which checks its own shapes.
+
+    In every layout pixel values must be finite; the message names the examples whose images are not (all
+    rows with images when the layout does not say which image belongs to which row). ``example_ids`` (the
+    dataset ids of the rows) make the messages name examples instead of batch rows.
     """
     token = image_token_id(model)
     input_ids = inputs.get("input_ids")
     if token is None or input_ids is None:
         return
-    rows_with_images = (input_ids == token).any(dim=1)
+    tokens_per_row = (input_ids == token).sum(dim=1)
+    rows_with_images = tokens_per_row > 0
     names = list(example_ids) if example_ids is not None else list(range(input_ids.shape[0]))
     kind = "example ids" if example_ids is not None else "batch rows"
+
+    def named(rows: torch.Tensor) -> list[int]:
+        return [int(names[int(i)]) for i in rows.flatten().tolist()][:10]
+
     pixels = inputs.get("pixel_values")
     if pixels is None:
         if bool(rows_with_images.any()):
-            missing = [int(names[i]) for i in torch.nonzero(rows_with_images).flatten().tolist()]
             raise ValueError(
-                f"{kind} {missing[:10]} hold image tokens (id {token}) but the batch has no pixel_values: the model "
-                "would train on the image token's text embedding. Keep 'pixel_values' in the dataset and collator "
-                "(and in the model's forward signature if remove_unused_columns=True)"
+                f"{kind} {named(torch.nonzero(rows_with_images))} hold image tokens (id {token}) but the batch has "
+                "no pixel_values: the model would train on the image token's text embedding. Keep 'pixel_values' "
+                "in the dataset and collator (and in the model's forward signature if remove_unused_columns=True)"
             )
         return
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"pixel_values must be a (images, channels, height, width) tensor; got {shape}")
+    if not isinstance(pixels, torch.Tensor):
+        raise ValueError(f"pixel_values must be a tensor; got {type(pixels).__name__}")
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:
+        image_rows = _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind)
+    elif pixels.dim() == 4:
+        image_rows = _llava_image_rows(model, pixels, rows_with_images, named, kind)
+    else:
+        image_rows = None
+    bad = ~torch.isfinite(pixels.flatten(1) if pixels.dim() > 1 else pixels[:, None]).all(dim=1)
+    if not bool(bad.any()):
+        return
+    if image_rows is None:  # which image belongs to which row is the model's business: name every candidate
+        raise ValueError(
+            f"the batch has non-finite pixel values (NaN or inf) in an image of {kind} "
+            f"{named(torch.nonzero(rows_with_images))}"
+        )
+    if grid is not None:  # patches -> images
+        patches = grid.long().prod(dim=1).tolist()
+        bad = torch.stack([part.any() for part in torch.split(bad, patches)])
+    offenders = torch.unique(image_rows[bad.to(image_rows.device)])
+    raise ValueError(f"{kind} {named(offenders)} have non-finite pixel values (NaN or inf)")
+
+
+def _llava_image_rows(model, pixels, rows_with_images, named, kind) -> torch.Tensor:
+    """``(images, C, H, W)``: one image per row with image tokens; the row of each image."""
     expected = image_shape(model)
     if expected is not None and tuple(pixels.shape[1:]) != expected:
         raise ValueError(
             f"pixel_values have images of shape {tuple(pixels.shape[1:])}; the vision tower takes {expected} "
             "(channels, height, width)"
         )
-    wanted = int(rows_with_images.sum())
-    if pixels.shape[0] != wanted:
-        without = [int(names[i]) for i in torch.nonzero(~rows_with_images).flatten().tolist()]
+    image_rows = torch.nonzero(rows_with_images).flatten()
+    if pixels.shape[0] != image_rows.numel():
         raise ValueError(
-            f"the batch has {pixels.shape[0]} images but {wanted} rows with image tokens (one image per row); "
-            f"{kind} without image tokens: {without[:10]}"
+            f"the batch has {pixels.shape[0]} images but {image_rows.numel()} rows with image tokens (one image "
+            f"per row); {kind} without image tokens: {named(torch.nonzero(~rows_with_images))}"
         )
-    bad = ~torch.isfinite(pixels.flatten(1)).all(dim=1)
-    if bool(bad.any()):
-        image_rows = torch.nonzero(rows_with_images).flatten()
-        offenders = [int(names[int(image_rows[i])]) for i in torch.nonzero(bad).flatten().tolist()]
-        raise ValueError(f"{kind} {offenders[:10]} have non-finite pixel values (NaN or inf)")
+    return image_rows
+
+
+def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.Tensor:
+    """Patch sequences described by ``image_grid_thw``: check the counts, return the row of each image."""
+    grid = torch.as_tensor(grid)
+    if grid.dim() != 2 or grid.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must be (images, 3): (t, h, w) per image; got {tuple(grid.shape)}")
+    patches = grid.long().prod(dim=1)
+    if pixels.dim() != 2 or pixels.shape[0] != int(patches.sum()):
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixels.shape)} do not hold the {int(patches.sum())} patches that "
+            f"image_grid_thw describes ({grid.shape[0]} images; expected (patches, patch_dim))"
+        )
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+    image_ends = torch.cumsum(patches // merge**2, 0).to(tokens_per_row.device)
+    row_ends = torch.cumsum(tokens_per_row, 0)
+    # A row's image tokens must end exactly where one of the batch's images ends (images fill rows in order).
+    misaligned = (tokens_per_row > 0) & ~torch.isin(row_ends, image_ends)
+    if bool(misaligned.any()) or int(row_ends[-1]) != int(image_ends[-1]):
+        which = (
+            f"{kind} whose image tokens end inside an image: {named(torch.nonzero(misaligned))}"
+            if bool(misaligned.any())  # else the grid does not say which row lacks (or has extra) tokens
+            else f"{kind} with image tokens: {named(torch.nonzero(tokens_per_row > 0))}"
+        )
+        raise ValueError(
+            f"the batch has {int(row_ends[-1])} image tokens but its {grid.shape[0]} images (image_grid_thw, "
+            f"spatial_merge_size {merge}) make {int(image_ends[-1])}; {which}"
+        )
+    return torch.searchsorted(row_ends, image_ends)
 
 
 def image_feature_tap(model: torch.nn.Module) -> Tap:

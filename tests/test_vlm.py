@@ -384,3 +384,125 @@ def test_vlm_recipe_cli_cleans_in_two_stages(tmp_path):
         cwd=tmp_path,
     )
     assert other.returncode != 0 and "kept_ids.json was written for a different dataset" in other.stderr
+
+
+# -- Qwen2-VL-style patch sequences (pixel_values (patches, patch_dim) described by image_grid_thw) ---------------
+QWEN_IMAGE, QWEN_START, QWEN_END = 290, 292, 293
+
+
+def tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2)
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN_IMAGE,
+        video_token_id=291,
+        vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Qwen2VLForConditionalGeneration(config)
+
+
+def qwen_example(i: int, width: int = 2) -> dict:
+    """Row ``i`` holds ``i % 3`` images of 2 x ``width`` patches (``width / 2`` image tokens each after the 2x2
+    merge)."""
+    images = i % 3
+    g = torch.Generator().manual_seed(i)
+    image = [QWEN_START] + [QWEN_IMAGE] * (width // 2) + [QWEN_END]
+    ids = [1] + image * images + [5 + i % 50, 6 + i % 7, 7, 8 + i % 11]
+    return {
+        "input_ids": ids,
+        "mm_token_type_ids": [int(t == QWEN_IMAGE) for t in ids],
+        "pixel_values": torch.randn(2 * width * images, 3 * 2 * 4 * 4, generator=g).tolist(),
+        "image_grid_thw": [[1, 2, width]] * images,
+        "domain": ["cats", "dogs"][i % 2],
+    }
+
+
+def collate_qwen(features: list[dict]) -> dict:
+    width = max(len(f["input_ids"]) for f in features)
+    pad = [width - len(f["input_ids"]) for f in features]
+    ids = torch.tensor([f["input_ids"] + [0] * p for f, p in zip(features, pad)])
+    mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": torch.tensor([f["mm_token_type_ids"] + [0] * p for f, p in zip(features, pad)]),
+        "labels": ids.masked_fill((mask == 0) | (ids >= QWEN_IMAGE), -100),
+    }
+    if any(f["image_grid_thw"] for f in features):
+        batch["pixel_values"] = torch.cat([torch.tensor(f["pixel_values"]).view(-1, 96) for f in features])
+        batch["image_grid_thw"] = torch.tensor([g for f in features for g in f["image_grid_thw"]])
+    return batch
+
+
+def test_qwen2_vl_patch_batches_are_checked_by_their_grid():
+    model = tiny_qwen2_vl()
+    batch = collate_qwen([qwen_example(i) for i in (1, 2, 3, 5)])  # 1, 2, 0 and 2 images
+    names = [11, 12, 13, 15]
+    check_image_batch(model, batch, names)
+    with pytest.raises(ValueError, match=r"do not hold the 20 patches that image_grid_thw describes \(5 images"):
+        check_image_batch(model, {**batch, "pixel_values": batch["pixel_values"][:-4]}, names)
+    short = batch["input_ids"].clone()
+    short[1, short[1].tolist().index(QWEN_IMAGE)] = 9  # row 12 keeps one image token for its two images
+    # Images of one token each: the grid cannot say which row lost its token, so every row with images is named.
+    with pytest.raises(ValueError, match=r"4 image tokens but its 5 images .* make 5; example ids with image tokens"):
+        check_image_batch(model, {**batch, "input_ids": short}, names)
+    wide = collate_qwen([qwen_example(i, width=4) for i in (1, 2, 3, 5)])  # 2 tokens per image
+    check_image_batch(model, wide, names)
+    wide["input_ids"][0, wide["input_ids"][0].tolist().index(QWEN_IMAGE)] = 9  # row 11 keeps 1 of its 2 tokens
+    with pytest.raises(ValueError, match=r"example ids whose image tokens end inside an image: \[11, 12, 15\]"):
+        check_image_batch(model, wide, names)
+    bad = batch["pixel_values"].clone()
+    bad[9, 0] = float("nan")  # patch 9 is in image 2 (patches 8-11), the second image of row 12
+    with pytest.raises(ValueError, match=r"example ids \[12\] have non-finite"):
+        check_image_batch(model, {**batch, "pixel_values": bad}, names)
+    with pytest.raises(ValueError, match=r"image_grid_thw must be \(images, 3\)"):
+        check_image_batch(model, {**batch, "image_grid_thw": batch["image_grid_thw"][:, :2]}, names)
+    with pytest.raises(ValueError, match=r"example ids \[11, 12, 15\] hold image tokens .* no pixel_values"):
+        check_image_batch(model, {"input_ids": batch["input_ids"]}, names)
+
+
+def test_other_image_layouts_are_left_to_the_model_but_must_be_finite():
+    model = tiny_llava(seed=0)
+    ids = torch.full((3, 20), 65)
+    ids[[0, 2], :16] = IMAGE_TOKEN_ID
+    tiles = torch.zeros(2, 3, 1, 16, 16)  # (images, tiles, C, H, W): not LLaVA's layout, not checked by shape
+    check_image_batch(model, {"input_ids": ids, "pixel_values": tiles}, [4, 5, 6])
+    tiles[1, 2, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite pixel values .* of example ids \[4, 6\]"):
+        check_image_batch(model, {"input_ids": ids, "pixel_values": tiles}, [4, 5, 6])
+
+
+def test_callback_on_qwen2_vl_records_each_examples_loss(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_list([qwen_example(i) for i in range(24)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, save_steps=100, report_to=[],
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, logging_steps=100, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = Trainer(model=tiny_qwen2_vl(), args=args, train_dataset=ds, data_collator=collate_qwen)
+    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
+    errors: list[float] = []
+
+    class Verify(TrainerCallback):  # each recorded loss recomputed from its example alone, before the update
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            ids, losses, _ = dfx.last_step_records()
+            with torch.no_grad():
+                for i, loss in zip(ids, losses):
+                    ref = model(**collate_qwen([ds[int(i)]])).loss
+                    errors.append(abs(float(ref) - float(loss)))
+
+    trainer.add_callback(Verify())
+    trainer.train()
+    assert len(errors) == 16 and max(errors) < 1e-4, errors
