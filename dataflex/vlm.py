@@ -70,7 +70,8 @@ def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_id
 
     Every row holding image tokens needs ``pixel_values``. Then, by layout:
 
-    * LLaVA-style ``(images, C, H, W)``: the vision tower's ``C, H, W``, one image per row with image tokens;
+    * LLaVA-style ``(images, C, H, W)``: the vision tower's ``C, H, W``; every image fills the same number of
+      image tokens, so each row holds a whole number of images' tokens;
     * patch sequences with ``image_grid_thw`` (Qwen2-VL and its successors: ``(patches, patch_dim)``, image
       ``i`` made of ``t*h*w`` patches and ``t*h*w / merge**2`` image tokens): the patch count the grid
       describes, and image tokens that end each row exactly at an image boundary;
@@ -107,7 +108,7 @@ def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_id
     if grid is not None:
         image_rows = _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind)
     elif pixels.dim() == 4:
-        image_rows = _llava_image_rows(model, pixels, rows_with_images, named, kind)
+        image_rows = _llava_image_rows(model, pixels, tokens_per_row, named, kind)
     else:
         image_rows = None
     bad = ~torch.isfinite(pixels.flatten(1) if pixels.dim() > 1 else pixels[:, None]).all(dim=1)
@@ -125,21 +126,26 @@ def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_id
     raise ValueError(f"{kind} {named(offenders)} have non-finite pixel values (NaN or inf)")
 
 
-def _llava_image_rows(model, pixels, rows_with_images, named, kind) -> torch.Tensor:
-    """``(images, C, H, W)``: one image per row with image tokens; the row of each image."""
+def _llava_image_rows(model, pixels, tokens_per_row, named, kind) -> torch.Tensor:
+    """``(images, C, H, W)``: images of one size, so each fills the same number of image tokens and a row holds
+    a whole number of images (several per row are fine: multi-image examples, crops); the row of each image."""
     expected = image_shape(model)
     if expected is not None and tuple(pixels.shape[1:]) != expected:
         raise ValueError(
             f"pixel_values have images of shape {tuple(pixels.shape[1:])}; the vision tower takes {expected} "
             "(channels, height, width)"
         )
-    image_rows = torch.nonzero(rows_with_images).flatten()
-    if pixels.shape[0] != image_rows.numel():
+    images, tokens = pixels.shape[0], int(tokens_per_row.sum())
+    per_image = tokens // images if images and tokens % images == 0 else 0
+    if per_image == 0 or bool((tokens_per_row % per_image).any()):
+        odd = tokens_per_row % per_image != 0 if per_image else tokens_per_row > 0
         raise ValueError(
-            f"the batch has {pixels.shape[0]} images but {image_rows.numel()} rows with image tokens (one image "
-            f"per row); {kind} without image tokens: {named(torch.nonzero(~rows_with_images))}"
+            f"the batch has {images} images for {tokens} image tokens: every image fills the same number of image "
+            f"tokens, so each row must hold a whole number of images' tokens; {kind} that do not: "
+            f"{named(torch.nonzero(odd)) or named(torch.nonzero(tokens_per_row == 0))}"
         )
-    return image_rows
+    rows = torch.arange(tokens_per_row.numel(), device=tokens_per_row.device)
+    return torch.repeat_interleave(rows, tokens_per_row // per_image)
 
 
 def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.Tensor:

@@ -81,8 +81,19 @@ def test_check_image_batch_names_the_examples():
         check_image_batch(model, {"input_ids": ids}, [11, 42])
     with pytest.raises(ValueError, match=r"vision tower takes \(1, 16, 16\)"):
         check_image_batch(model, {"input_ids": ids, "pixel_values": torch.zeros(2, 3, 16, 16)})
-    with pytest.raises(ValueError, match="1 images but 2 rows with image tokens"):
+    with pytest.raises(ValueError, match=r"1 images for 32 image tokens: .* batch rows that do not: \[0, 1\]"):
         check_image_batch(model, {"input_ids": ids, "pixel_values": good[:1]})
+    multi = torch.full((3, 40), 65)
+    multi[0, :32] = multi[2, :16] = IMAGE_TOKEN_ID  # example 7: two images; 8: none; 9: one
+    three = torch.zeros(3, 1, 16, 16)
+    check_image_batch(model, {"input_ids": multi, "pixel_values": three}, [7, 8, 9])
+    for image, example in ((1, 7), (2, 9)):
+        broken = three.clone()
+        broken[image, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=rf"example ids \[{example}\] have non-finite"):
+            check_image_batch(model, {"input_ids": multi, "pixel_values": broken}, [7, 8, 9])
+    with pytest.raises(ValueError, match=r"2 images for 48 image tokens: .* example ids that do not: \[7, 9\]"):
+        check_image_batch(model, {"input_ids": multi, "pixel_values": three[:2]}, [7, 8, 9])
     bad = good.clone()
     bad[1, 0, 3, 3] = float("inf")
     with pytest.raises(ValueError, match=r"example ids \[42\] have non-finite"):
