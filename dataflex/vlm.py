@@ -102,8 +102,9 @@ def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_id
                 "in the dataset and collator (and in the model's forward signature if remove_unused_columns=True)"
             )
         return
-    if not isinstance(pixels, torch.Tensor):
-        raise ValueError(f"pixel_values must be a tensor; got {type(pixels).__name__}")
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() == 0:
+        what = "a 0-d tensor" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"pixel_values must be a tensor with a leading images (or patches) dimension; got {what}")
     grid = inputs.get("image_grid_thw")
     if grid is not None:
         image_rows = _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind)
@@ -136,6 +137,8 @@ def _llava_image_rows(model, pixels, tokens_per_row, named, kind) -> torch.Tenso
             "(channels, height, width)"
         )
     images, tokens = pixels.shape[0], int(tokens_per_row.sum())
+    if images == tokens == 0:  # a text-only batch with an empty image tensor
+        return torch.zeros(0, dtype=torch.long, device=tokens_per_row.device)
     per_image = tokens // images if images and tokens % images == 0 else 0
     if per_image == 0 or bool((tokens_per_row % per_image).any()):
         odd = tokens_per_row % per_image != 0 if per_image else tokens_per_row > 0
@@ -164,8 +167,9 @@ def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.
     image_ends = torch.cumsum(patches // merge**2, 0).to(tokens_per_row.device)
     row_ends = torch.cumsum(tokens_per_row, 0)
     # A row's image tokens must end exactly where one of the batch's images ends (images fill rows in order).
-    misaligned = (tokens_per_row > 0) & ~torch.isin(row_ends, image_ends)
-    if bool(misaligned.any()) or int(row_ends[-1]) != int(image_ends[-1]):
+    misaligned = (tokens_per_row > 0) & ~torch.isin(row_ends, image_ends) & (image_ends.numel() > 0)
+    image_tokens = int(image_ends[-1]) if image_ends.numel() else 0
+    if bool(misaligned.any()) or int(row_ends[-1]) != image_tokens:
         which = (
             f"{kind} whose image tokens end inside an image: {named(torch.nonzero(misaligned))}"
             if bool(misaligned.any())  # else the grid does not say which row lacks (or has extra) tokens
@@ -173,7 +177,7 @@ def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.
         )
         raise ValueError(
             f"the batch has {int(row_ends[-1])} image tokens but its {grid.shape[0]} images (image_grid_thw, "
-            f"spatial_merge_size {merge}) make {int(image_ends[-1])}; {which}"
+            f"spatial_merge_size {merge}) make {image_tokens}; {which}"
         )
     return torch.searchsorted(row_ends, image_ends)
 

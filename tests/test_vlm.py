@@ -83,6 +83,12 @@ def test_check_image_batch_names_the_examples():
         check_image_batch(model, {"input_ids": ids, "pixel_values": torch.zeros(2, 3, 16, 16)})
     with pytest.raises(ValueError, match=r"1 images for 32 image tokens: .* batch rows that do not: \[0, 1\]"):
         check_image_batch(model, {"input_ids": ids, "pixel_values": good[:1]})
+    text_only = torch.full((2, 20), 65)
+    check_image_batch(model, {"input_ids": text_only, "pixel_values": torch.zeros(0, 1, 16, 16)})
+    with pytest.raises(ValueError, match=r"2 images for 0 image tokens"):
+        check_image_batch(model, {"input_ids": text_only, "pixel_values": good})
+    with pytest.raises(ValueError, match=r"leading images \(or patches\) dimension; got a 0-d tensor"):
+        check_image_batch(model, {"input_ids": ids, "pixel_values": torch.tensor(1.0)})
     multi = torch.full((3, 40), 65)
     multi[0, :32] = multi[2, :16] = IMAGE_TOKEN_ID  # example 7: two images; 8: none; 9: one
     three = torch.zeros(3, 1, 16, 16)
@@ -477,6 +483,11 @@ def test_qwen2_vl_patch_batches_are_checked_by_their_grid():
     bad[9, 0] = float("nan")  # patch 9 is in image 2 (patches 8-11), the second image of row 12
     with pytest.raises(ValueError, match=r"example ids \[12\] have non-finite"):
         check_image_batch(model, {**batch, "pixel_values": bad}, names)
+    text_only = collate_qwen([qwen_example(i) for i in (3, 6)])  # no images: an empty grid is fine
+    check_image_batch(model, {**text_only, "pixel_values": torch.zeros(0, 96), "image_grid_thw": torch.zeros(0, 3)})
+    with pytest.raises(ValueError, match=r"5 image tokens but its 0 images .* example ids with image tokens: \[11"):
+        empty = {"pixel_values": torch.zeros(0, 96), "image_grid_thw": torch.zeros(0, 3)}
+        check_image_batch(model, {**batch, **empty}, names)
     with pytest.raises(ValueError, match=r"image_grid_thw must be \(images, 3\)"):
         check_image_batch(model, {**batch, "image_grid_thw": batch["image_grid_thw"][:, :2]}, names)
     with pytest.raises(ValueError, match=r"example ids \[11, 12, 15\] hold image tokens .* no pixel_values"):
