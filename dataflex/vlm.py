@@ -8,8 +8,9 @@ feature of ``pixel_values``. Two things go wrong silently or cryptically with a 
   (no error at all), and a batch with too few images fails deep inside the model with a token/feature
   count. :func:`check_image_batch` catches both before the forward and names the examples;
 * the image features are not returned by the forward. :func:`image_feature_tap` hooks the
-  multi-modal projector's output, so the training forward yields per-example image embeddings (mean
-  over patches) for the cluster sampler at no extra cost; :func:`image_feature_embedder` does the same
+  multi-modal projector's (or Qwen2-VL's patch merger's) output, so the training forward yields
+  per-example image embeddings (mean over image tokens, :func:`pool_image_features`) for the cluster
+  sampler at no extra cost; :func:`image_feature_embedder` does the same
   for a pool offline (through :func:`dataflex.offline.score_pool`).
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "image_feature_tap",
     "image_shape",
     "image_token_id",
+    "pool_image_features",
     "projector",
 ]
 
@@ -54,15 +56,47 @@ def image_shape(model: torch.nn.Module) -> tuple[int, int, int] | None:
 
 
 def projector(model: torch.nn.Module) -> torch.nn.Module:
-    """The multi-modal projector (vision features -> text width) of a LLaVA-style model."""
+    """The module that maps vision features to the text width: LLaVA's ``multi_modal_projector``, or the
+    patch merger (``visual.merger``) of Qwen2-VL-style models."""
     for candidate in (model, getattr(model, "model", None), getattr(getattr(model, "base_model", None), "model", None)):
         found = getattr(candidate, "multi_modal_projector", None)
         if isinstance(found, torch.nn.Module):
             return found
-    for name, module in model.named_modules():  # wrapped models (peft, DDP): search by name
-        if name.endswith("multi_modal_projector"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no multi_modal_projector; image embeddings need a LLaVA-style model")
+    for suffix in ("multi_modal_projector", "visual.merger"):  # wrapped models (peft, DDP): search by name
+        for name, module in model.named_modules():
+            if name.endswith(suffix):
+                return module
+    raise ValueError(
+        f"{type(model).__name__} has no multi_modal_projector or visual.merger; image embeddings need a LLaVA-style "
+        "or Qwen2-VL-style model"
+    )
+
+
+def spatial_merge(model: torch.nn.Module) -> int:
+    """Patches merged per side into one image token (Qwen2-VL's ``spatial_merge_size``; 1 when absent)."""
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+    return int(getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1) or 1)
+
+
+def pool_image_features(model: torch.nn.Module, features: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """``(images, width)``: each image's projected features, mean over its tokens.
+
+    LLaVA's projector gives ``(images, tokens, width)``; a Qwen2-VL merger gives the tokens of all images in
+    one ``(tokens, width)`` sequence, cut per image by ``image_grid_thw`` (``t*h*w / merge**2`` tokens each).
+    """
+    if features.dim() == 3:
+        return features.mean(dim=1)
+    grid = inputs.get("image_grid_thw")
+    if features.dim() != 2 or grid is None:
+        raise ValueError(
+            f"image features of shape {tuple(features.shape)} need (images, tokens, width), or (tokens, width) with "
+            "the batch's image_grid_thw"
+        )
+    merge = spatial_merge(model)
+    sizes = (torch.as_tensor(grid).long().prod(dim=1) // merge**2).tolist()
+    if sum(sizes) != features.shape[0]:
+        raise ValueError(f"image_grid_thw describes {sum(sizes)} image tokens; the merger gave {features.shape[0]}")
+    return torch.stack([part.mean(dim=0) for part in torch.split(features, sizes)])
 
 
 def check_image_batch(model: torch.nn.Module, inputs: dict[str, Any], example_ids: Sequence[int] | None = None) -> None:
@@ -162,8 +196,7 @@ def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.
             f"pixel_values of shape {tuple(pixels.shape)} do not hold the {int(patches.sum())} patches that "
             f"image_grid_thw describes ({grid.shape[0]} images; expected (patches, patch_dim))"
         )
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+    merge = spatial_merge(model)
     image_ends = torch.cumsum(patches // merge**2, 0).to(tokens_per_row.device)
     row_ends = torch.cumsum(tokens_per_row, 0)
     # A row's image tokens must end exactly where one of the batch's images ends (images fill rows in order).
@@ -183,11 +216,9 @@ def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.
 
 
 def image_feature_tap(model: torch.nn.Module) -> Tap:
-    """A :class:`~dataflex.taps.Tap` on the projector's output: each image's projected features, mean over patches.
-
-    Shape ``(images, text_width)``: what the language model receives for each image, pooled.
-    """
-    return Tap(projector(model), "output", lambda out: out.detach().float().mean(dim=1))
+    """A :class:`~dataflex.taps.Tap` on the projector's output (what the language model receives for the
+    images); :func:`pool_image_features` turns it into one row per image."""
+    return Tap(projector(model), "output", lambda out: out.detach().float())
 
 
 def image_feature_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -202,11 +233,13 @@ def image_feature_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.
         if pixels is None:
             raise ValueError(f"image embeddings need 'pixel_values' in the batch; it has {sorted(batch)}")
         device = next(model.parameters()).device
+        grid = {"image_grid_thw": batch["image_grid_thw"].to(device)} if "image_grid_thw" in batch else {}
         with eval_mode(model), image_feature_tap(model) as tap:
-            model.get_image_features(pixel_values=pixels.to(device))
-            features = tap.pop()
-        if features.shape[0] != pixels.shape[0]:
-            raise RuntimeError(f"expected one feature row per image; got {features.shape[0]} for {pixels.shape[0]}")
+            model.get_image_features(pixel_values=pixels.to(device), **grid)
+            features = pool_image_features(model, tap.pop(), grid)
+        rows = batch["input_ids"].shape[0] if "input_ids" in batch else features.shape[0]
+        if features.shape[0] != rows:
+            raise ValueError(f"image embeddings need one image per example; got {features.shape[0]} for {rows}")
         return features
 
     return embed

@@ -528,3 +528,25 @@ def test_callback_on_qwen2_vl_records_each_examples_loss(tmp_path):
     trainer.add_callback(Verify())
     trainer.train()
     assert len(errors) == 16 and max(errors) < 1e-4, errors
+
+
+def test_qwen2_vl_image_embeddings_from_the_training_forward_equal_the_offline_embedder(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_list([qwen_example(3 * i + 1, width=4) for i in range(12)])  # one image of 2 tokens each
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, save_steps=100, report_to=[],
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, logging_steps=100, learning_rate=1e-2,
+    )  # fmt: skip
+    model = tiny_qwen2_vl()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_qwen)
+    cache = EmbeddingCache(len(ds))
+    dfx = DataFlexCallback(Uniform(), update_every=1, embeddings=cache, embeddings_from="image", trainer=trainer)
+    snapshot = Snapshot(3)
+    trainer.add_callback(snapshot)
+    trainer.train()
+    ids, _, _ = dfx.last_step_records()
+    model.load_state_dict(snapshot.state)  # the weights the last step's forward ran with
+    offline = score_pool(image_feature_embedder(model), ds.select(ids.tolist()), collate_qwen, batch_size=4)
+    np.testing.assert_allclose(cache.values[ids], np.asarray(offline), rtol=1e-4, atol=1e-5)
+    assert (cache.step[ids] == 2).all() and np.abs(np.asarray(offline)).sum() > 0

@@ -57,7 +57,7 @@ from dataflex.samplers.length import LengthGrouping, default_megabatch
 from dataflex.state import unwrap_state, wrap_state
 from dataflex.store import ScoreStore
 from dataflex.taps import Tap
-from dataflex.vlm import check_image_batch, image_feature_tap, image_token_id
+from dataflex.vlm import check_image_batch, image_feature_tap, image_token_id, pool_image_features
 
 __all__ = ["TrainerAdapter"]
 
@@ -412,6 +412,7 @@ class TrainerAdapter(TrainerCallback):
         if value is None:
             return
         if self.embeddings_from == "image":
+            value = pool_image_features(self.run.model, value, inputs)
             if value.shape[0] != ids.shape[0]:
                 raise RuntimeError(
                     f"embeddings_from='image' needs one image per example; this batch has {value.shape[0]} "
