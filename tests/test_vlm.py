@@ -407,16 +407,27 @@ def test_vlm_recipe_cli_cleans_in_two_stages(tmp_path):
 QWEN_IMAGE, QWEN_START, QWEN_END = 290, 292, 293
 
 
-def tiny_qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def tiny_qwen2_vl(family: str = "Qwen2VL"):
+    """A tiny Qwen2-VL, Qwen2.5-VL or Qwen3-VL from its config (each merges 2x2 patches into an image token)."""
+    import transformers
 
+    rope = {"type": "mrope", "mrope_section": [2, 2, 4]}
+    vision = dict(depth=1, num_heads=2, patch_size=4, spatial_merge_size=2)
+    if family == "Qwen2VL":
+        vision |= dict(embed_dim=32, hidden_size=32)
+    else:
+        vision |= dict(hidden_size=32, intermediate_size=64, out_hidden_size=32)
+    if family == "Qwen2_5_VL":
+        vision |= dict(fullatt_block_indexes=[0], window_size=16)
+    if family == "Qwen3VL":
+        rope = {"rope_type": "default", "mrope_section": [2, 2, 4], "mrope_interleaved": True}
+        vision |= dict(deepstack_visual_indexes=[0], num_position_embeddings=16)
     text = dict(
         vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-        bos_token_id=None, eos_token_id=None,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, rope_scaling=rope, bos_token_id=None,
+        eos_token_id=None,
     )  # fmt: skip
-    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2)
-    config = Qwen2VLConfig(
+    config = getattr(transformers, f"{family}Config")(
         text_config=text,
         vision_config=vision,
         image_token_id=QWEN_IMAGE,
@@ -426,7 +437,7 @@ def tiny_qwen2_vl():
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return Qwen2VLForConditionalGeneration(config)
+        return getattr(transformers, f"{family}ForConditionalGeneration")(config)
 
 
 def qwen_example(i: int, width: int = 2) -> dict:
@@ -505,7 +516,8 @@ def test_other_image_layouts_are_left_to_the_model_but_must_be_finite():
         check_image_batch(model, {"input_ids": ids, "pixel_values": tiles}, [4, 5, 6])
 
 
-def test_callback_on_qwen2_vl_records_each_examples_loss(tmp_path):
+@pytest.mark.parametrize("family", ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL"])
+def test_callback_on_qwen_vl_records_each_examples_loss(tmp_path, family):
     from datasets import Dataset
 
     ds = Dataset.from_list([qwen_example(i) for i in range(24)])
@@ -513,7 +525,7 @@ def test_callback_on_qwen2_vl_records_each_examples_loss(tmp_path):
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, save_steps=100, report_to=[],
         remove_unused_columns=False, use_cpu=True, disable_tqdm=True, logging_steps=100, learning_rate=1e-2,
     )  # fmt: skip
-    trainer = Trainer(model=tiny_qwen2_vl(), args=args, train_dataset=ds, data_collator=collate_qwen)
+    trainer = Trainer(model=tiny_qwen2_vl(family), args=args, train_dataset=ds, data_collator=collate_qwen)
     dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
     errors: list[float] = []
 
@@ -530,7 +542,8 @@ def test_callback_on_qwen2_vl_records_each_examples_loss(tmp_path):
     assert len(errors) == 16 and max(errors) < 1e-4, errors
 
 
-def test_qwen2_vl_image_embeddings_from_the_training_forward_equal_the_offline_embedder(tmp_path):
+@pytest.mark.parametrize("family", ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL"])
+def test_qwen_vl_image_embeddings_from_the_training_forward_equal_the_offline_embedder(tmp_path, family):
     from datasets import Dataset
 
     ds = Dataset.from_list([qwen_example(3 * i + 1, width=4) for i in range(12)])  # one image of 2 tokens each
@@ -538,7 +551,7 @@ def test_qwen2_vl_image_embeddings_from_the_training_forward_equal_the_offline_e
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, save_steps=100, report_to=[],
         remove_unused_columns=False, use_cpu=True, disable_tqdm=True, logging_steps=100, learning_rate=1e-2,
     )  # fmt: skip
-    model = tiny_qwen2_vl()
+    model = tiny_qwen2_vl(family)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_qwen)
     cache = EmbeddingCache(len(ds))
     dfx = DataFlexCallback(Uniform(), update_every=1, embeddings=cache, embeddings_from="image", trainer=trainer)
