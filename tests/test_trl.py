@@ -328,3 +328,56 @@ def test_preference_trainers_are_refused_by_name(tmp_path, kind):
     DataFlexCallback(Uniform(), trainer=trainer)
     with pytest.raises(ValueError, match=f"does not support TRL's {kind}Trainer: it .* Supported: "):
         trainer.train()
+
+
+def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
+    """TRL's own vision path (processor + DataCollatorForVisionLanguageModeling, images in the dataset): each
+    recorded loss is its example's loss over text tokens (TRL leaves the image placeholders in the labels)."""
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from dataflex.testbeds.digits import IMAGE_TOKEN_ID
+    from dataflex.testbeds.tiny import tiny_llava
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+    images = CLIPImageProcessor(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5],
+        do_convert_rgb=False,
+    )  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "images": [Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8), mode="L")],
+            "text": f"<image>picture {i} shows a {['cat', 'dog', 'bird'][i % 3]}",
+            "domain": ["cats", "dogs", "birds"][i % 3],
+        }
+        for i in range(24)
+    ]
+    ds = Dataset.from_list(rows)
+    settings = trainer_settings(tmp_path, accum=1, max_steps=4, save_steps=100, logging_steps=100, workers=0, seed=0)
+    config = trl.SFTConfig(**settings, report_to=[], max_length=None, remove_unused_columns=False)
+    model = tiny_llava(seed=0)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=processor)
+    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
+    errors: list[float] = []
+
+    class Verify(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            ids, losses, _ = dfx.last_step_records()
+            with torch.no_grad():
+                for i, loss in zip(ids, losses):
+                    row = ds[int(i)]
+                    alone = processor(images=row["images"], text=[row["text"]], return_tensors="pt")
+                    text = alone["input_ids"].masked_fill(alone["input_ids"] == IMAGE_TOKEN_ID, -100)
+                    errors.append(abs(float(model(**alone, labels=text).loss) - float(loss)))
+
+    trainer.add_callback(Verify())
+    trainer.train()
+    assert len(errors) == 16 and max(errors) < 1e-4, errors

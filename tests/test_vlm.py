@@ -563,3 +563,31 @@ def test_qwen_vl_image_embeddings_from_the_training_forward_equal_the_offline_em
     offline = score_pool(image_feature_embedder(model), ds.select(ids.tolist()), collate_qwen, batch_size=4)
     np.testing.assert_allclose(cache.values[ids], np.asarray(offline), rtol=1e-4, atol=1e-5)
     assert (cache.step[ids] == 2).all() and np.abs(np.asarray(offline)).sum() > 0
+
+
+def test_image_placeholders_left_in_the_labels_are_not_scored(vqa, tmp_path):
+    """A collator that trains on every token, image placeholders included (TRL's vision collator on text data
+    does), still gets per-example scores of the text tokens only from dataflex."""
+
+    def collate_every_token(features):
+        batch = collate_vlm(features)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    def collate_text_tokens(features):
+        batch = collate_every_token(features)
+        batch["labels"] = batch["labels"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
+        return batch
+
+    ds = vqa["train"].select(range(32))
+    dfx = DataFlexCallback(Uniform(), domains=ds["domain"], update_every=2)
+    snapshot = Snapshot(2)
+    trainer = vlm_trainer(ds, [dfx, snapshot], tmp_path, steps=2, data_collator=collate_every_token)
+    trainer.train()
+    ids, losses, _ = dfx.last_step_records()
+    model = trainer.model
+    model.load_state_dict(snapshot.state)
+    with torch.no_grad():
+        for i, loss in zip(ids.tolist(), losses):
+            assert float(model(**collate_text_tokens([ds[i]])).loss) == pytest.approx(float(loss), abs=1e-4)
+            assert abs(float(model(**collate_every_token([ds[i]])).loss) - float(loss)) > 1e-3  # what it trains on

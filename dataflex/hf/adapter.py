@@ -359,6 +359,7 @@ class TrainerAdapter(TrainerCallback):
     def _attach_hooks(self, model: torch.nn.Module) -> None:
         self._detach_hooks()
         self.capture.attach(model)
+        self.capture.ignored_label = image_token_id(model)
         if self.embeddings is not None:
             self._embedding_tap = (image_feature_tap if self.embeddings_from == "image" else last_hidden_tap)(model)
             self._taps.append(self._embedding_tap.attach())

@@ -199,6 +199,26 @@ def per_example_loss(
     return loss, counted > 0
 
 
+def _without_label(
+    token: int, output: Any, labels: torch.Tensor, tapped: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The same forward with every position whose target is ``token`` left out of scoring: in the labels,
+    in the tapped per-token losses' shifted labels, and in a fused LM head's ``label_mask`` (whose column t
+    predicts token t + 1; aligned from the right, as TRL aligns it)."""
+    labels = labels.masked_fill(labels == token, IGNORE_INDEX)
+    if tapped is not None:
+        tapped = (tapped[0], tapped[1].masked_fill(tapped[1] == token, IGNORE_INDEX))
+    fused = _log_probs_of(output)
+    if fused is not None:
+        log_probs, mask = fused
+        targets = labels[:, 1:]
+        width = min(mask.shape[1], targets.shape[1])
+        keep = torch.ones(mask.shape, dtype=torch.bool, device=mask.device)
+        keep[:, mask.shape[1] - width :] = targets[:, targets.shape[1] - width :].to(mask.device) != IGNORE_INDEX
+        output = {"log_probs": log_probs, "label_mask": mask.bool() & keep}
+    return output, labels, tapped
+
+
 class LossCapture:
     """Hooks a model's forward and reports every training micro-batch's per-example losses to ``sink``."""
 
@@ -209,6 +229,10 @@ class LossCapture:
         self.record_visits = False
         self.active = False  # True between on_step_begin and on_step_end
         self.missing_labels = 0  # training forwards without labels (cannot be scored)
+        #: A label id never scored: a VLM's image placeholder, which some collators (TRL's vision collator)
+        #: leave in the labels. Predicting it says nothing about the example and, counted, it would pull the
+        #: token mean of short texts toward the placeholder's (learnt, near-zero) loss.
+        self.ignored_label: int | None = None
         self._loss_wrapped = False
         self.loss_call_scored = False  # see wrap_loss
         self._pending: tuple[dict[str, Any], Any] | None = None
@@ -309,6 +333,8 @@ class LossCapture:
 
     def _score(self, inputs: dict[str, Any], output: Any, labels: torch.Tensor) -> None:
         tapped, self._token_losses = self._token_losses, None
+        if self.ignored_label is not None:
+            output, labels, tapped = _without_label(self.ignored_label, output, labels, tapped)
         position_ids = inputs.get("position_ids")
         visits = None
         if self.record_visits:  # the tapped per-token losses spare a second cross-entropy
