@@ -309,17 +309,24 @@ def test_kto_scores_each_rows_completion(tmp_path):
     assert len(errors) == 16 and max(errors) < 1e-4, errors
 
 
-@pytest.mark.parametrize("kind", ["DPO", "Reward"])
-def test_preference_trainers_are_refused_by_name(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["DPO", "Reward", "GRPO"])
+def test_trainers_without_one_loss_per_row_are_refused_by_name(tmp_path, kind):
     from datasets import Dataset
     from transformers import GPT2ForSequenceClassification
 
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected", "domain")} for r in preference_rows()])
     settings = trainer_settings(tmp_path, accum=1, max_steps=2, save_steps=2, logging_steps=100, workers=0, seed=0)
-    config = getattr(trl, f"{kind}Config")(**settings, report_to=[], max_length=64)
+    if kind == "GRPO":  # rows are prompts; the trainer generates the completions it trains on
+        ds = Dataset.from_list([{"prompt": r["prompt"], "domain": r["domain"]} for r in preference_rows(8)])
+        settings["per_device_train_batch_size"] = 4
+        config = trl.GRPOConfig(**settings, report_to=[], num_generations=2, max_completion_length=4)
+        extra = {"reward_funcs": lambda completions, **kwargs: [0.0] * len(completions)}
+        model = tiny_model("gpt2", seed=0)
+    else:
+        config = getattr(trl, f"{kind}Config")(**settings, report_to=[], max_length=64)
     if kind == "DPO":
         model, extra = tiny_model("gpt2", seed=0), {"ref_model": tiny_model("gpt2", seed=0)}
-    else:
+    elif kind == "Reward":
         config_dict = {**tiny_model("gpt2", seed=0).config.to_dict(), "num_labels": 1, "pad_token_id": 256}
         model, extra = GPT2ForSequenceClassification(type(tiny_model("gpt2")).config_class(**config_dict)), {}
     trainer = getattr(trl, f"{kind}Trainer")(
