@@ -1,6 +1,6 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU).
 
-Each rank trains the same tiny GPT-2 with DataFlexCallback(ODM) three times: uninterrupted, crashed
+Each rank trains the same tiny GPT-2 with DataFlexCallback(ODM, embeddings) three times: uninterrupted, crashed
 after the checkpoint at step 4, and resumed from that checkpoint. It writes what it saw to
 <out>/rank<r>.json: weight histories, final weights and the example ids of each step.
 """
@@ -15,13 +15,16 @@ import torch.distributed as dist  # noqa: E402
 from hf_helpers import CrashAt, StepRecorder, finish_distributed, make_trainer, small_dataset  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
+from dataflex.embeddings import EmbeddingCache  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
 
 STEPS, CRASH = 8, 4
 
 
 def run(ds, out: Path, crash_at=None, resume=None):
-    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1, dynamics=True)
+    dfx = DataFlexCallback(
+        ODM(), domains=ds["domain"], update_every=1, dynamics=True, embeddings=EmbeddingCache(len(ds))
+    )
     rec = StepRecorder(dfx)
     extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
     trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra)
@@ -36,6 +39,11 @@ def dynamics_digest(record) -> list:
     """Every array of the training-dynamics record, after gathering the visits still buffered."""
     record.gather()
     return [getattr(record, name).tolist() for name in ("visits", "loss_mean", "loss_m2", "margin_mean", "forgetting")]
+
+
+def embeddings_digest(cache) -> list:
+    """The step each example's embedding was taken at, and the embeddings (NaN, never taken, as None)."""
+    return [cache.step.tolist(), [[None if v != v else round(float(v), 6) for v in row] for row in cache.values]]
 
 
 def main(out: str) -> None:
@@ -59,6 +67,8 @@ def main(out: str) -> None:
                 "visits": full.dynamics.visits.tolist(),
                 "dynamics": dynamics_digest(full.dynamics),
                 "resumed_dynamics": dynamics_digest(resumed.dynamics),
+                "embeddings": embeddings_digest(full.embeddings),
+                "resumed_embeddings": embeddings_digest(resumed.embeddings),
             }
         )
     )

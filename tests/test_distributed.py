@@ -53,6 +53,15 @@ def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
         assert r["resumed_dynamics"] == r["dynamics"]
     # the training-dynamics record holds both ranks' visits, identically on each rank
     assert r0["dynamics"] == r1["dynamics"]
+    # so does the embedding cache: every trained example's embedding, from the step it last trained at
+    assert r0["embeddings"] == r1["embeddings"] and r0["resumed_embeddings"] == r0["embeddings"]
+    last_step = [
+        max((int(s) - 1 for r in (r0, r1) for s, ids in r["ids"].items() if i in ids), default=-1)
+        for i in range(len(r0["visits"]))
+    ]
+    assert r0["embeddings"][0] == last_step and all(
+        (row[0] is None) == (s < 0) for row, s in zip(r0["embeddings"][1], last_step)
+    )
     trained = [i for r in (r0, r1) for ids in r["ids"].values() for i in ids]
     assert r0["visits"] == [trained.count(i) for i in range(len(r0["visits"]))] and sum(r0["visits"]) == 64
 

@@ -156,6 +156,8 @@ class TrainerAdapter(TrainerCallback):
         self._trainer: Trainer | None = None
         self._taps: list[Tap] = []
         self._embedding_tap: Tap | None = None
+        # This rank's embedding updates since the last gather (multi-process runs): (step, ids, embeddings).
+        self._embedding_updates: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._pre_hook: torch.utils.hooks.RemovableHandle | None = None
         self._step_records: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         self._step_now = 0
@@ -293,6 +295,7 @@ class TrainerAdapter(TrainerCallback):
             "gradient_accumulation_steps": accum,
         }
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
+        self._embedding_updates = []
         self._attach_hooks(model)
         if self.run.resuming:
             self._restore(folder, state.global_step)
@@ -423,6 +426,22 @@ class TrainerAdapter(TrainerCallback):
         else:
             pooled = mean_pool(value.detach().float(), inputs.get("attention_mask"))
         self.embeddings.update(ids, pooled, step=self._step_now)
+        if dist.world_size() > 1:
+            self._embedding_updates.append((self._step_now, ids.copy(), pooled.detach().float().cpu().numpy()))
+
+    def _gather_embeddings(self) -> None:
+        """Apply every rank's embedding updates on every rank, in (step, rank) order (collective): each rank
+        only sees its own examples, and the cache is saved by rank 0 and restored on all."""
+        if self.embeddings is None or dist.world_size() == 1:
+            return
+        local, self._embedding_updates = self._embedding_updates, []
+        updates = [
+            (step, r, k, ids, emb)
+            for r, part in enumerate(dist.all_gather_objects(local))
+            for k, (step, ids, emb) in enumerate(part)
+        ]
+        for step, _, _, ids, emb in sorted(updates, key=lambda u: u[:3]):
+            self.embeddings.update(ids, emb, step=step)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """VLM batches: refuse a training batch whose images are missing or malformed, naming its examples."""
@@ -487,6 +506,7 @@ class TrainerAdapter(TrainerCallback):
         stats = self.store.flush(step)
         if self.dynamics is not None:
             self.dynamics.gather()  # collective, as the flush: every rank decides on the same record
+        self._gather_embeddings()
         self._warn_without_signal(stats, step)
         value, logs = self.decider.decide(step, stats, self.store, self.run)
         effective_at = self.tracker.effective_at(step)
@@ -553,6 +573,7 @@ class TrainerAdapter(TrainerCallback):
     def _stage(self, args: Any, state: Any) -> None:
         """Write this step's state where a crash cannot lose it, before the Trainer's own checkpoint."""
         payload = self.state_dict(global_step=state.global_step)  # collective: every rank calls it
+        self._gather_embeddings()
         tensors = self.decider.tensor_state_dict()
         if state.is_world_process_zero:
             folder = checkpoint.checkpoint_folder(args.output_dir, state.global_step)
@@ -562,6 +583,7 @@ class TrainerAdapter(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._in_training = False
+        self._gather_embeddings()  # the cache the user reads after training holds every rank's examples
         if state.is_world_process_zero:
             checkpoint.drop_orphans(args.output_dir)
         self._detach_hooks()
