@@ -78,6 +78,11 @@ def spatial_merge(model: torch.nn.Module) -> int:
     return int(getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1) or 1)
 
 
+def _tokens_per_image(model: torch.nn.Module, grid: Any) -> torch.Tensor:
+    """Image tokens of each image an ``image_grid_thw`` describes: its ``t*h*w`` patches over ``merge**2``."""
+    return torch.as_tensor(grid).long().prod(dim=1) // spatial_merge(model) ** 2
+
+
 def pool_image_features(model: torch.nn.Module, features: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
     """``(images, width)``: each image's projected features, mean over its tokens.
 
@@ -92,8 +97,7 @@ def pool_image_features(model: torch.nn.Module, features: torch.Tensor, inputs: 
             f"image features of shape {tuple(features.shape)} need (images, tokens, width), or (tokens, width) with "
             "the batch's image_grid_thw"
         )
-    merge = spatial_merge(model)
-    sizes = (torch.as_tensor(grid).long().prod(dim=1) // merge**2).tolist()
+    sizes = _tokens_per_image(model, grid).tolist()
     if sum(sizes) != features.shape[0]:
         raise ValueError(f"image_grid_thw describes {sum(sizes)} image tokens; the merger gave {features.shape[0]}")
     return torch.stack([part.mean(dim=0) for part in torch.split(features, sizes)])
@@ -196,8 +200,7 @@ def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.
             f"pixel_values of shape {tuple(pixels.shape)} do not hold the {int(patches.sum())} patches that "
             f"image_grid_thw describes ({grid.shape[0]} images; expected (patches, patch_dim))"
         )
-    merge = spatial_merge(model)
-    image_ends = torch.cumsum(patches // merge**2, 0).to(tokens_per_row.device)
+    image_ends = torch.cumsum(_tokens_per_image(model, grid), 0).to(tokens_per_row.device)
     row_ends = torch.cumsum(tokens_per_row, 0)
     # A row's image tokens must end exactly where one of the batch's images ends (images fill rows in order).
     misaligned = (tokens_per_row > 0) & ~torch.isin(row_ends, image_ends) & (image_ends.numel() > 0)
@@ -210,7 +213,7 @@ def _grid_image_rows(model, pixels, grid, tokens_per_row, named, kind) -> torch.
         )
         raise ValueError(
             f"the batch has {int(row_ends[-1])} image tokens but its {grid.shape[0]} images (image_grid_thw, "
-            f"spatial_merge_size {merge}) make {image_tokens}; {which}"
+            f"spatial_merge_size {spatial_merge(model)}) make {image_tokens}; {which}"
         )
     return torch.searchsorted(row_ends, image_ends)
 

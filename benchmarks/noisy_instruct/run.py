@@ -143,15 +143,20 @@ def test_measures(args, data, run: dict[str, Any]) -> dict[str, dict[str, float]
     """A chosen run's clean test loss and prompt reliance per task (cached): the only place the test split is
     read."""
     folder = args.runs / run_key(run["detector"], run["drop"], run["seed"])
-    measures = {"test_loss": task_losses, "prompt_reliance": lambda m, _: prompt_reliance(m, data["records"]["test"])}
-    out = {}
-    for name, measure in measures.items():
-        cached = folder / ("test.json" if name == "test_loss" else f"test_{name}.json")
+    measures = {
+        "test_loss": (folder / "test.json", lambda model: task_losses(model, data["test"])),
+        "prompt_reliance": (
+            folder / "test_prompt_reliance.json",
+            lambda m: prompt_reliance(m, data["records"]["test"]),
+        ),
+    }
+    model = None  # loaded once, only when a measure is not cached yet
+    for cached, measure in measures.values():
         if not cached.is_file():
-            model = make_model(torch.load(folder / "final_model.pt"), seed=0)
-            cached.write_text(json.dumps(measure(model, data["test"])))
-        out[name] = json.loads(cached.read_text())
-    return out
+            if model is None:
+                model = make_model(torch.load(folder / "final_model.pt"), seed=0)
+            cached.write_text(json.dumps(measure(model)))
+    return {name: json.loads(cached.read_text()) for name, (cached, _) in measures.items()}
 
 
 def main() -> None:

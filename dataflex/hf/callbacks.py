@@ -39,8 +39,9 @@ _COMMON_ARGS = """
             then differ from the uninterrupted run); by default that raises.
         embeddings: an :class:`~dataflex.embeddings.EmbeddingCache` filled from the training forward (no
             extra pass) with each example's embedding and the step it was taken at; saved in checkpoints.
-        embeddings_from: ``"text"`` (mean-pooled last hidden state) or ``"image"`` (a LLaVA-style model's
-            projected image features, mean over patches; one image per example).
+        embeddings_from: ``"text"`` (mean-pooled last hidden state) or ``"image"`` (the projected image
+            features of a LLaVA-style model, or of a Qwen2-VL-style patch merger, mean over each image's tokens;
+            one image per example).
         check_images: on a model with an image token, check every training batch before its forward and
             raise a ``ValueError`` naming the example ids instead of silently training without the image.
         dynamics: keep a per-example training-dynamics record (:class:`~dataflex.dynamics.TrainingDynamics`:
