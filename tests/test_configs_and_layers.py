@@ -134,3 +134,35 @@ def test_byte_tokenizer_encodes_text_as_its_utf8_bytes():
         assert ids == list(text.encode("utf-8")) == encode_bytes(text, 1000)[:-1]
         assert tok.decode(ids) == text
     assert tok.pad_token_id == tok.eos_token_id == PAD_ID
+
+
+def test_jsonl_data_a_user_brings_is_read_whole_or_refused_naming_the_line(tmp_path):
+    """Blank lines are skipped (a trailing empty line is common); a damaged line, a record that is not an
+    object, a record without the text or the first record's fields, or a non-text text raises naming where."""
+    import json
+
+    from dataflex.testbeds.tiny import byte_dataset, instruct_dataset, load_jsonl_dir
+
+    good = [{"text": "a", "domain": "x"}, {"text": "b", "domain": "x"}, {"text": "c", "domain": "x"}]
+    (tmp_path / "x.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in good[:2]) + "\n\n" + json.dumps(good[2]) + "\n\n"
+    )
+    assert load_jsonl_dir(tmp_path) == good
+    assert load_jsonl_dir(tmp_path, max_per_file=2) == good[:2]  # counts records, not lines
+    assert byte_dataset(load_jsonl_dir(tmp_path), 16)["domain"] == ["x", "x", "x"]
+    (tmp_path / "y.jsonl").write_text(json.dumps(good[0]) + '\n{"text": "cut off\n')
+    with pytest.raises(ValueError, match=r"y\.jsonl:2 is not valid JSON"):
+        load_jsonl_dir(tmp_path)
+    (tmp_path / "y.jsonl").write_text('["text", "domain"]\n')
+    with pytest.raises(ValueError, match=r"y\.jsonl:1 is a JSON list, not an object"):
+        load_jsonl_dir(tmp_path)
+    with pytest.raises(ValueError, match=r"record 1 has no \['domain'\]"):
+        byte_dataset([good[0], {"text": "no label"}], 16)
+    with pytest.raises(ValueError, match=r"record 0 has no \['text'\]"):
+        byte_dataset([{"content": "other key", "domain": "x"}], 16)
+    with pytest.raises(ValueError, match="record 1's 'text' is int, not text"):
+        byte_dataset([good[0], {"text": 7, "domain": "x"}], 16)
+    with pytest.raises(ValueError, match=r"record 1 has no \['task'\]"):
+        instruct_dataset(
+            [{"instruction": "q", "response": "a", "task": "t"}, {"instruction": "q", "response": "a"}], 64
+        )

@@ -107,7 +107,7 @@ def test_instruction_examples_learn_only_the_response():
     batch = collate_causal([ds[0]])
     counted = batch["labels"][0] != -100
     assert bytes(batch["input_ids"][0][counted][:-1].tolist()) == b"Because."  # + the end id
-    with pytest.raises(ValueError, match="missing \\['task'\\]"):
+    with pytest.raises(ValueError, match="record 0 has no \\['task'\\]"):
         instruct_dataset([{"instruction": "a", "response": "b"}], max_len=8)
 
 

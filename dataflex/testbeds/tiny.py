@@ -43,18 +43,32 @@ def default_data_dir() -> Path:
 
 
 def load_jsonl_dir(folder: str | os.PathLike[str], max_per_file: int | None = None) -> list[dict[str, Any]]:
-    """Read every ``*.jsonl`` in ``folder`` (sorted by name), keeping the first ``max_per_file`` records."""
+    """Read every ``*.jsonl`` in ``folder`` (sorted by name), keeping the first ``max_per_file`` records.
+
+    Blank lines are skipped (a trailing empty line is common); a line that is not a JSON object raises naming
+    its file and line number, since a record silently lost or mis-read would change the data trained on.
+    """
     folder = Path(folder)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no .jsonl files in {folder}")
     records: list[dict[str, Any]] = []
     for path in files:
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if max_per_file is not None and i >= max_per_file:
+        kept = 0
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if max_per_file is not None and kept >= max_per_file:
                     break
-                records.append(json.loads(line))
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}): {line[:80]!r}") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object (a record)")
+                records.append(record)
+                kept += 1
     return records
 
 
@@ -64,10 +78,25 @@ def encode_bytes(text: str, max_len: int) -> list[int]:
 
 
 def byte_dataset(records: Sequence[dict[str, Any]], max_len: int, text_key: str = "text") -> Any:
-    """A ``datasets.Dataset`` with ``input_ids`` and every other field of the records kept."""
+    """A ``datasets.Dataset`` with ``input_ids`` and every other field of the records kept.
+
+    Every record must have the text and the fields of the first record (a ``domain`` label missing from
+    one record would otherwise stop the run with a bare ``KeyError``, or, for a text that is not a string,
+    train on its ``repr``)."""
     from datasets import Dataset
 
-    rows = {key: [r[key] for r in records] for key in records[0] if key != text_key}
+    if not records:
+        raise ValueError("no records to build a dataset from")
+    keys = [key for key in records[0] if key != text_key]
+    for i, record in enumerate(records):
+        missing = [key for key in (text_key, *keys) if key not in record]
+        if missing:
+            raise ValueError(f"record {i} has no {missing} (every record needs {[text_key, *keys]}): {record!r:.120}")
+        if not isinstance(record[text_key], str):
+            raise ValueError(
+                f"record {i}'s {text_key!r} is {type(record[text_key]).__name__}, not text: {record!r:.120}"
+            )
+    rows = {key: [r[key] for r in records] for key in keys}
     rows["input_ids"] = [encode_bytes(r[text_key], max_len) for r in records]
     return Dataset.from_dict(rows)
 
@@ -91,9 +120,13 @@ def instruct_dataset(records: Sequence[dict[str, Any]], max_len: int) -> Any:
     """
     from datasets import Dataset
 
-    missing = [k for k in ("instruction", "response", "task") if k not in records[0]]
-    if missing:
-        raise ValueError(f"instruction records need 'instruction', 'response' and 'task'; missing {missing}")
+    for i, record in enumerate(records):
+        missing = [k for k in ("instruction", "response", "task") if k not in record]
+        if missing:
+            raise ValueError(
+                f"instruction records need 'instruction', 'response' and 'task'; record {i} has no {missing}: "
+                f"{record!r:.120}"
+            )
     encoded = [encode_instruction(r["instruction"], r["response"], max_len) for r in records]
     return Dataset.from_dict(
         {
