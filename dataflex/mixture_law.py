@@ -14,6 +14,15 @@ Kinds:
 * ``"gbm"`` — gradient-boosted trees per domain (RegMix, Liu et al., arXiv 2407.01492, uses LightGBM;
   scikit-learn's ``GradientBoostingRegressor`` plays that part here). Non-linear, piecewise constant.
 * ``"gp"`` — a Gaussian process per domain (RBF + white noise kernel), one of AI2's OLMix regressors.
+* ``"own_share"`` — each evaluated domain's loss depends on its own share only:
+  ``L_i(w) = a_i - b_i * log(max(w_i, OWN_SHARE_FLOOR))`` with ``b_i >= 0``, fitted by least squares (two
+  numbers per domain). It is the log-linear first-order form of a per-domain data scaling law
+  (``L = E + A / D^alpha`` with ``D = w_i * tokens``, as in Ye et al.'s and RegMix's per-domain analyses),
+  with every cross-domain transfer term dropped: a deliberately biased law that small swarms can still fit
+  (a full law has ``d + 2`` parameters per domain; a swarm as costly as one main run has fewer runs than
+  that). ``b_i >= 0`` because more of a domain's own data does not raise its own loss at these budgets;
+  a negative fit is noise, and the constrained fit is then ``b_i = 0``. Under the mean objective the
+  unconstrained optimum is ``w_i ∝ b_i``. Every evaluated domain must be a training domain (by name).
 
 :meth:`MixtureLaw.held_out_error` reports each kind's error on runs it was not fitted on (k-fold over runs),
 the number that says how far to trust a proposal. A law is saved as JSON with the runs it came from; the
@@ -33,8 +42,12 @@ from dataflex.state import read_json, write_json_atomic
 
 __all__ = ["LAW_KINDS", "MixtureLaw", "SwarmRuns"]
 
-LAW_KINDS = ("loglinear", "gbm", "gp")
+LAW_KINDS = ("loglinear", "gbm", "gp", "own_share")
+SMOOTH_KINDS = ("loglinear", "own_share")  # kinds with a gradient (the search refines their optimum with SLSQP)
 T_MAX = 10.0  # bound on each loglinear t_ij (see _fit_loglinear)
+# own_share: shares below this predict as this (log w -> -inf at 0, and a domain absent from training still has
+# a finite loss through transfer; no swarm run samples so little of a domain that the law could say more).
+OWN_SHARE_FLOOR = 1e-3
 
 
 class SwarmRuns:
@@ -97,7 +110,7 @@ class MixtureLaw:
             raise ValueError(f"kind={kind!r}; valid kinds are {', '.join(LAW_KINDS)}")
         self.kind, self.seed = kind, int(seed)
         self.runs: SwarmRuns | None = None
-        self.params: np.ndarray | None = None  # loglinear: (eval domains, 2 + train domains) = c, log k, t
+        self.params: np.ndarray | None = None  # loglinear: (eval, 2 + train domains) = c, log k, t; own_share: a, b
         self._models: list[Any] = []
         self._jackknife: list[MixtureLaw] = []  # leave-one-run-out refits, made on first use (predict_spread)
 
@@ -105,7 +118,7 @@ class MixtureLaw:
     @staticmethod
     def runs_needed(kind: str, num_domains: int) -> int:
         """The fewest runs a fit of ``kind`` over ``num_domains`` training domains accepts."""
-        return num_domains + 2 if kind == "loglinear" else 3
+        return num_domains + 2 if kind == "loglinear" else 3  # own_share: 2 parameters and one spare run
 
     def fit(self, runs: SwarmRuns) -> MixtureLaw:
         d = len(runs.train_domains)
@@ -117,6 +130,9 @@ class MixtureLaw:
             self.params = np.stack(
                 [_fit_loglinear(runs.weights, runs.losses[:, i]) for i in range(runs.losses.shape[1])]
             )
+        elif self.kind == "own_share":
+            own = _own_columns(runs)
+            self.params = np.stack([_fit_own_share(runs.weights[:, j], runs.losses[:, i]) for i, j in enumerate(own)])
         else:
             self._models = [self._regressor().fit(runs.weights, runs.losses[:, i]) for i in range(runs.losses.shape[1])]
         return self
@@ -150,6 +166,9 @@ class MixtureLaw:
         if self.kind == "loglinear":
             c, log_k, t = self.params[:, 0], self.params[:, 1], self.params[:, 2:]
             return c[None, :] + np.exp(log_k[None, :] + w @ t.T)
+        if self.kind == "own_share":
+            share = np.maximum(w[:, _own_columns(self.runs)], OWN_SHARE_FLOOR)
+            return self.params[:, 0][None, :] - self.params[:, 1][None, :] * np.log(share)
         return np.stack([m.predict(w) for m in self._models], axis=1)
 
     def predict_spread(self, weights: np.ndarray) -> np.ndarray:
@@ -181,6 +200,15 @@ class MixtureLaw:
 
     def gradient(self, weights: np.ndarray) -> np.ndarray | None:
         """``d L_i / d w_j`` ``(eval domains, train domains)`` at one mixture; None for the tree and GP kinds."""
+        if self.kind == "own_share":
+            w = np.asarray(weights, dtype=np.float64)
+            own = _own_columns(self.runs)
+            grad = np.zeros((len(own), w.size))
+            # Below the floor the prediction is flat, so its derivative there is 0.
+            share = w[own]
+            above = share > OWN_SHARE_FLOOR
+            grad[np.arange(len(own)), own] = np.where(above, -self.params[:, 1] / np.where(above, share, 1.0), 0.0)
+            return grad
         if self.kind != "loglinear":
             return None
         log_k, t = self.params[:, 1], self.params[:, 2:]
@@ -222,9 +250,10 @@ class MixtureLaw:
                 raise ValueError(f"{path}: not a saved mixture law (no {key!r})")
         law = cls(state["kind"], state["seed"])
         runs = SwarmRuns.from_state(state["runs"])
-        if law.kind == "loglinear" and "params" in state:
+        if law.kind in SMOOTH_KINDS and "params" in state:
             params = np.asarray(state["params"], dtype=np.float64)
-            expected = (len(runs.eval_domains), 2 + len(runs.train_domains))
+            width = 2 + len(runs.train_domains) if law.kind == "loglinear" else 2
+            expected = (len(runs.eval_domains), width)
             if params.shape != expected or not np.isfinite(params).all():
                 raise ValueError(f"{path}: params must be finite with shape {expected}; got {params.shape}")
             law.runs, law.params = runs, params
@@ -267,3 +296,28 @@ def _fit_loglinear(weights: np.ndarray, loss: np.ndarray) -> np.ndarray:
     # Mixtures sum to 1, so t_i + a and log k - a predict the same: report the gauge with mean_j t_ij = 0.
     shift = p[2:].mean()
     return np.concatenate([[p[0], p[1] + shift], p[2:] - shift])
+
+
+def _own_columns(runs: SwarmRuns) -> list[int]:
+    """For each evaluated domain, the column of its own share among the training domains (own_share law)."""
+    missing = [name for name in runs.eval_domains if name not in runs.train_domains]
+    if missing:
+        raise ValueError(
+            f"an own_share law predicts each evaluated domain from its own training share, but {missing} "
+            f"are not training domains ({runs.train_domains}); use kind loglinear, gp or gbm for them"
+        )
+    return [runs.train_domains.index(name) for name in runs.eval_domains]
+
+
+def _fit_own_share(share: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """``[a, b]`` minimising the squared error of ``a - b * log(max(share, floor))`` with ``b >= 0``.
+
+    One inequality on a two-parameter least squares: the unconstrained solution if its ``b`` is >= 0, else the
+    best with ``b = 0`` (the mean loss), since the problem is convex and its boundary is that line.
+    """
+    x = -np.log(np.maximum(share, OWN_SHARE_FLOOR))
+    if np.ptp(x) > 0:
+        (a, b), *_ = np.linalg.lstsq(np.c_[np.ones_like(x), x], loss, rcond=None)
+        if b >= 0:
+            return np.array([a, b])
+    return np.array([float(loss.mean()), 0.0])

@@ -30,11 +30,11 @@ Search (RegMix's recipe, arXiv 2407.01492: score many random mixtures with the l
 Dirichlet candidates around the prior at several concentrations, plus the prior, uniform and the swarm's own
 mixtures, are projected onto the box-simplex ``{min <= w <= max, sum w = 1}`` and pulled toward a feasible
 anchor until the distance constraint holds (the feasible set is convex, so the segment stays inside); the
-best candidates are refined by a shrinking local search, and for the smooth ``loglinear`` law by SLSQP with
-the law's gradient. The result is the best *feasible* point found. With ``average_top = k > 1`` it is the
-mean of the best point and the ``k - 1`` best random candidates instead (top-k averaging of the scored
-candidates): a law fitted on a few runs ranks many mixtures within its own error of the best one, and their
-mean depends less on which of them the fit's noise happened to put first.
+best candidates are refined by a shrinking local search, and for the smooth laws (``loglinear``,
+``own_share``) by SLSQP with the law's gradient. The result is the best *feasible* point found. With
+``average_top = k > 1`` it is the mean of the best point and the ``k - 1`` best random candidates instead
+(top-k averaging of the scored candidates): a law fitted on a few runs ranks many mixtures within its own
+error of the best one, and their mean depends less on which of them the fit's noise happened to put first.
 
 Schedules (:func:`propose_schedule`): with laws fitted on the swarm's losses at several fractions of its
 runs, the proposal becomes piecewise — stage ``s`` trains on ``w_s`` over fractions ``[f_(s-1), f_s)``.
@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from dataflex.checks import whole_number
-from dataflex.mixture_law import MixtureLaw
+from dataflex.mixture_law import SMOOTH_KINDS, MixtureLaw
 
 __all__ = [
     "MixtureRegion",
@@ -202,6 +202,15 @@ class MixtureRegion:
         return bool(ok)
 
 
+# Under an own_share law a domain is predicted worse as soon as its own share drops, so "no domain worse than at
+# the reference" admits (almost) only the reference itself: a silent no-op, refused instead.
+OWN_SHARE_CEILING = (
+    "no_worse_than cannot be used with an own_share law: it predicts each domain from its own share alone, so "
+    "every domain whose share drops is predicted worse and the only admissible mixture is the reference itself; "
+    "drop no_worse_than, or use law kind loglinear, gp or gbm (they model transfer between domains)"
+)
+
+
 def propose_mixture(
     law: MixtureLaw,
     objective: str | Mapping[str, float] = "mean",
@@ -241,6 +250,8 @@ def propose_mixture(
     region = MixtureRegion(d, prior, min_weight, max_weight, max_kl, max_l1)
     reference, ceiling = None, None
     if no_worse_than is not None:
+        if law.kind == "own_share":
+            raise ValueError(OWN_SHARE_CEILING)
         reference = np.asarray(no_worse_than, dtype=np.float64)
         if reference.shape != (d,) or not region.check(reference):
             raise ValueError(
@@ -280,7 +291,7 @@ def propose_mixture(
                     w, v = trial[int(np.argmin(tv))], float(tv.min())
         if v < best_v:
             best_w, best_v = w, v
-    if law.kind == "loglinear" and ceiling is None and pessimism == 0:  # SLSQP knows neither ceilings nor spreads
+    if law.kind in SMOOTH_KINDS and ceiling is None and pessimism == 0:  # SLSQP knows neither ceilings nor spreads
         refined = _refine_smooth(law, objective, region, best_w)
         if refined is not None:
             rv = float(score(refined[None])[0])
@@ -313,7 +324,7 @@ def _average_of_best(
 
 
 def _refine_smooth(law: MixtureLaw, objective: Any, region: MixtureRegion, start: np.ndarray) -> np.ndarray | None:
-    """SLSQP from ``start`` on the loglinear law (epigraph form for ``"worst"``); None if it fails."""
+    """SLSQP from ``start`` on a smooth law (loglinear, own_share; epigraph form for ``"worst"``); None if it fails."""
     from scipy.optimize import minimize
 
     d = start.size

@@ -224,6 +224,12 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
         raise ValueError(f"propose.objective must be mean, worst or a domain name; got {cfg.propose.objective!r}")
     if cfg.propose.no_worse_than not in (None, "prior"):
         raise ValueError(f"propose.no_worse_than must be null or prior; got {cfg.propose.no_worse_than!r}")
+    if cfg.propose.no_worse_than is not None and "own_share" in kinds:
+        from dataflex.mixture_search import OWN_SHARE_CEILING
+
+        raise ValueError(
+            f"propose.no_worse_than={cfg.propose.no_worse_than} with law.kinds={kinds}: {OWN_SHARE_CEILING}"
+        )
     if cfg.propose.max_kl is not None and cfg.propose.max_l1 is not None:
         raise ValueError("give at most one of propose.max_kl and propose.max_l1")
     for key in ("max_kl", "max_l1", "max_epochs"):

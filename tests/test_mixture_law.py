@@ -57,7 +57,8 @@ def test_loglinear_fit_recovers_the_parameters_of_a_synthetic_law():
 
 def test_every_kind_reports_its_held_out_error_and_the_right_law_fits_best():
     runs, _, _ = synthetic_loglinear()
-    errors = {kind: MixtureLaw(kind).held_out_error(runs, folds=5) for kind in LAW_KINDS}
+    # (own_share needs every evaluated domain among the training domains; its own test is below)
+    errors = {kind: MixtureLaw(kind).held_out_error(runs, folds=5) for kind in LAW_KINDS if kind != "own_share"}
     for kind, error in errors.items():
         assert len(error["mae"]) == 3 and np.isfinite(error["predicted"]).all(), kind
         assert error["mean_mae"] > 0
@@ -68,7 +69,7 @@ def test_every_kind_reports_its_held_out_error_and_the_right_law_fits_best():
 
 @pytest.mark.parametrize("kind", LAW_KINDS)
 def test_a_saved_law_predicts_the_same_after_loading(tmp_path, kind):
-    runs, _, _ = synthetic_loglinear(runs=25)
+    runs = diagonal_law()[0].subset(np.arange(25))
     law = MixtureLaw(kind, seed=3).fit(runs)
     law.save(tmp_path / "law.json")
     again = MixtureLaw.load(tmp_path / "law.json")
@@ -91,7 +92,7 @@ def test_bad_runs_and_saved_laws_are_refused(tmp_path):
         SwarmRuns(runs.weights, runs.losses, DOMAINS, ["x", "y"])
     with pytest.raises(ValueError, match="needs at least 7 runs; got 5"):
         MixtureLaw("loglinear").fit(runs.subset(np.arange(5)))
-    with pytest.raises(ValueError, match="kind='linear'; valid kinds are loglinear, gbm, gp"):
+    with pytest.raises(ValueError, match="kind='linear'; valid kinds are loglinear, gbm, gp, own_share"):
         MixtureLaw("linear")
     MixtureLaw("loglinear").fit(runs).save(tmp_path / "law.json")
     state = json.loads((tmp_path / "law.json").read_text())
@@ -102,6 +103,53 @@ def test_bad_runs_and_saved_laws_are_refused(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a saved mixture law"):
         MixtureLaw.load(tmp_path / "other.json")
+
+
+def synthetic_own_share(seed: int = 0, runs: int = 12, noise: float = 0.002):
+    """Runs from L_i = a_i - b_i log w_i (one domain's slope 0), evaluated on the training domains."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(1, 3, 5), np.array([0.2, 0.05, 0.0, 0.1, 0.15])
+    weights = rng.dirichlet(np.full(5, 4.0), runs)
+    return SwarmRuns(weights, a - b * np.log(weights) + rng.normal(0, noise, (runs, 5)), DOMAINS, DOMAINS), a, b
+
+
+def test_own_share_law_recovers_its_parameters_and_its_optimum_is_proportional_to_the_slopes():
+    runs, a, b = synthetic_own_share()
+    law = MixtureLaw("own_share").fit(runs)
+    assert np.abs(law.params[:, 0] - a).max() < 0.02 and np.abs(law.params[:, 1] - b).max() < 0.01
+    assert law.params[2, 1] >= 0  # a slope that noise makes negative is fitted as 0, never below
+    # A domain whose loss rises with its own share (noise) gets slope 0 and its mean loss: the best line with b >= 0.
+    rising = SwarmRuns(
+        runs.weights, runs.losses + 0.3 * np.log(runs.weights[:, [2]]) * (np.arange(5) == 2), DOMAINS, DOMAINS
+    )
+    flat = MixtureLaw("own_share").fit(rising)
+    assert flat.params[2, 1] == 0 and flat.params[2, 0] == pytest.approx(rising.losses[:, 2].mean())
+    # The gradient is the law's derivative (finite differences), zero off the diagonal and below the floor.
+    w = np.array([0.3, 0.2, 0.1, 0.25, 0.15])
+    numeric = np.stack(
+        [(law.predict((w + 1e-6 * e)[None])[0] - law.predict((w - 1e-6 * e)[None])[0]) / 2e-6 for e in np.eye(5)], 1
+    )
+    assert np.allclose(law.gradient(w), numeric, atol=1e-5)
+    assert law.gradient(np.array([0.0, 0.25, 0.25, 0.25, 0.25]))[0, 0] == 0
+    # Mean objective: the optimum of sum_i a_i - b_i log w_i on the simplex is w = b / sum(b) (KKT); with a floor
+    # m, the floored domains sit at m and the rest share what is left in proportion to their slopes.
+    assert np.abs(propose_mixture(law, "mean").weights - law.params[:, 1] / law.params[:, 1].sum()).max() < 2e-3
+    floored = propose_mixture(law, "mean", min_weight=0.1).weights
+    # Slopes 0.2, 0.05, 0, 0.1, 0.15: b and c fall below 0.1 at the optimum (0.05 / 0.45 * 0.8 < 0.1), the others
+    # share the remaining 0.8 in proportion to their slopes.
+    free = np.array([True, False, False, True, True])
+    expected = np.full(5, 0.1)
+    expected[free] = law.params[free, 1] / law.params[free, 1].sum() * 0.8
+    assert (floored >= 0.1 - 1e-9).all() and np.abs(floored - expected).max() < 2e-3, (floored, expected)
+    # "No domain worse than at uniform" would admit only uniform itself under this law: refused, not a silent no-op.
+    with pytest.raises(ValueError, match="no_worse_than cannot be used with an own_share law"):
+        propose_mixture(law, "mean", no_worse_than=np.full(5, 0.2))
+
+
+def test_own_share_law_names_an_evaluated_domain_it_cannot_predict():
+    runs, _, _ = synthetic_loglinear(runs=12)  # evaluated on x, y, z; trained on a..e
+    with pytest.raises(ValueError, match=r"\['x', 'y', 'z'\] are not training domains.*use kind loglinear, gp or gbm"):
+        MixtureLaw("own_share").fit(runs)
 
 
 def test_the_search_finds_the_known_optimum_of_a_synthetic_law():
@@ -443,11 +491,15 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("swarm.run_index=20", r"swarm.run_index=20 is outside the swarm's 0..13"),
         ("swarm.val_per_domain=0", "swarm.val_per_domain must be a positive integer; got 0"),
         ("swarm.prior=zipf", "swarm.prior='zipf'; valid values are uniform, natural"),
-        ("law.kinds=[linear]", "law.kinds='linear'; valid values are loglinear, gbm, gp"),
+        ("law.kinds=[linear]", "law.kinds='linear'; valid values are loglinear, gbm, gp, own_share"),
         ("law.folds=1", r"law.folds must be in \[2, swarm.size=14\]; got 1"),
         ("propose.max_kl=0.1", "give at most one of propose.max_kl and propose.max_l1"),
         ("propose.min_weight=1", r"propose.min_weight must be a number in \[0, 1\); got 1"),
         ("propose.no_worse_than=uniform", "propose.no_worse_than must be null or prior; got 'uniform'"),
+        (
+            "propose.no_worse_than=prior law.kinds=[gp,own_share]",
+            "no_worse_than=prior with law.kinds=.*cannot be used with an own_share law",
+        ),
         ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
         ("propose.pessimism=-0.5", "propose.pessimism must be a number >= 0 .* got -0.5"),
         ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
@@ -473,7 +525,7 @@ def test_bad_mixture_law_overrides_name_the_key(override, message):
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base=None):
         check_mixture_law_settings(compose(config_name="mixture_law"), STAGES)
-        cfg = compose(config_name="mixture_law", overrides=[override])
+        cfg = compose(config_name="mixture_law", overrides=override.split(" "))
     with pytest.raises(ValueError, match=message):
         check_mixture_law_settings(cfg, STAGES)
 
