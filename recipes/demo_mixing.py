@@ -1,6 +1,6 @@
 """Demo: a tiny GPT trained on the 8 textmix domains, uniform mixture vs. ODM, on a stock HF Trainer.
 
-    python recipes/demo_mixing.py                 # ~3 minutes on 2 CPU cores
+    python recipes/demo_mixing.py                 # under 2 minutes on 2 CPU cores
     python recipes/demo_mixing.py --steps 100     # a quick look
 
 Prints per-domain validation loss side by side and writes ``<out>/weights.png`` (ODM's weight
@@ -24,6 +24,7 @@ from dataflex import DataFlexCallback
 from dataflex.policies import ODM, Natural, Temperature, Uniform
 from dataflex.testbeds.tiny import (
     byte_dataset,
+    check_evaluation_split,
     collate_causal,
     default_data_dir,
     load_jsonl_dir,
@@ -127,6 +128,7 @@ def main() -> None:
 
     train_ds = byte_dataset(load_jsonl_dir(args.data / "train"), args.max_len)
     val_ds = byte_dataset(load_jsonl_dir(args.data / "validation", max_per_file=args.val_per_domain), args.max_len)
+    check_evaluation_split(train_ds, val_ds)
     domains = sorted(set(train_ds["domain"]))
     print(f"train: {len(train_ds)} examples in {len(domains)} domains; validation: {len(val_ds)}")
 

@@ -44,6 +44,7 @@ from dataflex.recipes.settings import (
 from dataflex.testbeds.tiny import (
     VOCAB_SIZE,
     byte_dataset,
+    check_evaluation_split,
     collate_causal,
     default_data_dir,
     load_jsonl_dir,
@@ -119,6 +120,11 @@ def run_experiment(
         policy.prepare(make_model, train_ds, domain_ids, names, work_dir, loop_kwargs)
         prepare_seconds = time.perf_counter() - start
     curve_ds = load_split(data_root, "validation", max_len, curve_per_domain)
+    # Evaluation splits are read and checked before training, so a split that cannot be scored stops the run
+    # at its start, not after it.
+    evaluated = {split: load_split(data_root, split, max_len, val_per_domain) for split in eval_splits}
+    for split, ds in {"validation": curve_ds, **evaluated}.items():
+        check_evaluation_split(train_ds, ds, split)
 
     def curve_eval(model: torch.nn.Module) -> dict[str, float]:
         losses = per_domain_loss(model, curve_ds, curve_ds["domain"])
@@ -153,8 +159,7 @@ def run_experiment(
         "history": result.history,
         "curve": result.curve,
     }
-    for split in eval_splits:
-        ds = load_split(data_root, split, max_len, val_per_domain)
+    for split, ds in evaluated.items():
         out[f"{split}_loss"] = per_domain_loss(model, ds, ds["domain"])
     return out
 

@@ -25,6 +25,7 @@ from dataflex.recipes.mixture import write_run_result
 from dataflex.testbeds.tiny import (
     VOCAB_SIZE,
     byte_dataset,
+    check_evaluation_split,
     collate_causal,
     default_data_dir,
     load_jsonl_dir,
@@ -73,6 +74,7 @@ def train_with_callback(
     settings.check_model_fits(model, max_len=max_len, vocab_needed=VOCAB_SIZE)
     train_ds = byte_dataset(load_jsonl_dir(data_root / "train", max_per_file=train_per_domain), max_len)
     val_ds = byte_dataset(load_jsonl_dir(data_root / "validation", max_per_file=val_per_domain), max_len)
+    check_evaluation_split(train_ds, val_ds)
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=batch_size,

@@ -166,3 +166,25 @@ def test_jsonl_data_a_user_brings_is_read_whole_or_refused_naming_the_line(tmp_p
         instruct_dataset(
             [{"instruction": "q", "response": "a", "task": "t"}, {"instruction": "q", "response": "a"}], 64
         )
+
+
+def test_an_evaluation_split_that_would_make_a_wrong_table_is_caught_before_training():
+    """A domain whose examples have no next-token target would be left out of the per-domain table (and so
+    of its mean) without a word: refused, before training and by the evaluation itself. A domain absent from
+    training is evaluated, with a warning naming it (a misspelt name looks the same). A label field holding
+    1 and "1" is named, not left to Arrow's conversion error."""
+    from dataflex.testbeds.tiny import byte_dataset, check_evaluation_split, per_domain_loss, tiny_gpt2
+
+    train = byte_dataset([{"text": "alpha beta", "domain": "a"}, {"text": "gamma", "domain": "b"}], 16)
+    empty_b = byte_dataset([{"text": "alpha", "domain": "a"}, {"text": "", "domain": "b"}], 16)
+    with pytest.raises(ValueError, match=r"the validation split: domains \['b'\] have no token to score"):
+        check_evaluation_split(train, empty_b)
+    with pytest.raises(ValueError, match=r"domains \['b'\] have no token to score"):
+        per_domain_loss(tiny_gpt2(), empty_b, empty_b["domain"])
+    losses = per_domain_loss(tiny_gpt2(), train, train["domain"])
+    assert sorted(losses) == ["a", "b"]
+    other = byte_dataset([{"text": "alpha", "domain": "a"}, {"text": "zeta", "domain": "z"}], 16)
+    with pytest.warns(UserWarning, match=r"the test split has domains \['z'\] that no training example has"):
+        check_evaluation_split(train, other, "test")
+    with pytest.raises(ValueError, match=r"field 'domain' holds values of several types .*'int': 0, 'str': 1"):
+        byte_dataset([{"text": "x", "domain": 1}, {"text": "y", "domain": "1"}], 16)

@@ -19,6 +19,7 @@ __all__ = [
     "VOCAB_SIZE",
     "byte_dataset",
     "byte_tokenizer",
+    "check_evaluation_split",
     "collate_causal",
     "default_data_dir",
     "encode_bytes",
@@ -97,6 +98,15 @@ def byte_dataset(records: Sequence[dict[str, Any]], max_len: int, text_key: str 
                 f"record {i}'s {text_key!r} is {type(record[text_key]).__name__}, not text: {record!r:.120}"
             )
     rows = {key: [r[key] for r in records] for key in keys}
+    for key, values in rows.items():  # Arrow needs one type per column; name the field instead of its error
+        kinds: dict[str, int] = {}
+        for i, value in enumerate(values):
+            if value is not None:
+                kinds.setdefault(type(value).__name__, i)
+        if len(kinds) > 1:
+            raise ValueError(
+                f"field {key!r} holds values of several types (first record of each: {kinds}); give it one type"
+            )
     rows["input_ids"] = [encode_bytes(r[text_key], max_len) for r in records]
     return Dataset.from_dict(rows)
 
@@ -305,7 +315,41 @@ def per_domain_loss(model: Any, dataset: Any, domains: Sequence[str], batch_size
                 if bool(valid[j]):
                     sums[dom] = sums.get(dom, 0.0) + float(loss[j]) * int(tokens[j])
                     counts[dom] = counts.get(dom, 0) + int(tokens[j])
+    unscored = sorted(set(domains) - {d for d, n in counts.items() if n > 0}, key=str)
+    if unscored:
+        raise ValueError(_unscored_message(unscored))
     return {d: sums[d] / counts[d] for d in sorted(sums)}
+
+
+def _unscored_message(domains: Sequence[Any]) -> str:
+    return (
+        f"domains {list(domains)} have no token to score (every example is empty or one token long, or fully "
+        "masked): their loss cannot be measured, and a mean over domains would silently leave them out; give "
+        "them text or remove them from the split"
+    )
+
+
+def check_evaluation_split(train_ds: Any, eval_ds: Any, split: str = "validation", column: str = "domain") -> None:
+    """Check an evaluation split before training, so a run does not end in a table that is wrong or missing.
+
+    Raises when a domain has no example with a next-token target (its loss could not be measured; the
+    per-domain table would leave it out of the mean silently); warns, naming them, for evaluated domains
+    that no training example has (out-of-domain evaluation is legitimate, but a misspelt domain name looks
+    the same)."""
+    import warnings
+
+    domains = list(eval_ds[column])
+    scorable = {d for d, ids in zip(domains, eval_ds["input_ids"]) if len(ids) >= 2}
+    unscored = sorted(set(domains) - scorable, key=str)
+    if unscored:
+        raise ValueError(f"the {split} split: " + _unscored_message(unscored))
+    unseen = sorted(set(domains) - set(train_ds[column]), key=str)
+    if unseen:
+        warnings.warn(
+            f"the {split} split has domains {unseen} that no training example has: they are evaluated, but no "
+            f"training weight reaches them (training domains: {sorted(set(train_ds[column]), key=str)})",
+            stacklevel=2,
+        )
 
 
 def task_losses(model: Any, sets: dict[str, Any], batch_size: int = 32) -> dict[str, float]:
