@@ -9,6 +9,11 @@ step-N tensors with an older JSON state and resume wrong without a word).
 How: the tensor file is written first, each file atomically (temporary file, fsync, rename), and
 both carry the same random ``commit`` token; the JSON, written last, names the token it expects.
 
+Damage after the write (a flipped bit on disk, a hand edit, a partial copy) must not resume either: most
+changed bytes still parse, and a changed number would silently steer the rest of the run. The JSON therefore
+carries the sha256 of its own canonical content and of the tensor file's bytes; :func:`load_state` checks
+both before anything is used. A state written before digests existed (no ``sha256`` field) is still read.
+
 Per-example data stays out of the JSON: every numpy array in ``state`` (scores, loss histories, selected
 id sets) is moved into the binary file and replaced by a ``{"$array": key}`` marker, so the JSON holds
 settings and per-domain values only (``O(domains)``), and writing a 10M-example state costs a memory copy,
@@ -24,6 +29,9 @@ the newest, so a kill at any instant never combines files of two steps.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import pickle
 import re
@@ -109,16 +117,44 @@ def save_state(
     commit = uuid.uuid4().hex
     state, arrays = split_arrays(state)
     binary = tensors is not None or bool(arrays)
+    tensors_digest = None
     if binary:
         final = tensors_path(folder, name)
         tmp = final.with_name(final.name + ".tmp")
         stored = {k: encode(v) for k, v in arrays.items()}
         with open(tmp, "wb") as f:
-            torch.save({"commit": commit, "tensors": tensors, "arrays": stored}, f)
+            writer = _HashingWriter(f)  # the digest is of exactly the bytes written, without a second pass
+            torch.save({"commit": commit, "tensors": tensors, "arrays": stored}, writer)
             f.flush()
             os.fsync(f.fileno())
+        tensors_digest = writer.sha256.hexdigest()
         os.replace(tmp, final)
-    write_json_atomic(json_path(folder, name), {**state, "commit": commit if binary else None})
+    # The digest is taken of the state as it will read back (JSON turns tuples into lists, keys into text).
+    content = json.loads(json.dumps({**state, "commit": commit if binary else None, TENSORS_DIGEST: tensors_digest}))
+    write_json_atomic(json_path(folder, name), {**content, DIGEST: _digest(content)})
+
+
+DIGEST, TENSORS_DIGEST = "sha256", "tensors_sha256"
+
+
+class _HashingWriter:
+    """A file wrapper that feeds every byte ``torch.save`` writes to a sha256."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _digest(content: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON text of ``content`` (sorted keys, no spaces)."""
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -133,14 +169,27 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
     state = read_json(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dataflex state object")
+    expected = state.pop(DIGEST, None)
+    if expected is not None and expected != _digest(state):
+        raise ValueError(
+            f"{path} is damaged: its content does not match the sha256 written with it (a changed byte or an "
+            "edit); resume from an earlier checkpoint"
+        )
+    tensors_digest = state.pop(TENSORS_DIGEST, None)
     commit = state.pop("commit", None)
     if commit is None:
         return state, None
     tpath = tensors_path(folder, name)
     if not tpath.is_file():
         raise FileNotFoundError(f"{path} was saved with tensor state, but {tpath} does not exist")
+    data = tpath.read_bytes()
+    if tensors_digest is not None and hashlib.sha256(data).hexdigest() != tensors_digest:
+        raise ValueError(
+            f"{tpath} is damaged: its bytes do not match the sha256 recorded in {path.name} (or the two files "
+            "come from different saves); resume from an earlier checkpoint"
+        )
     try:
-        saved = torch.load(tpath, map_location="cpu", weights_only=False)
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch's own message does not name the file
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{tpath} cannot be read ({first_line}); the file is damaged") from err

@@ -14,6 +14,7 @@ positions the attention mask marks as real. Everything stays on the model's devi
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,7 +103,7 @@ class EmbeddingCache:
         try:
             with np.load(path) as saved:
                 step, values = saved["step"].copy(), saved["values"].copy()
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # a damaged byte fails the zip CRC
             raise ValueError(f"{path} is not a readable embedding cache: {error}") from None
         if step.shape != (self.num_examples,) or values.ndim != 2 or values.shape[0] != self.num_examples:
             raise ValueError(

@@ -139,10 +139,10 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON file; a corrupted file raises ``ValueError`` naming the file."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a flipped bit can make invalid UTF-8 too
             raise ValueError(f"{os.fspath(path)} is not valid JSON ({err}); the file is damaged") from err
 
 

@@ -1,8 +1,12 @@
 """Checkpoint arrays come back bit for bit from every compact form, and the forms are in fact smaller."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
+from conftest import unsigned
 
 from dataflex.array_codec import decode, encode
 from dataflex.checkpoint import load_state, save_state
@@ -48,10 +52,11 @@ def test_checkpoint_state_with_arrays_round_trips_and_older_files_still_load(tmp
     loaded, _ = load_state(tmp_path, "s")
     assert np.array_equal(loaded["subset"]["events"][0][1], ids) and loaded["steps"].dtype == np.int64
     assert np.array_equal(loaded["score"], state["score"])
-    # a binary file of an older version holds bare tensors
+    # a binary file of an older version holds bare tensors (and its JSON no digests)
     saved = torch.load(tmp_path / "s.pt", weights_only=False)
     saved["arrays"] = {k: torch.from_numpy(decode(v)) for k, v in saved["arrays"].items()}
     torch.save(saved, tmp_path / "s.pt")
+    (tmp_path / "s.json").write_text(json.dumps(unsigned(json.loads((tmp_path / "s.json").read_text()))))
     assert np.array_equal(load_state(tmp_path, "s")[0]["steps"], state["steps"])
 
 
@@ -59,8 +64,34 @@ def test_a_damaged_tensor_file_is_refused_naming_it(tmp_path):
     save_state(tmp_path, "s", {"steps": np.arange(10_000)}, None)
     data = (tmp_path / "s.pt").read_bytes()
     (tmp_path / "s.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"s\.pt is damaged: its bytes do not match the sha256 recorded in s\.json"):
+        load_state(tmp_path, "s")
+    # without a digest (a state from before them) torch's own failure is still named
+    (tmp_path / "s.json").write_text(json.dumps(unsigned(json.loads((tmp_path / "s.json").read_text()))))
     with pytest.raises(ValueError, match=r"s\.pt cannot be read \(.*\); the file is damaged"):
         load_state(tmp_path, "s")
+
+
+def test_any_changed_byte_of_a_saved_state_is_refused_before_it_is_used(tmp_path):
+    """Bit rot or an edit that still parses would steer the rest of the run silently: every single-bit flip
+    of either file (JSON and tensors) at sampled positions is refused, naming the file; the intact pair loads."""
+    import random
+
+    state = {"t": 3, "rewards": [0.8345803171396253, 0.25], "steps": np.arange(1000)}
+    save_state(tmp_path, "s", state, {"w": torch.ones(4)})
+    pristine = {name: (tmp_path / name).read_bytes() for name in ("s.json", "s.pt")}
+    flips = random.Random(0)
+    for name, data in pristine.items():
+        for position in flips.sample(range(len(data)), 60):
+            damaged = bytearray(data)
+            damaged[position] ^= 1 << flips.randrange(8)
+            (tmp_path / name).write_bytes(bytes(damaged))
+            with pytest.raises(ValueError, match=re.escape(name)):
+                load_state(tmp_path, "s")
+        (tmp_path / name).write_bytes(data)
+    loaded, tensors = load_state(tmp_path, "s")
+    assert loaded["rewards"] == state["rewards"] and np.array_equal(loaded["steps"], state["steps"])
+    assert torch.equal(tensors["w"], torch.ones(4))
 
 
 def test_damaged_stored_arrays_are_refused():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import unsigned
 from kill_worker import build_trainer, run_loop, run_trainer
 
 from dataflex.checkpoint import latest_step
@@ -161,7 +162,7 @@ def test_last_complete_checkpoint_skips_a_damaged_checkpoint(short_run, tmp_path
     elif damage == "rng_state_of_a_rank_missing":  # the state says 2 processes; their RNG files are not there
         state = json.loads((newest / "dataflex" / "dataflex_state.json").read_text())
         state["batching"]["world_size"] = 2
-        (newest / "dataflex" / "dataflex_state.json").write_text(json.dumps(state))
+        (newest / "dataflex" / "dataflex_state.json").write_text(json.dumps(unsigned(state)))
     else:
         shutil.rmtree(newest / "dataflex")
     assert Path(last_complete_checkpoint(out)) == out / "checkpoint-2"

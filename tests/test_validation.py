@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import unsigned
 from hf_helpers import make_trainer, small_dataset
 from transformers import TrainerCallback
 
@@ -98,7 +99,7 @@ def test_resume_with_other_batch_settings_is_refused_naming_both(ds, tmp_path):
     state_file = ckpt / "dataflex" / "dataflex_state.json"
     state = json.loads(state_file.read_text())
     state["batching"]["world_size"] = 2  # as if written by a 2-process run
-    state_file.write_text(json.dumps(state))
+    state_file.write_text(json.dumps(unsigned(state)))
     with pytest.raises(ValueError, match=r"written with 2 process\(es\).*this run has 1 process\(es\)"):
         make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8).train(str(ckpt))
 
@@ -141,7 +142,7 @@ def test_no_signal_is_warned_once_per_condition(ds, tmp_path):
 def _corrupt(edit):
     def apply(state):
         edit(state)
-        return state
+        return unsigned(state)
 
     return apply
 
@@ -228,6 +229,15 @@ def test_embedding_cache_files_that_do_not_fit_are_refused(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz is not a readable embedding cache"):
         EmbeddingCache(6).load(tmp_path / "junk.npz")
+    # a flipped byte inside a saved cache fails the zip's CRC: named too, not a bare BadZipFile
+    good = EmbeddingCache(6)
+    good.values, good.step = np.ones((6, 4), np.float32), np.arange(6)
+    good.save(tmp_path / "good.npz")
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    data[data.find(b"\x00\x00\x80\x3f") + 3] ^= 0x01  # inside the first stored 1.0f
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped.npz is not a readable embedding cache: Bad CRC-32"):
+        EmbeddingCache(6).load(tmp_path / "flipped.npz")
 
 
 def test_epoch_save_strategy_puts_the_state_in_every_checkpoint(ds, tmp_path):
