@@ -466,3 +466,42 @@ def test_trainer_settings_users_combine_with_dataflex(settings, tmp_path):
     if "num_train_epochs" in settings:
         assert sum(sizes) == 2 * len(ds)
     assert len(dfx.history) > 1 and np.isfinite(dfx.last_step_records()[1]).all()
+
+
+def test_a_retry_with_a_smaller_batch_starts_a_new_decision_history(ds, tmp_path):
+    """auto_find_batch_size: after an out-of-memory error the Trainer runs its loop again with half the batch,
+    calling on_train_begin again. The failed attempt's decisions must not stay in the history: they did not
+    happen in the run that continues, and a checkpoint holding them could not be resumed (the history no
+    longer matches the schedule). Simulated here by raising the error the Trainer recognises, after a decision."""
+    from transformers import TrainerCallback
+
+    class OutOfMemoryOnce(TrainerCallback):
+        fired = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.fired and state.global_step == 2:
+                self.fired = True
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def run(folder, resume=None, **overrides):
+        cb = DataFlexCallback(ODM(), update_every=2)
+        rec = StepRecorder(cb)
+        trainer = make_trainer(
+            ds, cb, folder, max_steps=8, save_steps=4, extra=[rec, *overrides.pop("extra", [])], **overrides
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return cb, rec, trainer
+
+    retried, retried_rec, trainer = run(tmp_path / "retried", auto_find_batch_size=True, extra=[OutOfMemoryOnce()])
+    smaller = trainer._train_batch_size
+    assert smaller < 4  # the Trainer's retry took a smaller batch (transformers 5: 90 % of it)
+    fresh, fresh_rec, _ = run(tmp_path / "fresh", per_device_train_batch_size=smaller)
+    assert retried_rec.ids == fresh_rec.ids
+    # the same decision points (the weights differ a little: the failed attempt trained the model for 2 steps)
+    assert [(h["step"], h["effective_at"]) for h in retried.history] == [
+        (h["step"], h["effective_at"]) for h in fresh.history
+    ]
+    resumed, _, _ = run(
+        tmp_path / "retried", resume=str(tmp_path / "retried" / "checkpoint-4"), per_device_train_batch_size=smaller
+    )
+    assert resumed.history == retried.history

@@ -96,6 +96,11 @@ def test_resume_with_other_batch_settings_is_refused_naming_both(ds, tmp_path):
     before, after = "gradient accumulation 1 but this run", "gradient accumulation 2"
     with pytest.raises(ValueError, match=rf"1 process\(es\) x per-device batch 4 x {before} has .* {after}"):
         make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8, accum=2).train(str(ckpt))
+    # ignore_data_skip=True: the Trainer would restart the epoch instead of skipping the trained batches
+    with pytest.raises(ValueError, match=r"ignore_data_skip=True: .*step 4.*repeat examples"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=8, ignore_data_skip=True).train(
+            str(ckpt)
+        )
     state_file = ckpt / "dataflex" / "dataflex_state.json"
     state = json.loads(state_file.read_text())
     state["batching"]["world_size"] = 2  # as if written by a 2-process run

@@ -297,7 +297,22 @@ class TrainerAdapter(TrainerCallback):
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
         self._embedding_updates = []
         self._attach_hooks(model)
+        # A new training run: the Trainer calls on_train_begin again when it retries with a smaller batch
+        # (auto_find_batch_size after an out-of-memory error), as does a second train() call; nothing of the
+        # earlier attempt may stay (its decisions, counts, step records or staged step). A resume restores them.
+        self.history, self._step_records, self._staged_step = [], [], -1
+        self.capture.missing_labels = 0
         if self.run.resuming:
+            if getattr(args, "ignore_data_skip", False):
+                # The Trainer would restart the epoch instead of skipping its consumed batches, so the resumed
+                # run would train on other examples than the interrupted one (dataflex's id check then stops it
+                # with a message that blames the sampler); say what is wrong instead.
+                raise ValueError(
+                    "ignore_data_skip=True: on resume the Trainer would restart the epoch instead of skipping the "
+                    f"batches it already trained on (step {state.global_step}), so the run would repeat examples "
+                    "and dataflex's decisions would land on other samples; resume with ignore_data_skip=False "
+                    "(the default)"
+                )
             self._restore(folder, state.global_step)
         if not self.history:
             self.history.append(self._history_entry(0, 0))
