@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -80,6 +81,18 @@ def test_labels_of_equal_value_and_different_types_are_one_domain():
 def test_callback_settings_of_the_wrong_type_are_refused_when_made(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_label_column_with_one_value_per_example_warns_that_it_is_not_domains(ds, tmp_path):
+    """Given the wrong column (an id, the text) as domains, the mixture would be over one-example "domains":
+    a warning says so; real domains (3 here) do not warn."""
+    ids = ds.remove_columns("domain").add_column("domain", [f"row-{i}" for i in range(len(ds))])
+    n = len(ds)
+    with pytest.warns(UserWarning, match=rf"{n} distinct values for {n} examples .*looks like a per-example column"):
+        make_trainer(ids, DataFlexCallback(Uniform()), tmp_path / "ids", max_steps=1).train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*per-example column")
+        make_trainer(ds, DataFlexCallback(Uniform()), tmp_path / "domains", max_steps=1).train()
 
 
 def test_trainer_refuses_a_domain_column_with_missing_labels(ds, tmp_path):

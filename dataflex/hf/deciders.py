@@ -120,6 +120,23 @@ def _load_tensor_state(obj: Any, state: dict[str, Any] | None, what: str) -> Non
         obj.load_tensor_state_dict(state)
 
 
+# Fewer than this many examples per domain on average, with at least this many domains, is not a mixture.
+FEW_PER_DOMAIN, MANY_DOMAINS = 2.0, 32
+
+
+def _warn_if_labels_look_like_ids(sizes: np.ndarray) -> None:
+    """A label column with (nearly) one value per example — an id, a text, a per-row hash given as the domain
+    column — would train "mixing" over thousands of one-example domains without a word; say so."""
+    domains, examples = sizes.size, int(sizes.sum())
+    if domains >= MANY_DOMAINS and examples < FEW_PER_DOMAIN * domains:
+        warnings.warn(
+            f"the domain labels have {domains} distinct values for {examples} examples ({examples / domains:.2f} "
+            "per domain, most with one example): this looks like a per-example column (an id or the text) "
+            "rather than domains; check label_column / domains=",
+            stacklevel=3,
+        )
+
+
 class MixingDecider:
     """Domain weights from a mixing policy, for :class:`~dataflex.samplers.DomainMixtureSampler`."""
 
@@ -147,6 +164,7 @@ class MixingDecider:
 
     def build_sampler(self, run: RunContext) -> DomainMixtureSampler:
         sizes = np.bincount(run.domain_ids, minlength=len(run.domain_names))
+        _warn_if_labels_look_like_ids(sizes)
         self.policy.bind(run.domain_names, sizes)
         schedule = WeightSchedule(run.domain_names, self.policy.initial_weights())
         self.sampler = DomainMixtureSampler(
