@@ -1,7 +1,8 @@
 """Run by test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo on CPU): DeepSpeed ZeRO-<stage> through
 TrainingArguments(deepspeed=...), uninterrupted, crashed after the step-4 checkpoint and resumed from it, and
 the finished run resumed from its final checkpoint (killed after the last save: nothing may be trained again).
-Writes <out>/rank<r>.json with the weight histories, the example ids of each step and the logged losses."""
+Writes <out>/rank<r>.json with the weight histories, the example ids of each step, the logged losses and the
+embedding cache (gathered from both ranks)."""
 
 import json
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
+from dist_worker import embeddings_digest  # noqa: E402
 from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, make_trainer, small_dataset  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
+from dataflex.embeddings import EmbeddingCache  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
 
 STEPS, CRASH = 8, 4
@@ -30,7 +33,7 @@ def ds_config(stage: int) -> dict:
 
 
 def run(ds, out: Path, stage: int, crash_at=None, resume=None):
-    dfx = DataFlexCallback(ODM(), update_every=1)
+    dfx = DataFlexCallback(ODM(), update_every=1, embeddings=EmbeddingCache(len(ds)))
     rec = StepRecorder(dfx)
     extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
     trainer = make_trainer(
@@ -66,6 +69,8 @@ def main(out: str, stage: int) -> None:
                 "resumed_log": comparable_log(res_tr.state.log_history),
                 "final_resume_ids": again_rec.ids,
                 "final_resume_history": again.history,
+                "embeddings": embeddings_digest(full.embeddings),
+                "resumed_embeddings": embeddings_digest(resumed.embeddings),
             }
         )
     )

@@ -28,3 +28,11 @@ def test_zero_two_processes_identical_ranks_and_exact_resume(tmp_path, stage):
         assert r["resumed_log"] == r["log"]
         # resumed from the final checkpoint: no batch trained, no decision added (the adapter's guard)
         assert r["final_resume_ids"] == {} and r["final_resume_history"] == r["history"]
+    # the embedding cache (last hidden states of the training forward) holds both ranks' examples, identically
+    # on each rank and after the resume, each from the step it last trained at
+    assert r0["embeddings"] == r1["embeddings"] and r0["resumed_embeddings"] == r0["embeddings"]
+    last_step = [
+        max((int(s) - 1 for r in (r0, r1) for s, ids in r["ids"].items() if i in ids), default=-1)
+        for i in range(len(r0["embeddings"][0]))
+    ]
+    assert r0["embeddings"][0] == last_step and max(last_step) == 7
