@@ -22,7 +22,12 @@ def weights_from_mapping(weights: Mapping[str, float], domain_names: Sequence[st
     """Turn ``{"code": 0.3, ...}`` into a vector ordered like ``domain_names``.
 
     Domains missing from the mapping get weight 0, with a warning naming them; names that are not domains raise.
+    Keys are read as domain names are made from labels (their text), so ``{0: 0.8, 1: 0.2}`` fits integer labels;
+    keys that would read alike (``0`` and ``"0"``) raise.
     """
+    from dataflex.domains import label_texts
+
+    weights = dict(zip(label_texts(list(weights), "the weights' domain names"), weights.values()))
     unknown = sorted(set(weights) - set(domain_names))
     if unknown:
         raise ValueError(f"unknown domain name(s) {unknown}; valid domains are {list(domain_names)}")

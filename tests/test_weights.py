@@ -17,6 +17,10 @@ def test_valid_weights_pass_through():
         warnings.simplefilter("error")  # every domain named, a 0 among them: on purpose, no warning
         assert validate_weights({"code": 0.5, "math": 0.5, "wiki": 0}, NAMES).tolist() == [0.5, 0.5, 0.0]
     assert np.allclose(validate_weights([0.2, 0.3, 0.5], NAMES), [0.2, 0.3, 0.5])
+    # domain names are the labels' text, so integer labels take integer keys; keys that read alike are refused
+    assert validate_weights({0: 0.8, 1: 0.2, 2: 0.0}, ["0", "1", "2"]).tolist() == [0.8, 0.2, 0.0]
+    with pytest.raises(ValueError, match=r"domain names 0 \(int\) and '0' \(str\) both read as '0'"):
+        validate_weights({0: 0.5, "0": 0.5}, ["0", "1"])
 
 
 @pytest.mark.parametrize(
