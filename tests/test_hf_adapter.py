@@ -237,6 +237,12 @@ def test_trainer_argument_attach_and_the_stack_fallback(ds, tmp_path):
     twice.attach(trainer)
     with pytest.raises(RuntimeError, match="added to the Trainer twice"):
         trainer.train()
+    # two dataflex callbacks would each install a sampler, the last silently replacing the other's
+    mixing, selecting = DataFlexCallback(Uniform()), DataFlexSelectCallback(LossFocus(0.5), update_every=2)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[selecting])
+    mixing.attach(trainer)
+    with pytest.raises(ValueError, match=r"2 dataflex callbacks \(DataFlexSelectCallback, DataFlexCallback\)"):
+        trainer.train()
     with pytest.raises(TypeError, match="needs a transformers.Trainer"):
         DataFlexCallback(Uniform()).attach(object())
 

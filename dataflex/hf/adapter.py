@@ -242,6 +242,15 @@ class TrainerAdapter(TrainerCallback):
         trainer = self._find_trainer()
         if trainer is not None and sum(cb is self for cb in trainer.callback_handler.callbacks) > 1:
             raise RuntimeError(f"this {type(self).__name__} was added to the Trainer twice; add it once")
+        callbacks = trainer.callback_handler.callbacks if trainer is not None else []
+        others = [cb for cb in callbacks if isinstance(cb, TrainerAdapter)]
+        if len(others) > 1:  # each installs its own sampler: the last would silently replace the others'
+            raise ValueError(
+                f"the Trainer has {len(others)} dataflex callbacks ({', '.join(type(cb).__name__ for cb in others)}); "
+                "each one replaces the Trainer's sampler with its own, so only one can decide the order: keep one "
+                "(to mix domains within a selected subset, select it offline with dataflex.offline and train the "
+                "mixture on dataset.select(subset))"
+            )
         self._check_stack_settings(args)
         self._check_trainer_kind(trainer)
         if trainer is not None:
