@@ -511,3 +511,24 @@ def test_a_retry_with_a_smaller_batch_starts_a_new_decision_history(ds, tmp_path
         tmp_path / "retried", resume=str(tmp_path / "retried" / "checkpoint-4"), per_device_train_batch_size=smaller
     )
     assert resumed.history == retried.history
+
+
+def test_gradient_checkpointing_changes_no_record(ds, tmp_path):
+    """With gradient_checkpointing=True the blocks run their forward again inside backward; the per-example
+    losses, the training-dynamics record and the embeddings are taken once per training forward, so every record
+    equals the run without it (ids, visits, loss statistics, embeddings and their steps, decisions)."""
+    from dataflex.embeddings import EmbeddingCache
+
+    def run(folder, **overrides):
+        cb = DataFlexCallback(ODM(), update_every=2, dynamics=True, embeddings=EmbeddingCache(len(ds)))
+        rec = StepRecorder(cb)
+        make_trainer(ds, cb, folder, max_steps=6, save_steps=100, extra=[rec], arch="llama", **overrides).train()
+        return cb, rec
+
+    plain, plain_rec = run(tmp_path / "plain")
+    checkpointed, checkpointed_rec = run(tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert checkpointed_rec.ids == plain_rec.ids and checkpointed.history == plain.history
+    assert np.array_equal(checkpointed.dynamics.visits, plain.dynamics.visits) and plain.dynamics.visits.sum() == 24
+    assert np.allclose(checkpointed.dynamics.loss_mean, plain.dynamics.loss_mean, equal_nan=True, rtol=0, atol=1e-6)
+    assert np.array_equal(checkpointed.embeddings.step, plain.embeddings.step)
+    assert np.allclose(checkpointed.embeddings.values, plain.embeddings.values, equal_nan=True, rtol=0, atol=1e-6)
