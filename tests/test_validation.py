@@ -300,3 +300,22 @@ def test_best_save_strategy_stages_the_state_before_the_trainer_saves(ds, tmp_pa
     assert [f.name for f in folders] == ["checkpoint-3"]
     assert (folders[0] / "dataflex" / "dataflex_state.json").is_file()
     assert not any((out / ".dataflex-pending").glob("checkpoint-*"))  # nothing left behind but what was moved in
+
+
+def test_the_newest_usable_checkpoint_skips_one_whose_state_was_damaged_on_disk(ds, tmp_path):
+    """A checkpoint whose dataflex state fails its digest (a bit flipped on disk) is not offered for resuming:
+    last_complete_checkpoint warns, naming it, and returns the one before; the resume from it is refused too."""
+    from dataflex.hf import last_complete_checkpoint
+
+    make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=4, save_steps=2).train()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    path = tmp_path / "checkpoint-4" / "dataflex" / "dataflex_state.json"
+    text = path.read_text()
+    at = text.index('"rewards": [') + len('"rewards": [') + 3  # a digit of the first reward: still valid JSON
+    path.write_text(text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1 :])
+    with pytest.warns(UserWarning, match=r"skipping .*checkpoint-4: .*dataflex_state.json is damaged"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="dataflex_state.json is damaged"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=6).train(
+            str(tmp_path / "checkpoint-4")
+        )

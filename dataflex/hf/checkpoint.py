@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 import weakref
 import zipfile
 from typing import Any
@@ -303,8 +304,9 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_datafle
     """The newest ``checkpoint-<step>`` of ``output_dir`` that a resume can use, or None.
 
     Skips checkpoints the Trainer did not finish writing (killed mid-save) and, with ``require_dataflex``,
-    those without dataflex state. Use it as ``trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))``
-    after a crash instead of ``resume_from_checkpoint=True``, which takes the newest folder whatever it holds.
+    those without dataflex state or whose state fails its digests (damaged on disk; a warning names it). Use it
+    as ``trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))`` after a crash instead of
+    ``resume_from_checkpoint=True``, which takes the newest folder whatever it holds.
     """
     output_dir = os.fspath(output_dir)
     if not os.path.isdir(output_dir):
@@ -319,8 +321,15 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_datafle
         state = state_folder(folder) if require_dataflex else None
         if require_dataflex and state is None:
             continue
-        if trainer_files_complete(folder, None if state is None else _recorded_world_size(state)):
-            return folder
+        if not trainer_files_complete(folder, None if state is None else _recorded_world_size(state)):
+            continue
+        if state is not None:
+            try:
+                load_state(state, STATE_NAME)  # reads both files and checks their digests
+            except (OSError, ValueError) as error:
+                warnings.warn(f"skipping {folder}: {error}", stacklevel=2)
+                continue
+        return folder
     return None
 
 
