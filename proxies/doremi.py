@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.checks import flag, real_number, whole_number
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 from dataflex.modes import eval_mode
 from dataflex.policies.base import BoundPolicy
-from dataflex.policies.doremi import GroupDROWeights
+from dataflex.policies.doremi import GroupDROWeights, checked_dro_settings
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
 from dataflex.state import write_json_atomic
@@ -245,6 +246,18 @@ def run_doremi_offline(
     return reference, export
 
 
+def _checked_mixture(reference_mixture: Any) -> str:
+    if reference_mixture not in ("uniform", "natural"):
+        raise ValueError(f"reference_mixture={reference_mixture!r}; valid values are 'uniform', 'natural'")
+    return reference_mixture
+
+
+def _optional_steps(name: str, steps: Any) -> int | None:
+    if steps is not None and (whole_number(name, steps) < 1):
+        raise ValueError(f"{name} must be a positive integer or null (the main run's steps); got {steps}")
+    return None if steps is None else int(steps)
+
+
 class DoReMiOffline(BoundPolicy):
     """Main-run policy with the weights of offline DoReMi (static once computed).
 
@@ -261,8 +274,10 @@ class DoReMiOffline(BoundPolicy):
         proxy_steps: int | None = None,
         weights_path: str | None = None,
     ) -> None:
-        self.reference_mixture, self.eta, self.smoothing = reference_mixture, eta, smoothing
-        self.proxy_steps, self.weights_path = proxy_steps, weights_path
+        # Checked here, not after the reference and proxy runs have been trained.
+        self.reference_mixture = _checked_mixture(reference_mixture)
+        self.eta, self.smoothing = checked_dro_settings(eta, smoothing)
+        self.proxy_steps, self.weights_path = _optional_steps("proxy_steps", proxy_steps), weights_path
         self.weights: dict[str, float] | None = None
         self.export: dict[str, Any] = {}
 
@@ -330,8 +345,13 @@ class DoReMiOnline(BoundPolicy):
         use_average: bool = True,
         floor: float = 0.01,
     ) -> None:
-        self.eta, self.smoothing, self.lr, self.use_average = float(eta), float(smoothing), float(lr), use_average
-        self.floor = float(floor)
+        self.eta, self.smoothing = checked_dro_settings(eta, smoothing)
+        self.lr, self.use_average = real_number("lr", lr), flag("use_average", use_average)
+        self.floor = real_number("floor", floor)
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0 (the proxy's learning rate); got {lr}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"floor must be in [0, 1) (the main model's minimum weight per domain); got {floor}")
         self.proxy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         if proxy is not None and reference is not None:
@@ -428,7 +448,8 @@ class PreparedDoReMiOnline(DoReMiOnline):
         **kwargs: Any,
     ) -> None:
         super().__init__(None, None, **kwargs)
-        self.reference_mixture, self.reference_steps = reference_mixture, reference_steps
+        self.reference_mixture = _checked_mixture(reference_mixture)
+        self.reference_steps = _optional_steps("reference_steps", reference_steps)
 
     def prepare(self, make_model, train_ds, domain_ids, domain_names, work_dir, loop_kwargs) -> None:
         kwargs = {**loop_kwargs, **({"steps": self.reference_steps} if self.reference_steps else {})}

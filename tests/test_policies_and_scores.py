@@ -7,6 +7,7 @@ from conftest import through_checkpoint
 
 from dataflex.losses import per_example_token_loss
 from dataflex.policies import ADO, ODM, LawCorrected, Natural, Static, Temperature, Uniform
+from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline
 from dataflex.selectors import LossFocus
 from dataflex.store import DomainStats, ScoreStore
 
@@ -48,6 +49,16 @@ def stats(loss_sum, count, non_finite=0, masked=0):
         (lambda: Temperature(tau="2"), r"tau must be a number; got '2' \(str\)"),
         (lambda: ADO(gamma1=True), r"gamma1 must be a number; got True \(bool\)"),
         (lambda: ADO(warmup_updates=4.5), r"warmup_updates must be an integer; got 4.5"),
+        (lambda: ADO(s=-1), r"s must be >= 0 \(0 ignores the credit score; the paper uses 0.5\); got -1"),
+        (lambda: ADO(delta_min=-0.01), r"delta_min must be >= 0 .*got -0.01"),
+        # DoReMi's settings are checked when made, not after its reference and proxy runs have trained
+        (lambda: DoReMiOffline(eta=-1), r"eta must be a finite number > 0 .*got -1"),
+        (lambda: DoReMiOffline(smoothing=1.5), r"smoothing must be in \[0, 1\) .*got 1.5"),
+        (lambda: DoReMiOffline(reference_mixture="zipf"), r"reference_mixture='zipf'; valid values"),
+        (lambda: DoReMiOffline(proxy_steps=0), r"proxy_steps must be a positive integer or null"),
+        (lambda: PreparedDoReMiOnline(lr=-1), r"lr must be a finite number > 0 .*got -1"),
+        (lambda: PreparedDoReMiOnline(floor=2), r"floor must be in \[0, 1\) .*got 2"),
+        (lambda: PreparedDoReMiOnline(use_average="no"), r"use_average must be True or False; got 'no'"),
         (lambda: LawCorrected({"a": 1.0}, {"a": 1.0}, radius="0.1"), r"radius must be a number; got '0.1'"),
         (lambda: LawCorrected({"a": 1.0}, {"a": True}), r"predicted losses must be finite and > 0; got \{'a': True\}"),
         (lambda: LossFocus("0.5"), r"fraction must be a number; got '0.5'"),

@@ -87,6 +87,10 @@ class ADO(BoundPolicy):
         for name, v in (("gamma1", gamma1), ("gamma2", gamma2)):
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must lie in (0, 1]; got {v}")
+        if s < 0:  # h ** s with s < 0 would favour the domains the policy has starved: the credit reversed
+            raise ValueError(f"s must be >= 0 (0 ignores the credit score; the paper uses 0.5); got {s}")
+        if delta_min < 0:
+            raise ValueError(f"delta_min must be >= 0 (the floor on every domain's weight); got {delta_min}")
         if warmup_updates < 3:
             raise ValueError(f"warmup_updates must be >= 3 (a power law has 3 parameters); got {warmup_updates}")
         self.prior, self.warmup_updates = prior, int(warmup_updates)

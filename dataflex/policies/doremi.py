@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.checks import real_number
 from dataflex.state import saved_count, saved_vector
 from dataflex.weights import SUM_TOLERANCE
 
-__all__ = ["GroupDROWeights", "domain_excess", "doremi_update", "group_dro_step"]
+__all__ = ["GroupDROWeights", "checked_dro_settings", "domain_excess", "doremi_update", "group_dro_step"]
 
 
 def doremi_update(weights: np.ndarray, excess: np.ndarray, eta: float = 1.0, smoothing: float = 1e-3) -> np.ndarray:
@@ -92,6 +93,17 @@ def group_dro_step(
     return new_alpha, loss
 
 
+def checked_dro_settings(eta: Any, smoothing: Any) -> tuple[float, float]:
+    """``eta`` (> 0: a negative step would move weight toward the domains the proxy already learns best) and
+    ``smoothing`` (in [0, 1): the share of uniform mixed into every alpha), or ``ValueError`` naming them."""
+    eta, smoothing = real_number("eta", eta), real_number("smoothing", smoothing)
+    if not (np.isfinite(eta) and eta > 0):
+        raise ValueError(f"eta must be a finite number > 0 (DoReMi's step size; the paper uses 1); got {eta}")
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1) (the uniform share mixed into the weights); got {smoothing}")
+    return eta, smoothing
+
+
 class GroupDROWeights:
     """DoReMi's domain weights during proxy training: alpha, their running sum and the step count.
 
@@ -100,7 +112,8 @@ class GroupDROWeights:
     """
 
     def __init__(self, num_domains: int, eta: float, smoothing: float, keep_trajectory: bool = False) -> None:
-        self.eta, self.smoothing, self.keep_trajectory = float(eta), float(smoothing), keep_trajectory
+        self.eta, self.smoothing = checked_dro_settings(eta, smoothing)
+        self.keep_trajectory = keep_trajectory
         self.alpha = np.full(num_domains, 1.0 / num_domains)
         self.alpha_sum = np.zeros(num_domains)
         self.steps = 0
