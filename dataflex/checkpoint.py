@@ -53,6 +53,7 @@ __all__ = [
     "json_path",
     "latest_step",
     "load_state",
+    "verify_state",
     "save_state",
     "save_step",
     "tensors_path",
@@ -157,12 +158,9 @@ def _digest(content: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Read what :func:`save_state` wrote: ``(json_state, tensors or None)``.
-
-    Raises ``FileNotFoundError`` when the JSON (or a tensor file it names) is missing and ``ValueError``
-    when the two files come from different saves.
-    """
+def _read_checked(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], str | None, bytes | None, bool]:
+    """The JSON state (without its digest fields), its commit token, the tensor file's bytes (None without
+    one) and whether those bytes were checked against a recorded digest; damaged files raise ``ValueError``."""
     path = json_path(folder, name)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -178,7 +176,7 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
     tensors_digest = state.pop(TENSORS_DIGEST, None)
     commit = state.pop("commit", None)
     if commit is None:
-        return state, None
+        return state, None, None, False
     tpath = tensors_path(folder, name)
     if not tpath.is_file():
         raise FileNotFoundError(f"{path} was saved with tensor state, but {tpath} does not exist")
@@ -188,6 +186,27 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
             f"{tpath} is damaged: its bytes do not match the sha256 recorded in {path.name} (or the two files "
             "come from different saves); resume from an earlier checkpoint"
         )
+    return state, commit, data, tensors_digest is not None
+
+
+def verify_state(folder: str | os.PathLike[str], name: str) -> None:
+    """Raise as :func:`load_state` would for a missing or damaged state, without deserialising the tensors
+    when their digest vouches for them (a state from before digests is loaded to check it)."""
+    _, commit, _, digested = _read_checked(folder, name)
+    if commit is not None and not digested:
+        load_state(folder, name)
+
+
+def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Read what :func:`save_state` wrote: ``(json_state, tensors or None)``.
+
+    Raises ``FileNotFoundError`` when the JSON (or a tensor file it names) is missing and ``ValueError``
+    when a file is damaged or the two files come from different saves.
+    """
+    state, commit, data, _ = _read_checked(folder, name)
+    if commit is None:
+        return state, None
+    tpath = tensors_path(folder, name)
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch's own message does not name the file
@@ -196,8 +215,8 @@ def load_state(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any
     found = saved.get("commit") if isinstance(saved, dict) else None
     if found != commit:
         raise ValueError(
-            f"{tpath} and {path} come from different saves (commit {found!r} vs {commit!r}): the process was "
-            "interrupted between the two writes; resume from an earlier checkpoint"
+            f"{tpath} and {json_path(folder, name)} come from different saves (commit {found!r} vs {commit!r}): "
+            "the process was interrupted between the two writes; resume from an earlier checkpoint"
         )
     arrays = {k: decode(v) for k, v in saved.get("arrays", {}).items()}
     return join_arrays(state, arrays), saved["tensors"]

@@ -9,7 +9,7 @@ import torch
 from conftest import unsigned
 
 from dataflex.array_codec import decode, encode
-from dataflex.checkpoint import load_state, save_state
+from dataflex.checkpoint import load_state, save_state, verify_state
 
 rng = np.random.default_rng(0)
 CASES = {
@@ -70,6 +70,8 @@ def test_a_damaged_tensor_file_is_refused_naming_it(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(unsigned(json.loads((tmp_path / "s.json").read_text()))))
     with pytest.raises(ValueError, match=r"s\.pt cannot be read \(.*\); the file is damaged"):
         load_state(tmp_path, "s")
+    with pytest.raises(ValueError, match=r"s\.pt cannot be read"):  # no digest to vouch for it: loaded to check
+        verify_state(tmp_path, "s")
 
 
 def test_any_changed_byte_of_a_saved_state_is_refused_before_it_is_used(tmp_path):
@@ -88,6 +90,8 @@ def test_any_changed_byte_of_a_saved_state_is_refused_before_it_is_used(tmp_path
             (tmp_path / name).write_bytes(bytes(damaged))
             with pytest.raises(ValueError, match=re.escape(name)):
                 load_state(tmp_path, "s")
+            with pytest.raises(ValueError, match=re.escape(name)):
+                verify_state(tmp_path, "s")  # what last_complete_checkpoint checks, without loading tensors
         (tmp_path / name).write_bytes(data)
     loaded, tensors = load_state(tmp_path, "s")
     assert loaded["rewards"] == state["rewards"] and np.array_equal(loaded["steps"], state["steps"])

@@ -304,12 +304,12 @@ class TrainerAdapter(TrainerCallback):
             "gradient_accumulation_steps": accum,
         }
         self._checks_left = CHECKS_AFTER_START if self.check_ids else 0
-        self._embedding_updates = []
         self._attach_hooks(model)
         # A new training run: the Trainer calls on_train_begin again when it retries with a smaller batch
         # (auto_find_batch_size after an out-of-memory error), as does a second train() call; nothing of the
-        # earlier attempt may stay (its decisions, counts, step records or staged step). A resume restores them.
-        self.history, self._step_records, self._staged_step = [], [], -1
+        # earlier attempt may stay (its decisions, counts, step records, embedding updates or staged step). A
+        # resume restores what it saved.
+        self.history, self._step_records, self._embedding_updates, self._staged_step = [], [], [], -1
         self.capture.missing_labels = 0
         if self.run.resuming:
             if getattr(args, "ignore_data_skip", False):

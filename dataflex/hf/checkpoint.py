@@ -50,7 +50,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from dataflex import dist
-from dataflex.checkpoint import fsync_dir, load_state, save_state
+from dataflex.checkpoint import fsync_dir, load_state, save_state, verify_state
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_datafle
             continue
         if state is not None:
             try:
-                load_state(state, STATE_NAME)  # reads both files and checks their digests
+                verify_state(state, STATE_NAME)  # both files' digests; the tensors are loaded by the resume
             except (OSError, ValueError) as error:
                 warnings.warn(f"skipping {folder}: {error}", stacklevel=2)
                 continue
