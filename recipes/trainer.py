@@ -111,6 +111,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
+        settings.integer("seed", cfg.seed)  # the model is built from it before train_with_callback checks the rest
         result = train_with_callback(
             policy=instantiate(cfg.policy),
             model=instantiate(cfg.model, seed=cfg.seed),

@@ -57,3 +57,17 @@ def test_the_trainer_config_composes():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose(config_name="trainer", overrides=["policy=uniform", "steps=5"])
     assert cfg.steps == 5 and cfg.policy._target_.endswith("Uniform") and list(cfg.report_to) == []
+
+
+def test_a_seed_override_that_is_not_a_number_is_named_from_the_command_line(tmp_path):
+    """The model is built from ``seed`` before the other settings are checked, so it is checked first."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "dataflex.recipes.trainer", "seed=abc", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and "seed must be an integer; got 'abc'" in run.stderr
