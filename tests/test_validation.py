@@ -38,11 +38,25 @@ def ds():
             ["code", "code ", "math", "\tmath"],
             r"differ only by surrounding whitespace: \[\['\\tmath', 'math'\], \['code', 'code '\]\]",
         ),
+        # several tags per example would make every combination a domain
+        ([["code"], ["code", "math"]], r"one value per example .* 2 of 2 are lists, first at position 0: \['code'\]"),
+        (["a", {"d": "b"}], r"1 of 2 are dicts, first at position 1"),
+        # equal to Python, two domains by their text
+        ([1, 1.0, 2], r"equal values that print differently: \[\['1', '1.0'\]\]"),
+        ([1, True], r"equal values that print differently: \[\['1', 'True'\]\]"),
+        # composed and decomposed é print alike
+        (["caf\u00e9", "cafe\u0301", "b"], r"differ only in Unicode normalisation: .*cafe\\\\u0301.*caf\\\\xe9"),
     ],
 )
 def test_labels_that_text_would_distort_are_refused(labels, message):
     with pytest.raises(ValueError, match=message):
         encode_domains(labels)
+
+
+def test_labels_that_differ_only_in_case_warn_and_stay_separate():
+    with pytest.warns(UserWarning, match=r"differ only in case: \[\['CODE', 'code'\]\]"):
+        ids, names = encode_domains(["code", "CODE", "math"])
+    assert names == ["CODE", "code", "math"] and ids.tolist() == [1, 0, 2]
 
 
 def test_labels_of_equal_value_and_different_types_are_one_domain():
