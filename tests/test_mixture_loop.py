@@ -164,3 +164,25 @@ def test_hydra_sweep_runs_and_summarizes(tmp_path):
 
     table = summarize(tmp_path / "sweep")
     assert "| ado | 1 |" in table and "| uniform | 1 |" in table
+
+
+def test_the_loop_warns_when_odm_cannot_leave_uniform_in_the_run(data):
+    """3 domains: the 4th update is ODM's first off uniform; 6 steps at update_every=2 make 2 (steps 2, 4)."""
+    ds, ids, names = data
+    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+    with pytest.warns(UserWarning, match=r"until its update 4, but this run makes 2 updates \(update_every=2\)"):
+        res = train_mixture(
+            model,
+            ds,
+            ids,
+            names,
+            ODM(),
+            collate=collate_causal,
+            steps=6,
+            batch_size=8,
+            lr=3e-3,
+            seed=0,
+            update_every=2,
+            progress=False,
+        )
+    assert all(np.allclose(h["weights"], 1 / 3) for h in res.history)

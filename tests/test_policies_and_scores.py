@@ -182,3 +182,27 @@ def test_store_scores_resume_and_step_records_of_any_integer_width_load():
     for bad in ([-2, 5, -1, 5], [-1, 2**31, -1, 5]):
         with pytest.raises(ValueError, match="'score_step' must hold steps >= 0 or -1"):
             other.load_state_dict({**older, "score_step": np.array(bad, dtype=np.int64)})
+
+
+def test_odm_warns_when_the_run_ends_before_its_mixture_can_leave_uniform():
+    """40 domains: exactly uniform for floor(40 ln 40) = 147 updates; 11 updates would train as Uniform."""
+    from dataflex.policies.base import warn_if_never_adaptive
+
+    odm = ODM()
+    odm.bind([f"d{i}" for i in range(40)], np.full(40, 10))
+    with pytest.warns(
+        UserWarning,
+        match=r"ODM over 40 domains .* until its update 148, .* makes 11 updates .* "
+        r"exploration_scale=0\.16 \(its first move at update 4\)",
+    ):
+        warn_if_never_adaptive(odm, 11, 5)
+    suggested = ODM(exploration_scale=0.16)
+    suggested.bind(odm.domain_names, odm.domain_sizes)
+    assert suggested.first_adaptive_update() == 4
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_never_adaptive(suggested, 11, 5)
+        warn_if_never_adaptive(odm, 148, 5)
+        warn_if_never_adaptive(Uniform(), 1, 5)  # a policy without an exploration phase is not checked

@@ -151,3 +151,22 @@ def test_online_doremi_through_the_callback(ds, tmp_path):
     make_trainer(ds, dfx, tmp_path, max_steps=6, accum=2, save_steps=100).train()
     assert policy.steps == 12 and policy.proxy_seconds > 0  # one proxy step per micro-batch
     assert not np.allclose(dfx.history[-1]["weights"], dfx.history[0]["weights"])
+
+
+@pytest.mark.parametrize("max_steps,warns", [(6, True), (12, False)])
+def test_odm_warns_when_the_trainer_run_is_too_short_for_it_to_leave_uniform(tmp_path, max_steps, warns):
+    """3 domains: uniform for floor(3 ln 3) = 3 updates, so the 4th is the first that can move; at
+    update_every=2, 6 steps make 2 updates that count (the one at the last step changes nothing), 12 make 5."""
+    import warnings
+
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    trainer = make_trainer(small_dataset(per_domain=8), dfx, tmp_path, max_steps=max_steps, save_steps=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "keeps the mixture exactly uniform" in str(w.message)]
+    assert len(said) == int(warns), said
+    if warns:
+        assert "until its update 4, but this run makes 2 updates (update_every=2)" in said[0]
+    moved = any(abs(w - 1 / 3) > 1e-6 for h in dfx.history for w in h["weights"])
+    assert moved == (not warns)  # the warning says exactly when the mixture never moves

@@ -284,6 +284,7 @@ class TrainerAdapter(TrainerCallback):
             samples_per_step=layout.batch_size * layout.world_size * accum,
             max_steps=state.max_steps,
             resuming=folder is not None and checkpoint.has_state(folder),
+            warmup_steps=self.warmup_steps,
         )
         self.sampler = self.decider.build_sampler(self.run)
         grouping = None

@@ -25,7 +25,7 @@ import torch
 
 from dataflex.checks import flag, whole_number
 from dataflex.curriculum import Curriculum
-from dataflex.policies.base import BatchObserver, MixingPolicy
+from dataflex.policies.base import BatchObserver, MixingPolicy, warn_if_never_adaptive
 from dataflex.samplers.base import ScheduledSampler
 from dataflex.samplers.curriculum import CurriculumSampler
 from dataflex.samplers.mixture import DomainMixtureSampler, ExhaustionMode
@@ -54,6 +54,7 @@ class RunContext:
     samples_per_step: int  # global samples per optimizer step
     max_steps: int
     resuming: bool  # the schedule will be replaced by the checkpoint's
+    warmup_steps: int = 0  # no decision before this step
     dynamics: Any = None  # dataflex.dynamics.TrainingDynamics when the run keeps one (gathered before decide)
 
 
@@ -166,6 +167,9 @@ class MixingDecider:
         sizes = np.bincount(run.domain_ids, minlength=len(run.domain_names))
         _warn_if_labels_look_like_ids(sizes)
         self.policy.bind(run.domain_names, sizes)
+        # Decisions at multiples of update_every after warmup; one at the last step changes nothing.
+        decisions = (run.max_steps - 1) // self.update_every - run.warmup_steps // self.update_every
+        warn_if_never_adaptive(self.policy, max(decisions, 0), self.update_every)
         schedule = WeightSchedule(run.domain_names, self.policy.initial_weights())
         self.sampler = DomainMixtureSampler(
             run.domain_ids,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -10,7 +12,7 @@ import torch
 
 from dataflex.store import DomainStats
 
-__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy", "NeedsPreparation"]
+__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy", "NeedsPreparation", "warn_if_never_adaptive"]
 
 
 @runtime_checkable
@@ -94,3 +96,32 @@ class BoundPolicy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def warn_if_never_adaptive(policy: Any, decisions: int, update_every: int) -> None:
+    """Warn when a bound policy's mixture cannot leave uniform within the run's ``decisions`` updates.
+
+    ODM's exploration keeps the mixture exactly uniform for its first ``floor(K ln K)`` updates (147 for 40
+    domains): a run shorter than that is ``Uniform`` under another name, and a comparison of the two would
+    report no difference without saying why. Policies without ``first_adaptive_update`` are not checked.
+    """
+    first = getattr(policy, "first_adaptive_update", None)
+    if first is None or policy.num_domains < 2:
+        return
+    needed = first()
+    if decisions >= needed:
+        return
+    k = policy.num_domains
+    # exploration_scale c moves the first adaptive update to floor(c^2 K ln K) + 1: aim at half the run's updates.
+    scale = math.floor(math.sqrt(max(decisions // 2 - 1, 0) / (k * math.log(k))) * 100) / 100
+    hint = (
+        f"exploration_scale={scale:g} (its first move at update {math.floor(scale**2 * k * math.log(k)) + 1})"
+        if scale > 0
+        else "more steps"
+    )
+    warnings.warn(
+        f"{type(policy).__name__} over {k} domains keeps the mixture exactly uniform until its update {needed}, but "
+        f"this run makes {decisions} updates (update_every={update_every}): it will train as Uniform. Use {hint}, a "
+        "smaller update_every, or a longer run",
+        stacklevel=3,
+    )
