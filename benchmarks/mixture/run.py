@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import median_range, write_results
+from dataflex.plotting import plot_weight_trajectory
 from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform
 from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline
 from dataflex.recipes.mixture import load_split, run_experiment
@@ -65,28 +66,21 @@ def spread(values: list[float]) -> str:
 
 
 def plot_weights(runs: dict[str, list[dict]], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
     for name, seeds in runs.items():
         first = seeds[0]
         if len({tuple(h["weights"]) for h in first["history"]}) <= 1:
             continue  # a static mixture: nothing to plot
-        steps = [h["step"] for h in first["history"]]
-        weights = np.array([h["weights"] for h in first["history"]])
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.stackplot(steps, weights.T, labels=first["domain_names"], step="post")
-        ax.set(
-            xlabel="step", ylabel="sampling weight", ylim=(0, 1), title=f"{name}: domain weights (seed {first['seed']})"
-        )
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-        fig.tight_layout()
         path = out / f"weights_{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        plot_weight_trajectory(
+            [h["step"] for h in first["history"]],
+            np.array([h["weights"] for h in first["history"]]),
+            first["domain_names"],
+            path,
+            title=f"{name}: domain weights (seed {first['seed']})",
+            xlabel="step",
+            dpi=110,
+        )
         written.append(path.name)
     return written
 

@@ -1,0 +1,36 @@
+"""Weight-trajectory plots stay readable for many domains: distinct colours, a legend that fits the figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataflex.plotting import domain_colors, plot_weight_trajectory
+
+
+@pytest.mark.parametrize("count", [3, 8, 15, 40, 120])
+def test_every_domain_gets_its_own_colour(count):
+    colours = domain_colors(count)
+    assert len(colours) == count and len(set(colours)) == count
+
+
+def test_a_forty_domain_plot_keeps_its_legend_inside_the_figure(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    save = plt.Figure.savefig
+
+    def record(fig, path, **kw):  # the legend's extent, measured as drawn
+        save(fig, path, **kw)
+        renderer = fig.canvas.get_renderer()
+        seen["legend"] = fig.axes[0].get_legend().get_window_extent(renderer)
+        seen["figure"] = fig.bbox
+
+    monkeypatch.setattr(plt.Figure, "savefig", record)
+    weights = np.random.default_rng(0).dirichlet(np.ones(40), size=6)
+    plot_weight_trajectory(
+        range(0, 60, 10), weights, [f"domain_{i:02d}" for i in range(40)], tmp_path / "w.png", title="t"
+    )
+    assert (tmp_path / "w.png").stat().st_size > 0
+    legend, figure = seen["legend"], seen["figure"]
+    assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1 and figure.y0 <= legend.y0 and legend.y1 <= figure.y1
