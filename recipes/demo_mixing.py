@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dataflex import DataFlexCallback
+from dataflex.plotting import plot_weight_trajectory
 from dataflex.policies import ODM, Natural, Temperature, Uniform
 from dataflex.testbeds.tiny import (
     byte_dataset,
@@ -32,6 +33,7 @@ from dataflex.testbeds.tiny import (
     tiny_gpt2,
 )
 
+HEADS = 4  # attention heads of the demo's model
 POLICIES = {"uniform": Uniform, "natural": Natural, "temperature": Temperature, "odm": ODM}
 
 
@@ -68,7 +70,7 @@ def train_one(name: str, train_ds, args: argparse.Namespace, out: Path) -> tuple
         seed=args.seed,
         disable_tqdm=True,
     )
-    model = tiny_gpt2(n_layer=args.layers, n_embd=args.width, n_head=4, n_positions=args.max_len, seed=args.seed)
+    model = tiny_gpt2(n_layer=args.layers, n_embd=args.width, n_head=HEADS, n_positions=args.max_len, seed=args.seed)
     trainer = Trainer(
         model=model,
         args=targs,
@@ -85,24 +87,36 @@ def train_one(name: str, train_ds, args: argparse.Namespace, out: Path) -> tuple
 
 
 def plot_weights(history: list[dict], domains: list[str], path: Path, title: str) -> None:
-    import matplotlib
+    plot_weight_trajectory(
+        [h["step"] for h in history],
+        np.array([h["weights"] for h in history]),
+        domains,
+        path,
+        title=title,
+        xlabel="optimizer step (decision time; takes effect a few batches later)",
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    weights = np.array([h["weights"] for h in history])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.stackplot(steps, weights.T, labels=domains, step="post")
-    ax.set_xlabel("optimizer step (decision time; takes effect a few batches later)")
-    ax.set_ylabel("sampling weight")
-    ax.set_xlim(0, max(steps) if max(steps) > 0 else 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (argparse names the option and shows the value when it is not)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def width(text: str) -> int:
+    value = positive_int(text)
+    if value % HEADS:
+        raise argparse.ArgumentTypeError(f"must be a multiple of the model's {HEADS} attention heads; got {text}")
+    return value
 
 
 def main() -> None:
@@ -110,20 +124,22 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=default_data_dir() / "textmix", help="textmix folder")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--policies", default="uniform,odm", help=f"comma list from {sorted(POLICIES)}")
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--update-every", type=int, default=5)
-    p.add_argument("--val-per-domain", type=int, default=100)
+    p.add_argument("--steps", type=positive_int, default=900)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-len", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--width", type=width, default=96, help=f"model width, a multiple of its {HEADS} heads")
+    p.add_argument("--update-every", type=positive_int, default=5)
+    p.add_argument("--val-per-domain", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         p.error(f"unknown policies {unknown}; valid: {sorted(POLICIES)}")
+    if not names or len(set(names)) != len(names):
+        p.error(f"--policies needs distinct names from {sorted(POLICIES)}; got {args.policies!r}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     train_ds = byte_dataset(load_jsonl_dir(args.data / "train"), args.max_len)

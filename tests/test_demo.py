@@ -1,0 +1,42 @@
+"""The README's demo: a short run prints its table and writes its plot; bad arguments are named before any work."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from dataflex.recipes import demo_mixing
+
+
+def run_demo(monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["demo_mixing.py", *args])
+    demo_mixing.main()
+
+
+def test_a_short_demo_prints_the_table_and_writes_the_plot(monkeypatch, tmp_path, capsys):
+    small = ["--steps", "8", "--val-per-domain", "3", "--max-len", "32", "--width", "16", "--layers", "1"]
+    run_demo(monkeypatch, *small, "--update-every", "2", "--policies", "uniform,odm", "--out", str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "| domain | uniform | odm |" in printed and "| worst |" in printed
+    assert (tmp_path / "weights.png").stat().st_size > 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(results) == {"uniform", "odm"} and len(results["odm"]["val_loss"]) == 8
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", "0"], "argument --steps: must be a positive integer; got 0"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0; got 0"),
+        (["--width", "7"], "argument --width: must be a multiple of the model's 4 attention heads; got 7"),
+        (["--policies", "odm,odm"], "--policies needs distinct names"),
+        (["--policies", "odm,foo"], "unknown policies ['foo']"),
+    ],
+)
+def test_bad_arguments_are_named(monkeypatch, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        run_demo(monkeypatch, *args, "--out", str(tmp_path))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
