@@ -206,3 +206,20 @@ def test_odm_warns_when_the_run_ends_before_its_mixture_can_leave_uniform():
         warn_if_never_adaptive(suggested, 11, 5)
         warn_if_never_adaptive(odm, 148, 5)
         warn_if_never_adaptive(Uniform(), 1, 5)  # a policy without an exploration phase is not checked
+
+
+def test_ado_warns_when_the_run_ends_inside_its_warmup():
+    from dataflex.policies.base import warn_if_never_adaptive
+
+    ado = ADO(warmup_updates=6)
+    ado.bind(NAMES, SIZES)
+    with pytest.warns(
+        UserWarning,
+        match=r"ADO over 3 domains keeps its initial mixture until its update 6, but this "
+        r"run makes 5 updates .* Use warmup_updates=3, a smaller update_every",
+    ):
+        warn_if_never_adaptive(ado, 5, 10)
+    w = ado.initial_weights()
+    for _ in range(5):  # the warning is right: five updates leave the prior untouched
+        w = ado.update(stats([5.0, 10.0, 15.0], [5, 5, 5]), w)
+    assert np.array_equal(w, ado.initial_weights())

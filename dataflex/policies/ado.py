@@ -109,6 +109,14 @@ class ADO(BoundPolicy):
         self.history_loss: list[list[float]] = []  # mean loss per domain at each update (NaN if absent)
         self.t = 0
 
+    def first_adaptive_update(self) -> int:
+        """The first update (1-based) that fits the power laws and can move off the prior: ``warmup_updates``."""
+        return self.warmup_updates
+
+    def adapting_within(self, updates: int) -> str:
+        """The smallest warmup (3, a power law's parameter count) when the run makes enough updates for it."""
+        return "warmup_updates=3" if updates >= 3 else ""
+
     def initial_weights(self) -> np.ndarray:
         self._require_bound()
         return self.mu.copy()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -99,11 +98,13 @@ class BoundPolicy:
 
 
 def warn_if_never_adaptive(policy: Any, decisions: int, update_every: int) -> None:
-    """Warn when a bound policy's mixture cannot leave uniform within the run's ``decisions`` updates.
+    """Warn when a bound policy's mixture cannot leave its initial weights within the run's ``decisions`` updates.
 
     ODM's exploration keeps the mixture exactly uniform for its first ``floor(K ln K)`` updates (147 for 40
-    domains): a run shorter than that is ``Uniform`` under another name, and a comparison of the two would
-    report no difference without saying why. Policies without ``first_adaptive_update`` are not checked.
+    domains) and ADO keeps its prior until ``warmup_updates``: a run shorter than that is a static mixture under
+    another name, and a comparison with one would report no difference without saying why. Policies that
+    define ``first_adaptive_update()`` are checked; ``adapting_within(decisions)`` names a setting that would
+    move within the run (empty when none would).
     """
     first = getattr(policy, "first_adaptive_update", None)
     if first is None or policy.num_domains < 2:
@@ -111,17 +112,10 @@ def warn_if_never_adaptive(policy: Any, decisions: int, update_every: int) -> No
     needed = first()
     if decisions >= needed:
         return
-    k = policy.num_domains
-    # exploration_scale c moves the first adaptive update to floor(c^2 K ln K) + 1: aim at half the run's updates.
-    scale = math.floor(math.sqrt(max(decisions // 2 - 1, 0) / (k * math.log(k))) * 100) / 100
-    hint = (
-        f"exploration_scale={scale:g} (its first move at update {math.floor(scale**2 * k * math.log(k)) + 1})"
-        if scale > 0
-        else "more steps"
-    )
+    hint = policy.adapting_within(decisions) if hasattr(policy, "adapting_within") else ""
     warnings.warn(
-        f"{type(policy).__name__} over {k} domains keeps the mixture exactly uniform until its update {needed}, but "
-        f"this run makes {decisions} updates (update_every={update_every}): it will train as Uniform. Use {hint}, a "
-        "smaller update_every, or a longer run",
+        f"{type(policy).__name__} over {policy.num_domains} domains keeps its initial mixture until its update "
+        f"{needed}, but this run makes {decisions} updates (update_every={update_every}): it will train on the "
+        f"initial mixture throughout. Use {hint + ', ' if hint else ''}a smaller update_every, or a longer run",
         stacklevel=3,
     )

@@ -84,6 +84,14 @@ class ODM(BoundPolicy):
         k = self.num_domains
         return 1 if k == 1 else math.floor(self.exploration_scale**2 * k * math.log(k)) + 1
 
+    def adapting_within(self, updates: int) -> str:
+        """The ``exploration_scale`` whose first move comes by half of ``updates`` ("" when none would)."""
+        k = self.num_domains
+        scale = math.floor(math.sqrt(max(updates // 2 - 1, 0) / (k * math.log(k))) * 100) / 100
+        if scale <= 0:
+            return ""
+        return f"exploration_scale={scale:g} (its first move at update {math.floor(scale**2 * k * math.log(k)) + 1})"
+
     def initial_weights(self) -> np.ndarray:
         self._require_bound()
         return np.full(self.num_domains, 1.0 / self.num_domains)
