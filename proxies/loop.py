@@ -122,6 +122,8 @@ def train_mixture(
     k = len(domain_names)
     sizes = np.bincount(domain_ids, minlength=k)
     policy.bind(domain_names, sizes)
+    if hasattr(policy, "check_cadence"):  # a schedule counted in updates (Piecewise)
+        policy.check_cadence(update_every)
     warn_if_never_adaptive(policy, (steps - 1) // update_every, update_every)  # decisions at done % update_every
     schedule = WeightSchedule(domain_names, policy.initial_weights())
     world = accelerator.num_processes

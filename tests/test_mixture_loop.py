@@ -186,3 +186,25 @@ def test_the_loop_warns_when_odm_cannot_leave_uniform_in_the_run(data):
             progress=False,
         )
     assert all(np.allclose(h["weights"], 1 / 3) for h in res.history)
+
+
+def test_the_loop_refuses_a_piecewise_schedule_counted_in_other_updates(data):
+    from dataflex.policies import Piecewise
+
+    ds, ids, names = data
+    policy = Piecewise([(0, [0.8, 0.1, 0.1]), (4, [0.1, 0.1, 0.8])], update_every=2)
+    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+    with pytest.raises(ValueError, match=r"Piecewise\(update_every=2\) is driven by updates every 4 steps"):
+        train_mixture(
+            model,
+            ds,
+            ids,
+            names,
+            policy,
+            collate=collate_causal,
+            steps=8,
+            batch_size=8,
+            lr=3e-3,
+            seed=0,
+            update_every=4,
+        )

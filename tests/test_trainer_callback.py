@@ -170,3 +170,24 @@ def test_odm_warns_when_the_trainer_run_is_too_short_for_it_to_leave_uniform(tmp
         assert "until its update 4, but this run makes 2 updates (update_every=2)" in said[0]
     moved = any(abs(w - 1 / 3) > 1e-6 for h in dfx.history for w in h["weights"])
     assert moved == (not warns)  # the warning says exactly when the mixture never moves
+
+
+def test_a_piecewise_schedule_switches_at_its_stage_step_on_the_trainer(tmp_path):
+    """The stage from step 4 is in force from the decision at step 4; a callback whose cadence differs from the
+    schedule's (which counts updates) or whose warmup shifts its updates is refused, not run stages late."""
+    from dataflex.policies import Piecewise
+
+    def schedule():
+        return Piecewise([(0, [0.8, 0.1, 0.1]), (4, [0.1, 0.1, 0.8])], update_every=2)
+
+    dfx = DataFlexCallback(schedule(), update_every=2)
+    make_trainer(small_dataset(per_domain=8), dfx, tmp_path / "ok", max_steps=8, save_steps=100).train()
+    assert {h["step"]: h["weights"][0] for h in dfx.history} == pytest.approx({0: 0.8, 2: 0.8, 4: 0.1, 6: 0.1, 8: 0.1})
+    for kwargs, message in [
+        ({"update_every": 4}, r"Piecewise\(update_every=2\) is driven by updates every 4 steps"),
+        ({"update_every": 2, "warmup_steps": 3}, r"warmup_steps=3 delays the first update past step 2"),
+    ]:
+        late = DataFlexCallback(schedule(), **kwargs)
+        trainer = make_trainer(small_dataset(per_domain=8), late, tmp_path / "late", max_steps=8, save_steps=100)
+        with pytest.raises(ValueError, match=message):
+            trainer.train()

@@ -167,6 +167,8 @@ class MixingDecider:
         sizes = np.bincount(run.domain_ids, minlength=len(run.domain_names))
         _warn_if_labels_look_like_ids(sizes)
         self.policy.bind(run.domain_names, sizes)
+        if hasattr(self.policy, "check_cadence"):  # a schedule counted in updates (Piecewise)
+            self.policy.check_cadence(self.update_every, run.warmup_steps)
         # Decisions at multiples of update_every after warmup; one at the last step changes nothing.
         decisions = (run.max_steps - 1) // self.update_every - run.warmup_steps // self.update_every
         warn_if_never_adaptive(self.policy, max(decisions, 0), self.update_every)

@@ -97,6 +97,24 @@ class Piecewise(BoundPolicy):
             for s, w in self.stages
         ]
 
+    def check_cadence(self, update_every: int, warmup_steps: int = 0) -> None:
+        """Refuse a run whose updates do not come at ``t * update_every`` — the steps the stages are counted in.
+
+        The policy counts its updates; a callback deciding every 50 steps would otherwise start a stage meant
+        for step 100 at step 500, and a warmup of ``w >= update_every`` steps would shift every stage by it.
+        """
+        if update_every != self.update_every:
+            raise ValueError(
+                f"Piecewise(update_every={self.update_every}) is driven by updates every {update_every} steps: its "
+                f"stages would start at {update_every / self.update_every:g}x their steps; give both the same "
+                "update_every"
+            )
+        if warmup_steps >= update_every:
+            raise ValueError(
+                f"warmup_steps={warmup_steps} delays the first update past step {update_every}, which would shift "
+                "every Piecewise stage; use warmup_steps=0 (a stage from step 0 already fixes the start)"
+            )
+
     def _at(self, step: int) -> np.ndarray:
         stage = max(i for i, (s, _) in enumerate(self.stages) if s <= step)
         return self._weights[stage].copy()
