@@ -92,3 +92,30 @@ def test_irreducible_losses_from_a_holdout_model(tmp_path):
     assert abs(ref - losses[5]) < 1e-4
     with pytest.raises(ValueError, match="holds 36 losses but the pool has"):
         irreducible_losses(make, holdout, small_dataset(per_domain=4), tmp_path, **kw)
+
+
+@pytest.mark.parametrize("update_every,warmup,warns", [(10, 0, True), (2, 6, True), (2, 0, False)])
+def test_a_run_with_no_selection_decision_warns_that_it_trains_on_the_whole_pool(
+    ds, tmp_path, update_every, warmup, warns
+):
+    import warnings
+
+    from dataflex.selectors import FixedSubset
+
+    dfx = DataFlexSelectCallback(LossFocus(0.5), update_every=update_every, warmup_steps=warmup)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(ds, dfx, tmp_path / "a", max_steps=6, save_steps=100).train()
+    said = [str(w.message) for w in caught if "falls inside this run" in str(w.message)]
+    assert len(said) == int(warns)
+    if warns:
+        assert (
+            f"no LossFocus selection falls inside this run (update_every={update_every}, warmup_steps={warmup}"
+            in said[0]
+        )
+        assert "it trains on the whole pool throughout" in said[0]
+    assert (len(dfx.history) > 1) == (not warns)  # the warning says exactly when no selection happened
+    fixed = DataFlexSelectCallback(FixedSubset(list(range(8))), update_every=10)  # its first choice is final
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="no .* falls inside this run")
+        make_trainer(ds, fixed, tmp_path / "b", max_steps=6, save_steps=100).train()

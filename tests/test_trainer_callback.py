@@ -191,3 +191,23 @@ def test_a_piecewise_schedule_switches_at_its_stage_step_on_the_trainer(tmp_path
         trainer = make_trainer(small_dataset(per_domain=8), late, tmp_path / "late", max_steps=8, save_steps=100)
         with pytest.raises(ValueError, match=message):
             trainer.train()
+
+
+def test_a_mixing_run_with_no_update_warns_once_and_a_fixed_mixture_does_not(tmp_path):
+    import warnings
+
+    from dataflex.policies import Natural
+
+    for policy, expected in [(ODM(), 1), (Natural(), 0)]:
+        dfx = DataFlexCallback(policy, update_every=10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(small_dataset(per_domain=8), dfx, tmp_path, max_steps=6, save_steps=100).train()
+        said = [
+            str(w.message) for w in caught if "falls inside" in str(w.message) or "initial mixture" in str(w.message)
+        ]
+        assert len(said) == expected, said  # one warning, not also the exploration-phase one
+        if expected:
+            assert said[0].startswith(
+                "no ODM update falls inside this run (update_every=10, warmup_steps=0, max_steps=6)"
+            )
