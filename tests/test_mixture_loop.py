@@ -166,45 +166,24 @@ def test_hydra_sweep_runs_and_summarizes(tmp_path):
     assert "| ado | 1 |" in table and "| uniform | 1 |" in table
 
 
-def test_the_loop_warns_when_odm_cannot_leave_uniform_in_the_run(data):
-    """3 domains: the 4th update is ODM's first off uniform; 6 steps at update_every=2 make 2 (steps 2, 4)."""
+def short_loop(data, policy, steps: int, update_every: int):
+    """A few steps of the plain loop on ``data`` with the tests' small model."""
     ds, ids, names = data
     model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+    settings = dict(collate=collate_causal, batch_size=8, lr=3e-3, seed=0, progress=False)
+    return train_mixture(model, ds, ids, names, policy, steps=steps, update_every=update_every, **settings)
+
+
+def test_the_loop_warns_when_odm_cannot_leave_uniform_in_the_run(data):
+    """3 domains: the 4th update is ODM's first off uniform; 6 steps at update_every=2 make 2 (steps 2, 4)."""
     with pytest.warns(UserWarning, match=r"until its update 4, but this run makes 2 updates \(update_every=2\)"):
-        res = train_mixture(
-            model,
-            ds,
-            ids,
-            names,
-            ODM(),
-            collate=collate_causal,
-            steps=6,
-            batch_size=8,
-            lr=3e-3,
-            seed=0,
-            update_every=2,
-            progress=False,
-        )
+        res = short_loop(data, ODM(), steps=6, update_every=2)
     assert all(np.allclose(h["weights"], 1 / 3) for h in res.history)
 
 
 def test_the_loop_refuses_a_piecewise_schedule_counted_in_other_updates(data):
     from dataflex.policies import Piecewise
 
-    ds, ids, names = data
     policy = Piecewise([(0, [0.8, 0.1, 0.1]), (4, [0.1, 0.1, 0.8])], update_every=2)
-    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
     with pytest.raises(ValueError, match=r"Piecewise\(update_every=2\) is driven by updates every 4 steps"):
-        train_mixture(
-            model,
-            ds,
-            ids,
-            names,
-            policy,
-            collate=collate_causal,
-            steps=8,
-            batch_size=8,
-            lr=3e-3,
-            seed=0,
-            update_every=4,
-        )
+        short_loop(data, policy, steps=8, update_every=4)
