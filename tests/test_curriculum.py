@@ -125,6 +125,15 @@ def test_callback_trains_easiest_first(ds, tmp_path):
     # exact resume: tests/test_hf_adapter.py::test_every_decider_resumes_exactly_through_the_trainer
 
 
+def test_a_horizon_past_the_run_warns_how_much_of_the_pool_is_never_opened(ds, tmp_path):
+    """Linear pacing from 20 % over 40 steps, a run of 10: 0.2 + 0.8 * 10 / 40 = 40 % open, 15 of 36 (42 %)."""
+    cb = DataFlexCurriculumCallback(Curriculum(length_difficulty(ds), pacing="linear", c0=0.2), horizon_steps=40)
+    trainer = make_trainer(ds, cb, tmp_path, max_steps=10, save_steps=100)
+    with pytest.warns(UserWarning, match=r"horizon_steps=40 is past this run's max_steps=10: .* opens only 42% of"):
+        trainer.train()
+    assert cb.sampler.open_count(10 * 4) == 15
+
+
 def test_callback_rescores_with_the_live_model(ds, tmp_path):
     cb = DataFlexCurriculumCallback(
         Curriculum(scorer=loss_difficulty(), pacing="competence", c0=0.3), rescore_every=4, horizon_steps=10

@@ -346,6 +346,14 @@ class CurriculumDecider:
             num_samples=run.num_samples,
             labels=labels,
         )
+        if steps > run.max_steps:  # a horizon in samples, or one kept from a longer run, would hide this
+            share = self.sampler.open_count(run.max_steps * run.samples_per_step) / run.num_samples
+            warnings.warn(
+                f"horizon_steps={steps} is past this run's max_steps={run.max_steps}: the curriculum opens only "
+                f"{share:.0%} of the pool (the easiest) by the end, so the rest is never trained on; set "
+                "horizon_steps <= max_steps (None: the run's length) if that is not meant",
+                stacklevel=3,
+            )
         return self.sampler
 
     def open_fraction(self) -> float:
