@@ -319,6 +319,11 @@ class DropNoisy(Selector):
             )
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100]; got {percentile!r}")
+        if threshold_ids is not None and per_label is True:
+            raise ValueError(
+                "per_label keeps the same share of every label, which applies to drop=...; threshold_ids drop every "
+                "example below one AUM threshold, whatever its label — give one or the other"
+            )
         super().__init__(fraction=1.0 if drop is None else 1.0 - drop, per_label=per_label)
         self.detector, self.drop, self.percentile = detector, drop, float(percentile)
         self.threshold_ids = None if threshold_ids is None else np.asarray(threshold_ids, dtype=np.int64)

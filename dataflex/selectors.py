@@ -123,16 +123,18 @@ class Selector:
         pool = candidate_pool(n, self.candidates, ctx.seed, ctx.step)
         scores = self.score(pool, ctx)
         self.last_scores = (pool, scores)
-        k = budget(n, self.fraction)
+        share = budget(n, self.fraction) / len(pool)
+        return self._within_labels(ctx, pool, lambda members: members[self.choose(scores[members], share)])
+
+    def _within_labels(self, ctx: SelectionContext, pool: np.ndarray, pick: Callable[[np.ndarray], np.ndarray]):
+        """``pick(positions in pool) -> chosen positions``, over the whole pool or, with ``per_label``, within
+        every label separately (the same share of each, by the selector's own rule)."""
         if not self.per_label:
-            return pool[self.choose(scores, k / len(pool))]
+            return pool[pick(np.arange(len(pool)))]
         if ctx.labels is None:
             raise ValueError("per_label=True needs the pool's labels: DataFlexSelectCallback(selector, labels=...)")
         groups = np.asarray(ctx.labels)[pool]
-        chosen = []
-        for g in np.unique(groups):  # the same share of every label, by the selector's own rule
-            members = np.flatnonzero(groups == g)
-            chosen.append(members[self.choose(scores[members], k / len(pool))])
+        chosen = [pick(np.flatnonzero(groups == g)) for g in np.unique(groups)]
         return pool[np.sort(np.concatenate(chosen))]
 
     def score(self, ids: np.ndarray, ctx: SelectionContext) -> np.ndarray:
@@ -245,11 +247,20 @@ class FixedSubset(Selector):
 
 
 class RandomSelection(Selector):
-    """The same budget uniformly at random (re-drawn at every re-selection)."""
+    """The same budget uniformly at random (re-drawn at every re-selection); with ``per_label``, that share of
+    every label drawn at random within it (the baseline for a per-label selector)."""
 
     def select(self, ctx):
         n = len(ctx.dataset)
-        return select_random(n, self.fraction, seed=ctx.seed * 1_000_003 + ctx.step)
+        seed = ctx.seed * 1_000_003 + ctx.step
+        if not self.per_label:
+            return select_random(n, self.fraction, seed=seed)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, n]))  # drawn label by label, in sorted order
+
+        def pick(members: np.ndarray) -> np.ndarray:
+            return np.sort(rng.choice(members, size=budget(members.size, self.fraction), replace=False))
+
+        return self._within_labels(ctx, np.arange(n), pick)
 
 
 class Influence(Selector):

@@ -288,3 +288,6 @@ def test_detectors_refuse_a_record_with_visits_not_folded_in():
 def test_class_conditional_scores_do_not_mix_with_the_aum_threshold_mode():
     with pytest.raises(ValueError, match="classes .* apply to drop="):
         DropNoisy("aum", threshold_ids=[0, 1], classes=["a", "b", "a"])
+    # per_label keeps a share of each label; the threshold mode has no share, so the two are not combined silently
+    with pytest.raises(ValueError, match="per_label keeps the same share of every label, which applies to drop="):
+        DropNoisy("aum", threshold_ids=[0, 1], per_label=True)

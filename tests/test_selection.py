@@ -58,6 +58,26 @@ def test_per_label_selection_keeps_every_label():
         )
 
 
+def test_random_selection_per_label_draws_the_same_share_of_every_label():
+    """Before, RandomSelection ignored per_label: 10 % of a pool with a 90/10 label split was one random draw,
+    which could miss the small label entirely."""
+    from dataflex.selectors import RandomSelection, SelectionContext
+
+    labels = np.repeat([0, 1], [90, 10])
+    for step in range(20):
+        ctx = SelectionContext(model=None, dataset=range(100), collate=None, step=step, seed=3, labels=labels)
+        split = RandomSelection(0.1, per_label=True).select(ctx)
+        assert np.bincount(labels[split]).tolist() == [9, 1] and len(set(split.tolist())) == 10
+        assert split.tolist() == RandomSelection(0.1, per_label=True).select(ctx).tolist()  # seeded by seed, step
+    pooled = [
+        RandomSelection(0.1).select(SelectionContext(None, range(100), None, step, 3, labels=labels))
+        for step in range(20)
+    ]
+    assert any((labels[p] == 1).sum() != 1 for p in pooled)  # without per_label the share of a label varies
+    with pytest.raises(ValueError, match="per_label=True needs the pool's labels"):
+        RandomSelection(0.1, per_label=True).select(SelectionContext(None, range(100), None, 0, 3))
+
+
 def test_loss_history_mean_separates_memorised_noise_and_resumes(monkeypatch):
     """history='mean' ranks by the loss averaged over re-selections; its sums survive a state round trip."""
     import dataflex.selectors as selectors
