@@ -98,3 +98,22 @@ def test_weighting_settings_that_would_change_what_is_learnt_are_refused_when_ma
     if "gradient_accumulation_steps" not in settings:
         with pytest.raises(ValueError, match=message):
             loss_weights(torch.tensor([1.0, 2.0]), **settings)
+
+
+def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp_path):
+    """ExampleWeightedLoss divides by its own accumulation count (the Trainer leaves a custom loss undivided):
+    given 1 while the Trainer accumulates 2, every gradient would be doubled without a word."""
+    from hf_helpers import make_trainer, small_dataset
+
+    from dataflex import DataFlexCallback
+    from dataflex.policies import Uniform
+
+    dfx = DataFlexCallback(Uniform())
+    loss = dfx.wrap_loss(ExampleWeightedLoss())
+    trainer = make_trainer(small_dataset(per_domain=8), dfx, tmp_path, accum=2, max_steps=2, compute_loss_func=loss)
+    with pytest.raises(
+        ValueError,
+        match=r"ExampleWeightedLoss\(gradient_accumulation_steps=1\) but the Trainer "
+        r"accumulates 2 micro-batches per step: every gradient would be scaled by 2",
+    ):
+        trainer.train()

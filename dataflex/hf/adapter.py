@@ -360,6 +360,15 @@ class TrainerAdapter(TrainerCallback):
                 f"train_sampling_strategy={strategy!r} is not supported with dataflex; use 'random' or "
                 "'group_by_length' (length-sorted blocks of dataflex's order)"
             )
+        # ExampleWeightedLoss divides by the accumulation it was given (the Trainer leaves a custom loss undivided):
+        # another count than the Trainer's scales every gradient by their ratio, which clipping then distorts.
+        loss_accumulation = getattr(self.capture.wrapped_loss, "accumulation", None)
+        if loss_accumulation is not None and loss_accumulation != args.gradient_accumulation_steps:
+            raise ValueError(
+                f"{type(self.capture.wrapped_loss).__name__}(gradient_accumulation_steps={loss_accumulation}) but the "
+                f"Trainer accumulates {args.gradient_accumulation_steps} micro-batches per step: every gradient would "
+                f"be scaled by {args.gradient_accumulation_steps / loss_accumulation:g}; give both the same value"
+            )
 
     @staticmethod
     def _check_trainer_kind(trainer: Trainer | None) -> None:

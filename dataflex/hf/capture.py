@@ -234,6 +234,7 @@ class LossCapture:
         #: token mean of short texts toward the placeholder's (learnt, near-zero) loss.
         self.ignored_label: int | None = None
         self._loss_wrapped = False
+        self.wrapped_loss: Callable[..., torch.Tensor] | None = None
         self.loss_call_scored = False  # see wrap_loss
         self._pending: tuple[dict[str, Any], Any] | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
@@ -354,6 +355,7 @@ class LossCapture:
     def wrap_loss(self, loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A ``compute_loss_func`` that lets dataflex see the labels, then calls ``loss_func``."""
         self._loss_wrapped = True
+        self.wrapped_loss = loss_func  # the adapter checks its settings against the Trainer's at train begin
 
         def compute_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
             pending, self._pending = self._pending, None
