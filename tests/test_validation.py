@@ -333,3 +333,20 @@ def test_the_newest_usable_checkpoint_skips_one_whose_state_was_damaged_on_disk(
         make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=6).train(
             str(tmp_path / "checkpoint-4")
         )
+
+
+def test_a_class_label_column_names_domains_by_its_class_names(ds, tmp_path):
+    """A datasets ClassLabel column stores ids; the domains are its class names, so weights keyed by name apply,
+    and ds["domain"] (the ids) passed as domains= is the same labelling, not a disagreement."""
+    from datasets import ClassLabel
+
+    from dataflex.policies import Static
+
+    coded = ds.cast_column("domain", ClassLabel(names=["code", "literature", "trivia"]))
+    assert coded["domain"][0] == 0
+    weights = {"code": 0.6, "literature": 0.2, "trivia": 0.2}
+    for given in (None, coded["domain"]):
+        dfx = DataFlexCallback(Static(weights), domains=given, update_every=2)
+        make_trainer(coded, dfx, tmp_path / str(given is None), max_steps=2, save_steps=100).train()
+        assert dfx.domain_names == ["code", "literature", "trivia"] and dfx.weights == pytest.approx(weights)
+        assert dfx.run.domain_ids.tolist() == coded["domain"]

@@ -23,6 +23,12 @@ def _columns(dataset: Any) -> list[str]:
     return list(getattr(dataset, "column_names", None) or [])
 
 
+def _class_label(dataset: Any, column: str) -> Any:
+    """The column's ``datasets.ClassLabel`` feature, or None."""
+    feature = (getattr(dataset, "features", None) or {}).get(column)
+    return feature if type(feature).__name__ == "ClassLabel" and hasattr(feature, "int2str") else None
+
+
 def resolve_labels(
     *,
     loader_dataset: Any,
@@ -39,6 +45,7 @@ def resolve_labels(
     """
     n = len(loader_dataset)
     column_labels: list[str] | None = None
+    class_ids: list[str] | None = None  # a ClassLabel column's ids as text
     source = None
     if column:
         source = next((d for d in (trainer_dataset, loader_dataset) if d is not None and column in _columns(d)), None)
@@ -48,7 +55,11 @@ def resolve_labels(
                 f"the Trainer's train_dataset has {len(source)} rows but its DataLoader serves {n}: dataflex cannot "
                 f"tell which {column!r} label belongs to which training example"
             )
-        column_labels = label_texts(source[column], f"the {column!r} labels")
+        values = source[column]
+        class_label = _class_label(source, column)
+        if class_label is not None:  # by class name ("code", not 0): domain names and Static keys read as the data's
+            class_ids, values = [str(x) for x in values], class_label.int2str(list(values))
+        column_labels = label_texts(values, f"the {column!r} labels")
     if given is None:
         if column_labels is not None:
             return column_labels
@@ -66,6 +77,8 @@ def resolve_labels(
             "the order of the dataset the Trainer trains on (a trainer that filters its dataset, such as TRL "
             "dropping over-long examples, changes that count: keep a label column instead)"
         )
+    if class_ids is not None and labels == class_ids:
+        return column_labels  # ds["domain"] of a ClassLabel column gives its ids: the same labels, named
     if column_labels is not None:
         wrong = [i for i, (a, b) in enumerate(zip(labels, column_labels)) if a != b]
         if wrong:
