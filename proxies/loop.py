@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from dataflex import dist
 from dataflex.batching import inspect_loader, rank_position_batches
+from dataflex.cadence import start_policy
 from dataflex.checkpoint import latest_step, load_state, save_step
 from dataflex.losses import per_example_token_loss
-from dataflex.policies.base import BatchObserver, MixingPolicy, warn_if_never_adaptive
+from dataflex.policies.base import BatchObserver, MixingPolicy
 from dataflex.samplers.mixture import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.state import TensorStateful
@@ -121,10 +122,7 @@ def train_mixture(
     objective = objective or MeanTokenLoss()
     k = len(domain_names)
     sizes = np.bincount(domain_ids, minlength=k)
-    policy.bind(domain_names, sizes)
-    if hasattr(policy, "check_cadence"):  # a schedule counted in updates (Piecewise)
-        policy.check_cadence(update_every)
-    warn_if_never_adaptive(policy, (steps - 1) // update_every, update_every)  # decisions at done % update_every
+    start_policy(policy, domain_names, sizes, steps=steps, update_every=update_every)  # decides at done % update_every
     schedule = WeightSchedule(domain_names, policy.initial_weights())
     world = accelerator.num_processes
     global_batch = batch_size * world

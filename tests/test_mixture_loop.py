@@ -187,3 +187,12 @@ def test_the_loop_refuses_a_piecewise_schedule_counted_in_other_updates(data):
     policy = Piecewise([(0, [0.8, 0.1, 0.1]), (4, [0.1, 0.1, 0.8])], update_every=2)
     with pytest.raises(ValueError, match=r"Piecewise\(update_every=2\) is driven by updates every 4 steps"):
         short_loop(data, policy, steps=8, update_every=4)
+
+
+def test_the_loop_warns_when_no_update_falls_inside_the_run(data):
+    """The loop binds its policy through the same start as the Trainer: an adaptive policy with no update warns."""
+    with pytest.warns(
+        UserWarning, match=r"no LawCorrected update falls inside this run \(update_every=8, .*max_steps=6\)"
+    ):
+        res = short_loop(data, law_corrected(), steps=6, update_every=8)
+    assert len(res.history) == 1

@@ -186,7 +186,7 @@ def test_store_scores_resume_and_step_records_of_any_integer_width_load():
 
 def test_odm_warns_when_the_run_ends_before_its_mixture_can_leave_uniform():
     """40 domains: exactly uniform for floor(40 ln 40) = 147 updates; 11 updates would train as Uniform."""
-    from dataflex.policies.base import warn_if_never_adaptive
+    from dataflex.cadence import warn_if_never_adaptive
 
     odm = ODM()
     odm.bind([f"d{i}" for i in range(40)], np.full(40, 10))
@@ -209,7 +209,7 @@ def test_odm_warns_when_the_run_ends_before_its_mixture_can_leave_uniform():
 
 
 def test_ado_warns_when_the_run_ends_inside_its_warmup():
-    from dataflex.policies.base import warn_if_never_adaptive
+    from dataflex.cadence import warn_if_never_adaptive
 
     ado = ADO(warmup_updates=6)
     ado.bind(NAMES, SIZES)

@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dataflex.cadence import count_decisions, start_policy, warn_no_decision
 from dataflex.checks import flag, whole_number
 from dataflex.curriculum import Curriculum
-from dataflex.policies.base import BatchObserver, BoundPolicy, MixingPolicy, warn_if_never_adaptive
+from dataflex.policies.base import BatchObserver, MixingPolicy
 from dataflex.samplers.base import ScheduledSampler
 from dataflex.samplers.curriculum import CurriculumSampler
 from dataflex.samplers.mixture import DomainMixtureSampler, ExhaustionMode
@@ -121,20 +122,6 @@ def _load_tensor_state(obj: Any, state: dict[str, Any] | None, what: str) -> Non
         obj.load_tensor_state_dict(state)
 
 
-def decisions_in_run(run: RunContext, update_every: int) -> int:
-    """Decisions that change training: at multiples of ``update_every`` after the warmup, before the last step."""
-    return max((run.max_steps - 1) // update_every - run.warmup_steps // update_every, 0)
-
-
-def _warn_no_decision(what: str, run: RunContext, update_every: int, instead: str) -> None:
-    warnings.warn(
-        f"no {what} falls inside this run (update_every={update_every}, warmup_steps={run.warmup_steps}, "
-        f"max_steps={run.max_steps}): it trains on {instead} throughout; lower update_every or "
-        "warmup_steps",
-        stacklevel=4,
-    )
-
-
 # Fewer than this many examples per domain on average, with at least this many domains, is not a mixture.
 FEW_PER_DOMAIN, MANY_DOMAINS = 2.0, 32
 
@@ -180,14 +167,14 @@ class MixingDecider:
     def build_sampler(self, run: RunContext) -> DomainMixtureSampler:
         sizes = np.bincount(run.domain_ids, minlength=len(run.domain_names))
         _warn_if_labels_look_like_ids(sizes)
-        self.policy.bind(run.domain_names, sizes)
-        if hasattr(self.policy, "check_cadence"):  # a schedule counted in updates (Piecewise)
-            self.policy.check_cadence(self.update_every, run.warmup_steps)
-        decisions = decisions_in_run(run, self.update_every)
-        if decisions == 0 and type(self.policy).update is not BoundPolicy.update:  # fixed mixtures never update
-            _warn_no_decision(f"{type(self.policy).__name__} update", run, self.update_every, "its initial mixture")
-        else:
-            warn_if_never_adaptive(self.policy, decisions, self.update_every)
+        start_policy(
+            self.policy,
+            run.domain_names,
+            sizes,
+            steps=run.max_steps,
+            update_every=self.update_every,
+            warmup_steps=run.warmup_steps,
+        )
         schedule = WeightSchedule(run.domain_names, self.policy.initial_weights())
         self.sampler = DomainMixtureSampler(
             run.domain_ids,
@@ -256,8 +243,16 @@ class SelectionDecider:
         self.needs_dynamics = bool(getattr(selector, "needs_dynamics", False))
 
     def build_sampler(self, run: RunContext) -> SubsetSampler:
-        if decisions_in_run(run, self.update_every) == 0 and not isinstance(self.selector, FixedSubset):
-            _warn_no_decision(f"{type(self.selector).__name__} selection", run, self.update_every, "the whole pool")
+        if count_decisions(run.max_steps, self.update_every, run.warmup_steps) == 0 and not isinstance(
+            self.selector, FixedSubset
+        ):
+            warn_no_decision(
+                f"{type(self.selector).__name__} selection",
+                "the whole pool",
+                steps=run.max_steps,
+                update_every=self.update_every,
+                warmup_steps=run.warmup_steps,
+            )
         schedule = SubsetSchedule(run.num_samples, self.selector.initial_subset(run.num_samples))
         labels = [run.domain_names[d] for d in run.domain_ids]
         return SubsetSampler(schedule, seed=run.seed, num_samples=run.num_samples, labels=labels)

@@ -45,7 +45,7 @@ def resolve_labels(
     """
     n = len(loader_dataset)
     column_labels: list[str] | None = None
-    class_ids: list[str] | None = None  # a ClassLabel column's ids as text
+    class_ids: list[Any] | None = None  # a ClassLabel column's ids, as stored
     source = None
     if column:
         source = next((d for d in (trainer_dataset, loader_dataset) if d is not None and column in _columns(d)), None)
@@ -58,7 +58,7 @@ def resolve_labels(
         values = source[column]
         class_label = _class_label(source, column)
         if class_label is not None:  # by class name ("code", not 0): domain names and Static keys read as the data's
-            class_ids, values = [str(x) for x in values], class_label.int2str(list(values))
+            class_ids, values = list(values), class_label.int2str(list(values))
         column_labels = label_texts(values, f"the {column!r} labels")
     if given is None:
         if column_labels is not None:
@@ -77,7 +77,7 @@ def resolve_labels(
             "the order of the dataset the Trainer trains on (a trainer that filters its dataset, such as TRL "
             "dropping over-long examples, changes that count: keep a label column instead)"
         )
-    if class_ids is not None and labels == class_ids:
+    if class_ids is not None and labels == [str(x) for x in class_ids]:
         return column_labels  # ds["domain"] of a ClassLabel column gives its ids: the same labels, named
     if column_labels is not None:
         wrong = [i for i, (a, b) in enumerate(zip(labels, column_labels)) if a != b]

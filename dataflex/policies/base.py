@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,7 +10,7 @@ import torch
 
 from dataflex.store import DomainStats
 
-__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy", "NeedsPreparation", "warn_if_never_adaptive"]
+__all__ = ["BatchObserver", "BoundPolicy", "MixingPolicy", "NeedsPreparation"]
 
 
 @runtime_checkable
@@ -95,27 +94,3 @@ class BoundPolicy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
-
-
-def warn_if_never_adaptive(policy: Any, decisions: int, update_every: int) -> None:
-    """Warn when a bound policy's mixture cannot leave its initial weights within the run's ``decisions`` updates.
-
-    ODM's exploration keeps the mixture exactly uniform for its first ``floor(K ln K)`` updates (147 for 40
-    domains) and ADO keeps its prior until ``warmup_updates``: a run shorter than that is a static mixture under
-    another name, and a comparison with one would report no difference without saying why. Policies that
-    define ``first_adaptive_update()`` are checked; ``adapting_within(decisions)`` names a setting that would
-    move within the run (empty when none would).
-    """
-    first = getattr(policy, "first_adaptive_update", None)
-    if first is None or policy.num_domains < 2:
-        return
-    needed = first()
-    if decisions >= needed:
-        return
-    hint = policy.adapting_within(decisions) if hasattr(policy, "adapting_within") else ""
-    warnings.warn(
-        f"{type(policy).__name__} over {policy.num_domains} domains keeps its initial mixture until its update "
-        f"{needed}, but this run makes {decisions} updates (update_every={update_every}): it will train on the "
-        f"initial mixture throughout. Use {hint + ', ' if hint else ''}a smaller update_every, or a longer run",
-        stacklevel=3,
-    )
