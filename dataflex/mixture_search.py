@@ -68,6 +68,7 @@ __all__ = [
     "objective_values",
     "propose_mixture",
     "propose_schedule",
+    "ranking_skill",
     "repetition_caps",
 ]
 
@@ -120,6 +121,35 @@ def objective_values(
             f"objective weights must be >= 0 over evaluated domains {names}, not all 0; got {dict(objective)}"
         )
     return predicted @ (weights / weights.sum())
+
+
+def ranking_skill(
+    predicted: np.ndarray,
+    measured: np.ndarray,
+    eval_domains: Sequence[str],
+    objective: str | Mapping[str, float] = "mean",
+) -> float:
+    """How well a law *orders* runs it was not fitted on by ``objective``: Spearman's rank correlation, across
+    runs, between the objective of the held-out predictions (:meth:`MixtureLaw.held_out_error`'s
+    ``predicted``) and the objective of the measured losses, both ``(runs, eval domains)``.
+
+    A proposal is the law's best-ranked mixture, so what it needs from the law is the order of mixtures, not
+    the level of their losses; a small absolute error can hide an order no better than chance (a law that
+    predicts every run's mean loss nearly as the swarm's average has a small error and no order). ``<= 0``:
+    the law orders held-out runs by the objective no better than chance, so its proposal is not expected to
+    beat the prior. NaN when either side is constant across runs (no order to compare)."""
+    predicted, measured = np.atleast_2d(predicted), np.atleast_2d(measured)
+    if predicted.shape != measured.shape:
+        raise ValueError(f"predicted {predicted.shape} and measured {measured.shape} losses must have one shape")
+    if predicted.shape[0] < 3:
+        raise ValueError(f"an order needs at least 3 runs; got {predicted.shape[0]}")
+    a = objective_values(predicted, eval_domains, objective)
+    b = objective_values(measured, eval_domains, objective)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b)[0])
 
 
 def _project_box_simplex(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

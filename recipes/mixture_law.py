@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ from omegaconf import OmegaConf
 
 from dataflex.domains import encode_domains
 from dataflex.mixture_law import MixtureLaw
-from dataflex.mixture_search import Proposal, propose_mixture, propose_schedule, repetition_caps
+from dataflex.mixture_search import (
+    Proposal,
+    objective_values,
+    propose_mixture,
+    propose_schedule,
+    ranking_skill,
+    repetition_caps,
+)
 from dataflex.policies import ODM, LawCorrected, Natural, Piecewise, Static, Uniform
 from dataflex.proxies.doremi import DoReMiOffline
 from dataflex.recipes.mixture import load_split, run_experiment
@@ -126,7 +134,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
 
     staged = cfg.swarm.stages > 1  # evaluate along each run too: laws per fraction give a schedule
 
-    def proxy(weights: np.ndarray, index: int) -> dict[str, Any]:
+    def proxy(weights: np.ndarray, index: int, seed: int = cfg.seed, work_name: str = "work") -> dict[str, Any]:
         # One validation pass per stage, the last at the end of training gives the run's losses (no second
         # pass over the same examples afterwards); a proxy is scored on swarm.val_per_domain examples per
         # domain when set — at 100-step proxies, evaluation, not training, is most of a proxy's time.
@@ -135,12 +143,12 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             steps=cfg.swarm.steps,
             batch_size=cfg.swarm.batch_size,
             lr=cfg.lr,
-            seed=cfg.seed,
+            seed=seed,
             update_every=cfg.swarm.steps,
             eval_every=cfg.swarm.steps // cfg.swarm.stages,
             curve_per_domain=cfg.data.val_per_domain if proxy_val is None else proxy_val,
             curve_by_domain=True,
-            work_dir=swarm.folder / f"work-{index}",
+            work_dir=swarm.folder / f"{work_name}-{index}",
             eval_splits=(),
             **common,
         )
@@ -166,6 +174,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
             raise RuntimeError(f"swarm runs {swarm.pending()} are not finished; run stage=swarm for them first")
         return None
     runs = swarm.collect()
+    noise = replicate_noise(cfg, swarm, runs, proxy) if cfg.swarm.get("replicates", 0) else None
     # Each stage's cache is keyed by the settings it depends on (and its upstream stage's key), so rerunning
     # with other settings computes anew instead of silently reusing a law, proposal or run made otherwise.
     law_key = settings_key(kinds=list(cfg.law.kinds), folds=cfg.law.folds, swarm=swarm_key, runs=len(runs))
@@ -177,7 +186,12 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         write_json_atomic(fit_path, {"chosen": best, "held_out": errors})
     law, fit = MixtureLaw.load(law_path), read_json(fit_path)
     errors = {k: round(v["mean_mae"], 4) for k, v in fit["held_out"].items()}
-    print(f"law: {law.kind} (held-out mean absolute error per kind: {errors})")
+    skill = law_skill(fit, runs, cfg.propose.objective)
+    print(
+        f"law: {law.kind} (held-out mean absolute error per kind: {errors}; rank correlation of the held-out "
+        f"runs' {cfg.propose.objective} loss with its prediction: { {k: round(v, 2) for k, v in skill.items()} })"
+    )
+    warn_if_unskilled(law.kind, skill[law.kind], cfg.propose.objective, len(runs))
     if cfg.stage == "fit":
         return None
     proposal_key = settings_key(
@@ -229,12 +243,89 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         names,
         common,
         work,
-        swarm_steps=cfg.swarm.steps * len(runs),
-        swarm_seconds=float(sum(read_json(swarm.result_path(i)).get("seconds", 0.0) for i in range(len(runs)))),
+        swarm_steps=cfg.swarm.steps * (len(runs) + (0 if noise is None else noise["runs"])),
+        swarm_seconds=float(sum(read_json(swarm.result_path(i)).get("seconds", 0.0) for i in range(len(runs))))
+        + (0.0 if noise is None else noise["seconds"]),
+        noise=noise,
         fit=fit,
         runs=runs,
         key=proposal_key,
     )
+
+
+def replicate_noise(cfg: Any, swarm: Swarm, runs: Any, proxy: Any) -> dict[str, Any]:
+    """Rerun the swarm's first ``swarm.replicates`` mixtures on another data order (same model init) and say
+    how reproducible the proxies' order of mixtures is: Spearman's rank correlation between the two runs of
+    each mixture, of the objective (``propose.objective``) and per evaluated domain, and the objective's
+    spread between the replicas of one mixture against its spread across mixtures. A law can only learn an
+    order the proxies reproduce; a correlation near 0 says the differences between mixtures are noise at
+    this proxy size, whatever law is fitted. The replicas count in the swarm's cost."""
+    count = int(cfg.swarm.replicates)
+    seed = int(np.random.SeedSequence([int(cfg.seed), 0x5EED]).generate_state(1)[0] % 2**31)  # not the swarm's
+    losses, seconds = [], 0.0
+    for i in range(count):
+        path = swarm.folder / f"replicate-{i:05d}.json"
+        if not path.is_file() or read_json(path).get("seed") != seed:
+            result = proxy(runs.weights[i], i, seed=seed, work_name="work-replicate")
+            write_json_atomic(path, {"seed": seed, "losses": result["losses"], "seconds": result["seconds"]})
+        saved = read_json(path)
+        losses.append([saved["losses"][d] for d in runs.eval_domains])
+        seconds += float(saved["seconds"])
+    first, again = runs.losses[:count], np.asarray(losses)
+    objective = cfg.propose.objective
+    a, b = (objective_values(x, runs.eval_domains, objective) for x in (first, again))
+    noise = {
+        "runs": count,
+        "seed": seed,
+        "seconds": seconds,
+        "objective_rank": ranking_skill(again, first, runs.eval_domains, objective),
+        "domain_rank": dict(
+            zip(
+                runs.eval_domains,
+                (ranking_skill(again[:, [j]], first[:, [j]], [d], d) for j, d in enumerate(runs.eval_domains)),
+            )
+        ),
+        # sd of one run's objective from the pairs (var of a difference = 2 var), against the sd across mixtures
+        "replicate_sd": float(np.sqrt(np.mean((a - b) ** 2) / 2)),
+        "between_sd": float(np.std(objective_values(runs.losses, runs.eval_domains, objective), ddof=1)),
+        "losses": again.tolist(),
+    }
+    per_domain = float(np.nanmedian(list(noise["domain_rank"].values())))
+    print(
+        f"replicates: {count} mixtures rerun on another data order; rank correlation of their {objective} loss "
+        f"{noise['objective_rank']:+.2f}, per domain (median) {per_domain:+.2f}; sd of one run "
+        f"{noise['replicate_sd']:.4f} vs across mixtures {noise['between_sd']:.4f}"
+    )
+    if not noise["objective_rank"] > 0:
+        warnings.warn(
+            f"the swarm's proxies do not reproduce their order of mixtures by {objective} loss on another data "
+            f"order (rank correlation {noise['objective_rank']:+.2f} over {count} mixtures): no law fitted on "
+            "them can rank mixtures by that objective. More or longer proxy runs (swarm.size, swarm.steps), or an "
+            "objective they do reproduce, are what can change that.",
+            stacklevel=2,
+        )
+    return noise
+
+
+def law_skill(fit: dict[str, Any], runs: Any, objective: Any) -> dict[str, float]:
+    """Each fitted kind's :func:`~dataflex.mixture_search.ranking_skill` on the swarm's held-out runs."""
+    return {
+        kind: ranking_skill(np.asarray(held["predicted"]), runs.losses, runs.eval_domains, objective)
+        for kind, held in fit["held_out"].items()
+    }
+
+
+def warn_if_unskilled(kind: str, skill: float, objective: Any, num_runs: int) -> None:
+    """A proposal from a law that cannot order held-out runs is a draw around the prior, whatever its predicted
+    gain says: say so before the main runs are paid for, rather than report that gain as if it were meant."""
+    if np.isnan(skill) or skill <= 0:
+        warnings.warn(
+            f"the {kind} law orders the swarm's held-out runs by their {objective} loss no better than chance "
+            f"(Spearman rank correlation {skill:+.2f} over {num_runs} runs), so its proposal is not expected to "
+            "beat the prior. More proxy runs (swarm.size) or a law with fewer parameters (law.kinds) may change "
+            "that; swarm.replicates=k says whether the proxies themselves reproduce their order of mixtures.",
+            stacklevel=2,
+        )
 
 
 def search_settings(cfg: Any, prior: np.ndarray, caps: np.ndarray | None) -> dict[str, Any]:
@@ -278,7 +369,18 @@ def propose_stages(cfg: Any, swarm: Swarm, law: MixtureLaw, proposed: dict[str, 
 
 
 def main_runs(
-    cfg, proposed, names, common, work: Path, *, swarm_steps: int, swarm_seconds: float, fit, runs, key: str
+    cfg,
+    proposed,
+    names,
+    common,
+    work: Path,
+    *,
+    swarm_steps: int,
+    swarm_seconds: float,
+    fit,
+    runs,
+    key: str,
+    noise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The proposal (corrected online) and the uniform and natural baselines at the main run's budget."""
 
@@ -346,6 +448,8 @@ def main_runs(
         "proposal": proposed,
         "law": fit["chosen"],
         "held_out_mae": {k: v["mean_mae"] for k, v in fit["held_out"].items()},
+        "held_out_rank": law_skill(fit, runs, cfg.propose.objective),
+        "replicates": noise,  # how reproducible the proxies' order of mixtures is (swarm.replicates; None: not run)
         "swarm_steps": swarm_steps,
         "swarm_steps_per_main_run": swarm_steps / cfg.main.steps,
         "swarm_seconds": swarm_seconds,  # this swarm's runs' training time (its folder's runs only)
@@ -368,7 +472,8 @@ def main_runs(
 def report_lines(summary: dict[str, Any], names: list[str]) -> list[str]:
     arms = summary["arms"]
     lines = [
-        f"Law: {summary['law']} (held-out MAE {summary['held_out_mae']}); swarm cost {summary['swarm_steps']} proxy "
+        f"Law: {summary['law']} (held-out MAE {summary['held_out_mae']}; rank correlation of the held-out runs' "
+        f"objective with its prediction {summary.get('held_out_rank')}); swarm cost {summary['swarm_steps']} proxy "
         f"steps = {summary['swarm_steps_per_main_run']:.2f} main runs.",
         "",
         "| domain | law predicted (proposal) | " + " | ".join(f"{a} test" for a in arms) + " |",

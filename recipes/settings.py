@@ -208,6 +208,12 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     positive_number("swarm.concentration", cfg.swarm.concentration)
     optional_positive_int("swarm.val_per_domain", cfg.swarm.get("val_per_domain"))
     one_of("swarm.prior", cfg.swarm.prior, ("uniform", "natural"))
+    replicates = nonnegative_int("swarm.replicates", cfg.swarm.get("replicates", 0))
+    if not (replicates == 0 or 3 <= replicates <= cfg.swarm.size):
+        raise ValueError(
+            f"swarm.replicates={replicates}: rerun 0 (none) or between 3 (an order needs three) and swarm.size="
+            f"{cfg.swarm.size} of the swarm's mixtures"
+        )
     if cfg.swarm.run_index is not None:
         index = nonnegative_int("swarm.run_index", cfg.swarm.run_index)
         if index >= cfg.swarm.size:

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from dataflex.mixture_law import LAW_KINDS, MixtureLaw, SwarmRuns
-from dataflex.mixture_search import objective_values, propose_mixture, propose_schedule, repetition_caps
+from dataflex.mixture_search import (
+    objective_values,
+    propose_mixture,
+    propose_schedule,
+    ranking_skill,
+    repetition_caps,
+)
 
 DOMAINS = ["a", "b", "c", "d", "e"]
 
@@ -65,6 +71,77 @@ def test_every_kind_reports_its_held_out_error_and_the_right_law_fits_best():
     assert errors["loglinear"]["mean_mae"] < 0.005 < errors["gbm"]["mean_mae"]
     with pytest.raises(ValueError, match=r"folds must be in \[2, runs=40\]; got 1"):
         MixtureLaw("gp").held_out_error(runs, folds=1)
+
+
+def test_ranking_skill_is_the_rank_correlation_of_the_objective_over_held_out_runs():
+    runs, _, _ = synthetic_loglinear(runs=30)
+    held = MixtureLaw("loglinear").held_out_error(runs, folds=5)["predicted"]
+    assert ranking_skill(held, runs.losses, runs.eval_domains, "mean") > 0.95  # a law that knows the truth orders
+    # Spearman by hand on a small case: the objective of each row, then the correlation of their ranks.
+    measured = np.array([[1.0, 2.0], [2.0, 2.0], [3.0, 2.5], [4.0, 0.0]])  # means 1.5, 2, 2.75, 2
+    predicted = np.array([[4.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0]])  # means 2, 1.5, 1, 0.5
+    # worst: measured 2, 2, 3, 4 (ranks 1.5, 1.5, 3, 4); predicted 4, 3, 2, 1 (ranks 4, 3, 2, 1)
+    assert ranking_skill(predicted, measured, ["a", "b"], "worst") == pytest.approx(-0.9486833, abs=1e-6)
+    assert ranking_skill(predicted, measured, ["a", "b"], "b") != ranking_skill(predicted, measured, ["a", "b"], "a")
+    assert np.isnan(ranking_skill(np.ones((4, 2)), measured, ["a", "b"], "mean"))  # a flat law has no order
+    with pytest.raises(ValueError, match=r"one shape"):
+        ranking_skill(predicted[:3], measured, ["a", "b"])
+    with pytest.raises(ValueError, match=r"at least 3 runs; got 2"):
+        ranking_skill(predicted[:2], measured[:2], ["a", "b"])
+
+
+def test_a_law_without_ranking_skill_is_named_before_the_main_runs():
+    from dataflex.recipes.mixture_law import warn_if_unskilled
+
+    with pytest.warns(UserWarning, match=r"gbm law orders .* by their mean loss no better than chance .*-0\.20 over 7"):
+        warn_if_unskilled("gbm", -0.2, "mean", 7)
+    with pytest.warns(UserWarning, match=r"rank correlation \+nan"):
+        warn_if_unskilled("gp", float("nan"), "worst", 7)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_unskilled("gp", 0.4, "mean", 7)
+
+
+def test_replicates_measure_how_reproducible_the_proxies_order_is_and_are_cached(tmp_path):
+    """swarm.replicates reruns the first mixtures on another data order: a proxy whose losses follow the
+    mixture reproduces its order (rank 1, no warning); one whose order flips with the data order is named."""
+    import warnings
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from dataflex.recipes.mixture_law import replicate_noise
+
+    weights = np.random.default_rng(0).dirichlet(np.ones(3), 6)
+    slopes = np.array([1.0, 2.0, 3.0])
+    truth = 2.0 - slopes * weights  # each domain's loss falls with its share (the mean too: slopes differ)
+    runs = SwarmRuns(weights, truth, ["a", "b", "c"], ["a", "b", "c"])
+    cfg = OmegaConf.create({"seed": 3, "swarm": {"replicates": 4}, "propose": {"objective": "mean"}})
+    calls = []
+
+    def proxy(w, index, seed, work_name, flip=False):
+        calls.append((index, seed, work_name))
+        assert np.array_equal(w, weights[index]) and seed != cfg.seed  # another data order, the same mixture
+        losses = 2.0 + (1 if flip else -1) * slopes * weights[index] + [0.0, 0.001 * index, 0.0]
+        return {"losses": dict(zip("abc", losses.tolist())), "seconds": 1.5}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        noise = replicate_noise(cfg, SimpleNamespace(folder=tmp_path), runs, proxy)
+    assert [c[0] for c in calls] == [0, 1, 2, 3] and noise["runs"] == 4 and noise["seconds"] == 6.0
+    assert noise["domain_rank"]["a"] == pytest.approx(1.0) and noise["replicate_sd"] < 0.002
+    assert noise["between_sd"] == pytest.approx(np.std(truth.mean(1), ddof=1))
+    again = replicate_noise(cfg, SimpleNamespace(folder=tmp_path), runs, proxy)
+    assert len(calls) == 4 and again["losses"] == noise["losses"]  # cached: no run redone
+
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    cfg.propose.objective = "a"
+    with pytest.warns(UserWarning, match=r"do not reproduce their order of mixtures by a loss .*-1\.00 over 4"):
+        noise = replicate_noise(cfg, SimpleNamespace(folder=flipped), runs, lambda *a, **k: proxy(*a, **k, flip=True))
+    assert noise["objective_rank"] == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("kind", LAW_KINDS)
@@ -465,6 +542,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     assert json.loads((folder / "run-00002.json").read_text())["losses_at"][0]["fraction"] == 0.5
     proposal = summary["proposal"]["weights"]
     assert abs(sum(proposal.values()) - 1) < 1e-9 and min(proposal.values()) >= 0.02 - 1e-9
+    assert set(summary["held_out_rank"]) == {"gp", "gbm"}
     assert "| **mean** |" in done.stdout and (work / "predicted_vs_measured.png").is_file()
     again = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "swarm:" not in again.stderr  # every stage cached
@@ -491,6 +569,9 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("swarm.run_index=20", r"swarm.run_index=20 is outside the swarm's 0..13"),
         ("swarm.val_per_domain=0", "swarm.val_per_domain must be a positive integer; got 0"),
         ("swarm.prior=zipf", "swarm.prior='zipf'; valid values are uniform, natural"),
+        ("swarm.replicates=2", r"swarm.replicates=2: rerun 0 \(none\) or between 3 .* swarm.size=14"),
+        ("swarm.replicates=15", r"swarm.replicates=15: rerun 0"),
+        ("swarm.replicates=-1", r"swarm.replicates must be an integer >= 0; got -1"),
         ("law.kinds=[linear]", "law.kinds='linear'; valid values are loglinear, gbm, gp, own_share"),
         ("law.folds=1", r"law.folds must be in \[2, swarm.size=14\]; got 1"),
         ("propose.max_kl=0.1", "give at most one of propose.max_kl and propose.max_l1"),

@@ -45,9 +45,15 @@ def seeds_beating_uniform(results: dict[str, Any], arm: str) -> int:
 def main() -> None:
     rows = []
     uniform = None
+    seen: dict[str, list[str]] = {}  # the same main runs written by several invocations: listed once, all named
     for path in [HERE / "results.json", *sorted(HERE.glob("*/results.json"))]:
         results = json.loads(path.read_text())
         name = path.parent.name if path.parent != HERE else "(default command)"
+        runs = json.dumps([s["arms"] for s in results["seeds"]], sort_keys=True)
+        if runs in seen:
+            seen[runs].append(name)
+            continue
+        seen[runs] = [name]
         if uniform is None and all("uniform" in s["arms"] for s in results["seeds"]):
             uniform = {split: per_seed(results, "uniform", split) for split in ("validation", "test")}
         for arm in LAW_ARMS:
@@ -55,7 +61,7 @@ def main() -> None:
             test_mean, test_worst = per_seed(results, arm, "test")
             if val_mean:
                 wins = seeds_beating_uniform(results, arm)
-                rows.append((name, arm, val_mean, val_worst, test_mean, test_worst, wins))
+                rows.append((seen[runs], arm, val_mean, val_worst, test_mean, test_worst, wins))
     if uniform is None:
         raise SystemExit(f"no results.json under {HERE} holds a uniform arm on every seed")
     rows.sort(key=lambda r: statistics.median(r[2]))
@@ -72,6 +78,7 @@ def main() -> None:
         f"| (uniform) | uniform | {median_range(uniform['validation'][0])} | {median_range(uniform['validation'][1])} "
         f"| {median_range(uniform['test'][0])} | {median_range(uniform['test'][1])} | - |",
     ]
+    rows = [(" = ".join(names), *rest) for names, *rest in rows]
     for name, arm, val_mean, val_worst, test_mean, test_worst, wins in rows:
         lines.append(
             f"| {name} | {arm} | {median_range(val_mean)} | {median_range(val_worst)} | {median_range(test_mean)} "

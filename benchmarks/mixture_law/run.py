@@ -75,6 +75,12 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="propose the mean of this many best candidates (propose.average_top; 1: the single best)",
     )
+    p.add_argument(
+        "--replicates",
+        type=int,
+        default=0,
+        help="rerun this many swarm mixtures on another data order: how reproducible the proxies' order is",
+    )
     p.add_argument("--radius", type=float, default=0.1)
     p.add_argument("--baselines", nargs="+", default=["uniform", "natural", "odm", "doremi"])
     p.add_argument("--work", type=Path, default=Path("outputs/mixture_law_bench"))
@@ -106,6 +112,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         f"correct.radius={args.radius}",
         "data.val_per_domain=null",
         f"swarm.val_per_domain={'null' if args.proxy_val_per_domain is None else args.proxy_val_per_domain}",
+        f"swarm.replicates={args.replicates}",
     ]
     if args.quick:
         overrides += ["data.train_per_domain=60", "data.val_per_domain=20"]
@@ -156,6 +163,7 @@ def main() -> None:
     swarm_ratio = [s["swarm_steps_per_main_run"] for s in per_seed]
     swarm_wall = [s["swarm_seconds"] / s["main_seconds"].get("uniform", 1.0) for s in per_seed]
     held = {k: [s["held_out_mae"][k] for s in per_seed] for k in per_seed[0]["held_out_mae"]}
+    rank = {k: [s["held_out_rank"][k] for s in per_seed] for k in per_seed[0]["held_out_rank"]}
     # How far the law's proposal prediction (proxy scale) is from the main run's final validation loss there.
     main_error = [
         float(
@@ -173,9 +181,18 @@ def main() -> None:
         f"Swarm cost: {median_range(swarm_ratio, '{:.2f}')} main runs in steps, {median_range(swarm_wall, '{:.2f}')} "
         "in wall time. Law chosen per seed: " + ", ".join(s["law"] for s in per_seed) + ".",
         "",
-        "| law kind | held-out-run mean absolute error (validation loss) |",
-        "|---|---|",
-        *[f"| {k} | {median_range(v, '{:.4f}')} |" for k, v in held.items()],
+        f"| law kind | held-out-run mean absolute error (validation loss) | rank correlation of held-out runs' "
+        f"{args.objective} loss with the prediction, per seed |",
+        "|---|---|---|",
+        *[
+            f"| {k} | {median_range(v, '{:.4f}')} | {', '.join(f'{r:+.2f}' for r in rank[k])} |"
+            for k, v in held.items()
+        ],
+        "",
+        "A proposal is the law's best-ranked mixture, so it needs the order of mixtures right, not the level "
+        "(`dataflex.mixture_search.ranking_skill`: Spearman's rho over the swarm's runs, each predicted by a fit "
+        "that did not see it; 0 is chance).",
+        *replicate_lines(per_seed, args.seeds, args.objective),
         "",
         f"The law's prediction at the proposal vs the main run's final validation loss there (mean absolute error "
         f"over domains): {median_range(main_error)} — the swarm's runs are {args.steps // args.swarm_steps}x "
@@ -197,11 +214,36 @@ def main() -> None:
         "summary": summary,
         "swarm_ratio": swarm_ratio,
         "held_out_mae": held,
+        "held_out_rank": rank,
         "main_error": main_error,
         "seeds": per_seed,
     }
     print(write_results(args.out, lines, data))
     plot(args, summary, domains)
+
+
+def replicate_lines(per_seed: list[dict[str, Any]], seeds: list[int], objective: str) -> list[str]:
+    """How reproducible the proxies' order of mixtures is (``--replicates``), per seed."""
+    noise = [s.get("replicates") for s in per_seed]
+    if not all(noise):
+        return []
+    lines = [
+        "",
+        f"Replicates: {noise[0]['runs']} swarm mixtures per seed rerun on another data order (same model init); "
+        "Spearman's rank correlation between the two runs of each mixture, and the sd of one run's loss against "
+        "the sd across the swarm's mixtures:",
+        "",
+        f"| seed | rank correlation, {objective} loss | rank correlation per domain (median) | sd of one run | "
+        "sd across mixtures |",
+        "|---|---|---|---|---|",
+    ]
+    for seed, n in zip(seeds, noise):
+        per_domain = float(np.nanmedian(list(n["domain_rank"].values())))
+        lines.append(
+            f"| {seed} | {n['objective_rank']:+.2f} | {per_domain:+.2f} | {n['replicate_sd']:.4f} | "
+            f"{n['between_sd']:.4f} |"
+        )
+    return lines
 
 
 def schedule_lines(per_seed: list[dict[str, Any]], arms: list[str], steps: int, objective: str) -> list[str]:
