@@ -90,6 +90,9 @@ class ExampleWeightedLoss:
         self.temperature, self.direction, self.max_weight = temperature, direction, max_weight
         self.accumulation = int(gradient_accumulation_steps)
         self.last_weights: torch.Tensor | None = None
+        # What the Trainer multiplies this loss by (the process count under average_tokens_across_devices,
+        # dataflex.hf.loss_scale); set by the dataflex callback at train begin, None until then.
+        self.trainer_scale: int | None = None
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
@@ -101,4 +104,19 @@ class ExampleWeightedLoss:
         )
         self.last_weights = weights
         safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
-        return (weights * safe).sum() / max(per_example.shape[0], 1) / self.accumulation
+        loss = (weights * safe).sum() / max(per_example.shape[0], 1) / self.accumulation
+        # The Trainer multiplies a custom loss only when it counted num_items_in_batch (dataflex.hf.loss_scale).
+        return loss if num_items_in_batch is None else loss / self._trainer_scale()
+
+    def _trainer_scale(self) -> int:
+        if self.trainer_scale is not None:
+            return self.trainer_scale
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                raise RuntimeError(
+                    f"ExampleWeightedLoss in a {world}-process run must be passed through a dataflex callback "
+                    "(compute_loss_func=callback.wrap_loss(ExampleWeightedLoss(...))): the Trainer multiplies a "
+                    "custom loss by its process count, and only the callback can tell this loss by how much"
+                )
+        return 1

@@ -79,3 +79,34 @@ def test_two_process_influence_selection_is_identical_on_both_ranks(tmp_path):
     # under DDP the Trainer callback makes the same selections on both ranks
     assert r0["history"] == r1["history"] and len(r0["history"]) >= 3
     assert r0["store_scores"] == r1["store_scores"]
+
+
+@pytest.mark.slow  # ~40 s; .ci/run runs it
+def test_example_weighted_loss_gives_the_same_step_in_one_and_two_processes(tmp_path):
+    """The Trainer multiplies a custom loss by the process count (average_tokens_across_devices): the callback
+    tells ExampleWeightedLoss, which divides it back out — without that the 2-process step was twice the
+    1-process one. A bare ExampleWeightedLoss across processes is refused, naming the fix."""
+    one = tmp_path / "one"
+    one.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "loss_scale_worker.py"), str(one), "wrapped"],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = json.loads((one / "rank0.json").read_text())
+    assert single["trainer_scale"] == 1 and single["change"] > 0
+    two = tmp_path / "two"
+    two.mkdir()
+    run_two_processes("loss_scale_worker.py", two, "wrapped")
+    for rank in (0, 1):
+        result = json.loads((two / f"rank{rank}.json").read_text())
+        assert result["world"] == 2 and result["trainer_scale"] == 2
+        assert result["change"] == pytest.approx(single["change"], rel=1e-5)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    run_two_processes("loss_scale_worker.py", bare, "bare")
+    message = json.loads((bare / "rank0.json").read_text())["error"]
+    assert "2-process run must be passed through a dataflex callback" in message

@@ -117,3 +117,44 @@ def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp
         r"accumulates 2 micro-batches per step: every gradient would be scaled by 2",
     ):
         trainer.train()
+
+
+def test_the_trainers_custom_loss_multiplier_follows_its_version_and_settings(monkeypatch):
+    """dataflex.hf.loss_scale mirrors Trainer.compute_loss: x processes / tensor-parallel size under
+    average_tokens_across_devices (x GPUs under DataParallel in 5.x), 1 without it, unknown before 4.50."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from dataflex.hf.loss_scale import custom_loss_multiplier
+
+    def trainer(average=True, n_gpu=1, processes=4, tp=None):
+        t = SimpleNamespace(
+            args=SimpleNamespace(average_tokens_across_devices=average, n_gpu=n_gpu),
+            accelerator=SimpleNamespace(num_processes=processes),
+        )
+        if tp is not None:
+            t.get_tp_size = lambda: tp
+        return t
+
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    assert custom_loss_multiplier(trainer()) == 4
+    assert custom_loss_multiplier(trainer(tp=2)) == 2
+    assert custom_loss_multiplier(trainer(average=False)) == 1
+    assert custom_loss_multiplier(trainer(n_gpu=3, processes=1)) == 3
+    monkeypatch.setattr(transformers, "__version__", "4.55.0.dev0")
+    assert custom_loss_multiplier(trainer(n_gpu=3, processes=1)) == 1 and custom_loss_multiplier(trainer()) == 4
+    monkeypatch.setattr(transformers, "__version__", "4.49.0")
+    assert custom_loss_multiplier(trainer()) is None
+
+
+def test_example_weighted_loss_divides_by_the_trainer_scale_only_when_the_trainer_counted_tokens():
+    logits = torch.randn(3, 5, 11)
+    labels = torch.randint(0, 11, (3, 5))
+    outputs = {"logits": logits}
+    loss = ExampleWeightedLoss(temperature=float("inf"))
+    plain = loss(outputs, labels)
+    assert loss.trainer_scale is None and torch.equal(loss(outputs, labels, num_items_in_batch=12), plain)
+    loss.trainer_scale = 4  # set by the callback at train begin
+    assert torch.allclose(loss(outputs, labels, num_items_in_batch=12), plain / 4)
+    assert torch.equal(loss(outputs, labels), plain)  # no count, no multiplication to undo

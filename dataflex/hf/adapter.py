@@ -50,6 +50,7 @@ from dataflex.hf.capture import LossCapture
 from dataflex.hf.deciders import Decider, RunContext
 from dataflex.hf.labels import resolve_labels
 from dataflex.hf.lengths import example_lengths
+from dataflex.hf.loss_scale import custom_loss_multiplier
 from dataflex.hf.tracking import BatchTracker
 from dataflex.losses import padding_free_segments
 from dataflex.samplers.base import ScheduledSampler
@@ -253,6 +254,7 @@ class TrainerAdapter(TrainerCallback):
             )
         self._check_stack_settings(args)
         self._check_trainer_kind(trainer)
+        self._tell_loss_the_trainer_scale(args, trainer)
         if trainer is not None:
             checkpoint.barrier_after_rank_files(trainer)
         self._in_training = True
@@ -369,6 +371,30 @@ class TrainerAdapter(TrainerCallback):
                 f"Trainer accumulates {args.gradient_accumulation_steps} micro-batches per step: every gradient would "
                 f"be scaled by {args.gradient_accumulation_steps / loss_accumulation:g}; give both the same value"
             )
+
+    def _tell_loss_the_trainer_scale(self, args: Any, trainer: Trainer | None) -> None:
+        """A wrapped loss that averages over its own micro-batch (``trainer_scale`` attribute, e.g.
+        ExampleWeightedLoss) learns the factor the Trainer multiplies it by (:mod:`dataflex.hf.loss_scale`)."""
+        loss = self.capture.wrapped_loss
+        if loss is None or not hasattr(loss, "trainer_scale"):
+            return
+        scale = custom_loss_multiplier(trainer) if trainer is not None else None
+        if scale is None:
+            if int(getattr(args, "world_size", 1)) > 1:
+                import transformers
+
+                raise ValueError(
+                    f"{type(loss).__name__} in a {args.world_size}-process run needs "
+                    + (
+                        f"transformers >= 4.50 (this is {transformers.__version__}): how older Trainers rescale a "
+                        "custom loss across processes is not known to dataflex, so every gradient could be off by "
+                        "the process count"
+                        if trainer is not None
+                        else "the Trainer: pass trainer= to the callback or call callback.attach(trainer)"
+                    )
+                )
+            scale = 1
+        loss.trainer_scale = scale
 
     @staticmethod
     def _check_trainer_kind(trainer: Trainer | None) -> None:

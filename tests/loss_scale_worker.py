@@ -1,0 +1,70 @@
+"""Run by test_distributed.py, under `torchrun --nproc_per_node 2` (gloo on CPU) and in one process.
+
+One SGD step (no clipping) with ``ExampleWeightedLoss`` at uniform weights on rows that are all the same, so
+every rank's batch is the same whatever the sampler gives it: the parameter change must not depend on the
+number of processes. Writes <out>/rank<r>.json with the change (mode ``wrapped``), or with the error a bare
+``ExampleWeightedLoss`` raises across processes (mode ``bare``).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from datasets import Dataset  # noqa: E402
+from hf_helpers import finish_distributed, tiny_model  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from dataflex import DataFlexCallback  # noqa: E402
+from dataflex.policies import Uniform  # noqa: E402
+from dataflex.weighting import ExampleWeightedLoss  # noqa: E402
+
+GLOBAL_BATCH = 4
+
+
+def main(out: Path, mode: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    row = list(range(3, 35))
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [row] * 32,
+            "attention_mask": [[1] * len(row)] * 32,
+            "labels": [row] * 32,
+            "domain": ["a", "b"] * 16,
+        }
+    )
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    dfx = DataFlexCallback(Uniform(), update_every=100)
+    loss = ExampleWeightedLoss(temperature=float("inf"))
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    compute_loss_func = dfx.wrap_loss(loss) if mode == "wrapped" else loss
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[dfx], compute_loss_func=compute_loss_func)
+    result = {"world": world}
+    try:
+        trainer.train()
+        result["change"] = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before))
+        result["trainer_scale"] = loss.trainer_scale
+    except RuntimeError as error:
+        result["error"] = str(error)
+    rank = int(os.environ.get("RANK", "0"))
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    finish_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
