@@ -2,8 +2,9 @@
 
 One SGD step (no clipping) with ``ExampleWeightedLoss`` at uniform weights on rows that are all the same, so
 every rank's batch is the same whatever the sampler gives it: the parameter change must not depend on the
-number of processes. Writes <out>/rank<r>.json with the change (mode ``wrapped``), or with the error a bare
-``ExampleWeightedLoss`` raises across processes (mode ``bare``).
+number of processes. Writes <out>/rank<r>.json with the change (mode ``wrapped``; ``token``: TokenWeightedLoss
+with every weight 1; ``stock``: no custom loss), or with the error a bare ``ExampleWeightedLoss`` raises across
+processes (mode ``bare``).
 """
 
 import json
@@ -19,6 +20,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import Uniform  # noqa: E402
+from dataflex.token_weighting import TokenWeightedLoss  # noqa: E402
 from dataflex.weighting import ExampleWeightedLoss  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -39,6 +41,8 @@ def main(out: Path, mode: str) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     dfx = DataFlexCallback(Uniform(), update_every=100)
     loss = ExampleWeightedLoss(temperature=float("inf"))
+    if mode == "token":  # every counted token weighted 1: the stock loss (TokenWeightedLoss's contract)
+        loss = TokenWeightedLoss(lambda token_loss, counted, ids: counted.to(token_loss.dtype), dfx)
     args = TrainingArguments(
         output_dir=str(out / "run"),
         per_device_train_batch_size=GLOBAL_BATCH // world,
@@ -52,13 +56,14 @@ def main(out: Path, mode: str) -> None:
         use_cpu=True,
         seed=0,
     )
-    compute_loss_func = dfx.wrap_loss(loss) if mode == "wrapped" else loss
+    # (wrap_loss only for the wrapped modes: it is what lets the callback tell the loss the Trainer's factor)
+    compute_loss_func = {"bare": loss, "stock": None}[mode] if mode in ("bare", "stock") else dfx.wrap_loss(loss)
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[dfx], compute_loss_func=compute_loss_func)
     result = {"world": world}
     try:
         trainer.train()
         result["change"] = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before))
-        result["trainer_scale"] = loss.trainer_scale
+        result["trainer_scale"] = getattr(loss, "trainer_scale", None)
     except RuntimeError as error:
         result["error"] = str(error)
     rank = int(os.environ.get("RANK", "0"))

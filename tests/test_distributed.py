@@ -86,25 +86,36 @@ def test_example_weighted_loss_gives_the_same_step_in_one_and_two_processes(tmp_
     """The Trainer multiplies a custom loss by the process count (average_tokens_across_devices): the callback
     tells ExampleWeightedLoss, which divides it back out — without that the 2-process step was twice the
     1-process one. A bare ExampleWeightedLoss across processes is refused, naming the fix."""
-    one = tmp_path / "one"
-    one.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "loss_scale_worker.py"), str(one), "wrapped"],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    single = json.loads((one / "rank0.json").read_text())
+
+    def one_process(mode: str) -> dict:
+        out = tmp_path / f"one-{mode}"
+        out.mkdir()
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "loss_scale_worker.py"), str(out), mode],
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads((out / "rank0.json").read_text())
+
+    def two_processes(mode: str) -> list[dict]:
+        out = tmp_path / f"two-{mode}"
+        out.mkdir()
+        run_two_processes("loss_scale_worker.py", out, mode)
+        return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    single = one_process("wrapped")
     assert single["trainer_scale"] == 1 and single["change"] > 0
-    two = tmp_path / "two"
-    two.mkdir()
-    run_two_processes("loss_scale_worker.py", two, "wrapped")
-    for rank in (0, 1):
-        result = json.loads((two / f"rank{rank}.json").read_text())
+    for result in two_processes("wrapped"):
         assert result["world"] == 2 and result["trainer_scale"] == 2
         assert result["change"] == pytest.approx(single["change"], rel=1e-5)
+    # TokenWeightedLoss normalises by the Trainer's token count, which the multiplication assumes: with every
+    # weight 1 it is the stock step in one process and in two.
+    stock = one_process("stock")["change"]
+    assert one_process("token")["change"] == pytest.approx(stock, rel=1e-5)
+    assert all(r["change"] == pytest.approx(stock, rel=1e-5) for r in two_processes("token"))
     bare = tmp_path / "bare"
     bare.mkdir()
     run_two_processes("loss_scale_worker.py", bare, "bare")
