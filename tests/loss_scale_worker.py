@@ -4,7 +4,7 @@ One SGD step (no clipping) with ``ExampleWeightedLoss`` at uniform weights on ro
 every rank's batch is the same whatever the sampler gives it: the parameter change must not depend on the
 number of processes. Writes <out>/rank<r>.json with the change (mode ``wrapped``; ``token``: TokenWeightedLoss
 with every weight 1; ``stock``: no custom loss), or with the error a bare ``ExampleWeightedLoss`` raises across
-processes (mode ``bare``).
+processes (mode ``bare``). A third argument runs it under DeepSpeed ZeRO of that stage.
 """
 
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import Dataset  # noqa: E402
+from ds_worker import ds_config  # noqa: E402
 from hf_helpers import finish_distributed, tiny_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -26,7 +27,7 @@ from dataflex.weighting import ExampleWeightedLoss  # noqa: E402
 GLOBAL_BATCH = 4
 
 
-def main(out: Path, mode: str) -> None:
+def main(out: Path, mode: str, zero_stage: int | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     row = list(range(3, 35))
     ds = Dataset.from_dict(
@@ -55,6 +56,7 @@ def main(out: Path, mode: str) -> None:
         save_strategy="no",
         use_cpu=True,
         seed=0,
+        deepspeed=None if zero_stage is None else ds_config(zero_stage),
     )
     # (wrap_loss only for the wrapped modes: it is what lets the callback tell the loss the Trainer's factor)
     compute_loss_func = {"bare": loss, "stock": None}[mode] if mode in ("bare", "stock") else dfx.wrap_loss(loss)
@@ -72,4 +74,4 @@ def main(out: Path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -7,7 +7,7 @@ Slow (DeepSpeed's start-up dominates): run with ``python -m pytest -m slow tests
 import json
 
 import pytest
-from test_distributed import run_two_processes
+from test_distributed import run_one_process, run_two_processes
 
 pytest.importorskip("deepspeed")
 
@@ -36,3 +36,17 @@ def test_zero_two_processes_identical_ranks_and_exact_resume(tmp_path, stage):
         for i in range(len(r0["embeddings"][0]))
     ]
     assert r0["embeddings"][0] == last_step and max(last_step) == 7
+
+
+@pytest.mark.slow
+def test_example_weighted_loss_under_zero_two_gives_the_one_process_step(tmp_path):
+    """DeepSpeed averages gradients across ranks like DDP, after the Trainer's multiplication by the process
+    count: ExampleWeightedLoss divides it back out there too (tests/loss_scale_worker.py)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "zero2").mkdir()
+    run_one_process("loss_scale_worker.py", tmp_path / "one", "wrapped")
+    run_two_processes("loss_scale_worker.py", tmp_path / "zero2", "wrapped", "2")
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    for rank in (0, 1):
+        result = json.loads((tmp_path / "zero2" / f"rank{rank}.json").read_text())
+        assert result["trainer_scale"] == 2 and result["change"] == pytest.approx(single["change"], rel=1e-5)

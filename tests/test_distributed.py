@@ -29,6 +29,15 @@ def run_two_processes(worker: str, out, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def run_one_process(worker: str, out, *args: str) -> None:
+    """``python tests/<worker> <out> <args>`` in one process on CPU: the reference for a two-process run."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / worker), str(out), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
     run_two_processes("dist_worker.py", tmp_path)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -90,14 +99,7 @@ def test_example_weighted_loss_gives_the_same_step_in_one_and_two_processes(tmp_
     def one_process(mode: str) -> dict:
         out = tmp_path / f"one-{mode}"
         out.mkdir()
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "loss_scale_worker.py"), str(out), mode],
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        run_one_process("loss_scale_worker.py", out, mode)
         return json.loads((out / "rank0.json").read_text())
 
     def two_processes(mode: str) -> list[dict]:
