@@ -119,6 +119,8 @@ class TokenWeightedLoss:
     the run's dataflex callback (it knows which examples the micro-batch holds and logs the token share).
     """
 
+    smooths_labels = False  # label_smoothing_factor > 0 is refused at train begin (the Trainer would drop it)
+
     def __init__(self, rule: Rule, callback: Any) -> None:
         if not callable(rule):
             raise TypeError(f"rule must be callable (token_loss, counted, ids) -> weights; got {type(rule).__name__}")

@@ -75,6 +75,8 @@ class ExampleWeightedLoss:
     ``last_weights`` keeps the weights of the latest micro-batch for logging and tests.
     """
 
+    smooths_labels = False  # label_smoothing_factor > 0 is refused at train begin (the Trainer would drop it)
+
     def __init__(
         self,
         *,

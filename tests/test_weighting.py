@@ -119,6 +119,35 @@ def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp
         trainer.train()
 
 
+@pytest.mark.parametrize("kind", ["example", "token"])
+def test_label_smoothing_the_trainer_would_drop_under_a_dataflex_loss_is_refused(tmp_path, kind):
+    """With a compute_loss_func the Trainer skips its label smoother, so label_smoothing_factor=0.1 would
+    silently train without smoothing; a user's own loss (which may smooth) is left alone."""
+    from hf_helpers import make_trainer, small_dataset
+
+    from dataflex import DataFlexCallback
+    from dataflex.policies import Uniform
+    from dataflex.token_weighting import TokenWeightedLoss
+
+    dfx = DataFlexCallback(Uniform())
+    loss = ExampleWeightedLoss() if kind == "example" else TokenWeightedLoss(lambda t, c, ids: c.to(t.dtype), dfx)
+    ds = small_dataset(per_domain=8)
+    trainer = make_trainer(
+        ds, dfx, tmp_path, max_steps=1, compute_loss_func=dfx.wrap_loss(loss), label_smoothing_factor=0.1
+    )
+    name = type(loss).__name__
+    with pytest.raises(ValueError, match=rf"label_smoothing_factor=0.1 would not be applied: .* {name} does not"):
+        trainer.train()
+    own = DataFlexCallback(Uniform())
+
+    def my_loss(outputs, labels, num_items_in_batch=None):
+        return outputs.logits.float().mean() * 0
+
+    make_trainer(
+        ds, own, tmp_path / "own", max_steps=1, compute_loss_func=own.wrap_loss(my_loss), label_smoothing_factor=0.1
+    ).train()
+
+
 def test_the_trainers_custom_loss_multiplier_follows_its_version_and_settings(monkeypatch):
     """dataflex.hf.loss_scale mirrors Trainer.compute_loss: x processes / tensor-parallel size under
     average_tokens_across_devices (x GPUs under DataParallel in 5.x), 1 without it, unknown before 4.50."""

@@ -374,8 +374,17 @@ class TrainerAdapter(TrainerCallback):
 
     def _tell_loss_the_trainer_scale(self, args: Any, trainer: Trainer | None) -> None:
         """A wrapped loss that averages over its own micro-batch (``trainer_scale`` attribute, e.g.
-        ExampleWeightedLoss) learns the factor the Trainer multiplies it by (:mod:`dataflex.hf.loss_scale`)."""
+        ExampleWeightedLoss) learns the factor the Trainer multiplies it by (:mod:`dataflex.hf.loss_scale`);
+        a dataflex loss (``smooths_labels = False``) refuses a label smoothing the Trainer would then drop."""
         loss = self.capture.wrapped_loss
+        smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+        if loss is not None and getattr(loss, "smooths_labels", True) is False and smoothing > 0:
+            # With a compute_loss_func the Trainer (and TRL's SFTTrainer) skips its label smoother.
+            raise ValueError(
+                f"label_smoothing_factor={smoothing:g} would not be applied: with a compute_loss_func the Trainer "
+                f"skips its label smoother, and {type(loss).__name__} does not smooth labels; set "
+                "label_smoothing_factor=0 to train on its weighted cross-entropy"
+            )
         if loss is None or not hasattr(loss, "trainer_scale"):
             return
         scale = custom_loss_multiplier(trainer) if trainer is not None else None
