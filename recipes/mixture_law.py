@@ -89,6 +89,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     natural = tokens / tokens.sum()
     prior = natural if cfg.swarm.prior == "natural" else np.full(len(names), 1.0 / len(names))
     mean_len = tokens / np.bincount(encode_domains(train_ds["domain"])[0], minlength=len(names))
+    warn_of_unevaluated_domains(names, load_split(data_root, "validation", cfg.data.max_len, None)["domain"])
     common = dict(
         make_model=make_model,
         data_root=data_root,
@@ -251,6 +252,20 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         runs=runs,
         key=proposal_key,
     )
+
+
+def warn_of_unevaluated_domains(train_names: list[str], validation_labels: Any) -> None:
+    """A training domain without validation examples has no loss for the law to predict: its proposed weight
+    then follows only from how it moves the evaluated domains (and the worst-domain objective never sees it).
+    That may be meant (a domain kept for transfer), so a warning before any run, not an error."""
+    unevaluated = sorted(set(train_names) - set(encode_domains(validation_labels)[1]))
+    if unevaluated:
+        warnings.warn(
+            f"training domains {unevaluated} have no validation examples: the law cannot predict their loss, "
+            "so their proposed weights follow only from how they move the evaluated domains' losses (the 'worst' "
+            "objective never sees them); add validation examples for them if their own loss matters",
+            stacklevel=2,
+        )
 
 
 def replicate_noise(cfg: Any, swarm: Swarm, runs: Any, proxy: Any) -> dict[str, Any]:

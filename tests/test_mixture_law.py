@@ -144,6 +144,18 @@ def test_replicates_measure_how_reproducible_the_proxies_order_is_and_are_cached
     assert noise["objective_rank"] == pytest.approx(-1.0)
 
 
+def test_a_training_domain_the_law_cannot_evaluate_is_named_before_any_run():
+    import warnings
+
+    from dataflex.recipes.mixture_law import warn_of_unevaluated_domains
+
+    with pytest.warns(UserWarning, match=r"training domains \['trivia'\] have no validation examples"):
+        warn_of_unevaluated_domains(["code", "trivia"], ["code", "code", "held_out_target"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_of_unevaluated_domains(["code"], ["code", "held_out_target"])  # a target-only domain is fine
+
+
 @pytest.mark.parametrize("kind", LAW_KINDS)
 def test_a_saved_law_predicts_the_same_after_loading(tmp_path, kind):
     runs = diagonal_law()[0].subset(np.arange(25))
