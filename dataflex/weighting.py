@@ -95,10 +95,17 @@ class ExampleWeightedLoss:
         # What the Trainer multiplies this loss by (the process count under average_tokens_across_devices,
         # dataflex.hf.loss_scale); set by the dataflex callback at train begin, None until then.
         self.trainer_scale: int | None = None
+        # A VLM's image placeholder token, which some collators (TRL's) leave in the labels: excluded from every
+        # example's mean like from dataflex's scores, or an example's weight would follow its share of image
+        # tokens (near-zero loss) rather than its text. Set by the dataflex callback at train begin.
+        self.ignored_label: int | None = None
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        per_example = per_example_mean_loss(logits, labels.to(logits.device))
+        labels = labels.to(logits.device)
+        if self.ignored_label is not None:
+            labels = labels.masked_fill(labels == self.ignored_label, -100)
+        per_example = per_example_mean_loss(logits, labels)
         has_tokens = (labels[:, 1:] != -100).any(1).to(per_example.device)
         per_example = torch.where(has_tokens, per_example, torch.full_like(per_example, float("nan")))
         weights = loss_weights(

@@ -217,17 +217,32 @@ def test_trainer_run_without_images_fails_with_the_example_ids(vqa, tmp_path):
         trainer.train()
 
 
-def test_weighted_loss_on_vlm_is_still_scored(vqa, tmp_path):
-    """With compute_loss_func the Trainer hides the labels from the forward; wrap_loss gives them back."""
+@pytest.mark.parametrize("image_labels", [False, True])
+def test_weighted_loss_on_vlm_is_still_scored(vqa, tmp_path, image_labels):
+    """With compute_loss_func the Trainer hides the labels from the forward; wrap_loss gives them back. With a
+    collator that leaves the image tokens in the labels (as TRL's does) the weights still come from the text's
+    loss, the one dataflex scores: equal to the weights of the step's recorded losses."""
+    from dataflex.testbeds.digits import IMAGE_TOKEN_ID
+    from dataflex.weighting import loss_weights
+
+    def keep_image_labels(features):
+        batch = collate_vlm(features)
+        batch["labels"] = torch.where(batch["input_ids"] == IMAGE_TOKEN_ID, batch["input_ids"], batch["labels"])
+        return batch
+
     ds = vqa["train"]
     dfx = DataFlexCallback(Uniform(), domains=ds["domain"], update_every=2)
     weighted = ExampleWeightedLoss(temperature=1.0, direction="easy")
-    trainer = vlm_trainer(ds, [dfx], tmp_path, steps=3, compute_loss_func=dfx.wrap_loss(weighted))
+    extra = {"data_collator": keep_image_labels} if image_labels else {}
+    trainer = vlm_trainer(ds, [dfx], tmp_path, steps=3, compute_loss_func=dfx.wrap_loss(weighted), **extra)
     trainer.train()
     ids, losses, valid = dfx.last_step_records()
     assert len(ids) == 8 and valid.all() and dfx.missing_labels == 0
     w = weighted.last_weights.numpy()
     assert abs(w.mean() - 1) < 1e-5 and np.corrcoef(w, losses)[0, 1] < 0  # easy: high loss, low weight
+    assert weighted.ignored_label == IMAGE_TOKEN_ID
+    expected = loss_weights(torch.as_tensor(losses), temperature=1.0, direction="easy").numpy()
+    assert np.allclose(w, expected, atol=1e-4)
 
 
 def test_answer_metrics_counts_exact_answers(vqa):

@@ -432,6 +432,8 @@ class TrainerAdapter(TrainerCallback):
         self._detach_hooks()
         self.capture.attach(model)
         self.capture.ignored_label = image_token_id(model)
+        if hasattr(self.capture.wrapped_loss, "ignored_label"):  # ExampleWeightedLoss: the same tokens unscored
+            self.capture.wrapped_loss.ignored_label = self.capture.ignored_label
         if self.embeddings is not None:
             self._embedding_tap = (image_feature_tap if self.embeddings_from == "image" else last_hidden_tap)(model)
             self._taps.append(self._embedding_tap.attach())
