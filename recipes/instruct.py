@@ -205,6 +205,7 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
+    from dataflex.recipes.run_folder import claim_run_folder, config_settings
     from dataflex.recipes.settings import check_instruct_settings
     from dataflex.testbeds.noisy_instruct import noisy_instructions
     from dataflex.testbeds.tiny import default_data_dir
@@ -213,6 +214,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         check_instruct_settings(cfg, DETECTORS, resolve=to_absolute_path)
         out = Path(HydraConfig.get().runtime.output_dir)
+        claim_run_folder(out, config_settings(cfg, ignore=("save_steps",)))
         data = noisy_instructions(
             to_absolute_path(cfg.data_dir) if cfg.data_dir else default_data_dir(),
             tasks=tuple(cfg.tasks),

@@ -184,6 +184,8 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from dataflex.recipes.run_folder import claim_run_folder, config_settings
+
         policy = instantiate(cfg.policy)
         model_cfg = cfg.model
 
@@ -192,6 +194,9 @@ def _hydra_main() -> None:
 
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
         out_dir = Path(HydraConfig.get().runtime.output_dir)
+        settings = config_settings(cfg, ignore=("ckpt_every", "ckpt_dir", "work_dir"))
+        for folder in {out_dir, *([Path(cfg.ckpt_dir)] if cfg.ckpt_dir else [])}:
+            claim_run_folder(folder, settings)
         result = run_experiment(
             policy=policy,
             make_model=make_model,

@@ -107,11 +107,14 @@ def _hydra_main() -> None:
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
+    from dataflex.recipes.run_folder import claim_run_folder, config_settings
+
     @hydra.main(config_path="../configs", config_name="trainer", version_base=None)
     def main(cfg: DictConfig) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
         settings.integer("seed", cfg.seed)  # the model is built from it before train_with_callback checks the rest
+        claim_run_folder(out_dir, config_settings(cfg, ignore=("save_steps", "logging_steps", "report_to")))
         result = train_with_callback(
             policy=instantiate(cfg.policy),
             model=instantiate(cfg.model, seed=cfg.seed),

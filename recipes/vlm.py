@@ -221,6 +221,7 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
+    from dataflex.recipes.run_folder import claim_run_folder, config_settings
     from dataflex.recipes.settings import check_vlm_settings
     from dataflex.testbeds.digits import digits_vqa
 
@@ -228,6 +229,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         check_vlm_settings(cfg, METHODS, resolve=to_absolute_path)
         out = Path(HydraConfig.get().runtime.output_dir)
+        claim_run_folder(out, config_settings(cfg, ignore=("save_steps", "work_dir")))
         data = digits_vqa(cfg.noise, seed=cfg.data_seed, num_images=cfg.num_images)
         signals, cleaning, pool = None, None, pool_fingerprint(data["train"])
         if cfg.clean_with is not None:

@@ -175,10 +175,12 @@ def test_instruct_recipe_cli_runs_and_resumes(tmp_path):
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["detector"] == "cartography" and not result["resumed"]
     assert (tmp_path / "run" / "checkpoint-4" / "dataflex" / "dataflex_state.json").is_file()
-    longer = [c if c != "steps=4" else "steps=6" for c in cmd]
-    again = subprocess.run(longer, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["resumed"]
+    longer = [c if c != "steps=4" else "steps=6" for c in cmd]  # another command, same folder: refused
+    other = subprocess.run(longer, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert other.returncode != 0 and "holds a run made with other settings (steps: 4 there, 6 now)" in other.stderr
     bogus = [c if c != "detector=cartography" else "detector=bogus" for c in cmd]
     bad = subprocess.run(bogus, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert bad.returncode != 0 and "bogus" in bad.stderr and "Available options" in bad.stderr

@@ -158,12 +158,19 @@ def test_hydra_sweep_runs_and_summarizes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = sorted((tmp_path / "sweep").glob("**/results.json"))
-    assert [f.parent.parent.name for f in files] == ["ado", "uniform"]
+    # <policy>/seed<k>/<the other overrides>: a sweep over any setting gets one folder per combination
+    overrides = "batch_size=4,data.train_per_domain=12,data.val_per_domain=4,eval_every=3,model.n_embd=32,"
+    overrides += "model.n_head=2,model.n_layer=1,steps=6"  # (not work_dir: a cache folder, not a setting)
+    assert [f.parent.relative_to(tmp_path / "sweep").parts[:2] for f in files] == [
+        ("ado", "seed0"),
+        ("uniform", "seed0"),
+    ]
+    assert [f.parent.name for f in files] == [overrides, overrides]
     sys.path.insert(0, str(ROOT / "benchmarks" / "mixture"))
     from summarize import summarize
 
     table = summarize(tmp_path / "sweep")
-    assert "| ado | 1 |" in table and "| uniform | 1 |" in table
+    assert f"| ado [{overrides}] | 1 |" in table and f"| uniform [{overrides}] | 1 |" in table
 
 
 def short_loop(data, policy, steps: int, update_every: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,22 @@ def test_select_offline_defaults_pass_and_a_too_long_max_len_is_named(tmp_path):
     check_select_offline_settings(cfg, METHODS)
     with pytest.raises(ValueError, match="max_len=100000 exceeds the model's"):
         check_model_fits(instantiate(cfg.model, seed=0), max_len=cfg.max_len, vocab_needed=257, len_key="max_len")
+
+
+def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path):
+    """Resumable recipes continue from their folder's checkpoints: the first run records its settings there,
+    the same settings continue, other settings are refused naming each difference (nested keys dotted)."""
+    from dataflex.recipes.run_folder import RUN_SETTINGS, claim_run_folder
+
+    folder = tmp_path / "run"
+    settings = {"lr": 0.002, "steps": 20, "policy": {"_target_": "ODM", "alpha": 0.9}, "tags": [1, 2]}
+    claim_run_folder(folder, settings)
+    assert json.loads((folder / RUN_SETTINGS).read_text()) == settings
+    claim_run_folder(folder, dict(settings))  # the same command again: continues
+    changed = {**settings, "lr": 0.01, "policy": {"_target_": "ODM", "alpha": 0.5}, "extra": True}
+    with pytest.raises(ValueError) as error:
+        claim_run_folder(folder, changed)
+    message = str(error.value)
+    assert "extra: None there, True now; lr: 0.002 there, 0.01 now; policy.alpha: 0.9 there, 0.5 now" in message
+    assert str(folder) in message and "hydra.run.dir" in message
+    assert json.loads((folder / RUN_SETTINGS).read_text()) == settings  # the record is not overwritten

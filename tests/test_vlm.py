@@ -305,11 +305,14 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     assert (tmp_path / "run" / "checkpoint-4" / "dataflex" / "dataflex_state.json").is_file()
     holdouts = list((tmp_path / "outputs" / "vlm_work").glob("holdout_2x8_*/model.pt"))
     assert len(holdouts) == 1
-    longer = [c if c != "steps=4" else "steps=6" for c in cmd]
-    again = subprocess.run(longer, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["resumed"]
     assert list((tmp_path / "outputs" / "vlm_work").glob("holdout_*/model.pt")) == holdouts  # reused, not retrained
+    # another command in the same folder would continue this run's checkpoints as its own: refused, named
+    longer = [c if c != "steps=4" else "steps=6" for c in cmd]
+    other = subprocess.run(longer, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert other.returncode != 0 and "holds a run made with other settings (steps: 4 there, 6 now)" in other.stderr
     bogus = [c if c != "method=rho" else "method=bogus" for c in cmd[:-1]] + ["hydra.run.dir=bad"]
     bad = subprocess.run(bogus, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert bad.returncode != 0 and "method='bogus'; valid values are" in bad.stderr

@@ -7,17 +7,28 @@ python -m benchmarks.mixture.summarize multirun/mixture
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 
+def run_label(root: Path, results: Path) -> str:
+    """The policy of a run folder (``<policy>/seed<k>[/<other overrides>]``), with its other overrides if any:
+    runs that differ in more than the seed are different rows, not seeds of one."""
+    parts = results.relative_to(root).parent.parts
+    at = next((i for i, part in enumerate(parts) if re.fullmatch(r"seed-?\d+", part)), None)
+    if at is None or at == 0:
+        raise SystemExit(f"{results}: not inside a <policy>/seed<k> folder of a recipes/mixture.py sweep")
+    others = "/".join(parts[at + 1 :])
+    return parts[at - 1] + (f" [{others}]" if others else "")
+
+
 def summarize(root: Path) -> str:
     rows: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(root.glob("**/results.json")):
-        res = json.loads(path.read_text())
-        rows[path.parent.parent.name].append(res)
+        rows[run_label(root, path)].append(json.loads(path.read_text()))
     if not rows:
         raise SystemExit(f"no results.json under {root}")
     lines = ["| policy | seeds | mean val loss | worst val loss | train s |", "|---|---|---|---|---|"]

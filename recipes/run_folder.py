@@ -1,0 +1,64 @@
+"""One run folder, one run: a rerun of the same command continues from the folder's checkpoints, another
+command must not.
+
+Every resumable recipe continues from the newest checkpoint in its output folder, and a finished run just
+reports its result again. A folder is named by the policy (or method) and seed, so a second command that
+differs in anything else — ``lr=0.01`` after ``lr=0.002``, a config file edited between runs, a sweep over a
+setting the folder name leaves out — landed in the same folder and silently continued, or re-reported, the
+first run. The first run now writes its settings there (``run_settings.json``); a later one with other
+settings is refused, naming every setting that differs. (The recipes' Hydra folders also carry the command's
+other overrides, so sweeps get one folder per combination.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dataflex.state import read_json, write_json_atomic
+
+__all__ = ["RUN_SETTINGS", "claim_run_folder", "config_settings"]
+
+RUN_SETTINGS = "run_settings.json"
+
+
+def config_settings(cfg: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The resolved Hydra config as plain JSON values, without the top-level keys in ``ignore`` (settings that
+    do not change the run's result: checkpoint cadence, logging, cache folders)."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in settings.items() if k not in set(ignore)}
+
+
+def claim_run_folder(folder: str | Path, settings: Mapping[str, Any]) -> None:
+    """Record ``settings`` in ``folder`` on its first run; refuse a run whose settings differ from those recorded."""
+    folder = Path(folder)
+    settings = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+    path = folder / RUN_SETTINGS
+    if path.is_file():
+        saved = read_json(path)
+        if saved != settings:
+            differences = "; ".join(
+                f"{key}: {old!r} there, {new!r} now" for key, old, new in _differences(saved, settings)
+            )
+            raise ValueError(
+                f"{folder} holds a run made with other settings ({differences}), and a run continues from its "
+                "folder's checkpoints: give this command its own folder (hydra.run.dir=... or a sweep, whose "
+                f"folders are named by their overrides), or delete {folder} to start over"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ between two JSON values (a missing key reads as None)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [(prefix.rstrip(".") or "(settings)", old, new)]
