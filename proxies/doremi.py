@@ -19,6 +19,7 @@ main run's own micro-batches and their live weights drive the main sampler;
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ from dataflex.policies.base import BoundPolicy
 from dataflex.policies.doremi import GroupDROWeights, checked_dro_settings
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
+from dataflex.run_folder import claim_run_folder
 from dataflex.state import write_json_atomic
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor, validate_weights
@@ -132,6 +134,48 @@ def load_doremi_weights(path: str | os.PathLike[str], domain_names: Sequence[str
     return weights
 
 
+STAGE_HINT = "give this stage another work_dir"
+
+
+def _stage_settings(
+    stage: str,
+    model: torch.nn.Module,
+    train_ds: Any,
+    domain_ids: np.ndarray,
+    domain_names: Sequence[str],
+    loop_kwargs: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """What a stage's output depends on, recorded in its folder (:func:`dataflex.run_folder.claim_run_folder`): a
+    reused work_dir with another model, data, mixture, loop setting or DRO setting would otherwise hand back the
+    other settings' reference or weights without a word (a Hydra sweep over ``eta`` reported one set of weights
+    for every value)."""
+    data = hashlib.sha1(json.dumps(list(map(str, domain_names))).encode())
+    data.update(np.ascontiguousarray(domain_ids, dtype=np.int64).tobytes())
+    for row in train_ds["input_ids"]:
+        data.update(np.asarray(row, dtype=np.int64).tobytes())
+    config = getattr(model, "config", None)
+    with torch.no_grad():
+        init = sum(float(p.detach().double().sum()) for p in model.parameters())
+    loop = {
+        k: (getattr(v, "__qualname__", None) or type(v).__qualname__) if callable(v) else v
+        for k, v in loop_kwargs.items()
+        if k not in ("accelerator", "progress", "stop_after", "desc")  # how it runs, not what it computes
+    }
+    return {
+        "stage": stage,
+        "data": data.hexdigest()[:16],
+        "model": {
+            "class": type(model).__qualname__,
+            "config": config.to_dict() if hasattr(config, "to_dict") else None,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "init_sum": f"{init:.6e}",
+        },
+        "loop": loop,
+        **extra,
+    }
+
+
 def train_reference(
     make_model: Callable[[], torch.nn.Module],
     train_ds: Any,
@@ -145,6 +189,8 @@ def train_reference(
     """Stage 1: train (or load) the reference model on a fixed mixture."""
     out = Path(out_dir)
     model = make_model()
+    settings = _stage_settings("reference", model, train_ds, domain_ids, domain_names, loop_kwargs, mixture=mixture)
+    claim_run_folder(out, settings, hint=STAGE_HINT)
     if (out / "model.pt").is_file():
         model.load_state_dict(torch.load(out / "model.pt", map_location="cpu"))
         return model
@@ -176,12 +222,27 @@ def train_proxy(
 ) -> dict[str, Any]:
     """Stage 3: Group-DRO proxy training; writes and returns the exported weights."""
     out = Path(out_dir)
+    model = make_model()
+    reference = np.ascontiguousarray(ref_losses, dtype=np.float64).tobytes()
+    settings = _stage_settings(
+        "proxy",
+        model,
+        train_ds,
+        domain_ids,
+        domain_names,
+        loop_kwargs,
+        mixture=mixture,
+        eta=float(eta),
+        smoothing=float(smoothing),
+        reference_losses=hashlib.sha1(reference).hexdigest()[:16],
+    )
+    claim_run_folder(out, settings, hint=STAGE_HINT)
     if (out / WEIGHTS_FILE).is_file():
         return json.loads((out / WEIGHTS_FILE).read_text())
     objective = GroupDROObjective(ref_losses, len(domain_names), eta=eta, smoothing=smoothing)
     policy = Uniform() if mixture == "uniform" else Natural()
     result: LoopResult = train_mixture(
-        make_model(),
+        model,
         train_ds,
         domain_ids,
         domain_names,

@@ -205,8 +205,8 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
-    from dataflex.recipes.run_folder import claim_run_folder, config_settings
     from dataflex.recipes.settings import check_instruct_settings
+    from dataflex.run_folder import claim_run_folder, config_settings
     from dataflex.testbeds.noisy_instruct import noisy_instructions
     from dataflex.testbeds.tiny import default_data_dir
 

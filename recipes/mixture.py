@@ -184,7 +184,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from dataflex.recipes.run_folder import claim_run_folder, config_settings
+        from dataflex.run_folder import claim_run_folder, config_settings, settings_digest
 
         policy = instantiate(cfg.policy)
         model_cfg = cfg.model
@@ -209,7 +209,8 @@ def _hydra_main() -> None:
             eval_every=cfg.eval_every,
             max_len=cfg.data.max_len,
             val_per_domain=cfg.data.val_per_domain,
-            work_dir=Path(cfg.work_dir) / f"seed{cfg.seed}",
+            # DoReMi's stages, named by every setting (their folders also refuse other settings on their own)
+            work_dir=Path(cfg.work_dir) / f"seed{cfg.seed}" / settings_digest(settings),
             train_per_domain=cfg.data.train_per_domain,
             ckpt_dir=Path(cfg.ckpt_dir) if cfg.ckpt_dir else out_dir / "ckpt",
             ckpt_every=cfg.ckpt_every,

@@ -107,7 +107,7 @@ def _hydra_main() -> None:
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
-    from dataflex.recipes.run_folder import claim_run_folder, config_settings
+    from dataflex.run_folder import claim_run_folder, config_settings
 
     @hydra.main(config_path="../configs", config_name="trainer", version_base=None)
     def main(cfg: DictConfig) -> None:

@@ -109,6 +109,15 @@ def test_offline_pipeline_end_to_end_and_stage_reuse(data, tmp_path):
     from_file = DoReMiOffline(weights_path=str(tmp_path / "proxy" / "doremi_weights.json"))
     from_file.bind(names, np.bincount(ids))
     assert np.allclose(from_file.initial_weights(), export["weights"])
+    # The same work_dir with other settings would hand back these stages as theirs: refused, each named.
+    with pytest.raises(ValueError, match=r"proxy holds a run made with other settings \(eta: 1.0 there, 4.0 now\)"):
+        DoReMiOffline(eta=4.0).prepare(make_model, ds, ids, names, tmp_path, dict(steps=10, **LOOP))
+    with pytest.raises(ValueError, match=r"reference holds a run .*loop.steps: 10 there, 12 now.*another work_dir"):
+        DoReMiOffline().prepare(make_model, ds, ids, names, tmp_path, dict(steps=12, **LOOP))
+    with pytest.raises(ValueError, match=r"reference holds a run .*\(data: "):
+        DoReMiOffline().prepare(
+            make_model, ds.select(range(len(ds) - 1)), ids[:-1], names, tmp_path, dict(steps=10, **LOOP)
+        )
 
 
 def test_online_doremi_end_to_end_and_exact_resume(data, tmp_path):

@@ -159,7 +159,7 @@ def test_select_offline_defaults_pass_and_a_too_long_max_len_is_named(tmp_path):
 def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path):
     """Resumable recipes continue from their folder's checkpoints: the first run records its settings there,
     the same settings continue, other settings are refused naming each difference (nested keys dotted)."""
-    from dataflex.recipes.run_folder import RUN_SETTINGS, claim_run_folder
+    from dataflex.run_folder import RUN_SETTINGS, claim_run_folder
 
     folder = tmp_path / "run"
     settings = {"lr": 0.002, "steps": 20, "policy": {"_target_": "ODM", "alpha": 0.9}, "tags": [1, 2]}

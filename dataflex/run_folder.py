@@ -19,7 +19,7 @@ from typing import Any
 
 from dataflex.state import read_json, write_json_atomic
 
-__all__ = ["RUN_SETTINGS", "claim_run_folder", "config_settings"]
+__all__ = ["RUN_SETTINGS", "claim_run_folder", "config_settings", "settings_digest"]
 
 RUN_SETTINGS = "run_settings.json"
 
@@ -33,8 +33,14 @@ def config_settings(cfg: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in set(ignore)}
 
 
-def claim_run_folder(folder: str | Path, settings: Mapping[str, Any]) -> None:
-    """Record ``settings`` in ``folder`` on its first run; refuse a run whose settings differ from those recorded."""
+RECIPE_HINT = (
+    "give this command its own folder (hydra.run.dir=... or a sweep, whose folders are named by their overrides)"
+)
+
+
+def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], hint: str = RECIPE_HINT) -> None:
+    """Record ``settings`` in ``folder`` on its first run; refuse a run whose settings differ from those recorded
+    (``hint``: what the caller should do instead, in the error)."""
     folder = Path(folder)
     settings = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
     path = folder / RUN_SETTINGS
@@ -46,8 +52,7 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any]) -> None:
             )
             raise ValueError(
                 f"{folder} holds a run made with other settings ({differences}), and a run continues from its "
-                "folder's checkpoints: give this command its own folder (hydra.run.dir=... or a sweep, whose "
-                f"folders are named by their overrides), or delete {folder} to start over"
+                f"folder's checkpoints: {hint}, or delete {folder} to start over"
             )
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,3 +67,10 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
             found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return found
     return [] if old == new else [(prefix.rstrip(".") or "(settings)", old, new)]
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """A short stable digest of JSON-able settings (to name a folder by them)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(dict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
