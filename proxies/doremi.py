@@ -167,7 +167,9 @@ def _stage_settings(
         "data": data.hexdigest()[:16],
         "model": {
             "class": type(model).__qualname__,
-            "config": config.to_dict() if hasattr(config, "to_dict") else None,
+            "config": {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+            if hasattr(config, "to_dict")
+            else None,  # (the library's version and a load path do not change the model)
             "parameters": sum(p.numel() for p in model.parameters()),
             "init_sum": f"{init:.6e}",
         },
