@@ -16,8 +16,9 @@ and :func:`read_subset` refuses a subset written for another pool.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,15 @@ def score_pool(
     save_every: int = 20,
     desc: str = "scoring pool",
     progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """``score_batch`` applied to every example of ``dataset``: ``(n,)`` or ``(n, dim)`` in dataset order.
 
     ``score_batch`` receives a collated batch and returns one score (or one feature row) per example.
     With ``cache`` (an ``.npz`` path) partial results survive a crash and finished work is not redone.
+    ``settings`` (what the scores depend on: the model's weights, the method, ...) is stored with the cache,
+    and a cache holding scores made with other settings is refused, naming them — reused, it would hand back
+    another model's scores as this one's.
     """
     from tqdm.auto import tqdm
 
@@ -61,11 +66,21 @@ def score_pool(
     cache_path = Path(cache) if cache is not None else None
     values: np.ndarray | None = None
     done = np.zeros(n, dtype=bool)
+    wanted = json.dumps(dict(settings), sort_keys=True, default=str) if settings is not None else None
     if cache_path is not None and cache_path.is_file():
         with np.load(cache_path) as saved:
             values, done = saved["values"], saved["done"]
+            stored = str(saved["settings"]) if "settings" in saved.files else None
         if done.shape[0] != n:
             raise ValueError(f"{cache_path} holds scores for {done.shape[0]} examples but the pool has {n}")
+        if wanted is not None and stored is not None and stored != wanted:
+            old, new = json.loads(stored), json.loads(wanted)
+            changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+            raise ValueError(
+                f"{cache_path} holds scores made with other settings "
+                + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                + ": give this run another cache path, or delete that file to score anew"
+            )
     # longest first: batches of similar length, and the peak memory comes first
     order = rank_ids([len(dataset[i]["input_ids"]) for i in range(n)], descending=True)
     todo = order[~done[order]]
@@ -79,7 +94,8 @@ def score_pool(
         values[ids], done[ids] = out, True
         bar.update(len(ids))
         if cache_path is not None and (k % save_every == 0 or k == len(batches)):
-            _save_npz(cache_path, values=values, done=done)
+            extra = {} if wanted is None else {"settings": np.array(wanted)}
+            _save_npz(cache_path, values=values, done=done, **extra)
     bar.close()
     assert values is not None and done.all()
     return values

@@ -81,6 +81,14 @@ def select_offline(
     if method not in METHODS:
         raise ValueError(f"method={method!r}; valid values are {', '.join(METHODS)}")
     scores: np.ndarray | None = None
+    with torch.no_grad():  # the model's weights, summarised: a cache made from another checkpoint is refused
+        weights = [(float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()]
+    cached = {
+        "method": method,
+        "dim": dim if method in ("less", "tracin") else None,
+        "seed": seed if method in ("less", "tracin") else None,
+        "weights": f"{sum(a for a, _ in weights):.8e}/{sum(b for _, b in weights):.8e}",
+    }
     if method in ("less", "tracin"):
         layers = lora_linears(model)
         featurizer = GradientFeaturizer(model, layers, dim=dim, seed=seed, mode=method, optimizer=optimizer)
@@ -89,13 +97,25 @@ def select_offline(
             score_pool(plain.features, target, collate_causal, batch_size=batch_size, desc="target features")
         )
         feats = score_pool(
-            featurizer.features, pool, collate_causal, batch_size=batch_size, cache=cache, desc=f"{method} features"
+            featurizer.features,
+            pool,
+            collate_causal,
+            batch_size=batch_size,
+            cache=cache,
+            desc=f"{method} features",
+            settings=cached,
         )
         scores = feats @ direction.astype(np.float32)
         ids = select_top(scores, fraction)
     elif method.startswith("loss_"):
         scores = score_pool(
-            token_mean_losses(model), pool, collate_causal, batch_size=batch_size, cache=cache, desc="losses"
+            token_mean_losses(model),
+            pool,
+            collate_causal,
+            batch_size=batch_size,
+            cache=cache,
+            desc="losses",
+            settings=cached,
         )
         ids = select_by_loss(scores, fraction, method.removeprefix("loss_"))
     else:

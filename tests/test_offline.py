@@ -63,6 +63,23 @@ def test_score_pool_resumes_after_a_crash_and_matches_an_uninterrupted_run(tmp_p
         score_pool(row_sums, data[:5], collate_causal, cache=cache, progress=False)
 
 
+def test_a_score_cache_made_with_other_settings_is_refused_by_name(tmp_path):
+    """A cache is keyed by what the scores depend on: another checkpoint or method through the same path would
+    hand back the old scores as the new ones."""
+    data, cache = pool(), tmp_path / "scores.npz"
+    first = {"method": "loss_hard", "weights": "1.0/2.0"}
+    score_pool(row_sums, data, collate_causal, batch_size=4, cache=cache, progress=False, settings=first)
+    calls = []
+    again = score_pool(
+        lambda b: calls.append(1) or row_sums(b), data, collate_causal, cache=cache, progress=False, settings=first
+    )
+    assert not calls and again.shape == (len(data),)  # the same settings: every score reused
+    with pytest.raises(ValueError, match=r"other settings weights: '1.0/2.0' there, '3.0/4.0' now: give this run"):
+        score_pool(
+            row_sums, data, collate_causal, cache=cache, progress=False, settings={**first, "weights": "3.0/4.0"}
+        )
+
+
 def test_token_mean_losses_equal_one_example_at_a_time():
     model = tiny_gpt2(n_layer=1, n_embd=32, seed=0)
     data = pool(9)
