@@ -29,6 +29,7 @@ from dataflex.batching import model_inputs
 from dataflex.losses import padding_free_segments, per_example_token_loss
 from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
+from dataflex.run_folder import describe_differences
 from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
 
 __all__ = ["SUBSET_FORMAT", "read_subset", "score_pool", "target_direction", "token_mean_losses", "write_subset"]
@@ -74,12 +75,10 @@ def score_pool(
         if done.shape[0] != n:
             raise ValueError(f"{cache_path} holds scores for {done.shape[0]} examples but the pool has {n}")
         if wanted is not None and stored is not None and stored != wanted:
-            old, new = json.loads(stored), json.loads(wanted)
-            changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
             raise ValueError(
                 f"{cache_path} holds scores made with other settings "
-                + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
-                + ": give this run another cache path, or delete that file to score anew"
+                f"{describe_differences(json.loads(stored), json.loads(wanted))}: give this run another cache path, "
+                "or delete that file to score anew"
             )
     # longest first: batches of similar length, and the peak memory comes first
     order = rank_ids([len(dataset[i]["input_ids"]) for i in range(n)], descending=True)

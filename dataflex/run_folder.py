@@ -19,7 +19,7 @@ from typing import Any
 
 from dataflex.state import read_json, write_json_atomic
 
-__all__ = ["RUN_SETTINGS", "claim_run_folder", "config_settings", "settings_digest"]
+__all__ = ["RUN_SETTINGS", "claim_run_folder", "config_settings", "describe_differences", "settings_digest"]
 
 RUN_SETTINGS = "run_settings.json"
 
@@ -47,9 +47,7 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], hint: str 
     if path.is_file():
         saved = read_json(path)
         if saved != settings:
-            differences = "; ".join(
-                f"{key}: {old!r} there, {new!r} now" for key, old, new in _differences(saved, settings)
-            )
+            differences = describe_differences(saved, settings)
             raise ValueError(
                 f"{folder} holds a run made with other settings ({differences}), and a run continues from its "
                 f"folder's checkpoints: {hint}, or delete {folder} to start over"
@@ -57,6 +55,11 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], hint: str 
         return
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
+
+
+def describe_differences(old: Any, new: Any) -> str:
+    """``"key: old there, new now; ..."`` for every (dotted) key whose JSON value differs."""
+    return "; ".join(f"{key}: {a!r} there, {b!r} now" for key, a, b in _differences(old, new))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

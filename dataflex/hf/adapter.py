@@ -254,7 +254,7 @@ class TrainerAdapter(TrainerCallback):
             )
         self._check_stack_settings(args)
         self._check_trainer_kind(trainer)
-        self._tell_loss_the_trainer_scale(args, trainer)
+        self._configure_wrapped_loss(args, trainer, model)
         if trainer is not None:
             checkpoint.barrier_after_rank_files(trainer)
         self._in_training = True
@@ -372,11 +372,15 @@ class TrainerAdapter(TrainerCallback):
                 f"be scaled by {args.gradient_accumulation_steps / loss_accumulation:g}; give both the same value"
             )
 
-    def _tell_loss_the_trainer_scale(self, args: Any, trainer: Trainer | None) -> None:
-        """A wrapped loss that averages over its own micro-batch (``trainer_scale`` attribute, e.g.
-        ExampleWeightedLoss) learns the factor the Trainer multiplies it by (:mod:`dataflex.hf.loss_scale`);
-        a dataflex loss (``smooths_labels = False``) refuses a label smoothing the Trainer would then drop."""
+    def _configure_wrapped_loss(self, args: Any, trainer: Trainer | None, model: torch.nn.Module) -> None:
+        """What a dataflex loss given to ``wrap_loss`` cannot see for itself: a loss that averages over its own
+        micro-batch (``trainer_scale``, e.g. ExampleWeightedLoss) learns the factor the Trainer multiplies it by
+        (:mod:`dataflex.hf.loss_scale`) and the image token it must leave out like the scores do
+        (``ignored_label``); one that does not smooth (``smooths_labels = False``) refuses a label smoothing the
+        Trainer would then drop."""
         loss = self.capture.wrapped_loss
+        if hasattr(loss, "ignored_label"):
+            loss.ignored_label = image_token_id(model)
         smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
         if loss is not None and getattr(loss, "smooths_labels", True) is False and smoothing > 0:
             # With a compute_loss_func the Trainer (and TRL's SFTTrainer) skips its label smoother.
@@ -432,8 +436,6 @@ class TrainerAdapter(TrainerCallback):
         self._detach_hooks()
         self.capture.attach(model)
         self.capture.ignored_label = image_token_id(model)
-        if hasattr(self.capture.wrapped_loss, "ignored_label"):  # ExampleWeightedLoss: the same tokens unscored
-            self.capture.wrapped_loss.ignored_label = self.capture.ignored_label
         if self.embeddings is not None:
             self._embedding_tap = (image_feature_tap if self.embeddings_from == "image" else last_hidden_tap)(model)
             self._taps.append(self._embedding_tap.attach())
