@@ -19,7 +19,14 @@ from typing import Any
 
 from dataflex.state import read_json, write_json_atomic
 
-__all__ = ["RUN_SETTINGS", "claim_run_folder", "config_settings", "describe_differences", "settings_digest"]
+__all__ = [
+    "RUN_SETTINGS",
+    "claim_run_folder",
+    "config_settings",
+    "describe_differences",
+    "settings_digest",
+    "weights_summary",
+]
 
 RUN_SETTINGS = "run_settings.json"
 
@@ -77,3 +84,13 @@ def settings_digest(settings: Mapping[str, Any]) -> str:
     import hashlib
 
     return hashlib.sha1(json.dumps(dict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def weights_summary(model: Any) -> str:
+    """The sum and the sum of squares of every parameter, in float64: which weights (initial or trained) a
+    cached result was computed from, cheaply — another checkpoint or initialisation changes both."""
+    import torch
+
+    with torch.no_grad():
+        parts = [(float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()]
+    return f"{sum(a for a, _ in parts):.8e}/{sum(b for _, b in parts):.8e}"

@@ -4,8 +4,10 @@ Offline: reference model -> Group-DRO proxy -> exported domain weights. Stages, 
 output already exists and each resumable mid-way from its checkpoint:
 
 1. ``reference/``: a model trained on a fixed mixture (uniform or natural) -> ``model.pt``.
-2. ``reference_losses.npy``: the reference's per-token losses on every training example, so the proxy
-   stage never runs the reference again (``NaN`` marks tokens that do not count).
+2. ``reference/reference_losses.npy``: the reference's per-token losses on every training example, so the
+   proxy stage never runs the reference again (``NaN`` marks tokens that do not count). Kept in the
+   reference's folder so they go with it: a reference retrained after that folder was deleted is never paired
+   with the old one's losses.
 3. ``proxy/``: the proxy trained with Group DRO (:class:`GroupDROObjective`) on batches drawn from the
    reference mixture -> ``doremi_weights.json`` with the averaged weights and their trajectory.
 
@@ -38,8 +40,8 @@ from dataflex.policies.base import BoundPolicy
 from dataflex.policies.doremi import GroupDROWeights, checked_dro_settings
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
-from dataflex.run_folder import claim_run_folder
-from dataflex.state import write_json_atomic
+from dataflex.run_folder import claim_run_folder, weights_summary
+from dataflex.state import DatasetFingerprint, write_json_atomic
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor, validate_weights
 
@@ -135,6 +137,7 @@ def load_doremi_weights(path: str | os.PathLike[str], domain_names: Sequence[str
 
 
 STAGE_HINT = "give this stage another work_dir"
+REFERENCE_LOSSES = "reference_losses.npy"  # stage 2's cache, in the reference's folder
 
 
 def _stage_settings(
@@ -150,13 +153,10 @@ def _stage_settings(
     reused work_dir with another model, data, mixture, loop setting or DRO setting would otherwise hand back the
     other settings' reference or weights without a word (a Hydra sweep over ``eta`` reported one set of weights
     for every value)."""
-    data = hashlib.sha1(json.dumps(list(map(str, domain_names))).encode())
-    data.update(np.ascontiguousarray(domain_ids, dtype=np.int64).tobytes())
+    tokens = hashlib.sha1()  # the labels' digest says which domains; the text itself can change under them
     for row in train_ds["input_ids"]:
-        data.update(np.asarray(row, dtype=np.int64).tobytes())
+        tokens.update(np.asarray(row, dtype=np.int64).tobytes())
     config = getattr(model, "config", None)
-    with torch.no_grad():
-        init = sum(float(p.detach().double().sum()) for p in model.parameters())
     loop = {
         k: (getattr(v, "__qualname__", None) or type(v).__qualname__) if callable(v) else v
         for k, v in loop_kwargs.items()
@@ -164,14 +164,17 @@ def _stage_settings(
     }
     return {
         "stage": stage,
-        "data": data.hexdigest()[:16],
+        "data": {
+            "labels": DatasetFingerprint.from_labels(domain_ids, list(domain_names)).labels_sha256[:16],
+            "tokens": tokens.hexdigest()[:16],
+        },
         "model": {
             "class": type(model).__qualname__,
             "config": {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
             if hasattr(config, "to_dict")
             else None,  # (the library's version and a load path do not change the model)
             "parameters": sum(p.numel() for p in model.parameters()),
-            "init_sum": f"{init:.6e}",
+            "initial_weights": weights_summary(model),
         },
         "loop": loop,
         **extra,
@@ -287,13 +290,13 @@ def run_doremi_offline(
     reference = train_reference(
         make_model, train_ds, domain_ids, domain_names, work / "reference", mixture=reference_mixture, **loop_kwargs
     )
-    cache = work / "reference_losses.npy"
+    cache = work / "reference" / REFERENCE_LOSSES
     if cache.is_file():
         ref_losses = np.load(cache)
     else:
         ref_losses = reference_token_losses(reference, train_ds, loop_kwargs["collate"])
-        np.save(work / "reference_losses.tmp.npy", ref_losses)
-        os.replace(work / "reference_losses.tmp.npy", cache)
+        np.save(cache.with_name("reference_losses.tmp.npy"), ref_losses)
+        os.replace(cache.with_name("reference_losses.tmp.npy"), cache)
     export = train_proxy(
         make_model,
         train_ds,

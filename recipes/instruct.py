@@ -39,6 +39,10 @@ from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, training_ar
 
 __all__ = ["DETECTORS", "keep_per_task", "train_instruct"]
 
+# Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
+# and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
+SAME_RESULT = ("save_steps",)
+
 #: detector -> what decides the training data
 DETECTORS = {
     "none": "DataFlexCallback(Uniform()) over the tasks; its training-dynamics record scores every detector",
@@ -214,7 +218,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         check_instruct_settings(cfg, DETECTORS, resolve=to_absolute_path)
         out = Path(HydraConfig.get().runtime.output_dir)
-        claim_run_folder(out, config_settings(cfg, ignore=("save_steps",)))
+        claim_run_folder(out, config_settings(cfg, ignore=SAME_RESULT))
         data = noisy_instructions(
             to_absolute_path(cfg.data_dir) if cfg.data_dir else default_data_dir(),
             tasks=tuple(cfg.tasks),

@@ -51,6 +51,10 @@ from dataflex.testbeds.tiny import (
     per_domain_loss,
 )
 
+# Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
+# and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
+SAME_RESULT = ("ckpt_every", "ckpt_dir", "work_dir")
+
 
 def load_split(root: Path, split: str, max_len: int, per_domain: int | None = None) -> Any:
     return byte_dataset(load_jsonl_dir(root / split, max_per_file=per_domain), max_len)
@@ -194,7 +198,7 @@ def _hydra_main() -> None:
 
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        settings = config_settings(cfg, ignore=("ckpt_every", "ckpt_dir", "work_dir"))
+        settings = config_settings(cfg, ignore=SAME_RESULT)
         for folder in {out_dir, *([Path(cfg.ckpt_dir)] if cfg.ckpt_dir else [])}:
             claim_run_folder(folder, settings)
         result = run_experiment(

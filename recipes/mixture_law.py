@@ -248,6 +248,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         swarm_seconds=float(sum(read_json(swarm.result_path(i)).get("seconds", 0.0) for i in range(len(runs))))
         + (0.0 if noise is None else noise["seconds"]),
         noise=noise,
+        skill=skill,
         fit=fit,
         runs=runs,
         key=proposal_key,
@@ -280,10 +281,11 @@ def replicate_noise(cfg: Any, swarm: Swarm, runs: Any, proxy: Any) -> dict[str, 
     losses, seconds = [], 0.0
     for i in range(count):
         path = swarm.folder / f"replicate-{i:05d}.json"
-        if not path.is_file() or read_json(path).get("seed") != seed:
+        saved = read_json(path) if path.is_file() else None
+        if saved is None or saved.get("seed") != seed:
             result = proxy(runs.weights[i], i, seed=seed, work_name="work-replicate")
-            write_json_atomic(path, {"seed": seed, "losses": result["losses"], "seconds": result["seconds"]})
-        saved = read_json(path)
+            saved = {"seed": seed, "losses": result["losses"], "seconds": result["seconds"]}
+            write_json_atomic(path, saved)
         losses.append([saved["losses"][d] for d in runs.eval_domains])
         seconds += float(saved["seconds"])
     first, again = runs.losses[:count], np.asarray(losses)
@@ -395,6 +397,7 @@ def main_runs(
     fit,
     runs,
     key: str,
+    skill: dict[str, float],
     noise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The proposal (corrected online) and the uniform and natural baselines at the main run's budget."""
@@ -463,7 +466,7 @@ def main_runs(
         "proposal": proposed,
         "law": fit["chosen"],
         "held_out_mae": {k: v["mean_mae"] for k, v in fit["held_out"].items()},
-        "held_out_rank": law_skill(fit, runs, cfg.propose.objective),
+        "held_out_rank": skill,
         "replicates": noise,  # how reproducible the proxies' order of mixtures is (swarm.replicates; None: not run)
         "swarm_steps": swarm_steps,
         "swarm_steps_per_main_run": swarm_steps / cfg.main.steps,

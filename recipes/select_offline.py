@@ -28,6 +28,7 @@ import torch
 from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
 from dataflex.recipes.settings import check_model_fits, check_select_offline_settings
+from dataflex.run_folder import weights_summary
 from dataflex.selection import select_by_loss, select_random, select_top
 from dataflex.state import DatasetFingerprint
 from dataflex.testbeds.tiny import VOCAB_SIZE, collate_causal, instruct_dataset, load_jsonl_dir
@@ -81,13 +82,11 @@ def select_offline(
     if method not in METHODS:
         raise ValueError(f"method={method!r}; valid values are {', '.join(METHODS)}")
     scores: np.ndarray | None = None
-    with torch.no_grad():  # the model's weights, summarised: a cache made from another checkpoint is refused
-        weights = [(float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()]
-    cached = {
+    cached = {  # what the pool's scores depend on: a cache made from another checkpoint or method is refused
         "method": method,
         "dim": dim if method in ("less", "tracin") else None,
         "seed": seed if method in ("less", "tracin") else None,
-        "weights": f"{sum(a for a, _ in weights):.8e}/{sum(b for _, b in weights):.8e}",
+        "weights": weights_summary(model),
     }
     if method in ("less", "tracin"):
         layers = lora_linears(model)

@@ -34,6 +34,10 @@ from dataflex.testbeds.tiny import (
 
 __all__ = ["train_with_callback"]
 
+# Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
+# and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
+SAME_RESULT = ("save_steps", "logging_steps", "report_to")
+
 
 def train_with_callback(
     *,
@@ -114,7 +118,7 @@ def _hydra_main() -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
         settings.integer("seed", cfg.seed)  # the model is built from it before train_with_callback checks the rest
-        claim_run_folder(out_dir, config_settings(cfg, ignore=("save_steps", "logging_steps", "report_to")))
+        claim_run_folder(out_dir, config_settings(cfg, ignore=SAME_RESULT))
         result = train_with_callback(
             policy=instantiate(cfg.policy),
             model=instantiate(cfg.model, seed=cfg.seed),

@@ -50,6 +50,11 @@ METHODS = {
 }
 
 
+# Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
+# and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
+SAME_RESULT = ("save_steps", "work_dir")
+
+
 def method_callback(
     method: str,
     train: Any,
@@ -229,7 +234,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         check_vlm_settings(cfg, METHODS, resolve=to_absolute_path)
         out = Path(HydraConfig.get().runtime.output_dir)
-        claim_run_folder(out, config_settings(cfg, ignore=("save_steps", "work_dir")))
+        claim_run_folder(out, config_settings(cfg, ignore=SAME_RESULT))
         data = digits_vqa(cfg.noise, seed=cfg.data_seed, num_images=cfg.num_images)
         signals, cleaning, pool = None, None, pool_fingerprint(data["train"])
         if cfg.clean_with is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from dataflex.domains import encode_domains
 from dataflex.policies import ADO, doremi_update
 from dataflex.policies.ado import fit_power_law
 from dataflex.proxies.doremi import (
+    REFERENCE_LOSSES,
     DoReMiOffline,
     DoReMiOnline,
     GroupDROObjective,
@@ -99,7 +101,7 @@ def test_offline_pipeline_end_to_end_and_stage_reuse(data, tmp_path):
     ref, export = run_doremi_offline(make_model, ds, ids, names, tmp_path, steps=10, **LOOP)
     saved = json.loads((tmp_path / "proxy" / "doremi_weights.json").read_text())
     assert saved["weights"] == export["weights"] and saved["domain_names"] == names
-    assert (tmp_path / "reference" / "model.pt").is_file() and (tmp_path / "reference_losses.npy").is_file()
+    assert (tmp_path / "reference" / "model.pt").is_file() and (tmp_path / "reference" / REFERENCE_LOSSES).is_file()
     mtime = (tmp_path / "reference" / "model.pt").stat().st_mtime
     policy = DoReMiOffline()
     policy.prepare(make_model, ds, ids, names, tmp_path, dict(steps=10, **LOOP))  # reuses every stage
@@ -114,10 +116,19 @@ def test_offline_pipeline_end_to_end_and_stage_reuse(data, tmp_path):
         DoReMiOffline(eta=4.0).prepare(make_model, ds, ids, names, tmp_path, dict(steps=10, **LOOP))
     with pytest.raises(ValueError, match=r"reference holds a run .*loop.steps: 10 there, 12 now.*another work_dir"):
         DoReMiOffline().prepare(make_model, ds, ids, names, tmp_path, dict(steps=12, **LOOP))
-    with pytest.raises(ValueError, match=r"reference holds a run .*\(data: "):
+    with pytest.raises(ValueError, match=r"reference holds a run .*\(data\.labels: .*data\.tokens: "):
         DoReMiOffline().prepare(
             make_model, ds.select(range(len(ds) - 1)), ids[:-1], names, tmp_path, dict(steps=10, **LOOP)
         )
+    # Deleting the stage folders, as the refusal says, starts over: the reference retrained with the new settings
+    # is never paired with the old one's token losses (they live in its folder and went with it).
+    old_losses = np.load(tmp_path / "reference" / REFERENCE_LOSSES)
+    for stage in ("reference", "proxy"):
+        shutil.rmtree(tmp_path / stage)
+    ref12, _ = run_doremi_offline(make_model, ds, ids, names, tmp_path, steps=12, **LOOP)
+    new_losses = np.load(tmp_path / "reference" / REFERENCE_LOSSES)
+    assert np.array_equal(new_losses, reference_token_losses(ref12, ds, LOOP["collate"]), equal_nan=True)
+    assert not np.array_equal(new_losses, old_losses, equal_nan=True)
 
 
 def test_online_doremi_end_to_end_and_exact_resume(data, tmp_path):

@@ -173,3 +173,19 @@ def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path)
     assert "extra: None there, True now; lr: 0.002 there, 0.01 now; policy.alpha: 0.9 there, 0.5 now" in message
     assert str(folder) in message and "hydra.run.dir" in message
     assert json.loads((folder / RUN_SETTINGS).read_text()) == settings  # the record is not overwritten
+
+
+@pytest.mark.parametrize(
+    "recipe, naming", [("mixture", "policy"), ("trainer", "policy"), ("instruct", "detector"), ("vlm", "method")]
+)
+def test_a_folder_name_and_its_recorded_settings_leave_out_the_same_keys(recipe, naming):
+    """Settings left out of a run's folder name but recorded by it would refuse a rerun that only changed them;
+    recorded-out but in the name, two commands differing only there would share a folder unchecked."""
+    import importlib
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml").read_text())
+    excluded = config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
+    module = importlib.import_module(f"dataflex.recipes.{recipe}")
+    assert excluded == [naming, "seed", *module.SAME_RESULT]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dataflex.domains import encode_domains
-from dataflex.proxies.doremi import DoReMiOffline, train_proxy
+from dataflex.proxies.doremi import REFERENCE_LOSSES, DoReMiOffline, train_proxy
 from dataflex.recipes.mixture import load_split, run_experiment
 from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2
 
@@ -44,7 +44,7 @@ def main() -> None:
         def make_model(seed: int = seed):
             return tiny_gpt2(n_layer=2, n_embd=96, n_head=4, n_positions=int(run_args["max_len"]), seed=seed)
 
-        ref_losses = np.load(work / "reference_losses.npy")
+        ref_losses = np.load(work / "reference" / REFERENCE_LOSSES)
         loop = dict(
             steps=steps,
             batch_size=int(run_args["batch_size"]),
