@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflex.policies import ODM
+from dataflex.policies import ODM, Static
 from dataflex.recipes.mixture import run_experiment
 from dataflex.testbeds.tiny import default_data_dir, tiny_gpt2
 
@@ -61,11 +61,34 @@ def test_mixture_recipe_killed_midway_continues_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_load", lambda folder, parts: loaded.append(folder.name) or real_load(folder, parts))
     full = run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "full"))
     run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", stop_after=6))  # pre-empted at 6
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["step-4", "step-6"]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["run_settings.json", "step-4", "step-6"]
     resumed = run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut"))
     assert loaded == ["step-6"]  # continued from the checkpoint, not retrained from step 0
     for key in ("history", "curve", "validation_loss"):
         assert resumed[key] == full[key], key
+
+
+def test_a_loop_checkpoint_folder_is_not_continued_by_another_run(tmp_path):
+    """train_mixture's own guard (for callers without a recipe): a ckpt_dir cut at step 6 by an ODM run is
+    refused to a run with another ODM knob, learning rate or policy, naming it, and continued by the same run,
+    also when the same policy object (whose update count and rewards the first call changed) is passed again."""
+    odm = ODM()
+    run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=odm, stop_after=6))
+    with pytest.raises(
+        ValueError, match=r"cut holds a run made with other settings \(policy.alpha: 0.9 there, 0.5 now"
+    ):
+        run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=ODM(alpha=0.5)))
+    with pytest.raises(ValueError, match=r"\(lr: 0.003 there, 0.01 now\).*give this run another ckpt_dir"):
+        run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", lr=1e-2))
+    assert odm.t == 3  # the object carries its run's state; only its constructor arguments are the run's settings
+    assert run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=odm))["steps"] == 12
+
+    names = sorted(p.stem for p in (default_data_dir() / "textmix" / "train").glob("*.jsonl"))
+    even = Static(dict.fromkeys(names, 0.125))
+    run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "static", policy=even, stop_after=4))
+    other = Static({**dict.fromkeys(names, 0.1), names[0]: 0.3})
+    with pytest.raises(ValueError, match=rf"policy.weights.{names[0]}: 0.125 there, 0.3 now"):
+        run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "static", policy=other))
 
 
 @pytest.mark.parametrize(

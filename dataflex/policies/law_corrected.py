@@ -69,7 +69,7 @@ class LawCorrected(BoundPolicy):
             raise ValueError(f"step must be a finite number >= 0; got {step!r}")
         if not 0 <= alpha < 1:
             raise ValueError(f"alpha must be in [0, 1); got {alpha!r}")
-        self.proposal, self.predicted = dict(weights), dict(predicted)
+        self.weights, self.predicted = dict(weights), dict(predicted)
         self.radius, self.step, self.alpha = float(radius), float(step), float(alpha)
         self.min_weight, self.max_weight = float(min_weight), None if max_weight is None else dict(max_weight)
         self.t = 0
@@ -77,7 +77,7 @@ class LawCorrected(BoundPolicy):
 
     def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None:
         super().bind(domain_names, domain_sizes)
-        self.w0 = validate_weights(self.proposal, self.domain_names, what="LawCorrected proposal")
+        self.w0 = validate_weights(self.weights, self.domain_names, what="LawCorrected proposal")
         unknown = sorted(set(self.predicted) - set(self.domain_names))
         if unknown:
             raise ValueError(f"predicted losses for {unknown}, which are not domains {self.domain_names}")
