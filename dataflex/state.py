@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,6 +33,7 @@ __all__ = [
     "floats_from_json",
     "floats_to_json",
     "read_json",
+    "token_digest",
     "unwrap_state",
     "wrap_state",
     "write_json_atomic",
@@ -96,6 +97,26 @@ class DatasetFingerprint:
         if saved != mine:
             diffs = [f"{k}: saved={saved.get(k)!r} vs this run={mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
             raise ValueError(f"{refusal}. Differences: " + "; ".join(diffs))
+
+
+def token_digest(dataset: Any, column: str = "input_ids") -> str | None:
+    """A digest of every example's token ids, in order: which text a cached or checkpointed result was made from
+    (a :class:`DatasetFingerprint` sees only the labels, and the text can change under them — another
+    ``max_len``, tokenizer or file). A ``datasets.Dataset`` is read in chunks, not as one Python list. None
+    for a dataset whose examples have no ``column`` (its text cannot be told apart this way)."""
+    digest = hashlib.sha1()
+    first = dataset[0] if len(dataset) else {}
+    if not (isinstance(first, Mapping) and column in first):
+        return None
+    if hasattr(dataset, "iter"):
+        rows = (row for chunk in dataset.iter(batch_size=1024) for row in chunk[column])
+    else:
+        rows = (dataset[i][column] for i in range(len(dataset)))
+    for row in rows:
+        ids = np.asarray(row, dtype=np.int64).ravel()
+        digest.update(np.int64(ids.size).tobytes())  # the length first: [1, 2] + [3] must differ from [1] + [2, 3]
+        digest.update(ids.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def wrap_state(fingerprint: DatasetFingerprint, payload: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from dataflex.policies.doremi import GroupDROWeights, checked_dro_settings
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
 from dataflex.run_folder import claim_run_folder, weights_summary
-from dataflex.state import DatasetFingerprint, write_json_atomic
+from dataflex.state import DatasetFingerprint, token_digest, write_json_atomic
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor, validate_weights
 
@@ -153,9 +153,6 @@ def _stage_settings(
     reused work_dir with another model, data, mixture, loop setting or DRO setting would otherwise hand back the
     other settings' reference or weights without a word (a Hydra sweep over ``eta`` reported one set of weights
     for every value)."""
-    tokens = hashlib.sha1()  # the labels' digest says which domains; the text itself can change under them
-    for row in train_ds["input_ids"]:
-        tokens.update(np.asarray(row, dtype=np.int64).tobytes())
     config = getattr(model, "config", None)
     loop = {
         k: (getattr(v, "__qualname__", None) or type(v).__qualname__) if callable(v) else v
@@ -166,7 +163,7 @@ def _stage_settings(
         "stage": stage,
         "data": {
             "labels": DatasetFingerprint.from_labels(domain_ids, list(domain_names)).labels_sha256[:16],
-            "tokens": tokens.hexdigest()[:16],
+            "tokens": token_digest(train_ds),  # the labels say which domains; the text can change under them
         },
         "model": {
             "class": type(model).__qualname__,

@@ -38,7 +38,7 @@ from dataflex.policies.base import BatchObserver, MixingPolicy
 from dataflex.run_folder import claim_run_folder, weights_summary
 from dataflex.samplers.mixture import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
-from dataflex.state import DatasetFingerprint, TensorStateful
+from dataflex.state import DatasetFingerprint, TensorStateful, token_digest
 from dataflex.store import ScoreStore
 
 __all__ = ["LOOP_STATE", "LoopResult", "MeanTokenLoss", "Objective", "cosine_lr", "train_mixture"]
@@ -127,7 +127,9 @@ def train_mixture(
     sizes = np.bincount(domain_ids, minlength=k)
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
     if ckpt is not None:  # a ckpt_dir continues only the run that wrote it (before binding: the policy as given)
-        settings = _run_settings(model, domain_ids, domain_names, policy, objective, collate, steps, batch_size, lr)
+        settings = _run_settings(
+            model, train_ds, domain_ids, domain_names, policy, objective, collate, steps, batch_size, lr
+        )
         claim_run_folder(ckpt, {**settings, "seed": seed, "update_every": update_every}, hint=CKPT_HINT)
     start_policy(policy, domain_names, sizes, steps=steps, update_every=update_every)  # decides at done % update_every
     schedule = WeightSchedule(domain_names, policy.initial_weights())
@@ -263,14 +265,17 @@ def _plain(value: Any) -> Any:
     return type(value).__qualname__
 
 
-def _run_settings(model, domain_ids, domain_names, policy, objective, collate, steps, batch_size, lr) -> dict:
+def _run_settings(model, train_ds, domain_ids, domain_names, policy, objective, collate, steps, batch_size, lr) -> dict:
     """What a run's checkpoints belong to (:func:`dataflex.run_folder.claim_run_folder`): another policy, knob,
     objective, data labelling, initial model or schedule in the same ``ckpt_dir`` would otherwise continue this
     run's checkpoints as its own."""
     return {
         "policy": {"class": type(policy).__qualname__, **_knobs(policy)},
         "objective": {"class": type(objective).__qualname__, **_knobs(objective)},
-        "data": DatasetFingerprint.from_labels(domain_ids, list(domain_names)).to_json(),
+        "data": {
+            **DatasetFingerprint.from_labels(domain_ids, list(domain_names)).to_json(),
+            "tokens": token_digest(train_ds),  # the labels say which domains; the text can change under them
+        },
         "model": {"class": type(model).__qualname__, "initial_weights": weights_summary(model)},
         "collate": getattr(collate, "__qualname__", type(collate).__qualname__),
         "steps": steps,

@@ -1,14 +1,16 @@
-"""Recipe: offline selection (the LESS workflow) — score a pool once, write the chosen subset.
+"""Recipe: offline selection (the LESS workflow) — warm up, score a pool once, write the chosen subset.
 
-    python -m dataflex.recipes.select_offline checkpoint=out/checkpoint-80 \\
-        target=data/instruct/validation/gsm8k.jsonl method=less fraction=0.05 out=gsm8k_less.json
+    python -m dataflex.recipes.select_offline target=data/instruct/validation/gsm8k.jsonl method=less fraction=0.05
+    python -m dataflex.recipes.select_offline checkpoint=my_run/checkpoint-80 target=... method=tracin
 
 ``checkpoint`` is a Hugging Face Trainer checkpoint of a short LoRA warm-up run: the peft adapter, and
-``optimizer.pt`` whose Adam moments precondition LESS features (Xia et al., arXiv 2402.04333). The
-base model is built from the ``model`` config group (optionally with ``base_weights``). Every pool
-example is scored once in length-sorted batches (``cache`` keeps partial scores across a crash), the
-top ``fraction`` is kept and written with the pool's fingerprint; train on it with
-``DataFlexSelectCallback``-free plain training or ``dataflex.offline.read_subset``.
+``optimizer.pt`` whose Adam moments precondition LESS features (Xia et al., arXiv 2402.04333). Without one,
+the recipe runs LESS's warm-up itself first (:func:`lora_warmup`: LoRA on a random 5 % of the pool for 4
+epochs with a stock Trainer) in a folder under ``work_dir`` named by its settings, and reuses or resumes it on
+a rerun. The base model is built from the ``model`` config group (optionally with ``base_weights``); a
+checkpoint this recipe warmed up is refused on another base. Every pool example is scored once in
+length-sorted batches (``cache`` keeps partial scores across a crash), the top ``fraction`` is kept and
+written with the pool's fingerprint; train on it with ``dataflex.offline.read_subset``.
 
 Methods: ``less`` (Adam-preconditioned gradient cosine with the target's mean plain gradient),
 ``tracin`` (raw gradients, arXiv 2002.08484), ``loss_hard`` / ``loss_easy`` (current loss), ``random``.
@@ -16,9 +18,10 @@ Methods: ``less`` (Adam-preconditioned gradient cosine with the target's mean pl
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,10 @@ import torch
 from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, target_direction, token_mean_losses, write_subset
 from dataflex.recipes.settings import check_model_fits, check_select_offline_settings
-from dataflex.run_folder import weights_summary
+from dataflex.run_folder import RUN_SETTINGS, claim_run_folder, describe_differences, settings_digest, weights_summary
 from dataflex.selection import select_by_loss, select_random, select_top
-from dataflex.state import DatasetFingerprint
-from dataflex.testbeds.tiny import VOCAB_SIZE, collate_causal, instruct_dataset, load_jsonl_dir
+from dataflex.state import DatasetFingerprint, read_json, token_digest
+from dataflex.testbeds.tiny import VOCAB_SIZE, collate_causal, instruct_dataset, load_jsonl, load_jsonl_dir
 
 METHODS = ("less", "tracin", "loss_hard", "loss_easy", "random")
 
@@ -44,6 +47,98 @@ def load_lora_checkpoint(base: torch.nn.Module, checkpoint: str | os.PathLike[st
     if not (ckpt / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{ckpt} holds no peft adapter (adapter_config.json); save a LoRA Trainer run there")
     return PeftModel.from_pretrained(base, str(ckpt), is_trainable=True)
+
+
+WARMUP_SEED = 10_000  # the warm-up share is drawn from another stream than method=random's subset
+
+
+def lora_warmup(
+    make_base: Callable[[], torch.nn.Module],
+    pool: Any,
+    work_dir: str | os.PathLike[str],
+    *,
+    fraction: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    save_steps: int,
+    lora_r: int,
+    lora_alpha: float,
+    target_modules: Sequence[str],
+    seed: int,
+) -> Path:
+    """LESS's warm-up (Xia et al., arXiv 2402.04333): LoRA trained with a stock ``Trainer`` (AdamW) on a
+    random ``fraction`` of ``pool`` for ``epochs``; returns its final checkpoint (adapter + ``optimizer.pt``).
+
+    It runs in ``work_dir/warmup-<digest of its settings>``, which records those settings (the base model's
+    weights among them): a rerun returns the finished checkpoint or resumes from the newest complete one, and
+    other settings get their own folder.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from dataflex.hf.checkpoint import last_complete_checkpoint
+
+    base = make_base()
+    labels = pool["task"] if "task" in pool.column_names else ["pool"] * len(pool)
+    ids = select_random(len(pool), fraction, seed=WARMUP_SEED + seed)
+    steps = math.ceil(epochs * len(ids) / batch_size)
+    settings = {
+        "base": base_settings(base),
+        "pool": DatasetFingerprint.from_labels(*encode_domains(labels)).to_json(),
+        "tokens": token_digest(pool),
+        "fraction": fraction,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "lora": {"r": lora_r, "alpha": lora_alpha, "target_modules": list(target_modules)},
+    }  # (save_steps is left out: it changes where a killed run resumes from, not what it ends with)
+    folder = Path(work_dir) / f"warmup-{settings_digest(settings)}"
+    claim_run_folder(folder, settings, hint="give the warm-up another work_dir")
+    final = folder / f"checkpoint-{steps}"
+    resume = last_complete_checkpoint(folder, require_dataflex=False)
+    if resume is not None and Path(resume) == final:
+        return final
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0)
+    model = get_peft_model(base, config)
+    args = TrainingArguments(
+        output_dir=str(folder),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        save_steps=save_steps,
+        learning_rate=lr,
+        seed=seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        logging_steps=max(1, steps // 10),
+    )
+    subset = pool.select(ids.tolist()).select_columns(["input_ids", "prompt_len"])
+    trainer = Trainer(model=model, args=args, train_dataset=subset, data_collator=collate_causal)
+    trainer.train(resume_from_checkpoint=resume)  # the Trainer saves the last step too (save_strategy="steps")
+    return final
+
+
+def base_settings(base: torch.nn.Module) -> dict[str, Any]:
+    """What a LoRA adapter was trained on top of: the base model's class and a summary of its weights."""
+    return {"class": type(base).__qualname__, "weights": weights_summary(base)}
+
+
+def check_warmup_base(checkpoint: str | os.PathLike[str], base: torch.nn.Module) -> None:
+    """Refuse an adapter this recipe warmed up (its folder records the base) on top of another base model: the
+    adapter's gradients and losses would be those of a model that was never trained."""
+    recorded = Path(checkpoint).parent / RUN_SETTINGS
+    if not recorded.is_file():
+        return  # a checkpoint from elsewhere: its base is not known
+    recorded_settings = read_json(recorded)
+    saved = recorded_settings.get("base") if isinstance(recorded_settings, dict) else None
+    if saved is not None and saved != base_settings(base):
+        raise ValueError(
+            f"{checkpoint} was warmed up on another base model ({describe_differences(saved, base_settings(base))}):"
+            " build the base as the warm-up did (the same model settings, seed and base_weights)"
+        )
 
 
 def load_trainer_optimizer(model: torch.nn.Module, checkpoint: str | os.PathLike[str]) -> torch.optim.Optimizer:
@@ -133,11 +228,6 @@ def select_offline(
     return ids
 
 
-def _read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _hydra_main() -> None:
     import hydra
     from hydra.utils import instantiate, to_absolute_path
@@ -149,15 +239,34 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         path = lambda p: to_absolute_path(p) if p else None  # noqa: E731  (relative to where it was launched)
         check_select_offline_settings(cfg, METHODS, resolve=path)
-        base = instantiate(cfg.model, seed=cfg.seed)
-        check_model_fits(base, max_len=cfg.max_len, vocab_needed=VOCAB_SIZE, len_key="max_len")
-        if cfg.base_weights:
-            base.load_state_dict(torch.load(path(cfg.base_weights), map_location="cpu", weights_only=True))
-        model = load_lora_checkpoint(base, path(cfg.checkpoint))
-        optimizer = load_trainer_optimizer(model, path(cfg.checkpoint)) if cfg.method == "less" else None
+
+        def make_base() -> torch.nn.Module:
+            base = instantiate(cfg.model, seed=cfg.seed)
+            check_model_fits(base, max_len=cfg.max_len, vocab_needed=VOCAB_SIZE, len_key="max_len")
+            if cfg.base_weights:
+                base.load_state_dict(torch.load(path(cfg.base_weights), map_location="cpu", weights_only=True))
+            return base
+
+        base = make_base()
         pool_dir = Path(path(cfg.pool)) if cfg.pool else default_data_dir() / "instruct" / "train"
         pool = instruct_dataset(load_jsonl_dir(pool_dir), cfg.max_len)
-        target = instruct_dataset(_read_jsonl(path(cfg.target)), cfg.max_len)
+        checkpoint = path(cfg.checkpoint)
+        if checkpoint is None:
+            warm = cfg.warmup
+            checkpoint = lora_warmup(
+                make_base,
+                pool,
+                path(cfg.work_dir),
+                **{k: warm[k] for k in ("fraction", "epochs", "batch_size", "lr", "save_steps", "lora_r")},
+                lora_alpha=warm.lora_alpha,
+                target_modules=list(warm.target_modules),
+                seed=cfg.seed,
+            )
+            print(f"warm-up checkpoint: {checkpoint}")
+        check_warmup_base(checkpoint, base)
+        model = load_lora_checkpoint(base, checkpoint)
+        optimizer = load_trainer_optimizer(model, checkpoint) if cfg.method == "less" else None
+        target = instruct_dataset(load_jsonl(path(cfg.target)), cfg.max_len)
         ids = select_offline(
             model,
             pool,

@@ -140,7 +140,7 @@ def check_select_offline_settings(cfg: Any, methods: Any, resolve: Any = lambda 
     for key in ("dim", "max_len", "batch_size"):
         positive_int(key, cfg[key])
     for key, kind, required in (
-        ("checkpoint", "folder", True),
+        ("checkpoint", "folder", False),
         ("target", "file", True),
         ("pool", "folder", False),
         ("base_weights", "file", False),
@@ -150,6 +150,18 @@ def check_select_offline_settings(cfg: Any, methods: Any, resolve: Any = lambda 
         value = cfg[key]
         if not (optional and value is None) and not (isinstance(value, str) and value):
             raise ValueError(f"{key} must be a file path; got {value!r}")
+    if cfg.checkpoint is None:  # the recipe warms up first: its settings are used
+        warm = cfg.warmup
+        fraction("warmup.fraction", warm.fraction)
+        for key in ("epochs", "batch_size", "save_steps", "lora_r"):
+            positive_int(f"warmup.{key}", warm[key])
+        for key in ("lr", "lora_alpha"):
+            positive_number(f"warmup.{key}", warm[key])
+        modules = warm.target_modules
+        if isinstance(modules, str) or not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(f"warmup.target_modules must be a non-empty list of module names; got {modules!r}")
+        if not (isinstance(cfg.work_dir, str) and cfg.work_dir):
+            raise ValueError(f"work_dir must be a folder path (the warm-up runs there); got {cfg.work_dir!r}")
 
 
 def check_instruct_settings(cfg: Any, detectors: Any, resolve: Any = lambda p: p) -> None:

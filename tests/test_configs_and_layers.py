@@ -156,6 +156,11 @@ def test_jsonl_data_a_user_brings_is_read_whole_or_refused_naming_the_line(tmp_p
     (tmp_path / "y.jsonl").write_text('["text", "domain"]\n')
     with pytest.raises(ValueError, match=r"y\.jsonl:1 is a JSON list, not an object"):
         load_jsonl_dir(tmp_path)
+    (tmp_path / "y.jsonl").write_bytes(b'{"text": "d", "domain": "x"}\n{"text": "\xff", "domain": "x"}\n')
+    with pytest.raises(ValueError, match=r"y\.jsonl:2 is not UTF-8 text \(invalid start byte at byte 10\)"):
+        load_jsonl_dir(tmp_path)
+    (tmp_path / "y.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good[0]).encode() + b"\r\n")  # BOM, CRLF
+    assert load_jsonl_dir(tmp_path) == good + good[:1]
     with pytest.raises(ValueError, match=r"record 1 has no \['domain'\]"):
         byte_dataset([good[0], {"text": "no label"}], 16)
     with pytest.raises(ValueError, match=r"record 0 has no \['text'\]"):

@@ -143,3 +143,18 @@ def test_token_mean_losses_split_a_padding_free_batch_per_example():
     flat = token_mean_losses(model)({"input_ids": flat_ids, "labels": labels, "position_ids": positions})
     assert flat.shape == (3,)
     assert torch.allclose(flat, padded, atol=1e-5), (flat, padded)
+
+
+def test_token_digest_tells_texts_apart_whatever_the_container():
+    """The digest behind the run-folder and warm-up checks: the same rows give the same digest from a
+    ``datasets.Dataset`` (read in chunks) or a list; a boundary moved between rows, or one token changed, does not."""
+    from datasets import Dataset
+
+    from dataflex.state import token_digest
+
+    rows = [{"input_ids": [1, 2]}, {"input_ids": [3]}] * 700  # more than one 1024-row chunk
+    digest = token_digest(rows)
+    assert token_digest(Dataset.from_list(rows)) == digest
+    assert token_digest([{"input_ids": [1]}, {"input_ids": [2, 3]}] * 700) != digest
+    assert token_digest(rows[:-1] + [{"input_ids": [4]}]) != digest
+    assert token_digest([{"text": "no ids"}]) is None

@@ -80,6 +80,8 @@ def test_a_loop_checkpoint_folder_is_not_continued_by_another_run(tmp_path):
         run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=ODM(alpha=0.5)))
     with pytest.raises(ValueError, match=r"\(lr: 0.003 there, 0.01 now\).*give this run another ckpt_dir"):
         run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", lr=1e-2))
+    with pytest.raises(ValueError, match=r"\(data.tokens: '[0-9a-f]+' there, '[0-9a-f]+' now\)"):
+        run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", max_len=40))  # same labels, other text
     assert odm.t == 3  # the object carries its run's state; only its constructor arguments are the run's settings
     assert run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=odm))["steps"] == 12
 
@@ -157,6 +159,12 @@ def select_offline_config(tmp_path: Path, overrides: list[str]):
         ("pool=/nonexistent", FileNotFoundError, "pool='/nonexistent': no such folder"),
         ("base_weights=/no.pt", FileNotFoundError, "base_weights='/no.pt': no such file"),
         ("out=null", ValueError, "out must be a file path; got None"),
+        ("checkpoint=null warmup.fraction=0", ValueError, r"warmup.fraction must be a number in \(0, 1\]; got 0"),
+        ("checkpoint=null warmup.epochs=0", ValueError, "warmup.epochs must be a positive integer; got 0"),
+        ("checkpoint=null warmup.lr=-1", ValueError, "warmup.lr must be a positive number; got -1"),
+        ("checkpoint=null warmup.target_modules=[]", ValueError, "warmup.target_modules must be a non-empty list"),
+        ("checkpoint=null warmup.target_modules=c_attn", ValueError, "got 'c_attn'"),
+        ("checkpoint=null work_dir=null", ValueError, "work_dir must be a folder path .*; got None"),
     ],
 )
 def test_bad_select_offline_overrides_name_the_key(tmp_path, override, error, message):
@@ -164,7 +172,7 @@ def test_bad_select_offline_overrides_name_the_key(tmp_path, override, error, me
     from dataflex.recipes.settings import check_select_offline_settings
 
     with pytest.raises(error, match=message):
-        check_select_offline_settings(select_offline_config(tmp_path, [override]), METHODS)
+        check_select_offline_settings(select_offline_config(tmp_path, override.split()), METHODS)
 
 
 def test_select_offline_defaults_pass_and_a_too_long_max_len_is_named(tmp_path):

@@ -115,3 +115,92 @@ def test_hydra_command_writes_the_subset(warmed, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "selected 6 of 30 examples" in proc.stdout
     assert len(read_subset(tmp_path / "sel.json")) == 6
+
+
+def warmup(pool, work, **over):
+    from dataflex.recipes.select_offline import lora_warmup
+
+    kw = dict(fraction=0.5, epochs=2, batch_size=6, lr=5e-3, save_steps=2, lora_r=4, lora_alpha=8)
+    return lora_warmup(base_model, pool, work, **{**kw, **over}, target_modules=["c_attn"], seed=0)
+
+
+def adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "adapter_model.safetensors")
+
+
+def test_the_warm_up_resumes_from_its_newest_complete_checkpoint_and_is_reused_when_done(tmp_path, monkeypatch):
+    """LESS's warm-up run by the recipe: 18 of 36 pool examples, 2 epochs of 6 -> 6 steps, a checkpoint every 2.
+    Cut after step 2 (steps 4 and 6 gone, a half-written step-4 folder left) it resumes from step 2 and ends
+    with the uninterrupted run's adapter; finished, it is returned without training; another base or share
+    gets its own folder."""
+    import shutil
+
+    from transformers import Trainer
+
+    pool = instruct_dataset(load_jsonl_dir(default_data_dir() / "instruct" / "train", max_per_file=3), 96)
+    full = warmup(pool, tmp_path / "a")
+    assert full.name == "checkpoint-6" and (full / "optimizer.pt").is_file()
+    assert sorted(p.name for p in full.parent.iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+        "run_settings.json",
+    ]
+    cut = tmp_path / "b" / full.parent.name
+    shutil.copytree(full.parent, cut)
+    shutil.rmtree(cut / "checkpoint-6")
+    (cut / "checkpoint-4" / "trainer_state.json").unlink()  # killed while writing step 4
+    resumed_from = []
+    real_train = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self, **kw: resumed_from.append(kw) or real_train(self, **kw))
+    again = warmup(pool, tmp_path / "b")
+    assert [Path(kw["resume_from_checkpoint"]).name for kw in resumed_from] == ["checkpoint-2"]
+    for name, value in adapter(full).items():
+        torch.testing.assert_close(adapter(again)[name], value, rtol=0, atol=1e-6, msg=name)
+    assert warmup(pool, tmp_path / "b") == again and len(resumed_from) == 1  # done: reused, not retrained
+    assert warmup(pool, tmp_path / "b", fraction=0.25).parent != again.parent
+
+
+def test_a_warmed_up_adapter_is_refused_on_another_base(tmp_path):
+    from dataflex.recipes.select_offline import check_warmup_base
+
+    pool = instruct_dataset(load_jsonl_dir(default_data_dir() / "instruct" / "train", max_per_file=2), 96)
+    ckpt = warmup(pool, tmp_path, epochs=1)
+    check_warmup_base(ckpt, base_model())  # the base it was trained on
+    other = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, n_positions=128, seed=1)
+    with pytest.raises(ValueError, match=r"was warmed up on another base model \(weights: '.*' there, '.*' now\)"):
+        check_warmup_base(ckpt, other)
+    check_warmup_base(tmp_path, other)  # a checkpoint from elsewhere: its base is not recorded, nothing to check
+
+
+def test_hydra_command_without_a_checkpoint_warms_up_first(tmp_path):
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for name in ("gsm8k", "boolq"):
+        lines = (default_data_dir() / "instruct" / "train" / f"{name}.jsonl").read_text().splitlines()[:8]
+        (pool_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataflex.recipes.select_offline",
+        f"target={default_data_dir() / 'instruct' / 'validation' / 'gsm8k.jsonl'}",
+        f"pool={pool_dir}",
+        "fraction=0.25",
+        "dim=32",
+        "max_len=96",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "warmup.fraction=0.5",
+        "warmup.epochs=1",
+        f"work_dir={tmp_path / 'work'}",
+        f"out={tmp_path / 'sel.json'}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = (tmp_path / "work").iterdir()
+    assert f"warm-up checkpoint: {folder / 'checkpoint-1'}" in proc.stdout  # 8 of 16 examples, batch 8: 1 step
+    assert "selected 4 of 16 examples" in proc.stdout and len(read_subset(tmp_path / "sel.json")) == 4

@@ -25,6 +25,7 @@ __all__ = [
     "encode_bytes",
     "encode_instruction",
     "instruct_dataset",
+    "load_jsonl",
     "load_jsonl_dir",
     "per_domain_loss",
     "task_losses",
@@ -44,32 +45,39 @@ def default_data_dir() -> Path:
 
 
 def load_jsonl_dir(folder: str | os.PathLike[str], max_per_file: int | None = None) -> list[dict[str, Any]]:
-    """Read every ``*.jsonl`` in ``folder`` (sorted by name), keeping the first ``max_per_file`` records.
-
-    Blank lines are skipped (a trailing empty line is common); a line that is not a JSON object raises naming
-    its file and line number, since a record silently lost or mis-read would change the data trained on.
-    """
+    """Read every ``*.jsonl`` in ``folder`` (sorted by name) with :func:`load_jsonl`, keeping the first
+    ``max_per_file`` records of each."""
     folder = Path(folder)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no .jsonl files in {folder}")
+    return [record for path in files for record in load_jsonl(path, max_per_file)]
+
+
+def load_jsonl(path: str | os.PathLike[str], max_records: int | None = None) -> list[dict[str, Any]]:
+    """The records (JSON objects, one per line) of a ``.jsonl`` file, the first ``max_records`` of them.
+
+    Blank lines are skipped (a trailing empty line is common); a line that is not a JSON object raises naming
+    its file and line number, since a record silently lost or mis-read would change the data trained on.
+    """
     records: list[dict[str, Any]] = []
-    for path in files:
-        kept = 0
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if max_per_file is not None and kept >= max_per_file:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}): {line[:80]!r}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object (a record)")
-                records.append(record)
-                kept += 1
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line number
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not JSON
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+            if max_records is not None and len(records) >= max_records:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}): {line[:80]!r}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object (a record)")
+            records.append(record)
     return records
 
 
