@@ -5,7 +5,8 @@ logits the forward pass already produced (no second model forward), on the model
 follow the HF causal-LM convention: position ``t`` predicts label ``t + 1``; ``-100`` is ignored.
 
 * :func:`token_cross_entropy` — ``(batch, seq - 1)`` per-token losses, ignored tokens 0, with gradient.
-* :func:`per_example_mean_loss` — token-mean loss of each example, with gradient (influence, weighting).
+* :func:`per_example_mean_loss` — token-mean loss of each example, with gradient (influence, weighting); per
+  example of a padding-free row with its segments.
 * :func:`per_example_token_loss` — the same under ``no_grad`` in bounded memory (counted positions only,
   in chunks), with NaN and a ``valid`` mask for examples that have no counted token or a non-finite loss.
 * :func:`hidden_state_positions` — per-token losses from the last hidden states and the LM head, for a
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 __all__ = [
     "IGNORE_INDEX",
     "SCORING_CHUNK_ELEMENTS",
+    "counted_per_example",
     "log_prob_positions",
     "flattened_sequence_ids",
     "hidden_state_positions",
@@ -30,6 +32,7 @@ __all__ = [
     "per_example_mean",
     "per_example_mean_loss",
     "scored_positions",
+    "segment_columns",
     "per_example_token_loss",
     "token_cross_entropy",
 ]
@@ -55,13 +58,46 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     ).view(shifted.shape)
 
 
-def _counted_tokens(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(device)
+def per_example_mean_loss(
+    logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token-mean cross-entropy of each example *with* gradient; an example with no counted token gives 0.
+    Per row, or with ``segments`` (:func:`padding_free_segments`) per example of a padding-free row."""
+    token_loss = token_cross_entropy(logits, labels)
+    count = counted_per_example(labels, segments).to(logits.device)
+    if segments is None:
+        return token_loss.sum(1) / count.clamp(min=1)
+    owner = segments[0, 1:].to(logits.device)  # shifted position t predicts token t + 1
+    keep = owner >= 0  # trailing padding belongs to no example
+    sums = token_loss.new_zeros(count.numel()).index_add(0, owner[keep], token_loss[0, keep])
+    return sums / count.clamp(min=1)
 
 
-def per_example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy of each example *with* gradient; an example with no counted token gives 0."""
-    return token_cross_entropy(logits, labels).sum(1) / _counted_tokens(labels, logits.device).clamp(min=1)
+def counted_per_example(labels: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Counted target tokens of each example: per row, or per example of a padding-free row."""
+    counted = labels[:, 1:] != IGNORE_INDEX
+    if segments is None:
+        return counted.sum(1)
+    owner = segments[0, 1:].to(labels.device)
+    keep = owner >= 0
+    n = int(segments.max()) + 1
+    return torch.zeros(n, dtype=torch.long, device=labels.device).index_add(0, owner[keep], counted[0, keep].long())
+
+
+def segment_columns(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Where each shifted position ``t`` of a padding-free row sits in its own example's shifted row:
+    ``(owner, column, examples, width)``. ``column`` is ``t`` minus the example's first position, so the
+    example's row is what it would be in a padded batch; it is -1 at the position that predicts an example's
+    first token from the previous example (never counted: collators mask it) and for trailing padding
+    (owner -1). ``width`` is the longest example's length minus one."""
+    seg = segments[0]
+    owner = seg[1:]
+    n = int(seg.max()) + 1
+    lengths = torch.bincount(seg[seg >= 0], minlength=n)
+    starts = torch.cumsum(lengths, 0) - lengths
+    t = torch.arange(owner.numel(), device=seg.device)
+    column = torch.where(owner >= 0, t - starts[owner.clamp(min=0)], torch.full_like(t, -1))
+    return owner, column, n, max(int(lengths.max()) - 1, 0)
 
 
 #: Most logits elements converted to float32 at once when scoring without gradient (64 MB): the extra
@@ -70,14 +106,23 @@ SCORING_CHUNK_ELEMENTS = 2**24
 
 
 def flattened_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Which sequence each position of a padding-free row belongs to: ``(1, seq)`` ids 0..n-1.
+    """Which sequence each position of a padding-free row belongs to: ``(1, seq)`` ids 0..n-1, and -1 for
+    trailing padding.
 
     Padding-free batches (TRL ``padding_free=True``, transformers' ``DataCollatorWithFlattening``) put
-    every example of the batch in one row; ``position_ids`` restart at 0 where a new example begins.
+    every example of the batch in one row; ``position_ids`` restart at 0 where a new example begins. Padding
+    appended to the row (TRL's ``pad_to_multiple_of``) has position 0 at every token, so it would read as
+    one-token examples: the positions after the last one with a non-zero position are padding. (An example
+    of a single token at the end of the row is taken for padding too; it has no counted target anyway, and
+    the example count check then names the mismatch.)
     """
     if position_ids.dim() != 2 or position_ids.shape[0] != 1:
         raise ValueError(f"a padding-free batch has position_ids of shape (1, seq); got {tuple(position_ids.shape)}")
-    return torch.cumsum(position_ids == 0, dim=1) - 1
+    ids = torch.cumsum(position_ids == 0, dim=1) - 1
+    inside = (position_ids[0] > 0).nonzero()
+    if inside.numel():
+        ids[0, int(inside[-1]) + 1 :] = -1
+    return ids
 
 
 def padding_free_segments(rows: int, position_ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dataflex.checks import real_number
-from dataflex.losses import IGNORE_INDEX, token_cross_entropy
+from dataflex.losses import IGNORE_INDEX, segment_columns, token_cross_entropy
 
 __all__ = ["ReferenceTokenLosses", "TokenWeightedLoss", "reference_token_losses", "rho1"]
 
@@ -110,6 +110,36 @@ def rho1(reference: ReferenceTokenLosses, keep: float = 0.6) -> Rule:
     return rule
 
 
+class PaddingFreeLayout:
+    """A padding-free row's per-token values as one row per example (padded with 0), and back: what a token
+    rule sees for a padding-free batch is what it would see for the same examples padded."""
+
+    def __init__(self, segments: torch.Tensor, counted: torch.Tensor) -> None:
+        owner, column, self.examples, width = segment_columns(segments.to(counted.device))
+        if bool((counted[0] & (column < 0)).any()):
+            raise ValueError(
+                "this padding-free batch counts the first token of an example as a target of the example before "
+                "it (its label is not -100): a token rule has no place for it; mask it as TRL's collator does"
+            )
+        self.keep = column >= 0
+        self.owner, self.column, self.width = owner[self.keep], column[self.keep], width
+
+    def rows(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each ``(1, seq - 1)`` value as ``(examples, width)``."""
+        out = []
+        for value in values:
+            grid = value.new_zeros((self.examples, self.width))
+            grid[self.owner, self.column] = value[0, self.keep]
+            out.append(grid)
+        return tuple(out)
+
+    def flat(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(examples, width)`` back to the padding-free row's ``(1, seq - 1)``; 0 where no example is."""
+        out = rows.new_zeros((1, self.keep.numel()))
+        out[0, self.keep] = rows[self.owner, self.column]
+        return out
+
+
 class TokenWeightedLoss:
     """A ``compute_loss_func`` with a weight per target token; see the module docstring.
 
@@ -120,6 +150,7 @@ class TokenWeightedLoss:
     """
 
     smooths_labels = False  # label_smoothing_factor > 0 is refused at train begin (the Trainer would drop it)
+    takes_segments = True  # the callback's wrap_loss passes where each example of a padding-free row lies
 
     def __init__(self, rule: Rule, callback: Any) -> None:
         if not callable(rule):
@@ -130,7 +161,16 @@ class TokenWeightedLoss:
         self.last_weights: torch.Tensor | None = None
         callback.add_log_metrics(self._log_metrics)
 
-    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    def __call__(
+        self,
+        outputs: Any,
+        labels: torch.Tensor,
+        num_items_in_batch: Any = None,
+        *,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``segments``: where each example of a padding-free row lies, handed over by the callback's
+        ``wrap_loss``; the rule then sees one row per example, as in a padded batch."""
         logits = outputs.get("logits") if hasattr(outputs, "get") else getattr(outputs, "logits", None)
         if logits is None:  # a fused linear cross-entropy forward: no logits to weight token by token
             raise ValueError(
@@ -145,23 +185,25 @@ class TokenWeightedLoss:
         if ids is None and not torch.is_grad_enabled():
             weights = counted.to(token_loss.dtype)  # an evaluation forward: the plain loss, every token 1
         else:
-            if ids is None or len(ids) != labels.shape[0]:
+            layout = None if segments is None else PaddingFreeLayout(segments, counted)
+            examples = labels.shape[0] if layout is None else layout.examples
+            if ids is None or len(ids) != examples:
                 raise RuntimeError(
-                    "TokenWeightedLoss needs the micro-batch's example ids from its dataflex callback: pass "
+                    f"TokenWeightedLoss needs the micro-batch's example ids from its dataflex callback (got "
+                    f"{'none' if ids is None else len(ids)} for {examples} examples): pass "
                     "compute_loss_func=callback.wrap_loss(TokenWeightedLoss(rule, callback))"
                 )
+            rule_loss, rule_counted = (token_loss, counted) if layout is None else layout.rows(token_loss, counted)
             with torch.no_grad():
-                weights = self.rule(token_loss.detach(), counted, ids)
+                weights = self.rule(rule_loss.detach(), rule_counted, ids)
             # Checked before masking: a (batch, 1) answer would otherwise broadcast into a plausible shape.
-            if (
-                weights.shape != token_loss.shape
-                or not bool(torch.isfinite(weights).all())
-                or bool((weights < 0).any())
-            ):
+            if weights.shape != rule_loss.shape or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
                 raise ValueError(
-                    f"token weights must be finite, >= 0 and of shape {tuple(token_loss.shape)}; got "
+                    f"token weights must be finite, >= 0 and of shape {tuple(rule_loss.shape)}; got "
                     f"{tuple(weights.shape)}"
                 )
+            if layout is not None:
+                weights = layout.flat(weights)
             weights = weights.to(token_loss.dtype) * counted
             self.effective_tokens += float(weights.sum())  # the logged share counts training tokens only
             self.counted_tokens += n_counted

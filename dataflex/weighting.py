@@ -12,6 +12,7 @@ label noise); ``T → ∞`` recovers the plain mean. Weights never carry gradien
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from dataflex import dist
 from dataflex.checks import real_number, whole_number
-from dataflex.losses import per_example_mean_loss
+from dataflex.losses import counted_per_example, per_example_mean_loss
 
 __all__ = ["ExampleWeightedLoss", "loss_weights"]
 
@@ -76,6 +77,7 @@ class ExampleWeightedLoss:
     """
 
     smooths_labels = False  # label_smoothing_factor > 0 is refused at train begin (the Trainer would drop it)
+    takes_segments = True  # the callback's wrap_loss passes where each example of a padding-free row lies
 
     def __init__(
         self,
@@ -99,14 +101,32 @@ class ExampleWeightedLoss:
         # example's mean like from dataflex's scores, or an example's weight would follow its share of image
         # tokens (near-zero loss) rather than its text. Set by the dataflex callback at train begin.
         self.ignored_label: int | None = None
+        self._warned_single = False
 
-    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    def __call__(
+        self,
+        outputs: Any,
+        labels: torch.Tensor,
+        num_items_in_batch: Any = None,
+        *,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``segments``: where each example of a padding-free row lies (:func:`dataflex.losses.padding_free_segments`),
+        handed over by the callback's ``wrap_loss``; without it every row is one example."""
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         labels = labels.to(logits.device)
         if self.ignored_label is not None:
             labels = labels.masked_fill(labels == self.ignored_label, -100)
-        per_example = per_example_mean_loss(logits, labels)
-        has_tokens = (labels[:, 1:] != -100).any(1).to(per_example.device)
+        per_example = per_example_mean_loss(logits, labels, segments)
+        if per_example.shape[0] == 1 and torch.is_grad_enabled() and not self._warned_single and dist.world_size() == 1:
+            self._warned_single = True  # (an evaluation forward, without gradient, trains nothing: not warned)
+            warnings.warn(
+                "ExampleWeightedLoss got a micro-batch of one example: its weight is 1, nothing is reweighted. If "
+                "the batch is padding-free (several examples in one row), pass the loss through the dataflex "
+                "callback (compute_loss_func=callback.wrap_loss(loss)), which tells it where each example lies",
+                stacklevel=2,
+            )
+        has_tokens = counted_per_example(labels, segments).to(per_example.device) > 0
         per_example = torch.where(has_tokens, per_example, torch.full_like(per_example, float("nan")))
         weights = loss_weights(
             per_example, temperature=self.temperature, direction=self.direction, max_weight=self.max_weight

@@ -122,3 +122,55 @@ def test_bad_token_weights_and_missing_ids_are_refused(ds):
     short = ReferenceTokenLosses([np.zeros(1), np.zeros(1)])
     with pytest.raises(ValueError, match="example 0 has .* counted tokens in this batch but its reference"):
         TokenWeightedLoss(rho1(short), FakeCallback([0, 1]))(outputs, labels)
+
+
+def padded_and_padding_free(ds, ids, trailing_pad: int = 5):
+    """The same examples as a padded batch and as one padding-free row (TRL's layout: positions restart at 0,
+    each example's first label -100, ``pad_to_multiple_of`` padding at the end with position 0)."""
+    from dataflex.testbeds.tiny import PAD_ID
+
+    examples = [ds[i] for i in ids]
+    padded = collate_causal(examples)
+    rows = [torch.as_tensor(e["input_ids"]) for e in examples]
+    input_ids = torch.cat([*rows, torch.full((trailing_pad,), PAD_ID)])[None]
+    position_ids = torch.cat([*(torch.arange(len(r)) for r in rows), torch.zeros(trailing_pad, dtype=torch.long)])[None]
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    return padded, {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+@pytest.mark.parametrize("kind", ["example", "token"])
+def test_a_padding_free_row_is_weighted_as_its_examples_padded(ds, kind):
+    """Under TRL's padding_free=True the callback hands dataflex's losses where each example lies: the loss and
+    every gradient equal those of the same examples padded (before, ExampleWeightedLoss took the row for one
+    example of weight 1, training unweighted, and TokenWeightedLoss stopped). Trailing padding is no example."""
+    from dataflex.losses import padding_free_segments
+    from dataflex.weighting import ExampleWeightedLoss
+
+    padded, flat = padded_and_padding_free(ds, (3, 7, 11))
+    segments = padding_free_segments(1, flat["position_ids"])
+    assert int(segments.max()) + 1 == 3 and int((segments == -1).sum()) == 5
+
+    def by_id(token_loss, counted, ids):  # depends on each token's loss and on which example a row is
+        return torch.where(counted, token_loss * torch.as_tensor(ids, dtype=token_loss.dtype)[:, None], 0.0)
+
+    results = []
+    for batch, seg in ((padded, None), (flat, segments)):
+        model = tiny_model("llama", 0)
+        labels = batch["labels"]
+        # (without a cache transformers keeps a padding-free row's examples apart, as in training)
+        outputs = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+        if kind == "example":
+            loss_fn = ExampleWeightedLoss(temperature=0.5)
+        else:
+            loss_fn = TokenWeightedLoss(by_id, FakeCallback([1, 2, 3]))
+        loss = loss_fn(outputs, labels, int((labels[:, 1:] != -100).sum()), segments=seg)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), loss_fn.last_weights, grads))
+    (loss_p, w_p, g_p), (loss_f, w_f, g_f) = results
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    if kind == "example":
+        torch.testing.assert_close(w_f, w_p, rtol=1e-3, atol=1e-5)  # exp(z / 0.5) magnifies float noise
+        assert w_p.std() > 0.1  # the examples are weighted differently: the test would see a row taken for one
+    for name, grad in g_p.items():
+        assert float((g_f[name] - grad).abs().max()) <= 1e-4 * float(grad.abs().max()), name

@@ -8,7 +8,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hf_helpers import StepRecorder, assert_trainer_resumes_exactly, small_dataset, tiny_model, trainer_settings
+from hf_helpers import (
+    StepRecorder,
+    assert_trainer_resumes_exactly,
+    params,
+    small_dataset,
+    tiny_model,
+    trainer_settings,
+)
 from transformers import TrainerCallback
 
 from dataflex import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
@@ -164,6 +171,45 @@ def test_sft_compute_loss_func_is_scored_once_per_micro_batch(ds, tmp_path):
     )
     trainer.train()
     assert [len(v) for v in rec.ids.values()] == [8] * 4 and dfx.missing_labels == 0
+
+
+@pytest.mark.parametrize("kind", ["example", "token"])
+def test_sft_padding_free_batches_are_reweighted_per_example(ds, tmp_path, kind):
+    """padding_free=True (with pad_to_multiple_of, whose padding reads as one-token sequences): dataflex's losses
+    get each example's place from the callback, so the weights and the trained model equal the padded run's.
+    Before, ExampleWeightedLoss weighed the whole row as one example (weight 1: unweighted training), the padding
+    made the callback count 9 examples for 4, and TokenWeightedLoss stopped."""
+    from dataflex.token_weighting import TokenWeightedLoss
+
+    def by_id(token_loss, counted, ids):
+        return torch.where(counted, token_loss * torch.as_tensor(ids % 3 + 1, dtype=token_loss.dtype)[:, None], 0.0)
+
+    runs = []
+    for padding_free in (False, True):
+        dfx = DataFlexCallback(Uniform(), update_every=2)
+        loss = ExampleWeightedLoss(temperature=0.5) if kind == "example" else TokenWeightedLoss(by_id, dfx)
+        flat = {"padding_free": True, "pad_to_multiple_of": 64} if padding_free else {}
+        trainer = sft_trainer(
+            ds,
+            dfx,
+            tmp_path / str(padding_free),
+            max_steps=3,
+            arch="llama",
+            max_length=None,
+            compute_loss_func=dfx.wrap_loss(loss),
+            optim="sgd",  # (Adam would turn float noise in near-zero gradients into whole steps)
+            **flat,
+        )
+        trainer.train()
+        runs.append((loss.last_weights, params(trainer.model), dfx.last_step_records()[0]))
+    (w_padded, p_padded, ids_padded), (w_flat, p_flat, ids_flat) = runs
+    assert ids_flat.tolist() == ids_padded.tolist() and len(ids_flat) == 4
+    if kind == "example":
+        assert w_flat.shape == (4,) and float(w_flat.std()) > 0.1
+        torch.testing.assert_close(w_flat, w_padded, rtol=1e-2, atol=1e-3)
+    else:
+        assert w_flat.shape[0] == 1 and float(w_flat.sum()) == pytest.approx(float(w_padded.sum()), rel=1e-3)
+    assert max(float(np.abs(p_flat[k] - p_padded[k]).max()) for k in p_padded) < 1e-5
 
 
 def test_sft_filtered_dataset_labels_follow_or_are_refused(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,20 @@ def test_example_weighted_loss_divides_by_the_trainer_scale_only_when_the_traine
     loss.trainer_scale = 4  # set by the callback at train begin
     assert torch.allclose(loss(outputs, labels, num_items_in_batch=12), plain / 4)
     assert torch.equal(loss(outputs, labels), plain)  # no count, no multiplication to undo
+
+
+def test_a_one_example_micro_batch_is_named_once_since_nothing_is_reweighted():
+    """One example per micro-batch in one process (batch size 1, or a padding-free row the loss was not told how
+    to split, as when it is not passed through the callback): every weight is 1, so it warns, once."""
+    outputs, labels = {"logits": torch.randn(1, 9, 11, requires_grad=True)}, torch.randint(0, 11, (1, 9))
+    loss = ExampleWeightedLoss()
+    with pytest.warns(UserWarning, match="a micro-batch of one example: its weight is 1.*callback.wrap_loss"):
+        loss(outputs, labels)
+    assert loss.last_weights.tolist() == [1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(outputs, labels)  # once
+        with torch.no_grad():
+            ExampleWeightedLoss()(outputs, labels)  # an evaluation forward trains nothing
+        segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1]])  # the callback's split: 2 examples, 1 padding
+        assert ExampleWeightedLoss()(outputs, labels, segments=segments).requires_grad

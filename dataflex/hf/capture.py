@@ -237,6 +237,7 @@ class LossCapture:
         self.wrapped_loss: Callable[..., torch.Tensor] | None = None
         self.loss_call_scored = False  # see wrap_loss
         self._pending: tuple[dict[str, Any], Any] | None = None
+        self._position_ids: torch.Tensor | None = None  # of the latest forward
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._loss_owner: torch.nn.Module | None = None  # the model whose loss_function is tapped
         self._token_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (per-token loss, shifted labels)
@@ -319,6 +320,7 @@ class LossCapture:
         return self.active and module.training and torch.is_grad_enabled()
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._position_ids = kwargs.get("position_ids")  # any forward's, evaluation too: see wrap_loss
         if not self.is_training_forward(module):
             return
         labels = kwargs.get("labels")
@@ -357,6 +359,8 @@ class LossCapture:
         self._loss_wrapped = True
         self.wrapped_loss = loss_func  # the adapter checks its settings against the Trainer's at train begin
 
+        takes_segments = getattr(loss_func, "takes_segments", False)
+
         def compute_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
             pending, self._pending = self._pending, None
             if pending is not None:
@@ -364,6 +368,11 @@ class LossCapture:
             # Whether this loss belongs to a micro-batch just scored (False for evaluation forwards): a loss
             # that looks up the micro-batch's example ids must not take the previous micro-batch's.
             self.loss_call_scored = pending is not None
-            return loss_func(outputs, labels, num_items_in_batch)
+            if not takes_segments:
+                return loss_func(outputs, labels, num_items_in_batch)
+            # A loss per example (dataflex's own) must see where each example of a padding-free row lies, or it
+            # would take the row for one example; the labels alone do not say it, the forward's inputs do.
+            segments = padding_free_segments(labels.shape[0], self._position_ids)
+            return loss_func(outputs, labels, num_items_in_batch, segments=segments)
 
         return compute_loss
