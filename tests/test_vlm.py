@@ -278,6 +278,7 @@ def test_resumed_llava_weights_are_repaired(vqa, tmp_path):
     assert not repair_resumed_weights(gpt2, str(tmp_path / "gpt2"))
 
 
+@pytest.mark.slow  # the recipe end to end from the command line (20-30 s); .ci/run runs it
 def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     """The Hydra recipe end to end (RHO-LOSS with its holdout model), then the same command resumes."""
     import json
@@ -387,6 +388,7 @@ def test_two_stage_cleaning_keeps_a_share_of_every_question_type_and_trains_on_i
         train_vlm("aum", vqa, out=tmp_path / "four", cleaning=rule, **common)
 
 
+@pytest.mark.slow  # the recipe end to end from the command line (20-30 s); .ci/run runs it
 def test_vlm_recipe_cli_cleans_in_two_stages(tmp_path):
     """clean_with writes the kept ids as a subset file; method=subset trains on exactly those; a subset file
     made on another pool (another noise mask) is refused."""
