@@ -355,6 +355,46 @@ def test_kto_scores_each_rows_completion(tmp_path):
     assert len(errors) == 16 and max(errors) < 1e-4, errors
 
 
+def kto_trainer(ds, dfx, out_dir, *, max_steps, accum, workers, save_steps, extra, logging_steps, model, **unused):
+    """sft_trainer's twin for KTO (what assert_trainer_resumes_exactly builds), with a fresh reference model."""
+    settings = trainer_settings(
+        out_dir,
+        accum=accum,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        workers=workers,
+        seed=0,
+    )
+    trainer = trl.KTOTrainer(
+        model=model if model is not None else tiny_model("gpt2", seed=0),
+        ref_model=tiny_model("gpt2", seed=0),
+        args=trl.KTOConfig(**settings, report_to=[], max_length=64),
+        train_dataset=ds,
+        processing_class=byte_tokenizer(),
+        callbacks=[*extra],
+    )
+    dfx.attach(trainer)
+    return trainer
+
+
+@pytest.mark.slow  # (9 s) .ci/run runs it
+def test_kto_crash_and_resume_is_exact(tmp_path):
+    """KTOTrainer under ODM: killed after step 8 and resumed, the example ids of every step, the decisions, the
+    log and the model equal the uninterrupted run's (and without dataflex's state the resume is refused)."""
+    from datasets import Dataset
+
+    rows = [{k: r[k] for k in ("prompt", "completion", "label", "domain")} for r in preference_rows(30)]
+    full, _ = assert_trainer_resumes_exactly(
+        lambda allow: DataFlexCallback(ODM(exploration_scale=0.25), update_every=2, allow_missing_state=allow),
+        Dataset.from_list(rows),
+        tmp_path,
+        trainer_factory=kto_trainer,
+        log_keys_not_resumed=("num_tokens",),  # TRL restarts this counter on resume (with or without dataflex)
+    )
+    assert full.history[0]["weights"] != full.history[-1]["weights"]  # the mixture moved: decisions were resumed
+
+
 @pytest.mark.parametrize("kind", ["DPO", "Reward", "GRPO"])
 def test_trainers_without_one_loss_per_row_are_refused_by_name(tmp_path, kind):
     from datasets import Dataset
