@@ -211,3 +211,21 @@ def test_a_mixing_run_with_no_update_warns_once_and_a_fixed_mixture_does_not(tmp
             assert said[0].startswith(
                 "no ODM update falls inside this run (update_every=10, warmup_steps=0, max_steps=6)"
             )
+
+
+def test_the_data_order_follows_data_seed_as_the_stock_sampler_does(ds, tmp_path):
+    """TrainingArguments.data_seed seeds the stock Trainer's sampler (seed when unset); dataflex's sampler takes
+    it the same way, so a sweep over data_seed sees other data orders (before, dataflex read seed alone: one
+    order for every data_seed), the model seed leaves the order alone, and the callback's own seed wins."""
+
+    def order(folder, callback_seed=None, **args):
+        dfx = DataFlexCallback(Uniform(), update_every=2, seed=callback_seed)
+        rec = StepRecorder(dfx)
+        make_trainer(ds, dfx, tmp_path / folder, max_steps=3, extra=[rec], **args).train()
+        return [i for step in sorted(rec.ids) for i in rec.ids[step]]
+
+    base = order("a", seed=0)
+    assert order("b", seed=0, data_seed=0) == base
+    assert order("c", seed=0, data_seed=1) != base
+    assert order("d", seed=5, data_seed=0) == base  # another model seed, the same data order
+    assert order("e", seed=0, data_seed=1, callback_seed=0) == base

@@ -281,7 +281,7 @@ class TrainerAdapter(TrainerCallback):
             optimizer=optimizer,
             domain_ids=domain_ids,
             domain_names=self.domain_names,
-            seed=args.seed if self.seed is None else self.seed,
+            seed=self._sampler_seed(args),
             num_samples=n,
             samples_per_step=layout.batch_size * layout.world_size * accum,
             max_steps=state.max_steps,
@@ -371,6 +371,14 @@ class TrainerAdapter(TrainerCallback):
                 f"Trainer accumulates {args.gradient_accumulation_steps} micro-batches per step: every gradient would "
                 f"be scaled by {args.gradient_accumulation_steps / loss_accumulation:g}; give both the same value"
             )
+
+    def _sampler_seed(self, args: Any) -> int:
+        """The callback's ``seed``, else the Trainer's data seed as its own sampler takes it: ``data_seed`` when
+        set, else ``seed``. (Reading ``seed`` alone, a sweep over ``data_seed`` got one data order for all.)"""
+        if self.seed is not None:
+            return self.seed
+        data_seed = getattr(args, "data_seed", None)
+        return int(args.seed if data_seed is None else data_seed)
 
     def _configure_wrapped_loss(self, args: Any, trainer: Trainer | None, model: torch.nn.Module) -> None:
         """What a dataflex loss given to ``wrap_loss`` cannot see for itself: a loss that averages over its own

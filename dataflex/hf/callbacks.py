@@ -29,7 +29,7 @@ from dataflex.selectors import Selector
 __all__ = ["DataFlexCallback", "DataFlexCurriculumCallback", "DataFlexSelectCallback"]
 
 _COMMON_ARGS = """
-        seed: sampler seed; defaults to ``TrainingArguments.seed``.
+        seed: sampler seed; defaults to the Trainer's data seed (``TrainingArguments.data_seed``, else ``seed``).
         lookahead_batches: per-rank micro-batches between the step a decision is made and the sample it
             takes effect at. Default: gradient accumulation + workers × prefetch factor + 2, more than the
             Trainer and the DataLoader can ever have prefetched.
