@@ -56,6 +56,14 @@ def inspect_loader(loader: Any) -> LoaderLayout:
             f"the train DataLoader ({type(loader).__name__}) has no batch_sampler: dataflex needs a map-style "
             "dataset (an IterableDataset is read in its own order and cannot be re-mixed)"
         )
+    if type(loader).__name__ == "DataLoaderDispatcher" and int(getattr(loader.state, "num_processes", 1)) > 1:
+        # The main process reads every rank's batches and hands each its slice: the sampler's positions map to
+        # ranks differently from a sharded loader's, and every example would be credited to another rank.
+        raise NotImplementedError(
+            f"accelerate's dispatch_batches=True across {loader.state.num_processes} processes is not supported by "
+            "dataflex: set TrainingArguments(accelerator_config={'dispatch_batches': False}) so each process "
+            "reads its own batches (the default for a map-style dataset)"
+        )
     shard = None
     inner = outer
     if type(outer).__name__ == "BatchSamplerShard":

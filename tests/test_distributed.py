@@ -123,3 +123,14 @@ def test_example_weighted_loss_gives_the_same_step_in_one_and_two_processes(tmp_
     run_two_processes("loss_scale_worker.py", bare, "bare")
     message = json.loads((bare / "rank0.json").read_text())["error"]
     assert "2-process run must be passed through a dataflex callback" in message
+
+
+@pytest.mark.slow
+def test_dispatched_batches_across_processes_are_refused_by_name(tmp_path):
+    """accelerate's dispatch_batches=True: the main process reads every rank's batches, so dataflex's positions
+    would credit examples to the wrong rank (its id check then blamed the sampler or the collator, and with
+    check_ids=False the run went on mislabelled). Refused at train begin on every rank, naming the setting."""
+    run_two_processes("dispatch_worker.py", tmp_path)
+    for rank in (0, 1):
+        error = json.loads((tmp_path / f"rank{rank}.json").read_text())["error"]
+        assert "dispatch_batches=True across 2 processes is not supported" in error, error
