@@ -355,17 +355,9 @@ def test_kto_scores_each_rows_completion(tmp_path):
     assert len(errors) == 16 and max(errors) < 1e-4, errors
 
 
-def kto_trainer(ds, dfx, out_dir, *, max_steps, accum, workers, save_steps, extra, logging_steps, model, **unused):
+def kto_trainer(ds, dfx, out_dir, *, extra, model, compute_loss_func=None, **settings):
     """sft_trainer's twin for KTO (what assert_trainer_resumes_exactly builds), with a fresh reference model."""
-    settings = trainer_settings(
-        out_dir,
-        accum=accum,
-        max_steps=max_steps,
-        save_steps=save_steps,
-        logging_steps=logging_steps,
-        workers=workers,
-        seed=0,
-    )
+    settings = trainer_settings(out_dir, seed=0, **settings)
     trainer = trl.KTOTrainer(
         model=model if model is not None else tiny_model("gpt2", seed=0),
         ref_model=tiny_model("gpt2", seed=0),
