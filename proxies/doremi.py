@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.accelerator import changed_numerics
 from dataflex.checks import flag, real_number, whole_number
 from dataflex.losses import IGNORE_INDEX, token_cross_entropy
 from dataflex.modes import eval_mode
@@ -157,7 +158,7 @@ def _stage_settings(
     loop = {
         k: (getattr(v, "__qualname__", None) or type(v).__qualname__) if callable(v) else v
         for k, v in loop_kwargs.items()
-        if k not in ("accelerator", "progress", "stop_after", "desc")  # how it runs, not what it computes
+        if k not in ("accelerator", "progress", "stop_after", "desc")  # how it runs (its numerics: below)
     }
     return {
         "stage": stage,
@@ -173,7 +174,7 @@ def _stage_settings(
             "parameters": sum(p.numel() for p in model.parameters()),
             "initial_weights": weights_summary(model),
         },
-        "loop": loop,
+        "loop": {**loop, **changed_numerics(loop_kwargs.get("accelerator"))},  # bf16 or compiled: other numbers
         **extra,
     }
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dataflex import dist
+from dataflex.accelerator import changed_numerics, own_accelerator
 from dataflex.batching import inspect_loader, rank_position_batches
 from dataflex.cadence import start_policy
 from dataflex.checkpoint import latest_step, load_state, save_step
@@ -119,9 +120,7 @@ def train_mixture(
     ``stop_after`` ends this call after that many total steps (a simulated pre-emption; the schedule
     is still that of a ``steps``-long run, and a later call with the same ``ckpt_dir`` continues).
     """
-    from accelerate import Accelerator
-
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or own_accelerator("train_mixture")
     objective = objective or MeanTokenLoss()
     k = len(domain_names)
     sizes = np.bincount(domain_ids, minlength=k)
@@ -130,7 +129,8 @@ def train_mixture(
         settings = _run_settings(
             model, train_ds, domain_ids, domain_names, policy, objective, collate, steps, batch_size, lr
         )
-        claim_run_folder(ckpt, {**settings, "seed": seed, "update_every": update_every}, hint=CKPT_HINT)
+        settings = {**settings, "seed": seed, "update_every": update_every, **changed_numerics(accelerator)}
+        claim_run_folder(ckpt, settings, hint=CKPT_HINT)
     start_policy(policy, domain_names, sizes, steps=steps, update_every=update_every)  # decides at done % update_every
     schedule = WeightSchedule(domain_names, policy.initial_weights())
     world = accelerator.num_processes

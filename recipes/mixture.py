@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataflex.accelerator import own_accelerator
 from dataflex.domains import encode_domains
 from dataflex.policies.base import NeedsPreparation
 from dataflex.proxies.loop import train_mixture
@@ -92,8 +93,6 @@ def run_experiment(
     checkpoint to continue from. Every ``eval_every`` steps the validation loss on ``curve_per_domain``
     examples per domain is added to the curve (its mean; per domain too with ``curve_by_domain``).
     """
-    from accelerate import Accelerator
-
     for key, value in (("steps", steps), ("batch_size", batch_size), ("update_every", update_every)):
         positive_int(key, value)
     nonnegative_int("eval_every", eval_every)
@@ -105,7 +104,7 @@ def run_experiment(
     optional_positive_int("data.train_per_domain", train_per_domain)
     optional_positive_int("stop_after", stop_after)
     check_model_fits(make_model(), max_len=max_len, vocab_needed=VOCAB_SIZE)
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or own_accelerator("run_experiment")
     train_ds = train_ds if train_ds is not None else load_split(data_root, "train", max_len, train_per_domain)
     domain_ids, names = encode_domains(train_ds["domain"])
     loop_kwargs = dict(

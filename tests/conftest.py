@@ -16,6 +16,16 @@ DOMAINS = ["a", "b", "c", "d"]
 SIZES = [60, 25, 12, 3]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts as a fresh process would: accelerate keeps one state per process, and a Trainer with
+    bf16 or torch_compile in one test would otherwise fix the settings of every later test's Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 class IndexDataset(Dataset):
     """Returns the index itself, so a DataLoader yields example ids."""
 

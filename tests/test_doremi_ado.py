@@ -97,6 +97,9 @@ def test_proxy_stage_resumes_exactly(data, tmp_path):
 
 
 def test_offline_pipeline_end_to_end_and_stage_reuse(data, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     ds, ids, names = data
     ref, export = run_doremi_offline(make_model, ds, ids, names, tmp_path, steps=10, **LOOP)
     saved = json.loads((tmp_path / "proxy" / "doremi_weights.json").read_text())
@@ -116,6 +119,11 @@ def test_offline_pipeline_end_to_end_and_stage_reuse(data, tmp_path):
         DoReMiOffline(eta=4.0).prepare(make_model, ds, ids, names, tmp_path, dict(steps=10, **LOOP))
     with pytest.raises(ValueError, match=r"reference holds a run .*loop.steps: 10 there, 12 now.*another work_dir"):
         DoReMiOffline().prepare(make_model, ds, ids, names, tmp_path, dict(steps=12, **LOOP))
+    AcceleratorState._reset_state(reset_partial_state=True)  # as a process launched with bf16 would start
+    bf16 = dict(steps=10, **LOOP, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    with pytest.raises(ValueError, match=r"reference holds a run .*\(loop.mixed_precision: None there, 'bf16' now"):
+        DoReMiOffline().prepare(make_model, ds, ids, names, tmp_path, bf16)
+    AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match=r"reference holds a run .*\(data\.labels: .*data\.tokens: "):
         DoReMiOffline().prepare(
             make_model, ds.select(range(len(ds) - 1)), ids[:-1], names, tmp_path, dict(steps=10, **LOOP)

@@ -203,3 +203,41 @@ def test_the_loop_warns_when_no_update_falls_inside_the_run(data):
     ):
         res = short_loop(data, law_corrected(), steps=6, update_every=8)
     assert len(res.history) == 1
+
+
+@pytest.mark.parametrize(
+    "earlier, named",
+    [
+        (dict(mixed_precision="bf16"), "mixed_precision='bf16'"),
+        (dict(dynamo_backend="eager"), "dynamo_backend='eager'"),
+    ],
+)
+def test_loop_refuses_settings_an_earlier_accelerator_left_in_the_process(data, earlier, named, monkeypatch):
+    """A Trainer with bf16 (TRL's default) or torch_compile earlier in the process fixes accelerate's state; the
+    loop's own Accelerator would silently train with it (other numbers than in a fresh process). Refused, naming
+    it; an Accelerator passed explicitly (or the same settings launched, as accelerate launch passes them) runs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    ds, ids, names = data
+
+    def run(**kw) -> torch.Tensor:
+        model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)
+        train_mixture(
+            model, ds, ids, names, Uniform(), collate=collate_causal, steps=2, batch_size=8, lr=3e-3, seed=0,
+            progress=False, **kw,
+        )  # fmt: skip
+        return model.lm_head.weight.detach().clone()
+
+    fresh = run()
+    AcceleratorState._reset_state(reset_partial_state=True)  # what a new process starts from
+    Accelerator(cpu=True, **earlier)
+    with pytest.raises(RuntimeError, match=named):
+        run()
+    inherited = run(accelerator=Accelerator(cpu=True))
+    if "mixed_precision" in earlier:  # what the refusal protects: bf16 autocast trains another model
+        assert not torch.equal(fresh, inherited)
+    launched = {"mixed_precision": "ACCELERATE_MIXED_PRECISION", "dynamo_backend": "ACCELERATE_DYNAMO_BACKEND"}
+    for key, value in earlier.items():
+        monkeypatch.setenv(launched[key], value.upper() if key == "dynamo_backend" else value)
+    run()  # launched with these settings (as accelerate launch passes them), a fresh process takes them too

@@ -70,8 +70,12 @@ def test_mixture_recipe_killed_midway_continues_exactly(tmp_path, monkeypatch):
 
 def test_a_loop_checkpoint_folder_is_not_continued_by_another_run(tmp_path):
     """train_mixture's own guard (for callers without a recipe): a ckpt_dir cut at step 6 by an ODM run is
-    refused to a run with another ODM knob, learning rate or policy, naming it, and continued by the same run,
-    also when the same policy object (whose update count and rewards the first call changed) is passed again."""
+    refused to a run with another ODM knob, learning rate, policy or mixed precision, naming it, and continued by
+    the same run, also when the same policy object (whose update count and rewards the first call changed) is
+    passed again."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     odm = ODM()
     run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=odm, stop_after=6))
     with pytest.raises(
@@ -83,6 +87,11 @@ def test_a_loop_checkpoint_folder_is_not_continued_by_another_run(tmp_path):
     with pytest.raises(ValueError, match=r"\(data.tokens: '[0-9a-f]+' there, '[0-9a-f]+' now\)"):
         run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", max_len=40))  # same labels, other text
     assert odm.t == 3  # the object carries its run's state; only its constructor arguments are the run's settings
+    AcceleratorState._reset_state(reset_partial_state=True)  # as a process launched with bf16 would start
+    bf16 = Accelerator(cpu=True, mixed_precision="bf16")
+    with pytest.raises(ValueError, match=r"\(mixed_precision: None there, 'bf16' now\)"):
+        run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=odm, accelerator=bf16))
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert run_experiment(**mixture_settings(tmp_path, ckpt_dir=tmp_path / "cut", policy=odm))["steps"] == 12
 
     names = sorted(p.stem for p in (default_data_dir() / "textmix" / "train").glob("*.jsonl"))
