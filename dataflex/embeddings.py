@@ -46,7 +46,17 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def last_hidden_tap(model: torch.nn.Module) -> Tap:
-    """A :class:`~dataflex.taps.Tap` on the input of the LM head: the last hidden state of each forward."""
+    """A :class:`~dataflex.taps.Tap` on the last hidden state of each forward: the output of the model's decoder
+    (``get_decoder()``), else the input of its LM head.
+
+    The decoder's output where there is one, because a forward with a fused linear cross-entropy reads the head's
+    weight and never calls the head, and dataflex, scoring such a forward, calls it on the counted positions only:
+    a tap on the head saw no forward, or a (positions, hidden) block instead of the batch's hidden states.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        return Tap(decoder, "output", transform=lambda output: output if torch.is_tensor(output) else output[0])
     return Tap(output_layer(model), "input")
 
 
@@ -79,6 +89,9 @@ class EmbeddingCache:
     def update(self, ids: np.ndarray, embeddings: torch.Tensor | np.ndarray, step: int) -> None:
         emb = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings
         emb = np.asarray(emb, dtype=np.float32)
+        ids = np.asarray(ids)
+        if emb.ndim != 2 or emb.shape[0] != ids.shape[0]:  # (numpy would broadcast one row over every id)
+            raise ValueError(f"embeddings of shape {emb.shape} for {ids.shape[0]} ids; one row per id is needed")
         if self.values is None:
             self.values = np.full((self.num_examples, emb.shape[1]), np.nan, dtype=np.float32)
         elif emb.shape[1] != self.values.shape[1]:

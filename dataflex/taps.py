@@ -1,7 +1,7 @@
 """Taps: keep one tensor from every forward of a submodule, without changing what the model computes.
 
 One hook machinery for everything dataflex reads off a forward besides the loss: the last hidden
-state (the input of the LM head) for text embeddings, and the projected image features (the output
+state (the output of the decoder) for text embeddings, and the projected image features (the output
 of a LLaVA-style projector) for image embeddings. A tap is attached for a block (``with tap:``) or
 for a whole training run (``attach()``/``detach()``); :meth:`Tap.pop` hands over the latest value
 once, so a stale value from an earlier forward is never reused.

@@ -2,7 +2,9 @@
 
 Each rank trains the same tiny GPT-2 with DataFlexCallback(ODM, embeddings) three times: uninterrupted, crashed
 after the checkpoint at step 4, and resumed from that checkpoint. It writes what it saw to
-<out>/rank<r>.json: weight histories, final weights and the example ids of each step.
+<out>/rank<r>.json: weight histories, final weights and the example ids of each step. A second argument names
+another model: "fused_llama" (a forward that returns the loss and no logits) or "vlm" (the tiny LLaVA of
+test_vlm.py on the digits VQA, embeddings taken from the images).
 """
 
 import json
@@ -21,13 +23,23 @@ from dataflex.policies import ODM  # noqa: E402
 STEPS, CRASH = 8, 4
 
 
-def run(ds, out: Path, crash_at=None, resume=None):
+def run(ds, out: Path, crash_at=None, resume=None, vlm=False, arch="gpt2"):
     dfx = DataFlexCallback(
-        ODM(), domains=ds["domain"], update_every=1, dynamics=True, embeddings=EmbeddingCache(len(ds))
+        ODM(),
+        domains=ds["domain"],
+        update_every=1,
+        dynamics=True,
+        embeddings=EmbeddingCache(len(ds)),
+        embeddings_from="image" if vlm else "text",
     )
     rec = StepRecorder(dfx)
     extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
-    trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra)
+    if vlm:
+        from test_vlm import vlm_trainer
+
+        trainer = vlm_trainer(ds, [dfx, *extra], out, steps=STEPS, save_steps=CRASH)
+    else:
+        trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra, arch=arch)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -46,11 +58,19 @@ def embeddings_digest(cache) -> list:
     return [cache.step.tolist(), [[None if v != v else round(float(v), 6) for v in row] for row in cache.values]]
 
 
-def main(out: str) -> None:
-    ds = small_dataset(per_domain=12)  # 36 examples, global batch 8: the run crosses an epoch
-    full, full_rec = run(ds, Path(out) / "full")
-    _, head_rec = run(ds, Path(out) / "crash", crash_at=CRASH)
-    resumed, tail_rec = run(ds, Path(out) / "crash", resume=str(Path(out) / "crash" / f"checkpoint-{CRASH}"))
+def main(out: str, model: str = "gpt2") -> None:
+    vlm = model == "vlm"
+    if vlm:
+        from dataflex.testbeds.digits import digits_vqa
+
+        ds = digits_vqa(0.3, seed=0, fractions=(0.2, 0.1, 0.7))["train"]  # test_vlm.py's split
+    else:
+        ds = small_dataset(per_domain=12)  # 36 examples, global batch 8: the run crosses an epoch
+    arch = "gpt2" if vlm else model
+    full, full_rec = run(ds, Path(out) / "full", vlm=vlm, arch=arch)
+    _, head_rec = run(ds, Path(out) / "crash", crash_at=CRASH, vlm=vlm, arch=arch)
+    checkpoint = str(Path(out) / "crash" / f"checkpoint-{CRASH}")
+    resumed, tail_rec = run(ds, Path(out) / "crash", resume=checkpoint, vlm=vlm, arch=arch)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     Path(out, f"rank{rank}.json").write_text(
@@ -75,5 +95,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
     finish_distributed()

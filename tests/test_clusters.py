@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from conftest import assert_resumes_exactly
-from hf_helpers import StepRecorder, make_trainer, small_dataset
+from hf_helpers import StepRecorder, make_trainer, small_dataset, tiny_model
 
 from dataflex import DataFlexCallback, DataFlexSelectCallback
 from dataflex.clustering import cluster_names, gpu_available, kmeans
@@ -17,7 +19,7 @@ from dataflex.policies import Uniform
 from dataflex.samplers import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.selectors import FixedSubset
-from dataflex.testbeds.tiny import collate_causal, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal
 
 
 def blobs(n_per: int = 50, k: int = 4, d: int = 8, seed: int = 0):
@@ -85,22 +87,29 @@ def test_stratified_mixture_meets_cluster_quotas_over_an_epoch():
     assert_resumes_exactly(lambda: build(True), [0, 1, 5, 17])
 
 
-def test_hidden_state_embeddings_offline_and_from_the_training_forward(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "fused_llama"])
+def test_hidden_state_embeddings_offline_and_from_the_training_forward(tmp_path, arch):
+    """fused_llama's training forward never calls its LM head (fused linear cross-entropy): the embeddings still
+    come from the batch's last hidden state, not from dataflex's own LM-head pass over the counted positions."""
     ds = small_dataset(per_domain=8)
     cache = EmbeddingCache(len(ds))
     cb = DataFlexCallback(Uniform(), domains=ds["domain"], update_every=2, embeddings=cache, stratified=True)
     rec = StepRecorder(cb)
-    trainer = make_trainer(ds, cb, tmp_path, max_steps=3, save_steps=3, extra=[rec])
-    trainer.train()
+    trainer = make_trainer(ds, cb, tmp_path, max_steps=3, save_steps=3, extra=[rec], arch=arch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the training forward returned no logits")
+        trainer.train()
     seen = sorted({i for ids in rec.ids.values() for i in ids})
     assert cache.filled[seen].all() and cache.filled.sum() == len(seen)
     assert (tmp_path / "checkpoint-3" / "dataflex" / "dataflex_embeddings.npz").is_file()
     # an example's cached embedding equals the offline embedding with the weights of the step it was taken at
-    model = tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0)  # make_trainer's initial weights
+    model = tiny_model(arch, seed=0)  # make_trainer's initial weights
     first = rec.ids[1][0]
     assert cache.step[first] == 0
     offline = score_pool(hidden_state_embedder(model), ds.select([first]), collate_causal, progress=False)
     np.testing.assert_allclose(cache.values[first], offline[0], atol=1e-4)
+    with pytest.raises(ValueError, match=r"embeddings of shape \(1, 4\) for 3 ids"):
+        EmbeddingCache(5).update(np.array([0, 1, 2]), np.ones((1, 4)), step=0)  # not broadcast over the ids
     h = torch.ones(2, 3, 4)
     h[0, 2] = 100.0
     assert mean_pool(h, torch.tensor([[1, 1, 0], [1, 1, 1]]))[0].tolist() == [1.0] * 4

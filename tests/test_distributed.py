@@ -38,8 +38,10 @@ def run_one_process(worker: str, out, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path):
-    run_two_processes("dist_worker.py", tmp_path)
+@pytest.mark.parametrize("model", ["gpt2", pytest.param("fused_llama", marks=pytest.mark.slow)])
+def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path, model):
+    """fused_llama: a forward returning no logits (fused linear cross-entropy); slow, .ci/run runs it."""
+    run_two_processes("dist_worker.py", tmp_path, model)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == 2
@@ -134,3 +136,26 @@ def test_dispatched_batches_across_processes_are_refused_by_name(tmp_path):
     for rank in (0, 1):
         error = json.loads((tmp_path / f"rank{rank}.json").read_text())["error"]
         assert "dispatch_batches=True across 2 processes is not supported" in error, error
+
+
+@pytest.mark.slow  # 2 processes, three tiny LLaVA runs each; .ci/run runs it
+def test_two_process_vlm_run_identical_ranks_and_exact_resume(tmp_path):
+    """The tiny LLaVA on the digits VQA under torchrun: both ranks hold the same decisions, training-dynamics
+    record and image-embedding cache, train disjoint examples, and a crash + resume ends where the uninterrupted
+    run did."""
+    run_two_processes("dist_worker.py", tmp_path, "vlm")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["history"] == r1["history"] and r0["weights"] == r1["weights"]
+    assert r0["history"][0]["weights"] != r0["history"][-1]["weights"]
+    assert r0["dynamics"] == r1["dynamics"] and r0["embeddings"] == r1["embeddings"]
+    for step in r0["ids"]:
+        a, b = r0["ids"][step], r1["ids"][step]
+        assert len(a) == len(b) == 8 and not set(a) & set(b)
+    for r in (r0, r1):
+        assert r["resumed_ids"] == r["ids"] and r["resumed_history"] == r["history"]
+        assert r["resumed_dynamics"] == r["dynamics"] and r["resumed_embeddings"] == r["embeddings"]
+    trained = [i for r in (r0, r1) for ids in r["ids"].values() for i in ids]
+    assert r0["visits"] == [trained.count(i) for i in range(len(r0["visits"]))] and sum(r0["visits"]) == 128
+    taken = [i for i, row in enumerate(r0["embeddings"][1]) if row[0] is not None]
+    assert taken == sorted(set(trained))  # an image embedding for every trained example, from both ranks

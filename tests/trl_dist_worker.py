@@ -1,5 +1,7 @@
 """Run by test_trl.py::test_sft_two_processes under torchrun (2 processes, gloo on CPU): TRL's SFTTrainer with
-DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json."""
+DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json.
+The second argument picks TRL's batch layout: "padded" (default), "padding_free" (Llama, flattened rows) or
+"group_by_length"; or "kto": KTOTrainer on unpaired preference rows."""
 
 import json
 import sys
@@ -9,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
 from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, small_dataset  # noqa: E402
-from test_trl import sft_trainer  # noqa: E402
+from test_trl import kto_trainer, preference_rows, sft_trainer  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
@@ -17,13 +19,36 @@ from dataflex.policies import ODM  # noqa: E402
 STEPS, CRASH = 8, 4
 
 
-def run(ds, out: Path, crash_at=None, resume=None):
+LAYOUTS = {
+    "padded": {},
+    "padding_free": {"padding_free": True, "max_length": None, "arch": "llama"},
+    "group_by_length": {"train_sampling_strategy": "group_by_length"},
+}
+
+
+def run(ds, out: Path, layout: str, crash_at=None, resume=None):
     dfx = DataFlexCallback(ODM(), update_every=1)
     rec = StepRecorder(dfx)
     extra = [rec] + ([CrashAt(crash_at)] if crash_at else [])
+    if layout == "kto":
+        settings = dict(accum=1, max_steps=STEPS, save_steps=CRASH, logging_steps=1, workers=0)
+        trainer = kto_trainer(ds, dfx, out, extra=extra, model=None, **settings)
+        return train(dfx, rec, trainer, resume)
     trainer = sft_trainer(
-        ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra, logging_steps=1, shuffle_dataset=True
+        ds,
+        dfx,
+        out,
+        max_steps=STEPS,
+        save_steps=CRASH,
+        extra=extra,
+        logging_steps=1,
+        shuffle_dataset=True,
+        **LAYOUTS[layout],
     )
+    return train(dfx, rec, trainer, resume)
+
+
+def train(dfx, rec, trainer, resume):
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -31,16 +56,24 @@ def run(ds, out: Path, crash_at=None, resume=None):
     return dfx, rec, trainer
 
 
-def main(out: str) -> None:
-    ds = small_dataset(per_domain=12)
-    full, full_rec, full_tr = run(ds, Path(out) / "full")
-    _, head_rec, _ = run(ds, Path(out) / "crash", crash_at=CRASH)
-    resumed, tail_rec, res_tr = run(ds, Path(out) / "crash", resume=str(Path(out) / "crash" / f"checkpoint-{CRASH}"))
+def main(out: str, layout: str = "padded") -> None:
+    if layout == "kto":
+        from datasets import Dataset
+
+        keys = ("prompt", "completion", "label", "domain")
+        ds = Dataset.from_list([{k: row[k] for k in keys} for row in preference_rows(32)])  # 4 global batches
+    else:
+        ds = small_dataset(per_domain=12)
+    full, full_rec, full_tr = run(ds, Path(out) / "full", layout)
+    _, head_rec, _ = run(ds, Path(out) / "crash", layout, crash_at=CRASH)
+    checkpoint = str(Path(out) / "crash" / f"checkpoint-{CRASH}")
+    resumed, tail_rec, res_tr = run(ds, Path(out) / "crash", layout, resume=checkpoint)
     ignore = ("num_tokens",)  # TRL restarts its own token counter on resume
     Path(out, f"rank{dist.get_rank()}.json").write_text(
         json.dumps(
             {
                 "world": dist.get_world_size(),
+                "orders": [full.sampler.epoch_order(e).tolist() for e in range(2)],
                 "history": full.history,
                 "ids": full_rec.ids,
                 "log": comparable_log(full_tr.state.log_history, ignore),
@@ -53,5 +86,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
     finish_distributed()
