@@ -59,6 +59,8 @@ def own_accelerator(caller: str) -> Any:
                 f"{caller} was given no accelerator and would make one, but an earlier Accelerator in this process "
                 f"(a Trainer with bf16/fp16 or torch_compile, say) fixed accelerate's per-process state: {found}. "
                 "It would train with those settings, unlike the same call in a fresh process. Pass "
-                "accelerator=Accelerator() to train with them knowingly, or run the call in a fresh process."
+                "accelerator=Accelerator() to train with them knowingly; for a fresh process's settings, run the call "
+                "in a new process or reset accelerate's state first as TrainingArguments does "
+                "(accelerate.state.AcceleratorState._reset_state(reset_partial_state=True))."
             )
     return Accelerator(cpu=not torch.cuda.is_available())

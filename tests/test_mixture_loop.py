@@ -241,3 +241,6 @@ def test_loop_refuses_settings_an_earlier_accelerator_left_in_the_process(data, 
     for key, value in earlier.items():
         monkeypatch.setenv(launched[key], value.upper() if key == "dynamo_backend" else value)
     run()  # launched with these settings (as accelerate launch passes them), a fresh process takes them too
+    monkeypatch.undo()
+    AcceleratorState._reset_state(reset_partial_state=True)  # the other way out the refusal names
+    assert torch.equal(run(), fresh)
