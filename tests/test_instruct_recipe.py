@@ -71,7 +71,11 @@ def test_keep_per_task_drops_the_highest_scores_of_every_task():
     assert keep_per_task(scores, tasks, drop=0.3).tolist() == [0, *range(1, 6), 9, *range(13, 20)]
 
 
-@pytest.mark.parametrize("detector", ["aum", "clean_oracle", "out_of_fold", "prompt_support"])
+@pytest.mark.parametrize(
+    "detector",  # the two longest (16 s together) in the slow run, which .ci/run runs
+    ["aum", pytest.param("clean_oracle", marks=pytest.mark.slow), pytest.param("out_of_fold", marks=pytest.mark.slow),
+     "prompt_support"],
+)  # fmt: skip
 def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
     from dataflex.detectors import detection_quality
     from dataflex.recipes.instruct import keep_per_task, train_instruct

@@ -320,6 +320,7 @@ def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path, layout):
     run_two_processes("trl_dist_worker.py", tmp_path, layout)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == 2 and r0["history"] == r1["history"] and len(r0["history"]) == 9
+    assert r0["checkpointed_bf16"]  # gradient checkpointing and bf16 autocast were on, as TRL's configs default
     assert r0["history"][0]["weights"] != r0["history"][-1]["weights"]
     for step in r0["ids"]:
         assert len(r0["ids"][step]) == len(r1["ids"][step]) == 4  # one record per example, also when flattened

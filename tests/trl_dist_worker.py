@@ -74,6 +74,8 @@ def main(out: str, layout: str = "padded") -> None:
             {
                 "world": dist.get_world_size(),
                 "orders": [full.sampler.epoch_order(e).tolist() for e in range(2)],
+                "checkpointed_bf16": full_tr.args.bf16  # TRL's defaults: bf16 autocast, gradient checkpointing
+                and any(getattr(m, "gradient_checkpointing", False) is True for m in full_tr.model.modules()),
                 "history": full.history,
                 "ids": full_rec.ids,
                 "log": comparable_log(full_tr.state.log_history, ignore),
