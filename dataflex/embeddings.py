@@ -17,6 +17,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,15 @@ from dataflex.batching import model_inputs
 from dataflex.modes import eval_mode
 from dataflex.taps import Tap
 
-__all__ = ["EmbeddingCache", "hidden_state_embedder", "last_hidden_tap", "mean_pool", "output_layer"]
+__all__ = [
+    "EmbeddingCache",
+    "decoder_of",
+    "hidden_state_embedder",
+    "last_hidden_state",
+    "last_hidden_tap",
+    "mean_pool",
+    "output_layer",
+]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -53,11 +62,23 @@ def last_hidden_tap(model: torch.nn.Module) -> Tap:
     weight and never calls the head, and dataflex, scoring such a forward, calls it on the counted positions only:
     a tap on the head saw no forward, or a (positions, hidden) block instead of the batch's hidden states.
     """
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    if isinstance(decoder, torch.nn.Module) and decoder is not model:
-        return Tap(decoder, "output", transform=lambda output: output if torch.is_tensor(output) else output[0])
+    decoder = decoder_of(model)
+    if decoder is not None:
+        return Tap(decoder, "output", transform=last_hidden_state)
     return Tap(output_layer(model), "input")
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose output is the last hidden state (``get_decoder()``, through a peft wrapper), or None."""
+    owner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_decoder = getattr(owner, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not owner else None
+
+
+def last_hidden_state(decoder_output: Any) -> torch.Tensor:
+    """The last hidden state in a decoder's output (a tensor, a tuple or a ``ModelOutput``)."""
+    return decoder_output if torch.is_tensor(decoder_output) else decoder_output[0]
 
 
 def hidden_state_embedder(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dataflex.dynamics import visit_statistics
+from dataflex.embeddings import decoder_of, last_hidden_state
 from dataflex.losses import (
     IGNORE_INDEX,
     hidden_state_positions,
@@ -301,17 +302,16 @@ class LossCapture:
     def _keep_hidden_states(self, model: torch.nn.Module) -> None:
         """Hook the decoder so a forward that returns no logits can still be scored from its hidden states."""
         owner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-        get_decoder, get_head = getattr(owner, "get_decoder", None), getattr(owner, "get_output_embeddings", None)
-        if not (callable(get_decoder) and callable(get_head)):
+        decoder, get_head = decoder_of(model), getattr(owner, "get_output_embeddings", None)
+        if decoder is None or not callable(get_head):
             return
-        decoder, head = get_decoder(), get_head()
-        if decoder is None or decoder is owner or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        if not isinstance(getattr(get_head(), "weight", None), torch.Tensor):
             return
         scorer = HiddenStateScorer(owner)
 
         def keep(module: torch.nn.Module, args: tuple, output: Any) -> None:
             if self.is_training_forward(module):
-                scorer.hidden = output if torch.is_tensor(output) else output[0]
+                scorer.hidden = last_hidden_state(output)
 
         self._hidden = scorer
         self._decoder_handle = decoder.register_forward_hook(keep)
