@@ -3,8 +3,9 @@
 Each rank trains the same tiny GPT-2 with DataFlexCallback(ODM, embeddings) three times: uninterrupted, crashed
 after the checkpoint at step 4, and resumed from that checkpoint. It writes what it saw to
 <out>/rank<r>.json: weight histories, final weights and the example ids of each step. A second argument names
-another model: "fused_llama" (a forward that returns the loss and no logits) or "vlm" (the tiny LLaVA of
-test_vlm.py on the digits VQA, embeddings taken from the images).
+another model: "fused_llama" (a forward that returns the loss and no logits), "vlm" (the tiny LLaVA of
+test_vlm.py on the digits VQA, embeddings taken from the images), "qwen_vl" (test_vlm.py's tiny Qwen2-VL on rows
+of 0, 1 or 2 images of patches, text embeddings) or "compiled" (the GPT-2 under torch_compile, aot_eager).
 """
 
 import json
@@ -24,6 +25,7 @@ STEPS, CRASH = 8, 4
 
 
 def run(ds, out: Path, crash_at=None, resume=None, vlm=False, arch="gpt2"):
+    """``arch`` "qwen_vl": the Qwen2-VL trainer of test_vlm.py (``vlm`` is for the LLaVA one)."""
     dfx = DataFlexCallback(
         ODM(),
         domains=ds["domain"],
@@ -38,12 +40,19 @@ def run(ds, out: Path, crash_at=None, resume=None, vlm=False, arch="gpt2"):
         from test_vlm import vlm_trainer
 
         trainer = vlm_trainer(ds, [dfx, *extra], out, steps=STEPS, save_steps=CRASH)
+    elif arch == "qwen_vl":
+        from test_vlm import qwen_trainer
+
+        trainer = qwen_trainer("Qwen2VL", ds, [dfx, *extra], out, steps=STEPS, save_steps=CRASH)
     else:
-        trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra, arch=arch)
+        compiled = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if arch == "compiled" else {}
+        arch = "gpt2" if arch == "compiled" else arch
+        trainer = make_trainer(ds, dfx, out, max_steps=STEPS, save_steps=CRASH, extra=extra, arch=arch, **compiled)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         pass
+    dfx.wrapped_model = type(trainer.model_wrapped).__name__
     return dfx, rec
 
 
@@ -64,6 +73,11 @@ def main(out: str, model: str = "gpt2") -> None:
         from dataflex.testbeds.digits import digits_vqa
 
         ds = digits_vqa(0.3, seed=0, fractions=(0.2, 0.1, 0.7))["train"]  # test_vlm.py's split
+    elif model == "qwen_vl":
+        from datasets import Dataset
+        from test_vlm import qwen_example
+
+        ds = Dataset.from_list([qwen_example(i) for i in range(36)])  # global batch 8: the run crosses an epoch
     else:
         ds = small_dataset(per_domain=12)  # 36 examples, global batch 8: the run crosses an epoch
     arch = "gpt2" if vlm else model
@@ -77,6 +91,7 @@ def main(out: str, model: str = "gpt2") -> None:
         json.dumps(
             {
                 "world": world,
+                "wrapped_model": [full.wrapped_model, resumed.wrapped_model],
                 "history": full.history,
                 "weights": full.weights,
                 "ids": full_rec.ids,

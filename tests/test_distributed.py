@@ -38,13 +38,19 @@ def run_one_process(worker: str, out, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("model", ["gpt2", pytest.param("fused_llama", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model", ["gpt2", *(pytest.param(m, marks=pytest.mark.slow) for m in ("fused_llama", "qwen_vl", "compiled"))]
+)
 def test_two_process_gloo_run_identical_weights_and_exact_resume(tmp_path, model):
-    """fused_llama: a forward returning no logits (fused linear cross-entropy); slow, .ci/run runs it."""
+    """fused_llama: a forward returning no logits (fused linear cross-entropy); qwen_vl: a tiny Qwen2-VL whose ranks
+    get patch batches of different sizes (rows of 0, 1 or 2 images); compiled: torch_compile (aot_eager). All three
+    slow; .ci/run runs them."""
     run_two_processes("dist_worker.py", tmp_path, model)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == 2
+    if model == "compiled":
+        assert r0["wrapped_model"] == r1["wrapped_model"] == ["OptimizedModule"] * 2  # really compiled
     assert r0["history"] == r1["history"]  # bit-identical floats after JSON
     assert r0["weights"] == r1["weights"]
     assert len(r0["history"]) == 9 and r0["history"][0]["weights"] != r0["history"][-1]["weights"]
@@ -159,3 +165,21 @@ def test_two_process_vlm_run_identical_ranks_and_exact_resume(tmp_path):
     assert r0["visits"] == [trained.count(i) for i in range(len(r0["visits"]))] and sum(r0["visits"]) == 128
     taken = [i for i, row in enumerate(r0["embeddings"][1]) if row[0] is not None]
     assert taken == sorted(set(trained))  # an image embedding for every trained example, from both ranks
+
+
+@pytest.mark.slow  # 2 processes, three runs each; .ci/run runs it
+def test_out_of_memory_retry_in_two_processes_is_a_fresh_run_at_the_smaller_batch(tmp_path):
+    """auto_find_batch_size under torchrun: both ranks hit the (simulated) out-of-memory error after a decision;
+    the Trainer retries at a smaller per-device batch. Each rank then trains what a fresh 2-process run at that
+    batch trains, with the same decision points and identical decisions on both ranks, and the retried run's
+    checkpoint resumes to the same ids and decisions."""
+    run_two_processes("oom_retry_worker.py", tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == 2 and r0["smaller"] == r1["smaller"] < 4
+    assert r0["retried_history"] == r1["retried_history"] and len(r0["retried_points"]) > 1
+    for r in (r0, r1):
+        assert r["retried_ids"] == r["fresh_ids"] and r["retried_points"] == r["fresh_points"]
+        assert r["resumed_history"] == r["retried_history"]
+        assert r["resumed_ids"] == {s: ids for s, ids in r["retried_ids"].items() if int(s) > 4}
+    for step, ids in r0["retried_ids"].items():
+        assert len(ids) == r0["smaller"] and not set(ids) & set(r1["retried_ids"][step])

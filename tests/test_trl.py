@@ -43,9 +43,11 @@ def sft_trainer(
     compute_loss_func=None,
     arch="gpt2",
     peft_config=None,
+    processing_class=None,
     **sft,
 ):
-    """make_trainer's twin for TRL: SFTTrainer with its default loss (the fused LM head)."""
+    """make_trainer's twin for TRL: SFTTrainer with its default loss (the fused LM head); the byte tokenizer
+    unless ``processing_class`` is given."""
     settings = trainer_settings(
         out_dir,
         accum=accum,
@@ -61,7 +63,7 @@ def sft_trainer(
         model=model,
         args=args,
         train_dataset=ds,
-        processing_class=byte_tokenizer(),
+        processing_class=processing_class or byte_tokenizer(),
         callbacks=[*extra],
         compute_loss_func=compute_loss_func,
         peft_config=peft_config,
@@ -310,9 +312,10 @@ def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["padded", "padding_free", "group_by_length", "kto"])
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "group_by_length", "vision", "kto"])
 def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path, layout):
-    """SFTTrainer under torchrun (2 processes), padded, padding-free or grouped by length, and KTOTrainer: same
+    """SFTTrainer under torchrun (2 processes), padded, padding-free, grouped by length or with a processor and
+    images (TRL's vision collator, the tiny LLaVA), and KTOTrainer: same
     decisions on both ranks, disjoint examples per step, and crash + resume equal to the uninterrupted run. Slow;
     .ci/run runs it."""
     from test_distributed import run_two_processes
@@ -434,15 +437,11 @@ def test_trainers_without_one_loss_per_row_are_refused_by_name(tmp_path, kind):
         trainer.train()
 
 
-def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
-    """TRL's own vision path (processor + DataCollatorForVisionLanguageModeling, images in the dataset): each
-    recorded loss is its example's loss over text tokens (TRL leaves the image placeholders in the labels)."""
-    from datasets import Dataset
-    from PIL import Image
+def llava_processor():
+    """A LlavaProcessor for the tiny LLaVA: the byte tokenizer with <image> and a 16x16 grey-image processor."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from dataflex.testbeds.digits import IMAGE_TOKEN_ID
-    from dataflex.testbeds.tiny import tiny_llava
 
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -451,10 +450,17 @@ def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5],
         do_convert_rgb=False,
     )  # fmt: skip
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=images, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
         image_token="<image>", num_additional_image_tokens=1,
     )  # fmt: skip
+
+
+def image_rows(n: int = 24):
+    """``n`` rows of one random grey image and a caption, in 3 domains, as TRL's vision path takes them."""
+    from datasets import Dataset
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     rows = [
         {
@@ -462,11 +468,23 @@ def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
             "text": f"<image>picture {i} shows a {['cat', 'dog', 'bird'][i % 3]}",
             "domain": ["cats", "dogs", "birds"][i % 3],
         }
-        for i in range(24)
+        for i in range(n)
     ]
-    ds = Dataset.from_list(rows)
+    return Dataset.from_list(rows)
+
+
+VISION_SFT = {"max_length": None, "remove_unused_columns": False}  # SFTConfig settings TRL's vision path needs
+
+
+def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
+    """TRL's own vision path (processor + DataCollatorForVisionLanguageModeling, images in the dataset): each
+    recorded loss is its example's loss over text tokens (TRL leaves the image placeholders in the labels)."""
+    from dataflex.testbeds.digits import IMAGE_TOKEN_ID
+    from dataflex.testbeds.tiny import tiny_llava
+
+    processor, ds = llava_processor(), image_rows()
     settings = trainer_settings(tmp_path, accum=1, max_steps=4, save_steps=100, logging_steps=100, workers=0, seed=0)
-    config = trl.SFTConfig(**settings, report_to=[], max_length=None, remove_unused_columns=False)
+    config = trl.SFTConfig(**settings, report_to=[], **VISION_SFT)
     model = tiny_llava(seed=0)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=processor)
     dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
@@ -485,3 +503,23 @@ def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
     trainer.add_callback(Verify())
     trainer.train()
     assert len(errors) == 16 and max(errors) < 1e-4, errors
+
+
+@pytest.mark.slow  # 16 s; .ci/run runs it
+def test_sft_vision_collator_crash_and_resume_is_exact(tmp_path):
+    """TRL's vision path with a processor, crashed after a checkpoint and resumed: same ids, decisions, logs and
+    model as the uninterrupted run (gradient checkpointing and bf16 on, as TRL's config defaults)."""
+    from dataflex.testbeds.tiny import tiny_llava
+
+    processor, ds = llava_processor(), image_rows()
+    assert_trainer_resumes_exactly(
+        lambda allow: DataFlexCallback(ODM(), update_every=2, allow_missing_state=allow),
+        ds,
+        tmp_path,
+        trainer_factory=sft_trainer,
+        make_model=lambda: tiny_llava(seed=0),
+        processing_class=processor,
+        log_keys_not_resumed=("num_tokens",),
+        compare=ran_with_trl_defaults,
+        **VISION_SFT,
+    )

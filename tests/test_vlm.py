@@ -611,3 +611,61 @@ def test_image_placeholders_left_in_the_labels_are_not_scored(vqa, tmp_path):
         for i, loss in zip(ids.tolist(), losses):
             assert float(model(**collate_text_tokens([ds[i]])).loss) == pytest.approx(float(loss), abs=1e-4)
             assert abs(float(model(**collate_every_token([ds[i]])).loss) - float(loss)) > 1e-3  # what it trains on
+
+
+def qwen_trainer(family: str, ds, callbacks, out, *, steps: int, save_steps: int):
+    """A stock Trainer on the tiny Qwen-VL of ``family`` (rows of 0, 1 or 2 images), the callbacks attached."""
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, save_steps=save_steps, report_to=[],
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, logging_steps=100, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=tiny_qwen2_vl(family), args=args, train_dataset=ds, data_collator=collate_qwen, callbacks=callbacks
+    )
+    for cb in callbacks:
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
+    return trainer
+
+
+@pytest.mark.slow  # 3 families x 3 runs (7 s); .ci/run runs it
+@pytest.mark.parametrize("family", ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL"])
+def test_qwen_vl_resume_is_exact(tmp_path, family):
+    """Patch batches whose rows hold 0, 1 or 2 images, crashed after the checkpoint at step 4 and resumed: the same
+    example ids, decisions, training-dynamics record, text embeddings and model as the uninterrupted run."""
+    from datasets import Dataset
+
+    ds = Dataset.from_list([qwen_example(i) for i in range(22)])  # batch 4: step 6 ends epoch 1 with 2 rows
+
+    def callback():
+        return DataFlexCallback(
+            ODM(), domains=ds["domain"], update_every=1, dynamics=True, embeddings=EmbeddingCache(len(ds))
+        )
+
+    def run(out, crash):
+        dfx = callback()
+        rec = StepRecorder(dfx)
+        extra = [CrashAt(crash)] if crash else []
+        trainer = qwen_trainer(family, ds, [dfx, rec, *extra], out, steps=8, save_steps=4)
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            dfx = callback()
+            rec2 = StepRecorder(dfx)
+            trainer = qwen_trainer(family, ds, [dfx, rec2], out, steps=8, save_steps=4)
+            trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+            rec.ids.update(rec2.ids)
+        dfx.dynamics.gather()
+        return rec.ids, dfx, trainer.model.state_dict()
+
+    ids_a, dfx_a, params_a = run(tmp_path / "straight", None)
+    ids_b, dfx_b, params_b = run(tmp_path / "crashed", 6)
+    assert ids_a == ids_b and len(ids_a) == 8
+    assert dfx_a.history == dfx_b.history and dfx_a.history[0]["weights"] != dfx_a.history[-1]["weights"]
+    for name in ("visits", "loss_mean", "loss_m2", "margin_mean", "forgetting"):
+        np.testing.assert_array_equal(getattr(dfx_a.dynamics, name), getattr(dfx_b.dynamics, name), err_msg=name)
+    assert dfx_a.dynamics.visits.sum() == sum(map(len, ids_a.values())) == 30
+    np.testing.assert_array_equal(dfx_a.embeddings.step, dfx_b.embeddings.step)
+    np.testing.assert_array_equal(dfx_a.embeddings.values, dfx_b.embeddings.values)
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-6)

@@ -1,7 +1,8 @@
 """Run by test_trl.py::test_sft_two_processes under torchrun (2 processes, gloo on CPU): TRL's SFTTrainer with
 DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json.
 The second argument picks TRL's batch layout: "padded" (default), "padding_free" (Llama, flattened rows) or
-"group_by_length"; or "kto": KTOTrainer on unpaired preference rows."""
+"group_by_length", "vision" (the tiny LLaVA with a processor and images: TRL's vision collator); or "kto":
+KTOTrainer on unpaired preference rows."""
 
 import json
 import sys
@@ -11,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
 from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, small_dataset  # noqa: E402
-from test_trl import kto_trainer, preference_rows, sft_trainer  # noqa: E402
+from test_trl import VISION_SFT, image_rows, kto_trainer, llava_processor, preference_rows, sft_trainer  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
@@ -23,6 +24,7 @@ LAYOUTS = {
     "padded": {},
     "padding_free": {"padding_free": True, "max_length": None, "arch": "llama"},
     "group_by_length": {"train_sampling_strategy": "group_by_length"},
+    "vision": VISION_SFT,
 }
 
 
@@ -34,6 +36,11 @@ def run(ds, out: Path, layout: str, crash_at=None, resume=None):
         settings = dict(accum=1, max_steps=STEPS, save_steps=CRASH, logging_steps=1, workers=0)
         trainer = kto_trainer(ds, dfx, out, extra=extra, model=None, **settings)
         return train(dfx, rec, trainer, resume)
+    vision = {}
+    if layout == "vision":
+        from dataflex.testbeds.tiny import tiny_llava
+
+        vision = {"model": tiny_llava(seed=0), "processing_class": llava_processor()}
     trainer = sft_trainer(
         ds,
         dfx,
@@ -44,6 +51,7 @@ def run(ds, out: Path, layout: str, crash_at=None, resume=None):
         logging_steps=1,
         shuffle_dataset=True,
         **LAYOUTS[layout],
+        **vision,
     )
     return train(dfx, rec, trainer, resume)
 
@@ -62,6 +70,8 @@ def main(out: str, layout: str = "padded") -> None:
 
         keys = ("prompt", "completion", "label", "domain")
         ds = Dataset.from_list([{k: row[k] for k in keys} for row in preference_rows(32)])  # 4 global batches
+    elif layout == "vision":
+        ds = image_rows(36)  # as many rows as the text layouts' dataset
     else:
         ds = small_dataset(per_domain=12)
     full, full_rec, full_tr = run(ds, Path(out) / "full", layout)
