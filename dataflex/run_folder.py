@@ -7,7 +7,10 @@ differs in anything else — ``lr=0.01`` after ``lr=0.002``, a config file edite
 setting the folder name leaves out — landed in the same folder and silently continued, or re-reported, the
 first run. The first run now writes its settings there (``run_settings.json``); a later one with other
 settings is refused, naming every setting that differs. (The recipes' Hydra folders also carry the command's
-other overrides, so sweeps get one folder per combination.)
+other overrides, so sweeps get one folder per combination.) A folder that holds nothing but that record and
+Hydra's bookkeeping has nothing to continue: a command refused for a bad setting, or killed before it wrote
+anything, recorded its settings there, and the corrected command takes the folder over rather than being told
+to delete it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "claim_run_folder",
     "config_settings",
     "describe_differences",
+    "holds_a_run",
     "settings_digest",
     "weights_summary",
 ]
@@ -47,21 +51,29 @@ RECIPE_HINT = (
 
 def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], hint: str = RECIPE_HINT) -> None:
     """Record ``settings`` in ``folder`` on its first run; refuse a run whose settings differ from those recorded
-    (``hint``: what the caller should do instead, in the error)."""
+    (``hint``: what the caller should do instead, in the error). Non-finite numbers are recorded as the strings
+    "NaN", "Infinity" (strict JSON has none; the recipe's own checks name a bad one)."""
     folder = Path(folder)
-    settings = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+    settings = json.loads(json.dumps(dict(settings), sort_keys=True, default=str), parse_constant=str)
     path = folder / RUN_SETTINGS
     if path.is_file():
         saved = read_json(path)
-        if saved != settings:
+        if saved != settings and holds_a_run(folder):
             differences = describe_differences(saved, settings)
             raise ValueError(
                 f"{folder} holds a run made with other settings ({differences}), and a run continues from its "
                 f"folder's checkpoints: {hint}, or delete {folder} to start over"
             )
-        return
+        if saved == settings:
+            return
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds anything a rerun would continue from or report: anything but the settings record,
+    Hydra's copy of the config (``.hydra/``) and log files."""
+    return any(p.name not in (RUN_SETTINGS, ".hydra") and p.suffix != ".log" for p in folder.iterdir())
 
 
 def describe_differences(old: Any, new: Any) -> str:

@@ -50,9 +50,11 @@ def optional_positive_int(key: str, value: Any) -> int | None:
     return None if value is None else positive_int(key, value)
 
 
-def positive_number(key: str, value: Any) -> float:
-    if not is_real(value) or not value > 0 or value != value:
-        raise ValueError(f"{key} must be a positive number; got {value!r}")
+def positive_number(key: str, value: Any, *, allow_inf: bool = False) -> float:
+    """A number > 0; infinite only with ``allow_inf`` (where inf means "no limit", e.g. a temperature for uniform
+    weights): an infinite learning rate trains on NaNs."""
+    if not is_real(value) or not value > 0 or value != value or (value == float("inf") and not allow_inf):
+        raise ValueError(f"{key} must be a positive {'number' if allow_inf else 'finite number'}; got {value!r}")
     return float(value)
 
 
@@ -113,7 +115,7 @@ def check_vlm_settings(cfg: Any, methods: Any, resolve: Any = lambda p: p) -> No
     nonnegative_int("warmup", cfg.warmup)
     optional_positive_int("num_images", cfg.num_images)
     positive_number("lr", cfg.lr)
-    positive_number("temperature", cfg.temperature)
+    positive_number("temperature", cfg.temperature, allow_inf=True)  # inf: uniform weights
     for key in ("per_label", "class_conditional"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key} must be true or false; got {cfg[key]!r}")
@@ -252,7 +254,7 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
         raise ValueError("give at most one of propose.max_kl and propose.max_l1")
     for key in ("max_kl", "max_l1", "max_epochs"):
         if cfg.propose[key] is not None:
-            positive_number(f"propose.{key}", cfg.propose[key])
+            positive_number(f"propose.{key}", cfg.propose[key], allow_inf=True)  # inf: no constraint
     pessimism = cfg.propose.get("pessimism", 0.0)
     if isinstance(pessimism, bool) or not isinstance(pessimism, (int, float)) or not 0 <= pessimism < float("inf"):
         raise ValueError(f"propose.pessimism must be a number >= 0 (a multiple of the law's spread); got {pessimism!r}")

@@ -124,7 +124,7 @@ def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
         ("noise=1", r"noise must be a number in \[0, 1\); got 1"),
         ("per_task=0", "per_task must be a positive integer; got 0"),
         ("steps=abc", "steps must be a positive integer; got 'abc'"),
-        ("lr=-1", "lr must be a positive number; got -1"),
+        ("lr=-1", "lr must be a positive finite number; got -1"),
         ("base=/no/model.pt", "base='/no/model.pt': no such file"),
         ("data_dir=/no/data", "data_dir='/no/data': no such folder"),
     ],

@@ -49,7 +49,11 @@ def stats(loss_sum, count, non_finite=0, masked=0):
         (lambda: Temperature(tau="2"), r"tau must be a number; got '2' \(str\)"),
         (lambda: ADO(gamma1=True), r"gamma1 must be a number; got True \(bool\)"),
         (lambda: ADO(warmup_updates=4.5), r"warmup_updates must be an integer; got 4.5"),
-        (lambda: ADO(s=-1), r"s must be >= 0 \(0 ignores the credit score; the paper uses 0.5\); got -1"),
+        (
+            lambda: ADO(s=-1),
+            r"s must be a finite number >= 0 \(0 ignores the credit score; the paper uses 0.5\); got -1",
+        ),
+        (lambda: ADO(s=float("inf")), r"s must be a finite number >= 0 .*got inf"),
         (lambda: ADO(delta_min=-0.01), r"delta_min must be >= 0 .*got -0.01"),
         # DoReMi's settings are checked when made, not after its reference and proxy runs have trained
         (lambda: DoReMiOffline(eta=-1), r"eta must be a finite number > 0 .*got -1"),

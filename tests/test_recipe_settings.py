@@ -42,7 +42,8 @@ def mixture_settings(tmp_path: Path, **over):
         ("steps", -5, "steps must be a positive integer; got -5"),
         ("batch_size", 0, "batch_size must be a positive integer; got 0"),
         ("seed", "abc", "seed must be an integer; got 'abc'"),
-        ("lr", "abc", "lr must be a positive number; got 'abc'"),
+        ("lr", "abc", "lr must be a positive finite number; got 'abc'"),
+        ("lr", float("inf"), "lr must be a positive finite number; got inf"),
         ("eval_every", -1, "eval_every must be an integer >= 0; got -1"),
         ("max_len", 100, r"data.max_len=100 exceeds the model's 64 positions"),
         ("train_per_domain", 0, "data.train_per_domain must be a positive integer; got 0"),
@@ -111,7 +112,9 @@ def test_a_loop_checkpoint_folder_is_not_continued_by_another_run(tmp_path):
         ("steps=-5", "steps must be a positive integer; got -5"),
         ("update_every=0", "update_every must be a positive integer; got 0"),
         ("seed=abc", "seed must be an integer; got 'abc'"),
-        ("lr=abc", "lr must be a positive number; got 'abc'"),
+        ("lr=abc", "lr must be a positive finite number; got 'abc'"),
+        ("lr=inf", "lr must be a positive finite number; got inf"),
+        ("temperature=-inf", "temperature must be a positive number; got -inf"),
         ("label_by=answer", "label_by='answer'; valid values are question, question_answer"),
         ("class_conditional=maybe", "class_conditional must be true or false; got 'maybe'"),
         ("clean_with=margin", "clean_with='margin'; valid values are aum, cartography, loss, forgetting, last_loss"),
@@ -170,7 +173,7 @@ def select_offline_config(tmp_path: Path, overrides: list[str]):
         ("out=null", ValueError, "out must be a file path; got None"),
         ("checkpoint=null warmup.fraction=0", ValueError, r"warmup.fraction must be a number in \(0, 1\]; got 0"),
         ("checkpoint=null warmup.epochs=0", ValueError, "warmup.epochs must be a positive integer; got 0"),
-        ("checkpoint=null warmup.lr=-1", ValueError, "warmup.lr must be a positive number; got -1"),
+        ("checkpoint=null warmup.lr=-1", ValueError, "warmup.lr must be a positive finite number; got -1"),
         ("checkpoint=null warmup.target_modules=[]", ValueError, "warmup.target_modules must be a non-empty list"),
         ("checkpoint=null warmup.target_modules=c_attn", ValueError, "got 'c_attn'"),
         ("checkpoint=null work_dir=null", ValueError, "work_dir must be a folder path .*; got None"),
@@ -198,7 +201,8 @@ def test_select_offline_defaults_pass_and_a_too_long_max_len_is_named(tmp_path):
 
 def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path):
     """Resumable recipes continue from their folder's checkpoints: the first run records its settings there,
-    the same settings continue, other settings are refused naming each difference (nested keys dotted)."""
+    the same settings continue, other settings are refused naming each difference (nested keys dotted) once the
+    folder holds anything of the run."""
     from dataflex.run_folder import RUN_SETTINGS, claim_run_folder
 
     folder = tmp_path / "run"
@@ -207,6 +211,16 @@ def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path)
     assert json.loads((folder / RUN_SETTINGS).read_text()) == settings
     claim_run_folder(folder, dict(settings))  # the same command again: continues
     changed = {**settings, "lr": 0.01, "policy": {"_target_": "ODM", "alpha": 0.5}, "extra": True}
+    # Nothing written yet but the record, Hydra's config copy and its log (a command refused for a bad setting,
+    # or killed at once): nothing to continue, so the corrected command takes the folder over.
+    (folder / ".hydra").mkdir()
+    (folder / "trainer.log").write_text("ValueError: alpha must be a number; got 'abc'\n")
+    claim_run_folder(folder, {**settings, "lr": 0.003})
+    assert json.loads((folder / RUN_SETTINGS).read_text()) == {**settings, "lr": 0.003}
+    claim_run_folder(folder, {**settings, "lr": float("nan"), "steps": float("inf")})  # strict JSON has neither
+    assert json.loads((folder / RUN_SETTINGS).read_text()) == {**settings, "lr": "NaN", "steps": "Infinity"}
+    claim_run_folder(folder, settings)
+    (folder / "checkpoint-4").mkdir()  # the run wrote something a rerun would continue from
     with pytest.raises(ValueError) as error:
         claim_run_folder(folder, changed)
     message = str(error.value)

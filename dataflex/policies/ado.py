@@ -87,8 +87,11 @@ class ADO(BoundPolicy):
         for name, v in (("gamma1", gamma1), ("gamma2", gamma2)):
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must lie in (0, 1]; got {v}")
-        if s < 0:  # h ** s with s < 0 would favour the domains the policy has starved: the credit reversed
-            raise ValueError(f"s must be >= 0 (0 ignores the credit score; the paper uses 0.5); got {s}")
+        if not 0 <= s < float("inf"):  # s < 0 would favour the domains the policy starved (the credit reversed);
+            # s = inf sends every credit below 1 to 0
+            raise ValueError(
+                f"s must be a finite number >= 0 (0 ignores the credit score; the paper uses 0.5); got {s}"
+            )
         if delta_min < 0:
             raise ValueError(f"delta_min must be >= 0 (the floor on every domain's weight); got {delta_min}")
         if warmup_updates < 3:
