@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +35,8 @@ __all__ = [
     "read_json",
     "token_digest",
     "unwrap_state",
+    "write_atomic",
+    "write_text_atomic",
     "wrap_state",
     "write_json_atomic",
 ]
@@ -141,14 +143,15 @@ def unwrap_state(state: dict[str, Any], fingerprint: DatasetFingerprint) -> dict
     return {k: v for k, v in state.items() if k not in ("format", "version", "fingerprint")}
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON so that a crash mid-write leaves either the old file or the new one, never half."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file so that a crash mid-write leaves either the old file or the new one, never half: ``write(f)``
+    fills a temporary file beside ``path`` (opened binary), which is flushed to disk and renamed over it."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".dataflex-", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".dataflex-", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, allow_nan=False)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -156,6 +159,16 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`write_atomic` for a UTF-8 text (a results table, a JSON report that may hold NaN)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Strict JSON (no NaN) through :func:`write_atomic`."""
+    write_text_atomic(path, json.dumps(obj, allow_nan=False))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -34,6 +34,7 @@ from dataflex.policies import Uniform
 from dataflex.prompt_support import prompt_support_scores
 from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
+from dataflex.state import write_text_atomic
 from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
 from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, training_args
 
@@ -245,7 +246,7 @@ def _hydra_main() -> None:
             save_steps=cfg.save_steps,
             analyzer=d.get("analyzer", "char_wb"),
         )
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         print(
             f"{d.name} seed {cfg.seed}: mean clean test loss {result['mean_test_loss']:.4f}, wrong share trained on "
             f"{result['noisy_share']:.3f} -> {out / 'results.json'}"

@@ -42,6 +42,7 @@ from dataflex.recipes.settings import (
     positive_int,
     positive_number,
 )
+from dataflex.state import write_text_atomic
 from dataflex.testbeds.tiny import (
     VOCAB_SIZE,
     byte_dataset,
@@ -170,7 +171,7 @@ def run_experiment(
 def write_run_result(out_dir: Path, result: dict[str, Any]) -> None:
     """``results.json`` in the run folder (rank 0; every rank holds the same result) and a one-line summary."""
     if int(os.environ.get("RANK", "0")) == 0:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))
     val = result["validation_loss"]
     print(
         f"{result['policy']} seed {result['seed']}: mean val loss {np.mean(list(val.values())):.4f}, "

@@ -56,7 +56,7 @@ from dataflex.mixture_search import (
 from dataflex.policies import ODM, LawCorrected, Natural, Piecewise, Static, Uniform
 from dataflex.proxies.doremi import DoReMiOffline
 from dataflex.recipes.mixture import load_split, run_experiment
-from dataflex.state import read_json, write_json_atomic
+from dataflex.state import read_json, write_json_atomic, write_text_atomic
 from dataflex.swarm import Swarm
 
 __all__ = ["BASELINES", "STAGES", "domain_tokens", "run_stages"]
@@ -481,7 +481,7 @@ def main_runs(
     }
     write_json_atomic(work / "results.json", summary)
     table = report_lines(summary, names)
-    (work / "results.md").write_text("\n".join(table) + "\n")
+    write_text_atomic(work / "results.md", "\n".join(table) + "\n")
     print("\n".join(table))
     plot(work, runs, fit, proposed, results)
     return summary

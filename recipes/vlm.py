@@ -29,7 +29,7 @@ from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.offline import read_subset, write_subset
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
-from dataflex.state import DatasetFingerprint
+from dataflex.state import DatasetFingerprint, write_text_atomic
 from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, holdout_signals, training_args
 from dataflex.weighting import ExampleWeightedLoss
 
@@ -278,7 +278,7 @@ def _hydra_main() -> None:
                 out / "kept_ids.json", np.asarray(kept), pool=pool, method=cfg.clean_with, fraction=cfg.fraction
             )
             print(f"kept {len(kept)} of {len(data['train'])} examples -> {out / 'kept_ids.json'}")
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         print(
             f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "
             f"noisy share trained on {result['noisy_share']:.3f} -> {out / 'results.json'}"

@@ -176,6 +176,32 @@ def cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def test_a_file_written_atomically_is_old_or_new_after_a_kill(tmp_path):
+    """write_atomic (results, the VLM holdout model, every JSON record): a process SIGKILLed half-way through
+    writing leaves the previous file whole; the next write replaces it whole."""
+    import subprocess
+    import sys
+
+    from dataflex.state import write_text_atomic
+
+    target = tmp_path / "results.json"
+    write_text_atomic(target, '{"old": 1}')
+    script = (
+        "import os, signal, sys\n"
+        "from dataflex.state import write_atomic\n"
+        "def half(f):\n"
+        "    f.write(b'{\"new\": ')\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "write_atomic(sys.argv[1], half)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    assert target.read_text() == '{"old": 1}'
+    write_text_atomic(target, '{"new": 2}')
+    assert target.read_text() == '{"new": 2}'
+
+
 def test_kill_after_the_trainers_rotation_resumes_exactly(reference, tmp_path):
     """The window that lost runs before: the Trainer had saved and, with save_total_limit=1, deleted the
     previous checkpoint, but dataflex's state was not yet in the new one."""

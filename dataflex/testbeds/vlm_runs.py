@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from dataflex.state import write_atomic
 from dataflex.weighting import ExampleWeightedLoss
 
 __all__ = ["NoiseCounter", "holdout_signals", "training_args"]
@@ -116,7 +117,7 @@ def holdout_signals(
         args = training_args(folder, seed=1000, steps=steps, batch_size=batch_size, lr=lr)
         Trainer(model=model, args=args, train_dataset=data["validation"], data_collator=collate_vlm).train()
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
+        write_atomic(path, lambda f: torch.save(model.state_dict(), f))  # a kill mid-save leaves no half model
     train = data["train"]
     irreducible = pool_losses(model, train, collate_vlm, batch_size=128, cache=folder / "irreducible.npz")
     features = score_pool(
