@@ -150,7 +150,7 @@ class FilteringTrainer(Trainer):
         self.train_dataset = self.train_dataset.select(range(len(self.train_dataset) - 5))
 
 
-def labelled_run(trainer_cls, ds, cb, out, steps=4):
+def labelled_run(trainer_cls, ds, cb, out, steps=4, **overrides):
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
@@ -159,6 +159,7 @@ def labelled_run(trainer_cls, ds, cb, out, steps=4):
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
+        **overrides,
     )
     rec = StepRecorder(cb)
     trainer = trainer_cls(
@@ -191,6 +192,27 @@ def test_labels_follow_the_trainers_own_column(ds, tmp_path):
     trained = {trainer.train_dataset[i]["domain"] for ids in rec.ids.values() for i in ids}
     assert trained == {"code"}
     assert sum(len(v) for v in rec.ids.values()) == 16
+
+
+def test_labels_of_a_dataset_tokenised_on_the_fly_come_from_its_stored_column(tmp_path):
+    """A dataset with a format transform (set_transform: tokenising as rows are read) gives only the transform's
+    output, also to a column read, so reading its domain column raised KeyError; dataflex reads the stored
+    column, and the mixture trains on the domain it names."""
+    from datasets import Dataset
+
+    from dataflex.testbeds.tiny import encode_bytes
+
+    rows = small_dataset(per_domain=12).select_columns(["domain"]).to_list()
+    raw = Dataset.from_list([{"text": f"{r['domain']} row {i}", **r} for i, r in enumerate(rows)])
+    stored = list(raw["domain"])
+    raw.set_transform(lambda batch: {"input_ids": [encode_bytes(t, 24) for t in batch["text"]]})
+    with pytest.raises(KeyError):
+        list(raw["domain"])  # what a plain column read gives
+    for given in (None, stored):
+        cb = DataFlexCallback(Static({"code": 1.0}), domains=given)
+        args = dict(remove_unused_columns=False)  # the transform needs its "text" column
+        trainer, rec = labelled_run(Trainer, raw, cb, tmp_path / str(given is None), **args)
+        assert {stored[i] for ids in rec.ids.values() for i in ids} == {"code"}
 
 
 def test_labels_without_a_column_to_check_warn(ds, tmp_path):

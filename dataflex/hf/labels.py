@@ -16,11 +16,20 @@ from typing import Any
 
 from dataflex.domains import label_texts
 
-__all__ = ["resolve_labels"]
+__all__ = ["resolve_labels", "stored_column"]
 
 
 def _columns(dataset: Any) -> list[str]:
     return list(getattr(dataset, "column_names", None) or [])
+
+
+def stored_column(dataset: Any, column: str) -> Any:
+    """The column's values as stored. A ``datasets.Dataset`` with a format transform (``set_transform``,
+    ``with_transform``: tokenising on the fly) applies it to a column read too, and a transform that returns
+    only the model's inputs has no label column to give; the stored column is read without the format."""
+    if callable(getattr(dataset, "with_format", None)):
+        return dataset.with_format(None)[column]
+    return dataset[column]
 
 
 def _class_label(dataset: Any, column: str) -> Any:
@@ -55,7 +64,7 @@ def resolve_labels(
                 f"the Trainer's train_dataset has {len(source)} rows but its DataLoader serves {n}: dataflex cannot "
                 f"tell which {column!r} label belongs to which training example"
             )
-        values = source[column]
+        values = stored_column(source, column)
         class_label = _class_label(source, column)
         if class_label is not None:  # by class name ("code", not 0): domain names and Static keys read as the data's
             class_ids, values = list(values), class_label.int2str(list(values))

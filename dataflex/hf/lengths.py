@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from dataflex.hf.labels import stored_column
+
 __all__ = ["example_lengths"]
 
 
@@ -23,7 +25,7 @@ def example_lengths(
     for dataset in (trainer_dataset, loader_dataset):
         columns = list(getattr(dataset, "column_names", None) or [])
         if dataset is not None and length_column and length_column in columns and len(dataset) == n:
-            return np.asarray(dataset[length_column], dtype=np.int64)
+            return np.asarray(stored_column(dataset, length_column), dtype=np.int64)
     columns = list(getattr(loader_dataset, "column_names", None) or [])
     if input_name in columns:
         return np.fromiter((len(x) for x in loader_dataset[input_name]), dtype=np.int64, count=n)
