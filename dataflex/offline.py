@@ -151,8 +151,11 @@ def write_subset(
     fraction: float,
     scores: np.ndarray | None = None,
     extra: dict[str, Any] | None = None,
+    tokens: str | None = None,
 ) -> None:
-    """Write the chosen ids (sorted) with what produced them; scores of the whole pool if given."""
+    """Write the chosen ids (sorted) with what produced them; scores of the whole pool if given. ``tokens``: the
+    pool's :func:`dataflex.state.token_digest`, so that :func:`read_subset` can tell a pool whose labels match but
+    whose text differs (a pool of one label is only its example count to the fingerprint)."""
     ids = np.sort(np.asarray(ids, dtype=np.int64))
     if ids.size and (ids[0] < 0 or ids[-1] >= pool.num_examples):
         raise ValueError(f"subset ids must lie in [0, {pool.num_examples}); got {ids[0]}..{ids[-1]}")
@@ -162,6 +165,7 @@ def write_subset(
         "fraction": float(fraction),
         "pool": pool.to_json(),
         "ids": ids.tolist(),
+        "tokens": tokens,
         "scores": None if scores is None else [None if not np.isfinite(s) else float(s) for s in scores],
         **(extra or {}),
     }
@@ -169,13 +173,23 @@ def write_subset(
     write_json_atomic(Path(path), payload)
 
 
-def read_subset(path: str | os.PathLike[str], pool: DatasetFingerprint | None = None) -> np.ndarray:
-    """The ids of a subset written by :func:`write_subset`; with ``pool``, refuse another pool's subset."""
+def read_subset(
+    path: str | os.PathLike[str], pool: DatasetFingerprint | None = None, tokens: str | None = None
+) -> np.ndarray:
+    """The ids of a subset written by :func:`write_subset`; with ``pool``, refuse another pool's subset, and with
+    ``tokens`` (the pool's :func:`dataflex.state.token_digest`) one written for other text, when it recorded its
+    own."""
     payload = read_json(Path(path))
     if payload.get("format") != SUBSET_FORMAT:
         raise ValueError(f"{path} is not a dataflex subset (format {payload.get('format')!r}, want {SUBSET_FORMAT})")
     if pool is not None:
         pool.check_matches(
             payload["pool"], f"{path} was written for a different dataset; its ids would pick other examples here"
+        )
+    saved = payload.get("tokens")
+    if tokens is not None and saved is not None and saved != tokens:
+        raise ValueError(
+            f"{path} was written for a pool with other text (token digest {saved} there, {tokens} here: another "
+            "tokenizer, max_len or data file under the same labels); its ids would pick other examples here"
         )
     return np.asarray(payload["ids"], dtype=np.int64)

@@ -224,6 +224,7 @@ def select_offline(
         fraction=fraction,
         scores=scores,
         extra={"seed": seed, "dim": dim},
+        tokens=token_digest(pool),
     )
     return ids
 

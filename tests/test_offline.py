@@ -103,6 +103,14 @@ def test_subset_round_trip_and_refusal_for_another_pool(tmp_path):
     other = DatasetFingerprint.from_labels(np.array([0, 1, 0, 0]), ["a", "b"])
     with pytest.raises(ValueError, match="different dataset"):
         read_subset(tmp_path / "s.json", other)
+    # Labels alone cannot tell a pool of one label from another of the same size: the text's digest can.
+    one = DatasetFingerprint.from_labels(np.zeros(4, dtype=np.int64), ["pool"])
+    write_subset(tmp_path / "t.json", np.array([0, 2]), pool=one, method="less", fraction=0.5, tokens="abc123")
+    assert read_subset(tmp_path / "t.json", one, tokens="abc123").tolist() == [0, 2]
+    assert read_subset(tmp_path / "t.json", one).tolist() == [0, 2]  # no digest given: labels checked only
+    with pytest.raises(ValueError, match=r"other text \(token digest abc123 there, def456 here"):
+        read_subset(tmp_path / "t.json", one, tokens="def456")
+    assert read_subset(tmp_path / "s.json", fp, tokens="def456").tolist() == [1, 3]  # none recorded: not checked
     with pytest.raises(ValueError, match=r"subset ids must lie in \[0, 4\); got 1..7"):
         write_subset(tmp_path / "bad.json", np.array([7, 1]), pool=fp, method="x", fraction=0.5)
 

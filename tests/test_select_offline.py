@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,10 @@ def test_hydra_command_writes_the_subset(warmed, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "selected 6 of 30 examples" in proc.stdout
     assert len(read_subset(tmp_path / "sel.json")) == 6
+    recorded = json.loads((tmp_path / "sel.json").read_text())["tokens"]  # the pool's text digest, for read_subset
+    with pytest.raises(ValueError, match="other text"):
+        read_subset(tmp_path / "sel.json", tokens="0" * 16)
+    assert len(read_subset(tmp_path / "sel.json", tokens=recorded)) == 6
 
 
 def warmup(pool, work, **over):
