@@ -363,6 +363,7 @@ def test_detector_arms_compare_scores_within_question_and_given_answer(vqa, meth
     assert method_callback(method, train, {}, class_conditional=False, **kwargs)[0].selector.classes is None
 
 
+@pytest.mark.slow  # 9 s; .ci/run runs it (the default run is kept near 5 minutes)
 def test_two_stage_cleaning_keeps_a_share_of_every_question_type_and_trains_on_it(vqa, tmp_path):
     """Stage 1 (uniform, with a cleaning rule) returns the ids the rule keeps from its finished record;
     stage 2 (method='subset') trains only on them. Misuse is refused with the reason."""
