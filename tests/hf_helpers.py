@@ -46,6 +46,17 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash before step {self.step + 1}")
 
 
+class OutOfMemoryOnce(TrainerCallback):
+    """Raises, once, after step 2, the error the Trainer's auto_find_batch_size retries on (a simulated OOM)."""
+
+    fired = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.fired and state.global_step == 2:
+            self.fired = True
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 def trainer_settings(out_dir, *, accum, max_steps, save_steps, logging_steps, workers, seed) -> dict:
     """The TrainingArguments every test Trainer shares (TRL's SFTConfig takes the same)."""
     return dict(

@@ -10,20 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from hf_helpers import StepRecorder, finish_distributed, make_trainer, small_dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from hf_helpers import OutOfMemoryOnce, StepRecorder, finish_distributed, make_trainer, small_dataset  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
-
-
-class OutOfMemoryOnce(TrainerCallback):
-    fired = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not self.fired and state.global_step == 2:
-            self.fired = True
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def run(ds, folder: Path, resume=None, **overrides):

@@ -501,15 +501,7 @@ def test_a_retry_with_a_smaller_batch_starts_a_new_decision_history(ds, tmp_path
     calling on_train_begin again. The failed attempt's decisions must not stay in the history: they did not
     happen in the run that continues, and a checkpoint holding them could not be resumed (the history no
     longer matches the schedule). Simulated here by raising the error the Trainer recognises, after a decision."""
-    from transformers import TrainerCallback
-
-    class OutOfMemoryOnce(TrainerCallback):
-        fired = False
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if not self.fired and state.global_step == 2:
-                self.fired = True
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    from hf_helpers import OutOfMemoryOnce
 
     def run(folder, resume=None, **overrides):
         cb = DataFlexCallback(ODM(), update_every=2)

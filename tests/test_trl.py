@@ -346,7 +346,12 @@ def preference_rows(n: int = 24) -> list[dict]:
 
 
 def test_kto_scores_each_rows_completion(tmp_path):
+    """Each recorded loss is its row's completion loss, recomputed alone. KTOTrainer also runs a no-gradient
+    forward per step on mismatched prompt-completion pairs (its KL estimate) and a reference model: the embedding
+    cache and the training-dynamics record still hold each row's own policy forward."""
     from datasets import Dataset
+
+    from dataflex.embeddings import EmbeddingCache, hidden_state_embedder
 
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "label", "domain")} for r in preference_rows()])
     settings = trainer_settings(tmp_path, accum=1, max_steps=4, save_steps=4, logging_steps=100, workers=0, seed=0)
@@ -357,10 +362,12 @@ def test_kto_scores_each_rows_completion(tmp_path):
         train_dataset=ds,
         processing_class=byte_tokenizer(),
     )
-    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
+    cache = EmbeddingCache(len(ds))
+    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer, embeddings=cache, dynamics=True)
     errors: list[float] = []
+    alone: dict[int, tuple[np.ndarray, float]] = {}
 
-    class Verify(TrainerCallback):  # each recorded loss is its row's completion loss, recomputed alone
+    class Verify(TrainerCallback):  # each row alone, with the weights of its step
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             ids, losses, _ = dfx.last_step_records()
             with torch.no_grad():
@@ -369,11 +376,19 @@ def test_kto_scores_each_rows_completion(tmp_path):
                     x = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
                     labels = x.clone()
                     labels[0, : len(row["prompt_ids"])] = -100
-                    errors.append(abs(float(model(input_ids=x, labels=labels).loss) - float(loss)))
+                    ref = float(model(input_ids=x, labels=labels).loss)
+                    errors.append(abs(ref - float(loss)))
+                    embedding = hidden_state_embedder(model)({"input_ids": x, "attention_mask": torch.ones_like(x)})
+                    alone[int(i)] = (embedding[0].numpy(), ref)
 
     trainer.add_callback(Verify())
     trainer.train()
     assert len(errors) == 16 and max(errors) < 1e-4, errors
+    dfx.dynamics.gather()
+    assert len(alone) == 16 and (cache.step >= 0).sum() == 16
+    for i, (embedding, loss) in alone.items():  # each row trained once: its visit is the one recomputed
+        np.testing.assert_allclose(cache.values[i], embedding, rtol=1e-3, atol=1e-4, err_msg=f"row {i}")
+        assert dfx.dynamics.visits[i] == 1 and abs(dfx.dynamics.loss_mean[i] - loss) < 1e-4
 
 
 def kto_trainer(ds, dfx, out_dir, *, extra, model, compute_loss_func=None, **settings):
@@ -523,46 +538,3 @@ def test_sft_vision_collator_crash_and_resume_is_exact(tmp_path):
         compare=ran_with_trl_defaults,
         **VISION_SFT,
     )
-
-
-@pytest.mark.slow  # (6 s) .ci/run runs it
-def test_kto_embeddings_and_dynamics_come_from_the_policys_own_forward(tmp_path):
-    """KTOTrainer runs a second, no-gradient forward per step on mismatched prompt-completion pairs (its KL
-    estimate) and a reference model: the embedding cache and the training-dynamics record hold each row's own
-    policy forward, recomputed alone with the weights of that step."""
-    from datasets import Dataset
-
-    from dataflex.embeddings import EmbeddingCache, hidden_state_embedder
-
-    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "label", "domain")} for r in preference_rows()])
-    settings = trainer_settings(tmp_path, accum=1, max_steps=4, save_steps=100, logging_steps=100, workers=0, seed=0)
-    trainer = trl.KTOTrainer(
-        model=tiny_model("gpt2", seed=0),
-        ref_model=tiny_model("gpt2", seed=0),
-        args=trl.KTOConfig(**settings, report_to=[], max_length=64),
-        train_dataset=ds,
-        processing_class=byte_tokenizer(),
-    )
-    cache = EmbeddingCache(len(ds))
-    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer, embeddings=cache, dynamics=True)
-    alone: dict[int, tuple[np.ndarray, float]] = {}
-
-    class Recompute(TrainerCallback):  # each row's embedding and loss alone, with the weights of its step
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            ids, _, _ = dfx.last_step_records()
-            for i in ids:
-                row = trainer.train_dataset[int(i)]
-                x = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
-                labels = x.clone()
-                labels[0, : len(row["prompt_ids"])] = -100
-                with torch.no_grad():
-                    embedding = hidden_state_embedder(model)({"input_ids": x, "attention_mask": torch.ones_like(x)})
-                    alone[int(i)] = (embedding[0].numpy(), float(model(input_ids=x, labels=labels).loss))
-
-    trainer.add_callback(Recompute())
-    trainer.train()
-    dfx.dynamics.gather()
-    assert len(alone) == 16 and (cache.step >= 0).sum() == 16
-    for i, (embedding, loss) in alone.items():  # each row trained once: its last visit is the one recomputed
-        np.testing.assert_allclose(cache.values[i], embedding, rtol=1e-3, atol=1e-4, err_msg=f"row {i}")
-        assert dfx.dynamics.visits[i] == 1 and abs(dfx.dynamics.loss_mean[i] - loss) < 1e-4
