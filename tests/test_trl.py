@@ -520,6 +520,46 @@ def test_sft_vision_collator_scores_the_text_of_each_image_example(tmp_path):
     assert len(errors) == 16 and max(errors) < 1e-4, errors
 
 
+def test_sft_conversations_with_assistant_only_loss_score_the_assistant_turns(tmp_path):
+    """A conversational dataset (``messages``) with ``assistant_only_loss=True``: each recorded loss is its row's
+    loss over the assistant's tokens only (the chat template's generation block), recomputed alone."""
+    from datasets import Dataset
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "{% endgeneration %}{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    )
+    rows = [
+        {"messages": [{"role": "user", "content": f"question {i} about {['cats', 'dogs'][i % 2]}"},
+                      {"role": "assistant", "content": f"answer {i * 7}"}], "domain": ["cats", "dogs"][i % 2]}
+        for i in range(24)
+    ]  # fmt: skip
+    settings = trainer_settings(tmp_path, accum=1, max_steps=4, save_steps=100, logging_steps=100, workers=0, seed=0)
+    config = trl.SFTConfig(**settings, report_to=[], max_length=64, assistant_only_loss=True)
+    trainer = trl.SFTTrainer(
+        model=tiny_model("gpt2", seed=0), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
+    errors: list[float] = []
+
+    class Verify(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            ids, losses, _ = dfx.last_step_records()
+            with torch.no_grad():
+                for i, loss in zip(ids, losses):
+                    row = trainer.train_dataset[int(i)]
+                    labels = torch.tensor([row["labels"]])
+                    prompt = len("user: question  about cats\n") + len(str(int(i)))
+                    assert (labels[0, :prompt] == -100).all() and (labels[0, prompt:] != -100).all()
+                    x = torch.tensor([row["input_ids"]])
+                    errors.append(abs(float(model(input_ids=x, labels=labels).loss) - float(loss)))
+
+    trainer.add_callback(Verify())
+    trainer.train()
+    assert len(errors) == 16 and max(errors) < 1e-4, errors
+
+
 @pytest.mark.slow  # 16 s; .ci/run runs it
 def test_sft_vision_collator_crash_and_resume_is_exact(tmp_path):
     """TRL's vision path with a processor, crashed after a checkpoint and resumed: same ids, decisions, logs and
