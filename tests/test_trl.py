@@ -540,24 +540,15 @@ def test_sft_conversations_with_assistant_only_loss_score_the_assistant_turns(tm
     trainer = trl.SFTTrainer(
         model=tiny_model("gpt2", seed=0), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
+    for i, row in enumerate(trainer.train_dataset):  # TRL's labels hold the assistant's tokens only
+        prompt = len(f"user: question {i} about cats\n")
+        assert all(t == -100 for t in row["labels"][:prompt]) and -100 not in row["labels"][prompt:]
     dfx = DataFlexCallback(ODM(), update_every=2, trainer=trainer)
-    errors: list[float] = []
-
-    class Verify(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            ids, losses, _ = dfx.last_step_records()
-            with torch.no_grad():
-                for i, loss in zip(ids, losses):
-                    row = trainer.train_dataset[int(i)]
-                    labels = torch.tensor([row["labels"]])
-                    prompt = len("user: question  about cats\n") + len(str(int(i)))
-                    assert (labels[0, :prompt] == -100).all() and (labels[0, prompt:] != -100).all()
-                    x = torch.tensor([row["input_ids"]])
-                    errors.append(abs(float(model(input_ids=x, labels=labels).loss) - float(loss)))
-
-    trainer.add_callback(Verify())
+    verify = VerifyLosses(dfx)  # each recorded loss against its row alone, over those labels
+    verify.trainer = trainer
+    trainer.add_callback(verify)
     trainer.train()
-    assert len(errors) == 16 and max(errors) < 1e-4, errors
+    assert verify.checked == 16 and verify.max_err < 1e-4, verify.max_err
 
 
 @pytest.mark.slow  # 16 s; .ci/run runs it
