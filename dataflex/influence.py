@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dataflex.grads import PerExampleGradients, RademacherProjector
-from dataflex.losses import padding_free_segments, per_example_mean_loss
+from dataflex.losses import check_causal_lm, padding_free_segments, per_example_mean_loss
 from dataflex.modes import eval_mode
 
 __all__ = ["GradientFeaturizer"]
@@ -65,6 +65,7 @@ class GradientFeaturizer:
             raise ValueError(f"mode={mode!r}; valid values are 'tracin', 'less'")
         if mode == "less" and optimizer is None:
             raise ValueError("mode='less' needs the training optimizer (its Adam moments precondition the gradient)")
+        check_causal_lm(model)
         self.model, self.mode, self.optimizer = model, mode, optimizer
         self.capture = PerExampleGradients(layers)
         self.projector = projector or RademacherProjector(dim, seed=seed)

@@ -13,6 +13,8 @@ follow the HF causal-LM convention: position ``t`` predicts label ``t + 1``; ``-
   forward that returns no logits (fused linear cross-entropy kernels).
 * :func:`per_example_loss_from_log_probs` — the same from per-token log-probabilities and their mask, as a
   fused LM head (TRL's ``SFTTrainer``) returns them instead of logits.
+* :func:`check_causal_lm` / :func:`check_causal_output` — refuse a model (or a forward's output) whose labels do
+  not follow that convention, which every function here would score against the wrong tokens without an error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 __all__ = [
     "IGNORE_INDEX",
     "SCORING_CHUNK_ELEMENTS",
+    "causal_lm_problem",
+    "check_causal_lm",
+    "check_causal_output",
     "counted_per_example",
     "log_prob_positions",
     "flattened_sequence_ids",
@@ -38,6 +43,73 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+
+
+_CAUSAL_CONVENTION = (
+    "dataflex scores causal language models, whose logits at position t predict label t + 1 (transformers' "
+    "*ForCausalLM models, LLaVA- and Qwen-VL-style *ForConditionalGeneration models)"
+)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under PEFT, DDP/DataParallel and torch.compile wrappers."""
+    while True:
+        if callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            inner = model.module
+        else:
+            inner = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+        if inner is model:
+            return model
+        model = inner
+
+
+def causal_lm_problem(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s labels do not follow the causal-LM convention every loss here assumes, or None.
+
+    An encoder-decoder model (T5, BART, Whisper) trains its decoder's logits at t on label t, and a masked-LM,
+    token- or sequence-classification head scores labels of its own kind: shifted by one, each would give
+    per-example losses (and a reweighted training loss) against the wrong tokens, silently. Those are
+    recognised from the transformers config (``is_encoder_decoder``) and the loss transformers maps the class
+    to (``loss_type``). A model that is not a transformers model is taken at its word.
+    """
+    owner = _unwrapped(model)
+    name = type(owner).__name__
+    if getattr(getattr(owner, "config", None), "is_encoder_decoder", False):
+        return (
+            f"{_CAUSAL_CONVENTION}; {name} is an encoder-decoder model, whose decoder logits at t predict label t, "
+            "so each example would be scored against the next label instead of its own. Use a decoder-only model"
+        )
+    loss_type = getattr(owner, "loss_type", None)
+    if loss_type is not None:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+        if loss_type in LOSS_MAPPING and LOSS_MAPPING[loss_type] is not ForCausalLMLoss:
+            return (
+                f"{_CAUSAL_CONVENTION}; {name} has a {loss_type} head, whose labels are not next tokens, so each "
+                "example's loss would be computed against the wrong targets. Use a causal language model"
+            )
+    return None
+
+
+def check_causal_lm(model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` with :func:`causal_lm_problem`'s reason when there is one."""
+    problem = causal_lm_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def check_causal_output(outputs: object) -> None:
+    """Refuse a forward's output that comes from an encoder-decoder model (it holds the encoder's last hidden
+    state): for a loss function that never sees the model (``compute_loss_func``)."""
+    keys = outputs.keys() if callable(getattr(outputs, "keys", None)) else ()
+    if "encoder_last_hidden_state" in keys or getattr(outputs, "encoder_last_hidden_state", None) is not None:
+        raise ValueError(
+            f"{_CAUSAL_CONVENTION}; this output holds an encoder's last hidden state (an encoder-decoder model, "
+            "whose decoder logits at t predict label t), so each example would be scored against the wrong tokens. "
+            "Use a decoder-only model"
+        )
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dataflex.batching import model_inputs
-from dataflex.losses import padding_free_segments, per_example_token_loss
+from dataflex.losses import check_causal_lm, padding_free_segments, per_example_token_loss
 from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
 from dataflex.run_folder import describe_differences
@@ -112,6 +112,7 @@ def token_mean_losses(model: torch.nn.Module) -> Callable[[dict[str, torch.Tenso
 
     A padding-free batch (one row, ``position_ids`` restarting per example) gives one loss per example.
     """
+    check_causal_lm(model)
 
     @torch.no_grad()
     def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:

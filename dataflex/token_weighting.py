@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dataflex.checks import real_number
-from dataflex.losses import IGNORE_INDEX, segment_columns, token_cross_entropy
+from dataflex.losses import IGNORE_INDEX, check_causal_lm, check_causal_output, segment_columns, token_cross_entropy
 
 __all__ = ["ReferenceTokenLosses", "TokenWeightedLoss", "reference_token_losses", "rho1"]
 
@@ -73,6 +73,7 @@ def reference_token_losses(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
+    check_causal_lm(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -171,6 +172,7 @@ class TokenWeightedLoss:
     ) -> torch.Tensor:
         """``segments``: where each example of a padding-free row lies, handed over by the callback's
         ``wrap_loss``; the rule then sees one row per example, as in a padded batch."""
+        check_causal_output(outputs)
         logits = outputs.get("logits") if hasattr(outputs, "get") else getattr(outputs, "logits", None)
         if logits is None:  # a fused linear cross-entropy forward: no logits to weight token by token
             raise ValueError(

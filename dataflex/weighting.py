@@ -20,7 +20,7 @@ import torch
 
 from dataflex import dist
 from dataflex.checks import real_number, whole_number
-from dataflex.losses import counted_per_example, per_example_mean_loss
+from dataflex.losses import check_causal_output, counted_per_example, per_example_mean_loss
 
 __all__ = ["ExampleWeightedLoss", "loss_weights"]
 
@@ -113,6 +113,7 @@ class ExampleWeightedLoss:
     ) -> torch.Tensor:
         """``segments``: where each example of a padding-free row lies (:func:`dataflex.losses.padding_free_segments`),
         handed over by the callback's ``wrap_loss``; without it every row is one example."""
+        check_causal_output(outputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         labels = labels.to(logits.device)
         if self.ignored_label is not None:

@@ -34,7 +34,7 @@ from dataflex.accelerator import changed_numerics, own_accelerator
 from dataflex.batching import inspect_loader, rank_position_batches
 from dataflex.cadence import start_policy
 from dataflex.checkpoint import latest_step, load_state, save_step
-from dataflex.losses import per_example_token_loss
+from dataflex.losses import check_causal_lm, per_example_token_loss
 from dataflex.policies.base import BatchObserver, MixingPolicy
 from dataflex.run_folder import claim_run_folder, weights_summary
 from dataflex.samplers.mixture import DomainMixtureSampler
@@ -120,6 +120,7 @@ def train_mixture(
     ``stop_after`` ends this call after that many total steps (a simulated pre-emption; the schedule
     is still that of a ``steps``-long run, and a later call with the same ``ckpt_dir`` continues).
     """
+    check_causal_lm(model)  # every per-example loss here shifts the labels by one
     accelerator = accelerator or own_accelerator("train_mixture")
     objective = objective or MeanTokenLoss()
     k = len(domain_names)

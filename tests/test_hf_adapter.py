@@ -150,7 +150,7 @@ class FilteringTrainer(Trainer):
         self.train_dataset = self.train_dataset.select(range(len(self.train_dataset) - 5))
 
 
-def labelled_run(trainer_cls, ds, cb, out, steps=4, **overrides):
+def labelled_run(trainer_cls, ds, cb, out, steps=4, model=None, **overrides):
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
@@ -163,7 +163,7 @@ def labelled_run(trainer_cls, ds, cb, out, steps=4, **overrides):
     )
     rec = StepRecorder(cb)
     trainer = trainer_cls(
-        model=tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0),
+        model=model if model is not None else tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0),
         args=args,
         train_dataset=ds,
         data_collator=collate_causal,
@@ -223,6 +223,79 @@ def test_labels_without_a_column_to_check_warn(ds, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         labelled_run(Trainer, ds.rename_column("domain", "source"), cb, tmp_path, steps=1)
+
+
+# -- models whose labels are not the next tokens ------------------------------------------------------------
+def not_next_token_model(kind: str):
+    """A tiny transformers model, seeded, whose labels are not next tokens: encoder-decoder or another head."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=300)
+    bert = tf.BertConfig(**sizes)
+    if kind == "t5":
+        config = tf.T5Config(
+            d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=300, decoder_start_token_id=0
+        )
+        return tf.T5ForConditionalGeneration(config)
+    if kind == "bart":
+        sizes = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2)
+        config = tf.BartConfig(d_model=16, encoder_ffn_dim=16, decoder_ffn_dim=16, vocab_size=300, **sizes)
+        return tf.BartForConditionalGeneration(config)
+    return {"masked_lm": tf.BertForMaskedLM, "token_classification": tf.BertForTokenClassification}[kind](bert)
+
+
+@pytest.mark.parametrize(
+    "kind, why",
+    [
+        ("t5", "is an encoder-decoder model"),
+        ("bart", "is an encoder-decoder model"),
+        ("masked_lm", "has a ForMaskedLM head"),
+        ("token_classification", "has a ForTokenClassification head"),
+    ],
+)
+def test_models_whose_labels_are_not_next_tokens_are_refused(kind, why, ds, tmp_path):
+    """Every loss dataflex computes shifts the labels by one (position t predicts label t + 1). A T5 or BART
+    decoder predicts label t at t and a masked LM or a tagger scores labels of its own kind: dataflex used to
+    train them, record losses against the wrong tokens and decide on those without a word (and a reweighted
+    loss trained on them). Each entry point that scores or trains a model now refuses one, naming it."""
+    from dataflex.influence import GradientFeaturizer
+    from dataflex.offline import token_mean_losses
+    from dataflex.token_weighting import reference_token_losses
+    from proxies.loop import train_mixture
+
+    model = not_next_token_model(kind)
+    named = f"{type(model).__name__} {why}"
+    with pytest.raises(ValueError, match=named):
+        labelled_run(Trainer, ds, DataFlexCallback(Uniform()), tmp_path, steps=1, model=model)
+    with pytest.raises(ValueError, match=named):
+        token_mean_losses(model)
+    with pytest.raises(ValueError, match=named):
+        GradientFeaturizer(model, {})
+    with pytest.raises(ValueError, match=named):
+        reference_token_losses(model, ds, collate_causal)
+    names = sorted(set(ds["domain"]))
+    ids = np.array([names.index(d) for d in ds["domain"]])
+    with pytest.raises(ValueError, match=named):
+        train_mixture(model, ds, ids, names, Uniform(), collate=collate_causal, steps=1, batch_size=4, lr=1e-3, seed=0)
+    if "encoder-decoder" in why:  # a loss given as compute_loss_func sees the output only, which says it
+        outputs = model(**collate_causal([ds[0], ds[1]]))
+        with pytest.raises(ValueError, match="holds an encoder's last hidden state"):
+            ExampleWeightedLoss()(outputs, collate_causal([ds[0], ds[1]])["labels"])
+
+
+def test_causal_models_and_their_wrappers_pass_the_next_token_check():
+    from peft import LoraConfig, get_peft_model
+
+    from dataflex.losses import causal_lm_problem
+    from dataflex.testbeds.tiny import tiny_llama, tiny_llava
+
+    gpt2 = tiny_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0)
+    models = [gpt2, tiny_llama(n_layer=1, hidden=16, n_head=2), tiny_llava(), torch.compile(gpt2)]
+    models += [torch.nn.DataParallel(gpt2), get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"]))]
+    assert [causal_lm_problem(m) for m in models] == [None] * len(models)
+    t5 = get_peft_model(not_next_token_model("t5"), LoraConfig(r=2, target_modules=["q", "v"]))
+    assert "T5ForConditionalGeneration is an encoder-decoder model" in causal_lm_problem(t5)  # seen through LoRA
 
 
 # -- the Trainer, explicitly ----------------------------------------------------------------------------

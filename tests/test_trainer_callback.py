@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_helpers import StepRecorder, make_trainer, single_example_loss, small_dataset
-from transformers import TrainerCallback
+from hf_helpers import StepRecorder, make_trainer, single_example_loss, small_dataset, tiny_model, trainer_settings
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LabelSmoother
 
 import dataflex.hf.capture as capture_module
 from dataflex import DataFlexCallback
 from dataflex.policies import ODM, Static, Uniform
+from dataflex.testbeds.tiny import collate_causal
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,44 @@ def test_losses_equal_recomputation_and_weights_change(ds, tmp_path, arch, accum
     logged = [h for h in trainer.state.log_history if "dataflex/entropy" in h]
     assert len(logged) == 10 - 0 and {f"dataflex/weight/{d}" for d in dfx.domain_names} <= set(logged[-1])
     assert logged[-1]["dataflex/weight/code"] == pytest.approx(last[dfx.domain_names.index("code")])
+
+
+class SmoothedLossChecked(Trainer):
+    """Compares each training loss with transformers' own label smoother on the same forward and labels."""
+
+    max_diff = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]  # the Trainer pops them before the forward
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            smoother = LabelSmoother(epsilon=self.args.label_smoothing_factor)
+            stock = smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+            self.max_diff = max(self.max_diff, abs(float(loss) - float(stock)))
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_label_smoothing_is_scored_and_the_trainer_still_smooths(ds, tmp_path):
+    """With label_smoothing_factor > 0 the Trainer pops the labels before the forward and smooths the loss itself:
+    dataflex saw no labels, scored nothing, and ODM kept its initial mixture all run behind one warning. It now
+    scores each forward's (unsmoothed) per-example loss where the Trainer calls its smoother, whose loss is
+    unchanged; the smoother is handed back when training ends."""
+    dfx = DataFlexCallback(ODM(), domains=ds["domain"], update_every=1)
+    verify = VerifyLosses(dfx, ds)
+    args = TrainingArguments(
+        **trainer_settings(tmp_path, accum=2, max_steps=6, save_steps=100, logging_steps=100, workers=0, seed=0),
+        label_smoothing_factor=0.1,
+        report_to=[],
+    )
+    trainer = SmoothedLossChecked(
+        model=tiny_model("gpt2"), args=args, train_dataset=ds, data_collator=collate_causal, callbacks=[verify]
+    )
+    dfx.attach(trainer)
+    trainer.train()
+    assert verify.checked == 6 * 2 * 4 and verify.max_err < 1e-4, (verify.checked, verify.max_err)
+    assert trainer.max_diff < 1e-6, trainer.max_diff
+    assert not np.allclose(dfx.history[0]["weights"], dfx.history[-1]["weights"]), "ODM decided on no signal"
+    assert type(trainer.label_smoother) is LabelSmoother
 
 
 def test_sampler_follows_the_policy_weights(ds, tmp_path):

@@ -148,6 +148,20 @@ def test_sft_losses_equal_recomputation_with_shuffling(ds, tmp_path, padding_fre
     assert len(logged) == 3 and not any("mean_token_accuracy" in h for h in logged)  # TRL's metrics stay its own
 
 
+def test_sft_label_smoothing_is_scored(ds, tmp_path):
+    """SFTTrainer with label smoothing forwards without labels and smooths the full logits itself (then runs a
+    no-gradient fused forward for its metrics): each example is scored once, at the smoother's call."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    verify = VerifyLosses(dfx)
+    trainer = sft_trainer(ds, dfx, tmp_path, max_steps=4, extra=[verify], label_smoothing_factor=0.1, max_length=1024)
+    verify.trainer = trainer
+    trainer.train()
+    assert verify.checked == 16 and verify.max_err < 1e-4, (verify.checked, verify.max_err)
+    assert type(trainer.label_smoother) is LabelSmoother  # handed back at train end
+
+
 def test_sft_prompt_completion_scores_only_the_completion(tmp_path):
     ds = small_dataset(per_domain=8)
     ds = ds.map(lambda ex: {"completion_mask": [0] * 10 + [1] * (len(ex["input_ids"]) - 10)})
@@ -424,7 +438,7 @@ def test_kto_crash_and_resume_is_exact(tmp_path):
     assert full.history[0]["weights"] != full.history[-1]["weights"]  # the mixture moved: decisions were resumed
 
 
-@pytest.mark.parametrize("kind", ["DPO", "Reward", "GRPO"])
+@pytest.mark.parametrize("kind", ["DPO", "Reward", "GRPO", "ORPO"])
 def test_trainers_without_one_loss_per_row_are_refused_by_name(tmp_path, kind):
     from datasets import Dataset
     from transformers import GPT2ForSequenceClassification
@@ -437,6 +451,10 @@ def test_trainers_without_one_loss_per_row_are_refused_by_name(tmp_path, kind):
         config = trl.GRPOConfig(**settings, report_to=[], num_generations=2, max_completion_length=4)
         extra = {"reward_funcs": lambda completions, **kwargs: [0.0] * len(completions)}
         model = tiny_model("gpt2", seed=0)
+    elif kind == "ORPO":  # TRL keeps it in trl.experimental; not listed when dataflex refused by a list of names
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        config, model, extra = ORPOConfig(**settings, report_to=[], max_length=64), tiny_model("gpt2", seed=0), {}
     else:
         config = getattr(trl, f"{kind}Config")(**settings, report_to=[], max_length=64)
     if kind == "DPO":
@@ -444,12 +462,34 @@ def test_trainers_without_one_loss_per_row_are_refused_by_name(tmp_path, kind):
     elif kind == "Reward":
         config_dict = {**tiny_model("gpt2", seed=0).config.to_dict(), "num_labels": 1, "pad_token_id": 256}
         model, extra = GPT2ForSequenceClassification(type(tiny_model("gpt2")).config_class(**config_dict)), {}
-    trainer = getattr(trl, f"{kind}Trainer")(
-        model=model, args=config, train_dataset=ds, processing_class=byte_tokenizer(), **extra
-    )
+    trainer_cls = ORPOTrainer if kind == "ORPO" else getattr(trl, f"{kind}Trainer")
+    trainer = trainer_cls(model=model, args=config, train_dataset=ds, processing_class=byte_tokenizer(), **extra)
     DataFlexCallback(Uniform(), trainer=trainer)
     with pytest.raises(ValueError, match=f"does not support TRL's {kind}Trainer: it .* Supported: "):
         trainer.train()
+
+
+def test_only_the_trl_trainers_checked_with_dataflex_are_accepted():
+    """The most derived TRL class decides: TRL's own subclasses of SFTTrainer (GKD, GOLD: distillation on
+    generated completions) and trainers dataflex never saw are refused, a user's subclass of SFTTrainer is not."""
+    from trl.experimental.gkd import GKDTrainer
+    from trl.experimental.gold import GOLDTrainer
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+    from trl.experimental.tpo.tpo_trainer import TPOTrainer
+
+    from dataflex.hf.adapter import TrainerAdapter
+
+    class MySFTTrainer(trl.SFTTrainer):
+        pass
+
+    check = TrainerAdapter._check_trainer_kind  # reads the class only: the instances below are not initialised
+    for cls in (MySFTTrainer, trl.SFTTrainer, trl.KTOTrainer):
+        check(cls.__new__(cls))
+    for cls in (GKDTrainer, GOLDTrainer, OnlineDPOTrainer, trl.DistillationTrainer, TPOTrainer):
+        with pytest.raises(ValueError, match=f"does not support TRL's {cls.__name__}: .*Supported: "):
+            check(cls.__new__(cls))
+    with pytest.raises(ValueError, match="TPOTrainer: dataflex has not been checked with it"):
+        check(TPOTrainer.__new__(TPOTrainer))
 
 
 def llava_processor():

@@ -117,8 +117,9 @@ class Snapshot(TrainerCallback):
             self.state = copy.deepcopy(model.state_dict())
 
 
-def vlm_trainer(ds, callbacks, out, *, steps=8, save_steps=100, seed=0, **extra):
+def vlm_trainer(ds, callbacks, out, *, steps=8, save_steps=100, seed=0, label_smoothing_factor=0.0, **extra):
     args = TrainingArguments(
+        label_smoothing_factor=label_smoothing_factor,
         output_dir=str(out),
         per_device_train_batch_size=8,
         max_steps=steps,
@@ -215,6 +216,18 @@ def test_trainer_run_without_images_fails_with_the_example_ids(vqa, tmp_path):
     trainer = vlm_trainer(ds, [dfx], tmp_path, steps=2, data_collator=drop_images)
     with pytest.raises(ValueError, match=r"example ids \[\d+, .*hold image tokens .* no pixel_values"):
         trainer.train()
+
+
+def test_label_smoothing_that_the_trainer_would_not_shift_is_refused(vqa, tmp_path):
+    """The Trainer's label smoother shifts the labels only for class names in transformers' causal-LM mapping,
+    which LlavaForConditionalGeneration is not in: the stock Trainer would train each position on its own input
+    token. dataflex sees the smoother's call and refuses it before the first optimizer step."""
+    ds = vqa["train"]
+    dfx = DataFlexCallback(Uniform(), domains=ds["domain"], update_every=2)
+    trainer = vlm_trainer(ds, [dfx], tmp_path, steps=2, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="label smoother was called without shift_labels"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 @pytest.mark.parametrize("image_labels", [False, True])

@@ -52,7 +52,7 @@ from dataflex.hf.labels import resolve_labels
 from dataflex.hf.lengths import example_lengths
 from dataflex.hf.loss_scale import custom_loss_multiplier
 from dataflex.hf.tracking import BatchTracker
-from dataflex.losses import padding_free_segments
+from dataflex.losses import check_causal_lm, padding_free_segments
 from dataflex.samplers.base import ScheduledSampler
 from dataflex.samplers.length import LengthGrouping, default_megabatch
 from dataflex.state import unwrap_state, wrap_state
@@ -64,16 +64,28 @@ __all__ = ["TrainerAdapter"]
 
 logger = logging.getLogger(__name__)
 
-#: TRL trainers whose training forward is not one language-model loss per dataset row (by class name, so TRL
-#: need not be installed). KTOTrainer is not here: its training forward scores each row's completion, which
-#: dataflex records as SFTTrainer's (tests/test_trl.py).
+#: The TRL trainers dataflex supports (by class name, so TRL need not be installed): their training forward is one
+#: language-model loss per dataset row (KTOTrainer's scores each row's completion; tests/test_trl.py). Any other
+#: TRL trainer is refused, a subclass of these that TRL ships too (GKDTrainer and GOLDTrainer distil on
+#: completions they generate, subclassing SFTTrainer); a user's own subclass of these is accepted.
+SUPPORTED_TRL_TRAINERS = ("SFTTrainer", "KTOTrainer")
+#: Why the TRL trainers users ask about most do not fit; others get a general reason.
 UNSUPPORTED_TRAINERS = {
     "DPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
+    "example) and trains a preference loss",
+    "ORPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
+    "example) and trains a preference loss",
+    "CPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
     "example) and trains a preference loss",
     "RewardTrainer": "trains a sequence-classification reward model on chosen/rejected pairs, without a "
     "language-model loss per example",
     "GRPOTrainer": "trains on completions it generates (several per prompt), not on the dataset's rows",
     "RLOOTrainer": "trains on completions it generates (several per prompt), not on the dataset's rows",
+    "OnlineDPOTrainer": "trains on completions it generates, not on the dataset's rows",
+    "GKDTrainer": "distils a teacher on completions it generates, not on the dataset's rows",
+    "GOLDTrainer": "distils a teacher on completions it generates, not on the dataset's rows",
+    "DistillationTrainer": "trains on a teacher's distributions (and completions it may generate), not on a "
+    "language-model loss of the dataset's rows",
 }
 CHECKS_AFTER_START = 4  # micro-batches whose input_ids are compared with the dataset after (re)start
 
@@ -254,7 +266,10 @@ class TrainerAdapter(TrainerCallback):
             )
         self._check_stack_settings(args)
         self._check_trainer_kind(trainer)
+        check_causal_lm(model)  # every loss dataflex computes shifts the labels by one
         self._configure_wrapped_loss(args, trainer, model)
+        if getattr(trainer, "label_smoother", None) is not None:  # it pops the labels before the forward
+            trainer.label_smoother = self.capture.wrap_label_smoother(trainer.label_smoother)
         if trainer is not None:
             checkpoint.barrier_after_rank_files(trainer)
         self._in_training = True
@@ -419,14 +434,21 @@ class TrainerAdapter(TrainerCallback):
 
     @staticmethod
     def _check_trainer_kind(trainer: Trainer | None) -> None:
-        """Refuse trainers whose batches dataflex would attribute to the wrong examples (or cannot score)."""
-        for cls in type(trainer).__mro__ if trainer is not None else ():
-            if cls.__name__ in UNSUPPORTED_TRAINERS and cls.__module__.startswith("trl"):
-                raise ValueError(
-                    f"dataflex does not support TRL's {cls.__name__}: it {UNSUPPORTED_TRAINERS[cls.__name__]}, "
-                    "while dataflex samples dataset rows and scores one language-model loss per row. Supported: "
-                    "transformers.Trainer, TRL's SFTTrainer and KTOTrainer"
-                )
+        """Refuse trainers whose batches dataflex would attribute to the wrong examples (or cannot score): every
+        TRL trainer but the supported ones, judged by the most derived TRL class (a user's subclass of a
+        supported trainer is one; TRL's own subclasses of it are not)."""
+        classes = type(trainer).__mro__ if trainer is not None else ()
+        own = next((cls for cls in classes if cls.__module__.split(".")[0] == "trl"), None)
+        if own is None or own.__name__ in SUPPORTED_TRL_TRAINERS:
+            return
+        reason = next((UNSUPPORTED_TRAINERS[c.__name__] for c in classes if c.__name__ in UNSUPPORTED_TRAINERS), None)
+        raise ValueError(
+            f"dataflex does not support TRL's {own.__name__}: "
+            + (f"it {reason}" if reason else "dataflex has not been checked with it, and its batches need not be one "
+               "language-model loss per dataset row")
+            + ", while dataflex samples dataset rows and scores one language-model loss per row. Supported: "
+            f"transformers.Trainer (and subclasses), TRL's {' and '.join(SUPPORTED_TRL_TRAINERS)}"
+        )  # fmt: skip
 
     def _length_grouping(self, args: Any, trainer: Trainer | None, dataset: Any, per_step: int) -> LengthGrouping:
         """Stock ``group_by_length`` applied to dataflex's order: blocks of the stock size sorted by length."""
@@ -668,6 +690,9 @@ class TrainerAdapter(TrainerCallback):
         if state.is_world_process_zero:
             checkpoint.drop_orphans(args.output_dir)
         self._detach_hooks()
+        trainer = self._find_trainer()
+        if getattr(trainer, "label_smoother", None) is not None:
+            trainer.label_smoother = self.capture.unwrap_label_smoother(trainer.label_smoother)
 
     def _check_resumable(self, folder: str, global_step: int, model: torch.nn.Module) -> None:
         """Refuse (or, when allowed, warn about) a resume from a checkpoint without dataflex state."""

@@ -235,6 +235,7 @@ class LossCapture:
         #: token mean of short texts toward the placeholder's (learnt, near-zero) loss.
         self.ignored_label: int | None = None
         self._loss_wrapped = False
+        self._smoother_wrapped = False  # see wrap_label_smoother
         self.wrapped_loss: Callable[..., torch.Tensor] | None = None
         self.loss_call_scored = False  # see wrap_loss
         self._pending: tuple[dict[str, Any], Any] | None = None
@@ -324,8 +325,8 @@ class LossCapture:
         if not self.is_training_forward(module):
             return
         labels = kwargs.get("labels")
-        if labels is None and self._loss_wrapped:
-            self._pending = (kwargs, output)  # the wrapped compute_loss_func brings the labels
+        if labels is None and (self._loss_wrapped or self._smoother_wrapped):
+            self._pending = (kwargs, output)  # the wrapped compute_loss_func (or label smoother) brings the labels
             return
         if labels is None:
             self.missing_labels += 1
@@ -353,6 +354,36 @@ class LossCapture:
             self.sink({**inputs, "labels": labels}, loss, has_tokens)
         else:
             self.sink({**inputs, "labels": labels}, loss, has_tokens, visits)
+
+    def wrap_label_smoother(self, smoother: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The Trainer's label smoother (``label_smoothing_factor > 0``), letting dataflex see the labels the
+        Trainer pops before the forward; it scores the forward's own (unsmoothed) per-example cross-entropy, as
+        without smoothing, then returns the smoother's loss unchanged. Undone by :meth:`unwrap_label_smoother`."""
+        inner = getattr(smoother, "dataflex_inner", smoother)  # a retry's second train begin: wrap once
+
+        def smooth(model_output: Any, labels: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not kwargs.get("shift_labels", args[0] if args else False):
+                # The Trainer shifts only for class names in transformers' causal-LM mapping, which LLaVA- and
+                # Qwen-VL-style models are not in: it would train each position on its own input token.
+                raise ValueError(
+                    "label_smoothing_factor > 0: the Trainer's label smoother was called without shift_labels "
+                    "for this causal model (it shifts only for class names in transformers' causal-LM mapping), "
+                    "so it would train each position to predict its own input token instead of the next one; "
+                    "set label_smoothing_factor=0"
+                )
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                self._score(pending[0], pending[1], labels)
+            return inner(model_output, labels, *args, **kwargs)
+
+        smooth.dataflex_inner = inner
+        self._smoother_wrapped = True
+        return smooth
+
+    def unwrap_label_smoother(self, smoother: Any) -> Any:
+        self._smoother_wrapped = False
+        self._pending = None
+        return getattr(smoother, "dataflex_inner", smoother)
 
     def wrap_loss(self, loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A ``compute_loss_func`` that lets dataflex see the labels, then calls ``loss_func``."""
