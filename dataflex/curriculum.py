@@ -82,6 +82,11 @@ class Curriculum:
             raise ValueError(f"got {len(difficulty)} difficulty scores for a training set of {len(dataset)} examples")
         return rank_ids(difficulty, descending=self.reverse)
 
+    @property
+    def positional_input(self) -> str | None:
+        """What this curriculum holds per example by position in the training set (its fixed difficulty)."""
+        return None if self.difficulty is None else "the curriculum's difficulty scores"
+
     # a curriculum has no state of its own: its orders live in the sampler's schedule
     def state_dict(self) -> dict[str, Any]:
         return {"pacing": self.pacing_name, "reverse": self.reverse}

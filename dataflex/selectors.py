@@ -103,6 +103,10 @@ class Selector:
     number of possible answers) then cannot starve a whole task.
     """
 
+    #: What this selector holds per example, by position in the training set (None: nothing). A trainer that
+    #: reorders its dataset after it was given (TRL's ``shuffle_dataset=True``) would move it to other examples.
+    positional_input: str | None = None
+
     def __init__(self, fraction: float, candidates: float = 1.0, per_label: bool = False) -> None:
         fraction, candidates = real_number("fraction", fraction), real_number("candidates", candidates)
         budget(10_000, fraction)  # validates fraction
@@ -206,6 +210,8 @@ class LossFocus(Selector):
 class RhoLoss(Selector):
     """RHO-LOSS: the highest reducible loss; ``irreducible[i]`` is example i's loss under a holdout model."""
 
+    positional_input = "RhoLoss's irreducible losses"
+
     def __init__(
         self,
         fraction: float,
@@ -229,6 +235,8 @@ class FixedSubset(Selector):
     With :class:`~dataflex.hf.DataFlexSelectCallback` this is a sampler *filter*: the dropped examples
     are never drawn, the order is the usual exact-resume subset order, and re-selection keeps the set.
     """
+
+    positional_input = "FixedSubset's example ids"
 
     def __init__(self, ids: Sequence[int] | np.ndarray) -> None:
         ids = np.unique(np.asarray(ids, dtype=np.int64))

@@ -150,7 +150,7 @@ class FilteringTrainer(Trainer):
         self.train_dataset = self.train_dataset.select(range(len(self.train_dataset) - 5))
 
 
-def labelled_run(trainer_cls, ds, cb, out, steps=4, model=None, **overrides):
+def labelled_run(trainer_cls, ds, cb, out, steps=4, model=None, attach=True, **overrides):
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
@@ -167,9 +167,10 @@ def labelled_run(trainer_cls, ds, cb, out, steps=4, model=None, **overrides):
         args=args,
         train_dataset=ds,
         data_collator=collate_causal,
-        callbacks=[rec],
+        callbacks=[rec] if attach else [cb, rec],
     )
-    cb.attach(trainer)
+    if attach:
+        cb.attach(trainer)
     trainer.train()
     return trainer, rec
 
@@ -181,6 +182,23 @@ def test_labels_taken_before_the_trainer_reordered_its_dataset_are_refused(ds, t
     cb = DataFlexCallback(Static({"code": 1.0}), domains=ds["domain"])
     with pytest.raises(ValueError, match="got 36 domain labels for a training set of 31"):
         labelled_run(FilteringTrainer, ds, cb, tmp_path)
+
+
+class OwnSamplerTrainer(Trainer):
+    """A Trainer whose own sampler draws only code examples."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        from torch.utils.data import WeightedRandomSampler
+
+        weights = [float(d == "code") for d in self.train_dataset["domain"]]
+        return WeightedRandomSampler(weights, num_samples=len(weights))
+
+
+def test_a_sampler_of_the_users_own_is_refused_not_replaced(ds, tmp_path):
+    """dataflex replaced whatever sampler the Trainer's DataLoader held: a _get_train_sampler override that drew
+    only code trained every domain under Uniform(), its order dropped without a word. Refused, naming it."""
+    with pytest.raises(ValueError, match="draws with a WeightedRandomSampler .* dropping its order"):
+        labelled_run(OwnSamplerTrainer, ds, DataFlexCallback(Uniform()), tmp_path, steps=1)
 
 
 def test_labels_follow_the_trainers_own_column(ds, tmp_path):
@@ -340,6 +358,30 @@ def test_trainer_argument_attach_and_the_stack_fallback(ds, tmp_path):
         trainer.train()
     with pytest.raises(TypeError, match="needs a transformers.Trainer"):
         DataFlexCallback(Uniform()).attach(object())
+
+
+def test_a_callback_reused_for_a_second_trainer_follows_that_trainer(ds, tmp_path):
+    """One callback object in two Trainers one after the other (a loop over seeds or datasets): found on the call
+    stack, it kept the first Trainer, so the second run took its labels from the first one's dataset (a shuffled
+    copy trained Static({"code": 1}) on every domain), and would have logged into the first one's history and
+    resumed from the first one's checkpoint. Each run now follows the Trainer that runs it; attached to another, it
+    refuses."""
+    cb = DataFlexCallback(Static({"code": 1.0}))
+    for k, data in enumerate([ds, ds.shuffle(seed=1)]):
+        with pytest.warns(UserWarning, match="not attached to its Trainer"):
+            trainer, rec = labelled_run(Trainer, data, cb, tmp_path / str(k), steps=3, attach=False)
+        assert {data[i]["domain"] for ids in rec.ids.values() for i in ids} == {"code"}
+    args = TrainingArguments(output_dir=str(tmp_path / "two"), use_cpu=True, report_to=[], disable_tqdm=True)
+    first, second = (
+        Trainer(
+            model=tiny_gpt2(n_layer=1, n_embd=16, n_head=2), args=args, train_dataset=ds, data_collator=collate_causal
+        )
+        for _ in range(2)
+    )
+    cb = DataFlexCallback(Uniform(), trainer=first)
+    second.add_callback(cb)
+    with pytest.raises(ValueError, match="attached to another Trainer than the one now training"):
+        second.train()
 
 
 def test_a_checkpoint_of_another_policy_is_refused(ds, tmp_path):

@@ -243,6 +243,27 @@ def test_sft_filtered_dataset_labels_follow_or_are_refused(tmp_path):
     assert {trainer.train_dataset[i]["domain"] for v in rec.ids.values() for i in v} == {"code"}
 
 
+def test_sft_shuffle_dataset_refuses_what_is_given_by_position(ds, tmp_path):
+    """shuffle_dataset=True reorders the dataset after the user made per-position inputs from it (subset ids,
+    irreducible losses, difficulty scores): each would land on another example, silently. Refused, naming the
+    input; without the shuffle the same subset trains exactly its ids."""
+    from dataflex.selectors import FixedSubset, RhoLoss
+
+    subset = [0, 5, 13, 30]
+    inputs = {
+        "FixedSubset's example ids": DataFlexSelectCallback(FixedSubset(subset)),
+        "RhoLoss's irreducible losses": DataFlexSelectCallback(RhoLoss(0.5, np.zeros(len(ds))), update_every=1),
+        "the curriculum's difficulty scores": DataFlexCurriculumCallback(Curriculum(length_difficulty(ds))),
+    }
+    for held, dfx in inputs.items():
+        with pytest.raises(ValueError, match=f"{held} are given by position .* set shuffle_dataset=False"):
+            sft_trainer(ds, dfx, tmp_path, max_steps=1, shuffle_dataset=True).train()
+    dfx = DataFlexSelectCallback(FixedSubset(subset))
+    rec = StepRecorder(dfx)
+    sft_trainer(ds, dfx, tmp_path, max_steps=2, extra=[rec]).train()
+    assert sorted({i for ids in rec.ids.values() for i in ids}) == subset
+
+
 def test_sft_packing_and_unsupported_sampling_are_named(ds, tmp_path):
     with pytest.raises(ValueError, match="packing=True.*padding_free=True"):
         sft_trainer(ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2, packing=True).train()

@@ -87,6 +87,9 @@ UNSUPPORTED_TRAINERS = {
     "DistillationTrainer": "trains on a teacher's distributions (and completions it may generate), not on a "
     "language-model loss of the dataset's rows",
 }
+#: Samplers the Trainer (or accelerate) builds itself, by class name: dataflex's sampler replaces them. Any other
+#: comes from a user's ``_get_train_sampler`` override, whose order would be dropped without a word.
+STOCK_SAMPLERS = ("RandomSampler", "SequentialSampler", "SeedableRandomSampler", "LengthGroupedSampler")
 CHECKS_AFTER_START = 4  # micro-batches whose input_ids are compared with the dataset after (re)start
 
 
@@ -167,6 +170,7 @@ class TrainerAdapter(TrainerCallback):
         self.dynamics: TrainingDynamics | None = None
         self.keep_dynamics = bool(dynamics) or bool(getattr(decider, "needs_dynamics", False))
         self._trainer: Trainer | None = None
+        self._attached = False  # _trainer was given (attach / trainer=), not found on the call stack
         self._taps: list[Tap] = []
         self._embedding_tap: Tap | None = None
         # This rank's embedding updates since the last gather (multi-process runs): (step, ids, embeddings).
@@ -192,7 +196,7 @@ class TrainerAdapter(TrainerCallback):
         """
         if not isinstance(trainer, Trainer):
             raise TypeError(f"attach() needs a transformers.Trainer (or a subclass); got {type(trainer).__name__}")
-        self._trainer = trainer
+        self._trainer, self._attached = trainer, True
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
         checkpoint.record_resume_requests(trainer)
@@ -200,9 +204,19 @@ class TrainerAdapter(TrainerCallback):
         return self
 
     def _find_trainer(self) -> Trainer | None:
+        running = _trainer_on_stack()
+        if self._trainer is not None and running is not None and running is not self._trainer:
+            # One callback object reused for a second Trainer: labels, logs and the resumed checkpoint would come
+            # from the first (a stale cache trained a Static({"code": 1}) mixture on every domain).
+            if self._attached:
+                raise ValueError(
+                    f"this {type(self).__name__} is attached to another {type(self._trainer).__name__} than the one "
+                    f"now training; attach it to this one (callback.attach(trainer)) or make one callback per Trainer"
+                )
+            self._trainer = None  # found on the stack for an earlier Trainer: find this one
         if self._trainer is not None:
             return self._trainer
-        trainer = _trainer_on_stack()
+        trainer = running
         if trainer is not None:
             warnings.warn(
                 f"{type(self).__name__} was not attached to its Trainer and found it on the call stack; call "
@@ -266,14 +280,29 @@ class TrainerAdapter(TrainerCallback):
             )
         self._check_stack_settings(args)
         self._check_trainer_kind(trainer)
+        held = getattr(self.decider, "positional_input", None)
+        if held is not None and getattr(args, "shuffle_dataset", False):  # TRL's: shuffled after it was given
+            raise ValueError(
+                f"{held} are given by position in the training set, but shuffle_dataset=True makes "
+                f"{type(trainer).__name__} shuffle its dataset after they were made, so each would land on another "
+                "example; set shuffle_dataset=False (dataflex's sampler decides the order anyway)"
+            )
         check_causal_lm(model)  # every loss dataflex computes shifts the labels by one
         self._configure_wrapped_loss(args, trainer, model)
-        if getattr(trainer, "label_smoother", None) is not None:  # it pops the labels before the forward
-            trainer.label_smoother = self.capture.wrap_label_smoother(trainer.label_smoother)
+        smoother = getattr(trainer, "label_smoother", None)
+        if smoother is not None and getattr(trainer, "compute_loss_func", None) is None:  # (a loss function wins)
+            trainer.label_smoother = self.capture.wrap_label_smoother(smoother)  # the labels leave the forward
         if trainer is not None:
             checkpoint.barrier_after_rank_files(trainer)
         self._in_training = True
         layout = inspect_loader(train_dataloader)
+        replaced = layout.batch_sampler.sampler
+        if not isinstance(replaced, ScheduledSampler) and type(replaced).__name__ not in STOCK_SAMPLERS:
+            raise ValueError(
+                f"the Trainer's DataLoader draws with a {type(replaced).__name__} (a _get_train_sampler override?), "
+                "which dataflex's sampler would replace, dropping its order without a word; remove the override and "
+                f"let dataflex decide the order (samplers it replaces: {', '.join(STOCK_SAMPLERS)})"
+            )
         dataset = train_dataloader.dataset
         labels = resolve_labels(
             loader_dataset=dataset,

@@ -241,6 +241,7 @@ class SelectionDecider:
         self.selector, self.update_every, self.score_batch_size = selector, update_every, int(score_batch_size)
         self.observes_batches = False
         self.needs_dynamics = bool(getattr(selector, "needs_dynamics", False))
+        self.positional_input: str | None = getattr(selector, "positional_input", None)
 
     def build_sampler(self, run: RunContext) -> SubsetSampler:
         if count_decisions(run.max_steps, self.update_every, run.warmup_steps) == 0 and not isinstance(
@@ -323,6 +324,7 @@ class CurriculumDecider:
         self.curriculum, self.horizon_steps = curriculum, horizon_steps
         self.update_every = int(rescore_every) or None
         self.observes_batches = False
+        self.positional_input: str | None = getattr(curriculum, "positional_input", None)
         self.sampler: CurriculumSampler | None = None
 
     def build_sampler(self, run: RunContext) -> CurriculumSampler:
