@@ -58,10 +58,21 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+TIMERS: list[threading.Timer] = []
+
+
 def arm_timer(seconds: float) -> None:
     timer = threading.Timer(seconds, die)
     timer.daemon = True
     timer.start()
+    TIMERS.append(timer)
+
+
+def die_if_timer_pending() -> None:
+    """A kill timed past the end of training (this run went faster than the reference the time was drawn from)
+    lands at its end, before the result is written: an armed run always dies, whatever the machine's load."""
+    if any(timer.is_alive() for timer in TIMERS):
+        die()
 
 
 def arm_loop(phase: str, step: int) -> None:
@@ -109,6 +120,7 @@ def run_loop(out: Path, steps: int = 12, save_steps: int = 2, kill_after: float 
         ckpt_dir=out,
         ckpt_every=save_steps,
     )
+    die_if_timer_pending()
     (out / "result.json").write_text(
         json.dumps(
             {
@@ -224,6 +236,7 @@ def run_trainer(dfx, trainer, out: Path) -> None:
     """Train from the newest complete checkpoint of ``out`` (or afresh) and write ``out/result.json``."""
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
+    die_if_timer_pending()
     (out / f"result{rank_suffix()}.json").write_text(
         json.dumps(
             {

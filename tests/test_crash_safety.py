@@ -257,18 +257,10 @@ def test_kill_at_a_random_instant_resumes_exactly(reference, tmp_path, trial):
 
 
 def kill_after(out: Path, seconds: float, *args: str) -> None:
-    """Run with a SIGKILL timer ``seconds`` into training. A machine faster than when the reference was timed
-    can finish first (seen on a loaded CI machine): then start over with half the delay, so the instant stays
-    random and the kill does happen."""
-    for _ in range(6):
-        code = finish(start(out, "--kill-after", f"{seconds:.4f}", *args))
-        if code == -signal.SIGKILL:
-            return
-        assert code == 0, f"exit code {code}"
-        shutil.rmtree(out)
-        out.mkdir()
-        seconds /= 2
-    raise AssertionError(f"the run finished before every kill timer (last {seconds * 2:.3f} s)")
+    """Run with a SIGKILL timer ``seconds`` into training. A run faster than the reference the delay was drawn
+    from (a machine less loaded than when it was timed) dies at its end instead (``kill_worker``)."""
+    code = finish(start(out, "--kill-after", f"{seconds:.4f}", *args))
+    assert code == -signal.SIGKILL, f"exit code {code}"
 
 
 def assert_lost_at_most_one_interval(out: Path, suffix: str) -> None:
