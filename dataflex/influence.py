@@ -68,9 +68,29 @@ class GradientFeaturizer:
         check_causal_lm(model)
         self.model, self.mode, self.optimizer = model, mode, optimizer
         self.capture = PerExampleGradients(layers)
+        if optimizer is not None:
+            self._check_adam_moments(optimizer)
         self.projector = projector or RademacherProjector(dim, seed=seed)
         self.micro_batch, self.grad_buffer_bytes = int(micro_batch), int(grad_buffer_bytes)
         self._params_per_example = sum(layer.weight.numel() for layer in self.capture.layers.values())
+
+    def _check_adam_moments(self, optimizer: torch.optim.Optimizer) -> None:
+        """LESS's preconditioner is the optimizer's Adam moments of each scored weight. An optimizer without
+        betas (SGD) or one that does not hold the model's own weights (DeepSpeed ZeRO and FSDP optimise flattened
+        copies) has none: read as empty, they would turn every feature into the sign of its gradient silently."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in self.capture.layers.items() if id(layer.weight) not in held]
+        if missing:
+            raise ValueError(
+                f"mode='less' preconditions with the optimizer's Adam moments, but {type(optimizer).__name__} does "
+                f"not hold the weight of {missing[0]} ({len(missing)} of {len(self.capture.layers)} scored layers; "
+                "DeepSpeed ZeRO and FSDP optimise flattened copies): use mode='tracin' there"
+            )
+        if any("betas" not in group for group in optimizer.param_groups):
+            raise ValueError(
+                f"mode='less' needs an Adam-family optimizer (its moments precondition the gradient); "
+                f"{type(optimizer).__name__} has no betas: use mode='tracin'"
+            )
 
     def _precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.optimizer is not None
@@ -78,8 +98,13 @@ class GradientFeaturizer:
         for name, g in grads.items():
             param = self.capture.layers[name].weight
             state = self.optimizer.state.get(param, {})
+            if state and not {"exp_avg", "exp_avg_sq"} <= set(state):  # before the first step there is none yet
+                raise ValueError(
+                    f"mode='less' reads Adam's exp_avg and exp_avg_sq; {type(self.optimizer).__name__} keeps "
+                    f"{sorted(state)} for {name}: use mode='tracin' with this optimizer"
+                )
             group = next(gr for gr in self.optimizer.param_groups if any(p is param for p in gr["params"]))
-            b1, b2 = group.get("betas", (0.9, 0.999))
+            b1, b2 = group["betas"]
             eps = group.get("eps", 1e-8)
             step = float(state.get("step", 0)) + 1
             m = state.get("exp_avg", torch.zeros_like(param)).unsqueeze(0)

@@ -2,7 +2,10 @@
 TrainingArguments(deepspeed=...), uninterrupted, crashed after the step-4 checkpoint and resumed from it, and
 the finished run resumed from its final checkpoint (killed after the last save: nothing may be trained again).
 Writes <out>/rank<r>.json with the weight histories, the example ids of each step, the logged losses and the
-embedding cache (gathered from both ranks)."""
+embedding cache (gathered from both ranks).
+
+    torchrun ... ds_worker.py OUT STAGE influence   LoRA influence selection under ZeRO-STAGE: LESS (refused, the
+        optimizer holds flattened copies, not the LoRA weights) and TracIn (trains); writes what each did."""
 
 import json
 import sys
@@ -76,6 +79,32 @@ def main(out: str, stage: int) -> None:
     )
 
 
+def influence(out: str, stage: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dataflex import DataFlexSelectCallback
+    from dataflex.selectors import Influence
+    from dataflex.testbeds.tiny import tiny_gpt2
+
+    ds = small_dataset(per_domain=8)
+    target = [{"input_ids": ds[i]["input_ids"]} for i in range(4)]
+    outcome = {}
+    for mode in ("less", "tracin"):
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
+        model = get_peft_model(tiny_gpt2(n_layer=1, n_embd=32, n_head=2, seed=0), lora)
+        dfx = DataFlexSelectCallback(Influence(0.5, target, mode=mode), update_every=2)
+        trainer = make_trainer(ds, dfx, Path(out) / mode, max_steps=4, model=model, deepspeed=ds_config(stage))
+        try:
+            trainer.train()
+            outcome[mode] = {"selections": len(dfx.history) - 1}
+        except ValueError as error:
+            outcome[mode] = {"refused": str(error)}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    (influence if sys.argv[3:] == ["influence"] else main)(sys.argv[1], int(sys.argv[2]))
     finish_distributed()

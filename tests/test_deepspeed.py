@@ -50,3 +50,14 @@ def test_example_weighted_loss_under_zero_two_gives_the_one_process_step(tmp_pat
     for rank in (0, 1):
         result = json.loads((tmp_path / "zero2" / f"rank{rank}.json").read_text())
         assert result["trainer_scale"] == 2 and result["change"] == pytest.approx(single["change"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_less_is_refused_and_tracin_selects_under_zero_two(tmp_path):
+    """ZeRO's optimizer holds flattened fp32 copies, not the LoRA weights, so LESS has no Adam moments to read:
+    it failed with a bare StopIteration; it is refused, naming the optimizer, and TracIn selects."""
+    run_two_processes("ds_worker.py", tmp_path, "2", "influence")
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "DeepSpeedOptimizerWrapper does not hold the weight of" in outcome["less"]["refused"]
+        assert outcome["tracin"] == {"selections": 2}

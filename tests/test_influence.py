@@ -141,6 +141,28 @@ def test_less_uses_the_optimizer_state_and_matches_a_manual_computation():
         GradientFeaturizer(model, layers, micro_batch=0)
 
 
+def test_less_refuses_an_optimizer_without_the_adam_moments_of_the_scored_weights():
+    """Read as missing (zeros), another optimizer's state made every LESS feature the sign of its gradient, silently:
+    SGD (no betas), an optimizer that does not hold the scored weights (DeepSpeed ZeRO and FSDP optimise flattened
+    copies) and an Adam variant keeping other state are refused, naming the optimizer."""
+    model = lora_model()
+    layers = lora_linears(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="needs an Adam-family optimizer.*SGD has no betas"):
+        GradientFeaturizer(model, layers, mode="less", optimizer=torch.optim.SGD(trainable, lr=0.1))
+    elsewhere = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    with pytest.raises(
+        ValueError, match=f"AdamW does not hold the weight of .* \\({len(layers)} of {len(layers)} scored"
+    ):
+        GradientFeaturizer(model, layers, mode="less", optimizer=elsewhere)
+    adam = torch.optim.Adam(trainable, lr=1e-3)
+    for p in trainable:
+        adam.state[p] = {"step": torch.tensor(1.0), "state1": torch.zeros_like(p)}  # an 8-bit Adam's layout
+    featurizer = GradientFeaturizer(model, layers, mode="less", optimizer=adam)
+    with pytest.raises(ValueError, match=r"reads Adam's exp_avg and exp_avg_sq; Adam keeps \['state1', 'step'\]"):
+        featurizer.features(batch_of(TEXTS))
+
+
 def test_influence_ranks_examples_like_the_target_first():
     model = lora_model()
     layers = lora_linears(model)
