@@ -65,9 +65,9 @@ __all__ = ["TrainerAdapter"]
 logger = logging.getLogger(__name__)
 
 #: The TRL trainers dataflex supports (by class name, so TRL need not be installed): their training forward is one
-#: language-model loss per dataset row (KTOTrainer's scores each row's completion; tests/test_trl.py). Any other
-#: TRL trainer is refused, a subclass of these that TRL ships too (GKDTrainer and GOLDTrainer distil on
-#: completions they generate, subclassing SFTTrainer); a user's own subclass of these is accepted.
+#: language-model loss per dataset row (KTOTrainer's scores each row's completion; tests/test_trl.py). Every other
+#: TRL trainer is refused, TRL's own subclasses of these included (GKDTrainer and GOLDTrainer subclass SFTTrainer
+#: and distil on completions they generate); a user's own subclass of these is accepted.
 SUPPORTED_TRL_TRAINERS = ("SFTTrainer", "KTOTrainer")
 #: Why the TRL trainers users ask about most do not fit; others get a general reason.
 UNSUPPORTED_TRAINERS = {
