@@ -120,6 +120,11 @@ class EmbeddingCache:
         self.values[ids] = emb
         self.step[ids] = int(step)
 
+    def reset(self) -> None:
+        """Back to empty: no embedding taken."""
+        self.values = None
+        self.step = np.full(self.num_examples, -1, dtype=np.int64)
+
     @property
     def filled(self) -> np.ndarray:
         return self.step >= 0

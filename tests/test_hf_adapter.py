@@ -642,6 +642,20 @@ def test_a_retry_with_a_smaller_batch_starts_a_new_decision_history(ds, tmp_path
     assert resumed.history == retried.history
 
 
+def test_a_new_training_run_starts_with_an_empty_embedding_cache(ds, tmp_path):
+    """A second train() (or a retry at a smaller batch) is a new run: the cache kept the earlier run's embeddings,
+    of a model the new run no longer has and stamped with that run's steps, for every example it did not retrain."""
+    from dataflex.embeddings import EmbeddingCache
+
+    cache = EmbeddingCache(len(ds))
+    trainer = make_trainer(ds, DataFlexCallback(Uniform(), embeddings=cache), tmp_path, max_steps=6, save_steps=100)
+    trainer.train()
+    assert cache.filled.sum() == 24
+    trainer.args.max_steps = 1
+    trainer.train()
+    assert cache.filled.sum() == 4 and set(cache.step[cache.filled].tolist()) == {0}
+
+
 def test_gradient_checkpointing_changes_no_record(ds, tmp_path):
     """With gradient_checkpointing=True the blocks run their forward again inside backward; the per-example
     losses, the training-dynamics record and the embeddings are taken once per training forward, so every record

@@ -358,6 +358,8 @@ class TrainerAdapter(TrainerCallback):
         # resume restores what it saved.
         self.history, self._step_records, self._embedding_updates, self._staged_step = [], [], [], -1
         self.capture.missing_labels = 0
+        if self.embeddings is not None and not self.run.resuming:
+            self.embeddings.reset()  # (a retry's failed attempt filled it from a model the run no longer has)
         if self.run.resuming:
             if getattr(args, "ignore_data_skip", False):
                 # The Trainer would restart the epoch instead of skipping its consumed batches, so the resumed
