@@ -241,6 +241,19 @@ def test_sft_filtered_dataset_labels_follow_or_are_refused(tmp_path):
     trainer = sft_trainer(ds, dfx, tmp_path, max_steps=3, extra=[rec], completion_only_loss=True)
     trainer.train()
     assert {trainer.train_dataset[i]["domain"] for v in rec.ids.values() for i in v} == {"code"}
+    # ids given by position cannot follow a column: after the dropped rows they named other examples, silently
+    from dataflex.selectors import FixedSubset
+
+    dfx = DataFlexSelectCallback(FixedSubset([5, 6, 7, 8]))
+    with pytest.raises(ValueError, match="FixedSubset's example ids .* SFTTrainer's holds 21 of the 24 rows"):
+        sft_trainer(ds, dfx, tmp_path, max_steps=2, completion_only_loss=True).train()
+    kept = ds.filter(lambda ex: any(ex["completion_mask"])).flatten_indices()  # the way out the message names
+    dfx = DataFlexSelectCallback(FixedSubset([5, 6, 7, 8]))
+    rec = StepRecorder(dfx)
+    trainer = sft_trainer(kept, dfx, tmp_path, max_steps=2, extra=[rec], completion_only_loss=True)
+    trainer.train()
+    trained = sorted({i for v in rec.ids.values() for i in v})
+    assert [trainer.train_dataset[i]["input_ids"] for i in trained] == [kept[i]["input_ids"] for i in (5, 6, 7, 8)]
 
 
 def test_sft_shuffle_dataset_refuses_what_is_given_by_position(ds, tmp_path):

@@ -280,13 +280,7 @@ class TrainerAdapter(TrainerCallback):
             )
         self._check_stack_settings(args)
         self._check_trainer_kind(trainer)
-        held = getattr(self.decider, "positional_input", None)
-        if held is not None and getattr(args, "shuffle_dataset", False):  # TRL's: shuffled after it was given
-            raise ValueError(
-                f"{held} are given by position in the training set, but shuffle_dataset=True makes "
-                f"{type(trainer).__name__} shuffle its dataset after they were made, so each would land on another "
-                "example; set shuffle_dataset=False (dataflex's sampler decides the order anyway)"
-            )
+        self._check_positional_inputs(args, trainer)
         check_causal_lm(model)  # every loss dataflex computes shifts the labels by one
         self._configure_wrapped_loss(args, trainer, model)
         smoother = getattr(trainer, "label_smoother", None)
@@ -480,6 +474,31 @@ class TrainerAdapter(TrainerCallback):
             + ", while dataflex samples dataset rows and scores one language-model loss per row. Supported: "
             f"transformers.Trainer (and subclasses), TRL's {' and '.join(SUPPORTED_TRL_TRAINERS)}"
         )  # fmt: skip
+
+    def _check_positional_inputs(self, args: Any, trainer: Trainer | None) -> None:
+        """Inputs given by position (subset ids, per-example arrays) index the dataset the user built: a TRL
+        trainer that shuffles it or drops rows of it afterwards would move each to another example, silently."""
+        held = getattr(self.decider, "positional_input", None)
+        if held is None or trainer is None:
+            return
+        name = type(trainer).__name__
+        if getattr(args, "shuffle_dataset", False):
+            raise ValueError(
+                f"{held} are given by position in the training set, but shuffle_dataset=True makes {name} shuffle "
+                "its dataset after they were made, so each would land on another example; set "
+                "shuffle_dataset=False (dataflex's sampler decides the order anyway)"
+            )
+        dataset = getattr(trainer, "train_dataset", None)
+        built_from = getattr(getattr(dataset, "data", None), "num_rows", None)  # the arrow table under a view
+        from_trl = any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__)
+        if from_trl and getattr(dataset, "_indices", None) is not None and built_from and len(dataset) < built_from:
+            raise ValueError(
+                f"{held} are given by position in the training set, but {name}'s holds {len(dataset)} of the "
+                f"{built_from} rows it was built from (TRL drops rows left without a counted token, e.g. a "
+                "completion cut off by max_length), so after the first dropped row each would land on another "
+                "example; drop those rows yourself before building the trainer (then dataset.flatten_indices()) so "
+                "the positions stay those of your dataset"
+            )
 
     def _length_grouping(self, args: Any, trainer: Trainer | None, dataset: Any, per_step: int) -> LengthGrouping:
         """Stock ``group_by_length`` applied to dataflex's order: blocks of the stock size sorted by length."""
