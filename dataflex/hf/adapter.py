@@ -70,20 +70,17 @@ logger = logging.getLogger(__name__)
 #: and distil on completions they generate); a user's own subclass of these is accepted.
 SUPPORTED_TRL_TRAINERS = ("SFTTrainer", "KTOTrainer")
 #: Why the TRL trainers users ask about most do not fit; others get a general reason.
+_PAIRS = "puts the chosen and the rejected completion of every example into one batch (two rows per example)"
+_GENERATED = "not on the dataset's rows"
 UNSUPPORTED_TRAINERS = {
-    "DPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
-    "example) and trains a preference loss",
-    "ORPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
-    "example) and trains a preference loss",
-    "CPOTrainer": "puts the chosen and the rejected completion of every example into one batch (two rows per "
-    "example) and trains a preference loss",
+    **dict.fromkeys(("DPOTrainer", "ORPOTrainer", "CPOTrainer"), f"{_PAIRS} and trains a preference loss"),
     "RewardTrainer": "trains a sequence-classification reward model on chosen/rejected pairs, without a "
     "language-model loss per example",
-    "GRPOTrainer": "trains on completions it generates (several per prompt), not on the dataset's rows",
-    "RLOOTrainer": "trains on completions it generates (several per prompt), not on the dataset's rows",
-    "OnlineDPOTrainer": "trains on completions it generates, not on the dataset's rows",
-    "GKDTrainer": "distils a teacher on completions it generates, not on the dataset's rows",
-    "GOLDTrainer": "distils a teacher on completions it generates, not on the dataset's rows",
+    **dict.fromkeys(
+        ("GRPOTrainer", "RLOOTrainer"), f"trains on completions it generates (several per prompt), {_GENERATED}"
+    ),
+    "OnlineDPOTrainer": f"trains on completions it generates, {_GENERATED}",
+    **dict.fromkeys(("GKDTrainer", "GOLDTrainer"), f"distils a teacher on completions it generates, {_GENERATED}"),
     "DistillationTrainer": "trains on a teacher's distributions (and completions it may generate), not on a "
     "language-model loss of the dataset's rows",
 }
