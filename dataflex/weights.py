@@ -101,4 +101,4 @@ def entropy(weights: np.ndarray) -> float:
     """Shannon entropy in nats; ``log(K)`` for uniform, 0 for one-hot. Used to spot collapse."""
     w = np.asarray(weights, dtype=np.float64)
     w = w[w > 0]
-    return float(-(w * np.log(w)).sum())
+    return float(-(w * np.log(w)).sum()) + 0.0  # + 0.0: a one-hot mixture logs 0, not -0

@@ -12,6 +12,7 @@ there holds the per-domain validation loss and the weight history.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,11 @@ def train_with_callback(
     train_ds = byte_dataset(load_jsonl_dir(data_root / "train", max_per_file=train_per_domain), max_len)
     val_ds = byte_dataset(load_jsonl_dir(data_root / "validation", max_per_file=val_per_domain), max_len)
     check_evaluation_split(train_ds, val_ds)
+    if "wandb" in report_to:
+        # Without a key wandb stops the run asking for one (or uploads when it has one): the recipe logs offline,
+        # into its run folder, unless WANDB_MODE / WANDB_DIR say otherwise (`wandb sync` uploads it later).
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=batch_size,

@@ -71,3 +71,17 @@ def test_a_seed_override_that_is_not_a_number_is_named_from_the_command_line(tmp
         timeout=300,
     )
     assert run.returncode != 0 and "seed must be an integer; got 'abc'" in run.stderr
+
+
+def test_wandb_logs_offline_into_the_run_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    """report_to=[wandb] without a key stopped the recipe asking for one (wandb's UsageError); it logs offline."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb reads its settings once per process: an earlier test's run would keep its folder
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.setenv(name, "")  # (recorded, so the variables the recipe sets are undone after the test)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_with_callback(**settings(tmp_path, steps=2, save_steps=2, logging_steps=1, report_to=["wandb"]))
+    wandb.teardown()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
