@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 from dataflex.array_codec import decode, encode
-from dataflex.state import read_json, write_json_atomic
+from dataflex.state import HashingWriter, read_json, write_json_atomic
 
 __all__ = [
     "fsync_dir",
@@ -124,38 +123,18 @@ def save_state(
         tmp = final.with_name(final.name + ".tmp")
         stored = {k: encode(v) for k, v in arrays.items()}
         with open(tmp, "wb") as f:
-            writer = _HashingWriter(f)  # the digest is of exactly the bytes written, without a second pass
+            writer = HashingWriter(f)  # the digest is of exactly the bytes written, without a second pass
             torch.save({"commit": commit, "tensors": tensors, "arrays": stored}, writer)
             f.flush()
             os.fsync(f.fileno())
         tensors_digest = writer.sha256.hexdigest()
         os.replace(tmp, final)
     # The digest is taken of the state as it will read back (JSON turns tuples into lists, keys into text).
-    content = json.loads(json.dumps({**state, "commit": commit if binary else None, TENSORS_DIGEST: tensors_digest}))
-    write_json_atomic(json_path(folder, name), {**content, DIGEST: _digest(content)})
+    content = {**state, "commit": commit if binary else None, TENSORS_DIGEST: tensors_digest}
+    write_json_atomic(json_path(folder, name), content, digest=True)
 
 
-DIGEST, TENSORS_DIGEST = "sha256", "tensors_sha256"
-
-
-class _HashingWriter:
-    """A file wrapper that feeds every byte ``torch.save`` writes to a sha256."""
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.sha256 = file, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _digest(content: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON text of ``content`` (sorted keys, no spaces)."""
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+TENSORS_DIGEST = "tensors_sha256"
 
 
 def _read_checked(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], str | None, bytes | None, bool]:
@@ -164,15 +143,12 @@ def _read_checked(folder: str | os.PathLike[str], name: str) -> tuple[dict[str, 
     path = json_path(folder, name)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    state = read_json(path)
+    try:
+        state = read_json(path)  # checked against the digest written with it
+    except ValueError as err:
+        raise ValueError(f"{err}; resume from an earlier checkpoint") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dataflex state object")
-    expected = state.pop(DIGEST, None)
-    if expected is not None and expected != _digest(state):
-        raise ValueError(
-            f"{path} is damaged: its content does not match the sha256 written with it (a changed byte or an "
-            "edit); resume from an earlier checkpoint"
-        )
     tensors_digest = state.pop(TENSORS_DIGEST, None)
     commit = state.pop("commit", None)
     if commit is None:

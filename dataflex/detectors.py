@@ -208,7 +208,7 @@ def out_of_fold_scores(
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             values = [None if not np.isfinite(v) else float(v) for v in fold_scores]
-            write_json_atomic(path, {"n": n, "k": k, "seed": seed, "fold": f, "scores": values})
+            write_json_atomic(path, {"n": n, "k": k, "seed": seed, "fold": f, "scores": values}, digest=True)
     return scores
 
 

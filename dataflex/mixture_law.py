@@ -240,7 +240,7 @@ class MixtureLaw:
         state = {"kind": self.kind, "seed": self.seed, "runs": self.runs.state_dict()}
         if self.params is not None:
             state["params"] = self.params.tolist()
-        write_json_atomic(Path(path), state)
+        write_json_atomic(Path(path), state, digest=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MixtureLaw:

@@ -171,7 +171,7 @@ def write_subset(
         **(extra or {}),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(path), payload)
+    write_json_atomic(Path(path), payload, digest=True)
 
 
 def read_subset(

@@ -67,7 +67,7 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], hint: str 
         if saved == settings:
             return
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings)
+    write_json_atomic(path, settings, digest=True)
 
 
 def holds_a_run(folder: Path) -> bool:

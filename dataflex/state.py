@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
@@ -32,12 +33,16 @@ __all__ = [
     "TensorStateful",
     "floats_from_json",
     "floats_to_json",
+    "JSON_DIGEST",
+    "json_digest",
+    "read_checked",
     "read_json",
     "token_digest",
     "unwrap_state",
     "write_atomic",
     "write_text_atomic",
     "wrap_state",
+    "write_checked",
     "write_json_atomic",
 ]
 
@@ -143,17 +148,37 @@ def unwrap_state(state: dict[str, Any], fingerprint: DatasetFingerprint) -> dict
     return {k: v for k, v in state.items() if k not in ("format", "version", "fingerprint")}
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+class HashingWriter:
+    """A binary file wrapper that feeds every byte written through it to a sha256 (no second pass)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_atomic(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], Any], *, digest_file: str | os.PathLike[str] | None = None
+) -> None:
     """Write a file so that a crash mid-write leaves either the old file or the new one, never half: ``write(f)``
-    fills a temporary file beside ``path`` (opened binary), which is flushed to disk and renamed over it."""
+    fills a temporary file beside ``path`` (opened binary), which is flushed to disk and renamed over it. With
+    ``digest_file``, the sha256 of the bytes written goes there (atomically) before the rename."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".dataflex-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            sink = HashingWriter(f) if digest_file is not None else None
+            write(f if sink is None else sink)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
+        if sink is not None:
+            write_text_atomic(digest_file, sink.sha256.hexdigest() + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -166,18 +191,71 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Strict JSON (no NaN) through :func:`write_atomic`."""
+def _digest_file(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path) + ".sha256"
+
+
+def write_checked(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+    """:func:`write_atomic` for a binary cache that is read back instead of recomputed (a model's weights, an
+    array of scores), with the sha256 of its bytes in ``<path>.sha256``: ``torch.load`` and ``np.load`` of a
+    ``.npy`` read a changed byte as a changed number, so the cache would pass it on as a result. The digest is
+    written first: a kill in between leaves no cache (recomputed) beside a digest the rerun overwrites."""
+    write_atomic(path, write, digest_file=_digest_file(path))
+
+
+def read_checked(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a file written by :func:`write_checked`, refused (``ValueError`` naming it) when they do not
+    match its digest; a file without a digest beside it (an older cache) is returned as it is."""
+    data = Path(path).read_bytes()
+    digest = Path(_digest_file(path))
+    if digest.is_file() and hashlib.sha256(data).hexdigest() != digest.read_text().strip():
+        raise ValueError(
+            f"{os.fspath(path)} is damaged: its bytes do not match the sha256 in {digest.name} (a changed byte); "
+            "delete both files to compute it anew"
+        )
+    return data
+
+
+JSON_DIGEST = "sha256"  # the field a digested JSON object carries its own digest in
+
+
+def json_digest(content: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON text of ``content`` (sorted keys, no spaces)."""
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, digest: bool = False) -> None:
+    """Strict JSON (no NaN) through :func:`write_atomic`. With ``digest`` (an object only), the sha256 of its
+    content is written into it (field :data:`JSON_DIGEST`), so that :func:`read_json` refuses the file once a
+    byte of it changed: a cache that is read back instead of recomputed (a swarm run, a fold's scores, a subset)
+    would otherwise pass a flipped digit on as a result while still parsing."""
+    if digest:
+        if not isinstance(obj, Mapping) or JSON_DIGEST in obj:
+            raise TypeError(f"only an object without a {JSON_DIGEST!r} field can carry a digest; got {type(obj)}")
+        # The digest is of the object as it reads back (JSON turns tuples into lists, keys into text).
+        content = json.loads(json.dumps(obj, allow_nan=False))
+        obj = {**content, JSON_DIGEST: json_digest(content)}
     write_text_atomic(path, json.dumps(obj, allow_nan=False))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Parse a JSON file; a corrupted file raises ``ValueError`` naming the file."""
+    """Parse a JSON file; a corrupted file raises ``ValueError`` naming the file. An object written with a
+    digest (:func:`write_json_atomic`) is checked against it and returned without it; files without one (written
+    before digests existed, or by hand) are read as they are."""
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a flipped bit can make invalid UTF-8 too
             raise ValueError(f"{os.fspath(path)} is not valid JSON ({err}); the file is damaged") from err
+    if isinstance(data, dict) and JSON_DIGEST in data:
+        expected = data.pop(JSON_DIGEST)
+        if expected != json_digest(data):
+            raise ValueError(
+                f"{os.fspath(path)} is damaged: its content does not match the sha256 written with it (a changed "
+                "byte or an edit)"
+            )
+    return data
 
 
 def saved_count(state: dict[str, Any], key: str, owner: str) -> int:

@@ -88,7 +88,7 @@ class Swarm:
                 )
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, self.settings)
+            write_json_atomic(path, self.settings, digest=True)
 
     def mixture(self, index: int) -> np.ndarray:
         return swarm_mixture(self.prior, self.concentration, self.seed, index)
@@ -117,7 +117,7 @@ class Swarm:
             result = dict(train(weights, i))
             self._check_result(i, result)
             record = {"index": i, "weights": weights.tolist(), **result}
-            write_json_atomic(self.result_path(i), record)
+            write_json_atomic(self.result_path(i), record, digest=True)
         return todo
 
     def _check_result(self, index: int, result: Mapping[str, Any]) -> None:

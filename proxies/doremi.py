@@ -22,7 +22,7 @@ main run's own micro-batches and their live weights drive the main sampler;
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +42,7 @@ from dataflex.policies.doremi import GroupDROWeights, checked_dro_settings
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
 from dataflex.run_folder import claim_run_folder, weights_summary
-from dataflex.state import DatasetFingerprint, token_digest, write_json_atomic
+from dataflex.state import DatasetFingerprint, read_checked, read_json, token_digest, write_checked, write_json_atomic
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor, validate_weights
 
@@ -129,8 +129,7 @@ class GroupDROObjective:
 
 def load_doremi_weights(path: str | os.PathLike[str], domain_names: Sequence[str] | None = None) -> dict[str, float]:
     """Read exported weights; with ``domain_names`` check they cover exactly those domains."""
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path)
     weights = dict(zip(data["domain_names"], data["weights"]))
     if domain_names is not None and sorted(weights) != sorted(domain_names):
         raise ValueError(f"{path} has weights for {sorted(weights)}, this run has domains {sorted(domain_names)}")
@@ -195,7 +194,7 @@ def train_reference(
     settings = _stage_settings("reference", model, train_ds, domain_ids, domain_names, loop_kwargs, mixture=mixture)
     claim_run_folder(out, settings, hint=STAGE_HINT)
     if (out / "model.pt").is_file():
-        model.load_state_dict(torch.load(out / "model.pt", map_location="cpu"))
+        model.load_state_dict(torch.load(io.BytesIO(read_checked(out / "model.pt")), map_location="cpu"))
         return model
     if mixture not in ("uniform", "natural"):
         raise ValueError(f"mixture={mixture!r}; valid values are 'uniform', 'natural'")
@@ -204,9 +203,8 @@ def train_reference(
         model, train_ds, domain_ids, domain_names, policy, ckpt_dir=out / "ckpt", desc="reference", **loop_kwargs
     )
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "meta.json", {"train_seconds": result.seconds, "mixture": mixture})
-    torch.save(model.state_dict(), out / "model.tmp")
-    os.replace(out / "model.tmp", out / "model.pt")
+    write_json_atomic(out / "meta.json", {"train_seconds": result.seconds, "mixture": mixture}, digest=True)
+    write_checked(out / "model.pt", lambda f: torch.save(model.state_dict(), f))
     return model
 
 
@@ -241,7 +239,7 @@ def train_proxy(
     )
     claim_run_folder(out, settings, hint=STAGE_HINT)
     if (out / WEIGHTS_FILE).is_file():
-        return json.loads((out / WEIGHTS_FILE).read_text())
+        return read_json(out / WEIGHTS_FILE)
     objective = GroupDROObjective(ref_losses, len(domain_names), eta=eta, smoothing=smoothing)
     policy = Uniform() if mixture == "uniform" else Natural()
     result: LoopResult = train_mixture(
@@ -267,7 +265,7 @@ def train_proxy(
         "proxy_seconds": result.seconds,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / WEIGHTS_FILE, export)
+    write_json_atomic(out / WEIGHTS_FILE, export, digest=True)
     return export
 
 
@@ -290,11 +288,10 @@ def run_doremi_offline(
     )
     cache = work / "reference" / REFERENCE_LOSSES
     if cache.is_file():
-        ref_losses = np.load(cache)
+        ref_losses = np.load(io.BytesIO(read_checked(cache)))
     else:
         ref_losses = reference_token_losses(reference, train_ds, loop_kwargs["collate"])
-        np.save(cache.with_name("reference_losses.tmp.npy"), ref_losses)
-        os.replace(cache.with_name("reference_losses.tmp.npy"), cache)
+        write_checked(cache, lambda f: np.save(f, ref_losses))
     export = train_proxy(
         make_model,
         train_ds,

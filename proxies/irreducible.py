@@ -8,6 +8,7 @@ once with the plain loop and its per-example token-mean losses on the training p
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies.static import Uniform
 from dataflex.proxies.loop import train_mixture
+from dataflex.state import read_checked, write_checked
 
 __all__ = ["irreducible_losses", "pool_losses"]
 
@@ -60,7 +62,7 @@ def irreducible_losses(
     out = Path(out_dir)
     cache = out / "irreducible_losses.npy"
     if cache.is_file():
-        losses = np.load(cache)
+        losses = np.load(io.BytesIO(read_checked(cache)))
         if losses.shape[0] != len(pool_ds):
             raise ValueError(f"{cache} holds {losses.shape[0]} losses but the pool has {len(pool_ds)} examples")
         return losses
@@ -70,6 +72,5 @@ def irreducible_losses(
     train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout", **loop_kwargs)
     losses = pool_losses(model, pool_ds, loop_kwargs["collate"], progress=loop_kwargs.get("progress", True))
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "irreducible_losses.tmp.npy", losses)
-    os.replace(out / "irreducible_losses.tmp.npy", cache)
+    write_checked(cache, lambda f: np.save(f, losses))
     return losses

@@ -184,7 +184,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         errors = {kind: MixtureLaw(kind, cfg.seed).held_out_error(runs, folds=cfg.law.folds) for kind in cfg.law.kinds}
         best = min(errors, key=lambda k: errors[k]["mean_mae"])
         MixtureLaw(best, cfg.seed).fit(runs).save(law_path)
-        write_json_atomic(fit_path, {"chosen": best, "held_out": errors})
+        write_json_atomic(fit_path, {"chosen": best, "held_out": errors}, digest=True)
     law, fit = MixtureLaw.load(law_path), read_json(fit_path)
     errors = {k: round(v["mean_mae"], 4) for k, v in fit["held_out"].items()}
     skill = law_skill(fit, runs, cfg.propose.objective)
@@ -227,13 +227,14 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
                 if pessimism > 0
                 else None,
             },
+            digest=True,
         )
     proposed = read_json(proposal_path)
     print("proposal:", {k: round(v, 3) for k, v in proposed["weights"].items()})
     if staged:
         schedule_path = work / f"schedule-{proposal_key}.json"
         if not schedule_path.is_file():
-            write_json_atomic(schedule_path, propose_stages(cfg, swarm, law, proposed, prior, names))
+            write_json_atomic(schedule_path, propose_stages(cfg, swarm, law, proposed, prior, names), digest=True)
         proposed = {**proposed, "schedule": read_json(schedule_path)}
         print("schedule:", [(s, {k: round(v, 3) for k, v in w.items()}) for s, w in proposed["schedule"]["stages"]])
     if cfg.stage == "propose":
@@ -285,7 +286,7 @@ def replicate_noise(cfg: Any, swarm: Swarm, runs: Any, proxy: Any) -> dict[str, 
         if saved is None or saved.get("seed") != seed:
             result = proxy(runs.weights[i], i, seed=seed, work_name="work-replicate")
             saved = {"seed": seed, "losses": result["losses"], "seconds": result["seconds"]}
-            write_json_atomic(path, saved)
+            write_json_atomic(path, saved, digest=True)
         losses.append([saved["losses"][d] for d in runs.eval_domains])
         seconds += float(saved["seconds"])
     first, again = runs.losses[:count], np.asarray(losses)
@@ -460,7 +461,7 @@ def main_runs(
                 **common,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, result)
+            write_json_atomic(path, result, digest=True)
         results[arm] = read_json(path)
     summary = {
         "proposal": proposed,

@@ -78,6 +78,7 @@ def lora_warmup(
     from transformers import Trainer, TrainingArguments
 
     from dataflex.hf.checkpoint import last_complete_checkpoint
+    from dataflex.hf.trainer_files import RecordTrainerFiles
 
     base = make_base()
     labels = pool["task"] if "task" in pool.column_names else ["pool"] * len(pool)
@@ -116,7 +117,10 @@ def lora_warmup(
         logging_steps=max(1, steps // 10),
     )
     subset = pool.select(ids.tolist()).select_columns(["input_ids", "prompt_len"])
-    trainer = Trainer(model=model, args=args, train_dataset=subset, data_collator=collate_causal)
+    # Its checkpoints record their files' sums: LESS reads optimizer.pt, which has no checksum of its own.
+    trainer = Trainer(
+        model=model, args=args, train_dataset=subset, data_collator=collate_causal, callbacks=[RecordTrainerFiles()]
+    )
     trainer.train(resume_from_checkpoint=resume)  # the Trainer saves the last step too (save_strategy="steps")
     return final
 
@@ -145,9 +149,12 @@ def load_trainer_optimizer(model: torch.nn.Module, checkpoint: str | os.PathLike
     """Rebuild the Trainer's optimizer for ``model`` (same parameter groups) and load ``optimizer.pt``."""
     from transformers import Trainer, TrainingArguments
 
+    from dataflex.hf.checkpoint import verify_checkpoint_files
+
     path = Path(checkpoint) / "optimizer.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: LESS needs the warm-up run's Adam state (use method=tracin)")
+    verify_checkpoint_files(str(checkpoint))  # a changed byte would load as another Adam moment
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, report_to=[], use_cpu=not torch.cuda.is_available())
         optimizer = Trainer(model=model, args=args).create_optimizer()

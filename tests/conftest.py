@@ -110,3 +110,10 @@ def unsigned(state: dict) -> dict:
     state.pop("sha256", None)
     state.pop("tensors_sha256", None)
     return state
+
+
+def changed_digit(text: str, marker: str) -> str:
+    """``text`` with the first digit after ``marker`` changed: still valid JSON, one number different."""
+    at = text.index(marker) + len(marker)
+    at += next(i for i, c in enumerate(text[at:]) if c.isdigit())
+    return text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1 :]

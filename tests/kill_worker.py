@@ -79,10 +79,10 @@ def arm_loop(phase: str, step: int) -> None:
     """Patch the plain loop's checkpoint writer so the process dies in ``phase`` of the step-``step`` save."""
     original_write, original_save = df_checkpoint.write_json_atomic, df_checkpoint.save_step
 
-    def write(path, obj):
+    def write(path, obj, **kwargs):
         if phase == "loop_between_files" and obj.get("step") == step:
             die()
-        return original_write(path, obj)
+        return original_write(path, obj, **kwargs)
 
     def save(root, at, *args, **kwargs):
         folder = original_save(root, at, *args, **kwargs)
@@ -186,9 +186,9 @@ def arm(phase: str, step: int, trainer) -> None:
     elif phase == "dataflex_write":
         original_write = df_checkpoint.write_json_atomic
 
-        def half_write(path, obj):
+        def half_write(path, obj, **kwargs):
             if not at_step():
-                return original_write(path, obj)
+                return original_write(path, obj, **kwargs)
             text = json.dumps(obj)
             Path(str(path) + ".tmp").write_text(text[: len(text) // 2])
             die()
@@ -196,7 +196,7 @@ def arm(phase: str, step: int, trainer) -> None:
         df_checkpoint.write_json_atomic = half_write
     elif phase == "commit":
         original_commit = hf_checkpoint.commit
-        hf_checkpoint.commit = lambda folder: die() if at_step() else original_commit(folder)
+        hf_checkpoint.commit = lambda folder, **kw: die() if at_step() else original_commit(folder, **kw)
     else:
         raise ValueError(f"phase={phase!r}; valid: {PHASES}")
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import through_checkpoint
+from conftest import changed_digit, through_checkpoint
 from hf_helpers import small_dataset
 
 from dataflex.domains import encode_domains
@@ -114,6 +114,20 @@ def test_offline_pipeline_end_to_end_and_stage_reuse(data, tmp_path):
     from_file = DoReMiOffline(weights_path=str(tmp_path / "proxy" / "doremi_weights.json"))
     from_file.bind(names, np.bincount(ids))
     assert np.allclose(from_file.initial_weights(), export["weights"])
+    # A changed byte in a stage that is reused is refused, naming the file, rather than trained on: torch.load
+    # and np.load of a .npy read it as another weight or loss, and a flipped digit of the weights still parses.
+    for stage, name in (("reference", "model.pt"), ("reference", REFERENCE_LOSSES), ("proxy", "doremi_weights.json")):
+        path = tmp_path / stage / name
+        intact = path.read_bytes()
+        if name.endswith(".json"):
+            path.write_text(changed_digit(intact.decode(), '"weights": ['))
+        else:  # a byte of the stored numbers (most of either file)
+            path.write_bytes(
+                intact[: len(intact) // 2] + bytes([intact[len(intact) // 2] ^ 1]) + intact[len(intact) // 2 + 1 :]
+            )
+        with pytest.raises(ValueError, match=rf"{name} is damaged"):
+            DoReMiOffline().prepare(make_model, ds, ids, names, tmp_path, dict(steps=10, **LOOP))
+        path.write_bytes(intact)
     # The same work_dir with other settings would hand back these stages as theirs: refused, each named.
     with pytest.raises(ValueError, match=r"proxy holds a run made with other settings \(eta: 1.0 there, 4.0 now\)"):
         DoReMiOffline(eta=4.0).prepare(make_model, ds, ids, names, tmp_path, dict(steps=10, **LOOP))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -204,11 +203,12 @@ def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path)
     the same settings continue, other settings are refused naming each difference (nested keys dotted) once the
     folder holds anything of the run."""
     from dataflex.run_folder import RUN_SETTINGS, claim_run_folder
+    from dataflex.state import read_json
 
     folder = tmp_path / "run"
     settings = {"lr": 0.002, "steps": 20, "policy": {"_target_": "ODM", "alpha": 0.9}, "tags": [1, 2]}
     claim_run_folder(folder, settings)
-    assert json.loads((folder / RUN_SETTINGS).read_text()) == settings
+    assert read_json(folder / RUN_SETTINGS) == settings
     claim_run_folder(folder, dict(settings))  # the same command again: continues
     changed = {**settings, "lr": 0.01, "policy": {"_target_": "ODM", "alpha": 0.5}, "extra": True}
     # Nothing written yet but the record, Hydra's config copy and its log (a command refused for a bad setting,
@@ -216,9 +216,9 @@ def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path)
     (folder / ".hydra").mkdir()
     (folder / "trainer.log").write_text("ValueError: alpha must be a number; got 'abc'\n")
     claim_run_folder(folder, {**settings, "lr": 0.003})
-    assert json.loads((folder / RUN_SETTINGS).read_text()) == {**settings, "lr": 0.003}
+    assert read_json(folder / RUN_SETTINGS) == {**settings, "lr": 0.003}
     claim_run_folder(folder, {**settings, "lr": float("nan"), "steps": float("inf")})  # strict JSON has neither
-    assert json.loads((folder / RUN_SETTINGS).read_text()) == {**settings, "lr": "NaN", "steps": "Infinity"}
+    assert read_json(folder / RUN_SETTINGS) == {**settings, "lr": "NaN", "steps": "Infinity"}
     claim_run_folder(folder, settings)
     (folder / "checkpoint-4").mkdir()  # the run wrote something a rerun would continue from
     with pytest.raises(ValueError) as error:
@@ -226,7 +226,7 @@ def test_a_run_folder_takes_one_command_and_names_what_another_changes(tmp_path)
     message = str(error.value)
     assert "extra: None there, True now; lr: 0.002 there, 0.01 now; policy.alpha: 0.9 there, 0.5 now" in message
     assert str(folder) in message and "hydra.run.dir" in message
-    assert json.loads((folder / RUN_SETTINGS).read_text()) == settings  # the record is not overwritten
+    assert read_json(folder / RUN_SETTINGS) == settings  # the record is not overwritten
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,18 @@ def test_the_warm_up_resumes_from_its_newest_complete_checkpoint_and_is_reused_w
         torch.testing.assert_close(adapter(again)[name], value, rtol=0, atol=1e-6, msg=name)
     assert warmup(pool, tmp_path / "b") == again and len(resumed_from) == 1  # done: reused, not retrained
     assert warmup(pool, tmp_path / "b", fraction=0.25).parent != again.parent
+    # A changed byte of the optimizer.pt LESS reads (torch.load would take it as another Adam moment) is refused,
+    # and the warm-up redoes its last steps from the checkpoint before, to the same adapter.
+    data = bytearray((again / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0x08
+    (again / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"checkpoint-6 are not those it saved \(changed: \['optimizer.pt'\]"):
+        load_trainer_optimizer(base_model(), again)
+    with pytest.warns(UserWarning, match=r"skipping .*checkpoint-6: the Trainer's files"):
+        assert warmup(pool, tmp_path / "b") == again
+    assert Path(resumed_from[-1]["resume_from_checkpoint"]).name == "checkpoint-4"
+    for name, value in adapter(full).items():
+        torch.testing.assert_close(adapter(again)[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_warmed_up_adapter_is_refused_on_another_base(tmp_path):

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import unsigned
+from conftest import changed_digit, unsigned
 from hf_helpers import make_trainer, small_dataset
 from transformers import TrainerCallback
 
@@ -18,6 +18,7 @@ from dataflex.curriculum import Curriculum
 from dataflex.detectors import DropNoisy
 from dataflex.domains import encode_domains, label_texts
 from dataflex.policies import ODM, Uniform
+from dataflex.state import read_json
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +336,49 @@ def test_the_newest_usable_checkpoint_skips_one_whose_state_was_damaged_on_disk(
         )
 
 
+def test_a_trainer_file_changed_on_disk_is_refused_before_the_resume_trains(ds, tmp_path):
+    """The Trainer's own files carry no checksum: torch.load reads a flipped byte of optimizer.pt as another Adam
+    moment, and the resume continued another run without a word. dataflex records each file's size and CRC-32
+    when it saves its state; a changed or missing file is named, its checkpoint skipped by
+    last_complete_checkpoint and a resume from it refused before the first step."""
+    from dataflex.hf import last_complete_checkpoint
+
+    make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=4, save_steps=2).train()
+    record = read_json(tmp_path / "checkpoint-4" / "dataflex" / "trainer_files.json")["files"]
+    assert {"optimizer.pt", "model.safetensors", "trainer_state.json", "scheduler.pt"} <= set(record)
+    path = tmp_path / "checkpoint-4" / "optimizer.pt"
+    intact = torch.load(path, weights_only=True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x08
+    path.write_bytes(bytes(data))
+    damaged = torch.load(path, weights_only=True)  # loads: another optimizer state, silently
+    moments = [(a[k], b[k]) for a, b in zip(intact["state"].values(), damaged["state"].values()) for k in a]
+    assert any(not torch.equal(a, b) for a, b in moments)
+    with pytest.warns(
+        UserWarning, match=r"skipping .*checkpoint-4: the Trainer's files .* \(changed: \['optimizer.pt'\]"
+    ):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path, verify_trainer_files=False) == str(tmp_path / "checkpoint-4")
+    steps = StepCounter()
+    with pytest.raises(ValueError, match=r"checkpoint-4 are not those it saved \(changed: \['optimizer.pt'\]"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path, max_steps=6, extra=[steps]).train(
+            str(tmp_path / "checkpoint-4")
+        )
+    assert steps.count == 0
+    (tmp_path / "checkpoint-2" / "rng_state.pth").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-2 are not those it saved \(missing: \['rng_state.pth'\]"):
+        from dataflex.hf.checkpoint import verify_checkpoint_files
+
+        verify_checkpoint_files(str(tmp_path / "checkpoint-2"))
+
+
+class StepCounter(TrainerCallback):
+    count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += 1
+
+
 def test_a_class_label_column_names_domains_by_its_class_names(ds, tmp_path):
     """A datasets ClassLabel column stores ids; the domains are its class names, so weights keyed by name apply,
     and ds["domain"] (the ids) passed as domains= is the same labelling, not a disagreement."""
@@ -350,3 +394,75 @@ def test_a_class_label_column_names_domains_by_its_class_names(ds, tmp_path):
         make_trainer(coded, dfx, tmp_path / str(given is None), max_steps=2, save_steps=100).train()
         assert dfx.domain_names == ["code", "literature", "trivia"] and dfx.weights == pytest.approx(weights)
         assert dfx.run.domain_ids.tolist() == coded["domain"]
+
+
+def test_a_changed_byte_of_a_reused_cache_is_refused_naming_the_file(tmp_path):
+    """Caches read back instead of recomputed (a swarm's runs, a fold's scores, a subset, a fitted law, a model,
+    an array of losses) are checked against a digest written with them: a flipped digit still parses, and
+    torch.load / np.load of a .npy read a flipped byte as another number, so each passed a wrong value on."""
+    import io
+
+    from dataflex.detectors import out_of_fold_scores
+    from dataflex.mixture_law import MixtureLaw
+    from dataflex.offline import read_subset, write_subset
+    from dataflex.state import DatasetFingerprint, read_checked, read_json, write_checked
+    from dataflex.swarm import Swarm
+
+    def damage(path, marker):
+        path.write_text(changed_digit(path.read_text(), marker))
+
+    def train(weights, index):
+        return {"losses": {"a": 2.0 + float(weights[0]), "b": 3.0 - index / 10}, "tokens": {"a": 10.0, "b": 5.0}}
+
+    swarm = Swarm(tmp_path / "swarm", ["a", "b"], size=6, seed=1)
+    swarm.run(train, progress=False)
+    intact = swarm.result_path(2).read_text()
+    damage(swarm.result_path(2), '"b": ')  # 2.8 -> 3.8: parses, and would have been fitted
+    with pytest.raises(ValueError, match=r"run-00002\.json is damaged: its content does not match the sha256"):
+        swarm.collect()
+    swarm.result_path(2).write_text(intact)
+    law = MixtureLaw("loglinear", seed=0).fit(swarm.collect())
+    law.save(tmp_path / "law.json")
+    damage(tmp_path / "law.json", '"params": [[')
+    with pytest.raises(ValueError, match=r"law\.json is damaged"):
+        MixtureLaw.load(tmp_path / "law.json")
+
+    def fold_scores(train_ids, held_out, fold):
+        return held_out.astype(float) / 10
+
+    scores = out_of_fold_scores(12, 3, fold_scores, cache=tmp_path / "folds")
+    damage(tmp_path / "folds" / "fold-1-of-3.json", '"scores": [')
+    with pytest.raises(ValueError, match=r"fold-1-of-3\.json is damaged"):
+        out_of_fold_scores(12, 3, fold_scores, cache=tmp_path / "folds")
+    assert scores.shape == (12,)
+
+    pool = DatasetFingerprint.from_labels(np.zeros(40, dtype=np.int64), ["all"])
+    write_subset(tmp_path / "subset.json", np.array([3, 17, 25]), pool=pool, method="fixed", fraction=0.075)
+    damage(tmp_path / "subset.json", '"ids": [')  # [3, 17, 25] -> [4, 17, 25]: another example trained
+    with pytest.raises(ValueError, match=r"subset\.json is damaged"):
+        read_subset(tmp_path / "subset.json", pool)
+
+    # Binary caches: a digest beside them. Without it, torch.load reads a changed byte of the weights as a
+    # changed weight (the control below), and so does np.load of a .npy.
+    weights = {"w": torch.arange(64, dtype=torch.float32)}
+    write_checked(tmp_path / "model.pt", lambda f: torch.save(weights, f))
+    assert torch.equal(torch.load(io.BytesIO(read_checked(tmp_path / "model.pt")))["w"], weights["w"])
+    data = bytearray((tmp_path / "model.pt").read_bytes())
+    data[data.index(weights["w"].numpy().tobytes()) + 41] ^= 0x01  # a byte of weight 10
+    (tmp_path / "model.pt").write_bytes(bytes(data))
+    assert not torch.equal(torch.load(tmp_path / "model.pt")["w"], weights["w"])  # silently another weight
+    with pytest.raises(
+        ValueError, match=r"model\.pt is damaged: its bytes do not match the sha256 in model\.pt\.sha256"
+    ):
+        read_checked(tmp_path / "model.pt")
+    losses = np.linspace(0.5, 3.0, 50)
+    write_checked(tmp_path / "losses.npy", lambda f: np.save(f, losses))
+    assert np.array_equal(np.load(io.BytesIO(read_checked(tmp_path / "losses.npy"))), losses)
+    data = bytearray((tmp_path / "losses.npy").read_bytes())
+    data[-3] ^= 0x10
+    (tmp_path / "losses.npy").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"losses\.npy is damaged"):
+        read_checked(tmp_path / "losses.npy")
+    # A file written without a digest (an older cache) is still read.
+    (tmp_path / "old.json").write_text('{"x": 1}')
+    assert read_json(tmp_path / "old.json") == {"x": 1}

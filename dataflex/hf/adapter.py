@@ -118,6 +118,10 @@ class TrainerAdapter(TrainerCallback):
     ``DataFlexCurriculumCallback``) are this class with their decider; their docstrings list the arguments.
     """
 
+    #: Record the size and CRC-32 of the Trainer's checkpoint files at each save and check them before a resume
+    #: (:mod:`dataflex.hf.trainer_files`); set False on a callback whose checkpoints are too large to read back.
+    verify_trainer_files: bool = True
+
     def __init__(
         self,
         decider: Decider,
@@ -716,7 +720,7 @@ class TrainerAdapter(TrainerCallback):
             self._stage(args, state)
         if state.is_world_process_zero:
             folder = checkpoint.checkpoint_folder(args.output_dir, state.global_step)
-            if not checkpoint.commit(folder):
+            if not checkpoint.commit(folder, record_files=self.verify_trainer_files):
                 warnings.warn(f"checkpoint folder {folder} not found; dataflex state not saved", stacklevel=2)
         dist.barrier()  # no rank may run ahead (and possibly crash and resume) before the state is in place
 
@@ -746,6 +750,7 @@ class TrainerAdapter(TrainerCallback):
         if os.path.isdir(folder):
             checkpoint.repair_resumed_weights(model, folder)
         if checkpoint.has_state(folder):
+            self._check_trainer_files(folder)
             return
         message = (
             f"resuming at step {global_step} but {folder} has no dataflex state "
@@ -756,6 +761,21 @@ class TrainerAdapter(TrainerCallback):
         if not self.allow_missing_state:
             raise FileNotFoundError(message + " (pass allow_missing_state=True to start afresh)")
         warnings.warn(message + "; starting afresh", stacklevel=3)
+
+    def _check_trainer_files(self, folder: str) -> None:
+        """Stop before the first step when the Trainer's files of ``folder`` changed since they were saved (the
+        Trainer has loaded them by now). Rank 0 reads them; every rank raises (collective)."""
+        if not self.verify_trainer_files:
+            return
+        problem = None
+        if dist.rank() == 0:
+            try:
+                checkpoint.verify_checkpoint_files(folder)
+            except ValueError as error:
+                problem = str(error)
+        problem = dist.all_gather_objects(problem)[0]
+        if problem is not None:
+            raise ValueError(problem)
 
     def _restore(self, folder: str, global_step: int) -> None:
         payload, tensors = checkpoint.restore(folder, self.embeddings)

@@ -51,6 +51,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from dataflex import dist
 from dataflex.checkpoint import fsync_dir, load_state, save_state, verify_state
+from dataflex.hf import trainer_files
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +193,14 @@ def stage(checkpoint: str, state: dict[str, Any], tensors: dict[str, Any] | None
     return final
 
 
-def commit(checkpoint: str) -> bool:
-    """Move the staged state into ``checkpoint/dataflex`` (one rename); False if nothing was staged."""
+def commit(checkpoint: str, record_files: bool = True) -> bool:
+    """Move the staged state into ``checkpoint/dataflex`` (one rename); False if nothing was staged. With
+    ``record_files``, the sizes and CRC-32s of the Trainer's files, all written by now, go with it."""
     staged, target = pending_folder(checkpoint), os.path.join(checkpoint, STATE_DIRNAME)
     if not os.path.isdir(staged) or not os.path.isdir(checkpoint):
         return False
+    if record_files:
+        trainer_files.record_trainer_files(checkpoint, staged, STATE_DIRNAME)
     if os.path.isdir(target):  # a checkpoint rewritten at the same step: the new state wins
         shutil.rmtree(target)
     os.replace(staged, target)
@@ -259,6 +263,13 @@ def has_state(checkpoint: str) -> bool:
     return state_folder(checkpoint) is not None
 
 
+def verify_checkpoint_files(checkpoint: str) -> None:
+    """Refuse (``ValueError`` naming them) Trainer files of ``checkpoint`` that changed since dataflex recorded
+    them at its save (:mod:`dataflex.hf.trainer_files`); a checkpoint without that record passes."""
+    # (a Trainer without a dataflex callback keeps the record alone in the dataflex folder: RecordTrainerFiles)
+    trainer_files.verify_trainer_files(checkpoint, state_folder(checkpoint) or os.path.join(checkpoint, STATE_DIRNAME))
+
+
 def trainer_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
     """The Trainer finished writing ``checkpoint``: its ``trainer_state.json`` (written last) parses and
     names this step, model weights are there (full, sharded, adapter or DeepSpeed) and the RNG files are whole
@@ -300,11 +311,14 @@ def rng_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
     return True
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_dataflex: bool = True) -> str | None:
+def last_complete_checkpoint(
+    output_dir: str | os.PathLike[str], require_dataflex: bool = True, verify_trainer_files: bool = True
+) -> str | None:
     """The newest ``checkpoint-<step>`` of ``output_dir`` that a resume can use, or None.
 
     Skips checkpoints the Trainer did not finish writing (killed mid-save) and, with ``require_dataflex``,
-    those without dataflex state or whose state fails its digests (damaged on disk; a warning names it). Use it
+    those without dataflex state or whose state fails its digests (damaged on disk; a warning names it), and,
+    with ``verify_trainer_files``, those whose Trainer files changed since dataflex recorded them. Use it
     as ``trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))`` after a crash instead of
     ``resume_from_checkpoint=True``, which takes the newest folder whatever it holds.
     """
@@ -323,12 +337,14 @@ def last_complete_checkpoint(output_dir: str | os.PathLike[str], require_datafle
             continue
         if not trainer_files_complete(folder, None if state is None else _recorded_world_size(state)):
             continue
-        if state is not None:
-            try:
+        try:
+            if state is not None:
                 verify_state(state, STATE_NAME)  # both files' digests; the tensors are loaded by the resume
-            except (OSError, ValueError) as error:
-                warnings.warn(f"skipping {folder}: {error}", stacklevel=2)
-                continue
+            if verify_trainer_files:
+                verify_checkpoint_files(folder)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"skipping {folder}: {error}", stacklevel=2)
+            continue
         return folder
     return None
 
@@ -353,4 +369,5 @@ __all__ = [
     "stage",
     "state_folder",
     "trainer_files_complete",
+    "verify_checkpoint_files",
 ]

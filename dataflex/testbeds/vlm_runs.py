@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.state import write_atomic
+from dataflex.state import read_checked, write_checked
 from dataflex.weighting import ExampleWeightedLoss
 
 __all__ = ["NoiseCounter", "holdout_signals", "training_args"]
@@ -112,12 +113,12 @@ def holdout_signals(
     path = folder / "model.pt"
     model = tiny_llava(seed=1000)
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(io.BytesIO(read_checked(path)), weights_only=True))
     else:
         args = training_args(folder, seed=1000, steps=steps, batch_size=batch_size, lr=lr)
         Trainer(model=model, args=args, train_dataset=data["validation"], data_collator=collate_vlm).train()
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda f: torch.save(model.state_dict(), f))  # a kill mid-save leaves no half model
+        write_checked(path, lambda f: torch.save(model.state_dict(), f))  # a kill mid-save leaves no half model
     train = data["train"]
     irreducible = pool_losses(model, train, collate_vlm, batch_size=128, cache=folder / "irreducible.npz")
     features = score_pool(
