@@ -61,6 +61,17 @@ def train_with_callback(
     val_per_domain: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one run; returns the per-domain validation loss and the mixture history."""
+    if hasattr(policy, "prepare") and getattr(policy, "weights_path", None) is None:
+        # DoReMi trains a reference (and a proxy) before the main run: the plain-loop mixture recipe does that.
+        raise ValueError(
+            f"{type(policy).__name__} trains its reference model (and proxy) before the main run, which this Trainer "
+            "recipe does not do: run it with the mixture recipe (python -m dataflex.recipes.mixture policy=...)"
+            + (
+                ", or give policy.weights_path=<the doremi_weights.json that recipe exported>"
+                if hasattr(policy, "weights_path")
+                else ""
+            )
+        )
     for name, value in (
         ("steps", steps),
         ("batch_size", batch_size),

@@ -53,6 +53,17 @@ def test_bad_settings_name_the_key(tmp_path, key, value):
         train_with_callback(**settings(tmp_path, **{key: value}))
 
 
+def test_policies_that_train_proxies_first_name_the_recipe_that_does(tmp_path):
+    """DoReMi's reference and proxy stages run in the mixture recipe; here they were a RuntimeError telling a
+    command-line user to "call prepare()"."""
+    from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline
+
+    with pytest.raises(ValueError, match=r"DoReMiOffline trains its reference .* mixture recipe .*weights_path="):
+        train_with_callback(**settings(tmp_path, policy=DoReMiOffline()))
+    with pytest.raises(ValueError, match=r"PreparedDoReMiOnline trains its reference .* dataflex.recipes.mixture"):
+        train_with_callback(**settings(tmp_path, policy=PreparedDoReMiOnline()))
+
+
 def test_the_trainer_config_composes():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose(config_name="trainer", overrides=["policy=uniform", "steps=5"])
