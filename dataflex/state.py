@@ -13,6 +13,7 @@ replay the wrong examples, so it is refused with an error that shows both finger
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -35,7 +36,7 @@ __all__ = [
     "floats_to_json",
     "JSON_DIGEST",
     "json_digest",
-    "read_checked",
+    "open_checked",
     "read_json",
     "token_digest",
     "unwrap_state",
@@ -203,9 +204,10 @@ def write_checked(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]
     write_atomic(path, write, digest_file=_digest_file(path))
 
 
-def read_checked(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of a file written by :func:`write_checked`, refused (``ValueError`` naming it) when they do not
-    match its digest; a file without a digest beside it (an older cache) is returned as it is."""
+def open_checked(path: str | os.PathLike[str]) -> io.BytesIO:
+    """The bytes of a file written by :func:`write_checked`, as a stream for ``torch.load`` / ``np.load``;
+    refused (``ValueError`` naming it) when they do not match its digest. A file without a digest beside it (an
+    older cache) is returned as it is."""
     data = Path(path).read_bytes()
     digest = Path(_digest_file(path))
     if digest.is_file() and hashlib.sha256(data).hexdigest() != digest.read_text().strip():
@@ -213,7 +215,7 @@ def read_checked(path: str | os.PathLike[str]) -> bytes:
             f"{os.fspath(path)} is damaged: its bytes do not match the sha256 in {digest.name} (a changed byte); "
             "delete both files to compute it anew"
         )
-    return data
+    return io.BytesIO(data)
 
 
 JSON_DIGEST = "sha256"  # the field a digested JSON object carries its own digest in

@@ -22,7 +22,6 @@ main run's own micro-batches and their live weights drive the main sampler;
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from dataflex.policies.doremi import GroupDROWeights, checked_dro_settings
 from dataflex.policies.static import Natural, Uniform
 from dataflex.proxies.loop import LoopResult, train_mixture
 from dataflex.run_folder import claim_run_folder, weights_summary
-from dataflex.state import DatasetFingerprint, read_checked, read_json, token_digest, write_checked, write_json_atomic
+from dataflex.state import DatasetFingerprint, open_checked, read_json, token_digest, write_checked, write_json_atomic
 from dataflex.store import DomainStats
 from dataflex.weights import apply_floor, validate_weights
 
@@ -194,7 +193,7 @@ def train_reference(
     settings = _stage_settings("reference", model, train_ds, domain_ids, domain_names, loop_kwargs, mixture=mixture)
     claim_run_folder(out, settings, hint=STAGE_HINT)
     if (out / "model.pt").is_file():
-        model.load_state_dict(torch.load(io.BytesIO(read_checked(out / "model.pt")), map_location="cpu"))
+        model.load_state_dict(torch.load(open_checked(out / "model.pt"), map_location="cpu"))
         return model
     if mixture not in ("uniform", "natural"):
         raise ValueError(f"mixture={mixture!r}; valid values are 'uniform', 'natural'")
@@ -288,7 +287,7 @@ def run_doremi_offline(
     )
     cache = work / "reference" / REFERENCE_LOSSES
     if cache.is_file():
-        ref_losses = np.load(io.BytesIO(read_checked(cache)))
+        ref_losses = np.load(open_checked(cache))
     else:
         ref_losses = reference_token_losses(reference, train_ds, loop_kwargs["collate"])
         write_checked(cache, lambda f: np.save(f, ref_losses))

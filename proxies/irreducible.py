@@ -8,7 +8,6 @@ once with the plain loop and its per-example token-mean losses on the training p
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies.static import Uniform
 from dataflex.proxies.loop import train_mixture
-from dataflex.state import read_checked, write_checked
+from dataflex.state import open_checked, write_checked
 
 __all__ = ["irreducible_losses", "pool_losses"]
 
@@ -62,7 +61,7 @@ def irreducible_losses(
     out = Path(out_dir)
     cache = out / "irreducible_losses.npy"
     if cache.is_file():
-        losses = np.load(io.BytesIO(read_checked(cache)))
+        losses = np.load(open_checked(cache))
         if losses.shape[0] != len(pool_ds):
             raise ValueError(f"{cache} holds {losses.shape[0]} losses but the pool has {len(pool_ds)} examples")
         return losses

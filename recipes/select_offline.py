@@ -77,8 +77,7 @@ def lora_warmup(
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from dataflex.hf.checkpoint import last_complete_checkpoint
-    from dataflex.hf.trainer_files import RecordTrainerFiles
+    from dataflex.hf.checkpoint import RecordTrainerFiles, last_complete_checkpoint
 
     base = make_base()
     labels = pool["task"] if "task" in pool.column_names else ["pool"] * len(pool)

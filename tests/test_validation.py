@@ -400,12 +400,11 @@ def test_a_changed_byte_of_a_reused_cache_is_refused_naming_the_file(tmp_path):
     """Caches read back instead of recomputed (a swarm's runs, a fold's scores, a subset, a fitted law, a model,
     an array of losses) are checked against a digest written with them: a flipped digit still parses, and
     torch.load / np.load of a .npy read a flipped byte as another number, so each passed a wrong value on."""
-    import io
 
     from dataflex.detectors import out_of_fold_scores
     from dataflex.mixture_law import MixtureLaw
     from dataflex.offline import read_subset, write_subset
-    from dataflex.state import DatasetFingerprint, read_checked, read_json, write_checked
+    from dataflex.state import DatasetFingerprint, open_checked, read_json, write_checked
     from dataflex.swarm import Swarm
 
     def damage(path, marker):
@@ -446,7 +445,7 @@ def test_a_changed_byte_of_a_reused_cache_is_refused_naming_the_file(tmp_path):
     # changed weight (the control below), and so does np.load of a .npy.
     weights = {"w": torch.arange(64, dtype=torch.float32)}
     write_checked(tmp_path / "model.pt", lambda f: torch.save(weights, f))
-    assert torch.equal(torch.load(io.BytesIO(read_checked(tmp_path / "model.pt")))["w"], weights["w"])
+    assert torch.equal(torch.load(open_checked(tmp_path / "model.pt"))["w"], weights["w"])
     data = bytearray((tmp_path / "model.pt").read_bytes())
     data[data.index(weights["w"].numpy().tobytes()) + 41] ^= 0x01  # a byte of weight 10
     (tmp_path / "model.pt").write_bytes(bytes(data))
@@ -454,15 +453,15 @@ def test_a_changed_byte_of_a_reused_cache_is_refused_naming_the_file(tmp_path):
     with pytest.raises(
         ValueError, match=r"model\.pt is damaged: its bytes do not match the sha256 in model\.pt\.sha256"
     ):
-        read_checked(tmp_path / "model.pt")
+        open_checked(tmp_path / "model.pt")
     losses = np.linspace(0.5, 3.0, 50)
     write_checked(tmp_path / "losses.npy", lambda f: np.save(f, losses))
-    assert np.array_equal(np.load(io.BytesIO(read_checked(tmp_path / "losses.npy"))), losses)
+    assert np.array_equal(np.load(open_checked(tmp_path / "losses.npy")), losses)
     data = bytearray((tmp_path / "losses.npy").read_bytes())
     data[-3] ^= 0x10
     (tmp_path / "losses.npy").write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"losses\.npy is damaged"):
-        read_checked(tmp_path / "losses.npy")
+        open_checked(tmp_path / "losses.npy")
     # A file written without a digest (an older cache) is still read.
     (tmp_path / "old.json").write_text('{"x": 1}')
     assert read_json(tmp_path / "old.json") == {"x": 1}

@@ -8,8 +8,7 @@ Trainer's dataset), :mod:`~dataflex.hf.checkpoint` (files in the Trainer's check
 """
 
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexCurriculumCallback, DataFlexSelectCallback
-from dataflex.hf.checkpoint import STATE_FILENAME, last_complete_checkpoint
-from dataflex.hf.trainer_files import RecordTrainerFiles
+from dataflex.hf.checkpoint import STATE_FILENAME, RecordTrainerFiles, last_complete_checkpoint
 
 __all__ = [
     "STATE_FILENAME",

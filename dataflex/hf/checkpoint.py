@@ -47,6 +47,7 @@ import zipfile
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from dataflex import dist
@@ -266,8 +267,20 @@ def has_state(checkpoint: str) -> bool:
 def verify_checkpoint_files(checkpoint: str) -> None:
     """Refuse (``ValueError`` naming them) Trainer files of ``checkpoint`` that changed since dataflex recorded
     them at its save (:mod:`dataflex.hf.trainer_files`); a checkpoint without that record passes."""
-    # (a Trainer without a dataflex callback keeps the record alone in the dataflex folder: RecordTrainerFiles)
+    # (a Trainer without a dataflex callback keeps the record alone in that folder: RecordTrainerFiles)
     trainer_files.verify_trainer_files(checkpoint, state_folder(checkpoint) or os.path.join(checkpoint, STATE_DIRNAME))
+
+
+class RecordTrainerFiles(TrainerCallback):
+    """The record of :mod:`dataflex.hf.trainer_files` for a Trainer without a dataflex callback (whose save
+    writes it): at each save, into ``checkpoint-<step>/dataflex/``, where :func:`verify_checkpoint_files` and
+    :func:`last_complete_checkpoint` read it. E.g. LESS's warm-up run, whose ``optimizer.pt`` LESS reads."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            folder = checkpoint_folder(args.output_dir, state.global_step)
+            os.makedirs(os.path.join(folder, STATE_DIRNAME), exist_ok=True)
+            trainer_files.record_trainer_files(folder, os.path.join(folder, STATE_DIRNAME), STATE_DIRNAME)
 
 
 def trainer_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
@@ -352,6 +365,7 @@ def last_complete_checkpoint(
 __all__ = [
     "EMBEDDINGS_FILENAME",
     "PENDING_DIRNAME",
+    "RecordTrainerFiles",
     "STATE_DIRNAME",
     "STATE_FILENAME",
     "checkpoint_folder",

@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Any
-
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dataflex.state import read_json, write_json_atomic
 
-__all__ = ["TRAINER_FILES", "RecordTrainerFiles", "record_trainer_files", "trainer_file_sums", "verify_trainer_files"]
+__all__ = ["TRAINER_FILES", "record_trainer_files", "trainer_file_sums", "verify_trainer_files"]
 
 TRAINER_FILES = "trainer_files.json"
 _CHUNK = 16 << 20
@@ -58,36 +54,19 @@ def record_trainer_files(checkpoint: str, into: str, skip: str) -> None:
     write_json_atomic(os.path.join(into, TRAINER_FILES), {"files": trainer_file_sums(checkpoint, skip)}, digest=True)
 
 
-class RecordTrainerFiles(TrainerCallback):
-    """The record for a Trainer without a dataflex callback (whose own save writes it): at each save, into
-    ``checkpoint-<step>/<folder>/``, read back by :func:`~dataflex.hf.checkpoint.verify_checkpoint_files` and
-    ``last_complete_checkpoint``. E.g. LESS's warm-up run, whose ``optimizer.pt`` the influence scores read."""
-
-    def __init__(self, folder: str = "dataflex") -> None:
-        self.folder = folder
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            into = os.path.join(checkpoint, self.folder)
-            os.makedirs(into, exist_ok=True)
-            record_trainer_files(checkpoint, into, self.folder)
-
-
 def verify_trainer_files(checkpoint: str, state_folder: str) -> None:
     """Raise ``ValueError`` naming the files of ``checkpoint`` that are missing or changed since dataflex recorded
     them (its record in ``state_folder``); a checkpoint without a record (older dataflex) passes."""
     path = os.path.join(state_folder, TRAINER_FILES)
     if not os.path.isfile(path):
         return
-    recorded = read_json(path)["files"]
-    missing = sorted(name for name in recorded if not os.path.isfile(os.path.join(checkpoint, name)))
-    changed = sorted(
-        name
-        for name, (size, crc) in recorded.items()
-        if name not in missing
-        and (os.path.getsize(os.path.join(checkpoint, name)) != size or _crc32(os.path.join(checkpoint, name)) != crc)
-    )
+    missing, changed = [], []
+    for name, (size, crc) in sorted(read_json(path)["files"].items()):
+        file = os.path.join(checkpoint, name)
+        if not os.path.isfile(file):
+            missing.append(name)
+        elif os.path.getsize(file) != size or _crc32(file) != crc:  # (the size first: no read when it differs)
+            changed.append(name)
     if missing or changed:
         what = "; ".join([f"changed: {changed}"] * bool(changed) + [f"missing: {missing}"] * bool(missing))
         raise ValueError(

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.state import read_checked, write_checked
+from dataflex.state import open_checked, write_checked
 from dataflex.weighting import ExampleWeightedLoss
 
 __all__ = ["NoiseCounter", "holdout_signals", "training_args"]
@@ -113,7 +112,7 @@ def holdout_signals(
     path = folder / "model.pt"
     model = tiny_llava(seed=1000)
     if path.is_file():
-        model.load_state_dict(torch.load(io.BytesIO(read_checked(path)), weights_only=True))
+        model.load_state_dict(torch.load(open_checked(path), weights_only=True))
     else:
         args = training_args(folder, seed=1000, steps=steps, batch_size=batch_size, lr=lr)
         Trainer(model=model, args=args, train_dataset=data["validation"], data_collator=collate_vlm).train()
