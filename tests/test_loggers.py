@@ -91,3 +91,79 @@ def test_wandb_offline_gets_dataflex_metrics_and_the_trainer_loss(ds, tmp_path, 
             break
         time.sleep(1)
     assert steps == {"train/loss": [2, 4, 6], "train/dataflex/entropy": [2, 4, 6]}
+
+
+def renamed_domains(ds, names: dict[str, str]):
+    return ds.map(lambda row: {"domain": names[row["domain"]]})
+
+
+class MLflowRecorder:
+    """Stands in for the ``mlflow`` module inside transformers' real MLflowCallback (mlflow is not a dependency):
+    keeps the metric names the callback passes on."""
+
+    def __init__(self) -> None:
+        self.names: list[set[str]] = []
+
+    def log_metrics(self, metrics, step, **kwargs):
+        self.names.append(set(metrics))
+
+
+def mlflow_callback_recording():
+    from transformers.integrations import MLflowCallback
+
+    callback = object.__new__(MLflowCallback)  # its __init__ only checks that mlflow is importable
+    callback._initialized, callback._async_log, callback._ml_flow = True, False, MLflowRecorder()
+    callback._auto_end_run = callback._log_artifacts = False
+    return callback
+
+
+def test_domains_mlflow_would_log_as_one_metric_are_refused_naming_them(ds, tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from dataflex.hf.metric_names import mlflow_metric_name
+
+    # The control, through transformers' own MLflowCallback.on_log: two domains' weights become one metric.
+    callback = mlflow_callback_recording()
+    names = ["生物", "数学", "q&a", "q?a", "code", "a b:c/d.e-f_g", "café"]
+    callback.on_log(None, TrainerState(), TrainerControl(), logs={f"dataflex/weight/{n}": 0.1 for n in names})
+    assert callback._ml_flow.names == [{f"dataflex/weight/{mlflow_metric_name(n)}" for n in names}]
+    assert len(callback._ml_flow.names[0]) == len(names) - 2  # 生物/数学 -> "__", q&a/q?a -> "q_a"
+
+    cjk = renamed_domains(ds, {"code": "生物", "literature": "数学", "trivia": "trivia"})
+    trainer = make_trainer(cjk, DataFlexCallback(ODM(), update_every=2), tmp_path / "cjk", max_steps=4, save_steps=100,
+                           logging_steps=2, extra=[mlflow_callback_recording()])  # fmt: skip
+    with pytest.raises(ValueError, match=r"'数学', '生物' -> '__'.*leave mlflow out of report_to"):
+        trainer.train()
+    # Without MLflow the same names log as they are; with MLflow, names it only alters run with a warning.
+    trainer = make_trainer(cjk, DataFlexCallback(ODM(), update_every=2), tmp_path / "plain", max_steps=4,
+                           save_steps=100, logging_steps=2)  # fmt: skip
+    trainer.train()
+    assert {"dataflex/weight/生物", "dataflex/weight/数学"} <= set(trainer.state.log_history[0])
+    distinct = renamed_domains(ds, {"code": "生物", "literature": "literature", "trivia": "q&a"})
+    recorder = mlflow_callback_recording()
+    trainer = make_trainer(distinct, DataFlexCallback(ODM(), update_every=2), tmp_path / "distinct", max_steps=4,
+                           save_steps=100, logging_steps=2, extra=[recorder])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"'q&a' as 'q_a', '生物' as '__'"):
+        trainer.train()
+    weights = {n for n in recorder._ml_flow.names[0] if n.startswith("dataflex/weight/")}
+    assert weights == {"dataflex/weight/__", "dataflex/weight/literature", "dataflex/weight/q_a"}
+
+
+def test_mlflow_gets_one_metric_per_domain_and_merging_names_are_refused(ds, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")  # not a dependency: runs where mlflow is installed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with pytest.warns(UserWarning, match="'q&a' as 'q_a'"):
+        logged_run(
+            renamed_domains(ds, {"code": "code", "literature": "q&a", "trivia": "trivia"}), tmp_path / "a", "mlflow"
+        )
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {"dataflex/weight/code", "dataflex/weight/q_a", "dataflex/weight/trivia", "loss"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "dataflex/weight/q_a")] == [2, 4, 6]
+    merged = renamed_domains(ds, {"code": "code", "literature": "q&a", "trivia": "q?a"})
+    try:
+        with pytest.raises(ValueError, match=r"'q&a', 'q\?a' -> 'q_a'"):
+            logged_run(merged, tmp_path / "b", "mlflow")
+    finally:
+        mlflow.end_run()  # the refusal comes after MLflow's callback opened its run

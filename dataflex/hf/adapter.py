@@ -51,6 +51,7 @@ from dataflex.hf.deciders import Decider, RunContext
 from dataflex.hf.labels import resolve_labels
 from dataflex.hf.lengths import example_lengths
 from dataflex.hf.loss_scale import custom_loss_multiplier
+from dataflex.hf.metric_names import check_domain_metric_names
 from dataflex.hf.tracking import BatchTracker
 from dataflex.losses import check_causal_lm, padding_free_segments
 from dataflex.samplers.base import ScheduledSampler
@@ -307,6 +308,7 @@ class TrainerAdapter(TrainerCallback):
             required=self.labels_required,
         )
         domain_ids, self.domain_names = encode_domains(labels)
+        check_domain_metric_names(self.domain_names, callbacks)  # before a reporter could merge two domains' metrics
         n = len(dataset)
         accum = args.gradient_accumulation_steps
         folder = None
