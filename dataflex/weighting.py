@@ -13,6 +13,7 @@ label noise); ``T → ∞`` recovers the plain mean. Weights never carry gradien
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +21,13 @@ import torch
 
 from dataflex import dist
 from dataflex.checks import real_number, whole_number
-from dataflex.losses import check_causal_output, counted_per_example, per_example_mean_loss
+from dataflex.losses import (
+    IGNORE_INDEX,
+    check_causal_output,
+    counted_per_example,
+    per_example_mean_loss,
+    token_cross_entropy,
+)
 
 __all__ = ["ExampleWeightedLoss", "loss_weights"]
 
@@ -71,9 +78,14 @@ def loss_weights(
 class ExampleWeightedLoss:
     """A ``compute_loss_func`` for ``transformers.Trainer`` that weights each example's token-mean loss.
 
-    ``Trainer(..., compute_loss_func=ExampleWeightedLoss(temperature=1.0, gradient_accumulation_steps=k))``.
-    The Trainer does not divide a custom loss by the accumulation steps, so it is done here.
-    ``last_weights`` keeps the weights of the latest micro-batch for logging and tests.
+    ``Trainer(..., compute_loss_func=callback.wrap_loss(ExampleWeightedLoss(temperature=1.0,
+    gradient_accumulation_steps=k)))``. The Trainer does not divide a custom loss by the accumulation steps, so
+    it is done here: by the micro-batches the Trainer's current optimizer step really has when the dataflex
+    callback tells it (``step_micro_batches``; the last step of an epoch can have fewer than ``k``, and the stock
+    loss keeps its scale there), else by ``k``. The Trainer also calls a ``compute_loss_func`` for its evaluation
+    forwards (``eval_loss``): those get the plain loss the model would report, the mean over the batch's counted
+    tokens, neither weighted nor divided, so the reported ``eval_loss`` compares with a run without reweighting.
+    ``last_weights`` keeps the weights of the latest training micro-batch for logging and tests.
     """
 
     smooths_labels = False  # label_smoothing_factor > 0 is refused at train begin (the Trainer would drop it)
@@ -101,6 +113,9 @@ class ExampleWeightedLoss:
         # example's mean like from dataflex's scores, or an example's weight would follow its share of image
         # tokens (near-zero loss) rather than its text. Set by the dataflex callback at train begin.
         self.ignored_label: int | None = None
+        # How many micro-batches the Trainer's current optimizer step has; set by the dataflex callback at train
+        # begin. None: ``gradient_accumulation_steps``, which halves (say) the gradient of a short last step.
+        self.step_micro_batches: Callable[[], int] | None = None
         self._warned_single = False
 
     def __call__(
@@ -116,6 +131,12 @@ class ExampleWeightedLoss:
         check_causal_output(outputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         labels = labels.to(logits.device)
+        if not torch.is_grad_enabled():  # an evaluation forward trains nothing: the loss the model would report,
+            # its token losses over the Trainer's token count when it passes one (transformers >= 5), else the mean
+            total = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
+            if torch.is_tensor(total):
+                total = total.to(logits.device)
+            return token_cross_entropy(logits, labels).sum() / torch.clamp(torch.as_tensor(total), min=1)
         if self.ignored_label is not None:
             labels = labels.masked_fill(labels == self.ignored_label, -100)
         per_example = per_example_mean_loss(logits, labels, segments)
@@ -134,7 +155,8 @@ class ExampleWeightedLoss:
         )
         self.last_weights = weights
         safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
-        loss = (weights * safe).sum() / max(per_example.shape[0], 1) / self.accumulation
+        micro_batches = self.accumulation if self.step_micro_batches is None else self.step_micro_batches()
+        loss = (weights * safe).sum() / max(per_example.shape[0], 1) / micro_batches
         # The Trainer multiplies a custom loss only when it counted num_items_in_batch (dataflex.hf.loss_scale).
         return loss if num_items_in_batch is None else loss / self._trainer_scale()
 

@@ -219,6 +219,7 @@ def test_a_run_resumed_from_its_final_checkpoint_trains_nothing_more(reference, 
     assert_same_run(outcome(tmp_path), reference)
 
 
+@pytest.mark.slow  # (seconds of training; .ci/run runs it)
 def test_plain_loop_killed_between_its_files_resumes_exactly(loop_reference, tmp_path):
     """Before: a kill between the loop's two files combined step-N tensors with an older JSON state."""
     assert_same_run(

@@ -296,6 +296,7 @@ def test_a_law_is_uncertain_away_from_its_runs_and_the_jackknife_needs_one_spare
         MixtureLaw("loglinear").fit(runs.subset(np.arange(7))).predict_spread(runs.weights)
 
 
+@pytest.mark.slow  # (seconds of training; .ci/run runs it)
 def test_pessimism_keeps_the_proposal_where_the_runs_give_evidence():
     """Runs in a tight cluster around uniform: the plain GP's optimum lies far from every run, where it
     guesses; one spread of pessimism brings the proposal toward the runs and, here, to a better true loss.
@@ -321,6 +322,7 @@ def test_pessimism_keeps_the_proposal_where_the_runs_give_evidence():
             propose_mixture(law, "mean", pessimism=bad)
 
 
+@pytest.mark.slow  # (seconds of training; .ci/run runs it)
 def test_averaging_the_top_candidates_stays_feasible_and_is_their_mean():
     """Top-k averaging: the answer is the mean of the best point and the k - 1 best candidates, inside
     every constraint (the region is convex; a ceiling is checked), near the best point, and k = 1 is the plain

@@ -206,3 +206,69 @@ def test_a_one_example_micro_batch_is_named_once_since_nothing_is_reweighted():
             ExampleWeightedLoss()(outputs, labels)  # an evaluation forward trains nothing
         segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1]])  # the callback's split: 2 examples, 1 padding
         assert ExampleWeightedLoss()(outputs, labels, segments=segments).requires_grad
+
+
+def test_a_short_last_accumulation_step_and_evaluation_keep_the_stock_loss_scale(tmp_path):
+    """An epoch's last optimizer step can hold fewer micro-batches than gradient_accumulation_steps; the stock loss
+    keeps its scale there, and ExampleWeightedLoss divided by the configured count (half the gradient of a 2-of-4
+    step). The Trainer also evaluates through the compute_loss_func: the reported eval_loss was weighted and
+    divided by the accumulation (1.39 where the stock loss is 5.55, at 4 steps)."""
+    from transformers import TrainerCallback
+
+    from dataflex import DataFlexCallback
+    from dataflex.policies import Uniform
+    from dataflex.testbeds.tiny import tiny_llama
+
+    ds = fixed_length_dataset(n=40)  # equal lengths: mean of per-example means == token mean
+    ds = ds.add_column("domain", ["a", "b"] * 20)  # 10 micro-batches of 4 per epoch: steps of 4, 4 and 2
+
+    class StepChanges(TrainerCallback):
+        def __init__(self, model) -> None:
+            self.model, self.changes = model, []
+            self.before = [p.detach().clone() for p in model.parameters()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = [p.detach().clone() for p in self.model.parameters()]
+            self.changes.append(sum(float((a - b).abs().sum()) for a, b in zip(now, self.before)))
+            self.before = now
+
+    def run(loss, name):
+        dfx = DataFlexCallback(Uniform(), update_every=100)
+        model = tiny_llama(n_layer=1, hidden=32, n_head=2, seed=0)  # counts shifted tokens, as its loss does
+        changes = StepChanges(model)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            num_train_epochs=1,
+            optim="sgd",  # the gradient's scale reaches the parameters unchanged (Adam would mostly hide it)
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            eval_dataset=ds,
+            data_collator=collate_causal,
+            callbacks=[dfx, changes],
+            compute_loss_func=None if loss is None else dfx.wrap_loss(loss),
+        )
+        dfx.attach(trainer)
+        eval_loss = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        return changes.changes, eval_loss
+
+    stock_changes, stock_eval = run(None, "stock")
+    uniform_changes, uniform_eval = run(
+        ExampleWeightedLoss(temperature=float("inf"), gradient_accumulation_steps=4), "u"
+    )
+    assert len(stock_changes) == 3
+    assert uniform_changes == pytest.approx(stock_changes, rel=1e-3)  # the short third step included
+    _, weighted_eval = run(ExampleWeightedLoss(temperature=0.5, gradient_accumulation_steps=4), "w")
+    assert uniform_eval == pytest.approx(stock_eval, rel=1e-6) and weighted_eval == pytest.approx(stock_eval, rel=1e-6)

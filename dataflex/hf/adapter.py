@@ -432,6 +432,11 @@ class TrainerAdapter(TrainerCallback):
         loss = self.capture.wrapped_loss
         if hasattr(loss, "ignored_label"):
             loss.ignored_label = image_token_id(model)
+        if hasattr(loss, "step_micro_batches") and trainer is not None:
+            # The Trainer sets this before each optimizer step's micro-batches (fewer in an epoch's short last step).
+            loss.step_micro_batches = lambda: int(
+                getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
+            )
         smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
         if loss is not None and getattr(loss, "smooths_labels", True) is False and smoothing > 0:
             # With a compute_loss_func the Trainer (and TRL's SFTTrainer) skips its label smoother.
