@@ -141,6 +141,8 @@ def main() -> None:
     if not names or len(set(names)) != len(names):
         p.error(f"--policies needs distinct names from {sorted(POLICIES)}; got {args.policies!r}")
     args.out.mkdir(parents=True, exist_ok=True)
+    for stale in args.out.glob("weights*.png"):  # an earlier run's plots would pass for this run's
+        stale.unlink()
 
     train_ds = byte_dataset(load_jsonl_dir(args.data / "train"), args.max_len)
     val_ds = byte_dataset(load_jsonl_dir(args.data / "validation", max_per_file=args.val_per_domain), args.max_len)
@@ -182,6 +184,8 @@ def main() -> None:
         main_plot = args.out / f"weights_{adaptive[-1]}.png"
         (args.out / "weights.png").write_bytes(main_plot.read_bytes())
         print(f"\nweight trajectory: {args.out / 'weights.png'}")
+    else:
+        print(f"\nno weight plot: {', '.join(names)} kept their weights fixed")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ def test_a_short_demo_prints_the_table_and_writes_the_plot(monkeypatch, tmp_path
     assert (tmp_path / "weights.png").stat().st_size > 0
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert set(results) == {"uniform", "odm"} and len(results["odm"]["val_loss"]) == 8
+    # Rerun into the same folder with fixed-weight policies only: no plot of the earlier run is left to pass for it.
+    small[1] = "2"
+    run_demo(monkeypatch, *small, "--policies", "uniform,natural", "--out", str(tmp_path))
+    assert "no weight plot: uniform, natural kept their weights fixed" in capsys.readouterr().out
+    assert not list(tmp_path.glob("weights*.png"))
 
 
 @pytest.mark.parametrize(
