@@ -372,6 +372,39 @@ def test_a_trainer_file_changed_on_disk_is_refused_before_the_resume_trains(ds, 
         verify_checkpoint_files(str(tmp_path / "checkpoint-2"))
 
 
+def test_a_model_only_checkpoint_is_refused_as_a_resume(ds, tmp_path):
+    """save_only_model=True writes weights without optimizer, scheduler or RNG state, and the Trainer resumed from
+    it without a word: a fresh optimizer and the learning-rate schedule restarted at its peak, another run than
+    the interrupted one, while dataflex's state continued that one's decisions. Refused, naming the folder."""
+    from transformers import TrainerCallback
+
+    class LearningRates(TrainerCallback):
+        def __init__(self) -> None:
+            self.rates: dict[int, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "learning_rate" in logs:
+                self.rates[state.global_step] = logs["learning_rate"]
+
+    def run(folder, resume=None, callback=None):
+        rates = LearningRates()
+        cb = callback or DataFlexCallback(ODM(), update_every=2)
+        trainer = make_trainer(ds, cb, folder, max_steps=4, save_steps=2, logging_steps=1, extra=[rates],
+                               save_only_model=True)  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return rates.rates
+
+    full = run(tmp_path / "full")
+    # The control, without dataflex: the Trainer resumes at step 3 with the schedule back at step 1's rate.
+    stock = run(tmp_path / "full", str(tmp_path / "full" / "checkpoint-2"), callback=TrainerCallback())
+    assert stock[3] == full[1] != full[3]
+    steps = StepCounter()
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds no optimizer, scheduler or RNG state .*save_only_model"):
+        make_trainer(ds, DataFlexCallback(ODM(), update_every=2), tmp_path / "full", max_steps=4, extra=[steps],
+                     save_only_model=True).train(str(tmp_path / "full" / "checkpoint-2"))  # fmt: skip
+    assert steps.count == 0
+
+
 class StepCounter(TrainerCallback):
     count = 0
 

@@ -758,6 +758,7 @@ class TrainerAdapter(TrainerCallback):
             checkpoint.repair_resumed_weights(model, folder)
         if checkpoint.has_state(folder):
             self._check_trainer_files(folder)
+            checkpoint.check_resumes_the_run(folder)
             return
         message = (
             f"resuming at step {global_step} but {folder} has no dataflex state "

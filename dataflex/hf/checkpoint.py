@@ -324,6 +324,25 @@ def rng_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
     return True
 
 
+def check_resumes_the_run(checkpoint: str) -> None:
+    """Refuse to resume from a checkpoint written with ``save_only_model=True``.
+
+    Such a checkpoint holds the weights but no optimizer, learning-rate scheduler or RNG state, and the Trainer
+    resumes from it without a word: with a fresh optimizer and its schedule restarted from the first step
+    (measured, transformers 5.25: the learning rate jumps back to its peak, so it never decays as planned). That
+    is another run than the interrupted one, while dataflex's state would continue the interrupted one's
+    decisions. The RNG files are the sign: every full save writes them (under DeepSpeed too).
+    """
+    if any(n.startswith("rng_state") and n.endswith(".pth") for n in os.listdir(checkpoint)):
+        return
+    raise ValueError(
+        f"{checkpoint} holds no optimizer, scheduler or RNG state (it was saved with save_only_model=True): the "
+        "Trainer would resume it with a fresh optimizer and restart the learning-rate schedule, so the resumed run "
+        "would not continue the interrupted one. Resume from a full checkpoint (save_only_model=False), or start a "
+        "new run from these weights (load the model from this folder and train without resume_from_checkpoint)"
+    )
+
+
 def last_complete_checkpoint(
     output_dir: str | os.PathLike[str], require_dataflex: bool = True, verify_trainer_files: bool = True
 ) -> str | None:
@@ -368,6 +387,7 @@ __all__ = [
     "RecordTrainerFiles",
     "STATE_DIRNAME",
     "STATE_FILENAME",
+    "check_resumes_the_run",
     "checkpoint_folder",
     "commit",
     "drop_orphans",
