@@ -12,7 +12,9 @@ there holds the per-domain validation loss and the weight history.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,41 @@ __all__ = ["train_with_callback"]
 # Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
 # and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
 SAME_RESULT = ("save_steps", "logging_steps", "report_to")
+
+
+@contextlib.contextmanager
+def wandb_run_of_this_job(report_to: list[str], out_dir: Path) -> Iterator[None]:
+    """With ``report_to`` naming wandb: one wandb run per job, logged offline into the job's folder.
+
+    Without a key wandb stops the run asking for one (or uploads when it has one), so the run logs offline into
+    ``out_dir`` unless ``WANDB_MODE`` / ``WANDB_DIR`` were set before (``wandb sync`` uploads it later). The
+    Trainer's wandb reporter does not end its run at train end and joins a run already open, and wandb keeps
+    its settings for the process: the jobs of a Hydra multirun, which run one after another in one process,
+    all logged into the first job's run and folder. So the run is ended, wandb reset and the variables set
+    here removed when the job ends.
+    """
+    if "wandb" not in report_to:
+        yield
+        return
+    import wandb
+
+    ours = {
+        name: value
+        for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(out_dir)))
+        if name not in os.environ
+    }
+    os.environ.update(ours)
+    try:
+        yield
+    except BaseException:
+        wandb.finish(exit_code=1)  # recorded as failed (a resume of the job starts a run of its own)
+        raise
+    else:
+        wandb.finish()
+    finally:
+        wandb.teardown()
+        for name in ours:
+            os.environ.pop(name, None)
 
 
 def train_with_callback(
@@ -91,11 +128,6 @@ def train_with_callback(
     train_ds = byte_dataset(load_jsonl_dir(data_root / "train", max_per_file=train_per_domain), max_len)
     val_ds = byte_dataset(load_jsonl_dir(data_root / "validation", max_per_file=val_per_domain), max_len)
     check_evaluation_split(train_ds, val_ds)
-    if "wandb" in report_to:
-        # Without a key wandb stops the run asking for one (or uploads when it has one): the recipe logs offline,
-        # into its run folder, unless WANDB_MODE / WANDB_DIR say otherwise (`wandb sync` uploads it later).
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_DIR", str(out_dir))
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=batch_size,
@@ -111,7 +143,8 @@ def train_with_callback(
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_causal)
     dfx = DataFlexCallback(policy, update_every=update_every, warmup_steps=warmup_steps, trainer=trainer)
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out_dir))
+    with wandb_run_of_this_job(report_to, out_dir):
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(out_dir))
     return {
         "policy": type(policy).__name__,
         "seed": seed,

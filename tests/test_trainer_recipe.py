@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -84,15 +86,33 @@ def test_a_seed_override_that_is_not_a_number_is_named_from_the_command_line(tmp
     assert run.returncode != 0 and "seed must be an integer; got 'abc'" in run.stderr
 
 
-def test_wandb_logs_offline_into_the_run_folder_unless_told_otherwise(tmp_path, monkeypatch):
-    """report_to=[wandb] without a key stopped the recipe asking for one (wandb's UsageError); it logs offline."""
+def test_wandb_logs_offline_into_each_jobs_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    """report_to=[wandb] without a key stopped the recipe asking for one (wandb's UsageError); it logs offline.
+    The jobs of a Hydra multirun run one after another in one process, and the Trainer's wandb reporter joins a
+    run already open: the second job logged into the first job's run and folder. One run per job, in its folder."""
     wandb = pytest.importorskip("wandb")
+    from test_loggers import wandb_records
+    from wandb.proto import wandb_internal_pb2
+
     wandb.teardown()  # wandb reads its settings once per process: an earlier test's run would keep its folder
     for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
-        monkeypatch.setenv(name, "")  # (recorded, so the variables the recipe sets are undone after the test)
+        monkeypatch.setenv(name, "")  # (recorded, so nothing set here outlives the test)
         monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train_with_callback(**settings(tmp_path, steps=2, save_steps=2, logging_steps=1, report_to=["wandb"]))
-    wandb.teardown()
-    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    for job, steps in (("first", 2), ("second", 3)):  # what `-m policy=odm,uniform` does, in one process
+        train_with_callback(**settings(tmp_path / job, steps=steps, save_steps=steps, logging_steps=1,
+                                       report_to=["wandb"]))  # fmt: skip
+        left_set = [name for name in ("WANDB_DIR", "WANDB_MODE") if name in os.environ]
+    for job, steps in (("first", [1, 2]), ("second", [1, 2, 3])):
+        runs = list((tmp_path / job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1
+        logged = []
+        for data in wandb_records(runs[0].read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                if "train/loss" in items:
+                    logged.append(int(json.loads(items["train/global_step"])))
+        assert logged == steps  # this job's steps only
+    assert left_set == []  # the variables the recipe set are gone with its job
