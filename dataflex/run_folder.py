@@ -15,10 +15,15 @@ to delete it.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dataflex.state import read_json, write_json_atomic
 
@@ -57,14 +62,13 @@ def claim_run_folder(folder: str | Path, settings: Mapping[str, Any], hint: str 
     settings = json.loads(json.dumps(dict(settings), sort_keys=True, default=str), parse_constant=str)
     path = folder / RUN_SETTINGS
     if path.is_file():
-        saved = read_json(path)
-        if saved != settings and holds_a_run(folder):
-            differences = describe_differences(saved, settings)
+        differences = describe_differences(read_json(path), settings)
+        if differences and holds_a_run(folder):
             raise ValueError(
                 f"{folder} holds a run made with other settings ({differences}), and a run continues from its "
                 f"folder's checkpoints: {hint}, or delete {folder} to start over"
             )
-        if saved == settings:
+        if not differences:
             return
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings, digest=True)
@@ -88,13 +92,44 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
         for key in sorted(set(old) | set(new)):
             found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return found
-    return [] if old == new else [(prefix.rstrip(".") or "(settings)", old, new)]
+    same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
+    return [] if same else [(prefix.rstrip(".") or "(settings)", old, new)]
+
+
+def constructor_settings(obj: Any, nested: bool = False) -> dict[str, Any]:
+    """The arguments ``obj`` was built with, read back from its attributes of the same name: a policy's, selector's
+    or objective's knobs, as JSON. Only constructor arguments, not every attribute, so that state a run changes
+    (an update counter, EMAs) does not make the same object look like another run's. With ``nested``, a knob that
+    is itself a dataflex object (a decider's policy) is given as its class and its own knobs, one level down."""
+    params = inspect.signature(type(obj).__init__).parameters
+    named = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    settings = {}
+    for name in (n for n in named if hasattr(obj, n)):
+        value = getattr(obj, name)
+        if nested and type(value).__module__.split(".")[0] == "dataflex" and not inspect.isroutine(value):
+            settings[name] = {"class": type(value).__qualname__, **constructor_settings(value)}
+        else:
+            settings[name] = plain_setting(value)
+    return settings
+
+
+def plain_setting(value: Any) -> Any:
+    """A setting as JSON (weights given as arrays, tuples or mappings included); anything else by its type."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): plain_setting(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray) and value.size > 64:  # per-example arrays: their digest, not their values
+        return {"shape": list(value.shape), "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain_setting(v) for v in value]
+    return type(value).__qualname__
 
 
 def settings_digest(settings: Mapping[str, Any]) -> str:
     """A short stable digest of JSON-able settings (to name a folder by them)."""
-    import hashlib
-
     return hashlib.sha1(json.dumps(dict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

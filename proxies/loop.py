@@ -14,12 +14,10 @@ position (unlike the HF path, nothing else fast-forwards the DataLoader).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +34,7 @@ from dataflex.cadence import start_policy
 from dataflex.checkpoint import latest_step, load_state, save_step
 from dataflex.losses import check_causal_lm, per_example_token_loss
 from dataflex.policies.base import BatchObserver, MixingPolicy
-from dataflex.run_folder import claim_run_folder, weights_summary
+from dataflex.run_folder import claim_run_folder, constructor_settings, weights_summary
 from dataflex.samplers.mixture import DomainMixtureSampler
 from dataflex.schedule import WeightSchedule
 from dataflex.state import DatasetFingerprint, TensorStateful, token_digest
@@ -242,37 +240,13 @@ class _Parts:
 CKPT_HINT = "give this run another ckpt_dir"
 
 
-def _knobs(obj: Any) -> dict[str, Any]:
-    """The arguments an object was built with, read back from its attributes of the same name: a policy's or
-    objective's knobs. Only constructor arguments, not every attribute, so that state a run changes (an update
-    counter, EMAs) does not make the same policy object look like another run when it is reused."""
-    params = inspect.signature(type(obj).__init__).parameters
-    named = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return {n: _plain(getattr(obj, n)) for n in named if hasattr(obj, n)}
-
-
-def _plain(value: Any) -> Any:
-    """A setting as JSON (weights given as arrays, tuples or mappings included); anything else by its type."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray) and value.size > 64:  # per-example arrays: their digest, not their values
-        return {"shape": list(value.shape), "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    return type(value).__qualname__
-
-
 def _run_settings(model, train_ds, domain_ids, domain_names, policy, objective, collate, steps, batch_size, lr) -> dict:
     """What a run's checkpoints belong to (:func:`dataflex.run_folder.claim_run_folder`): another policy, knob,
     objective, data labelling, initial model or schedule in the same ``ckpt_dir`` would otherwise continue this
     run's checkpoints as its own."""
     return {
-        "policy": {"class": type(policy).__qualname__, **_knobs(policy)},
-        "objective": {"class": type(objective).__qualname__, **_knobs(objective)},
+        "policy": {"class": type(policy).__qualname__, **constructor_settings(policy)},
+        "objective": {"class": type(objective).__qualname__, **constructor_settings(objective)},
         "data": {
             **DatasetFingerprint.from_labels(domain_ids, list(domain_names)).to_json(),
             "tokens": token_digest(train_ds),  # the labels say which domains; the text can change under them

@@ -391,6 +391,31 @@ def test_a_checkpoint_of_another_policy_is_refused(ds, tmp_path):
         make_trainer(ds, cb, tmp_path, max_steps=6).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
+def test_a_checkpoint_made_with_other_settings_is_refused_naming_them(ds, tmp_path):
+    """A Static mixture resumed with other weights went on training on the saved weights (the restored schedule)
+    and logging them, ignoring the new ones without a word; another knob, cadence or warm-up likewise decided
+    nothing or decided under another rule. Refused, naming each difference (another seed
+    or replacement was refused before: the sampler's order would differ)."""
+    code_only = {"code": 1.0, "literature": 0.0, "trivia": 0.0}
+    make_trainer(ds, DataFlexCallback(Static(code_only), update_every=2), tmp_path, max_steps=4, save_steps=4).train()
+    checkpoint = str(tmp_path / "checkpoint-4")
+    for cb, named in (
+        (DataFlexCallback(Static({**code_only, "code": 0.0, "trivia": 1.0}), update_every=2),
+         r"decider.policy.weights.code: 1.0 there, 0.0 now; decider.policy.weights.trivia: 0.0 there, 1.0 now"),
+        (DataFlexCallback(Static(code_only), update_every=4), r"update_every: 2 there, 4 now"),
+        (DataFlexCallback(Static(code_only), update_every=2, warmup_steps=2), r"warmup_steps: 0 there, 2 now"),
+    ):  # fmt: skip
+        steps = StepRecorder(cb)
+        with pytest.raises(
+            ValueError, match=r"checkpoint-4/dataflex/dataflex_state.json cannot be resumed: .*" + named
+        ):
+            make_trainer(ds, cb, tmp_path, max_steps=6, extra=[steps]).train(resume_from_checkpoint=checkpoint)
+        assert steps.ids == {}
+    cb = DataFlexCallback(Static(dict(code_only)), update_every=2)  # the same settings, built anew: resumes
+    make_trainer(ds, cb, tmp_path, max_steps=6).train(resume_from_checkpoint=checkpoint)
+    assert [h["weights"] for h in cb.history] == [[1.0, 0.0, 0.0]] * len(cb.history)
+
+
 def test_resume_from_checkpoint_true_uses_the_newest_checkpoint(ds, tmp_path):
     """``train(resume_from_checkpoint=True)``: dataflex restores from the folder the Trainer picked."""
     full = DataFlexCallback(ODM(), update_every=2)

@@ -54,6 +54,7 @@ from dataflex.hf.loss_scale import custom_loss_multiplier
 from dataflex.hf.metric_names import check_domain_metric_names
 from dataflex.hf.tracking import BatchTracker
 from dataflex.losses import check_causal_lm, padding_free_segments
+from dataflex.run_folder import constructor_settings, describe_differences
 from dataflex.samplers.base import ScheduledSampler
 from dataflex.samplers.length import LengthGrouping, default_megabatch
 from dataflex.state import unwrap_state, wrap_state
@@ -184,6 +185,7 @@ class TrainerAdapter(TrainerCallback):
         self._in_training = False  # between on_train_begin and on_train_end (evaluations outside do not stage)
         self._staged_step = -1  # global step whose state is staged for the Trainer's next checkpoint
         self._batching: dict[str, int] = {}  # processes and batch sizes: the step <-> sample mapping
+        self._settings: dict[str, Any] = {}  # what decides the data (_decision_settings), from on_train_begin
         self._warned: set[str] = set()  # no-signal conditions already reported
         self._log_metrics: list[Any] = []  # callables giving metrics for the Trainer's logging steps
         if trainer is not None:
@@ -330,6 +332,7 @@ class TrainerAdapter(TrainerCallback):
             warmup_steps=self.warmup_steps,
         )
         self.sampler = self.decider.build_sampler(self.run)
+        self._settings = self._decision_settings()  # (read after bind, before any state is restored or trained)
         grouping = None
         if getattr(args, "train_sampling_strategy", "random") == "group_by_length":
             grouping = self._length_grouping(args, trainer, dataset, self.run.samples_per_step)
@@ -538,6 +541,17 @@ class TrainerAdapter(TrainerCallback):
         if self._pre_hook is not None:
             self._pre_hook.remove()
             self._pre_hook = None
+
+    def _decision_settings(self) -> dict[str, Any]:
+        """What decides this run's data, as JSON: the decider's knobs (its policy, selector or curriculum with its
+        own), the decision cadence, the warm-up and the callback's seed. Saved with the state and compared on
+        resume."""
+        return {
+            "decider": {"class": type(self.decider).__qualname__, **constructor_settings(self.decider, nested=True)},
+            "update_every": self.decider.update_every,
+            "warmup_steps": self.warmup_steps,
+            "seed": self.seed,
+        }
 
     def _history_entry(self, step: int, effective_at: int) -> dict[str, Any]:
         return {"step": step, "effective_at": effective_at, **self.decider.history_entry(self.sampler)}
@@ -814,6 +828,7 @@ class TrainerAdapter(TrainerCallback):
                 ],
                 "missing_labels": self.capture.missing_labels,
                 "dynamics": None if self.dynamics is None else self.dynamics.state_dict(),
+                "settings": self._settings,
             },
         )
 
@@ -844,6 +859,16 @@ class TrainerAdapter(TrainerCallback):
         # The Trainer skips consumed batches itself, so the sampler must not skip them again.
         self.sampler.load_state_dict(payload["sampler"], restore_position=False)
         self.decider.load_state_dict(payload["decider"])
+        saved_settings = payload.get("settings", self._settings)  # states written before 2026-12 did not record them
+        differences = describe_differences(saved_settings, self._settings)  # (NaN knobs compare equal)
+        if differences:
+            # The restored schedule and policy state would carry on under the new knobs, or override them: a
+            # Static mixture resumed with other weights went on training on the saved ones and logging them.
+            raise ValueError(
+                f"the checkpoint's run was made with other dataflex settings ({differences}): resume with the "
+                "settings it was saved with, or start a new run (another output_dir) from its weights to train with "
+                "these"
+            )
         self.store.load_state_dict(payload["store"])
         history = payload["history"]
         schedule = self.sampler.schedule
