@@ -96,20 +96,25 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
     return [] if same else [(prefix.rstrip(".") or "(settings)", old, new)]
 
 
-def constructor_settings(obj: Any, nested: bool = False) -> dict[str, Any]:
+def constructor_settings(obj: Any, nested: bool = False, max_chars: int | None = None) -> dict[str, Any]:
     """The arguments ``obj`` was built with, read back from its attributes of the same name: a policy's, selector's
     or objective's knobs, as JSON. Only constructor arguments, not every attribute, so that state a run changes
     (an update counter, EMAs) does not make the same object look like another run's. With ``nested``, a knob that
-    is itself a dataflex object (a decider's policy) is given as its class and its own knobs, one level down."""
+    is itself a dataflex object (a decider's policy) is given as its class and its own knobs, one level down.
+    With ``max_chars``, a knob whose JSON is longer (an influence selector's target examples) is given as its
+    length and sha256."""
     params = inspect.signature(type(obj).__init__).parameters
     named = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     settings = {}
     for name in (n for n in named if hasattr(obj, n)):
         value = getattr(obj, name)
         if nested and type(value).__module__.split(".")[0] == "dataflex" and not inspect.isroutine(value):
-            settings[name] = {"class": type(value).__qualname__, **constructor_settings(value)}
-        else:
-            settings[name] = plain_setting(value)
+            settings[name] = {"class": type(value).__qualname__, **constructor_settings(value, max_chars=max_chars)}
+            continue
+        settings[name] = plain_setting(value)
+        text = json.dumps(settings[name], sort_keys=True)
+        if max_chars is not None and len(text) > max_chars:
+            settings[name] = {"json_chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     return settings
 
 

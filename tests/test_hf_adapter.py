@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -414,6 +415,12 @@ def test_a_checkpoint_made_with_other_settings_is_refused_naming_them(ds, tmp_pa
     cb = DataFlexCallback(Static(dict(code_only)), update_every=2)  # the same settings, built anew: resumes
     make_trainer(ds, cb, tmp_path, max_steps=6).train(resume_from_checkpoint=checkpoint)
     assert [h["weights"] for h in cb.history] == [[1.0, 0.0, 0.0]] * len(cb.history)
+    # Kept to a few kB in the state: an influence selector's target examples by their digest; the scoring batch
+    # size (memory, not the result) is not compared.
+    target = [{"input_ids": list(range(200))}] * 50
+    settings = DataFlexSelectCallback(Influence(0.5, target=target), update_every=2)._decision_settings()
+    assert len(json.dumps(settings)) < 2000 and settings["decider"]["selector"]["target"]["json_chars"] > 10_000
+    assert "score_batch_size" not in settings["decider"]
 
 
 def test_resume_from_checkpoint_true_uses_the_newest_checkpoint(ds, tmp_path):

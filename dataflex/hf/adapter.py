@@ -546,8 +546,11 @@ class TrainerAdapter(TrainerCallback):
         """What decides this run's data, as JSON: the decider's knobs (its policy, selector or curriculum with its
         own), the decision cadence, the warm-up and the callback's seed. Saved with the state and compared on
         resume."""
+        # (JSON kept to a few kB: a long knob by its digest; how many examples are scored at once decides nothing)
+        knobs = constructor_settings(self.decider, nested=True, max_chars=1024)
+        knobs.pop("score_batch_size", None)
         return {
-            "decider": {"class": type(self.decider).__qualname__, **constructor_settings(self.decider, nested=True)},
+            "decider": {"class": type(self.decider).__qualname__, **knobs},
             "update_every": self.decider.update_every,
             "warmup_steps": self.warmup_steps,
             "seed": self.seed,
