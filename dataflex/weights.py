@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["SUM_TOLERANCE", "apply_floor", "entropy", "validate_weights", "weights_from_mapping"]
+__all__ = ["SUM_TOLERANCE", "apply_floor", "entropy", "user_weights", "validate_weights", "weights_from_mapping"]
 
 #: Tolerance on ``sum(weights) == 1`` for user-given weights.
 SUM_TOLERANCE = 1e-6
@@ -79,6 +79,33 @@ def validate_weights(
             "Divide by the sum if you meant proportions."
         )
     return vec / total
+
+
+def user_weights(
+    weights: Sequence[float] | np.ndarray | Mapping[str, float],
+    domain_names: Sequence[str],
+    *,
+    what: str = "weights",
+) -> np.ndarray:
+    """:func:`validate_weights` for weights a user wrote, refusing a list whose order is easy to misread.
+
+    A list follows dataflex's domain order, the sorted text of the names. When the names are numbers (labels
+    0..11, say) that is not their numeric order ("10" and "11" come before "2"), so a list written in numeric
+    order would give most weights to other domains without a word: refused, asking for the weights by name.
+    """
+    if not isinstance(weights, Mapping):
+        try:
+            numbers = [float(n) for n in domain_names]
+        except ValueError:
+            numbers = None
+        if numbers is not None and numbers != sorted(numbers):
+            raise ValueError(
+                f"{what} are a list, which follows dataflex's domain order, the sorted text of the names: "
+                f"{list(domain_names)}; these names are numbers, whose numeric order differs, so a list is easily "
+                f"meant in the wrong order. Give the weights by name, e.g. {{{domain_names[0]!r}: ..., "
+                f"{domain_names[1]!r}: ...}}"
+            )
+    return validate_weights(weights, domain_names, what=what)
 
 
 def apply_floor(weights: np.ndarray, floor: float) -> np.ndarray:

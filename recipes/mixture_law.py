@@ -140,7 +140,7 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
         # pass over the same examples afterwards); a proxy is scored on swarm.val_per_domain examples per
         # domain when set — at 100-step proxies, evaluation, not training, is most of a proxy's time.
         result = run_experiment(
-            policy=Static(weights.tolist()),
+            policy=Static(dict(zip(names, weights.tolist()))),  # by name: a list is refused for numeric names
             steps=cfg.swarm.steps,
             batch_size=cfg.swarm.batch_size,
             lr=cfg.lr,

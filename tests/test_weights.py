@@ -83,3 +83,25 @@ def test_encode_domains_errors_and_order():
         encode_domains(["a", "z"], domain_names=["a"])
     with pytest.raises(ValueError, match="no examples"):
         encode_domains([])
+
+
+def test_a_list_of_weights_over_numeric_domain_names_is_refused_for_one_by_name():
+    """dataflex's domain order is the sorted text of the names: for labels 0..11 that is '0', '1', '10', '11',
+    '2', ..., so a list written in numeric order gave its weights to other domains without a word."""
+    from dataflex.policies import Piecewise, Static
+
+    names = sorted(str(i) for i in range(12))
+    meant = [0.0] * 12
+    meant[2] = 1.0  # all on domain 2, in numeric order
+    assert names[int(np.argmax(validate_weights(meant, names)))] == "10"  # what a list silently meant
+    for policy in (Static(meant), Piecewise([(0, meant)], update_every=1)):
+        with pytest.raises(ValueError, match=r"weights.* are a list, .*'0', '1', '10'.*Give the weights by name"):
+            policy.bind(names, np.ones(12))
+            policy.initial_weights()
+    by_name = Static({n: float(n == "2") for n in names})
+    by_name.bind(names, np.ones(12))
+    assert names[int(np.argmax(by_name.initial_weights()))] == "2"
+    for plain in (["a", "b"], ["1", "2"], ["01", "02", "10"]):  # text order is the order meant: lists as before
+        policy = Static([1.0 / len(plain)] * len(plain))
+        policy.bind(plain, np.ones(len(plain)))
+        np.testing.assert_allclose(policy.initial_weights(), 1.0 / len(plain))

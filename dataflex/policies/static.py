@@ -15,7 +15,7 @@ from dataflex.checks import real_number
 from dataflex.policies.base import BoundPolicy
 from dataflex.state import saved_count
 from dataflex.store import DomainStats
-from dataflex.weights import validate_weights
+from dataflex.weights import user_weights
 
 __all__ = ["Natural", "Piecewise", "Static", "Temperature", "Uniform"]
 
@@ -55,14 +55,15 @@ class Temperature(BoundPolicy):
 
 
 class Static(BoundPolicy):
-    """Fixed user-given weights, by domain name (``{"code": 0.5, ...}``) or in domain order."""
+    """Fixed user-given weights, by domain name (``{"code": 0.5, ...}``) or in domain order (sorted names; a list is
+    refused for names that are numbers, whose sorted text is not their numeric order)."""
 
     def __init__(self, weights: Mapping[str, float] | Sequence[float]) -> None:
         self.weights = dict(weights) if isinstance(weights, Mapping) else list(weights)
 
     def initial_weights(self) -> np.ndarray:
         self._require_bound()
-        return validate_weights(self.weights, self.domain_names, what="Static weights")
+        return user_weights(self.weights, self.domain_names, what="Static weights")
 
 
 class Piecewise(BoundPolicy):
@@ -93,7 +94,7 @@ class Piecewise(BoundPolicy):
     def bind(self, domain_names: Sequence[str], domain_sizes: np.ndarray) -> None:
         super().bind(domain_names, domain_sizes)
         self._weights = [
-            validate_weights(w, self.domain_names, what=f"Piecewise weights of the stage from step {s}")
+            user_weights(w, self.domain_names, what=f"Piecewise weights of the stage from step {s}")
             for s, w in self.stages
         ]
 
