@@ -112,8 +112,8 @@ def constructor_settings(obj: Any, nested: bool = False, max_chars: int | None =
             settings[name] = {"class": type(value).__qualname__, **constructor_settings(value, max_chars=max_chars)}
             continue
         settings[name] = plain_setting(value)
-        text = json.dumps(settings[name], sort_keys=True)
-        if max_chars is not None and len(text) > max_chars:
+        text = None if max_chars is None else json.dumps(settings[name], sort_keys=True)
+        if text is not None and len(text) > max_chars:
             settings[name] = {"json_chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     return settings
 

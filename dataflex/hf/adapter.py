@@ -545,7 +545,9 @@ class TrainerAdapter(TrainerCallback):
     def _decision_settings(self) -> dict[str, Any]:
         """What decides this run's data, as JSON: the decider's knobs (its policy, selector or curriculum with its
         own), the decision cadence, the warm-up and the callback's seed. Saved with the state and compared on
-        resume."""
+        resume; the record's form is kept as first saved (2026-12), so checkpoints written since still resume.
+        (The seed and the sampler's own settings are also compared by the sampler's state, which names them
+        first; a mixing or selection decider's cadence shows twice, as its knob and as ``update_every``.)"""
         # (JSON kept to a few kB: a long knob by its digest; how many examples are scored at once decides nothing)
         knobs = constructor_settings(self.decider, nested=True, max_chars=1024)
         knobs.pop("score_batch_size", None)

@@ -308,11 +308,16 @@ def _recorded_world_size(state_dir: str) -> int | None:
         return None
 
 
+def _rng_files(checkpoint: str) -> list[str]:
+    """The Trainer's RNG files of ``checkpoint`` (``rng_state.pth``, or one ``rng_state_<rank>.pth`` per rank)."""
+    return [n for n in os.listdir(checkpoint) if n.startswith("rng_state") and n.endswith(".pth")]
+
+
 def rng_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
     """Every ``rng_state*.pth`` of ``checkpoint`` is a whole file (torch's zip format ends with its
     directory, which a cut-off write lacks), and with ``world_size`` > 1 there is one per rank (when the
     checkpoint has RNG files at all: ``save_only_model`` writes none)."""
-    names = [n for n in os.listdir(checkpoint) if n.startswith("rng_state") and n.endswith(".pth")]
+    names = _rng_files(checkpoint)
     for name in names:
         try:
             with zipfile.ZipFile(os.path.join(checkpoint, name)):
@@ -333,7 +338,7 @@ def check_resumes_the_run(checkpoint: str) -> None:
     is another run than the interrupted one, while dataflex's state would continue the interrupted one's
     decisions. The RNG files are the sign: every full save writes them (under DeepSpeed too).
     """
-    if any(n.startswith("rng_state") and n.endswith(".pth") for n in os.listdir(checkpoint)):
+    if _rng_files(checkpoint):
         return
     raise ValueError(
         f"{checkpoint} holds no optimizer, scheduler or RNG state (it was saved with save_only_model=True): the "
