@@ -8,11 +8,21 @@ shows the bad value and says what would be valid.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
-__all__ = ["SUM_TOLERANCE", "apply_floor", "entropy", "user_weights", "validate_weights", "weights_from_mapping"]
+__all__ = [
+    "SUM_TOLERANCE",
+    "apply_floor",
+    "entropy",
+    "lists_may_follow",
+    "user_weights",
+    "validate_weights",
+    "weights_from_mapping",
+]
 
 #: Tolerance on ``sum(weights) == 1`` for user-given weights.
 SUM_TOLERANCE = 1e-6
@@ -81,6 +91,48 @@ def validate_weights(
     return vec / total
 
 
+#: Another order the data declares its domains in (a ``datasets.ClassLabel``'s class ids), and what declares it.
+_DECLARED_ORDER: ContextVar[tuple[tuple[str, ...], str] | None] = ContextVar("declared_domain_order", default=None)
+
+
+@contextmanager
+def lists_may_follow(order: Sequence[str] | None, source: str) -> Iterator[None]:
+    """Within this block :func:`user_weights` refuses a list when the data declares its domains in ``order``
+    (by ``source``) and that order is not dataflex's: a list written in the declared order would be misread.
+    ``order=None`` declares nothing."""
+    token = _DECLARED_ORDER.set(None if order is None else (tuple(order), source))
+    try:
+        yield
+    finally:
+        _DECLARED_ORDER.reset(token)
+
+
+def _list_order_error(what: str, domain_names: Sequence[str]) -> str | None:
+    """Why a list over ``domain_names`` would be easily meant in another order, or None."""
+    declared = _DECLARED_ORDER.get()
+    if declared is not None:
+        order, source = declared
+        present = [name for name in order if name in set(domain_names)]
+        if present != list(domain_names):
+            return (
+                f"{what} are a list, which follows dataflex's domain order, the sorted names {list(domain_names)}; "
+                f"{source} orders them {present}, so a list is easily meant in that order. Give the weights by "
+                f"name, e.g. {{{domain_names[0]!r}: ..., {domain_names[1]!r}: ...}}"
+            )
+    try:
+        numbers = [float(name) for name in domain_names]
+    except ValueError:
+        return None
+    if numbers == sorted(numbers):
+        return None
+    return (
+        f"{what} are a list, which follows dataflex's domain order, the sorted text of the names: "
+        f"{list(domain_names)}; these names are numbers, whose numeric order differs, so a list is easily "
+        f"meant in the wrong order. Give the weights by name, e.g. {{{domain_names[0]!r}: ..., "
+        f"{domain_names[1]!r}: ...}}"
+    )
+
+
 def user_weights(
     weights: Sequence[float] | np.ndarray | Mapping[str, float],
     domain_names: Sequence[str],
@@ -91,20 +143,13 @@ def user_weights(
 
     A list follows dataflex's domain order, the sorted text of the names. When the names are numbers (labels
     0..11, say) that is not their numeric order ("10" and "11" come before "2"), so a list written in numeric
-    order would give most weights to other domains without a word: refused, asking for the weights by name.
+    order would give most weights to other domains without a word: refused, asking for the weights by name. So is
+    a list when the data declares its domains in another order (:func:`lists_may_follow`).
     """
     if not isinstance(weights, Mapping):
-        try:
-            numbers = [float(n) for n in domain_names]
-        except ValueError:
-            numbers = None
-        if numbers is not None and numbers != sorted(numbers):
-            raise ValueError(
-                f"{what} are a list, which follows dataflex's domain order, the sorted text of the names: "
-                f"{list(domain_names)}; these names are numbers, whose numeric order differs, so a list is easily "
-                f"meant in the wrong order. Give the weights by name, e.g. {{{domain_names[0]!r}: ..., "
-                f"{domain_names[1]!r}: ...}}"
-            )
+        error = _list_order_error(what, domain_names)
+        if error:
+            raise ValueError(error)
     return validate_weights(weights, domain_names, what=what)
 
 

@@ -429,6 +429,31 @@ def test_a_class_label_column_names_domains_by_its_class_names(ds, tmp_path):
         assert dfx.run.domain_ids.tolist() == coded["domain"]
 
 
+def test_a_list_of_weights_is_refused_when_a_class_label_orders_the_domains_otherwise(ds, tmp_path):
+    """dataflex orders domains by name; a ClassLabel column declares its own order, its class ids. A list of
+    weights written in that order would go to other domains without a word (here 0.6 meant for trivia would go
+    to code): refused, naming both orders. By name it works, and so does a list when the two orders agree."""
+    from datasets import ClassLabel
+
+    from dataflex.policies import Piecewise, Static
+
+    coded = ds.cast_column("domain", ClassLabel(names=["trivia", "code", "literature"]))
+    for policy in (Static([0.6, 0.2, 0.2]), Piecewise([(0, [0.6, 0.2, 0.2]), (2, [0.2, 0.4, 0.4])], update_every=2)):
+        steps = StepCounter()
+        trainer = make_trainer(coded, DataFlexCallback(policy, update_every=2), tmp_path, max_steps=2, extra=[steps])
+        with pytest.raises(ValueError, match=r"sorted names \['code', 'literature', 'trivia'\]; the 'domain' column's "
+                           r"ClassLabel orders them \['trivia', 'code', 'literature'\].*by name"):  # fmt: skip
+            trainer.train()
+        assert steps.count == 0
+    dfx = DataFlexCallback(Static({"trivia": 0.6, "code": 0.2, "literature": 0.2}), update_every=2)
+    make_trainer(coded, dfx, tmp_path / "named", max_steps=1, save_steps=100).train()
+    assert dfx.weights == pytest.approx({"code": 0.2, "literature": 0.2, "trivia": 0.6})
+    in_order = ds.cast_column("domain", ClassLabel(names=["code", "literature", "trivia"]))
+    dfx = DataFlexCallback(Static([0.6, 0.2, 0.2]), update_every=2)
+    make_trainer(in_order, dfx, tmp_path / "list", max_steps=1, save_steps=100).train()
+    assert dfx.weights == pytest.approx({"code": 0.6, "literature": 0.2, "trivia": 0.2})
+
+
 def test_a_changed_byte_of_a_reused_cache_is_refused_naming_the_file(tmp_path):
     """Caches read back instead of recomputed (a swarm's runs, a fold's scores, a subset, a fitted law, a model,
     an array of losses) are checked against a digest written with them: a flipped digit still parses, and

@@ -48,7 +48,7 @@ from dataflex.embeddings import last_hidden_tap, mean_pool
 from dataflex.hf import checkpoint
 from dataflex.hf.capture import LossCapture
 from dataflex.hf.deciders import Decider, RunContext
-from dataflex.hf.labels import resolve_labels
+from dataflex.hf.labels import class_names, resolve_labels
 from dataflex.hf.lengths import example_lengths
 from dataflex.hf.loss_scale import custom_loss_multiplier
 from dataflex.hf.metric_names import check_domain_metric_names
@@ -61,6 +61,7 @@ from dataflex.state import unwrap_state, wrap_state
 from dataflex.store import ScoreStore
 from dataflex.taps import Tap
 from dataflex.vlm import check_image_batch, image_feature_tap, image_token_id, pool_image_features
+from dataflex.weights import lists_may_follow
 
 __all__ = ["TrainerAdapter"]
 
@@ -302,9 +303,10 @@ class TrainerAdapter(TrainerCallback):
                 f"let dataflex decide the order (samplers it replaces: {', '.join(STOCK_SAMPLERS)})"
             )
         dataset = train_dataloader.dataset
+        trainer_dataset = getattr(trainer, "train_dataset", None)
         labels = resolve_labels(
             loader_dataset=dataset,
-            trainer_dataset=getattr(trainer, "train_dataset", None),
+            trainer_dataset=trainer_dataset,
             given=self.labels,
             column=self.label_column,
             required=self.labels_required,
@@ -331,7 +333,9 @@ class TrainerAdapter(TrainerCallback):
             resuming=folder is not None and checkpoint.has_state(folder),
             warmup_steps=self.warmup_steps,
         )
-        self.sampler = self.decider.build_sampler(self.run)
+        declared = class_names(loader_dataset=dataset, trainer_dataset=trainer_dataset, column=self.label_column)
+        with lists_may_follow(declared, f"the {self.label_column!r} column's ClassLabel"):
+            self.sampler = self.decider.build_sampler(self.run)
         self._settings = self._decision_settings()  # (read after bind, before any state is restored or trained)
         grouping = None
         if getattr(args, "train_sampling_strategy", "random") == "group_by_length":

@@ -16,7 +16,7 @@ from typing import Any
 
 from dataflex.domains import label_texts
 
-__all__ = ["resolve_labels", "stored_column"]
+__all__ = ["class_names", "resolve_labels", "stored_column"]
 
 
 def _columns(dataset: Any) -> list[str]:
@@ -38,6 +38,22 @@ def _class_label(dataset: Any, column: str) -> Any:
     return feature if type(feature).__name__ == "ClassLabel" and hasattr(feature, "int2str") else None
 
 
+def _label_source(loader_dataset: Any, trainer_dataset: Any, column: str | None) -> Any:
+    """The dataset whose ``column`` holds the labels: the Trainer's ``train_dataset``, else the DataLoader's."""
+    if not column:
+        return None
+    return next((d for d in (trainer_dataset, loader_dataset) if d is not None and column in _columns(d)), None)
+
+
+def class_names(*, loader_dataset: Any, trainer_dataset: Any, column: str | None) -> list[str] | None:
+    """The class names of a ``datasets.ClassLabel`` label column in class-id order, or None for other columns.
+
+    That is the order the data declares its domains in, which a list of weights is easily written in."""
+    source = _label_source(loader_dataset, trainer_dataset, column)
+    class_label = None if source is None else _class_label(source, column)
+    return None if class_label is None else label_texts(class_label.names, f"the {column!r} class names")
+
+
 def resolve_labels(
     *,
     loader_dataset: Any,
@@ -55,9 +71,7 @@ def resolve_labels(
     n = len(loader_dataset)
     column_labels: list[str] | None = None
     class_ids: list[Any] | None = None  # a ClassLabel column's ids, as stored
-    source = None
-    if column:
-        source = next((d for d in (trainer_dataset, loader_dataset) if d is not None and column in _columns(d)), None)
+    source = _label_source(loader_dataset, trainer_dataset, column)
     if source is not None:
         if len(source) != n:
             raise ValueError(
