@@ -202,6 +202,7 @@ def test_a_file_written_atomically_is_old_or_new_after_a_kill(tmp_path):
     assert target.read_text() == '{"new": 2}'
 
 
+@pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_kill_after_the_trainers_rotation_resumes_exactly(reference, tmp_path):
     """The window that lost runs before: the Trainer had saved and, with save_total_limit=1, deleted the
     previous checkpoint, but dataflex's state was not yet in the new one."""

@@ -108,6 +108,7 @@ def test_loop_resume_reads_its_checkpoint_negative_control(data, tmp_path):
         run(tmp_path / "cut")
 
 
+@pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_recipe_under_accelerate_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
@@ -136,6 +137,7 @@ def test_recipe_under_accelerate_two_processes(tmp_path):
     assert r0["proxy_params"] == r1["proxy_params"]  # the online proxy stays identical on both ranks
 
 
+@pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_hydra_sweep_runs_and_summarizes(tmp_path):
     cmd = [
         sys.executable,

@@ -192,6 +192,7 @@ def test_a_warmed_up_adapter_is_refused_on_another_base(tmp_path):
     check_warmup_base(tmp_path, other)  # a checkpoint from elsewhere: its base is not recorded, nothing to check
 
 
+@pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_hydra_command_without_a_checkpoint_warms_up_first(tmp_path):
     pool_dir = tmp_path / "pool"
     pool_dir.mkdir()

@@ -72,6 +72,7 @@ def test_the_trainer_config_composes():
     assert cfg.steps == 5 and cfg.policy._target_.endswith("Uniform") and list(cfg.report_to) == []
 
 
+@pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_a_seed_override_that_is_not_a_number_is_named_from_the_command_line(tmp_path):
     """The model is built from ``seed`` before the other settings are checked, so it is checked first."""
     import subprocess
