@@ -75,6 +75,40 @@ def loss_weights(
     return torch.as_tensor(w, dtype=local.dtype, device=local.device) * finite
 
 
+class FirstStepCount:
+    """How many micro-batches the Trainer's first optimizer step has, read from what a loss function is given.
+
+    The Trainer passes every micro-batch of a step the same ``num_items_in_batch``: the counted label tokens of all
+    of them (in one process), shifted by one for a causal loss or not, depending on the model. So the step ends
+    where the micro-batches' running token count reaches that total exactly, or where the total changes (the next
+    step's differs). Two counts (shifted, unshifted) reaching it at different micro-batches are ambiguous: then
+    nothing is concluded (0), as when neither reaches it exactly.
+    """
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.calls = 0
+        self.counts = [0, 0]  # shifted, unshifted
+        self.ends: list[int | None] = [None, None]  # the micro-batch at which each count reached the total
+
+    def add(self, labels: torch.Tensor, num_items_in_batch: Any) -> int | None:
+        """Count one training micro-batch; the first step's micro-batches once known (0: cannot tell), else None."""
+        total = int(num_items_in_batch)
+        if self.total is None:
+            self.total = total
+        elif total != self.total:  # a new step began
+            return self.calls
+        self.calls += 1
+        for i, counted in enumerate((labels[:, 1:] != IGNORE_INDEX, labels != IGNORE_INDEX)):
+            self.counts[i] += int(counted.sum())
+            if self.counts[i] == self.total and self.ends[i] is None:
+                self.ends[i] = self.calls
+        if min(self.counts) < self.total:
+            return None
+        ends = {end for end in self.ends if end is not None}
+        return ends.pop() if len(ends) == 1 else 0
+
+
 class ExampleWeightedLoss:
     """A ``compute_loss_func`` for ``transformers.Trainer`` that weights each example's token-mean loss.
 
@@ -117,6 +151,8 @@ class ExampleWeightedLoss:
         # begin. None: ``gradient_accumulation_steps``, which halves (say) the gradient of a short last step.
         self.step_micro_batches: Callable[[], int] | None = None
         self._warned_single = False
+        # Without the callback: how many micro-batches the Trainer's first step has (None once checked).
+        self._first_step: FirstStepCount | None = FirstStepCount()
 
     def __call__(
         self,
@@ -157,8 +193,33 @@ class ExampleWeightedLoss:
         safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
         micro_batches = self.accumulation if self.step_micro_batches is None else self.step_micro_batches()
         loss = (weights * safe).sum() / max(per_example.shape[0], 1) / micro_batches
+        if num_items_in_batch is None:
+            return loss
         # The Trainer multiplies a custom loss only when it counted num_items_in_batch (dataflex.hf.loss_scale).
-        return loss if num_items_in_batch is None else loss / self._trainer_scale()
+        loss = loss / self._trainer_scale()
+        if self.step_micro_batches is None and segments is None and dist.world_size() == 1:
+            self._check_accumulation(labels, num_items_in_batch)
+        return loss
+
+    def _check_accumulation(self, labels: torch.Tensor, num_items_in_batch: Any) -> None:
+        """Without the callback this loss divides by the ``gradient_accumulation_steps`` it was given; one left at
+        its default under a Trainer that accumulates 4 micro-batches would multiply every gradient by 4 without
+        a word. The first optimizer step's micro-batch count is read from the Trainer's ``num_items_in_batch``
+        (:class:`FirstStepCount`) and refused when it differs."""
+        if self._first_step is None:
+            return
+        micro_batches = self._first_step.add(labels, num_items_in_batch)
+        if micro_batches is None:
+            return
+        self._first_step = None  # (one step tells)
+        if micro_batches and micro_batches != self.accumulation:
+            raise ValueError(
+                f"ExampleWeightedLoss(gradient_accumulation_steps={self.accumulation}) divides each micro-batch's "
+                f"loss by {self.accumulation}, but the Trainer's first optimizer step had {micro_batches} "
+                f"micro-batches: every gradient would be {micro_batches / self.accumulation:.3g} times the stock "
+                "loss's. Pass the loss through the dataflex callback (compute_loss_func=callback.wrap_loss(loss)), "
+                f"which follows the Trainer's accumulation, or set gradient_accumulation_steps={micro_batches}"
+            )
 
     def _trainer_scale(self) -> int:
         if self.trainer_scale is not None:

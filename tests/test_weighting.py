@@ -119,6 +119,12 @@ def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp
         r"accumulates 2 micro-batches per step: every gradient would be scaled by 2",
     ):
         trainer.train()
+    # Without the callback, the loss tells the Trainer's accumulation from its first step's token count.
+    ds = fixed_length_dataset(n=16)
+    for given, times in ((1, "2"), (4, "0.5")):
+        with pytest.raises(ValueError, match=rf"\(gradient_accumulation_steps={given}\) .* first optimizer step had 2 "
+                           rf"micro-batches: every gradient would be {times} times the stock loss's"):  # fmt: skip
+            train(ds, tmp_path / str(given), ExampleWeightedLoss(gradient_accumulation_steps=given), accum=2)
 
 
 @pytest.mark.parametrize("kind", ["example", "token"])
