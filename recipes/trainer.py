@@ -77,6 +77,28 @@ def wandb_run_of_this_job(report_to: list[str], out_dir: Path) -> Iterator[None]
             os.environ.pop(name, None)
 
 
+def whole_run_train_loss(log_history: list[dict[str, Any]], steps_of_this_call: int) -> None:
+    """Make the summary's ``train_loss`` the whole run's mean training loss after a resume.
+
+    The Trainer's end-of-training summary averages only the steps of its own ``train()`` call: resumed from a
+    checkpoint, the steps since it (and 0.0 when the checkpoint was the run's last, a rerun after a kill between
+    the last checkpoint and the results file). The losses logged before the checkpoint (each the mean of the
+    steps since the previous log) are added back in, so the results equal the uninterrupted run's (to rounding;
+    when ``save_steps`` is a multiple of ``logging_steps`` — steps trained after the last log before a checkpoint
+    are not in any log and stay out of the mean, as they are out of the resumed Trainer's).
+    """
+    summary = next((entry for entry in reversed(log_history) if "train_loss" in entry), None)
+    if summary is None:
+        return
+    start = summary["step"] - steps_of_this_call
+    total, steps, last = summary["train_loss"] * steps_of_this_call, steps_of_this_call, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= start:
+            total += entry["loss"] * (entry["step"] - last)
+            steps, last = steps + entry["step"] - last, entry["step"]
+    summary["train_loss"] = total / max(steps, 1)
+
+
 def train_with_callback(
     *,
     policy: Any,
@@ -143,8 +165,12 @@ def train_with_callback(
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_causal)
     dfx = DataFlexCallback(policy, update_every=update_every, warmup_steps=warmup_steps, trainer=trainer)
+    resume = last_complete_checkpoint(out_dir)
     with wandb_run_of_this_job(report_to, out_dir):
-        trainer.train(resume_from_checkpoint=last_complete_checkpoint(out_dir))
+        trainer.train(resume_from_checkpoint=resume)
+    if resume is not None:
+        resumed_at = int(Path(resume).name.split("-")[-1])  # (a checkpoint-<step> folder)
+        whole_run_train_loss(trainer.state.log_history, trainer.state.global_step - resumed_at)
     return {
         "policy": type(policy).__name__,
         "seed": seed,

@@ -47,6 +47,19 @@ def test_rerunning_the_recipe_resumes_from_its_newest_checkpoint(tmp_path):
     again = train_with_callback(**settings(tmp_path))
     assert again["history"] == first["history"]
     assert again["validation_loss"] == first["validation_loss"]
+    # The Trainer's summary averages only the resumed call's steps (0.0 with none left: a kill after the last
+    # checkpoint, before the results file); the results hold the whole run's mean training loss.
+    assert untimed(again["log_history"]) == untimed(first["log_history"])
+    assert again["log_history"][-1]["train_loss"] == pytest.approx(first["log_history"][-1]["train_loss"], rel=1e-12)
+    after_the_last = train_with_callback(**settings(tmp_path))
+    assert after_the_last["validation_loss"] == first["validation_loss"]
+    assert after_the_last["log_history"][-1]["train_loss"] == pytest.approx(first["log_history"][-1]["train_loss"])
+
+
+def untimed(log_history: list[dict]) -> list[dict]:
+    """Log entries without wall-clock timings, and the summary's train_loss (compared to rounding)."""
+    drop = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
+    return [{k: v for k, v in entry.items() if k not in drop} for entry in log_history]
 
 
 @pytest.mark.parametrize("key,value", [("steps", -5), ("update_every", 0), ("batch_size", 0), ("lr", "abc")])
