@@ -26,11 +26,18 @@ from transformers import Trainer
 from dataflex.detectors import DropNoisy
 from dataflex.domains import encode_domains
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
+from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.offline import read_subset, write_subset
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
 from dataflex.state import DatasetFingerprint, write_text_atomic
-from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, holdout_signals, training_args
+from dataflex.testbeds.vlm_runs import (
+    DetectionProbe,
+    MeasurementRecord,
+    NoiseCounter,
+    holdout_signals,
+    training_args,
+)
 from dataflex.weighting import ExampleWeightedLoss
 
 #: method -> what decides the training data
@@ -184,13 +191,21 @@ def train_vlm(
     extra = {"compute_loss_func": dfx.wrap_loss(weighted)} if weighted is not None else {}
     model = tiny_llava(seed=seed)
     args = training_args(out, seed=seed, steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps)
+    record = MeasurementRecord(counter, probe)  # (after them: it keeps what they measured at a saved step)
     trainer = Trainer(
-        model=model, args=args, train_dataset=train, data_collator=collate_vlm, callbacks=[dfx, counter, probe], **extra
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=collate_vlm,
+        callbacks=[dfx, counter, probe, record],
+        **extra,
     )
     dfx.attach(trainer)
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if resume else []
+    checkpoint = last_complete_checkpoint(out) if resume else None  # (not one a kill left half-written)
+    if checkpoint is not None:
+        record.restore(checkpoint)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     test = answer_metrics(model, data["test"])
     validation = answer_metrics(model, data["validation"])  # against its given (partly wrong) answers
@@ -209,7 +224,7 @@ def train_vlm(
         "noisy_share": counter.share(),
         "noisy_share_after_warmup": counter.share(after=warmup),
         "seconds": seconds,
-        "resumed": bool(checkpoints),
+        "resumed": checkpoint is not None,
         **({"kept_ids": kept} if kept is not None else {}),
         # Noise detection on the run's training-dynamics record (runs that keep one): at the first selection
         # (step ``warmup``) and at the end. Only the uniform arm's end-of-run figure is free of selection bias.

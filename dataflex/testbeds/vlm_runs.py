@@ -4,6 +4,8 @@
   its noise mask);
 * :func:`holdout_signals` — a holdout model trained on the validation split, cached by its settings and
   data: its per-example losses on the pool (RHO-LOSS's irreducible losses) and image clusters;
+* :class:`MeasurementRecord` — keeps what those callbacks measured beside each checkpoint, so a resumed run
+  reports the whole run's figures;
 * :func:`training_args` — the Trainer settings these runs share.
 """
 
@@ -18,10 +20,10 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.state import open_checked, write_checked
+from dataflex.state import open_checked, write_checked, write_text_atomic
 from dataflex.weighting import ExampleWeightedLoss
 
-__all__ = ["NoiseCounter", "holdout_signals", "training_args"]
+__all__ = ["DetectionProbe", "MeasurementRecord", "NoiseCounter", "holdout_signals", "training_args"]
 
 
 class NoiseCounter(TrainerCallback):
@@ -66,6 +68,47 @@ class DetectionProbe(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.dfx.dynamics is not None and state.global_step in self.steps:
             self.by_step[state.global_step] = self.measure()
+
+
+class MeasurementRecord(TrainerCallback):
+    """Keeps a :class:`NoiseCounter`'s and a :class:`DetectionProbe`'s measurements with every checkpoint.
+
+    Both live in memory: a run resumed from a checkpoint reported only the steps after it (a noisy share of 0.0
+    when the checkpoint was the run's last, and no detection at the warm-up step). The record is written, atomically,
+    at the end of each step the Trainer is about to checkpoint (``control.should_save``), before the checkpoint
+    itself exists, so every checkpoint a resume can use has its record (``<output_dir>/measurements/step-<n>.json``).
+    Place it after the counter and the probe, which then have measured that step.
+    """
+
+    def __init__(self, counter: NoiseCounter, probe: DetectionProbe) -> None:
+        self.counter, self.probe = counter, probe
+
+    @staticmethod
+    def path(output_dir: str | Path, step: int) -> Path:
+        return Path(output_dir) / "measurements" / f"step-{step}.json"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.is_world_process_zero:
+            record = {"per_step": self.counter.per_step, "by_step": self.probe.by_step}
+            path = self.path(args.output_dir, state.global_step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(record))
+
+    def restore(self, checkpoint: str | Path) -> None:
+        """Take the measurements up to ``checkpoint`` (a ``checkpoint-<step>`` folder) before resuming from it."""
+        checkpoint = Path(checkpoint)
+        path = self.path(checkpoint.parent, int(checkpoint.name.split("-")[-1]))
+        if not path.is_file():
+            raise ValueError(
+                f"{checkpoint} has no measurement record ({path}): the resumed run could report only the steps after "
+                "it. Delete the run folder to run it afresh"
+            )
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is damaged ({err}); delete the run folder to run it afresh") from err
+        self.counter.per_step = [tuple(row) for row in record["per_step"]]
+        self.probe.by_step = {int(step): found for step, found in record["by_step"].items()}
 
 
 def training_args(
