@@ -36,7 +36,7 @@ from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
 from dataflex.state import write_text_atomic
 from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
-from dataflex.testbeds.vlm_runs import DetectionProbe, NoiseCounter, training_args
+from dataflex.testbeds.vlm_runs import DetectionProbe, MeasurementRecord, NoiseCounter, training_args
 
 __all__ = ["DETECTORS", "keep_per_task", "train_instruct"]
 
@@ -166,6 +166,7 @@ def train_instruct(
     dfx = detector_callback(detector, data, drop=drop, update_every=update_every, warmup=warmup, offline_scores=scores)
     counter = NoiseCounter(dfx, noisy)
     probe = DetectionProbe(dfx, noisy, steps=(warmup,))
+    record = MeasurementRecord(counter, probe)  # (after them: it keeps what they measured at a saved step)
     model = make_model(base, seed)
     args = training_args(out, seed=seed, steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps)
     args.save_total_limit = 2  # a resume needs the newest complete checkpoint only; keep one spare
@@ -174,10 +175,12 @@ def train_instruct(
         args=args,
         train_dataset=data["train"],
         data_collator=collate_causal,
-        callbacks=[dfx, counter, probe],
+        callbacks=[dfx, counter, probe, record],
     )
     dfx.attach(trainer)
     resume = last_complete_checkpoint(out)
+    if resume is not None:
+        record.restore(resume)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
