@@ -80,9 +80,10 @@ class FirstStepCount:
 
     The Trainer passes every micro-batch of a step the same ``num_items_in_batch``: the counted label tokens of all
     of them (in one process), shifted by one for a causal loss or not, depending on the model. So the step ends
-    where the micro-batches' running token count reaches that total exactly, or where the total changes (the next
-    step's differs). Two counts (shifted, unshifted) reaching it at different micro-batches are ambiguous: then
-    nothing is concluded (0), as when neither reaches it exactly.
+    where the micro-batches' running token count reaches that total exactly. Two counts (shifted, unshifted)
+    reaching it at different micro-batches are ambiguous: then nothing is concluded (0). A total that changes
+    before either count reached it is another step's, or a training loop the Trainer restarted (its retry with a
+    smaller batch after running out of memory): counting starts afresh there.
     """
 
     def __init__(self) -> None:
@@ -94,17 +95,19 @@ class FirstStepCount:
     def add(self, labels: torch.Tensor, num_items_in_batch: Any) -> int | None:
         """Count one training micro-batch; the first step's micro-batches once known (0: cannot tell), else None."""
         total = int(num_items_in_batch)
-        if self.total is None:
-            self.total = total
-        elif total != self.total:  # a new step began
-            return self.calls
+        if self.total is not None and total != self.total:  # the next step's total, or a restarted loop's
+            if any(end is not None for end in self.ends):
+                return self._conclusion()
+            self.__init__()
+        self.total = total
         self.calls += 1
         for i, counted in enumerate((labels[:, 1:] != IGNORE_INDEX, labels != IGNORE_INDEX)):
             self.counts[i] += int(counted.sum())
             if self.counts[i] == self.total and self.ends[i] is None:
                 self.ends[i] = self.calls
-        if min(self.counts) < self.total:
-            return None
+        return self._conclusion() if min(self.counts) >= self.total else None
+
+    def _conclusion(self) -> int:
         ends = {end for end in self.ends if end is not None}
         return ends.pop() if len(ends) == 1 else 0
 

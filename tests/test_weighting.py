@@ -127,6 +127,19 @@ def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp
             train(ds, tmp_path / str(given), ExampleWeightedLoss(gradient_accumulation_steps=given), accum=2)
 
 
+def test_the_first_steps_micro_batches_are_read_from_the_trainers_token_count():
+    """The step ends where the running token count (shifted or not, as the model counts) reaches the Trainer's
+    total; a total that changes first is a restarted loop (the retry after an out-of-memory error): counted afresh."""
+    from dataflex.weighting import FirstStepCount
+
+    labels = torch.zeros(2, 4, dtype=torch.long)  # 6 counted tokens shifted, 8 unshifted
+    restarted = FirstStepCount()
+    assert restarted.add(labels, 36) is None  # an attempt cut short
+    assert [restarted.add(labels, 18) for _ in range(3)] == [None, None, 3]  # the retry: 3 micro-batches, shifted
+    unshifted = FirstStepCount()
+    assert [unshifted.add(labels, 16), unshifted.add(labels, 16), unshifted.add(labels, 20)] == [None, None, 2]
+
+
 @pytest.mark.parametrize("kind", ["example", "token"])
 def test_label_smoothing_the_trainer_would_drop_under_a_dataflex_loss_is_refused(tmp_path, kind):
     """With a compute_loss_func the Trainer skips its label smoother, so label_smoothing_factor=0.1 would
