@@ -98,7 +98,7 @@ class FirstStepCount:
         if self.total is not None and total != self.total:  # the next step's total, or a restarted loop's
             if any(end is not None for end in self.ends):
                 return self._conclusion()
-            self.__init__()
+            self.__init__()  # (counting afresh)
         self.total = total
         self.calls += 1
         for i, counted in enumerate((labels[:, 1:] != IGNORE_INDEX, labels != IGNORE_INDEX)):
@@ -200,7 +200,12 @@ class ExampleWeightedLoss:
             return loss
         # The Trainer multiplies a custom loss only when it counted num_items_in_batch (dataflex.hf.loss_scale).
         loss = loss / self._trainer_scale()
-        if self.step_micro_batches is None and segments is None and dist.world_size() == 1:
+        if (
+            self._first_step is not None
+            and self.step_micro_batches is None
+            and segments is None
+            and dist.world_size() == 1
+        ):
             self._check_accumulation(labels, num_items_in_batch)
         return loss
 

@@ -112,7 +112,8 @@ def _list_order_error(what: str, domain_names: Sequence[str]) -> str | None:
     declared = _DECLARED_ORDER.get()
     if declared is not None:
         order, source = declared
-        present = [name for name in order if name in set(domain_names)]
+        names = set(domain_names)
+        present = [name for name in order if name in names]
         if present != list(domain_names):
             return (
                 f"{what} are a list, which follows dataflex's domain order, the sorted names {list(domain_names)}; "
