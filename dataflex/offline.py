@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from dataflex.losses import check_causal_lm, padding_free_segments, per_example_
 from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
 from dataflex.run_folder import describe_differences
-from dataflex.state import DatasetFingerprint, read_json, write_json_atomic
+from dataflex.state import DatasetFingerprint, read_json, token_digest, write_json_atomic
 
 __all__ = ["SUBSET_FORMAT", "read_subset", "score_pool", "target_direction", "token_mean_losses", "write_subset"]
 
@@ -54,8 +55,9 @@ def score_pool(
     ``score_batch`` receives a collated batch and returns one score (or one feature row) per example.
     With ``cache`` (an ``.npz`` path) partial results survive a crash and finished work is not redone.
     ``settings`` (what the scores depend on: the model's weights, the method, ...) is stored with the cache,
-    and a cache holding scores made with other settings is refused, naming them — reused, it would hand back
-    another model's scores as this one's.
+    together with a digest of the pool's tokens, and a cache holding scores made with other settings or for
+    another pool is refused, naming the difference — reused, it would hand back another model's (or another
+    example's) scores as these.
     """
     from tqdm.auto import tqdm
 
@@ -67,18 +69,25 @@ def score_pool(
     cache_path = Path(cache) if cache is not None else None
     values: np.ndarray | None = None
     done = np.zeros(n, dtype=bool)
-    wanted = json.dumps(dict(settings), sort_keys=True, default=str) if settings is not None else None
+    # The pool's tokens are always part of what the scores depend on: another pool of the same size (other files,
+    # another max_len) through the same cache path would otherwise get this one's scores, example by example.
+    keyed = {**dict(settings or {}), "pool tokens": token_digest(dataset) if cache_path is not None else None}
+    wanted = json.dumps(keyed, sort_keys=True, default=str)
+    keyed = json.loads(wanted)  # (as it reads back: tuples as lists, other objects as text)
     if cache_path is not None and cache_path.is_file():
-        with np.load(cache_path) as saved:
-            values, done = saved["values"], saved["done"]
-            stored = str(saved["settings"]) if "settings" in saved.files else None
+        try:
+            with np.load(cache_path) as saved:
+                values, done = saved["values"], saved["done"]
+                stored = str(saved["settings"]) if "settings" in saved.files else None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{cache_path} is not a readable score cache ({err}); delete it to score anew") from err
         if done.shape[0] != n:
             raise ValueError(f"{cache_path} holds scores for {done.shape[0]} examples but the pool has {n}")
-        if wanted is not None and stored is not None and stored != wanted:
+        if stored != wanted:
+            differences = "(none recorded)" if stored is None else describe_differences(json.loads(stored), keyed)
             raise ValueError(
-                f"{cache_path} holds scores made with other settings "
-                f"{describe_differences(json.loads(stored), json.loads(wanted))}: give this run another cache path, "
-                "or delete that file to score anew"
+                f"{cache_path} holds scores made with other settings {differences}: give this run another cache "
+                "path, or delete that file to score anew"
             )
     # longest first: batches of similar length, and the peak memory comes first
     order = rank_ids([len(dataset[i]["input_ids"]) for i in range(n)], descending=True)
@@ -93,8 +102,7 @@ def score_pool(
         values[ids], done[ids] = out, True
         bar.update(len(ids))
         if cache_path is not None and (k % save_every == 0 or k == len(batches)):
-            extra = {} if wanted is None else {"settings": np.array(wanted)}
-            _save_npz(cache_path, values=values, done=done, **extra)
+            _save_npz(cache_path, values=values, done=done, settings=np.array(wanted))
     bar.close()
     assert values is not None and done.all()
     return values

@@ -2,12 +2,15 @@
 
 RHO-LOSS trains on the examples with the highest *reducible* loss: current loss minus the loss a model
 trained on a separate holdout split reaches on them. That holdout ("irreducible loss") model is trained
-once with the plain loop and its per-example token-mean losses on the training pool are cached to a
-``.npy`` file that :class:`dataflex.selectors.RhoLoss` reads; an existing cache is reused.
+once with the plain loop and its per-example token-mean losses on the training pool are cached to an
+``.npz`` file, with what they depend on (the holdout split, the pool's tokens, the model, the training knobs),
+for :class:`dataflex.selectors.RhoLoss` to read; a cache made with other settings is refused, naming them.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,8 @@ from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies.static import Uniform
 from dataflex.proxies.loop import train_mixture
-from dataflex.state import open_checked, write_checked
+from dataflex.run_folder import describe_differences, weights_summary
+from dataflex.state import DatasetFingerprint, open_checked, token_digest, write_checked
 
 __all__ = ["irreducible_losses", "pool_losses"]
 
@@ -59,17 +63,42 @@ def irreducible_losses(
     (``collate`` is required).
     """
     out = Path(out_dir)
-    cache = out / "irreducible_losses.npy"
-    if cache.is_file():
-        losses = np.load(open_checked(cache))
-        if losses.shape[0] != len(pool_ds):
-            raise ValueError(f"{cache} holds {losses.shape[0]} losses but the pool has {len(pool_ds)} examples")
-        return losses
+    cache = out / "irreducible_losses.npz"
     labels = holdout_ds[label_column] if label_column else ["holdout"] * len(holdout_ds)
     domain_ids, names = encode_domains(labels)
     model = make_model()
+    # What the losses depend on: a cache made from another holdout split, pool, model or training knob is refused
+    # (reused, another pool's losses of the same length would pass as this pool's, example by example).
+    settings = {
+        "holdout": {
+            "tokens": token_digest(holdout_ds),
+            "labels": DatasetFingerprint.from_labels(domain_ids, names).to_json(),
+        },
+        "pool tokens": token_digest(pool_ds),
+        "pool examples": len(pool_ds),
+        "initial weights": weights_summary(model),
+        "training": {k: v for k, v in loop_kwargs.items() if _is_knob(k, v)},
+    }
+    settings = json.loads(json.dumps(settings, sort_keys=True))  # (as it reads back from the cache)
+    if cache.is_file():
+        with np.load(open_checked(cache)) as saved:
+            losses, stored = saved["losses"], json.loads(str(saved["settings"]))
+        if stored != settings:
+            raise ValueError(
+                f"{cache} holds irreducible losses made with other settings {describe_differences(stored, settings)}: "
+                "give this run another out_dir, or delete that file to compute them anew"
+            )
+        return losses
     train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout", **loop_kwargs)
     losses = pool_losses(model, pool_ds, loop_kwargs["collate"], progress=loop_kwargs.get("progress", True))
     out.mkdir(parents=True, exist_ok=True)
-    write_checked(cache, lambda f: np.save(f, losses))
+    packed = io.BytesIO()  # (np.savez needs a seekable file; the digest-writing stream is not)
+    np.savez(packed, losses=losses, settings=np.array(json.dumps(settings, sort_keys=True)))
+    write_checked(cache, lambda f: f.write(packed.getvalue()))
     return losses
+
+
+def _is_knob(name: str, value: Any) -> bool:
+    """A training setting the holdout model's losses depend on (not the progress bar or checkpoint cadence)."""
+    scalar = value is None or isinstance(value, (bool, int, float, str))
+    return scalar and name not in ("progress", "ckpt_every", "eval_every")

@@ -80,6 +80,22 @@ def test_a_score_cache_made_with_other_settings_is_refused_by_name(tmp_path):
         )
 
 
+def test_a_score_cache_made_for_another_pool_of_the_same_size_is_refused(tmp_path):
+    """Another pool (other files, another max_len) of the same length through the same cache path got the first
+    pool's scores example by example, and the written subset named the new pool: a silently wrong selection."""
+    cache = tmp_path / "scores.npz"
+    settings = {"method": "loss_hard", "weights": "1.0/2.0"}
+    first, other = pool(), [{**d, "input_ids": d["input_ids"][:-1] + [7]} for d in pool()]
+    score_pool(row_sums, first, collate_causal, cache=cache, progress=False, settings=settings)
+    with pytest.raises(ValueError, match=r"other settings pool tokens: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"):
+        score_pool(row_sums, other, collate_causal, cache=cache, progress=False, settings=settings)
+    again = score_pool(row_sums, first, collate_causal, cache=cache, progress=False, settings=settings)
+    np.testing.assert_array_equal(again, [sum(d["input_ids"]) for d in first])  # the same pool: reused
+    cache.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"scores.npz is not a readable score cache .*delete it to score anew"):
+        score_pool(row_sums, first, collate_causal, cache=cache, progress=False)
+
+
 def test_token_mean_losses_equal_one_example_at_a_time():
     model = tiny_gpt2(n_layer=1, n_embd=32, seed=0)
     data = pool(9)
