@@ -15,6 +15,8 @@ import torch
 from dataflex.domains import encode_domains
 from dataflex.policies import Uniform
 from dataflex.proxies.loop import train_mixture
+from dataflex.run_folder import claim_run_folder, settings_digest
+from dataflex.state import open_checked, token_digest, write_checked
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
 
 POSITIONS = 256  # the base model's context; data max_len must not exceed it
@@ -39,10 +41,16 @@ def make_base(seed: int = 0) -> torch.nn.Module:
 
 
 def pretrained_base(data: Path, work: Path, *, max_len: int, steps: int, batch_size: int, lr: float) -> dict:
-    """Base weights: byte GPT-2 trained on textmix (uniform over domains) once, cached under ``work``."""
-    path = work / "base" / "model.pt"
+    """Base weights: byte GPT-2 trained on textmix (uniform over domains) once, cached under ``work`` in a folder
+    named by its settings (the text's tokens among them): a base made with another ``--pretrain-steps``,
+    ``--max-len`` or data is never handed to a run that asked for this one (the ``--quick`` modes of the
+    benchmarks share ``work``)."""
+    text = byte_dataset(load_jsonl_dir(data / "textmix" / "train"), max_len)
+    settings = {"tokens": token_digest(text), "max_len": max_len, "steps": steps, "batch_size": batch_size, "lr": lr}
+    folder = work / f"base-{settings_digest(settings)}"
+    claim_run_folder(folder, settings, hint="give --work another folder")
+    path = folder / "model.pt"
     if not path.is_file():
-        text = byte_dataset(load_jsonl_dir(data / "textmix" / "train"), max_len)
         dom, names = encode_domains(text["domain"])
         model = make_base()
         train_mixture(
@@ -56,12 +64,25 @@ def pretrained_base(data: Path, work: Path, *, max_len: int, steps: int, batch_s
             batch_size=batch_size,
             lr=lr,
             seed=0,
-            ckpt_dir=work / "base" / "ckpt",
+            ckpt_dir=folder / "ckpt",
             ckpt_every=250,
             desc="pretrain",
         )
-        torch.save(model.state_dict(), path)
-    return torch.load(path)
+        write_checked(path, lambda f: torch.save(model.state_dict(), f))
+    return torch.load(open_checked(path))
+
+
+# Arguments that say which runs to make or where to write, not what any one run does.
+NOT_RUN_SETTINGS = ("seeds", "out", "runs", "work", "quick")
+
+
+def claim_runs(args: Any, *, picks: tuple[str, ...] = ()) -> None:
+    """Record the benchmark's settings in ``args.runs`` and refuse a rerun with other ones: finished runs are
+    reused by their folder name (arm and seed), so ``--steps 50`` after a 400-step run would report the 400-step
+    results as its own. ``picks``: the arguments that choose arms whose names are in their folders (those may
+    change between reruns: more arms or seeds reuse the ones done)."""
+    settings = {k: v for k, v in vars(args).items() if k not in (*NOT_RUN_SETTINGS, *picks)}
+    claim_run_folder(args.runs, settings, hint="give --runs another folder")
 
 
 def load_jsonl_file(path: Path, cap: int | None = None) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ from transformers import Trainer
 
 from benchmarks.common import (
     add_common_args,
+    claim_runs,
     last_checkpoint,
     load_jsonl_file,
     make_base,
@@ -134,6 +135,7 @@ def main() -> None:
         args.sources, args.copies, args.k = 5, 4, 6
         args.work, args.runs = Path("outputs/quick_base"), Path("outputs/dedup_quick")
         args.out = args.runs
+    claim_runs(args)
     records, group, planted = build_pool(args.data, args.per_task, args.dup_tasks, args.sources, args.copies)
     pool = instruct_dataset(records, args.max_len)
     tasks = sorted(set(pool["task"]))

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 from benchmarks.common import (
     add_common_args,
+    claim_runs,
     last_checkpoint,
     load_jsonl_file,
     make_base,
@@ -76,6 +77,7 @@ def main() -> None:
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
         raise SystemExit(f"unknown arms {bad}; valid: {ARMS}")
+    claim_runs(args, picks=("arms",))
     root = args.data / "instruct"
     train = instruct_dataset(load_jsonl_file(root / "train" / f"{args.task}.jsonl", cap), args.max_len)
     val = instruct_dataset(load_jsonl_file(root / "validation" / f"{args.task}.jsonl", cap), args.max_len)

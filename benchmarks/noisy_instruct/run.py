@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import add_common_args, pretrained_base
+from benchmarks.common import add_common_args, claim_runs, pretrained_base
 from benchmarks.report import median_range, write_results
 from dataflex.detectors import detection_quality, plant_threshold_examples
 from dataflex.prompt_support import ANALYZERS, prompt_support_scores
@@ -161,7 +161,7 @@ def test_measures(args, data, run: dict[str, Any]) -> dict[str, dict[str, float]
 
 def main() -> None:
     args = parse_args()
-    args.runs.mkdir(parents=True, exist_ok=True)
+    claim_runs(args, picks=("detectors", "drops"))  # (runs are named by detector and drop share)
     data = noisy_instructions(args.data, tasks=tuple(args.tasks), per_task=args.per_task, noise=args.noise, seed=0)
     n, wrong = len(data["train"]), float(np.mean(data["noisy"]))
     print(f"{n} training examples over {len(args.tasks)} tasks, {wrong:.1%} with a swapped response")

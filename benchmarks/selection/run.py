@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import add_common_args, load_jsonl_file, make_base, pretrained_base
+from benchmarks.common import add_common_args, claim_runs, load_jsonl_file, make_base, pretrained_base
 from benchmarks.report import median_range, write_results
 from dataflex.domains import encode_domains
 from dataflex.grads import lora_linears
@@ -262,7 +262,7 @@ class Scorer:
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     args = parse_args()
-    args.runs.mkdir(parents=True, exist_ok=True)
+    claim_runs(args, picks=("methods", "targets"))  # (subsets and results are named by method and target)
     cap = 60 if args.quick else None
     pool_records = load_jsonl_dir(args.data / "instruct" / "train", max_per_file=cap)
     pool = instruct_dataset(pool_records, args.max_len)

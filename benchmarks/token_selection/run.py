@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from benchmarks.common import add_common_args, load_jsonl_file, make_base, pretrained_base, trainer_args
+from benchmarks.common import add_common_args, claim_runs, load_jsonl_file, make_base, pretrained_base, trainer_args
 from benchmarks.report import median_range, strip_plot, write_results
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.policies import Natural
@@ -210,7 +210,7 @@ def test_losses(setup: Setup, run: dict[str, Any], test_sets: dict[str, Any]) ->
 
 def main() -> None:
     args = parse_args()
-    args.runs.mkdir(parents=True, exist_ok=True)
+    claim_runs(args, picks=("keeps",))  # (rho1 runs are named by their token share)
     start = time.perf_counter()
     setup = Setup(args)
     print(f"pool: {len(setup.pool)} examples over {len(setup.tasks)} tasks; reference on {len(setup.reference_data)}")
