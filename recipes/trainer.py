@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.hf.checkpoint import last_complete_checkpoint
@@ -77,15 +77,25 @@ def wandb_run_of_this_job(report_to: list[str], out_dir: Path) -> Iterator[None]
             os.environ.pop(name, None)
 
 
+class LogAtCheckpoints(TrainerCallback):
+    """Log the training loss at every checkpoint step too: the steps since the last log are then in a log that
+    the checkpoint keeps, and :func:`whole_run_train_loss` can add them back after a resume whatever the
+    ``save_steps`` and ``logging_steps`` (without it, a ``save_steps`` that is not a multiple of ``logging_steps``
+    left the steps between the last log and the checkpoint out of the resumed run's mean)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # (set by the Trainer's own flow callback, which runs first)
+            control.should_log = True
+
+
 def whole_run_train_loss(log_history: list[dict[str, Any]], steps_of_this_call: int) -> None:
     """Make the summary's ``train_loss`` the whole run's mean training loss after a resume.
 
     The Trainer's end-of-training summary averages only the steps of its own ``train()`` call: resumed from a
     checkpoint, the steps since it (and 0.0 when the checkpoint was the run's last, a rerun after a kill between
     the last checkpoint and the results file). The losses logged before the checkpoint (each the mean of the
-    steps since the previous log) are added back in, so the results equal the uninterrupted run's (to rounding;
-    when ``save_steps`` is a multiple of ``logging_steps`` — steps trained after the last log before a checkpoint
-    are not in any log and stay out of the mean, as they are out of the resumed Trainer's).
+    steps since the previous log; :class:`LogAtCheckpoints` makes the last of them end at the checkpoint) are
+    added back in, so the results equal the uninterrupted run's (to rounding).
     """
     summary = next((entry for entry in reversed(log_history) if "train_loss" in entry), None)
     if summary is None:
@@ -163,7 +173,13 @@ def train_with_callback(
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_causal)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collate_causal,
+        callbacks=[LogAtCheckpoints()],
+    )
     dfx = DataFlexCallback(policy, update_every=update_every, warmup_steps=warmup_steps, trainer=trainer)
     resume = last_complete_checkpoint(out_dir)
     with wandb_run_of_this_job(report_to, out_dir):

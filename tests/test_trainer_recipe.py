@@ -40,18 +40,22 @@ def settings(out: Path, **over):
     return {**kw, **over}
 
 
-def test_rerunning_the_recipe_resumes_from_its_newest_checkpoint(tmp_path):
-    first = train_with_callback(**settings(tmp_path))
+@pytest.mark.parametrize("save_steps,resumed_at", [(4, 4), (3, 3)])
+def test_rerunning_the_recipe_resumes_from_its_newest_checkpoint(tmp_path, save_steps, resumed_at):
+    """(3, 3): a checkpoint between two logs (every 2 steps); the step since the last log was in no log and
+    stayed out of the resumed run's training loss and its next log."""
+    first = train_with_callback(**settings(tmp_path, save_steps=save_steps))
     assert len(first["history"]) == 5 and any("loss" in h for h in first["log_history"])
-    shutil.rmtree(tmp_path / "checkpoint-8")  # as if killed after the checkpoint at step 4
-    again = train_with_callback(**settings(tmp_path))
+    for later in [c for c in tmp_path.glob("checkpoint-*") if int(c.name.split("-")[1]) > resumed_at]:
+        shutil.rmtree(later)  # as if killed after the checkpoint at step `resumed_at`
+    again = train_with_callback(**settings(tmp_path, save_steps=save_steps))
     assert again["history"] == first["history"]
     assert again["validation_loss"] == first["validation_loss"]
     # The Trainer's summary averages only the resumed call's steps (0.0 with none left: a kill after the last
     # checkpoint, before the results file); the results hold the whole run's mean training loss.
     assert untimed(again["log_history"]) == untimed(first["log_history"])
     assert again["log_history"][-1]["train_loss"] == pytest.approx(first["log_history"][-1]["train_loss"], rel=1e-12)
-    after_the_last = train_with_callback(**settings(tmp_path))
+    after_the_last = train_with_callback(**settings(tmp_path, save_steps=save_steps))
     assert after_the_last["validation_loss"] == first["validation_loss"]
     assert after_the_last["log_history"][-1]["train_loss"] == pytest.approx(first["log_history"][-1]["train_loss"])
 
