@@ -12,6 +12,7 @@ label noise); ``T → ∞`` recovers the plain mean. Weights never carry gradien
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -75,6 +76,21 @@ def loss_weights(
     return torch.as_tensor(w, dtype=local.dtype, device=local.device) * finite
 
 
+def _caller_owning(loss: Any) -> Any | None:
+    """The object on the call stack whose ``compute_loss_func`` is ``loss`` and that has ``args``: the Trainer
+    calling it (found by what it holds rather than by class, so the core needs no transformers import)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None and getattr(owner, "compute_loss_func", None) is loss and hasattr(owner, "args"):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 class FirstStepCount:
     """How many micro-batches the Trainer's first optimizer step has, read from what a loss function is given.
 
@@ -119,9 +135,11 @@ class ExampleWeightedLoss:
     gradient_accumulation_steps=k)))``. The Trainer does not divide a custom loss by the accumulation steps, so
     it is done here: by the micro-batches the Trainer's current optimizer step really has when the dataflex
     callback tells it (``step_micro_batches``; the last step of an epoch can have fewer than ``k``, and the stock
-    loss keeps its scale there), else by ``k``. The Trainer also calls a ``compute_loss_func`` for its evaluation
-    forwards (``eval_loss``): those get the plain loss the model would report, the mean over the batch's counted
-    tokens, neither weighted nor divided, so the reported ``eval_loss`` compares with a run without reweighting.
+    loss keeps its scale there) or, without the callback, the Trainer found calling it on the call stack (a ``k``
+    other than the Trainer's is refused there, before any step), else by ``k``. The Trainer also calls a
+    ``compute_loss_func`` for its evaluation forwards (``eval_loss``): those get the plain loss the model would
+    report, the mean over the batch's counted tokens, neither weighted nor divided, so the reported ``eval_loss``
+    compares with a run without reweighting.
     ``last_weights`` keeps the weights of the latest training micro-batch for logging and tests.
     """
 
@@ -151,10 +169,14 @@ class ExampleWeightedLoss:
         # tokens (near-zero loss) rather than its text. Set by the dataflex callback at train begin.
         self.ignored_label: int | None = None
         # How many micro-batches the Trainer's current optimizer step has; set by the dataflex callback at train
-        # begin. None: ``gradient_accumulation_steps``, which halves (say) the gradient of a short last step.
+        # begin, or found on the call stack at the first training call when no callback set it. None (a loop of
+        # one's own): ``gradient_accumulation_steps``.
         self.step_micro_batches: Callable[[], int] | None = None
         self._warned_single = False
-        # Without the callback: how many micro-batches the Trainer's first step has (None once checked).
+        # Without the callback: the Trainer calling this loss, looked for once on the call stack (it then tells
+        # each step's micro-batches); in a loop of one's own, the first step's micro-batch count read from
+        # num_items_in_batch (None once checked).
+        self._looked_for_trainer = False
         self._first_step: FirstStepCount | None = FirstStepCount()
 
     def __call__(
@@ -194,6 +216,8 @@ class ExampleWeightedLoss:
         )
         self.last_weights = weights
         safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
+        if self.step_micro_batches is None and not self._looked_for_trainer:
+            self._follow_the_calling_trainer()
         micro_batches = self.accumulation if self.step_micro_batches is None else self.step_micro_batches()
         loss = (weights * safe).sum() / max(per_example.shape[0], 1) / micro_batches
         if num_items_in_batch is None:
@@ -209,11 +233,32 @@ class ExampleWeightedLoss:
             self._check_accumulation(labels, num_items_in_batch)
         return loss
 
+    def _follow_the_calling_trainer(self) -> None:
+        """Without the callback, find the Trainer whose ``compute_loss_func`` this is on the call stack: refuse an
+        accumulation count other than its own before any step, and divide each step by the micro-batches it
+        really has, as the callback makes this loss do (an epoch's short last step has fewer; divided by the
+        configured count, its gradient would shrink without a word)."""
+        self._looked_for_trainer = True
+        trainer = _caller_owning(self)
+        if trainer is None:  # a loop of one's own: the first step's token count tells (_check_accumulation)
+            return
+        configured = int(trainer.args.gradient_accumulation_steps)
+        if configured != self.accumulation:
+            raise ValueError(
+                f"ExampleWeightedLoss(gradient_accumulation_steps={self.accumulation}) divides each micro-batch's "
+                f"loss by {self.accumulation}, but the Trainer accumulates {configured} micro-batches per step: every "
+                f"gradient would be {configured / self.accumulation:.3g} times the stock loss's. Set "
+                f"gradient_accumulation_steps={configured}, or pass the loss through the dataflex callback "
+                "(compute_loss_func=callback.wrap_loss(loss))"
+            )
+        self.step_micro_batches = lambda: int(getattr(trainer, "current_gradient_accumulation_steps", 0) or configured)
+
     def _check_accumulation(self, labels: torch.Tensor, num_items_in_batch: Any) -> None:
-        """Without the callback this loss divides by the ``gradient_accumulation_steps`` it was given; one left at
-        its default under a Trainer that accumulates 4 micro-batches would multiply every gradient by 4 without
-        a word. The first optimizer step's micro-batch count is read from the Trainer's ``num_items_in_batch``
-        (:class:`FirstStepCount`) and refused when it differs."""
+        """Called by a loop of one's own (no Trainer found calling this loss), this loss divides by the
+        ``gradient_accumulation_steps`` it was given; one left at its default under a loop that accumulates 4
+        micro-batches would multiply every gradient by 4 without a word. The first optimizer step's micro-batch
+        count is read from the ``num_items_in_batch`` it passes (:class:`FirstStepCount`) and refused when it
+        differs."""
         if self._first_step is None:
             return
         micro_batches = self._first_step.add(labels, num_items_in_batch)

@@ -119,12 +119,28 @@ def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp
         r"accumulates 2 micro-batches per step: every gradient would be scaled by 2",
     ):
         trainer.train()
-    # Without the callback, the loss tells the Trainer's accumulation from its first step's token count.
+    # Without the callback, the loss finds the Trainer calling it and refuses before any step.
     ds = fixed_length_dataset(n=16)
     for given, times in ((1, "2"), (4, "0.5")):
-        with pytest.raises(ValueError, match=rf"\(gradient_accumulation_steps={given}\) .* first optimizer step had 2 "
-                           rf"micro-batches: every gradient would be {times} times the stock loss's"):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"\(gradient_accumulation_steps={given}\) .* the Trainer accumulates 2 "
+                           rf"micro-batches per step: every gradient would be {times} times"):  # fmt: skip
             train(ds, tmp_path / str(given), ExampleWeightedLoss(gradient_accumulation_steps=given), accum=2)
+
+
+def test_without_the_callback_the_loss_divides_a_short_last_step_by_its_own_micro_batches(tmp_path):
+    """24 examples in micro-batches of 4 with 4 accumulated: each epoch's second step has 2 micro-batches. Divided
+    by the configured 4, that step's gradient was half the stock loss's without a word; the loss now reads each
+    step's count from the Trainer calling it, as the callback makes it do."""
+    divisors = []
+
+    class Recorded(ExampleWeightedLoss):
+        def __call__(self, outputs, labels, num_items_in_batch=None, **kw):
+            loss = super().__call__(outputs, labels, num_items_in_batch, **kw)
+            divisors.append(self.step_micro_batches() if self.step_micro_batches else self.accumulation)
+            return loss
+
+    train(fixed_length_dataset(n=24), tmp_path, Recorded(temperature=float("inf"), gradient_accumulation_steps=4), 4)
+    assert divisors == [4, 4, 4, 4, 2, 2] * 2 + [4, 4, 4, 4]  # 5 steps: 2 epochs of (4 + 2), then 4
 
 
 def test_the_first_steps_micro_batches_are_read_from_the_trainers_token_count():
