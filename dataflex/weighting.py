@@ -173,10 +173,9 @@ class ExampleWeightedLoss:
         # one's own): ``gradient_accumulation_steps``.
         self.step_micro_batches: Callable[[], int] | None = None
         self._warned_single = False
-        # Without the callback: the Trainer calling this loss, looked for once on the call stack (it then tells
-        # each step's micro-batches); in a loop of one's own, the first step's micro-batch count read from
-        # num_items_in_batch (None once checked).
-        self._looked_for_trainer = False
+        # Without the callback: the Trainer calling this loss, looked for on the call stack at every training call
+        # (a loss object reused for a second Trainer follows that one), tells each step's micro-batches; in a loop
+        # of one's own, the first step's micro-batch count is read from num_items_in_batch (None once checked).
         self._first_step: FirstStepCount | None = FirstStepCount()
 
     def __call__(
@@ -216,32 +215,26 @@ class ExampleWeightedLoss:
         )
         self.last_weights = weights
         safe = torch.where(weights > 0, per_example, torch.zeros_like(per_example))
-        if self.step_micro_batches is None and not self._looked_for_trainer:
-            self._follow_the_calling_trainer()
-        micro_batches = self.accumulation if self.step_micro_batches is None else self.step_micro_batches()
-        loss = (weights * safe).sum() / max(per_example.shape[0], 1) / micro_batches
+        told = self.step_micro_batches is not None
+        micro_batches = self.step_micro_batches() if told else self._calling_trainers_micro_batches()
+        loss = (weights * safe).sum() / max(per_example.shape[0], 1) / (micro_batches or self.accumulation)
         if num_items_in_batch is None:
             return loss
         # The Trainer multiplies a custom loss only when it counted num_items_in_batch (dataflex.hf.loss_scale).
         loss = loss / self._trainer_scale()
-        if (
-            self._first_step is not None
-            and self.step_micro_batches is None
-            and segments is None
-            and dist.world_size() == 1
-        ):
+        if self._first_step is not None and micro_batches is None and segments is None and dist.world_size() == 1:
             self._check_accumulation(labels, num_items_in_batch)
         return loss
 
-    def _follow_the_calling_trainer(self) -> None:
-        """Without the callback, find the Trainer whose ``compute_loss_func`` this is on the call stack: refuse an
-        accumulation count other than its own before any step, and divide each step by the micro-batches it
-        really has, as the callback makes this loss do (an epoch's short last step has fewer; divided by the
-        configured count, its gradient would shrink without a word)."""
-        self._looked_for_trainer = True
+    def _calling_trainers_micro_batches(self) -> int | None:
+        """Without the callback: the micro-batches of the current step of the Trainer whose ``compute_loss_func``
+        this is, found on the call stack (None in a loop of one's own). An accumulation count other than the
+        Trainer's is refused at the first micro-batch; each step is divided by the micro-batches it really has, as
+        the callback makes this loss do (an epoch's short last step has fewer; divided by the configured count,
+        its gradient would shrink without a word)."""
         trainer = _caller_owning(self)
         if trainer is None:  # a loop of one's own: the first step's token count tells (_check_accumulation)
-            return
+            return None
         configured = int(trainer.args.gradient_accumulation_steps)
         if configured != self.accumulation:
             raise ValueError(
@@ -251,7 +244,7 @@ class ExampleWeightedLoss:
                 f"gradient_accumulation_steps={configured}, or pass the loss through the dataflex callback "
                 "(compute_loss_func=callback.wrap_loss(loss))"
             )
-        self.step_micro_batches = lambda: int(getattr(trainer, "current_gradient_accumulation_steps", 0) or configured)
+        return int(getattr(trainer, "current_gradient_accumulation_steps", 0) or configured)
 
     def _check_accumulation(self, labels: torch.Tensor, num_items_in_batch: Any) -> None:
         """Called by a loop of one's own (no Trainer found calling this loss), this loss divides by the

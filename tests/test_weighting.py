@@ -130,17 +130,25 @@ def test_a_loss_accumulating_other_micro_batches_than_the_trainer_is_refused(tmp
 def test_without_the_callback_the_loss_divides_a_short_last_step_by_its_own_micro_batches(tmp_path):
     """24 examples in micro-batches of 4 with 4 accumulated: each epoch's second step has 2 micro-batches. Divided
     by the configured 4, that step's gradient was half the stock loss's without a word; the loss now reads each
-    step's count from the Trainer calling it, as the callback makes it do."""
+    step's count from the Trainer calling it, as the callback makes it do — the Trainer running now, also when
+    the same loss object trains a second one (20 examples: short steps of 1)."""
+    from dataflex.losses import per_example_mean_loss
+
     divisors = []
 
     class Recorded(ExampleWeightedLoss):
         def __call__(self, outputs, labels, num_items_in_batch=None, **kw):
             loss = super().__call__(outputs, labels, num_items_in_batch, **kw)
-            divisors.append(self.step_micro_batches() if self.step_micro_batches else self.accumulation)
+            if torch.is_grad_enabled():  # every weight 1: the loss is the mean example loss over the divisor
+                divisors.append(round(float(per_example_mean_loss(outputs.logits, labels).mean() / loss)))
             return loss
 
-    train(fixed_length_dataset(n=24), tmp_path, Recorded(temperature=float("inf"), gradient_accumulation_steps=4), 4)
+    loss = Recorded(temperature=float("inf"), gradient_accumulation_steps=4)
+    train(fixed_length_dataset(n=24), tmp_path / "a", loss, accum=4)
     assert divisors == [4, 4, 4, 4, 2, 2] * 2 + [4, 4, 4, 4]  # 5 steps: 2 epochs of (4 + 2), then 4
+    divisors.clear()
+    train(fixed_length_dataset(n=20), tmp_path / "b", loss, accum=4)
+    assert divisors == [4, 4, 4, 4, 1] * 2 + [4, 4, 4, 4]
 
 
 def test_the_first_steps_micro_batches_are_read_from_the_trainers_token_count():
