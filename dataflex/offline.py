@@ -73,7 +73,6 @@ def score_pool(
     # another max_len) through the same cache path would otherwise get this one's scores, example by example.
     keyed = {**dict(settings or {}), "pool tokens": token_digest(dataset) if cache_path is not None else None}
     wanted = json.dumps(keyed, sort_keys=True, default=str)
-    keyed = json.loads(wanted)  # (as it reads back: tuples as lists, other objects as text)
     if cache_path is not None and cache_path.is_file():
         try:
             with np.load(cache_path) as saved:
@@ -84,9 +83,11 @@ def score_pool(
         if done.shape[0] != n:
             raise ValueError(f"{cache_path} holds scores for {done.shape[0]} examples but the pool has {n}")
         if stored != wanted:
-            differences = "(none recorded)" if stored is None else describe_differences(json.loads(stored), keyed)
+            recorded = (
+                "(none recorded)" if stored is None else describe_differences(json.loads(stored), json.loads(wanted))
+            )
             raise ValueError(
-                f"{cache_path} holds scores made with other settings {differences}: give this run another cache "
+                f"{cache_path} holds scores made with other settings {recorded}: give this run another cache "
                 "path, or delete that file to score anew"
             )
     # longest first: batches of similar length, and the peak memory comes first

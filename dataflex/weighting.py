@@ -12,7 +12,6 @@ label noise); ``T → ∞`` recovers the plain mean. Weights never carry gradien
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from dataflex import dist
+from dataflex.call_stack import caller_self
 from dataflex.checks import real_number, whole_number
 from dataflex.losses import (
     IGNORE_INDEX,
@@ -74,21 +74,6 @@ def loss_weights(
     scale = good.size / raw(everything).sum()  # mean 1 over the finite examples of the global batch
     w = np.minimum(raw(local.cpu().numpy()) * scale, max_weight)
     return torch.as_tensor(w, dtype=local.dtype, device=local.device) * finite
-
-
-def _caller_owning(loss: Any) -> Any | None:
-    """The object on the call stack whose ``compute_loss_func`` is ``loss`` and that has ``args``: the Trainer
-    calling it (found by what it holds rather than by class, so the core needs no transformers import)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if owner is not None and getattr(owner, "compute_loss_func", None) is loss and hasattr(owner, "args"):
-                return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
 
 
 class FirstStepCount:
@@ -169,8 +154,7 @@ class ExampleWeightedLoss:
         # tokens (near-zero loss) rather than its text. Set by the dataflex callback at train begin.
         self.ignored_label: int | None = None
         # How many micro-batches the Trainer's current optimizer step has; set by the dataflex callback at train
-        # begin, or found on the call stack at the first training call when no callback set it. None (a loop of
-        # one's own): ``gradient_accumulation_steps``.
+        # begin. None: read from the Trainer found calling this loss (_calling_trainers_micro_batches).
         self.step_micro_batches: Callable[[], int] | None = None
         self._warned_single = False
         # Without the callback: the Trainer calling this loss, looked for on the call stack at every training call
@@ -232,7 +216,10 @@ class ExampleWeightedLoss:
         Trainer's is refused at the first micro-batch; each step is divided by the micro-batches it really has, as
         the callback makes this loss do (an epoch's short last step has fewer; divided by the configured count,
         its gradient would shrink without a word)."""
-        trainer = _caller_owning(self)
+        # The Trainer is known by what it holds rather than by class: the core imports no transformers.
+        trainer = caller_self(
+            lambda owner: getattr(owner, "compute_loss_func", None) is self and hasattr(owner, "args")
+        )
         if trainer is None:  # a loop of one's own: the first step's token count tells (_check_accumulation)
             return None
         configured = int(trainer.args.gradient_accumulation_steps)
@@ -252,8 +239,6 @@ class ExampleWeightedLoss:
         micro-batches would multiply every gradient by 4 without a word. The first optimizer step's micro-batch
         count is read from the ``num_items_in_batch`` it passes (:class:`FirstStepCount`) and refused when it
         differs."""
-        if self._first_step is None:
-            return
         micro_batches = self._first_step.add(labels, num_items_in_batch)
         if micro_batches is None:
             return

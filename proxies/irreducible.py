@@ -2,15 +2,14 @@
 
 RHO-LOSS trains on the examples with the highest *reducible* loss: current loss minus the loss a model
 trained on a separate holdout split reaches on them. That holdout ("irreducible loss") model is trained
-once with the plain loop and its per-example token-mean losses on the training pool are cached to an
-``.npz`` file, with what they depend on (the holdout split, the pool's tokens, the model, the training knobs),
-for :class:`dataflex.selectors.RhoLoss` to read; a cache made with other settings is refused, naming them.
+once with the plain loop and its per-example token-mean losses on the training pool are cached to a
+``.npy`` file for :class:`dataflex.selectors.RhoLoss` to read, in a folder that records what they depend on (the
+holdout split, the pool's tokens, the model, the training knobs): a rerun with other settings is refused, naming
+them.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from dataflex.domains import encode_domains
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies.static import Uniform
 from dataflex.proxies.loop import train_mixture
-from dataflex.run_folder import describe_differences, weights_summary
+from dataflex.run_folder import claim_run_folder, weights_summary
 from dataflex.state import DatasetFingerprint, open_checked, token_digest, write_checked
 
 __all__ = ["irreducible_losses", "pool_losses"]
@@ -63,12 +62,11 @@ def irreducible_losses(
     (``collate`` is required).
     """
     out = Path(out_dir)
-    cache = out / "irreducible_losses.npz"
     labels = holdout_ds[label_column] if label_column else ["holdout"] * len(holdout_ds)
     domain_ids, names = encode_domains(labels)
     model = make_model()
-    # What the losses depend on: a cache made from another holdout split, pool, model or training knob is refused
-    # (reused, another pool's losses of the same length would pass as this pool's, example by example).
+    # What the losses depend on, recorded in out_dir: a cache made from another holdout split, pool, model or
+    # training knob is refused (reused, another pool's losses of the same length would pass as this pool's).
     settings = {
         "holdout": {
             "tokens": token_digest(holdout_ds),
@@ -79,22 +77,13 @@ def irreducible_losses(
         "initial weights": weights_summary(model),
         "training": {k: v for k, v in loop_kwargs.items() if _is_knob(k, v)},
     }
-    settings = json.loads(json.dumps(settings, sort_keys=True))  # (as it reads back from the cache)
+    claim_run_folder(out, settings, hint="give this run another out_dir")
+    cache = out / "pool_losses.npy"  # (not the unkeyed irreducible_losses.npy of earlier versions)
     if cache.is_file():
-        with np.load(open_checked(cache)) as saved:
-            losses, stored = saved["losses"], json.loads(str(saved["settings"]))
-        if stored != settings:
-            raise ValueError(
-                f"{cache} holds irreducible losses made with other settings {describe_differences(stored, settings)}: "
-                "give this run another out_dir, or delete that file to compute them anew"
-            )
-        return losses
+        return np.load(open_checked(cache))
     train_mixture(model, holdout_ds, domain_ids, names, Uniform(), ckpt_dir=out / "ckpt", desc="holdout", **loop_kwargs)
     losses = pool_losses(model, pool_ds, loop_kwargs["collate"], progress=loop_kwargs.get("progress", True))
-    out.mkdir(parents=True, exist_ok=True)
-    packed = io.BytesIO()  # (np.savez needs a seekable file; the digest-writing stream is not)
-    np.savez(packed, losses=losses, settings=np.array(json.dumps(settings, sort_keys=True)))
-    write_checked(cache, lambda f: f.write(packed.getvalue()))
+    write_checked(cache, lambda f: np.save(f, losses))
     return losses
 
 

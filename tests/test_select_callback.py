@@ -91,12 +91,14 @@ def test_irreducible_losses_from_a_holdout_model(tmp_path):
         ref = float(model(**collate_causal([pool[5]])).loss)
     assert abs(ref - losses[5]) < 1e-4
     # a cache made for another pool, of the same size or not, or with another training knob is refused by name
-    with pytest.raises(ValueError, match=r"other settings pool examples: 36 there, 12 now; pool tokens: "):
+    with pytest.raises(ValueError, match=r"other settings \(pool examples: 36 there, 12 now; pool tokens: "):
         irreducible_losses(make, holdout, small_dataset(per_domain=4), tmp_path, label_column="domain", **kw)
     shorter = small_dataset(per_domain=12, max_len=40)  # another max_len: the same 36 examples, other tokens
-    with pytest.raises(ValueError, match=r"other settings pool tokens: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"):
+    with pytest.raises(ValueError, match=r"other settings \(pool tokens: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now\)"):
         irreducible_losses(make, holdout, shorter, tmp_path, label_column="domain", **kw)
-    with pytest.raises(ValueError, match=r"other settings training.lr: 0.003 there, 0.01 now: give this run another"):
+    with pytest.raises(
+        ValueError, match=r"other settings \(training.lr: 0.003 there, 0.01 now\).*give this run another out_dir"
+    ):
         irreducible_losses(make, holdout, pool, tmp_path, label_column="domain", **{**kw, "lr": 1e-2})
 
 

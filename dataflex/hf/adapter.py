@@ -28,7 +28,6 @@ loss, grad norm and learning rate at exactly the steps it would have without dat
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -41,6 +40,7 @@ from transformers import Trainer, TrainerCallback
 
 from dataflex import dist
 from dataflex.batching import inspect_loader
+from dataflex.call_stack import caller_self
 from dataflex.checks import flag, is_whole, whole_number
 from dataflex.domains import encode_domains
 from dataflex.dynamics import TrainingDynamics
@@ -95,16 +95,7 @@ CHECKS_AFTER_START = 4  # micro-batches whose input_ids are compared with the da
 
 def _trainer_on_stack() -> Trainer | None:
     """The Trainer running this event, read off the call stack (fallback when none was attached)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
+    return caller_self(lambda owner: isinstance(owner, Trainer))
 
 
 def _describe(batching: dict[str, int]) -> str:
