@@ -38,8 +38,9 @@ model trained on it would have memorised it.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ import numpy as np
 
 from dataflex.checks import real_number
 from dataflex.dynamics import TrainingDynamics
+from dataflex.run_folder import describe_differences
 from dataflex.selectors import SelectionContext, Selector
 from dataflex.state import floats_from_json, read_json, write_json_atomic
 
@@ -172,16 +174,27 @@ def out_of_fold_scores(
     *,
     seed: int = 0,
     cache: str | os.PathLike[str] | None = None,
+    cache_key: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """A noise score for each of ``n`` examples from ``k`` proxy runs, each blind to the examples it scores.
 
     The ids are split into ``k`` seeded folds; ``train_and_score(train_ids, held_out_ids, fold)`` trains a
     small proxy on ``train_ids`` and returns a noise score (e.g. the token-mean loss) for each of
     ``held_out_ids``. With ``cache`` (a folder), each finished fold is written atomically and a rerun after
-    a crash skips it; a cache made with other ``n``, ``k`` or ``seed`` is refused.
+    a crash skips it. ``cache_key`` is required with ``cache``: what the scores depend on that this function
+    cannot see inside ``train_and_score`` — the data's digest (e.g. :func:`dataflex.state.token_digest`), the
+    proxy's model and training knobs. A fold cached with another key, ``n``, ``k`` or ``seed`` is refused,
+    naming each difference (another data set of the same size would otherwise get the first one's scores).
     """
     if not 2 <= k <= n:
         raise ValueError(f"k must be in [2, n={n}]; got {k!r}")
+    if cache is not None and cache_key is None:
+        raise ValueError(
+            "out_of_fold_scores(cache=...) needs cache_key: the data and proxy settings the scores come from "
+            "(e.g. {'data': token_digest(dataset), 'steps': 200, 'lr': 1e-3}); without it a cache made from other "
+            "data of the same size would be reused"
+        )
+    key = json.loads(json.dumps({"n": n, "k": k, "seed": seed, **dict(cache_key or {})}, sort_keys=True, default=str))
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x0F])).permutation(n)
     folds = np.array_split(order, k)
     scores = np.full(n, np.nan)
@@ -190,10 +203,11 @@ def out_of_fold_scores(
         path = None if cache is None else Path(cache) / f"fold-{f}-of-{k}.json"
         if path is not None and path.is_file():
             saved = read_json(path)
-            if (saved.get("n"), saved.get("k"), saved.get("seed")) != (n, k, seed):
+            differences = describe_differences(saved.get("key"), key)
+            if differences:
                 raise ValueError(
-                    f"{path} was written for n={saved.get('n')}, k={saved.get('k')}, "
-                    f"seed={saved.get('seed')}; this call has n={n}, k={k}, seed={seed}"
+                    f"{path} was written for other settings ({differences}): delete it, or give this call a cache "
+                    "folder of its own"
                 )
             scores[held_out] = floats_from_json(saved["scores"])
             continue
@@ -208,7 +222,7 @@ def out_of_fold_scores(
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             values = [None if not np.isfinite(v) else float(v) for v in fold_scores]
-            write_json_atomic(path, {"n": n, "k": k, "seed": seed, "fold": f, "scores": values}, digest=True)
+            write_json_atomic(path, {"key": key, "fold": f, "scores": values}, digest=True)
     return scores
 
 

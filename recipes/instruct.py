@@ -32,9 +32,10 @@ from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.policies import Uniform
 from dataflex.prompt_support import prompt_support_scores
+from dataflex.run_folder import weights_summary
 from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
-from dataflex.state import write_text_atomic
+from dataflex.state import token_digest, write_text_atomic
 from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
 from dataflex.testbeds.vlm_runs import DetectionProbe, MeasurementRecord, NoiseCounter, training_args
 
@@ -91,7 +92,15 @@ def fold_losses(
         Trainer(model=model, args=args, train_dataset=train.select(train_ids), data_collator=collate_causal).train()
         return score_pool(token_mean_losses(model), train.select(held_out), collate_causal, progress=False)
 
-    return out_of_fold_scores(len(train), k, train_and_score, seed=seed, cache=out / "scores")
+    key = {
+        "data": token_digest(train),
+        "prompt_len": token_digest(train, "prompt_len"),  # (the loss counts response tokens only)
+        "base": None if base is None else weights_summary(make_model(base, seed)),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+    }
+    return out_of_fold_scores(len(train), k, train_and_score, seed=seed, cache=out / "scores", cache_key=key)
 
 
 def detector_callback(

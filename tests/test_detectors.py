@@ -21,6 +21,7 @@ from dataflex.detectors import (
 )
 from dataflex.dynamics import TrainingDynamics
 from dataflex.policies import Uniform
+from dataflex.state import token_digest
 from dataflex.testbeds.tiny import instruct_dataset, tiny_gpt2
 
 CLASSES = "ABCD"
@@ -194,17 +195,37 @@ def test_out_of_fold_scores_find_planted_noise_and_resume_from_their_cache(tmp_p
             loss, _ = per_example_token_loss(model(**batch).logits, labels)
         return loss.numpy()
 
-    scores = out_of_fold_scores(len(ds), 3, train_and_score, seed=0, cache=tmp_path / "oof")
+    key = {"data": token_digest(ds)}
+    scores = out_of_fold_scores(len(ds), 3, train_and_score, seed=0, cache=tmp_path / "oof", cache_key=key)
     assert np.isfinite(scores).all()
     assert roc_auc_score(planted, scores) >= 0.9
 
     def must_not_run(*args):
         raise AssertionError("a cached fold was recomputed")
 
-    again = out_of_fold_scores(len(ds), 3, must_not_run, seed=0, cache=tmp_path / "oof")
+    again = out_of_fold_scores(len(ds), 3, must_not_run, seed=0, cache=tmp_path / "oof", cache_key=key)
     np.testing.assert_allclose(again, scores, rtol=1e-6)
-    with pytest.raises(ValueError, match="was written for n=160, k=3, seed=0; this call has n=160, k=3, seed=1"):
-        out_of_fold_scores(len(ds), 3, must_not_run, seed=1, cache=tmp_path / "oof")
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 there, 1 now\)"):
+        out_of_fold_scores(len(ds), 3, must_not_run, seed=1, cache=tmp_path / "oof", cache_key=key)
+
+
+def test_an_out_of_fold_cache_made_from_other_data_of_the_same_size_is_refused(tmp_path):
+    """The fold cache cannot see what ``train_and_score`` trains on: its key (required with a cache) says it. Keyed
+    by n, k and seed only, scores cached for one data set were returned for another of the same size."""
+    from dataflex.detectors import out_of_fold_scores
+
+    def scorer(values):
+        return lambda train_ids, held_out, fold: values[held_out]
+
+    first, second = np.arange(12.0), np.arange(12.0)[::-1].copy()
+    with pytest.raises(ValueError, match="needs cache_key"):
+        out_of_fold_scores(12, 3, scorer(first), cache=tmp_path / "oof")
+    scores = out_of_fold_scores(12, 3, scorer(first), cache=tmp_path / "oof", cache_key={"data": "first"})
+    np.testing.assert_array_equal(scores, first)
+    with pytest.raises(ValueError, match=r"fold-0-of-3\.json was written for other settings \(data: 'first' there, "):
+        out_of_fold_scores(12, 3, scorer(second), cache=tmp_path / "oof", cache_key={"data": "second"})
+    again = out_of_fold_scores(12, 3, scorer(second), cache=tmp_path / "other", cache_key={"data": "second"})
+    np.testing.assert_array_equal(again, second)
 
 
 def test_standardised_within_is_the_z_score_of_each_class_and_leaves_unvisited_examples_out():

@@ -487,10 +487,10 @@ def test_a_changed_byte_of_a_reused_cache_is_refused_naming_the_file(tmp_path):
     def fold_scores(train_ids, held_out, fold):
         return held_out.astype(float) / 10
 
-    scores = out_of_fold_scores(12, 3, fold_scores, cache=tmp_path / "folds")
+    scores = out_of_fold_scores(12, 3, fold_scores, cache=tmp_path / "folds", cache_key={"data": "d"})
     damage(tmp_path / "folds" / "fold-1-of-3.json", '"scores": [')
     with pytest.raises(ValueError, match=r"fold-1-of-3\.json is damaged"):
-        out_of_fold_scores(12, 3, fold_scores, cache=tmp_path / "folds")
+        out_of_fold_scores(12, 3, fold_scores, cache=tmp_path / "folds", cache_key={"data": "d"})
     assert scores.shape == (12,)
 
     pool = DatasetFingerprint.from_labels(np.zeros(40, dtype=np.int64), ["all"])
