@@ -338,6 +338,29 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     assert bad.returncode != 0 and "method='bogus'; valid values are" in bad.stderr
 
 
+def test_a_damaged_measurement_record_is_refused_before_a_resume(tmp_path):
+    """The recipes' noise share and warm-up detection after a resume come from the record kept with each
+    checkpoint: a changed digit in it still parsed and was reported as the run's share; its digest refuses it."""
+    from types import SimpleNamespace as Namespace
+
+    from conftest import changed_digit
+
+    from dataflex.testbeds.vlm_runs import MeasurementRecord
+
+    counter = Namespace(per_step=[(1, 3.0, 8.0), (2, 2.0, 8.0)])
+    probe = Namespace(by_step={1: {"loss": {"auroc": 0.75}}})
+    record = MeasurementRecord(counter, probe)
+    state = Namespace(global_step=2, is_world_process_zero=True)
+    record.on_step_end(Namespace(output_dir=str(tmp_path)), state, Namespace(should_save=True))
+    counter.per_step, probe.by_step = [], {}
+    record.restore(tmp_path / "checkpoint-2")
+    assert counter.per_step == [(1, 3.0, 8.0), (2, 2.0, 8.0)] and probe.by_step == {1: {"loss": {"auroc": 0.75}}}
+    path = MeasurementRecord.path(tmp_path, 2)
+    path.write_text(changed_digit(path.read_text(), "[[1, "))  # 3.0 noisy of 8 -> 4.0: still parses
+    with pytest.raises(ValueError, match=r"step-2\.json is damaged"):
+        record.restore(tmp_path / "checkpoint-2")
+
+
 def test_clean_oracle_trains_only_on_right_answers(vqa):
     """The benchmark's reference arm keeps exactly the examples whose answer is right."""
     from dataflex.recipes.vlm import method_callback
