@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["flag", "is_real", "is_whole", "real_number", "whole_number"]
+__all__ = ["flag", "is_real", "is_whole", "real_number", "seed_number", "whole_number"]
 
 
 def is_real(value: Any) -> bool:
@@ -37,6 +37,15 @@ def whole_number(name: str, value: Any) -> int:
     if not is_whole(value):
         raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def seed_number(name: str, value: Any) -> int:
+    """``value`` as a seed: an integer >= 0 (numpy's ``SeedSequence`` refuses a negative one at the first draw, with
+    an error naming neither the setting nor the value)."""
+    seed = whole_number(name, value)
+    if seed < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+    return seed
 
 
 def flag(name: str, value: Any) -> bool:

@@ -36,11 +36,11 @@ from dataflex.policies.base import NeedsPreparation
 from dataflex.proxies.loop import train_mixture
 from dataflex.recipes.settings import (
     check_model_fits,
-    integer,
     nonnegative_int,
     optional_positive_int,
     positive_int,
     positive_number,
+    seed_value,
 )
 from dataflex.state import write_text_atomic
 from dataflex.testbeds.tiny import (
@@ -99,7 +99,7 @@ def run_experiment(
     nonnegative_int("eval_every", eval_every)
     nonnegative_int("ckpt_every", ckpt_every)
     positive_number("lr", lr)
-    integer("seed", seed)
+    seed_value("seed", seed)
     positive_int("data.max_len", max_len)
     optional_positive_int("data.val_per_domain", val_per_domain)
     optional_positive_int("data.train_per_domain", train_per_domain)

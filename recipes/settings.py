@@ -20,17 +20,19 @@ __all__ = [
     "fraction",
     "one_of",
     "check_model_fits",
-    "integer",
     "nonnegative_int",
     "optional_positive_int",
     "positive_int",
     "positive_number",
+    "seed_value",
 ]
 
 
-def integer(key: str, value: Any) -> int:
-    if not is_whole(value):
-        raise ValueError(f"{key} must be an integer; got {value!r}")
+def seed_value(key: str, value: Any) -> int:
+    """A seed: an integer in [0, 2**32) (numpy's SeedSequence and the Trainer's set_seed refuse others, naming
+    neither the setting nor the value)."""
+    if not is_whole(value) or not 0 <= value < 2**32:
+        raise ValueError(f"{key} must be an integer in [0, 2**32); got {value!r}")
     return value
 
 
@@ -109,7 +111,7 @@ def check_vlm_settings(cfg: Any, methods: Any, resolve: Any = lambda p: p) -> No
     fraction("noise", cfg.noise, allow_zero=True)
     fraction("fraction", cfg.fraction)
     for key in ("seed", "data_seed"):
-        integer(key, cfg[key])
+        seed_value(key, cfg[key])
     for key in ("steps", "batch_size", "update_every", "save_steps", "holdout_steps", "clusters"):
         positive_int(key, cfg[key])
     nonnegative_int("warmup", cfg.warmup)
@@ -138,7 +140,7 @@ def check_select_offline_settings(cfg: Any, methods: Any, resolve: Any = lambda 
     ``resolve`` maps a path as given to where it is (Hydra changes the working directory)."""
     one_of("method", cfg.method, methods)
     fraction("fraction", cfg.fraction)
-    integer("seed", cfg.seed)
+    seed_value("seed", cfg.seed)
     for key in ("dim", "max_len", "batch_size"):
         positive_int(key, cfg[key])
     for key, kind, required in (
@@ -179,7 +181,7 @@ def check_instruct_settings(cfg: Any, detectors: Any, resolve: Any = lambda p: p
         raise ValueError(f"tasks must be distinct; got {list(tasks)}")
     fraction("noise", cfg.noise, allow_zero=True)
     for key in ("seed", "data_seed"):
-        integer(key, cfg[key])
+        seed_value(key, cfg[key])
     for key in ("steps", "batch_size", "update_every", "save_steps"):
         positive_int(key, cfg[key])
     optional_positive_int("per_task", cfg.per_task)
@@ -210,7 +212,7 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     from dataflex.mixture_law import LAW_KINDS
 
     one_of("stage", cfg.stage, stages)
-    integer("seed", cfg.seed)
+    seed_value("seed", cfg.seed)
     positive_number("lr", cfg.lr)
     for key in ("size", "steps", "stages", "batch_size"):
         positive_int(f"swarm.{key}", cfg.swarm[key])

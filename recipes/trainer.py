@@ -152,7 +152,7 @@ def train_with_callback(
     ):
         settings.positive_int(name, value)
     settings.positive_number("lr", lr)
-    settings.integer("seed", seed)
+    settings.seed_value("seed", seed)
     settings.nonnegative_int("warmup_steps", warmup_steps)
     settings.optional_positive_int("data.train_per_domain", train_per_domain)
     settings.optional_positive_int("data.val_per_domain", val_per_domain)
@@ -209,7 +209,7 @@ def _hydra_main() -> None:
     def main(cfg: DictConfig) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         root = Path(cfg.data.path) if cfg.data.path else default_data_dir() / "textmix"
-        settings.integer("seed", cfg.seed)  # the model is built from it before train_with_callback checks the rest
+        settings.seed_value("seed", cfg.seed)  # the model is built from it before train_with_callback checks the rest
         claim_run_folder(out_dir, config_settings(cfg, ignore=SAME_RESULT))
         result = train_with_callback(
             policy=instantiate(cfg.policy),

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from dataflex.checks import seed_number
 from dataflex.samplers.length import LengthGrouping
 from dataflex.state import DatasetFingerprint, saved_count
 
@@ -46,7 +47,7 @@ class ScheduledSampler(Sampler[int]):
             raise ValueError(f"num_samples must be positive; got {num_samples}")
         self.num_samples = int(num_samples)
         self.schedule = schedule
-        self.seed = int(seed)
+        self.seed = seed_number("seed", seed)
         self.fingerprint = fingerprint
         self.epoch = 0
         self._resume_position = 0

@@ -123,6 +123,7 @@ def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
         ("tasks=[gsm8k,gsm8k]", r"tasks must be distinct; got \['gsm8k', 'gsm8k'\]"),
         ("noise=1", r"noise must be a number in \[0, 1\); got 1"),
         ("per_task=0", "per_task must be a positive integer; got 0"),
+        ("data_seed=-1", r"data_seed must be an integer in \[0, 2\*\*32\); got -1"),
         ("steps=abc", "steps must be a positive integer; got 'abc'"),
         ("lr=-1", "lr must be a positive finite number; got -1"),
         ("base=/no/model.pt", "base='/no/model.pt': no such file"),

@@ -599,6 +599,7 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
         ("correct.radius=-1", r"correct.radius must be a number in \[0, 2\]; got -1"),
         ("propose.pessimism=-0.5", "propose.pessimism must be a number >= 0 .* got -0.5"),
         ("main.steps=abc", "main.steps must be a positive integer; got 'abc'"),
+        ("seed=-3", r"seed must be an integer in \[0, 2\*\*32\); got -3"),
         ("swarm.stages=3", "swarm.steps=50 must be a multiple of swarm.stages=3"),
         (
             "main.update_every=60",

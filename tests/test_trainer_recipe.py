@@ -101,7 +101,7 @@ def test_a_seed_override_that_is_not_a_number_is_named_from_the_command_line(tmp
         text=True,
         timeout=300,
     )
-    assert run.returncode != 0 and "seed must be an integer; got 'abc'" in run.stderr
+    assert run.returncode != 0 and "seed must be an integer in [0, 2**32); got 'abc'" in run.stderr
 
 
 def test_wandb_logs_offline_into_each_jobs_folder_unless_told_otherwise(tmp_path, monkeypatch):

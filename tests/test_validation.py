@@ -18,6 +18,8 @@ from dataflex.curriculum import Curriculum
 from dataflex.detectors import DropNoisy
 from dataflex.domains import encode_domains, label_texts
 from dataflex.policies import ODM, Uniform
+from dataflex.samplers import DomainMixtureSampler
+from dataflex.schedule import WeightSchedule
 from dataflex.state import read_json
 
 
@@ -66,6 +68,10 @@ def test_labels_of_equal_value_and_different_types_are_one_domain():
     assert names == ["1", "2"] and ids.tolist() == [0, 0, 1]
 
 
+def one_domain_sampler(seed):
+    return DomainMixtureSampler(np.zeros(4, np.int64), WeightSchedule(["a"], [1.0]), seed=seed)
+
+
 @pytest.mark.parametrize(
     "make,message",
     [
@@ -78,6 +84,10 @@ def test_labels_of_equal_value_and_different_types_are_one_domain():
         # refused only once training started, or with a TypeError that named nothing
         (lambda: DataFlexCallback(ODM(), when_exhausted="loop"), r"when_exhausted='loop'; valid values are"),
         (lambda: DataFlexCallback(ODM(), seed="1"), r"seed must be an integer; got '1' \(str\)"),
+        # numpy refused a negative seed at the first draw, naming neither; 1.5 was silently read as 1
+        (lambda: DataFlexCallback(ODM(), seed=-1), r"seed must be an integer >= 0; got -1"),
+        (lambda: one_domain_sampler(seed=1.5), r"seed must be an integer; got 1\.5"),
+        (lambda: one_domain_sampler(seed=-2), r"seed must be an integer >= 0; got -2"),
         # a bool is an int to Python: update_every=True would have meant every step
         (lambda: DataFlexCallback(ODM(), update_every=True), r"update_every must be a positive integer; got True"),
         (lambda: DataFlexCallback(ODM(), warmup_steps=False), r"warmup_steps must be an integer >= 0; got False"),

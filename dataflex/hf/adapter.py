@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 from dataflex import dist
 from dataflex.batching import inspect_loader
 from dataflex.call_stack import caller_self
-from dataflex.checks import flag, is_whole, whole_number
+from dataflex.checks import flag, is_whole, seed_number
 from dataflex.domains import encode_domains
 from dataflex.dynamics import TrainingDynamics
 from dataflex.embeddings import last_hidden_tap, mean_pool
@@ -143,7 +143,7 @@ class TrainerAdapter(TrainerCallback):
             raise ValueError(f"lookahead_batches must be a positive integer; got {lookahead_batches!r}")
         check_ids, allow_missing_state = flag("check_ids", check_ids), flag("allow_missing_state", allow_missing_state)
         check_images, dynamics = flag("check_images", check_images), flag("dynamics", dynamics)
-        seed = None if seed is None else whole_number("seed", seed)
+        seed = None if seed is None else seed_number("seed", seed)
         if embeddings_from not in ("text", "image"):
             raise ValueError(f"embeddings_from must be 'text' or 'image'; got {embeddings_from!r}")
         self.decider = decider
