@@ -113,7 +113,15 @@ def trainer_args(out: Path, *, steps: int, batch_size: int, lr: float, seed: int
     )
 
 
-def last_checkpoint(out: Path) -> str | None:
-    """The newest ``checkpoint-N`` folder under ``out`` (to resume a crashed run), if any."""
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if out.is_dir() else []
-    return str(found[-1]) if found else None
+def write_result(path: Path, result: Any) -> None:
+    """Write a cached result (a run's, a test measure's) atomically, its sha256 beside it (``<path>.sha256``).
+    Written in place, a kill mid-write left a truncated file that every rerun of the benchmark failed to parse
+    (the run counted as finished), and a changed digit would have been reported as measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_checked(path, lambda f: f.write(json.dumps(result, indent=1).encode("utf-8")))
+
+
+def read_result(path: Path) -> Any:
+    """A result :func:`write_result` wrote, refused (``ValueError`` naming it) when it does not match its digest;
+    one written before digests existed is read as it is."""
+    return json.loads(open_checked(path).read())

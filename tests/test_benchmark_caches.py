@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Trainer
 
 from benchmarks.common import claim_runs, pretrained_base
 from dataflex.testbeds.tiny import default_data_dir
@@ -52,3 +53,58 @@ def test_a_benchmarks_runs_folder_refuses_a_rerun_with_other_settings(tmp_path):
     claim_runs(argparse.Namespace(**{**vars(args), "seeds": [0, 1], "arms": ["a", "b"]}), picks=("arms",))
     with pytest.raises(ValueError, match=r"holds a run made with other settings \(steps: 400 there, 50 now\).*--runs"):
         claim_runs(argparse.Namespace(**{**vars(args), "steps": 50}), picks=("arms",))
+
+
+def test_a_cached_result_is_written_whole_and_refused_when_changed(tmp_path):
+    """Run results were written in place: a kill mid-write left a truncated result.json, which the rerun took for a
+    finished run and failed to parse; a changed digit was reported as measured."""
+    from conftest import changed_digit
+
+    from benchmarks.common import read_result, write_result
+
+    path = tmp_path / "run" / "result.json"
+    write_result(path, {"loss": 2.5, "curve": [{"step": 3, "val": 1.25}]})
+    assert read_result(path) == {"loss": 2.5, "curve": [{"step": 3, "val": 1.25}]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json", "result.json.sha256"]  # no temporary left
+    path.write_text(changed_digit(path.read_text(), '"loss": '))
+    with pytest.raises(ValueError, match=r"result\.json is damaged"):
+        read_result(path)
+
+
+def test_the_curriculum_curve_of_a_resumed_run_is_the_uninterrupted_runs(tmp_path):
+    """The curriculum benchmark's curve (validation loss every few steps, and the steps to reach a target loss read
+    from it) was kept in memory: a run killed after a checkpoint and resumed reported the curve from the
+    checkpoint on."""
+    from hf_helpers import CrashAt, small_dataset
+
+    from benchmarks.common import make_base, trainer_args
+    from benchmarks.curriculum.run import Curve
+    from dataflex import DataFlexCurriculumCallback
+    from dataflex.curriculum import Curriculum
+    from dataflex.hf import last_complete_checkpoint
+    from dataflex.testbeds.tiny import collate_causal
+
+    train = small_dataset(per_domain=8, max_len=32)
+    val = small_dataset(per_domain=2, max_len=32)
+
+    def run(out: Path, crash_at: int | None = None) -> list:
+        cb = DataFlexCurriculumCallback(Curriculum(torch.arange(len(train)).double().numpy()), horizon_steps=4)
+        curve = Curve(val, 2, out / "curve.json")
+        torch.manual_seed(0)
+        args = trainer_args(out, steps=8, batch_size=4, lr=2e-3, seed=0, save_steps=3)
+        callbacks = [cb, curve, *([CrashAt(crash_at)] if crash_at else [])]
+        trainer = Trainer(
+            model=make_base(), args=args, train_dataset=train, data_collator=collate_causal, callbacks=callbacks
+        )
+        cb.attach(trainer)
+        try:
+            trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
+        except KeyboardInterrupt:
+            pass
+        return curve.points
+
+    full = run(tmp_path / "full")
+    assert [p["step"] for p in full] == [2, 4, 6, 8]
+    run(tmp_path / "crashed", crash_at=5)  # killed before step 6; its newest checkpoint is step 3
+    resumed = run(tmp_path / "crashed")
+    assert resumed == full

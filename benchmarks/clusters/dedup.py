@@ -28,7 +28,6 @@ over the 9 others, and the share of training samples that were planted copies. W
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -39,17 +38,19 @@ from transformers import Trainer
 from benchmarks.common import (
     add_common_args,
     claim_runs,
-    last_checkpoint,
     load_jsonl_file,
     make_base,
     pretrained_base,
+    read_result,
     trainer_args,
+    write_result,
 )
 from benchmarks.report import median_range, write_results
 from dataflex import DataFlexCallback, DataFlexSelectCallback
 from dataflex.clustering import cluster_names, kmeans
 from dataflex.dedup import normalise, semdedup
 from dataflex.embeddings import hidden_state_embedder
+from dataflex.hf import last_complete_checkpoint
 from dataflex.offline import score_pool
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset
@@ -199,7 +200,7 @@ def main() -> None:
                     callbacks=[cb],
                 )
                 cb.attach(trainer)
-                trainer.train(resume_from_checkpoint=last_checkpoint(out))
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
                 total = args.steps * args.batch_size
                 n = cb.sampler.num_samples
                 seen = np.concatenate([cb.sampler.epoch_order(e) for e in range(-(-total // n))])[:total]
@@ -211,9 +212,9 @@ def main() -> None:
                     "test": task_losses(model, evals["test"]),
                 }
                 out.mkdir(parents=True, exist_ok=True)
-                result_file.write_text(json.dumps(result, indent=1))
+                write_result(result_file, result)
                 print(f"seed {seed} {arm}: planted share {result['planted_share']:.2f}", flush=True)
-            runs.append(json.loads(result_file.read_text()))
+            runs.append(read_result(result_file))
     report(args, runs, sweep, eps, len(pool), int(planted.sum()), {k: len(v) for k, v in kept.items()})
 
 

@@ -21,7 +21,6 @@ arm's final validation loss. Writes ``results.md``, ``results.json`` and ``curve
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,17 @@ from transformers import Trainer, TrainerCallback
 from benchmarks.common import (
     add_common_args,
     claim_runs,
-    last_checkpoint,
     load_jsonl_file,
     make_base,
     pretrained_base,
+    read_result,
     trainer_args,
+    write_result,
 )
 from benchmarks.report import median_range, write_results
 from dataflex import DataFlexCurriculumCallback
 from dataflex.curriculum import Curriculum
+from dataflex.hf import last_complete_checkpoint
 from dataflex.offline import score_pool, token_mean_losses
 from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, task_losses
 
@@ -49,15 +50,22 @@ ARMS = ["random", "length", "ref_loss", "anti"]
 
 
 class Curve(TrainerCallback):
-    """Validation loss every ``every`` steps (and at the end)."""
+    """Validation loss every ``every`` steps (and at the end), kept in ``path`` as it grows.
 
-    def __init__(self, val, every: int, points: list) -> None:
-        self.val, self.every, self.points = val, every, points
+    A run resumed from a checkpoint starts its curve from ``path``: held in memory only, the points before the
+    checkpoint were lost after a kill, and the resumed run reported a curve (and steps to the target loss) that
+    began at the checkpoint. A point taken after the checkpoint the run resumes from is taken again only if it is
+    missing: an exactly resumed run measures the same value there."""
+
+    def __init__(self, val, every: int, path: Path) -> None:
+        self.val, self.every, self.path = val, every, path
+        self.points: list = read_result(path) if path.is_file() else []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             if not any(p["step"] == state.global_step for p in self.points):
                 self.points.append({"step": state.global_step, **task_losses(model, {"val": self.val})})
+                write_result(self.path, self.points)
 
 
 def main() -> None:
@@ -107,8 +115,8 @@ def main() -> None:
                 curriculum = Curriculum(
                     difficulty[arm], pacing="competence", c0=1.0 if arm == "random" else args.c0, reverse=arm == "anti"
                 )
-                points: list = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
                 cb = DataFlexCurriculumCallback(curriculum, horizon_steps=max(1, args.steps // 2))
+                curve = Curve(val, args.eval_every, out / "curve.json")
                 torch.manual_seed(seed)
                 model = make_base()
                 model.load_state_dict(base)
@@ -117,20 +125,20 @@ def main() -> None:
                     args=trainer_args(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed),
                     train_dataset=train,
                     data_collator=collate_causal,
-                    callbacks=[cb, Curve(val, args.eval_every, points)],
+                    callbacks=[cb, curve],
                 )
                 cb.attach(trainer)
-                trainer.train(resume_from_checkpoint=last_checkpoint(out))
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
                 out.mkdir(parents=True, exist_ok=True)
                 result = {
                     "arm": arm,
                     "seed": seed,
-                    "curve": sorted(points, key=lambda q: q["step"]),
+                    "curve": sorted(curve.points, key=lambda q: q["step"]),
                     **{f"final_{k}": v for k, v in task_losses(model, {"val": val, "test": test}).items()},
                 }
-                result_file.write_text(json.dumps(result, indent=1))
+                write_result(result_file, result)
                 print(f"seed {seed} {arm}: val {result['final_val']:.4f} test {result['final_test']:.4f}", flush=True)
-            runs.append(json.loads(result_file.read_text()))
+            runs.append(read_result(result_file))
     report(args, runs)
 
 

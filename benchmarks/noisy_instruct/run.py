@@ -29,7 +29,6 @@ Every run is cached under ``--runs`` and resumes after a crash.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import add_common_args, claim_runs, pretrained_base
+from benchmarks.common import add_common_args, claim_runs, pretrained_base, read_result, write_result
 from benchmarks.report import median_range, write_results
 from dataflex.detectors import detection_quality, plant_threshold_examples
 from dataflex.prompt_support import ANALYZERS, prompt_support_scores
@@ -86,7 +85,7 @@ def train_run(args, data, base, detector: str, drop: float | None, seed: int) ->
     folder = args.runs / run_key(detector, drop, seed)
     result_file = folder / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        return read_result(result_file)
     result = train_instruct(
         detector,
         data,
@@ -106,7 +105,7 @@ def train_run(args, data, base, detector: str, drop: float | None, seed: int) ->
         analyzer=args.analyzer,
     )
     result["drop"] = drop
-    result_file.write_text(json.dumps(result, indent=1))
+    write_result(result_file, result)
     print(f"{run_key(detector, drop, seed)}: mean validation loss {result['mean_validation_loss']:.4f}", flush=True)
     return result
 
@@ -155,8 +154,8 @@ def test_measures(args, data, run: dict[str, Any]) -> dict[str, dict[str, float]
         if not cached.is_file():
             if model is None:
                 model = make_model(torch.load(folder / "final_model.pt"), seed=0)
-            cached.write_text(json.dumps(measure(model)))
-    return {name: json.loads(cached.read_text()) for name, (cached, _) in measures.items()}
+            write_result(cached, measure(model))
+    return {name: read_result(cached) for name, (cached, _) in measures.items()}
 
 
 def main() -> None:

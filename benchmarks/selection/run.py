@@ -34,7 +34,6 @@ Every stage is cached under ``--work`` and resumes after a crash. Writes ``resul
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import time
@@ -44,7 +43,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import add_common_args, claim_runs, load_jsonl_file, make_base, pretrained_base
+from benchmarks.common import (
+    add_common_args,
+    claim_runs,
+    load_jsonl_file,
+    make_base,
+    pretrained_base,
+    read_result,
+    write_result,
+)
 from benchmarks.report import median_range, write_results
 from dataflex.domains import encode_domains
 from dataflex.grads import lora_linears
@@ -311,9 +318,9 @@ def main() -> None:
                         "select_seconds": select_s,
                         **evaluate(model, test_sets, test_records),
                     }
-                    result_file.write_text(json.dumps(result, indent=1))
+                    write_result(result_file, result)
                     print(f"seed {seed} {key}: {result['loss']}", flush=True)
-                runs.append({**json.loads(result_file.read_text()), "target": target})
+                runs.append({**read_result(result_file), "target": target})
     report(args, runs, pool_names, time.perf_counter() - t_start)
 
 

@@ -27,7 +27,6 @@ under ``--runs``. Writes ``results.md``, ``results.json`` and ``results.png`` be
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,16 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from benchmarks.common import add_common_args, claim_runs, load_jsonl_file, make_base, pretrained_base, trainer_args
+from benchmarks.common import (
+    add_common_args,
+    claim_runs,
+    load_jsonl_file,
+    make_base,
+    pretrained_base,
+    read_result,
+    trainer_args,
+    write_result,
+)
 from benchmarks.report import median_range, strip_plot, write_results
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.policies import Natural
@@ -130,8 +138,8 @@ class Setup:
             cost = {"train_seconds": train_seconds, "forward_seconds": time.perf_counter() - start}
             np.savez(folder / "token_losses.npz", *losses.per_example)
             torch.save(model.state_dict(), folder / "model.pt")
-            cost_file.write_text(json.dumps(cost))
-        self.reference_cost = json.loads(cost_file.read_text())
+            write_result(cost_file, cost)
+        self.reference_cost = read_result(cost_file)
         from dataflex.token_weighting import ReferenceTokenLosses
 
         with np.load(folder / "token_losses.npz") as saved:
@@ -151,7 +159,7 @@ def train_arm(setup: Setup, arm: str, keep: float | None, seed: int) -> dict[str
     folder = run_folder(args, arm, keep, seed)
     result_file = folder / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        return read_result(result_file)
     dfx = DataFlexCallback(Natural(), domain_column="task", update_every=10**6)
     if arm == "all_tokens":
         rule = lambda token_loss, counted, ids: torch.ones_like(token_loss)  # noqa: E731 - the stock loss
@@ -189,7 +197,7 @@ def train_arm(setup: Setup, arm: str, keep: float | None, seed: int) -> dict[str
         "train_seconds": seconds,
         "effective_token_share": float(np.mean(shares)) if shares else None,
     }
-    result_file.write_text(json.dumps(result, indent=1))
+    write_result(result_file, result)
     print(f"{folder.name}: {args.target} validation (second half) {result['choice_loss']:.4f}", flush=True)
     return result
 
@@ -204,8 +212,8 @@ def test_losses(setup: Setup, run: dict[str, Any], test_sets: dict[str, Any]) ->
     if not cached.is_file():
         model = make_base()
         model.load_state_dict(torch.load(folder / "final_model.pt"))
-        cached.write_text(json.dumps(task_losses(model, test_sets)))
-    return json.loads(cached.read_text())
+        write_result(cached, task_losses(model, test_sets))
+    return read_result(cached)
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import read_result, write_result
 from benchmarks.report import median_range, write_results
 from dataflex.recipes.vlm import METHODS, holdout_signals, train_vlm
 from dataflex.testbeds.digits import digits_vqa
@@ -135,13 +136,13 @@ def main() -> None:
                     signals=extras,
                 )
                 result["arm"] = arm
-                path.write_text(json.dumps(result, indent=1))
+                write_result(path, result)
                 print(
                     f"seed {seed} {arm}: acc {result['accuracy']:.3f} loss {result['loss']:.3f} "
                     f"noisy share {result['noisy_share']:.3f}",
                     flush=True,
                 )
-            runs.append(json.loads(path.read_text()))
+            runs.append(read_result(path))
     report(args, runs, data, extras)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import read_result, write_result
 from benchmarks.report import median_range, write_results
 from benchmarks.vlm.run import bar_panels
 from dataflex.detectors import DETECTORS, DropNoisy
@@ -63,8 +64,8 @@ def cached_run(args, name: str, seed: int, **kwargs: Any) -> dict[str, Any]:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         result = train_vlm(out=args.runs / f"work-{path.stem}", seed=seed, lr=args.lr, **kwargs)
-        path.write_text(json.dumps(result))
-    return json.loads(path.read_text())
+        write_result(path, result)
+    return read_result(path)
 
 
 def main() -> None:
