@@ -55,7 +55,9 @@ from dataflex.testbeds.digits import digits_vqa
 
 HERE = Path(__file__).resolve().parent
 
-ARMS = list(METHODS)
+# Every method but "subset", which trains on the ids a cleaning run kept (benchmarks.vlm.two_stage gives them):
+# in this list, the default command ran every other arm and then stopped on it.
+ARMS = [method for method in METHODS if method != "subset"]
 
 
 def main() -> None:
