@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,7 +171,10 @@ def write_atomic(
     ``digest_file``, the sha256 of the bytes written goes there (atomically) before the rename."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".dataflex-", suffix=".tmp", dir=directory)
+    # A unique name opened exclusively, with the permissions the umask gives any new file (mkstemp's 0600 made
+    # every results and state file unreadable to the other users of a shared run folder).
+    tmp = os.path.join(directory, f".dataflex-{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             sink = HashingWriter(f) if digest_file is not None else None

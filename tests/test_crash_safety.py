@@ -202,6 +202,25 @@ def test_a_file_written_atomically_is_old_or_new_after_a_kill(tmp_path):
     assert target.read_text() == '{"new": 2}'
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_file_written_atomically_has_the_permissions_of_any_new_file(tmp_path, umask):
+    """Written through a mkstemp file, every results, settings and state file was 0600 whatever the umask: the
+    other users of a shared run folder could not read a run's results.json."""
+    import os
+
+    from dataflex.state import write_json_atomic
+
+    previous = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "results.json", {"loss": 1.5}, digest=True)
+        (tmp_path / "plain.json").write_text("{}")  # what open() gives under this umask
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "results.json"]  # no temporary left
+
+
 @pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_kill_after_the_trainers_rotation_resumes_exactly(reference, tmp_path):
     """The window that lost runs before: the Trainer had saved and, with save_total_limit=1, deleted the
