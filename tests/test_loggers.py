@@ -167,3 +167,25 @@ def test_mlflow_gets_one_metric_per_domain_and_merging_names_are_refused(ds, tmp
             logged_run(merged, tmp_path / "b", "mlflow")
     finally:
         mlflow.end_run()  # the refusal comes after MLflow's callback opened its run
+
+
+def test_trackio_gets_every_domains_metric_with_the_trainers_global_step(ds, tmp_path, monkeypatch):
+    """transformers' TrackioCallback logs each Trainer.log call as a trackio step of its own (not at global_step):
+    dataflex's entries and the Trainer's loss of one step are two trackio steps, each with train/global_step."""
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # (read when trackio is first imported)
+    trackio = pytest.importorskip("trackio")  # not a dependency: runs where trackio is installed
+    import sqlite3
+
+    if trackio.utils.TRACKIO_DIR != tmp_path / "trackio":
+        pytest.skip("trackio was imported earlier in this process, with another TRACKIO_DIR")
+    names = {"code": "Math Problems", "literature": "poésie", "trivia": "a.b"}
+    logged_run(renamed_domains(ds, names), tmp_path / "run", "trackio")
+    (db,) = (tmp_path / "trackio").glob("*.db")
+    with sqlite3.connect(db) as connection:
+        logs = [json.loads(row[0]) for row in connection.execute("SELECT metrics FROM metrics ORDER BY step")]
+    steps = {key: [log["train/global_step"] for log in logs if key in log] for key in ("train/loss",)}
+    for name in names.values():
+        steps[f"train/dataflex/weight/{name}"] = [
+            log["train/global_step"] for log in logs if f"train/dataflex/weight/{name}" in log
+        ]
+    assert all(found == [2, 4, 6] for found in steps.values()), steps
