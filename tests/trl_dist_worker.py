@@ -1,7 +1,8 @@
 """Run by test_trl.py::test_sft_two_processes under torchrun (2 processes, gloo on CPU): TRL's SFTTrainer with
 DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json.
 The second argument picks TRL's batch layout: "padded" (default), "padding_free" (Llama, flattened rows) or
-"group_by_length", "vision" (the tiny LLaVA with a processor and images: TRL's vision collator); or "kto":
+"group_by_length", "vision" (the tiny LLaVA with a processor and images: TRL's vision collator), "zero2" (under
+DeepSpeed ZeRO-2); or "kto":
 KTOTrainer on unpaired preference rows."""
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
+from ds_worker import ds_config  # noqa: E402
 from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, small_dataset  # noqa: E402
 from test_trl import VISION_SFT, image_rows, kto_trainer, llava_processor, preference_rows, sft_trainer  # noqa: E402
 
@@ -25,6 +27,7 @@ LAYOUTS = {
     "padding_free": {"padding_free": True, "max_length": None, "arch": "llama"},
     "group_by_length": {"train_sampling_strategy": "group_by_length"},
     "vision": VISION_SFT,
+    "zero2": {"deepspeed": ds_config(2)},  # DeepSpeed ZeRO-2 through SFTConfig(deepspeed=...)
 }
 
 
