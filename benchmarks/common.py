@@ -16,7 +16,7 @@ from dataflex.domains import encode_domains
 from dataflex.policies import Uniform
 from dataflex.proxies.loop import train_mixture
 from dataflex.run_folder import claim_run_folder, settings_digest
-from dataflex.state import open_checked, token_digest, write_checked
+from dataflex.state import open_checked, read_json_checked, token_digest, write_checked, write_json_checked
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
 
 POSITIONS = 256  # the base model's context; data max_len must not exceed it
@@ -118,10 +118,8 @@ def write_result(path: Path, result: Any) -> None:
     Written in place, a kill mid-write left a truncated file that every rerun of the benchmark failed to parse
     (the run counted as finished), and a changed digit would have been reported as measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_checked(path, lambda f: f.write(json.dumps(result, indent=1).encode("utf-8")))
+    write_json_checked(path, result)
 
 
-def read_result(path: Path) -> Any:
-    """A result :func:`write_result` wrote, refused (``ValueError`` naming it) when it does not match its digest;
-    one written before digests existed is read as it is."""
-    return json.loads(open_checked(path).read())
+#: A result :func:`write_result` wrote, refused when it does not match its digest (one without a digest is read as is).
+read_result = read_json_checked

@@ -37,6 +37,7 @@ __all__ = [
     "JSON_DIGEST",
     "json_digest",
     "open_checked",
+    "read_json_checked",
     "read_json",
     "token_digest",
     "unwrap_state",
@@ -45,6 +46,7 @@ __all__ = [
     "wrap_state",
     "write_checked",
     "write_json_atomic",
+    "write_json_checked",
 ]
 
 STATE_FORMAT = "dataflex.state"
@@ -219,6 +221,18 @@ def open_checked(path: str | os.PathLike[str]) -> io.BytesIO:
             "delete both files to compute it anew"
         )
     return io.BytesIO(data)
+
+
+def write_json_checked(path: str | os.PathLike[str], obj: Any) -> None:
+    """:func:`write_checked` for any JSON value, NaN included (a measured result may hold one, which
+    :func:`write_json_atomic`'s strict JSON refuses): its sha256 goes in ``<path>.sha256``."""
+    write_checked(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
+
+
+def read_json_checked(path: str | os.PathLike[str]) -> Any:
+    """A value :func:`write_json_checked` wrote, refused (``ValueError`` naming the file) when its bytes do not
+    match their digest; a file without a digest beside it (written before there was one) is read as it is."""
+    return json.loads(open_checked(path).read())
 
 
 JSON_DIGEST = "sha256"  # the field a digested JSON object carries its own digest in

@@ -356,7 +356,7 @@ def test_a_damaged_measurement_record_is_refused_before_a_resume(tmp_path):
     record.restore(tmp_path / "checkpoint-2")
     assert counter.per_step == [(1, 3.0, 8.0), (2, 2.0, 8.0)] and probe.by_step == {1: {"loss": {"auroc": 0.75}}}
     path = MeasurementRecord.path(tmp_path, 2)
-    path.write_text(changed_digit(path.read_text(), "[[1, "))  # 3.0 noisy of 8 -> 4.0: still parses
+    path.write_text(changed_digit(path.read_text(), '"per_step": ['))  # the first step 1 -> 2: still parses
     with pytest.raises(ValueError, match=r"step-2\.json is damaged"):
         record.restore(tmp_path / "checkpoint-2")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dataflex.state import open_checked, write_checked
+from dataflex.state import open_checked, read_json_checked, write_checked, write_json_checked
 from dataflex.weighting import ExampleWeightedLoss
 
 __all__ = ["DetectionProbe", "MeasurementRecord", "NoiseCounter", "holdout_signals", "training_args"]
@@ -93,7 +93,7 @@ class MeasurementRecord(TrainerCallback):
             path = self.path(args.output_dir, state.global_step)
             path.parent.mkdir(parents=True, exist_ok=True)
             # (with a digest beside it: a changed digit would still parse and be reported as the run's share)
-            write_checked(path, lambda f: f.write(json.dumps(record).encode("utf-8")))
+            write_json_checked(path, record)
 
     def restore(self, checkpoint: str | Path) -> None:
         """Take the measurements up to ``checkpoint`` (a ``checkpoint-<step>`` folder) before resuming from it."""
@@ -105,7 +105,7 @@ class MeasurementRecord(TrainerCallback):
                 "it. Delete the run folder to run it afresh"
             )
         try:
-            record = json.loads(open_checked(path).read())
+            record = read_json_checked(path)
         except ValueError as err:
             raise ValueError(f"{path} is damaged ({err}); delete the run folder to run it afresh") from err
         self.counter.per_step = [tuple(row) for row in record["per_step"]]
