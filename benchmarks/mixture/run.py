@@ -1,7 +1,7 @@
 """Mixture benchmark: every mixing policy on the 8-domain textmix corpus, several seeds, one run.
 
     python -m benchmarks.mixture.run            # full: 3 seeds, ~50 min on 2 CPU cores
-    python -m benchmarks.mixture.run --quick    # 1 seed, 100 steps, ~4 min (a smoke test of the pipeline)
+    python -m benchmarks.mixture.run --quick    # 1 seed, 100 steps: a smoke test (into outputs/mixture_quick)
     python -m benchmarks.mixture.run --data ../shared/data/textmix
 
 A byte-level GPT-2 (2 layers, width 96) is trained from scratch at a fixed budget (steps x batch x
@@ -20,7 +20,6 @@ and wall-clock relative to uniform. Hyper-parameters were chosen on ``validation
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from dataflex.plotting import plot_weight_trajectory
 from dataflex.policies import ADO, ODM, Natural, Temperature, Uniform
 from dataflex.proxies.doremi import DoReMiOffline, PreparedDoReMiOnline
 from dataflex.recipes.mixture import load_split, run_experiment
+from dataflex.state import open_checked, read_json
 from dataflex.testbeds.tiny import default_data_dir, per_domain_loss, tiny_gpt2
 
 HERE = Path(__file__).resolve().parent
@@ -101,6 +101,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 100
+        if args.out == HERE:  # a smoke test's plots must not replace the published ones beside this file
+            args.out = Path("outputs/mixture_quick")
     if "uniform" not in args.methods:
         args.methods = ["uniform", *args.methods]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,10 +141,10 @@ def main() -> None:
         ref_path = work / "reference" / "model.pt"
         if ref_path.is_file():  # the uniform-mixture reference trained for DoReMi
             ref = make_model()
-            ref.load_state_dict(torch.load(ref_path, map_location="cpu"))
+            ref.load_state_dict(torch.load(open_checked(ref_path), map_location="cpu"))  # (its digest checked)
             test = load_split(args.data, "test", args.max_len)
             reference_loss.append(per_domain_loss(ref, test, test["domain"]))
-            meta = json.loads((work / "reference" / "meta.json").read_text())
+            meta = read_json(work / "reference" / "meta.json")
             ref_seconds.append(float(meta["train_seconds"]))
         else:
             ref_seconds.append(0.0)

@@ -99,6 +99,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.steps, args.update_every, args.warmup, args.holdout_steps = [0], 30, 10, 10, 20
         args.runs = args.out = Path("outputs/vlm_quick")
+    if "subset" in args.arms:
+        raise SystemExit("the subset arm trains on the ids a cleaning run kept: run python -m benchmarks.vlm.two_stage")
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
         raise SystemExit(f"unknown arms {bad}; valid: {ARMS}")
