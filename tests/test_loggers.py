@@ -176,16 +176,14 @@ def test_trackio_gets_every_domains_metric_with_the_trainers_global_step(ds, tmp
     trackio = pytest.importorskip("trackio")  # not a dependency: runs where trackio is installed
     import sqlite3
 
-    if trackio.utils.TRACKIO_DIR != tmp_path / "trackio":
-        pytest.skip("trackio was imported earlier in this process, with another TRACKIO_DIR")
+    project = f"dataflex-test-{tmp_path.name}"  # one database per project, wherever trackio keeps them
     names = {"code": "Math Problems", "literature": "poésie", "trivia": "a.b"}
-    logged_run(renamed_domains(ds, names), tmp_path / "run", "trackio")
-    (db,) = (tmp_path / "trackio").glob("*.db")
-    with sqlite3.connect(db) as connection:
+    dfx = DataFlexCallback(ODM(), update_every=2)
+    trainer = make_trainer(renamed_domains(ds, names), dfx, tmp_path / "run", max_steps=6, save_steps=100,
+                           logging_steps=2, report_to=["trackio"], project=project)  # fmt: skip
+    trainer.train()
+    with sqlite3.connect(Path(trackio.utils.TRACKIO_DIR) / f"{project}.db") as connection:
         logs = [json.loads(row[0]) for row in connection.execute("SELECT metrics FROM metrics ORDER BY step")]
-    steps = {key: [log["train/global_step"] for log in logs if key in log] for key in ("train/loss",)}
-    for name in names.values():
-        steps[f"train/dataflex/weight/{name}"] = [
-            log["train/global_step"] for log in logs if f"train/dataflex/weight/{name}" in log
-        ]
+    keys = ["train/loss", *(f"train/dataflex/weight/{name}" for name in names.values())]
+    steps = {key: [log["train/global_step"] for log in logs if key in log] for key in keys}
     assert all(found == [2, 4, 6] for found in steps.values()), steps
