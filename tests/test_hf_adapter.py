@@ -202,6 +202,37 @@ def test_a_sampler_of_the_users_own_is_refused_not_replaced(ds, tmp_path):
         labelled_run(OwnSamplerTrainer, ds, DataFlexCallback(Uniform()), tmp_path, steps=1)
 
 
+def test_several_gpus_in_one_process_are_refused_naming_the_launch_that_works(ds, tmp_path):
+    """With several GPUs visible and no distributed launch the Trainer wraps the model in torch.nn.DataParallel,
+    whose replicas run the model's forward hooks on threads, one slice of the batch each: the captured losses
+    would land on the wrong examples. Refused at train begin. (No GPU here: the Trainer's GPU count is set by
+    hand, and on the CPU DataParallel would run the model as is, so without the check this run would train.)"""
+    trainer = make_trainer(ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2)
+    trainer.args._n_gpu = 2
+    with pytest.raises(ValueError, match=r"DataParallel \(2 GPUs in one process\).*torchrun --nproc_per_node 2"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("split", ["tensor_parallel_model", "context_parallel", "sequence_parallel"])
+def test_tensor_context_and_sequence_parallelism_are_refused_naming_the_size(split, ds, tmp_path):
+    """Tensor-parallel ranks train the same examples and context/sequence-parallel ranks a slice of each sequence:
+    dataflex would count examples twice or score them from part of their tokens. Those layouts need several
+    processes with a device mesh, so the run's settings are given by hand to a one-process Trainer, the way a model
+    loaded with a tp_plan (``_tp_size``) or TrainingArguments(parallelism_config=...) would carry them."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    trainer = make_trainer(ds, DataFlexCallback(Uniform()), tmp_path, max_steps=2)
+    if split == "tensor_parallel_model":
+        trainer.model._tp_size, named = 2, "tp_size=2"
+    else:
+        size = "cp_size" if split == "context_parallel" else "sp_size"
+        trainer.args.parallelism_config, named = ParallelismConfig(**{size: 2}), f"{size}=2"
+    with pytest.raises(ValueError, match=rf"splits the model or the sequence \({named}\).*data parallelism only"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_labels_follow_the_trainers_own_column(ds, tmp_path):
     """Without domains=, labels come from trainer.train_dataset (which keeps the column the Trainer drops
     from its DataLoader's copy), so a shuffled dataset still trains on the intended domain only."""

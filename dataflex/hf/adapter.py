@@ -274,7 +274,8 @@ class TrainerAdapter(TrainerCallback):
                 "(to mix domains within a selected subset, select it offline with dataflex.offline and train the "
                 "mixture on dataset.select(subset))"
             )
-        self._check_stack_settings(args)
+        self._check_stack_settings(args, model)
+        self._check_parallelism(args, trainer)
         self._check_trainer_kind(trainer)
         self._check_positional_inputs(args, trainer)
         check_causal_lm(model)  # every loss dataflex computes shifts the labels by one
@@ -378,8 +379,20 @@ class TrainerAdapter(TrainerCallback):
             control.should_training_stop = True
             logger.info("resumed at global_step=%d = max_steps: the run is already finished", state.global_step)
 
-    def _check_stack_settings(self, args: Any) -> None:
+    def _check_stack_settings(self, args: Any, model: torch.nn.Module) -> None:
         """Trainer settings dataflex cannot honour: refuse or say so, never replace them silently."""
+        quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+        if getattr(args, "n_gpu", 1) > 1 and not quantized:
+            # The Trainer's condition for torch.nn.DataParallel. Its replicas share the model's forward hooks and
+            # run them at once on threads, one slice of the batch each, so the loss capture would see each
+            # micro-batch as several forwards of unknown order and pin losses on the wrong examples.
+            raise ValueError(
+                f"the Trainer would run the model under torch.nn.DataParallel ({args.n_gpu} GPUs in one process), "
+                "whose replicas each forward a slice of the batch on their own thread, so dataflex could not tell "
+                "which losses belong to which examples; launch one process per GPU (torchrun --nproc_per_node "
+                f"{args.n_gpu} or accelerate launch --multi_gpu), which dataflex supports, or make one GPU visible "
+                "(CUDA_VISIBLE_DEVICES=0)"
+            )
         if getattr(args, "packing", False):
             raise ValueError(
                 "dataset-level packing (packing=True) puts several examples into one training row, so dataflex cannot "
@@ -462,6 +475,27 @@ class TrainerAdapter(TrainerCallback):
                 )
             scale = 1
         loss.trainer_scale = scale
+
+    @staticmethod
+    def _check_parallelism(args: Any, trainer: Trainer | None) -> None:
+        """Refuse tensor, context and sequence parallelism (accelerate's ``ParallelismConfig`` from the
+        TrainingArguments or an accelerate config file; a model loaded with a ``tp_plan``; DeepSpeed's AutoTP):
+        dataflex deals whole examples to data-parallel ranks and scores each on the rank that trained it."""
+        config = getattr(getattr(trainer, "accelerator", None), "parallelism_config", None)
+        config = config if config is not None else getattr(args, "parallelism_config", None)
+        sizes = {name: int(getattr(config, name, None) or 1) for name in ("tp_size", "cp_size", "sp_size")}
+        if hasattr(trainer, "get_tp_size"):  # the Trainer's own reading: the model's plan, DeepSpeed, accelerate
+            sizes["tp_size"] = max(sizes["tp_size"], int(trainer.get_tp_size() or 1))
+        split = {name: size for name, size in sizes.items() if size > 1}
+        if split:
+            shown = ", ".join(f"{name}={size}" for name, size in split.items())
+            raise ValueError(
+                f"accelerate's parallelism config splits the model or the sequence ({shown}): the ranks of a "
+                "tensor-parallel group train the same examples, and context or "
+                "sequence parallelism gives each rank a slice of every sequence, so dataflex would count an example "
+                "once per rank or score it from part of its tokens; dataflex supports data parallelism only "
+                "(DDP, DeepSpeed ZeRO): set tp_size, cp_size and sp_size to 1"
+            )
 
     @staticmethod
     def _check_trainer_kind(trainer: Trainer | None) -> None:
