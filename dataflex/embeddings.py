@@ -24,6 +24,7 @@ import torch
 
 from dataflex.batching import model_inputs
 from dataflex.modes import eval_mode
+from dataflex.state import write_atomic
 from dataflex.taps import Tap
 
 __all__ = [
@@ -132,10 +133,8 @@ class EmbeddingCache:
     def save(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
         values = self.values if self.values is not None else np.zeros((self.num_examples, 0), np.float32)
-        np.savez(tmp, values=values, step=self.step)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: np.savez(f, values=values, step=self.step))
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore a cache :meth:`save` wrote; a file that does not fit this cache is refused, naming it."""

@@ -31,7 +31,7 @@ from dataflex.losses import check_causal_lm, padding_free_segments, per_example_
 from dataflex.modes import eval_mode
 from dataflex.ranking import rank_ids
 from dataflex.run_folder import describe_differences
-from dataflex.state import DatasetFingerprint, read_json, token_digest, write_json_atomic
+from dataflex.state import DatasetFingerprint, read_json, token_digest, write_atomic, write_json_atomic
 
 __all__ = ["SUBSET_FORMAT", "read_subset", "score_pool", "target_direction", "token_mean_losses", "write_subset"]
 
@@ -110,10 +110,10 @@ def score_pool(
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    # write_atomic's temporary file has a name of its own: two runs sharing a cache (a parallel sweep) each
+    # write whole files instead of into one fixed temporary name at once.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def token_mean_losses(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:

@@ -96,6 +96,37 @@ def test_a_score_cache_made_for_another_pool_of_the_same_size_is_refused(tmp_pat
         score_pool(row_sums, first, collate_causal, cache=cache, progress=False)
 
 
+def test_saves_of_one_cache_by_two_runs_at_once_each_leave_a_whole_file(tmp_path, monkeypatch):
+    """Two runs of a parallel sweep sharing a score cache (or an embedding cache) save it at the same time. With
+    one fixed temporary name the second save truncated and renamed the first's file mid-write, so the first run
+    died renaming a file that was gone. Here the second save happens while the first is between its write and its
+    rename: both complete and the cache holds one save whole."""
+    from dataflex.embeddings import EmbeddingCache
+
+    real_savez, nested = np.savez, []
+
+    def savez_with_another_save_inside(file, **arrays):
+        real_savez(file, **arrays)
+        if not nested:  # the other run's save, before this one renames its file into place
+            nested.append(1)
+            save_other()
+
+    monkeypatch.setattr(np, "savez", savez_with_another_save_inside)
+    data, cache = pool(), tmp_path / "scores.npz"
+    save_other = lambda: score_pool(row_sums, data, collate_causal, cache=cache, progress=False)  # noqa: E731
+    scores = score_pool(row_sums, data, collate_causal, cache=cache, progress=False)
+    nested.clear()
+    np.testing.assert_array_equal(scores, score_pool(row_sums, data, collate_causal, cache=cache, progress=False))
+    path, kept = tmp_path / "embeddings.npz", EmbeddingCache(3)
+    kept.update(np.array([0, 2]), torch.ones(2, 4), step=1)
+    save_other = lambda: kept.save(path)  # noqa: E731
+    kept.save(path)
+    restored = EmbeddingCache(3)
+    restored.load(path)
+    assert restored.filled.tolist() == [True, False, True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npz", "scores.npz"]  # no temporary left
+
+
 def test_token_mean_losses_equal_one_example_at_a_time():
     model = tiny_gpt2(n_layer=1, n_embd=32, seed=0)
     data = pool(9)
