@@ -11,7 +11,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "is_distributed", "rank", "world_size"]
+__all__ = [
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "from_rank_zero",
+    "is_distributed",
+    "rank",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:
@@ -47,6 +55,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_rank_zero(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a broadcast of one picklable object); ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -72,7 +72,11 @@ class GradientFeaturizer:
             self._check_adam_moments(optimizer)
         self.projector = projector or RademacherProjector(dim, seed=seed)
         self.micro_batch, self.grad_buffer_bytes = int(micro_batch), int(grad_buffer_bytes)
-        self._params_per_example = sum(layer.weight.numel() for layer in self.capture.layers.values())
+        # (ds_numel: under DeepSpeed ZeRO-3 a weight outside the forward is an empty placeholder, which would make
+        # the gradient buffer below unbounded)
+        self._params_per_example = sum(
+            int(getattr(layer.weight, "ds_numel", layer.weight.numel())) for layer in self.capture.layers.values()
+        )
 
     def _check_adam_moments(self, optimizer: torch.optim.Optimizer) -> None:
         """LESS's preconditioner is the optimizer's Adam moments of each scored weight. An optimizer without

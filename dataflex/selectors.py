@@ -72,12 +72,20 @@ def _batches(ids: np.ndarray, ctx: SelectionContext):
 
 
 def scored_across_ranks(ids: np.ndarray, score_part: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Score ``ids`` with each rank taking every ``world``-th id, then gather: same result on all ranks."""
+    """Score ``ids`` with each rank taking every ``world``-th id, then gather: same result on all ranks.
+
+    Every rank scores the same number of examples (a rank with one fewer repeats an id and drops that score):
+    under DeepSpeed ZeRO-3 each forward gathers the partitioned weights with a collective, so a rank running one
+    batch more than another would wait for a partner that has moved on to the next collective (gloo stops on the
+    size mismatch; NCCL can hang or pair the wrong messages)."""
     world, rank = dist.world_size(), dist.rank()
     mine = ids[rank::world]
-    scores = np.asarray(score_part(mine)) if len(mine) else np.zeros(0)
-    if scores.shape[0] != len(mine):  # never zip a short list silently: every id needs its own score
-        raise RuntimeError(f"scoring returned {scores.shape[0]} scores for {len(mine)} examples")
+    per_rank = -(-len(ids) // world)
+    padded = np.concatenate([mine, np.repeat(ids[:1], per_rank - len(mine))]) if len(ids) else mine
+    scores = np.asarray(score_part(padded)) if len(padded) else np.zeros(0)
+    if scores.shape[0] != len(padded):  # never zip a short list silently: every id needs its own score
+        raise RuntimeError(f"scoring returned {scores.shape[0]} scores for {len(padded)} examples")
+    scores = scores[: len(mine)]
     parts = dist.all_gather_objects((mine, scores))
     out = np.full(len(ids), np.nan)
     index = {int(i): j for j, i in enumerate(ids)}

@@ -5,7 +5,12 @@ Writes <out>/rank<r>.json with the weight histories, the example ids of each ste
 embedding cache (gathered from both ranks).
 
     torchrun ... ds_worker.py OUT STAGE influence   LoRA influence selection under ZeRO-STAGE: LESS (refused, the
-        optimizer holds flattened copies, not the LoRA weights) and TracIn (trains); writes what each did."""
+        optimizer holds flattened copies, not the LoRA weights) and TracIn (trains); writes what each did.
+    torchrun ... ds_worker.py OUT STAGE selection   loss-focused selection (scoring passes between steps) with
+        candidates that do not split evenly over the ranks; writes each rank's selections.
+    torchrun ... ds_worker.py OUT STAGE fused   the same Llama returning logits, then only its loss (scored from
+        hidden states through the LM head); writes both runs' ids, decisions and training-dynamics record (visits,
+        mean loss)."""
 
 import json
 import sys
@@ -25,12 +30,22 @@ STEPS, CRASH = 8, 4
 
 
 def ds_config(stage: int) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:
+        # Release every weight after its use, as for a large model: by default ZeRO-3 keeps a tiny model's weights
+        # whole (under the persistence threshold, within the live-parameter budget), and no forward would gather.
+        zero |= {
+            "stage3_param_persistence_threshold": 0,
+            "stage3_max_live_parameters": 0,
+            "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": 0,
+        }
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
     }
 
@@ -101,10 +116,53 @@ def influence(out: str, stage: int) -> None:
             outcome[mode] = {"selections": len(dfx.history) - 1}
         except ValueError as error:
             outcome[mode] = {"refused": str(error)}
+    # The gradient buffer is sized by the scored weights' element count, which ZeRO-3's placeholders hide.
+    from dataflex.grads import lora_linears
+    from dataflex.influence import GradientFeaturizer
+
+    outcome["params_per_example"] = GradientFeaturizer(model, lora_linears(model))._params_per_example
     rank = dist.get_rank() if dist.is_initialized() else 0
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
+def selection(out: str, stage: int) -> None:
+    """Loss-focused selection, whose scoring passes run the model outside the training step: 65 candidates split
+    33/32 over the ranks, two batches of 32 on one rank and one on the other unless the ranks are evened out."""
+    from dataflex import DataFlexSelectCallback
+    from dataflex.selectors import LossFocus
+
+    ds = small_dataset(per_domain=30).select(range(65))
+    dfx = DataFlexSelectCallback(LossFocus(0.5), update_every=2, score_batch_size=32)
+    rec = StepRecorder(dfx)
+    trainer = make_trainer(ds, dfx, Path(out), max_steps=4, save_steps=100, extra=[rec], deepspeed=ds_config(stage))
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    selected = [sorted(entry["ids"]) for entry in dfx.history if "ids" in entry]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"selected": selected, "ids": rec.ids}))
+
+
+def fused(out: str, stage: int) -> None:
+    """The same Llama trained twice, once returning logits and once only its loss (a fused linear cross-entropy
+    kernel): under ZeRO-3 the latter is scored from hidden states through the LM head, gathered for it."""
+    import numpy as np
+
+    ds = small_dataset(per_domain=12)
+    result = {}
+    for arch in ("llama", "fused_llama"):
+        dfx = DataFlexCallback(ODM(), update_every=1, dynamics=True)
+        rec = StepRecorder(dfx)
+        trainer = make_trainer(
+            ds, dfx, Path(out) / arch, max_steps=4, save_steps=100, extra=[rec], arch=arch, deepspeed=ds_config(stage)
+        )
+        trainer.train()
+        dfx.dynamics.gather()
+        record = {name: np.nan_to_num(getattr(dfx.dynamics, name), nan=-1).tolist() for name in ("visits", "loss_mean")}
+        result[arch] = {"ids": rec.ids, "history": dfx.history, **record}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
-    (influence if sys.argv[3:] == ["influence"] else main)(sys.argv[1], int(sys.argv[2]))
+    modes = {"influence": influence, "selection": selection, "fused": fused}
+    modes.get(sys.argv[3] if len(sys.argv) > 3 else "", main)(sys.argv[1], int(sys.argv[2]))
     finish_distributed()

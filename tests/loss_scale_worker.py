@@ -7,6 +7,7 @@ with every weight 1; ``stock``: no custom loss), or with the error a bare ``Exam
 processes (mode ``bare``). A third argument runs it under DeepSpeed ZeRO of that stage.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -64,7 +65,13 @@ def main(out: Path, mode: str, zero_stage: int | None = None) -> None:
     result = {"world": world}
     try:
         trainer.train()
-        result["change"] = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before))
+        whole = contextlib.nullcontext()
+        if zero_stage == 3:  # the weights are partitioned placeholders outside a forward
+            import deepspeed
+
+            whole = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        with whole:
+            result["change"] = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before))
         result["trainer_scale"] = getattr(loss, "trainer_scale", None)
     except RuntimeError as error:
         result["error"] = str(error)

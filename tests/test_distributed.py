@@ -98,6 +98,17 @@ def test_two_process_influence_selection_is_identical_on_both_ranks(tmp_path):
     assert r0["store_scores"] == r1["store_scores"]
 
 
+def test_a_curriculum_scorer_that_differs_between_ranks_gives_every_rank_rank_zeros_order(tmp_path):
+    """Each rank runs a re-scored curriculum's scorer, whose results can differ between ranks (GPU kernels, dropout,
+    a random subsample); ranks that kept their own orders dealt batches from different sequences, silently training
+    some examples twice and others never. Every rank now takes rank 0's order."""
+    run_two_processes("curriculum_dist_worker.py", tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"curriculum_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["orders"] == r1["orders"] and len(r0["orders"]) == 4  # the first order, then re-scored at 2, 4, 6
+    assert len({tuple(order) for order in r0["orders"]}) == 4  # (the scorer's draws did change the order)
+    assert r0["ids"].keys() == r1["ids"].keys() and len(r0["ids"]) == 6
+
+
 @pytest.mark.slow  # ~40 s; .ci/run runs it
 def test_example_weighted_loss_gives_the_same_step_in_one_and_two_processes(tmp_path):
     """The Trainer multiplies a custom loss by the process count (average_tokens_across_devices): the callback

@@ -360,15 +360,15 @@ def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["padded", "padding_free", "group_by_length", "vision", "zero2", "kto"])
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "group_by_length", "vision", "zero2", "zero3", "kto"])
 def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path, layout):
     """SFTTrainer under torchrun (2 processes), padded, padding-free, grouped by length, with a processor and
-    images (TRL's vision collator, the tiny LLaVA) or under DeepSpeed ZeRO-2, and KTOTrainer: same
+    images (TRL's vision collator, the tiny LLaVA) or under DeepSpeed ZeRO-2 or ZeRO-3, and KTOTrainer: same
     decisions on both ranks, disjoint examples per step, and crash + resume equal to the uninterrupted run. Slow;
     .ci/run runs it."""
     from test_distributed import run_two_processes
 
-    if layout == "zero2":
+    if layout.startswith("zero"):
         pytest.importorskip("deepspeed")
 
     run_two_processes("trl_dist_worker.py", tmp_path, layout)

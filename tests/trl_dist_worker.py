@@ -1,8 +1,8 @@
 """Run by test_trl.py::test_sft_two_processes under torchrun (2 processes, gloo on CPU): TRL's SFTTrainer with
 DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json.
 The second argument picks TRL's batch layout: "padded" (default), "padding_free" (Llama, flattened rows) or
-"group_by_length", "vision" (the tiny LLaVA with a processor and images: TRL's vision collator), "zero2" (under
-DeepSpeed ZeRO-2); or "kto":
+"group_by_length", "vision" (the tiny LLaVA with a processor and images: TRL's vision collator), "zero2" or
+"zero3" (under DeepSpeed ZeRO-2 or ZeRO-3); or "kto":
 KTOTrainer on unpaired preference rows."""
 
 import json
@@ -28,6 +28,7 @@ LAYOUTS = {
     "group_by_length": {"train_sampling_strategy": "group_by_length"},
     "vision": VISION_SFT,
     "zero2": {"deepspeed": ds_config(2)},  # DeepSpeed ZeRO-2 through SFTConfig(deepspeed=...)
+    "zero3": {"deepspeed": ds_config(3)},  # ZeRO-3, every weight released after use (TRL's fused LM head gathers)
 }
 
 

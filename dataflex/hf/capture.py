@@ -26,8 +26,9 @@ metrics) are ignored, so they never count as a micro-batch. When the Trainer use
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -92,13 +93,32 @@ class HiddenStateScorer:
 
         return logits_at
 
+    @contextlib.contextmanager
+    def whole_head(self) -> Iterator[None]:
+        """The LM head's weight whole for the duration. DeepSpeed ZeRO-3 partitions it again once the forward is
+        over; it is gathered here, a collective that every rank reaches once per training forward, as each
+        rank scores each of its micro-batches."""
+        weight = self.head.weight
+        if hasattr(weight, "ds_id") and weight.numel() == 0:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+                yield
+        else:
+            yield
+
+    @property
+    def vocab(self) -> int:
+        return self.head.weight.shape[0]
+
     def _check(self) -> None:
         if self.unsupported:
             raise ValueError(self.unsupported)
         if self.head.weight.numel() == 0:
             raise RuntimeError(
-                "the LM head's weight is partitioned (DeepSpeed ZeRO-3) outside the forward, so dataflex cannot score "
-                "a forward without logits from hidden states; return logits (or log-probabilities) instead"
+                "the LM head's weight is partitioned outside the forward (not by DeepSpeed ZeRO-3, which dataflex "
+                "gathers), so dataflex cannot score a forward without logits from hidden states; return logits "
+                "(or log-probabilities) instead"
             )
 
     def positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +188,8 @@ def visits_of_forward(
         )
     if hidden is not None and hidden.hidden is not None:
         labels = labels.to(hidden.hidden.device)
-        return visit_statistics(hidden.logits_at(), labels, vocab=hidden.head.weight.shape[0], segments=segments)
+        with hidden.whole_head():
+            return visit_statistics(hidden.logits_at(), labels, vocab=hidden.vocab, segments=segments)
     raise ValueError(_unscorable(output))
 
 
@@ -192,7 +213,8 @@ def per_example_loss(
     elif logits is not None:
         parts = scored_positions(logits, labels)
     elif hidden is not None and hidden.hidden is not None:
-        parts = hidden.positions(labels)
+        with hidden.whole_head():
+            parts = hidden.positions(labels)
     else:
         raise ValueError(_unscorable(output))
     segments = padding_free_segments(labels.shape[0], position_ids)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dataflex import dist
 from dataflex.cadence import count_decisions, start_policy, warn_no_decision
 from dataflex.checks import flag, whole_number
 from dataflex.curriculum import Curriculum
@@ -329,9 +330,7 @@ class CurriculumDecider:
 
     def build_sampler(self, run: RunContext) -> CurriculumSampler:
         # When resuming, the checkpoint's orders replace this placeholder (no scoring pass needed).
-        order = (
-            np.arange(run.num_samples) if run.resuming else self.curriculum.order(run.model, run.dataset, run.collate)
-        )
+        order = np.arange(run.num_samples) if run.resuming else self._order(run)
         steps = self.horizon_steps or run.max_steps
         labels = [run.domain_names[d] for d in run.domain_ids]
         self.sampler = CurriculumSampler(
@@ -358,9 +357,16 @@ class CurriculumDecider:
         g = max(0, self.sampler.schedule.frontier)
         return self.sampler.open_count(g) / self.sampler.schedule.num_examples
 
-    def decide(self, step, stats, store, run):
+    def _order(self, run: RunContext) -> np.ndarray:
+        """The curriculum's order, rank 0's on every rank: each rank runs the scorer (under DeepSpeed ZeRO-3 its
+        forwards are collective), but a scorer's results can differ between ranks (GPU kernels that are not
+        deterministic, dropout left on, a random subsample), and ranks dealing batches from different orders
+        would train some examples twice and others never."""
         order = self.curriculum.order(run.model, run.dataset, run.collate)
-        return order, {"dataflex/curriculum_open": self.open_fraction()}
+        return order if getattr(self.curriculum, "scorer", None) is None else dist.from_rank_zero(order)
+
+    def decide(self, step, stats, store, run):
+        return self._order(run), {"dataflex/curriculum_open": self.open_fraction()}
 
     def history_entry(self, sampler):
         return {"easiest": sampler.schedule.current[:10].tolist()}
