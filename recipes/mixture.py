@@ -44,6 +44,7 @@ from dataflex.recipes.settings import (
 )
 from dataflex.state import write_text_atomic
 from dataflex.testbeds.tiny import (
+    TEXT_FIELDS,
     VOCAB_SIZE,
     byte_dataset,
     check_evaluation_split,
@@ -59,7 +60,7 @@ SAME_RESULT = ("ckpt_every", "ckpt_dir", "work_dir")
 
 
 def load_split(root: Path, split: str, max_len: int, per_domain: int | None = None) -> Any:
-    return byte_dataset(load_jsonl_dir(root / split, max_per_file=per_domain), max_len)
+    return byte_dataset(load_jsonl_dir(root / split, max_per_file=per_domain, require=TEXT_FIELDS), max_len)
 
 
 def run_experiment(

@@ -34,7 +34,14 @@ from dataflex.recipes.settings import check_model_fits, check_select_offline_set
 from dataflex.run_folder import RUN_SETTINGS, claim_run_folder, describe_differences, settings_digest, weights_summary
 from dataflex.selection import select_by_loss, select_random, select_top
 from dataflex.state import DatasetFingerprint, read_json, token_digest
-from dataflex.testbeds.tiny import VOCAB_SIZE, collate_causal, instruct_dataset, load_jsonl, load_jsonl_dir
+from dataflex.testbeds.tiny import (
+    INSTRUCTION_FIELDS,
+    VOCAB_SIZE,
+    collate_causal,
+    instruct_dataset,
+    load_jsonl,
+    load_jsonl_dir,
+)
 
 METHODS = ("less", "tracin", "loss_hard", "loss_easy", "random")
 
@@ -256,7 +263,7 @@ def _hydra_main() -> None:
 
         base = make_base()
         pool_dir = Path(path(cfg.pool)) if cfg.pool else default_data_dir() / "instruct" / "train"
-        pool = instruct_dataset(load_jsonl_dir(pool_dir), cfg.max_len)
+        pool = instruct_dataset(load_jsonl_dir(pool_dir, require=INSTRUCTION_FIELDS), cfg.max_len)
         checkpoint = path(cfg.checkpoint)
         if checkpoint is None:
             warm = cfg.warmup
@@ -273,7 +280,7 @@ def _hydra_main() -> None:
         check_warmup_base(checkpoint, base)
         model = load_lora_checkpoint(base, checkpoint)
         optimizer = load_trainer_optimizer(model, checkpoint) if cfg.method == "less" else None
-        target = instruct_dataset(load_jsonl(path(cfg.target)), cfg.max_len)
+        target = instruct_dataset(load_jsonl(path(cfg.target), require=INSTRUCTION_FIELDS), cfg.max_len)
         ids = select_offline(
             model,
             pool,

@@ -1,6 +1,7 @@
 """Every YAML under configs/ composes and instantiates; the core imports only torch and numpy."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,11 @@ def test_jsonl_data_a_user_brings_is_read_whole_or_refused_naming_the_line(tmp_p
         load_jsonl_dir(tmp_path)
     (tmp_path / "y.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good[0]).encode() + b"\r\n")  # BOM, CRLF
     assert load_jsonl_dir(tmp_path) == good + good[:1]
+    # a corpus whose records carry no domain (the recipes' text layout needs one on every record): named by file
+    # and line, where it ended in datasets' "Column 'domain' doesn't exist" from the evaluation check
+    (tmp_path / "y.jsonl").write_text(json.dumps(good[0]) + "\n" + json.dumps({"text": "unlabelled"}) + "\n")
+    with pytest.raises(ValueError, match=r"y\.jsonl:2 has no 'domain' field: every record here needs \['text', 'd"):
+        load_jsonl_dir(tmp_path, require=("text", "domain"))
     with pytest.raises(ValueError, match=r"record 1 has no \['domain'\]"):
         byte_dataset([good[0], {"text": "no label"}], 16)
     with pytest.raises(ValueError, match=r"record 0 has no \['text'\]"):
@@ -176,7 +182,8 @@ def test_jsonl_data_a_user_brings_is_read_whole_or_refused_naming_the_line(tmp_p
 def test_an_evaluation_split_that_would_make_a_wrong_table_is_caught_before_training():
     """A domain whose examples have no next-token target would be left out of the per-domain table (and so
     of its mean) without a word: refused, before training and by the evaluation itself. A domain absent from
-    training is evaluated, with a warning naming it (a misspelt name looks the same). A label field holding
+    training is evaluated, with a warning naming it (a misspelt name looks the same), and a training domain
+    without evaluation examples is named (the table's mean would leave it out). A label field holding
     1 and "1" is named, not left to Arrow's conversion error."""
     from dataflex.testbeds.tiny import byte_dataset, check_evaluation_split, per_domain_loss, tiny_gpt2
 
@@ -189,7 +196,11 @@ def test_an_evaluation_split_that_would_make_a_wrong_table_is_caught_before_trai
     losses = per_domain_loss(tiny_gpt2(), train, train["domain"])
     assert sorted(losses) == ["a", "b"]
     other = byte_dataset([{"text": "alpha", "domain": "a"}, {"text": "zeta", "domain": "z"}], 16)
-    with pytest.warns(UserWarning, match=r"the test split has domains \['z'\] that no training example has"):
+    with pytest.warns(UserWarning) as caught:
         check_evaluation_split(train, other, "test")
+    said = [str(w.message) for w in caught]
+    assert any(re.match(r"the test split has domains \['z'\] that no training example has", m) for m in said)
+    # a training domain without test examples would be missing from the table's mean and worst domain
+    assert any(re.match(r"training domains \['b'\] have no example in the test split: the per-domain", m) for m in said)
     with pytest.raises(ValueError, match=r"field 'domain' holds values of several types .*'int': 0, 'str': 1"):
         byte_dataset([{"text": "x", "domain": 1}, {"text": "y", "domain": "1"}], 16)

@@ -25,6 +25,8 @@ __all__ = [
     "encode_bytes",
     "encode_instruction",
     "instruct_dataset",
+    "INSTRUCTION_FIELDS",
+    "TEXT_FIELDS",
     "load_jsonl",
     "load_jsonl_dir",
     "per_domain_loss",
@@ -33,6 +35,10 @@ __all__ = [
     "tiny_llama",
     "tiny_llava",
 ]
+
+#: The fields every record of a text corpus (textmix's layout) and of an instruction pool must have.
+TEXT_FIELDS = ("text", "domain")
+INSTRUCTION_FIELDS = ("instruction", "response", "task")
 
 PAD_ID = 256  # byte values are 0..255; one extra id pads and ends sequences
 VOCAB_SIZE = 257
@@ -44,21 +50,26 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
-def load_jsonl_dir(folder: str | os.PathLike[str], max_per_file: int | None = None) -> list[dict[str, Any]]:
+def load_jsonl_dir(
+    folder: str | os.PathLike[str], max_per_file: int | None = None, require: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Read every ``*.jsonl`` in ``folder`` (sorted by name) with :func:`load_jsonl`, keeping the first
-    ``max_per_file`` records of each."""
+    ``max_per_file`` records of each; each must have the fields in ``require``."""
     folder = Path(folder)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no .jsonl files in {folder}")
-    return [record for path in files for record in load_jsonl(path, max_per_file)]
+    return [record for path in files for record in load_jsonl(path, max_per_file, require)]
 
 
-def load_jsonl(path: str | os.PathLike[str], max_records: int | None = None) -> list[dict[str, Any]]:
+def load_jsonl(
+    path: str | os.PathLike[str], max_records: int | None = None, require: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """The records (JSON objects, one per line) of a ``.jsonl`` file, the first ``max_records`` of them.
 
-    Blank lines are skipped (a trailing empty line is common); a line that is not a JSON object raises naming
-    its file and line number, since a record silently lost or mis-read would change the data trained on.
+    Blank lines are skipped (a trailing empty line is common); a line that is not a JSON object, or one without
+    a field in ``require``, raises naming its file and line number, since a record silently lost or mis-read
+    would change the data trained on.
     """
     records: list[dict[str, Any]] = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line number
@@ -77,6 +88,13 @@ def load_jsonl(path: str | os.PathLike[str], max_records: int | None = None) -> 
                 raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}): {line[:80]!r}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object (a record)")
+            missing = [field for field in require if field not in record]
+            if missing:
+                example = ", ".join(f'"{field}": ...' for field in require)
+                raise ValueError(
+                    f"{path}:{number} has no {', '.join(map(repr, missing))} field: every record here needs "
+                    f"{list(require)} ({{{example}}} on each line); fields it has: {sorted(record)}"
+                )
             records.append(record)
     return records
 
@@ -343,7 +361,7 @@ def check_evaluation_split(train_ds: Any, eval_ds: Any, split: str = "validation
     Raises when a domain has no example with a next-token target (its loss could not be measured; the
     per-domain table would leave it out of the mean silently); warns, naming them, for evaluated domains
     that no training example has (out-of-domain evaluation is legitimate, but a misspelt domain name looks
-    the same)."""
+    the same) and for training domains the split does not evaluate (the table would leave them out)."""
     import warnings
 
     domains = list(eval_ds[column])
@@ -356,6 +374,14 @@ def check_evaluation_split(train_ds: Any, eval_ds: Any, split: str = "validation
         warnings.warn(
             f"the {split} split has domains {unseen} that no training example has: they are evaluated, but no "
             f"training weight reaches them (training domains: {sorted(set(train_ds[column]), key=str)})",
+            stacklevel=2,
+        )
+    unevaluated = sorted(set(train_ds[column]) - set(domains), key=str)
+    if unevaluated:
+        warnings.warn(
+            f"training domains {unevaluated} have no example in the {split} split: the per-domain table, its mean "
+            "and its worst domain leave them out, so a mixture that starves them would not show; add "
+            f"{split} examples for them if their loss matters",
             stacklevel=2,
         )
 
