@@ -60,6 +60,26 @@ def test_noisy_instructions_refuse_bad_arguments():
         noisy_instructions(default_data_dir(), tasks=("human_eval",), per_task=100)
 
 
+def test_instruction_data_a_user_brings_is_checked_record_by_record(tmp_path):
+    """A pool of the user's own: a damaged line or a record without a response raised json's or a KeyError naming
+    no file; a record whose task is not its file's would be trained under one task name and reported under the
+    other. Each is refused naming the file."""
+    folder = tmp_path / "instruct"
+    for split in ("train", "validation", "test"):
+        (folder / split).mkdir(parents=True)
+        rows = [{"instruction": f"q{i}", "response": f"a{i}", "task": "qa"} for i in range(12)]
+        (folder / split / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(noisy_instructions(tmp_path, tasks=("qa",), per_task=6, noise=0.5)["train"]) == 6
+    train = folder / "train" / "qa.jsonl"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:3] + ['{"instruction": "q", "task": "qa"}'] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"qa\.jsonl:4 has no 'response' field"):
+        noisy_instructions(tmp_path, tasks=("qa",), per_task=6, noise=0.5)
+    train.write_text("\n".join(lines[:3] + [lines[3].replace('"qa"', '"math"')] + lines[4:]) + "\n")
+    with pytest.raises(ValueError, match=r"qa\.jsonl holds a record \(record 4\) whose task is 'math', not 'qa'"):
+        noisy_instructions(tmp_path, tasks=("qa",), per_task=6, noise=0.5)
+
+
 def test_keep_per_task_drops_the_highest_scores_of_every_task():
     from dataflex.recipes.instruct import keep_per_task
 

@@ -10,13 +10,12 @@ for scoring only. Validation and test splits are clean.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dataflex.testbeds.tiny import collate_causal, instruct_dataset
+from dataflex.testbeds.tiny import INSTRUCTION_FIELDS, collate_causal, instruct_dataset, load_jsonl
 
 __all__ = ["NOISY_TASKS", "noisy_instructions", "prompt_reliance"]
 
@@ -33,9 +32,17 @@ def _task_records(folder: Path, tasks: tuple[str, ...], cap: int | None) -> list
         raise FileNotFoundError(f"no {folder}/<task>.jsonl for tasks {missing}; tasks there: {known}")
     records: list[dict[str, Any]] = []
     for t in tasks:
-        with open(folder / f"{t}.jsonl") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        records += rows[:cap] if cap is not None else rows
+        path = folder / f"{t}.jsonl"
+        rows = load_jsonl(path, cap, require=INSTRUCTION_FIELDS)
+        # The file names the task (its evaluation split, its donors); a record's own "task" labels it in training:
+        # two names for one task would train under one label and report under the other.
+        other = next((i for i, r in enumerate(rows) if r["task"] != t), None)
+        if other is not None:
+            raise ValueError(
+                f"{path} holds a record (record {other + 1}) whose task is {rows[other]['task']!r}, not {t!r}: each "
+                "<task>.jsonl must hold that task's records only"
+            )
+        records += rows
     return records
 
 
