@@ -19,6 +19,8 @@ follow the HF causal-LM convention: position ``t`` predicts label ``t + 1``; ``-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,7 @@ __all__ = [
     "counted_per_example",
     "log_prob_positions",
     "flattened_sequence_ids",
+    "hidden_state_logits",
     "hidden_state_positions",
     "padding_free_segments",
     "per_example_loss_from_log_probs",
@@ -252,30 +255,39 @@ def scored_positions(
     return _chunked_positions(shifted, logits.shape[-1], lambda r, t: logits[r, t], chunk_elements)
 
 
-def hidden_state_positions(
-    hidden: torch.Tensor,
-    head: torch.nn.Module,
-    labels: torch.Tensor,
-    *,
-    softcap: float | None = None,
-    chunk_elements: int = SCORING_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same from the last hidden states ``(batch, seq, hidden)`` and the LM head, for a forward that
-    returns no logits (fused linear cross-entropy kernels): the head is applied to the counted positions
-    only, in chunks of at most ``chunk_elements`` logits, without gradient. ``softcap`` is the model's
+def hidden_state_logits(
+    hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], softcap: float | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``logits_at(rows, positions)``: the logits of those positions of the last hidden states ``(batch, seq,
+    hidden)``, the LM head ``head`` applied to them only (the hidden states detached). ``softcap`` is the model's
     final logit soft-capping (``cap * tanh(logits / cap)``, Gemma 2), if any."""
-    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
-        raise ValueError(
-            f"expected hidden states (batch, seq, hidden) and labels (batch, seq); got {tuple(hidden.shape)} and "
-            f"{tuple(labels.shape)}"
-        )
 
     def logits_at(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(hidden[r, t].detach())
         return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
+    return logits_at
+
+
+def hidden_state_positions(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    vocab: int,
+    softcap: float | None = None,
+    chunk_elements: int = SCORING_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same from the last hidden states ``(batch, seq, hidden)`` and the LM head (``head``, ``vocab`` outputs),
+    for a forward that returns no logits (fused linear cross-entropy kernels): the head is applied to the counted
+    positions only (:func:`hidden_state_logits`), in chunks of at most ``chunk_elements`` logits."""
+    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected hidden states (batch, seq, hidden) and labels (batch, seq); got {tuple(hidden.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
     shifted = labels[:, 1:].to(hidden.device)
-    return _chunked_positions(shifted, head.weight.shape[0], logits_at, chunk_elements)
+    return _chunked_positions(shifted, vocab, hidden_state_logits(hidden, head, softcap), chunk_elements)
 
 
 def log_prob_positions(

@@ -12,6 +12,7 @@ embedding cache (gathered from both ranks).
         hidden states through the LM head); writes both runs' ids, decisions and training-dynamics record (visits,
         mean loss)."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -143,9 +144,18 @@ def selection(out: str, stage: int) -> None:
 
 def fused(out: str, stage: int) -> None:
     """The same Llama trained twice, once returning logits and once only its loss (a fused linear cross-entropy
-    kernel): under ZeRO-3 the latter is scored from hidden states through the LM head, gathered for it."""
+    kernel): under ZeRO-3 the latter is scored from hidden states through the LM head, gathered for it once per
+    forward; writes each run's ids, decisions, record and count of LM-head gathers."""
+    import deepspeed
     import numpy as np
 
+    from dataflex.hf import capture
+
+    # Logits in chunks of 5 positions: the ranks' micro-batches count different numbers of tokens, so a head whose
+    # weight is gathered per call (DeepSpeed's module hooks) would run a different number of collectives on each.
+    for name in ("visit_statistics", "hidden_state_positions"):
+        setattr(capture, name, functools.partial(getattr(capture, name), chunk_elements=5 * 257))
+    gathered = deepspeed.zero.GatheredParameters
     ds = small_dataset(per_domain=12)
     result = {}
     for arch in ("llama", "fused_llama"):
@@ -154,10 +164,18 @@ def fused(out: str, stage: int) -> None:
         trainer = make_trainer(
             ds, dfx, Path(out) / arch, max_steps=4, save_steps=100, extra=[rec], arch=arch, deepspeed=ds_config(stage)
         )
+        head, head_gathers = trainer.model.get_output_embeddings().weight, []
+
+        def counted(params, *args, head=head, seen=head_gathers, **kwargs):  # DeepSpeed's, counting LM-head gathers
+            seen.extend(1 for p in params if p is head)
+            return gathered(params, *args, **kwargs)
+
+        deepspeed.zero.GatheredParameters = counted
         trainer.train()
+        deepspeed.zero.GatheredParameters = gathered
         dfx.dynamics.gather()
         record = {name: np.nan_to_num(getattr(dfx.dynamics, name), nan=-1).tolist() for name in ("visits", "loss_mean")}
-        result[arch] = {"ids": rec.ids, "history": dfx.history, **record}
+        result[arch] = {"ids": rec.ids, "history": dfx.history, "head_gathers": len(head_gathers), **record}
     rank = dist.get_rank() if dist.is_initialized() else 0
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -92,6 +92,9 @@ def test_a_model_returning_only_its_loss_is_scored_under_zero_three(tmp_path):
         stock, fused = r["llama"], r["fused_llama"]
         assert fused["ids"] == stock["ids"] and len(fused["history"]) == len(stock["history"]) == 5
         assert fused["visits"] == stock["visits"] and sum(fused["visits"]) == 4 * 8  # every example trained on
+        # one gather of the head per training forward (4 per rank), shared by the record and the loss; none when
+        # the forward returns logits
+        assert fused["head_gathers"] == 4 and stock["head_gathers"] == 0
         assert max(abs(a - b) for a, b in zip(fused["loss_mean"], stock["loss_mean"])) < 1e-4
         for a, b in zip(fused["history"], stock["history"]):
             assert max(abs(x - y) for x, y in zip(a["weights"], b["weights"])) < 1e-5

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from dataflex.dynamics import visit_statistics
 from dataflex.embeddings import decoder_of, last_hidden_state
 from dataflex.losses import (
     IGNORE_INDEX,
+    hidden_state_logits,
     hidden_state_positions,
     log_prob_positions,
     padding_free_segments,
@@ -81,58 +82,64 @@ class HiddenStateScorer:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.hidden: torch.Tensor | None = None
         self.warned = False
+        self._gathered = contextlib.ExitStack()
+        self._whole: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a ZeRO-3 head's gathered (weight, bias)
+
+    @property
+    def vocab(self) -> int:
+        weight = self.head.weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])  # (ds_shape: a ZeRO-3 weight's whole shape)
 
     def logits_at(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Logits of shifted positions ``(rows, positions)`` of the kept hidden state, without gradient."""
         self._check()
-        hidden = self.hidden
-
-        def logits_at(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            logits = self.head(hidden[r, t].detach())
-            return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
-
-        return logits_at
-
-    @contextlib.contextmanager
-    def whole_head(self) -> Iterator[None]:
-        """The LM head's weight whole for the duration. DeepSpeed ZeRO-3 partitions it again once the forward is
-        over; it is gathered here, a collective that every rank reaches once per training forward, as each
-        rank scores each of its micro-batches."""
-        weight = self.head.weight
-        if hasattr(weight, "ds_id") and weight.numel() == 0:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-                yield
-        else:
-            yield
-
-    @property
-    def vocab(self) -> int:
-        return self.head.weight.shape[0]
-
-    def _check(self) -> None:
-        if self.unsupported:
-            raise ValueError(self.unsupported)
-        if self.head.weight.numel() == 0:
-            raise RuntimeError(
-                "the LM head's weight is partitioned outside the forward (not by DeepSpeed ZeRO-3, which dataflex "
-                "gathers), so dataflex cannot score a forward without logits from hidden states; return logits "
-                "(or log-probabilities) instead"
-            )
+        return hidden_state_logits(self.hidden, self._apply_head, self.softcap)
 
     def positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._check()
         hidden, self.hidden = self.hidden, None
         if not self.warned:
             self.warned = True
+            width = int(getattr(self.head.weight, "ds_shape", self.head.weight.shape)[1])
             warnings.warn(
                 "the training forward returned no logits (a fused linear cross-entropy kernel?): dataflex scores "
                 f"examples from the last hidden state instead, one extra LM-head forward without gradient "
-                f"({self.head.weight.shape[0]:,} x {self.head.weight.shape[1]} per counted token) per micro-batch",
+                f"({self.vocab:,} x {width} per counted token) per micro-batch",
                 stacklevel=4,
             )
-        return hidden_state_positions(hidden, self.head, labels, softcap=self.softcap)
+        return hidden_state_positions(hidden, self._apply_head, labels, vocab=self.vocab, softcap=self.softcap)
+
+    def release(self) -> None:
+        """End of a forward's scoring: forget its hidden state and give back an LM head gathered for it."""
+        self.hidden, self._whole = None, None
+        self._gathered.close()
+
+    def _apply_head(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._whole is None:
+            return self.head(rows)
+        # Not the module: DeepSpeed's hooks on it would partition the weight again after every call and gather it
+        # at the next, a collective per chunk of counted tokens, whose number differs between ranks.
+        return F.linear(rows, *self._whole)
+
+    def _check(self) -> None:
+        if self.unsupported:
+            raise ValueError(self.unsupported)
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        if self._whole is None and hasattr(weight, "ds_id") and weight.numel() == 0:
+            # DeepSpeed ZeRO-3 partitions the head again once the forward is over: gathered here, at the first use
+            # of a forward's scoring, and kept until release() (the record and the loss share one gather). A
+            # collective, which every rank reaches once per training forward, as each scores its micro-batches.
+            import deepspeed
+
+            whole = [weight] if bias is None else [weight, bias]
+            self._gathered.enter_context(deepspeed.zero.GatheredParameters(whole, modifier_rank=None))
+            self._whole = (weight, bias)
+        if weight.numel() == 0:
+            raise RuntimeError(
+                "the LM head's weight is partitioned outside the forward (not by DeepSpeed ZeRO-3, which dataflex "
+                "gathers), so dataflex cannot score a forward without logits from hidden states; return logits "
+                "(or log-probabilities) instead"
+            )
 
 
 def _log_probs_of(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -188,8 +195,7 @@ def visits_of_forward(
         )
     if hidden is not None and hidden.hidden is not None:
         labels = labels.to(hidden.hidden.device)
-        with hidden.whole_head():
-            return visit_statistics(hidden.logits_at(), labels, vocab=hidden.vocab, segments=segments)
+        return visit_statistics(hidden.logits_at(), labels, vocab=hidden.vocab, segments=segments)
     raise ValueError(_unscorable(output))
 
 
@@ -213,8 +219,7 @@ def per_example_loss(
     elif logits is not None:
         parts = scored_positions(logits, labels)
     elif hidden is not None and hidden.hidden is not None:
-        with hidden.whole_head():
-            parts = hidden.positions(labels)
+        parts = hidden.positions(labels)
     else:
         raise ValueError(_unscorable(output))
     segments = padding_free_segments(labels.shape[0], position_ids)
@@ -363,15 +368,17 @@ class LossCapture:
             output, labels, tapped = _without_label(self.ignored_label, output, labels, tapped)
         position_ids = inputs.get("position_ids")
         visits = None
-        if self.record_visits:  # the tapped per-token losses spare a second cross-entropy
-            own = None if tapped is None else tapped[0]
-            visits = visits_of_forward(output, labels, position_ids, self._hidden, own)
-        if tapped is not None:
-            loss, has_tokens = per_example_loss_from_token_losses(*tapped, position_ids)
-        else:
-            loss, has_tokens = per_example_loss(output, labels, position_ids, self._hidden)
-        if self._hidden is not None:
-            self._hidden.hidden = None  # never reused by a later forward
+        try:
+            if self.record_visits:  # the tapped per-token losses spare a second cross-entropy
+                own = None if tapped is None else tapped[0]
+                visits = visits_of_forward(output, labels, position_ids, self._hidden, own)
+            if tapped is not None:
+                loss, has_tokens = per_example_loss_from_token_losses(*tapped, position_ids)
+            else:
+                loss, has_tokens = per_example_loss(output, labels, position_ids, self._hidden)
+        finally:
+            if self._hidden is not None:
+                self._hidden.release()  # never reused by a later forward
         if visits is None:
             self.sink({**inputs, "labels": labels}, loss, has_tokens)
         else:
