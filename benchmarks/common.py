@@ -17,7 +17,7 @@ from dataflex.policies import Uniform
 from dataflex.proxies.loop import train_mixture
 from dataflex.run_folder import claim_run_folder, settings_digest
 from dataflex.state import open_checked, read_json_checked, token_digest, write_checked, write_json_checked
-from dataflex.testbeds.tiny import TEXT_FIELDS, byte_dataset, collate_causal, load_jsonl_dir, tiny_gpt2
+from dataflex.testbeds.tiny import collate_causal, text_split, tiny_gpt2
 
 POSITIONS = 256  # the base model's context; data max_len must not exceed it
 
@@ -45,7 +45,7 @@ def pretrained_base(data: Path, work: Path, *, max_len: int, steps: int, batch_s
     named by its settings (the text's tokens among them): a base made with another ``--pretrain-steps``,
     ``--max-len`` or data is never handed to a run that asked for this one (the ``--quick`` modes of the
     benchmarks share ``work``)."""
-    text = byte_dataset(load_jsonl_dir(data / "textmix" / "train", require=TEXT_FIELDS), max_len)
+    text = text_split(data / "textmix" / "train", max_len)
     settings = {"tokens": token_digest(text), "max_len": max_len, "steps": steps, "batch_size": batch_size, "lr": lr}
     folder = work / f"base-{settings_digest(settings)}"
     claim_run_folder(folder, settings, hint="give --work another folder")

@@ -24,13 +24,11 @@ from dataflex import DataFlexCallback
 from dataflex.plotting import plot_weight_trajectory
 from dataflex.policies import ODM, Natural, Temperature, Uniform
 from dataflex.testbeds.tiny import (
-    TEXT_FIELDS,
-    byte_dataset,
     check_evaluation_split,
     collate_causal,
     default_data_dir,
-    load_jsonl_dir,
     per_domain_loss,
+    text_split,
     tiny_gpt2,
 )
 
@@ -145,10 +143,8 @@ def main() -> None:
     for stale in args.out.glob("weights*.png"):  # an earlier run's plots would pass for this run's
         stale.unlink()
 
-    train_ds = byte_dataset(load_jsonl_dir(args.data / "train", require=TEXT_FIELDS), args.max_len)
-    val_ds = byte_dataset(
-        load_jsonl_dir(args.data / "validation", max_per_file=args.val_per_domain, require=TEXT_FIELDS), args.max_len
-    )
+    train_ds = text_split(args.data / "train", args.max_len)
+    val_ds = text_split(args.data / "validation", args.max_len, args.val_per_domain)
     check_evaluation_split(train_ds, val_ds)
     domains = sorted(set(train_ds["domain"]))
     print(f"train: {len(train_ds)} examples in {len(domains)} domains; validation: {len(val_ds)}")

@@ -44,14 +44,12 @@ from dataflex.recipes.settings import (
 )
 from dataflex.state import write_text_atomic
 from dataflex.testbeds.tiny import (
-    TEXT_FIELDS,
     VOCAB_SIZE,
-    byte_dataset,
     check_evaluation_split,
     collate_causal,
     default_data_dir,
-    load_jsonl_dir,
     per_domain_loss,
+    text_split,
 )
 
 # Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
@@ -60,7 +58,7 @@ SAME_RESULT = ("ckpt_every", "ckpt_dir", "work_dir")
 
 
 def load_split(root: Path, split: str, max_len: int, per_domain: int | None = None) -> Any:
-    return byte_dataset(load_jsonl_dir(root / split, max_per_file=per_domain, require=TEXT_FIELDS), max_len)
+    return text_split(root / split, max_len, per_domain)
 
 
 def run_experiment(

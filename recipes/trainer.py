@@ -26,14 +26,12 @@ from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.recipes import settings
 from dataflex.recipes.mixture import write_run_result
 from dataflex.testbeds.tiny import (
-    TEXT_FIELDS,
     VOCAB_SIZE,
-    byte_dataset,
     check_evaluation_split,
     collate_causal,
     default_data_dir,
-    load_jsonl_dir,
     per_domain_loss,
+    text_split,
 )
 
 __all__ = ["train_with_callback"]
@@ -158,12 +156,8 @@ def train_with_callback(
     settings.optional_positive_int("data.train_per_domain", train_per_domain)
     settings.optional_positive_int("data.val_per_domain", val_per_domain)
     settings.check_model_fits(model, max_len=max_len, vocab_needed=VOCAB_SIZE)
-    train_ds = byte_dataset(
-        load_jsonl_dir(data_root / "train", max_per_file=train_per_domain, require=TEXT_FIELDS), max_len
-    )
-    val_ds = byte_dataset(
-        load_jsonl_dir(data_root / "validation", max_per_file=val_per_domain, require=TEXT_FIELDS), max_len
-    )
+    train_ds = text_split(data_root / "train", max_len, train_per_domain)
+    val_ds = text_split(data_root / "validation", max_len, val_per_domain)
     check_evaluation_split(train_ds, val_ds)
     args = TrainingArguments(
         output_dir=str(out_dir),

@@ -228,7 +228,7 @@ def test_tensor_context_and_sequence_parallelism_are_refused_naming_the_size(spl
     else:
         size = "cp_size" if split == "context_parallel" else "sp_size"
         trainer.args.parallelism_config, named = ParallelismConfig(**{size: 2}), f"{size}=2"
-    with pytest.raises(ValueError, match=rf"splits the model or the sequence \({named}\).*data parallelism only"):
+    with pytest.raises(ValueError, match=rf"the sequence over ranks \({named}\).*data parallelism only"):
         trainer.train()
     assert trainer.state.global_step == 0
 

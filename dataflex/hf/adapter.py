@@ -490,10 +490,10 @@ class TrainerAdapter(TrainerCallback):
         if split:
             shown = ", ".join(f"{name}={size}" for name, size in split.items())
             raise ValueError(
-                f"accelerate's parallelism config splits the model or the sequence ({shown}): the ranks of a "
-                "tensor-parallel group train the same examples, and context or "
-                "sequence parallelism gives each rank a slice of every sequence, so dataflex would count an example "
-                "once per rank or score it from part of its tokens; dataflex supports data parallelism only "
+                f"this run splits the model or the sequence over ranks ({shown}): the ranks of a tensor-parallel "
+                "group train the same examples, and context or sequence parallelism gives each rank a slice of "
+                "every sequence, so dataflex would count an example once per rank or score it from part of its "
+                "tokens; dataflex supports data parallelism only "
                 "(DDP, DeepSpeed ZeRO): set tp_size, cp_size and sp_size to 1"
             )
 

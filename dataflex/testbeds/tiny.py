@@ -26,11 +26,11 @@ __all__ = [
     "encode_instruction",
     "instruct_dataset",
     "INSTRUCTION_FIELDS",
-    "TEXT_FIELDS",
     "load_jsonl",
     "load_jsonl_dir",
     "per_domain_loss",
     "task_losses",
+    "text_split",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_llava",
@@ -48,6 +48,12 @@ def default_data_dir() -> Path:
     """``$DATAFLEX_DATA`` if set, else the ``data/`` folder bundled with the repository."""
     env = os.environ.get("DATAFLEX_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+
+
+def text_split(folder: str | os.PathLike[str], max_len: int, max_per_file: int | None = None) -> Any:
+    """One split of a text corpus laid out as ``data/textmix`` (``<folder>/*.jsonl``, records with ``text`` and
+    ``domain``) as a :func:`byte_dataset`: the first ``max_per_file`` records of each file, every one checked."""
+    return byte_dataset(load_jsonl_dir(folder, max_per_file, require=TEXT_FIELDS), max_len)
 
 
 def load_jsonl_dir(
