@@ -18,12 +18,29 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dataflex.grads import PerExampleGradients, RademacherProjector
 from dataflex.losses import check_causal_lm, padding_free_segments, per_example_mean_loss
 from dataflex.modes import eval_mode
 
 __all__ = ["GradientFeaturizer"]
+
+
+def _whole(moment: torch.Tensor | None, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """An Adam moment of a whole weight, ``(1, *shape)``: zeros before the first step; under FSDP2 each rank holds
+    a shard of it (a DTensor, as the weight outside the forward), gathered here whole — a collective, which every
+    rank reaches as often, each scoring the same number of examples (``selectors.scored_across_ranks``)."""
+    if moment is None:
+        return torch.zeros((1, *shape), dtype=like.dtype, device=like.device)
+    if isinstance(moment, DTensor):
+        moment = moment.full_tensor()
+    if moment.shape != shape:  # a shard or a flattened copy: read as the whole, it would mix up the weights
+        raise ValueError(
+            f"mode='less' needs the Adam moments of each whole scored weight {tuple(shape)}; the optimizer holds "
+            f"{tuple(moment.shape)} (sharded or flattened by the training stack): use mode='tracin' there"
+        )
+    return moment.to(like.device).unsqueeze(0)
 
 
 class GradientFeaturizer:
@@ -72,11 +89,9 @@ class GradientFeaturizer:
             self._check_adam_moments(optimizer)
         self.projector = projector or RademacherProjector(dim, seed=seed)
         self.micro_batch, self.grad_buffer_bytes = int(micro_batch), int(grad_buffer_bytes)
-        # (ds_numel: under DeepSpeed ZeRO-3 a weight outside the forward is an empty placeholder, which would make
-        # the gradient buffer below unbounded)
-        self._params_per_example = sum(
-            int(getattr(layer.weight, "ds_numel", layer.weight.numel())) for layer in self.capture.layers.values()
-        )
+        # From each layer's shape, not its weight: outside the forward DeepSpeed ZeRO-3 leaves an empty placeholder
+        # and FSDP1 a shard, which would make the gradient buffer below unbounded.
+        self._params_per_example = sum(layer.in_features * layer.out_features for layer in self.capture.layers.values())
 
     def _check_adam_moments(self, optimizer: torch.optim.Optimizer) -> None:
         """LESS's preconditioner is the optimizer's Adam moments of each scored weight. An optimizer without
@@ -111,8 +126,7 @@ class GradientFeaturizer:
             b1, b2 = group["betas"]
             eps = group.get("eps", 1e-8)
             step = float(state.get("step", 0)) + 1
-            m = state.get("exp_avg", torch.zeros_like(param)).unsqueeze(0)
-            v = state.get("exp_avg_sq", torch.zeros_like(param)).unsqueeze(0)
+            m, v = (_whole(state.get(key), g.shape[1:], g) for key in ("exp_avg", "exp_avg_sq"))
             m_new = (b1 * m + (1 - b1) * g) / (1 - b1**step)
             v_new = (b2 * v + (1 - b2) * g * g) / (1 - b2**step)
             out[name] = m_new / (v_new.sqrt() + eps)

@@ -89,6 +89,36 @@ def tiny_model(arch: str = "gpt2", seed: int = 0):
     raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama', 'fused_llama'")
 
 
+class FSDPOnCPUTrainer(Trainer):
+    """The stock Trainer under FSDP on CPU ranks (gloo), for tests: the one change lifts accelerate's gate.
+
+    accelerate turns an FSDP plugin into ``DistributedType.FSDP`` only for accelerator backends (a CPU run silently
+    trains as DDP), although torch's FSDP1 and FSDP2 run on CPU with gloo. Set here after the Accelerator is built,
+    with the device it gives FSDP1's ``device_id`` as plain ``cpu`` (FSDP1 refuses ``cpu:0`` for weights on ``cpu``);
+    everything else — accelerate's preparation, torch's sharding, the Trainer's FSDP paths — is the real code.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is None:
+            raise ValueError("FSDPOnCPUTrainer needs fsdp settings in its TrainingArguments (fsdp_settings())")
+        state = self.accelerator.state
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.device = torch.device("cpu")
+        self.is_fsdp_enabled = True
+
+
+def fsdp_settings(version: int, layer: str) -> dict:
+    """TrainingArguments for FSDP ``version`` (1 or 2), each ``layer`` (a class name) a shard unit. Sharded
+    checkpoints: the Trainer's full-state-dict save fails on CPU inside safetensors (an invalid storage pointer),
+    with or without dataflex."""
+    config = {"version": version, "transformer_layer_cls_to_wrap": [layer], "sync_module_states": False}
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config | {"state_dict_type": "SHARDED_STATE_DICT"}}
+
+
 def make_trainer(
     ds,
     dfx,
@@ -105,9 +135,11 @@ def make_trainer(
     model=None,
     compute_loss_func=None,
     eval_dataset=None,
+    trainer_cls=Trainer,
     **args_overrides,
 ):
-    """A stock Trainer on ``ds`` with ``dfx`` attached; ``args_overrides`` go to TrainingArguments."""
+    """A stock Trainer (or ``trainer_cls``) on ``ds`` with ``dfx`` attached; ``args_overrides`` go to
+    TrainingArguments."""
     args_overrides.setdefault("report_to", [])
     settings = trainer_settings(
         out_dir,
@@ -120,7 +152,7 @@ def make_trainer(
     )
     args = TrainingArguments(**(settings | args_overrides))
     model = model if model is not None else tiny_model(arch, seed)
-    trainer = Trainer(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=ds,

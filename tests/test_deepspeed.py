@@ -7,6 +7,7 @@ Slow (DeepSpeed's start-up dominates): run with ``python -m pytest -m slow tests
 import json
 
 import pytest
+from stack_worker import check_identical_ranks_and_exact_resume
 from test_distributed import run_one_process, run_two_processes
 
 pytest.importorskip("deepspeed")
@@ -15,27 +16,8 @@ pytest.importorskip("deepspeed")
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_two_processes_identical_ranks_and_exact_resume(tmp_path, stage):
-    run_two_processes("ds_worker.py", tmp_path, str(stage))
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["world"] == r1["world"] == 2
-    assert r0["deepspeed"] and r0["zero_stage"] == stage
-    assert r0["history"] == r1["history"] and len(r0["history"]) == 9
-    assert r0["history"][0]["weights"] != r0["history"][-1]["weights"]
-    assert r0["log"] == r1["log"] and any("loss" in h for h in r0["log"])
-    for r in (r0, r1):  # crash after the step-4 checkpoint and resume: ids, decisions and logged losses equal
-        assert r["resumed_ids"] == r["ids"]
-        assert r["resumed_history"] == r["history"]
-        assert r["resumed_log"] == r["log"]
-        # resumed from the final checkpoint: no batch trained, no decision added (the adapter's guard)
-        assert r["final_resume_ids"] == {} and r["final_resume_history"] == r["history"]
-    # the embedding cache (last hidden states of the training forward) holds both ranks' examples, identically
-    # on each rank and after the resume, each from the step it last trained at
-    assert r0["embeddings"] == r1["embeddings"] and r0["resumed_embeddings"] == r0["embeddings"]
-    last_step = [
-        max((int(s) - 1 for r in (r0, r1) for s, ids in r["ids"].items() if i in ids), default=-1)
-        for i in range(len(r0["embeddings"][0]))
-    ]
-    assert r0["embeddings"][0] == last_step and max(last_step) == 7
+    run_two_processes("stack_worker.py", tmp_path, str(stage))
+    check_identical_ranks_and_exact_resume(tmp_path, str(stage))
 
 
 @pytest.mark.slow
@@ -59,11 +41,11 @@ def test_less_is_refused_and_tracin_selects_under_zero(tmp_path, stage):
     """ZeRO's optimizer holds flattened fp32 copies, not the LoRA weights, so LESS has no Adam moments to read:
     it failed with a bare StopIteration; it is refused, naming the optimizer, and TracIn selects (under ZeRO-3 too,
     its per-example gradients being taken from activations, not from the partitioned weights)."""
-    run_two_processes("ds_worker.py", tmp_path, str(stage), "influence")
+    run_two_processes("stack_worker.py", tmp_path, str(stage), "influence")
     for rank in (0, 1):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "DeepSpeedOptimizerWrapper does not hold the weight of" in outcome["less"]["refused"]
-        assert outcome["tracin"] == {"selections": 2}
+        assert outcome["tracin"]["selections"] == 2 and outcome["tracin"]["stack"] == str(stage)
         assert outcome["params_per_example"] == 4 * 32 + 96 * 4  # lora_A (r x in) and lora_B (out x r) of c_attn
 
 
@@ -73,7 +55,7 @@ def test_scoring_passes_under_zero_three_run_the_same_batches_on_every_rank(tmp_
     use) every forward gathers weights collectively, so 33 candidates on one rank and 32 on the other made one rank
     run a second batch alone: gloo stopped on the mismatched collective ("Received data size doesn't match"), NCCL
     can hang. The ranks now score equal shares; both make the same selection, every time."""
-    run_two_processes("ds_worker.py", tmp_path, "3", "selection")
+    run_two_processes("stack_worker.py", tmp_path, "3", "selection")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["selected"] == r1["selected"] and len(r0["selected"]) == 3  # the whole pool, then two selections
     assert [len(ids) for ids in r0["selected"]] == [65, 32, 32]  # half of the 65 candidates, each time
@@ -86,7 +68,7 @@ def test_a_model_returning_only_its_loss_is_scored_under_zero_three(tmp_path):
     the last hidden state through the LM head, whose weight ZeRO-3 has partitioned again after the forward: it is
     gathered for the scoring (it was refused). Its losses and decisions equal those of the same Llama returning
     logits, on both ranks."""
-    run_two_processes("ds_worker.py", tmp_path, "3", "fused")
+    run_two_processes("stack_worker.py", tmp_path, "3", "fused")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for r in (r0, r1):
         stock, fused = r["llama"], r["fused_llama"]

@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from ds_worker import ds_config  # noqa: E402
 from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, small_dataset  # noqa: E402
+from stack_worker import ds_config  # noqa: E402
 from test_trl import VISION_SFT, image_rows, kto_trainer, llava_processor, preference_rows, sft_trainer  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402

@@ -98,6 +98,18 @@ def _trainer_on_stack() -> Trainer | None:
     return caller_self(lambda owner: isinstance(owner, Trainer))
 
 
+def model_to_call(trainer: Trainer | None, model: torch.nn.Module) -> torch.nn.Module:
+    """The model dataflex runs between training steps (selection's and the curriculum's scoring passes).
+
+    Callbacks get the model the Trainer was given. Under FSDP1 the Trainer trains an FSDP wrapper around it, and
+    only the wrapper's forward gathers the current weights: called directly, the inner model computed with the
+    weights its root module kept from the last training forward, a step behind the optimizer, and selected other
+    examples than the same run under DDP, without a word. FSDP2 shards the model in place, so the two are one."""
+    if trainer is not None and getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.model
+    return model
+
+
 def _describe(batching: dict[str, int]) -> str:
     return (
         f"{batching.get('world_size')} process(es) x per-device batch {batching.get('per_device_batch')} x "
@@ -312,7 +324,7 @@ class TrainerAdapter(TrainerCallback):
             folder = checkpoint.resume_folder(trainer, args.output_dir, state.global_step)
             self._check_resumable(folder, state.global_step, model)
         self.run = RunContext(
-            model=model,
+            model=model_to_call(trainer, model),
             dataset=dataset,
             collate=train_dataloader.collate_fn,
             optimizer=optimizer,

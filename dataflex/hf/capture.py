@@ -134,11 +134,14 @@ class HiddenStateScorer:
             whole = [weight] if bias is None else [weight, bias]
             self._gathered.enter_context(deepspeed.zero.GatheredParameters(whole, modifier_rank=None))
             self._whole = (weight, bias)
-        if weight.numel() == 0:
+        if self._whole is None and (weight.dim() != 2 or weight.numel() == 0):
+            # FSDP1 leaves each rank a flat shard of it by then (empty on some ranks, 1-D on all), which no rank
+            # could apply; FSDP2 keeps the root module's weights whole through the forward.
             raise RuntimeError(
-                "the LM head's weight is partitioned outside the forward (not by DeepSpeed ZeRO-3, which dataflex "
-                "gathers), so dataflex cannot score a forward without logits from hidden states; return logits "
-                "(or log-probabilities) instead"
+                f"the LM head's weight is sharded when dataflex scores the forward (shape {tuple(weight.shape)}; as "
+                "under FSDP1), so dataflex cannot score a forward without logits from its hidden states; return "
+                "logits (or log-probabilities) from the training forward, or use FSDP2 (fsdp_config version 2) or "
+                "DeepSpeed ZeRO-3, under which dataflex scores it"
             )
 
 

@@ -45,7 +45,7 @@ __all__ = ["CurriculumDecider", "Decider", "MixingDecider", "RunContext", "Selec
 class RunContext:
     """What a decider may use, fixed for one ``Trainer.train()`` call (built in ``on_train_begin``)."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # to call between steps: the FSDP wrapper under FSDP1 (adapter.model_to_call)
     dataset: Any  # the DataLoader's dataset: dataset[i] -> features
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     optimizer: torch.optim.Optimizer | None
