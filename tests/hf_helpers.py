@@ -89,8 +89,8 @@ def tiny_model(arch: str = "gpt2", seed: int = 0):
     raise ValueError(f"arch={arch!r}; valid: 'gpt2', 'llama', 'fused_llama'")
 
 
-class FSDPOnCPUTrainer(Trainer):
-    """The stock Trainer under FSDP on CPU ranks (gloo), for tests: the one change lifts accelerate's gate.
+class FSDPOnCPU:
+    """Mixin for a Trainer class (the stock one, TRL's): FSDP on CPU ranks (gloo), for tests, by lifting one gate.
 
     accelerate turns an FSDP plugin into ``DistributedType.FSDP`` only for accelerator backends (a CPU run silently
     trains as DDP), although torch's FSDP1 and FSDP2 run on CPU with gloo. Set here after the Accelerator is built,
@@ -103,12 +103,16 @@ class FSDPOnCPUTrainer(Trainer):
 
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is None:
-            raise ValueError("FSDPOnCPUTrainer needs fsdp settings in its TrainingArguments (fsdp_settings())")
+            raise ValueError("FSDPOnCPU needs fsdp settings in its TrainingArguments (fsdp_settings())")
         state = self.accelerator.state
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         state.device = torch.device("cpu")
         self.is_fsdp_enabled = True
+
+
+class FSDPOnCPUTrainer(FSDPOnCPU, Trainer):
+    """The stock Trainer under FSDP on CPU ranks (:class:`FSDPOnCPU`)."""
 
 
 def fsdp_settings(version: int, layer: str) -> dict:

@@ -14,6 +14,8 @@ Each result file says which stack really ran (``stack``, read from the Trainer).
     torchrun ... stack_worker.py OUT STACK fused   the same Llama returning logits, then only its loss (scored from
         hidden states through the LM head); writes both runs' ids, decisions and training-dynamics record (visits,
         mean loss), and under DeepSpeed the count of LM-head gathers (or what refused the run).
+    torchrun ... stack_worker.py OUT STACK curriculum   a curriculum re-scored by the current model's losses; writes the
+        orders and each step's ids.
     torchrun ... stack_worker.py OUT STACK stock   the first run's crash and resume with the stock Trainer alone."""
 
 import contextlib
@@ -140,6 +142,24 @@ def main(out: str, stack: str) -> None:
             }
         )
     )
+
+
+def curriculum(out: str, stack: str) -> None:
+    """A curriculum re-scored every 2 steps by each example's loss under the current model: every rank scores the
+    whole dataset (forwards outside the training step). Writes the orders decided and each step's ids."""
+    import numpy as np
+
+    from dataflex import DataFlexCurriculumCallback
+    from dataflex.curriculum import Curriculum, loss_difficulty
+
+    ds = small_dataset(per_domain=12)
+    dfx = DataFlexCurriculumCallback(Curriculum(scorer=loss_difficulty(), c0=0.3), rescore_every=2)
+    rec = StepRecorder(dfx)
+    trainer = make_trainer(ds, dfx, Path(out), max_steps=6, save_steps=100, extra=[rec], **stack_args(stack))
+    trainer.train()
+    orders = [np.asarray(order).tolist() for _, order in dfx.sampler.schedule.state_dict()["events"]]
+    result = {"orders": orders, "ids": rec.ids, "stack": stack_of(trainer)}
+    Path(out, f"rank{rank()}.json").write_text(json.dumps(result))
 
 
 def stock(out: str, stack: str) -> None:
@@ -303,6 +323,6 @@ def count_gathers(trainer, seen: list[int]):
 
 
 if __name__ == "__main__":
-    modes = {"influence": influence, "selection": selection, "fused": fused, "stock": stock}
+    modes = {"influence": influence, "selection": selection, "fused": fused, "curriculum": curriculum, "stock": stock}
     modes.get(sys.argv[3] if len(sys.argv) > 3 else "", main)(sys.argv[1], sys.argv[2])
     finish_distributed()

@@ -16,6 +16,8 @@ import pytest
 from stack_worker import check_identical_ranks_and_exact_resume
 from test_distributed import run_one_process, run_two_processes
 
+from dataflex.hf.checkpoint import last_complete_checkpoint
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,16 +33,25 @@ def results(out, stack: str, mode: str) -> tuple[dict, dict]:
 def ddp(tmp_path_factory) -> dict[str, dict]:
     """The reference, by mode: the same run under DDP (nothing sharded), rank 0's results."""
     out = tmp_path_factory.mktemp("ddp")
-    return {mode: results(out, "ddp", mode)[0] for mode in ("selection", "influence")}
+    return {mode: results(out, "ddp", mode)[0] for mode in ("selection", "influence", "curriculum")}
 
 
 @pytest.mark.parametrize("stack", ["fsdp1", "fsdp2"])
 def test_fsdp_two_processes_identical_ranks_and_exact_resume(tmp_path, stack):
     """ODM with the embedding cache, crashed after the step-4 checkpoint and resumed: FSDP2 resumes exactly; FSDP1's
     own resume is not exact on CPU ranks (the stock Trainer's losses differ after it without dataflex), so there
-    only identical ranks and the finished run's resume are asked."""
+    only identical ranks and the finished run's resume are asked. last_complete_checkpoint finds the sharded
+    checkpoints."""
     run_two_processes("stack_worker.py", tmp_path, stack)
     check_identical_ranks_and_exact_resume(tmp_path, stack, exact_resume=stack == "fsdp2")
+    # FSDP's sharded checkpoints count as complete (no transformers weight file: every one was skipped, and a resume
+    # through last_complete_checkpoint started the run over) unless their shards' .metadata is missing
+    for run in ("full", "crash"):
+        assert last_complete_checkpoint(tmp_path / run) == str(tmp_path / run / "checkpoint-8")
+    (tmp_path / "full" / "checkpoint-8" / "pytorch_model_fsdp_0" / ".metadata").unlink()
+    assert last_complete_checkpoint(tmp_path / "full", verify_trainer_files=False) == str(
+        tmp_path / "full" / "checkpoint-4"
+    )
 
 
 @pytest.mark.parametrize("stack", ["fsdp1", "fsdp2"])
@@ -63,6 +74,19 @@ def test_scoring_passes_under_fsdp_select_what_ddp_selects(tmp_path, ddp, stack)
     assert r0["stack"] == r1["stack"] == stack
     assert r0["selected"] == r1["selected"] == ddp["selection"]["selected"]
     assert [len(ids) for ids in r0["selected"]] == [65, 32, 32]
+
+
+@pytest.mark.parametrize("stack", ["fsdp1", "fsdp2"])
+def test_a_curriculum_rescored_under_fsdp(tmp_path, ddp, stack):
+    """A curriculum re-scored by each example's loss under the current model, every rank scoring the whole dataset
+    with the sharded model: the orders are identical on both ranks, and under FSDP2 they are the DDP run's (under
+    FSDP1, which does not train bit for bit as DDP on CPU ranks, one re-scored order had two pairs swapped)."""
+    r0, r1 = results(tmp_path, stack, "curriculum")
+    assert r0["stack"] == r1["stack"] == stack
+    assert r0["orders"] == r1["orders"] and len(r0["orders"]) == 4  # the start, then re-scored at steps 2, 4, 6
+    assert r0["ids"].keys() == r1["ids"].keys() == {str(step) for step in range(1, 7)}
+    if stack == "fsdp2":
+        assert r0["orders"] == ddp["curriculum"]["orders"] and r0["ids"] == ddp["curriculum"]["ids"]
 
 
 @pytest.mark.parametrize("stack", ["fsdp1", "fsdp2"])

@@ -44,10 +44,11 @@ def sft_trainer(
     arch="gpt2",
     peft_config=None,
     processing_class=None,
+    trainer_cls=None,
     **sft,
 ):
-    """make_trainer's twin for TRL: SFTTrainer with its default loss (the fused LM head); the byte tokenizer
-    unless ``processing_class`` is given."""
+    """make_trainer's twin for TRL: SFTTrainer (or ``trainer_cls``) with its default loss (the fused LM head); the
+    byte tokenizer unless ``processing_class`` is given."""
     settings = trainer_settings(
         out_dir,
         accum=accum,
@@ -59,7 +60,7 @@ def sft_trainer(
     )
     args = trl.SFTConfig(**settings, report_to=[], **sft)
     model = model if model is not None else tiny_model(arch, seed=0)
-    trainer = trl.SFTTrainer(
+    trainer = (trainer_cls or trl.SFTTrainer)(
         model=model,
         args=args,
         train_dataset=ds,
@@ -360,12 +361,14 @@ def test_sft_crash_and_resume_is_exact(ds, tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["padded", "padding_free", "group_by_length", "vision", "zero2", "zero3", "kto"])
+@pytest.mark.parametrize(
+    "layout", ["padded", "padding_free", "group_by_length", "vision", "zero2", "zero3", "fsdp2", "kto"]
+)
 def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path, layout):
     """SFTTrainer under torchrun (2 processes), padded, padding-free, grouped by length, with a processor and
-    images (TRL's vision collator, the tiny LLaVA) or under DeepSpeed ZeRO-2 or ZeRO-3, and KTOTrainer: same
-    decisions on both ranks, disjoint examples per step, and crash + resume equal to the uninterrupted run. Slow;
-    .ci/run runs it."""
+    images (TRL's vision collator, the tiny LLaVA), under DeepSpeed ZeRO-2 or ZeRO-3 or FSDP2 (on CPU ranks:
+    hf_helpers.FSDPOnCPU), and KTOTrainer: same decisions on both ranks, disjoint examples per step, and crash +
+    resume equal to the uninterrupted run. Slow; .ci/run runs it."""
     from test_distributed import run_two_processes
 
     if layout.startswith("zero"):
@@ -374,6 +377,7 @@ def test_sft_two_processes_identical_ranks_and_exact_resume(tmp_path, layout):
     run_two_processes("trl_dist_worker.py", tmp_path, layout)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == 2 and r0["history"] == r1["history"] and len(r0["history"]) == 9
+    assert r0["stack"] == {"zero2": "2", "zero3": "3", "fsdp2": "fsdp2"}.get(layout, "ddp")
     assert r0["checkpointed_bf16"]  # gradient checkpointing and bf16 autocast were on, as TRL's configs default
     assert r0["history"][0]["weights"] != r0["history"][-1]["weights"]
     for step in r0["ids"]:

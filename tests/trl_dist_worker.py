@@ -2,7 +2,7 @@
 DataFlexCallback(ODM), uninterrupted, crashed after the step-4 checkpoint and resumed. Writes <out>/rank<r>.json.
 The second argument picks TRL's batch layout: "padded" (default), "padding_free" (Llama, flattened rows) or
 "group_by_length", "vision" (the tiny LLaVA with a processor and images: TRL's vision collator), "zero2" or
-"zero3" (under DeepSpeed ZeRO-2 or ZeRO-3); or "kto":
+"zero3" (under DeepSpeed ZeRO-2 or ZeRO-3), "fsdp2" (under FSDP2: hf_helpers.FSDPOnCPU); or "kto":
 KTOTrainer on unpaired preference rows."""
 
 import json
@@ -12,9 +12,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
-from hf_helpers import CrashAt, StepRecorder, comparable_log, finish_distributed, small_dataset  # noqa: E402
-from stack_worker import ds_config  # noqa: E402
+from hf_helpers import (  # noqa: E402
+    CrashAt,
+    FSDPOnCPU,
+    StepRecorder,
+    comparable_log,
+    finish_distributed,
+    fsdp_settings,
+    small_dataset,
+)
+from stack_worker import ds_config, stack_of  # noqa: E402
 from test_trl import VISION_SFT, image_rows, kto_trainer, llava_processor, preference_rows, sft_trainer  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.policies import ODM  # noqa: E402
@@ -29,6 +38,7 @@ LAYOUTS = {
     "vision": VISION_SFT,
     "zero2": {"deepspeed": ds_config(2)},  # DeepSpeed ZeRO-2 through SFTConfig(deepspeed=...)
     "zero3": {"deepspeed": ds_config(3)},  # ZeRO-3, every weight released after use (TRL's fused LM head gathers)
+    "fsdp2": {"trainer_cls": type("FSDPOnCPUSFTTrainer", (FSDPOnCPU, SFTTrainer), {}), **fsdp_settings(2, "GPT2Block")},
 }
 
 
@@ -87,6 +97,7 @@ def main(out: str, layout: str = "padded") -> None:
         json.dumps(
             {
                 "world": dist.get_world_size(),
+                "stack": stack_of(full_tr),
                 "orders": [full.sampler.epoch_order(e).tolist() for e in range(2)],
                 "checkpointed_bf16": full_tr.args.bf16  # TRL's defaults: bf16 autocast, gradient checkpointing
                 and any(getattr(m, "gradient_checkpointing", False) is True for m in full_tr.model.modules()),

@@ -115,6 +115,11 @@ WEIGHT_FILES = (
     "adapter_model.bin",
 )
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# FSDP's weights (accelerate's FSDP_MODEL_NAME): pytorch_model_fsdp.bin (full), pytorch_model_fsdp_rank<r>.bin
+# (local) or, sharded, a folder pytorch_model_fsdp_<i>/ of torch.distributed.checkpoint files whose ".metadata" is
+# written last, once every rank's shard is.
+_FSDP_WEIGHTS = re.compile(r"^pytorch_model_fsdp(_rank\d+)?\.bin$")
+_FSDP_SHARDED_WEIGHTS = re.compile(r"^pytorch_model_fsdp_\d+$")
 
 # What each attached trainer's latest train() call asked to resume from (str, True or None).
 _RESUME_REQUESTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -285,7 +290,7 @@ class RecordTrainerFiles(TrainerCallback):
 
 def trainer_files_complete(checkpoint: str, world_size: int | None = None) -> bool:
     """The Trainer finished writing ``checkpoint``: its ``trainer_state.json`` (written last) parses and
-    names this step, model weights are there (full, sharded, adapter or DeepSpeed) and the RNG files are whole
+    names this step, model weights are there (full, sharded, adapter, DeepSpeed or FSDP) and the RNG files are whole
     (one per rank of ``world_size``, see :func:`rng_files_complete`)."""
     try:
         with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as f:
@@ -295,8 +300,16 @@ def trainer_files_complete(checkpoint: str, world_size: int | None = None) -> bo
     if step != _step_of(checkpoint):
         return False
     names = os.listdir(checkpoint)
-    has_weights = any(name in WEIGHT_FILES for name in names) or any(name.startswith("global_step") for name in names)
+    has_weights = any(_weights(checkpoint, name) for name in names)
     return has_weights and rng_files_complete(checkpoint, world_size)
+
+
+def _weights(checkpoint: str, name: str) -> bool:
+    """``name`` in ``checkpoint`` holds model weights: a transformers or peft file, DeepSpeed's
+    ``global_step<n>`` folder, FSDP's file or its sharded folder (complete once its ``.metadata`` is there)."""
+    if name in WEIGHT_FILES or name.startswith("global_step") or _FSDP_WEIGHTS.match(name):
+        return True
+    return bool(_FSDP_SHARDED_WEIGHTS.match(name)) and os.path.isfile(os.path.join(checkpoint, name, ".metadata"))
 
 
 def _recorded_world_size(state_dir: str) -> int | None:
