@@ -16,6 +16,7 @@ Each result file says which stack really ran (``stack``, read from the Trainer).
         mean loss), and under DeepSpeed the count of LM-head gathers (or what refused the run).
     torchrun ... stack_worker.py OUT STACK curriculum   a curriculum re-scored by the current model's losses; writes the
         orders and each step's ids.
+    torchrun ... stack_worker.py OUT STACK vlm   the tiny LLaVA with image embeddings, uninterrupted.
     torchrun ... stack_worker.py OUT STACK stock   the first run's crash and resume with the stock Trainer alone."""
 
 import contextlib
@@ -38,6 +39,7 @@ from hf_helpers import (  # noqa: E402
     make_trainer,
     small_dataset,
 )
+from transformers import Trainer  # noqa: E402
 
 from dataflex import DataFlexCallback  # noqa: E402
 from dataflex.embeddings import EmbeddingCache  # noqa: E402
@@ -159,6 +161,31 @@ def curriculum(out: str, stack: str) -> None:
     trainer.train()
     orders = [np.asarray(order).tolist() for _, order in dfx.sampler.schedule.state_dict()["events"]]
     result = {"orders": orders, "ids": rec.ids, "stack": stack_of(trainer)}
+    Path(out, f"rank{rank()}.json").write_text(json.dumps(result))
+
+
+def vlm(out: str, stack: str) -> None:
+    """The tiny LLaVA on the digits VQA (test_vlm.py's), ODM with the training-dynamics record and image embeddings,
+    its decoder and vision-encoder layers the shard units under FSDP; uninterrupted. Writes the ids, decisions,
+    record and embeddings."""
+    from dist_worker import dynamics_digest
+    from test_vlm import vlm_trainer
+
+    from dataflex.testbeds.digits import digits_vqa
+
+    ds = digits_vqa(0.3, seed=0, fractions=(0.2, 0.1, 0.7))["train"]
+    dfx = DataFlexCallback(
+        ODM(), update_every=1, dynamics=True, embeddings=EmbeddingCache(len(ds)), embeddings_from="image"
+    )
+    rec = StepRecorder(dfx)
+    settings = stack_args(stack, "llama")
+    trainer_cls = settings.pop("trainer_cls", Trainer)
+    if stack.startswith("fsdp"):
+        settings["fsdp_config"]["transformer_layer_cls_to_wrap"] = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    trainer = vlm_trainer(ds, [dfx, rec], Path(out), steps=STEPS, trainer_cls=trainer_cls, settings=settings)
+    trainer.train()
+    digest = {"dynamics": dynamics_digest(dfx.dynamics), "embeddings": embeddings_digest(dfx.embeddings)}
+    result = {"ids": rec.ids, "history": dfx.history, "stack": stack_of(trainer), **digest}
     Path(out, f"rank{rank()}.json").write_text(json.dumps(result))
 
 
@@ -323,6 +350,13 @@ def count_gathers(trainer, seen: list[int]):
 
 
 if __name__ == "__main__":
-    modes = {"influence": influence, "selection": selection, "fused": fused, "curriculum": curriculum, "stock": stock}
+    modes = {
+        "influence": influence,
+        "selection": selection,
+        "fused": fused,
+        "curriculum": curriculum,
+        "vlm": vlm,
+        "stock": stock,
+    }
     modes.get(sys.argv[3] if len(sys.argv) > 3 else "", main)(sys.argv[1], sys.argv[2])
     finish_distributed()

@@ -117,7 +117,21 @@ class Snapshot(TrainerCallback):
             self.state = copy.deepcopy(model.state_dict())
 
 
-def vlm_trainer(ds, callbacks, out, *, steps=8, save_steps=100, seed=0, label_smoothing_factor=0.0, **extra):
+def vlm_trainer(
+    ds,
+    callbacks,
+    out,
+    *,
+    steps=8,
+    save_steps=100,
+    seed=0,
+    label_smoothing_factor=0.0,
+    trainer_cls=Trainer,
+    settings=None,
+    **extra,
+):
+    """The tiny LLaVA's Trainer (or ``trainer_cls``): ``settings`` go to TrainingArguments, ``extra`` to the
+    Trainer."""
     args = TrainingArguments(
         label_smoothing_factor=label_smoothing_factor,
         output_dir=str(out),
@@ -130,9 +144,10 @@ def vlm_trainer(ds, callbacks, out, *, steps=8, save_steps=100, seed=0, label_sm
         seed=seed,
         disable_tqdm=True,
         logging_steps=100,
+        **(settings or {}),
     )
     extra.setdefault("data_collator", collate_vlm)
-    trainer = Trainer(model=tiny_llava(seed=seed), args=args, train_dataset=ds, callbacks=callbacks, **extra)
+    trainer = trainer_cls(model=tiny_llava(seed=seed), args=args, train_dataset=ds, callbacks=callbacks, **extra)
     for cb in callbacks:
         if hasattr(cb, "attach"):
             cb.attach(trainer)
