@@ -102,9 +102,10 @@ def model_to_call(trainer: Trainer | None, model: torch.nn.Module) -> torch.nn.M
     """The model dataflex runs between training steps (selection's and the curriculum's scoring passes).
 
     Callbacks get the model the Trainer was given. Under FSDP1 the Trainer trains an FSDP wrapper around it, and
-    only the wrapper's forward gathers the current weights: called directly, the inner model computed with the
-    weights its root module kept from the last training forward, a step behind the optimizer, and selected other
-    examples than the same run under DDP, without a word. FSDP2 shards the model in place, so the two are one."""
+    FSDP1 gathers the weights in the wrapper's forward: the inner model, called directly, runs on whatever views of
+    the flat parameters its modules hold then (in a model wrapped by hand with torch's defaults, shards: a shape
+    error; in the Trainer runs of the tests, the whole current weights). FSDP2 shards the model in place, so the
+    two are one."""
     if trainer is not None and getattr(trainer, "is_fsdp_enabled", False):
         return trainer.model
     return model
