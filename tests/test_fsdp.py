@@ -127,19 +127,22 @@ def test_a_model_returning_only_its_loss_under_fsdp(tmp_path, stack):
             assert max(abs(x - y) for x, y in zip(a["weights"], b["weights"])) < 1e-5
 
 
-def test_example_weighted_loss_under_fsdp2_gives_the_one_process_step(tmp_path):
+@pytest.mark.parametrize("mode", ["wrapped", "token"])
+def test_weighted_losses_under_fsdp2_give_the_one_process_step(tmp_path, mode):
     """The Trainer multiplies a custom loss by the process count before FSDP2 averages the gradients across ranks, as
     under DDP: ExampleWeightedLoss divides it back out (tests/loss_scale_worker.py), and one SGD step changes the
-    weights as in one process."""
+    weights as in one process; TokenWeightedLoss with every weight 1 gives the stock one-process step."""
     (tmp_path / "one").mkdir()
     (tmp_path / "fsdp2").mkdir()
-    run_one_process("loss_scale_worker.py", tmp_path / "one", "wrapped")
-    run_two_processes("loss_scale_worker.py", tmp_path / "fsdp2", "wrapped", "fsdp2")
+    run_one_process("loss_scale_worker.py", tmp_path / "one", "wrapped" if mode == "wrapped" else "stock")
+    run_two_processes("loss_scale_worker.py", tmp_path / "fsdp2", mode, "fsdp2")
     single = json.loads((tmp_path / "one" / "rank0.json").read_text())
     for rank in (0, 1):
         result = json.loads((tmp_path / "fsdp2" / f"rank{rank}.json").read_text())
         assert result["stack"] == "fsdp2" and single["stack"] == "ddp"
-        assert result["trainer_scale"] == 2 and result["change"] == pytest.approx(single["change"], rel=1e-5)
+        assert result["change"] == pytest.approx(single["change"], rel=1e-5)
+        if mode == "wrapped":
+            assert result["trainer_scale"] == 2
 
 
 def test_a_vlm_under_fsdp2_decides_as_under_ddp(tmp_path, ddp):
