@@ -18,10 +18,9 @@ from hf_helpers import (  # noqa: E402
     StepRecorder,
     comparable_log,
     finish_distributed,
-    fsdp_settings,
     small_dataset,
 )
-from stack_worker import ds_config, stack_of  # noqa: E402
+from stack_worker import ds_config, stack_args, stack_of  # noqa: E402
 from test_trl import VISION_SFT, image_rows, kto_trainer, llava_processor, preference_rows, sft_trainer  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
@@ -38,7 +37,8 @@ LAYOUTS = {
     "vision": VISION_SFT,
     "zero2": {"deepspeed": ds_config(2)},  # DeepSpeed ZeRO-2 through SFTConfig(deepspeed=...)
     "zero3": {"deepspeed": ds_config(3)},  # ZeRO-3, every weight released after use (TRL's fused LM head gathers)
-    "fsdp2": {"trainer_cls": type("FSDPOnCPUSFTTrainer", (FSDPOnCPU, SFTTrainer), {}), **fsdp_settings(2, "GPT2Block")},
+    # stack_worker's FSDP2 settings, with TRL's trainer under the same gate-lifting mixin
+    "fsdp2": stack_args("fsdp2") | {"trainer_cls": type("FSDPOnCPUSFTTrainer", (FSDPOnCPU, SFTTrainer), {})},
 }
 
 
