@@ -187,3 +187,24 @@ def test_trackio_gets_every_domains_metric_with_the_trainers_global_step(ds, tmp
     keys = ["train/loss", *(f"train/dataflex/weight/{name}" for name in names.values())]
     steps = {key: [log["train/global_step"] for log in logs if key in log] for key in keys}
     assert all(found == [2, 4, 6] for found in steps.values()), steps
+
+
+def test_dvclive_counts_log_calls_so_dataflex_entries_interleave_with_the_loss(ds, tmp_path, monkeypatch):
+    """transformers' DVCLiveCallback writes each Trainer.log call as the next DVCLive step and records no training
+    step: at a step where dataflex decides and the Trainer logs, dataflex's entry comes first (on_step_end), so
+    the loss of training steps 2, 4, 6 lands at DVCLive steps 1, 3, 5 and dataflex's metrics at 0, 2, 4."""
+    pytest.importorskip("dvclive")  # not a dependency: runs where dvclive is installed
+    monkeypatch.chdir(tmp_path)  # DVCLive writes into ./dvclive
+    names = {"code": "Math Problems", "literature": "poésie", "trivia": "a.b"}
+    trainer = make_trainer(renamed_domains(ds, names), DataFlexCallback(ODM(), update_every=2), tmp_path / "run",
+                           max_steps=6, save_steps=100, logging_steps=2, report_to=["dvclive"])  # fmt: skip
+    trainer.train()
+    metrics = tmp_path / "dvclive" / "plots" / "metrics"
+
+    def steps(name: str) -> list[int]:
+        rows = (metrics / f"{name}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        return [int(row.split("\t")[0]) for row in rows]
+
+    assert steps("loss") == [1, 3, 5]
+    assert all(steps(f"dataflex/weight/{name}") == [0, 2, 4] for name in names.values())
+    assert steps("dataflex/entropy") == [0, 2, 4]
