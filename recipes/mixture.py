@@ -12,7 +12,8 @@ Accelerator falls back to gloo on CPU; accelerate's ``--cpu --num_processes 2`` 
 Each run checkpoints every ``ckpt_every`` steps into ``ckpt_dir`` (default: ``ckpt/`` in its Hydra output
 folder); rerunning the same command after a kill continues exactly from the newest complete checkpoint.
 Each run writes ``results.json`` (per-domain validation loss, the weight history, timings) into its
-Hydra output folder; ``python -m benchmarks.mixture.summarize <multirun folder>`` tabulates a sweep.
+Hydra output folder; a multirun ends with its summary (:mod:`dataflex.sweep`; also
+``python -m dataflex.sweep <sweep folder>`` at any time).
 The loop is :func:`dataflex.proxies.loop.train_mixture`: the DomainMixtureSampler feeds an
 ``accelerate``-prepared DataLoader, per-example losses are recorded from the training logits, and the
 policy updates the schedule every ``update_every`` steps. DoReMi policies first run (or reuse) their

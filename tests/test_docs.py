@@ -15,8 +15,11 @@ SHORT = re.compile(r"`…(test_\w+)(?:\[[^\]`]*\])?`")
 def defined_tests() -> dict[str, set[str]]:
     """Function and class names defined in each test module (collected tests and their helpers)."""
     return {
-        path.stem: {node.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                    if isinstance(node, ast.FunctionDef | ast.ClassDef)}  # fmt: skip
+        path.stem: {
+            node.name
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.FunctionDef | ast.ClassDef)
+        }
         for path in (ROOT / "tests").glob("test_*.py")
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,19 @@ def test_prompt_reliance_is_the_loss_of_each_response_under_the_previous_prompt_
     got = prompt_reliance(model, {"t": rows, "lone": rows[1:3]}, max_len=64)
     assert got["t"] == pytest.approx(expected, abs=1e-5) and abs(expected) > 1e-4
     assert np.isnan(got["lone"])  # both pairs share their response: no evidence
+
+
+@pytest.mark.slow  # (a minute; .ci/run runs it)
+def test_a_sweep_of_detectors_ends_with_its_summary_beside_none(tmp_path):
+    """``-m detector=none,loss``: when the multirun ends, every detector's clean loss per task, median [min, max]
+    over seeds, is printed beside the detector=none runs and written to sweep_summary.md and .png."""
+    small = ["steps=4", "save_steps=4", "update_every=2", "batch_size=8", "per_task=16"]
+    cmd = [sys.executable, "-m", "dataflex.recipes.instruct", "-m", "detector=none,loss", "seed=0", *small,
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = (tmp_path / "sweep" / "sweep_summary.md").read_text()
+    assert summary in run.stdout and (tmp_path / "sweep" / "sweep_summary.png").is_file()
+    assert "seeds better than none (same seed; mean and worst, test)" in summary
+    assert "| none | 0 |" in summary and re.search(r"\| loss \| 0 \|.* [01] of 1 \|", summary)
+    assert "| gsm8k |" in summary  # the tasks are the rows of the per-domain table

@@ -134,3 +134,42 @@ def test_wandb_logs_offline_into_each_jobs_folder_unless_told_otherwise(tmp_path
                     logged.append(int(json.loads(items["train/global_step"])))
         assert logged == steps  # this job's steps only
     assert left_set == []  # the variables the recipe set are gone with its job
+
+
+@pytest.mark.slow  # (a minute; .ci/run runs it)
+def test_a_sweep_ends_with_its_summary_beside_uniform(tmp_path):
+    """``-m policy=uniform,odm seed=0,1``: when the multirun ends, the recipe's Hydra callback prints every policy's
+    median [min, max] over seeds beside uniform and writes sweep_summary.md and .png into the sweep folder."""
+    import subprocess
+    import sys
+
+    from dataflex.sweep import collect_runs
+
+    sweep = tmp_path / "sweep"
+    small = ["steps=4", "batch_size=4", "save_steps=4", "update_every=2", "data.train_per_domain=6",
+             "data.val_per_domain=2", "data.max_len=48", "model.n_layer=1", "model.n_embd=32",
+             "model.n_head=2"]  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataflex.recipes.trainer",
+            "-m",
+            "policy=uniform,odm",
+            "seed=0,1",
+            *small,
+            f"hydra.sweep.dir={sweep}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    runs = collect_runs(sweep)
+    assert sorted((r.policy, r.seed) for r in runs) == [("odm", 0), ("odm", 1), ("uniform", 0), ("uniform", 1)]
+    summary = (sweep / "sweep_summary.md").read_text()
+    assert summary in run.stdout and (sweep / "sweep_summary.png").is_file()
+    settings_row = next(line for line in summary.splitlines() if line.startswith("### "))
+    assert settings_row == "### " + runs[0].settings  # the other overrides name the table
+    assert "| uniform | 0,1 |" in summary and "| odm | 0,1 |" in summary and " of 2 |" in summary

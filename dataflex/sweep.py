@@ -1,0 +1,244 @@
+"""Compare the runs of a Hydra sweep side by side: each policy's median [min, max] over seeds, beside uniform.
+
+``python -m dataflex.recipes.trainer -m policy=uniform,natural,odm seed=0,1,2`` (or ``dataflex.recipes.mixture``)
+leaves one job folder per combination, ``<policy>/seed<k>[/<other overrides>]``, each with its ``results.json``.
+:func:`summarize_sweep` reads every one of them under a sweep folder and writes ``sweep_summary.md`` (mean and
+worst-domain loss per policy, median [min, max] over seeds, how many seeds beat the same seed's uniform run,
+and the per-domain medians) and ``sweep_summary.png`` (per-domain loss per policy, bars at the median, whiskers
+from the best to the worst seed). :class:`dataflex.recipes.sweep_summary.SweepSummary` does so when a Hydra
+multirun of the Trainer, mixture or instruction recipe ends (their configs register it), and
+``python -m dataflex.sweep <sweep folder>`` at any time, for instance after a job failed.
+
+Runs are compared only with runs of the same other overrides (the folder below ``seed<k>``): a sweep over
+``lr`` gets one table per learning rate. Results that cannot be compared are refused, naming the folders:
+two runs claiming one policy, settings and seed, or runs of one table evaluated on different domains (their
+mean and worst domain would be over different sets).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SweepRun", "collect_runs", "plot_sweep", "summarize_sweep", "sweep_tables"]
+
+SPLITS = ("validation", "test")  # which per-domain losses a run reports, in table order
+REFERENCE = "uniform"  # the arm every other one is compared with, seed by seed (the instruct recipe: "none")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One job of a sweep: its policy (as chosen on the command line), other overrides, seed and losses."""
+
+    policy: str
+    settings: str  # the overrides other than policy and seed, "" when none
+    seed: int
+    losses: dict[str, dict[str, float]]  # split -> domain -> loss
+    folder: Path
+
+
+def collect_runs(root: Path) -> list[SweepRun]:
+    """Every ``results.json`` under ``root``, read as a :class:`SweepRun`; a file outside a ``<policy>/seed<k>``
+    folder, or without per-domain losses, is refused naming it."""
+    root = Path(root)
+    runs = []
+    for path in sorted(root.glob("**/results.json")):
+        parts = path.relative_to(root).parent.parts
+        at = next((i for i, part in enumerate(parts) if re.fullmatch(r"seed-?\d+", part)), None)
+        if at is None or at == 0:
+            raise ValueError(
+                f"{path}: not inside a <policy>/seed<k> folder of a recipe's sweep (the recipes' hydra.sweep.subdir); "
+                "give the sweep folder itself"
+            )
+        result = json.loads(path.read_text(encoding="utf-8"))
+        # (the instruction recipe writes an empty test_loss when it did not evaluate the test split)
+        losses = {split: result[f"{split}_loss"] for split in SPLITS if isinstance(result.get(f"{split}_loss"), dict)}
+        losses = {split: values for split, values in losses.items() if values}
+        if "validation" not in losses:
+            raise ValueError(f"{path} has no per-domain 'validation_loss'; keys there: {sorted(result)}")
+        seed = int(parts[at][len("seed") :])
+        if "seed" in result and int(result["seed"]) != seed:
+            raise ValueError(f"{path} records seed {result['seed']} but sits in folder {parts[at]!r}; moved by hand?")
+        runs.append(SweepRun(parts[at - 1], "/".join(parts[at + 1 :]), seed, losses, path.parent))
+    if not runs:
+        raise ValueError(f"no results.json under {root}: no job of the sweep has finished (or it is another folder)")
+    return runs
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+
+def _check_comparable(runs: list[SweepRun]) -> None:
+    """Refuse, naming the folders, a table whose runs cannot be compared."""
+    seen: dict[tuple[str, int], Path] = {}
+    for run in runs:
+        if (run.policy, run.seed) in seen:
+            raise ValueError(
+                f"two runs of policy {run.policy!r}, seed {run.seed} and the same settings: "
+                f"{seen[run.policy, run.seed]} and {run.folder} (seed folders such as seed1 and seed01?)"
+            )
+        seen[run.policy, run.seed] = run.folder
+    first = runs[0]
+    for run in runs[1:]:
+        for split in SPLITS:
+            mine, theirs = set(first.losses.get(split, {})), set(run.losses.get(split, {}))
+            if split in first.losses and split in run.losses and mine != theirs:
+                raise ValueError(
+                    f"{split} losses over different domains in one comparison: {first.folder} has "
+                    f"{sorted(mine)}, {run.folder} has {sorted(theirs)}; mean and worst domain would be over "
+                    "different sets (another data.path under the same settings?)"
+                )
+
+
+def _summary(values: dict[str, float]) -> tuple[float, float]:
+    """Mean and worst-domain loss of one run's per-domain losses."""
+    return float(np.mean(list(values.values()))), float(max(values.values()))
+
+
+def _arm_order(by_policy: dict[str, list[SweepRun]], reference: str) -> list[str]:
+    """The reference first, then by median mean validation loss."""
+
+    def key(policy: str) -> tuple[bool, float]:
+        means = [_summary(run.losses["validation"])[0] for run in by_policy[policy]]
+        return policy != reference, statistics.median(means)
+
+    return sorted(by_policy, key=key)
+
+
+def sweep_tables(runs: list[SweepRun], reference: str = REFERENCE) -> str:
+    """Markdown: per settings, one row per policy (median [min, max] over seeds; how many seeds beat the same seed's
+    ``reference`` run) and the per-domain medians."""
+    groups: dict[str, list[SweepRun]] = defaultdict(list)
+    for run in runs:
+        groups[run.settings].append(run)
+    out = []
+    for settings in sorted(groups):
+        group = groups[settings]
+        _check_comparable(group)
+        by_policy: dict[str, list[SweepRun]] = defaultdict(list)
+        for run in sorted(group, key=lambda r: r.seed):
+            by_policy[run.policy].append(run)
+        splits = [s for s in SPLITS if all(s in run.losses for run in group)]
+        paired_with = {run.seed: run for run in by_policy.get(reference, [])}
+        out.append(f"### {settings or 'default settings'}\n")
+        head = ["policy", "seeds"] + [f"{s} {what}" for s in splits for what in ("mean", "worst domain")]
+        head.append(f"seeds better than {reference} (same seed; mean and worst, {splits[-1]})")
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for policy in _arm_order(by_policy, reference):
+            arm = by_policy[policy]
+            cells = [policy, ",".join(str(run.seed) for run in arm)]
+            for split in splits:
+                pairs = [_summary(run.losses[split]) for run in arm]
+                cells += [_spread([p[0] for p in pairs]), _spread([p[1] for p in pairs])]
+            paired = [run for run in arm if run.seed in paired_with]
+            if policy == reference or not paired:
+                cells.append("-" if policy == reference else f"no {reference} run with these seeds")
+            else:
+                split = splits[-1]
+                ours = [_summary(run.losses[split]) for run in paired]
+                theirs = [_summary(paired_with[run.seed].losses[split]) for run in paired]
+                better = sum(
+                    mean < ref_mean and worst < ref_worst for (mean, worst), (ref_mean, ref_worst) in zip(ours, theirs)
+                )
+                cells.append(f"{better} of {len(paired)}")
+            out.append("| " + " | ".join(cells) + " |")
+        domains = sorted(group[0].losses["validation"])
+        policies = _arm_order(by_policy, reference)
+        out += ["", f"Validation loss per domain, median over seeds ({settings or 'default settings'}):", ""]
+        out += ["| domain | " + " | ".join(policies) + " |", "|" + "---|" * (len(policies) + 1)]
+        for domain in domains:
+            medians = [statistics.median(run.losses["validation"][domain] for run in by_policy[p]) for p in policies]
+            out.append(f"| {domain} | " + " | ".join(f"{m:.4f}" for m in medians) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, dpi: int = 120) -> None:
+    """Validation loss per domain and policy: a bar at the median over seeds, a whisker from the best seed to the
+    worst. One panel per settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dataflex.plotting import domain_colors
+
+    groups: dict[str, list[SweepRun]] = defaultdict(list)
+    for run in runs:
+        groups[run.settings].append(run)
+    names = sorted(groups)
+    domains_most = max(len(groups[s][0].losses["validation"]) for s in names)
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6.5, 0.9 * (domains_most + 1) + 2), 3.6 * len(names)))
+    for ax, settings in zip(np.atleast_1d(axes), names):
+        by_policy: dict[str, list[SweepRun]] = defaultdict(list)
+        for run in groups[settings]:
+            by_policy[run.policy].append(run)
+        policies = _arm_order(by_policy, reference)
+        domains = sorted(groups[settings][0].losses["validation"])
+        columns = [*domains, "mean", "worst"]
+        width = 0.8 / len(policies)
+        for i, (policy, color) in enumerate(zip(policies, domain_colors(len(policies)))):
+            values = np.array(
+                [
+                    [*(run.losses["validation"][d] for d in domains), *_summary(run.losses["validation"])]
+                    for run in by_policy[policy]
+                ]  # fmt: skip
+            )
+            median = np.median(values, axis=0)
+            x = np.arange(len(columns)) + (i - (len(policies) - 1) / 2) * width
+            error = np.vstack([median - values.min(axis=0), values.max(axis=0) - median])
+            ax.bar(x, median, width, yerr=error, capsize=2, color=color, label=f"{policy} ({len(values)} seeds)")
+        ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+        low = min(min(run.losses["validation"].values()) for run in groups[settings])
+        ax.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
+        ax.set_ylabel("validation loss")
+        ax.set_title(settings or "default settings", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def summarize_sweep(root: Path, reference: str = REFERENCE) -> str:
+    """Write ``sweep_summary.md`` and ``sweep_summary.png`` into ``root`` (every finished job under it); return the
+    Markdown."""
+    root = Path(root)
+    runs = collect_runs(root)
+    again = f"python -m dataflex.sweep {root}" + (f" --reference {reference}" if reference != REFERENCE else "")
+    text = (
+        f"Every finished run under {root} (median [min, max] over seeds; loss in nats per byte for the bundled "
+        f"recipes). Rerun: {again}\n\n" + sweep_tables(runs, reference)
+    )
+    from dataflex.state import write_text_atomic
+
+    write_text_atomic(root / "sweep_summary.md", text)
+    plot_sweep(runs, root / "sweep_summary.png", reference=reference)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, help="a Hydra sweep folder (hydra.sweep.dir, e.g. multirun/trainer)")
+    parser.add_argument("--reference", default=REFERENCE, help="the arm others are compared with (instruct: none)")
+    args = parser.parse_args(argv)
+    if not args.sweep.is_dir():
+        parser.error(f"{args.sweep} is not a folder")
+    try:
+        print(summarize_sweep(args.sweep, args.reference))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""dataflex.sweep: a Hydra sweep's runs side by side — medians and spreads over seeds, seed-paired comparison
+with uniform, one table per settings, and refusals for runs that cannot be compared."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dataflex.sweep import collect_runs, main, summarize_sweep
+
+DOMAINS = ("code", "math", "web")
+
+
+def write_run(root: Path, policy: str, seed: int, losses: dict[str, float], settings: str = "", **extra) -> None:
+    folder = root / policy / f"seed{seed}" / settings
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"policy": policy, "seed": seed, "validation_loss": losses, **extra}
+    (folder / "results.json").write_text(json.dumps(result))
+
+
+def row(text: str, policy: str) -> list[str]:
+    """The cells of ``policy``'s row in the first table of ``text``."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {policy} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_the_summary_gives_medians_spreads_and_seed_paired_wins(tmp_path):
+    uniform = {0: [2.0, 3.0, 4.0], 1: [2.2, 3.1, 4.1], 2: [1.9, 2.9, 3.9]}
+    odm = {0: [1.9, 2.9, 3.9], 1: [2.4, 3.1, 4.0], 2: [1.8, 2.8, 4.2]}  # 0: better on both; 1, 2: not
+    for seed in range(3):
+        write_run(tmp_path, "uniform", seed, dict(zip(DOMAINS, uniform[seed])))
+        write_run(tmp_path, "odm", seed, dict(zip(DOMAINS, odm[seed])), test_loss=dict(zip(DOMAINS, odm[seed])))
+    text = summarize_sweep(tmp_path)
+    means = [statistics.fmean(odm[s]) for s in range(3)]
+    cells = row(text, "odm")
+    assert cells[:4] == ["odm", "0,1,2", f"{statistics.median(means):.4f} [{min(means):.4f}, {max(means):.4f}]",
+                         "4.0000 [3.9000, 4.2000]"]  # fmt: skip
+    assert cells[4] == "1 of 3"  # seed 0 alone beats its own uniform run on mean and worst
+    assert row(text, "uniform")[4] == "-"
+    assert text.index("| uniform |") < text.index("| odm |")  # uniform first
+    # test losses only where every run has them: here the uniform runs do not, so validation alone
+    assert "test mean" not in text
+    assert "| web | 4.0000 | 4.0000 |" in text  # per-domain medians, uniform then odm
+    assert (tmp_path / "sweep_summary.md").read_text() == text
+    assert (tmp_path / "sweep_summary.png").stat().st_size > 5000
+
+
+def test_runs_of_other_settings_are_other_tables(tmp_path):
+    for settings, shift in (("lr=0.01", 0.0), ("lr=0.1", 1.0)):
+        for seed in (0, 1):
+            write_run(tmp_path, "uniform", seed, {d: 2.0 + shift for d in DOMAINS}, settings)
+            write_run(tmp_path, "odm", seed, {d: 1.9 + shift for d in DOMAINS}, settings)
+    write_run(tmp_path, "natural", 5, {d: 1.0 for d in DOMAINS}, "lr=0.1")  # a seed uniform did not run
+    text = summarize_sweep(tmp_path)
+    first, second = text.split("### lr=0.1")
+    assert "### lr=0.01" in first and row(first, "odm")[2].startswith("1.9000") and row(first, "odm")[4] == "2 of 2"
+    assert row(second, "odm")[2].startswith("2.9000")
+    assert row(second, "natural")[4] == "no uniform run with these seeds"
+
+
+def test_runs_that_cannot_be_compared_are_refused_naming_them(tmp_path):
+    write_run(tmp_path / "a", "uniform", 1, dict.fromkeys(DOMAINS, 2.0))
+    (tmp_path / "a" / "uniform" / "seed1").rename(tmp_path / "a" / "uniform" / "seed01")  # seed=01 on the command line
+    write_run(tmp_path / "a", "uniform", 1, dict.fromkeys(DOMAINS, 2.1))
+    with pytest.raises(ValueError, match=r"two runs of policy 'uniform', seed 1 .*seed01.*seed1"):
+        summarize_sweep(tmp_path / "a")
+    write_run(tmp_path / "b", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
+    write_run(tmp_path / "b", "odm", 0, dict.fromkeys(("code", "math"), 1.0))  # another corpus, same settings
+    with pytest.raises(ValueError, match=r"validation losses over different domains.*\['code', 'math'\]"):
+        summarize_sweep(tmp_path / "b")
+    write_run(tmp_path / "c", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
+    (tmp_path / "c" / "results.json").write_text("{}")  # not inside <policy>/seed<k>
+    with pytest.raises(ValueError, match=r"c/results.json: not inside a <policy>/seed<k> folder"):
+        collect_runs(tmp_path / "c")
+    write_run(tmp_path / "d", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
+    (tmp_path / "d" / "uniform" / "seed0").rename(tmp_path / "d" / "uniform" / "seed3")
+    with pytest.raises(ValueError, match="records seed 0 but sits in folder 'seed3'"):
+        collect_runs(tmp_path / "d")
+    with pytest.raises(ValueError, match="no results.json under"):
+        collect_runs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="no results.json under"):
+        (tmp_path / "empty").mkdir()
+        main([str(tmp_path / "empty")])
+
+
+def test_the_cli_prints_the_summary(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, "uniform", seed, dict.fromkeys(DOMAINS, 2.0 + seed))
+    proc = subprocess.run([sys.executable, "-m", "dataflex.sweep", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| uniform | 0,1 | 2.5000 [2.0000, 3.0000] |" in proc.stdout
+
+
+def test_the_instruction_recipes_sweep_is_compared_with_its_none_arm(tmp_path):
+    """The instruction recipe's arms are detectors and its baseline is detector=none; a run that did not evaluate
+    the test split writes an empty test_loss, so the table is on validation."""
+    for seed in (0, 1):
+        write_run(tmp_path, "none", seed, dict.fromkeys(DOMAINS, 2.0), test_loss={})
+        write_run(tmp_path, "aum", seed, dict.fromkeys(DOMAINS, 1.9 + 0.2 * seed), test_loss={})
+    proc = subprocess.run([sys.executable, "-m", "dataflex.sweep", str(tmp_path), "--reference", "none"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert row(proc.stdout, "none")[4] == "-" and row(proc.stdout, "aum")[4] == "1 of 2"
+    assert "seeds better than none (same seed; mean and worst, validation)" in proc.stdout
+    assert "--reference none" in (tmp_path / "sweep_summary.md").read_text()  # how to write it again
