@@ -74,6 +74,10 @@ def collect_runs(root: Path) -> list[SweepRun]:
 
 
 def _spread(values: Sequence[float]) -> str:
+    """``median [min, max]``; a run whose loss is not finite (diverged) is named, not ordered among the others."""
+    bad = sum(not np.isfinite(v) for v in values)
+    if bad:
+        return f"not finite in {bad} of {len(values)} seeds"
     return f"{statistics.median(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
@@ -108,8 +112,8 @@ def _arm_order(by_policy: dict[str, list[SweepRun]], reference: str) -> list[str
     """The reference first, then by median mean validation loss."""
 
     def key(policy: str) -> tuple[bool, float]:
-        means = [_summary(run.losses["validation"])[0] for run in by_policy[policy]]
-        return policy != reference, statistics.median(means)
+        median = float(np.median([_summary(run.losses["validation"])[0] for run in by_policy[policy]]))
+        return policy != reference, median if np.isfinite(median) else np.inf  # (a diverged run: last)
 
     return sorted(by_policy, key=key)
 
@@ -156,7 +160,7 @@ def sweep_tables(runs: list[SweepRun], reference: str = REFERENCE) -> str:
         out += ["", f"Validation loss per domain, median over seeds ({settings or 'default settings'}):", ""]
         out += ["| domain | " + " | ".join(policies) + " |", "|" + "---|" * (len(policies) + 1)]
         for domain in domains:
-            medians = [statistics.median(run.losses["validation"][domain] for run in by_policy[p]) for p in policies]
+            medians = [np.median([run.losses["validation"][domain] for run in by_policy[p]]) for p in policies]
             out.append(f"| {domain} | " + " | ".join(f"{m:.4f}" for m in medians) + " |")
         out.append("")
     return "\n".join(out)
@@ -198,8 +202,9 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
             error = np.vstack([median - values.min(axis=0), values.max(axis=0) - median])
             ax.bar(x, median, width, yerr=error, capsize=2, color=color, label=f"{policy} ({len(values)} seeds)")
         ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-        low = min(min(run.losses["validation"].values()) for run in groups[settings])
-        ax.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
+        finite = [v for run in groups[settings] for v in run.losses["validation"].values() if np.isfinite(v)]
+        if finite:  # (bars start near the lowest loss, so differences between policies show)
+            ax.set_ylim(bottom=max(0.0, min(finite) - 0.1 * abs(min(finite))))
         ax.set_ylabel("validation loss")
         ax.set_title(settings or "default settings", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -228,7 +233,7 @@ def summarize_sweep(root: Path, reference: str = REFERENCE) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dataflex.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="a Hydra sweep folder (hydra.sweep.dir, e.g. multirun/trainer)")
     parser.add_argument("--reference", default=REFERENCE, help="the arm others are compared with (instruct: none)")
     args = parser.parse_args(argv)

@@ -8,9 +8,10 @@ A stock ``transformers.Trainer`` finetunes a byte-level GPT-2 on
 example's of the same task; the mask is used for scoring only). The ``detector`` config group decides what
 is trained on (see :data:`DETECTORS`). Checkpoints go to the Hydra run folder every ``save_steps``;
 rerunning the same command resumes from the newest complete one. ``final_model.pt`` there holds the trained
-weights and ``results.json`` the clean
-validation and test loss per task, the share of wrong examples trained on and the detection quality
-(AUROC, recall at the noise rate) against the known mask. ``benchmarks/noisy_instruct/run.py`` runs this
+weights, ``results.json`` the clean validation and test loss per task, the share of wrong examples trained on
+and the detection quality (AUROC, recall at the noise rate) against the known mask, and ``suspects.md`` the 30
+examples the detector finds most suspect, with their text and whether each really was swapped
+(:mod:`dataflex.suspects`). ``benchmarks/noisy_instruct/run.py`` runs this
 recipe for every detector and several seeds.
 """
 
@@ -26,7 +27,7 @@ import torch
 from transformers import Trainer
 
 from dataflex.detectors import DETECTORS as RECORD_DETECTORS
-from dataflex.detectors import DropNoisy, detection_quality, keep_priority, out_of_fold_scores
+from dataflex.detectors import DropNoisy, detection_quality, keep_priority, noise_scores, out_of_fold_scores
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.hf.checkpoint import last_complete_checkpoint
 from dataflex.offline import score_pool, token_mean_losses
@@ -36,6 +37,7 @@ from dataflex.run_folder import weights_summary
 from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
 from dataflex.state import token_digest, write_text_atomic
+from dataflex.suspects import suspects_table
 from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
 from dataflex.testbeds.vlm_runs import DetectionProbe, MeasurementRecord, NoiseCounter, training_args
 
@@ -44,6 +46,7 @@ __all__ = ["DETECTORS", "keep_per_task", "train_instruct"]
 # Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
 # and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
 SAME_RESULT = ("save_steps",)
+SUSPECTS = 30  # examples listed in a run's suspects.md
 
 #: detector -> what decides the training data
 DETECTORS = {
@@ -199,6 +202,13 @@ def train_instruct(
         detection = {"at_warmup": probe.by_step.get(warmup), "at_end": probe.measure()}
     if scores is not None:
         detection = {"at_end": {detector: detection_quality(scores, noisy)}}
+    if detector in RECORD_DETECTORS:  # (the record was gathered by the detection probe above)
+        scores = noise_scores(dfx.dynamics, detector)
+    if scores is not None:  # what the detector finds most suspect, to read (and here, the known truth beside it)
+        text = data["train_text"]
+        columns = {"task": text["tasks"], "prompt": text["prompts"], "response": text["responses"]}
+        table = suspects_table(scores, columns, top=SUSPECTS, known_wrong=noisy)
+        write_text_atomic(out / "suspects.md", f"Most suspect training examples, detector={detector}: {table}")
     validation = task_losses(model, data["validation"])
     test = task_losses(model, data["test"]) if evaluate_test else {}
     return {

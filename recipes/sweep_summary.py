@@ -8,6 +8,7 @@ Hydra's: the core ``dataflex`` modules import neither Hydra nor transformers.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,5 +29,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         root = Path(str(config.hydra.sweep.dir))
-        print(summarize_sweep(root, self.reference))
+        try:
+            print(summarize_sweep(root, self.reference))
+        except (ValueError, OSError) as error:  # every job has finished: no summary must not fail the sweep
+            warnings.warn(f"no sweep summary for {root}: {error}", stacklevel=2)
+            return
         print(f"written: {root / 'sweep_summary.md'}, {root / 'sweep_summary.png'}")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from transformers import Trainer
 
-from dataflex.detectors import DropNoisy
+from dataflex.detectors import DropNoisy, noise_scores
 from dataflex.domains import encode_domains
 from dataflex.hf.callbacks import DataFlexCallback, DataFlexSelectCallback
 from dataflex.hf.checkpoint import last_complete_checkpoint
@@ -31,6 +31,7 @@ from dataflex.offline import read_subset, write_subset
 from dataflex.policies import Uniform
 from dataflex.selectors import FixedSubset, LossFocus, RhoLoss
 from dataflex.state import DatasetFingerprint, write_text_atomic
+from dataflex.suspects import suspects_table
 from dataflex.testbeds.vlm_runs import (
     DetectionProbe,
     MeasurementRecord,
@@ -60,6 +61,7 @@ METHODS = {
 # Settings that do not change a run's result: left out of its folder name (configs/*.yaml, hydra exclude_keys)
 # and of the settings its folder records (dataflex.run_folder); a test keeps the two lists equal.
 SAME_RESULT = ("save_steps", "work_dir")
+SUSPECTS = 30  # examples listed in a cleaning run's suspects.md
 
 
 def method_callback(
@@ -210,10 +212,14 @@ def train_vlm(
     test = answer_metrics(model, data["test"])
     validation = answer_metrics(model, data["validation"])  # against its given (partly wrong) answers
     kinds = np.asarray(data["test"]["domain"])
-    kept = None
+    kept = suspects = None
     if cleaning is not None:
         dfx.dynamics.gather()  # the last steps' visits (collective, like dataflex's own gathers)
         kept = cleaning.keep_ids(dfx.dynamics, labels=np.asarray(train["domain"])).tolist()
+        # What the rule ranks as most suspect, to read beside the kept ids (the testbed knows which are wrong).
+        scores = noise_scores(dfx.dynamics, cleaning.detector, cleaning.classes)
+        columns = {"question": train["domain"], "image": train["image"], "given answer": train["answer"]}
+        suspects = suspects_table(scores, columns, top=SUSPECTS, known_wrong=np.asarray(train["noisy"], dtype=bool))
     return {
         "method": method,
         "seed": seed,
@@ -225,7 +231,7 @@ def train_vlm(
         "noisy_share_after_warmup": counter.share(after=warmup),
         "seconds": seconds,
         "resumed": checkpoint is not None,
-        **({"kept_ids": kept} if kept is not None else {}),
+        **({"kept_ids": kept, "suspects": suspects} if kept is not None else {}),
         # Noise detection on the run's training-dynamics record (runs that keep one): at the first selection
         # (step ``warmup``) and at the end. Only the uniform arm's end-of-run figure is free of selection bias.
         "detection": {
@@ -293,6 +299,8 @@ def _hydra_main() -> None:
                 out / "kept_ids.json", np.asarray(kept), pool=pool, method=cfg.clean_with, fraction=cfg.fraction
             )
             print(f"kept {len(kept)} of {len(data['train'])} examples -> {out / 'kept_ids.json'}")
+            suspects = f"Most suspect training examples by {cfg.clean_with}: {result.pop('suspects')}"
+            write_text_atomic(out / "suspects.md", suspects)
         write_text_atomic(out / "results.json", json.dumps(result, indent=1))
         print(
             f"{cfg.method} seed {cfg.seed}: clean test accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}, "

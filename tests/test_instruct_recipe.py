@@ -201,10 +201,18 @@ def test_instruct_recipe_cli_runs_and_resumes(tmp_path):
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["detector"] == "cartography" and not result["resumed"]
     assert (tmp_path / "run" / "checkpoint-4" / "dataflex" / "dataflex_state.json").is_file()
+    suspects = (tmp_path / "run" / "suspects.md").read_text()  # the detector's 30 most suspect, with the truth
+    head = "Most suspect training examples, detector=cartography: 30 most suspect of 64 examples (32 without a finite"
+    assert suspects.startswith(head)  # (4 steps x 8 of 4 tasks x 16 visited)
+    assert (
+        len(re.findall(r"^\| \d+ \| \d+ \| ", suspects, flags=re.M)) == 30
+        and "| task | prompt | response |" in suspects
+    )
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((tmp_path / "run" / "results.json").read_text())
     assert resumed["resumed"]
+    assert (tmp_path / "run" / "suspects.md").read_text() == suspects  # from the record the checkpoint restored
     # The noise counter and detection probe live in memory: the rerun (nothing left to train) reported a noisy
     # share of 0.0 and no detection at the warm-up step. Kept with each checkpoint, the results are the first's.
     same = ("resumed", "seconds")

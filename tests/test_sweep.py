@@ -108,3 +108,36 @@ def test_the_instruction_recipes_sweep_is_compared_with_its_none_arm(tmp_path):
     assert row(proc.stdout, "none")[4] == "-" and row(proc.stdout, "aum")[4] == "1 of 2"
     assert "seeds better than none (same seed; mean and worst, validation)" in proc.stdout
     assert "--reference none" in (tmp_path / "sweep_summary.md").read_text()  # how to write it again
+
+
+def test_a_summary_that_cannot_be_made_does_not_fail_the_finished_sweep(tmp_path):
+    """Every job has finished when the Hydra callback runs: a sweep laid out otherwise (a custom
+    hydra.sweep.subdir) gets a warning naming why there is no summary, not a failed multirun."""
+    from omegaconf import OmegaConf
+
+    from dataflex.recipes.sweep_summary import SweepSummary
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "results.json").write_text(json.dumps({"validation_loss": {"a": 1.0}}))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.warns(UserWarning, match=r"no sweep summary for .*: .*not inside a <policy>/seed<k> folder"):
+        SweepSummary().on_multirun_end(config)
+    assert not (tmp_path / "sweep_summary.md").exists()
+    write_run(tmp_path / "ok", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
+    SweepSummary(reference="uniform").on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "ok")}}})
+    )
+    assert (tmp_path / "ok" / "sweep_summary.md").is_file()
+
+
+def test_a_diverged_run_is_named_not_ordered_among_the_others(tmp_path):
+    """A NaN loss (a diverged run) would sort anywhere in a median; its row says so and goes last."""
+    for seed in (0, 1):
+        write_run(tmp_path, "uniform", seed, dict.fromkeys(DOMAINS, 2.0))
+        write_run(tmp_path, "odm", seed, dict.fromkeys(DOMAINS, 1.5))
+        write_run(tmp_path, "ado", seed, {"code": float("nan") if seed else 1.0, "math": 1.0, "web": 1.0})
+    text = summarize_sweep(tmp_path)
+    assert row(text, "ado")[2:5] == ["not finite in 1 of 2 seeds", "not finite in 1 of 2 seeds", "1 of 2"]
+    assert text.index("| uniform |") < text.index("| odm |") < text.index("| ado |")
+    assert "| code | 2.0000 | 1.5000 | nan |" in text
+    assert (tmp_path / "sweep_summary.png").is_file()

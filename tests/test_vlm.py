@@ -464,6 +464,9 @@ def test_vlm_recipe_cli_cleans_in_two_stages(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     kept = read_subset(tmp_path / "one" / "kept_ids.json")
     assert "kept_ids" not in json.loads((tmp_path / "one" / "results.json").read_text())
+    suspects = (tmp_path / "one" / "suspects.md").read_text()  # what the rule found most suspect, to read
+    assert suspects.startswith("Most suspect training examples by last_loss: 30 most suspect of 144 examples")
+    assert "| rank | id | score | question | image | given answer | wrong |" in suspects
     two = subprocess.run(
         [*common, "method=subset", "subset_file=one/kept_ids.json", "hydra.run.dir=two"],
         capture_output=True,

@@ -5,6 +5,8 @@
     python -m benchmarks.overhead.run --trainer sft    # TRL's SFTTrainer (default loss) -> results_sft.*
     python -m benchmarks.overhead.run --dynamics       # + a third arm keeping the training-dynamics record
                                                        #   -> results_dynamics.*
+    python -m benchmarks.overhead.run --reweight [--trainer sft]  # + a third arm training with
+                                                       #   ExampleWeightedLoss -> results[_sft]_reweight.*
 
 Same model, data and seed in both arms; runs are interleaved (baseline, dataflex, baseline, ...)
 so machine noise hits both alike. A step's time is the wall time between consecutive
@@ -28,6 +30,7 @@ from dataflex import DataFlexCallback
 from dataflex.policies import ODM
 from dataflex.samplers import ScheduledSampler
 from dataflex.testbeds.tiny import byte_dataset, collate_causal, default_data_dir, load_jsonl_dir, tiny_gpt2
+from dataflex.weighting import ExampleWeightedLoss
 
 RESULTS = Path(__file__).resolve().parent  # results.{md,json} beside this file
 
@@ -79,9 +82,12 @@ class StepTimer(TrainerCallback):
         return [b - a for a, b in zip(self.stamps[skip:], self.stamps[skip + 1 :])]
 
 
-def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path, dynamics: bool = False) -> tuple[float, float]:
+def run(
+    ds, with_dataflex: bool, args: argparse.Namespace, out: Path, dynamics: bool = False, reweight: bool = False
+) -> tuple[float, float]:
     """Median step time after warm-up, and dataflex's own seconds per step (0 for the baseline); with
-    ``dynamics`` the callback also keeps the per-example training-dynamics record."""
+    ``dynamics`` the callback also keeps the per-example training-dynamics record, with ``reweight`` the model
+    trains on ``ExampleWeightedLoss`` (the Trainer's ``compute_loss_func``; SFTTrainer then runs its extra forward)."""
     timer = StepTimer()
     callbacks: list[TrainerCallback] = [timer]
     inside = InstrumentedTime()
@@ -92,6 +98,7 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path, dynamics: 
         for name in ("on_step_begin", "on_step_end", "on_epoch_begin", "on_save"):
             setattr(dfx, name, inside.wrap(getattr(dfx, name)))
         callbacks.insert(0, dfx)
+    loss = {"compute_loss_func": dfx.wrap_loss(ExampleWeightedLoss())} if reweight else {}
     settings = dict(
         output_dir=str(out),
         per_device_train_batch_size=args.batch_size,
@@ -116,6 +123,7 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path, dynamics: 
             train_dataset=ds,
             processing_class=byte_tokenizer(),
             callbacks=callbacks,
+            **loss,
         )
     else:
         trainer = Trainer(
@@ -124,6 +132,7 @@ def run(ds, with_dataflex: bool, args: argparse.Namespace, out: Path, dynamics: 
             train_dataset=ds,
             data_collator=collate_causal,
             callbacks=callbacks,
+            **loss,
         )
     for cb in callbacks:
         if hasattr(cb, "attach"):
@@ -152,7 +161,9 @@ def main() -> None:
     p.add_argument("--update-every", type=int, default=10)
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer", help="stock Trainer or TRL SFTTrainer")
     p.add_argument("--out", type=Path, default=None, help="default: this folder (results_sft.* for --trainer sft)")
-    p.add_argument("--dynamics", action="store_true", help="add an arm that keeps the training-dynamics record")
+    third = p.add_mutually_exclusive_group()
+    third.add_argument("--dynamics", action="store_true", help="add an arm that keeps the training-dynamics record")
+    third.add_argument("--reweight", action="store_true", help="add an arm that trains with ExampleWeightedLoss")
     args = p.parse_args()
     # Every example is filled to exactly max_len bytes (its text repeated), so both arms do the same
     # compute per step even though they see different examples in a different order.
@@ -164,13 +175,16 @@ def main() -> None:
     scratch = Path("/tmp") / "dataflex_overhead"
     base, flex, ratios, inside, inside_ratios = [], [], [], [], []
     dyn, dyn_ratios, dyn_inside = [], [], []
+    third_arm = "with dynamics" if args.dynamics else "with ExampleWeightedLoss"
     for i in range(args.pairs):
         # Alternate the arms' order, so warm-up effects of the machine do not favour one arm.
-        arms = ["base", "flex", "dyn"] if args.dynamics else ["base", "flex"]
+        arms = ["base", "flex", "dyn"] if args.dynamics or args.reweight else ["base", "flex"]
         arms = arms if i % 2 == 0 else arms[::-1]
         times = {}
         for arm in arms:
-            times[arm] = run(ds, arm != "base", args, scratch, dynamics=arm == "dyn")
+            times[arm] = run(
+                ds, arm != "base", args, scratch, arm == "dyn" and args.dynamics, arm == "dyn" and args.reweight
+            )
         (b, _), (f, own) = times["base"], times["flex"]
         base.append(b)
         flex.append(f)
@@ -181,12 +195,12 @@ def main() -> None:
             f"pair {i + 1}/{args.pairs}: baseline {b * 1e3:.1f} ms/step, dataflex {f * 1e3:.1f} ms/step, "
             f"ratio {f / b:.3f}; dataflex's own code {own * 1e3:.2f} ms/step"
         )
-        if args.dynamics:
+        if args.dynamics or args.reweight:
             d, own_d = times["dyn"]
             dyn.append(d)
             dyn_ratios.append(d / f)
             dyn_inside.append(own_d)
-            line += f"; with dynamics {d * 1e3:.1f} ms/step ({d / f:.3f} x dataflex), own {own_d * 1e3:.2f} ms"
+            line += f"; {third_arm} {d * 1e3:.1f} ms/step ({d / f:.3f} x dataflex), own {own_d * 1e3:.2f} ms"
         print(line, flush=True)
     result = {
         "median_ratio": statistics.median(ratios),
@@ -221,6 +235,16 @@ def main() -> None:
             f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in dyn_ratios)} |",
             f"| dataflex's own code with the record (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in dyn_inside)} |",
         ]
+    if args.reweight:
+        result |= {
+            "reweight_ms": [x * 1e3 for x in dyn],
+            "reweight_vs_dataflex": dyn_ratios,
+            "reweight_median_ratio": statistics.median(dyn_ratios),
+        }
+        rows += [
+            f"| + ExampleWeightedLoss (compute_loss_func) | {', '.join(f'{x * 1e3:.1f}' for x in dyn)} |",
+            f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in dyn_ratios)} |",
+        ]
     rows += [
         "",
         f"**median A/B ratio: {result['median_ratio']:.3f}**; instrumented estimate 1 + own/baseline: "
@@ -233,7 +257,15 @@ def main() -> None:
             f"{result['dynamics_median_ratio']:.3f}**; instrumented estimate 1 + (own time with - without) / "
             f"baseline: **{result['dynamics_instrumented_ratio']:.4f}** (goal <= 1.02)",
         ]
+    if args.reweight:
+        rows += [
+            "",
+            f"Loss reweighting: **median A/B ratio of ExampleWeightedLoss to the callback alone "
+            f"{result['reweight_median_ratio']:.3f}** (the weighted loss computed from the logits; TRL's SFTTrainer "
+            "computes the full logits for any compute_loss_func and runs one more forward without gradient)",
+        ]
     stem = "results_sft" if args.trainer == "sft" else "results_dynamics" if args.dynamics else "results"
+    stem += "_reweight" if args.reweight else ""
     print(write_results(args.out or RESULTS, rows, result, stem=stem))
 
 
