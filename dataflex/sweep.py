@@ -118,19 +118,27 @@ def _arm_order(by_policy: dict[str, list[SweepRun]], reference: str) -> list[str
     return sorted(by_policy, key=key)
 
 
-def sweep_tables(runs: list[SweepRun], reference: str = REFERENCE) -> str:
-    """Markdown: per settings, one row per policy (median [min, max] over seeds; how many seeds beat the same seed's
-    ``reference`` run) and the per-domain medians."""
+def _comparisons(runs: list[SweepRun]) -> dict[str, dict[str, list[SweepRun]]]:
+    """settings -> policy -> its runs by seed, each settings' runs checked comparable (tables and plot alike)."""
     groups: dict[str, list[SweepRun]] = defaultdict(list)
     for run in runs:
         groups[run.settings].append(run)
-    out = []
+    out = {}
     for settings in sorted(groups):
-        group = groups[settings]
-        _check_comparable(group)
+        _check_comparable(groups[settings])
         by_policy: dict[str, list[SweepRun]] = defaultdict(list)
-        for run in sorted(group, key=lambda r: r.seed):
+        for run in sorted(groups[settings], key=lambda r: r.seed):
             by_policy[run.policy].append(run)
+        out[settings] = dict(by_policy)
+    return out
+
+
+def sweep_tables(runs: list[SweepRun], reference: str = REFERENCE) -> str:
+    """Markdown: per settings, one row per policy (median [min, max] over seeds; how many seeds beat the same seed's
+    ``reference`` run) and the per-domain medians."""
+    out = []
+    for settings, by_policy in _comparisons(runs).items():
+        group = [run for arm in by_policy.values() for run in arm]
         splits = [s for s in SPLITS if all(s in run.losses for run in group)]
         paired_with = {run.seed: run for run in by_policy.get(reference, [])}
         out.append(f"### {settings or 'default settings'}\n")
@@ -176,18 +184,15 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
 
     from dataflex.plotting import domain_colors
 
-    groups: dict[str, list[SweepRun]] = defaultdict(list)
-    for run in runs:
-        groups[run.settings].append(run)
-    names = sorted(groups)
-    domains_most = max(len(groups[s][0].losses["validation"]) for s in names)
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6.5, 0.9 * (domains_most + 1) + 2), 3.6 * len(names)))
-    for ax, settings in zip(np.atleast_1d(axes), names):
-        by_policy: dict[str, list[SweepRun]] = defaultdict(list)
-        for run in groups[settings]:
-            by_policy[run.policy].append(run)
+    comparisons = _comparisons(runs)
+    domains_most = max(len(run.losses["validation"]) for run in runs)
+    fig, axes = plt.subplots(
+        len(comparisons), 1, figsize=(max(6.5, 0.9 * (domains_most + 1) + 2), 3.6 * len(comparisons))
+    )
+    for ax, (settings, by_policy) in zip(np.atleast_1d(axes), comparisons.items()):
+        group = [run for arm in by_policy.values() for run in arm]
         policies = _arm_order(by_policy, reference)
-        domains = sorted(groups[settings][0].losses["validation"])
+        domains = sorted(group[0].losses["validation"])
         columns = [*domains, "mean", "worst"]
         width = 0.8 / len(policies)
         for i, (policy, color) in enumerate(zip(policies, domain_colors(len(policies)))):
@@ -202,7 +207,7 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
             error = np.vstack([median - values.min(axis=0), values.max(axis=0) - median])
             ax.bar(x, median, width, yerr=error, capsize=2, color=color, label=f"{policy} ({len(values)} seeds)")
         ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-        finite = [v for run in groups[settings] for v in run.losses["validation"].values() if np.isfinite(v)]
+        finite = [v for run in group for v in run.losses["validation"].values() if np.isfinite(v)]
         if finite:  # (bars start near the lowest loss, so differences between policies show)
             ax.set_ylim(bottom=max(0.0, min(finite) - 0.1 * abs(min(finite))))
         ax.set_ylabel("validation loss")

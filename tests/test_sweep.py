@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflex.sweep import collect_runs, main, summarize_sweep
+from dataflex.sweep import collect_runs, main, plot_sweep, summarize_sweep
 
 DOMAINS = ("code", "math", "web")
 
@@ -73,6 +73,8 @@ def test_runs_that_cannot_be_compared_are_refused_naming_them(tmp_path):
     write_run(tmp_path / "b", "odm", 0, dict.fromkeys(("code", "math"), 1.0))  # another corpus, same settings
     with pytest.raises(ValueError, match=r"validation losses over different domains.*\['code', 'math'\]"):
         summarize_sweep(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"validation losses over different domains"):  # the plot on its own too
+        plot_sweep(collect_runs(tmp_path / "b"), tmp_path / "b.png")
     write_run(tmp_path / "c", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
     (tmp_path / "c" / "results.json").write_text("{}")  # not inside <policy>/seed<k>
     with pytest.raises(ValueError, match=r"c/results.json: not inside a <policy>/seed<k> folder"):

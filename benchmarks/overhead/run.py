@@ -174,16 +174,16 @@ def main() -> None:
     ds = byte_dataset(records, args.max_len)
     scratch = Path("/tmp") / "dataflex_overhead"
     base, flex, ratios, inside, inside_ratios = [], [], [], [], []
-    dyn, dyn_ratios, dyn_inside = [], [], []
+    third, third_ratios, third_inside = [], [], []
     third_arm = "with dynamics" if args.dynamics else "with ExampleWeightedLoss"
     for i in range(args.pairs):
         # Alternate the arms' order, so warm-up effects of the machine do not favour one arm.
-        arms = ["base", "flex", "dyn"] if args.dynamics or args.reweight else ["base", "flex"]
+        arms = ["base", "flex", "third"] if args.dynamics or args.reweight else ["base", "flex"]
         arms = arms if i % 2 == 0 else arms[::-1]
         times = {}
         for arm in arms:
             times[arm] = run(
-                ds, arm != "base", args, scratch, arm == "dyn" and args.dynamics, arm == "dyn" and args.reweight
+                ds, arm != "base", args, scratch, arm == "third" and args.dynamics, arm == "third" and args.reweight
             )
         (b, _), (f, own) = times["base"], times["flex"]
         base.append(b)
@@ -196,10 +196,10 @@ def main() -> None:
             f"ratio {f / b:.3f}; dataflex's own code {own * 1e3:.2f} ms/step"
         )
         if args.dynamics or args.reweight:
-            d, own_d = times["dyn"]
-            dyn.append(d)
-            dyn_ratios.append(d / f)
-            dyn_inside.append(own_d)
+            d, own_d = times["third"]
+            third.append(d)
+            third_ratios.append(d / f)
+            third_inside.append(own_d)
             line += f"; {third_arm} {d * 1e3:.1f} ms/step ({d / f:.3f} x dataflex), own {own_d * 1e3:.2f} ms"
         print(line, flush=True)
     result = {
@@ -222,28 +222,28 @@ def main() -> None:
     ]
     if args.dynamics:
         # The record's own cost: dataflex's instrumented time with the record minus without, over the step.
-        record = [(od - o) / b for od, o, b in zip(dyn_inside, inside, base)]
+        record = [(od - o) / b for od, o, b in zip(third_inside, inside, base)]
         result |= {
-            "dynamics_ms": [x * 1e3 for x in dyn],
-            "dynamics_vs_dataflex": dyn_ratios,
-            "dynamics_median_ratio": statistics.median(dyn_ratios),
-            "dynamics_own_ms_per_step": [x * 1e3 for x in dyn_inside],
+            "dynamics_ms": [x * 1e3 for x in third],
+            "dynamics_vs_dataflex": third_ratios,
+            "dynamics_median_ratio": statistics.median(third_ratios),
+            "dynamics_own_ms_per_step": [x * 1e3 for x in third_inside],
             "dynamics_instrumented_ratio": 1 + statistics.median(record),
         }
         rows += [
-            f"| + dynamics=True | {', '.join(f'{x * 1e3:.1f}' for x in dyn)} |",
-            f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in dyn_ratios)} |",
-            f"| dataflex's own code with the record (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in dyn_inside)} |",
+            f"| + dynamics=True | {', '.join(f'{x * 1e3:.1f}' for x in third)} |",
+            f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in third_ratios)} |",
+            f"| dataflex's own code with the record (ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in third_inside)} |",
         ]
     if args.reweight:
         result |= {
-            "reweight_ms": [x * 1e3 for x in dyn],
-            "reweight_vs_dataflex": dyn_ratios,
-            "reweight_median_ratio": statistics.median(dyn_ratios),
+            "reweight_ms": [x * 1e3 for x in third],
+            "reweight_vs_dataflex": third_ratios,
+            "reweight_median_ratio": statistics.median(third_ratios),
         }
         rows += [
-            f"| + ExampleWeightedLoss (compute_loss_func) | {', '.join(f'{x * 1e3:.1f}' for x in dyn)} |",
-            f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in dyn_ratios)} |",
+            f"| + ExampleWeightedLoss (compute_loss_func) | {', '.join(f'{x * 1e3:.1f}' for x in third)} |",
+            f"| ratio to DataFlexCallback(ODM) | {', '.join(f'{r:.3f}' for r in third_ratios)} |",
         ]
     rows += [
         "",
