@@ -12,6 +12,9 @@ With ``--loop`` the run is the plain loop (``dataflex.proxies.loop.train_mixture
 rerun to continue) and the phases are ``loop_between_files`` (the tensor file of step N is written, the
 JSON not) and ``loop_after_save`` (step N's checkpoint is complete).
 
+``--decider`` picks what decides the data in a Trainer run: ``mix`` (ODM, the default), ``select``, ``curriculum``,
+``dynamics`` (ODM keeping the training-dynamics record) or ``reweight`` (ODM with ``ExampleWeightedLoss``).
+
 ``--kill-after S`` instead dies S seconds after training starts (imports and data built), whatever it is
 doing then: random-instant kills that land inside training rather than in the interpreter's start-up. Under
 torchrun only ``--kill-rank`` arms it; torchrun then tears the other rank down.
@@ -216,9 +219,37 @@ def rank_suffix() -> str:
     return f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_limit: int | None = None):
+#: What decides the data: every callback kind, the dynamics record and per-example reweighting share one
+#: checkpoint path, and each keeps other state in it (a selection, a rescored order, per-example arrays).
+DECIDERS = ("mix", "select", "curriculum", "dynamics", "reweight")
+
+
+def make_callback(decider: str):
+    """A fresh dataflex callback of kind ``decider`` and its ``compute_loss_func`` maker (or None)."""
+    from dataflex import DataFlexCurriculumCallback, DataFlexSelectCallback
+    from dataflex.curriculum import Curriculum, loss_difficulty
+    from dataflex.selectors import LossFocus
+    from dataflex.weighting import ExampleWeightedLoss
+
+    if decider == "mix":
+        return DataFlexCallback(ODM(), update_every=1), None
+    if decider == "select":
+        return DataFlexSelectCallback(LossFocus(0.5, "hard"), update_every=3, label_column="domain"), None
+    if decider == "curriculum":
+        return DataFlexCurriculumCallback(Curriculum(scorer=loss_difficulty(), pacing="root"), rescore_every=3), None
+    if decider == "dynamics":
+        return DataFlexCallback(ODM(), update_every=2, dynamics=True), None
+    if decider == "reweight":
+        dfx = DataFlexCallback(ODM(), update_every=2)
+        return dfx, lambda: dfx.wrap_loss(ExampleWeightedLoss(temperature=1.0, direction="hard"))
+    raise ValueError(f"decider={decider!r}; valid: {DECIDERS}")
+
+
+def build_trainer(
+    out: Path, steps: int = 12, save_steps: int = 2, save_total_limit: int | None = None, decider: str = "mix"
+):
     out.mkdir(parents=True, exist_ok=True)
-    dfx = DataFlexCallback(ODM(), update_every=1)
+    dfx, make_loss = make_callback(decider)
     trainer = make_trainer(
         small_dataset(per_domain=12),
         dfx,
@@ -228,6 +259,7 @@ def build_trainer(out: Path, steps: int = 12, save_steps: int = 2, save_total_li
         logging_steps=1,
         extra=[StepLog(dfx, out / f"steps{rank_suffix()}.jsonl")],
         save_total_limit=save_total_limit,
+        compute_loss_func=make_loss() if make_loss else None,
     )
     return dfx, trainer
 
@@ -244,9 +276,18 @@ def run_trainer(dfx, trainer, out: Path) -> None:
                 "history": dfx.history,
                 "params": params_summary(trainer.model),
                 "log": comparable_log(trainer.state.log_history),
+                "dynamics": dynamics_summary(dfx),
             }
         )
     )
+
+
+def dynamics_summary(dfx) -> dict[str, list] | None:
+    """The training-dynamics record's arrays as lists (NaN as None, for JSON), or None without one."""
+    if dfx.dynamics is None:
+        return None
+    state = dfx.dynamics.state_dict()
+    return {k: [None if v != v else v for v in state[k].tolist()] for k in sorted(state) if k != "ema"}
 
 
 def main() -> None:
@@ -260,6 +301,7 @@ def main() -> None:
     p.add_argument("--save-total-limit", type=int, default=None)
     p.add_argument("--kill-after", type=float, default=None, help="seconds after training starts")
     p.add_argument("--kill-rank", type=int, default=0, help="the rank --kill-after arms under torchrun")
+    p.add_argument("--decider", choices=DECIDERS, default="mix", help="what decides the data (Trainer runs)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     marker = args.out / f"armed{rank_suffix()}"
@@ -271,7 +313,7 @@ def main() -> None:
         if armed and args.phase:
             arm_loop(args.phase, args.kill_step)
         return run_loop(args.out, args.steps, args.save_steps, kill_after=args.kill_after if armed else None)
-    dfx, trainer = build_trainer(args.out, args.steps, args.save_steps, args.save_total_limit)
+    dfx, trainer = build_trainer(args.out, args.steps, args.save_steps, args.save_total_limit, args.decider)
     if armed and args.phase:
         arm(args.phase, args.kill_step, trainer)
     if armed and timed:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import unsigned
-from kill_worker import build_trainer, run_loop, run_trainer
+from kill_worker import DECIDERS, build_trainer, run_loop, run_trainer
 
 from dataflex.checkpoint import latest_step
 from dataflex.hf import last_complete_checkpoint
@@ -275,6 +275,43 @@ def test_kill_at_a_random_instant_resumes_exactly(reference, tmp_path, trial):
     while not (tmp_path / "result.json").exists():
         assert finish(start(tmp_path, *limit)) == 0
     assert_same_run(outcome(tmp_path), reference)
+
+
+@pytest.fixture(scope="module")
+def decider_references(tmp_path_factory) -> dict[str, dict]:
+    """Uninterrupted runs of every other decider, each in a process of its own like the runs it is compared with."""
+    references = {}
+    for decider in DECIDERS[1:]:
+        out = tmp_path_factory.mktemp(f"reference_{decider}")
+        assert finish(start(out, "--decider", decider)) == 0
+        references[decider] = outcome(out)
+    return references
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["dataflex_write", "commit", "random"])
+@pytest.mark.parametrize("decider", DECIDERS[1:])
+def test_every_decider_killed_while_saving_or_at_a_random_instant_resumes_exactly(
+    decider_references, tmp_path, decider, kill
+):
+    """Selection (its current subset), a rescored curriculum (its order), the training-dynamics record (its
+    per-example arrays, in the binary state file) and per-example reweighting each keep other state than ODM's
+    mixture: killed inside a save or at a random instant, every one resumes to the uninterrupted run."""
+    reference = decider_references[decider]
+    args = ["--decider", decider, "--save-total-limit", "1"]
+    if kill == "random":
+        seconds = random.Random(decider).uniform(0.0, 0.9) * reference["seconds"]
+        kill_after(tmp_path, seconds, *args)
+    else:
+        assert finish(start(tmp_path, "--phase", kill, "--kill-step", "6", *args)) == -signal.SIGKILL
+    assert_lost_at_most_one_interval(tmp_path, "")
+    while not (tmp_path / "result.json").exists():
+        assert finish(start(tmp_path, *args)) == 0
+    result = outcome(tmp_path)
+    assert_same_run(result, reference)
+    mismatch = first_difference(result["dynamics"], reference["dynamics"])
+    assert mismatch is None, f"training-dynamics record differs at {mismatch}"
+    assert (result["dynamics"] is None) == (decider != "dynamics")
 
 
 def kill_after(out: Path, seconds: float, *args: str) -> None:
