@@ -208,3 +208,26 @@ def test_dvclive_counts_log_calls_so_dataflex_entries_interleave_with_the_loss(d
     assert steps("loss") == [1, 3, 5]
     assert all(steps(f"dataflex/weight/{name}") == [0, 2, 4] for name in names.values())
     assert steps("dataflex/entropy") == [0, 2, 4]
+
+
+def test_comet_offline_gets_every_domains_metric_at_the_trainers_global_step(ds, tmp_path, monkeypatch):
+    """transformers' CometCallback logs each entry at the Trainer's global step: dataflex's metrics land at the
+    steps of the Trainer's loss, domain names with spaces, accents and dots as they are."""
+    comet_ml = pytest.importorskip("comet_ml")  # not a dependency: runs where comet_ml is installed
+    import zipfile
+
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    monkeypatch.setenv("COMET_MODE", "create")
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+    names = {"code": "Math Problems", "literature": "poésie", "trivia": "a.b"}
+    trainer = make_trainer(renamed_domains(ds, names), DataFlexCallback(ODM(), update_every=2), tmp_path / "run",
+                           max_steps=6, save_steps=100, logging_steps=2, report_to=["comet_ml"])  # fmt: skip
+    trainer.train()
+    comet_ml.end()  # writes the offline archive
+    (archive,) = (tmp_path / "comet").glob("*.zip")
+    with zipfile.ZipFile(archive) as z:
+        messages = [json.loads(line) for line in z.read("messages.json").decode().splitlines()]
+    metrics = [m["payload"]["metric"] for m in messages if m.get("type") == "metric_msg"]
+    keys = ["train/loss", "train/dataflex/entropy", *(f"train/dataflex/weight/{name}" for name in names.values())]
+    steps = {key: [m["step"] for m in metrics if m["metricName"] == key] for key in keys}
+    assert all(found == [2, 4, 6] for found in steps.values()), steps
