@@ -6,8 +6,10 @@ leaves one job folder per combination, ``<policy>/seed<k>[/<other overrides>]``,
 worst-domain loss per policy, median [min, max] over seeds, how many seeds beat the same seed's uniform run,
 and the per-domain medians) and ``sweep_summary.png`` (per-domain loss per policy, bars at the median, whiskers
 from the best to the worst seed). :class:`dataflex.recipes.sweep_summary.SweepSummary` does so when a Hydra
-multirun of the Trainer, mixture or instruction recipe ends (their configs register it), and
-``python -m dataflex.sweep <sweep folder>`` at any time, for instance after a job failed.
+multirun of the Trainer, mixture, instruction or VLM recipe ends (their configs register it), and
+``python -m dataflex.sweep <sweep folder>`` at any time, for instance after a job failed. A sweep of the VLM recipe
+(``python -m dataflex.recipes.vlm -m method=uniform,rho seed=0,1,2``) is compared on what it reports instead: clean
+test accuracy per question type, higher being better (its mean over question types and its worst question type).
 
 Runs are compared only with runs of the same other overrides (the folder below ``seed<k>``): a sweep over
 ``lr`` gets one table per learning rate. Results that cannot be compared are refused, naming the folders:
@@ -28,26 +30,52 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SweepRun", "collect_runs", "plot_sweep", "summarize_sweep", "sweep_tables"]
+__all__ = [
+    "LOSS",
+    "VLM_ACCURACY",
+    "Measure",
+    "SweepRun",
+    "collect_runs",
+    "plot_sweep",
+    "summarize_sweep",
+    "sweep_tables",
+]
 
-SPLITS = ("validation", "test")  # which per-domain losses a run reports, in table order
+SPLITS = ("validation", "test")  # which per-domain values a run reports, in table order
 REFERENCE = "uniform"  # the arm every other one is compared with, seed by seed (the instruct recipe: "none")
 
 
 @dataclass(frozen=True)
+class Measure:
+    """What a recipe's runs report per group, and which way is better."""
+
+    name: str
+    group: str  # what the per-group values are per ("domain", "question type")
+    higher_is_better: bool
+    unit: str  # said once above the tables
+
+
+LOSS = Measure("loss", "domain", False, "loss in nats per byte for the bundled recipes, lower is better")
+VLM_ACCURACY = Measure(
+    "clean accuracy", "question type", True, "the VLM recipe's clean test accuracy per question type, higher is better"
+)
+
+
+@dataclass(frozen=True)
 class SweepRun:
-    """One job of a sweep: its policy (as chosen on the command line), other overrides, seed and losses."""
+    """One job of a sweep: its policy (as chosen on the command line), other overrides, seed and per-group values."""
 
     policy: str
     settings: str  # the overrides other than policy and seed, "" when none
     seed: int
-    losses: dict[str, dict[str, float]]  # split -> domain -> loss
+    values: dict[str, dict[str, float]]  # split -> domain (question type) -> loss (accuracy)
     folder: Path
+    measure: Measure = LOSS
 
 
 def collect_runs(root: Path) -> list[SweepRun]:
     """Every ``results.json`` under ``root``, read as a :class:`SweepRun`; a file outside a ``<policy>/seed<k>``
-    folder, or without per-domain losses, is refused naming it."""
+    folder, or without per-domain losses (or the VLM recipe's per-question accuracy), is refused naming it."""
     root = Path(root)
     runs = []
     for path in sorted(root.glob("**/results.json")):
@@ -59,15 +87,23 @@ def collect_runs(root: Path) -> list[SweepRun]:
                 "give the sweep folder itself"
             )
         result = json.loads(path.read_text(encoding="utf-8"))
-        # (the instruction recipe writes an empty test_loss when it did not evaluate the test split)
-        losses = {split: result[f"{split}_loss"] for split in SPLITS if isinstance(result.get(f"{split}_loss"), dict)}
-        losses = {split: values for split, values in losses.items() if values}
-        if "validation" not in losses:
-            raise ValueError(f"{path} has no per-domain 'validation_loss'; keys there: {sorted(result)}")
+        measure = VLM_ACCURACY if isinstance(result.get("accuracy_by_question"), dict) else LOSS
+        if measure is VLM_ACCURACY:  # (its validation answers are the noisy given ones: test is the clean split)
+            values = {"test": result["accuracy_by_question"]}
+        else:  # (the instruction recipe writes an empty test_loss when it did not evaluate the test split)
+            values = {
+                split: result[f"{split}_loss"] for split in SPLITS if isinstance(result.get(f"{split}_loss"), dict)
+            }
+            values = {split: by_domain for split, by_domain in values.items() if by_domain}
+            if "validation" not in values:
+                raise ValueError(
+                    f"{path} has no per-domain 'validation_loss' (nor the VLM recipe's 'accuracy_by_question'); "
+                    f"keys there: {sorted(result)}"
+                )
         seed = int(parts[at][len("seed") :])
         if "seed" in result and int(result["seed"]) != seed:
             raise ValueError(f"{path} records seed {result['seed']} but sits in folder {parts[at]!r}; moved by hand?")
-        runs.append(SweepRun(parts[at - 1], "/".join(parts[at + 1 :]), seed, losses, path.parent))
+        runs.append(SweepRun(parts[at - 1], "/".join(parts[at + 1 :]), seed, values, path.parent, measure))
     if not runs:
         raise ValueError(f"no results.json under {root}: no job of the sweep has finished (or it is another folder)")
     return runs
@@ -93,27 +129,43 @@ def _check_comparable(runs: list[SweepRun]) -> None:
         seen[run.policy, run.seed] = run.folder
     first = runs[0]
     for run in runs[1:]:
+        if run.measure != first.measure:
+            raise ValueError(
+                f"runs reporting different measures in one comparison: {first.folder} reports {first.measure.name}, "
+                f"{run.folder} {run.measure.name} (results of different recipes in one sweep folder?)"
+            )
         for split in SPLITS:
-            mine, theirs = set(first.losses.get(split, {})), set(run.losses.get(split, {}))
-            if split in first.losses and split in run.losses and mine != theirs:
+            mine, theirs = set(first.values.get(split, {})), set(run.values.get(split, {}))
+            if split in first.values and split in run.values and mine != theirs:
                 raise ValueError(
-                    f"{split} losses over different domains in one comparison: {first.folder} has "
-                    f"{sorted(mine)}, {run.folder} has {sorted(theirs)}; mean and worst domain would be over "
-                    "different sets (another data.path under the same settings?)"
+                    f"{split} {first.measure.name} over different {first.measure.group}s in one comparison: "
+                    f"{first.folder} has {sorted(mine)}, {run.folder} has {sorted(theirs)}; mean and worst would be "
+                    "over different sets (another data.path under the same settings?)"
                 )
 
 
-def _summary(values: dict[str, float]) -> tuple[float, float]:
-    """Mean and worst-domain loss of one run's per-domain losses."""
-    return float(np.mean(list(values.values()))), float(max(values.values()))
+def _summary(values: dict[str, float], measure: Measure) -> tuple[float, float]:
+    """Mean and worst group of one run's per-group values (the worst is the lowest accuracy, the highest loss)."""
+    per_group = list(values.values())
+    return float(np.mean(per_group)), float(min(per_group) if measure.higher_is_better else max(per_group))
 
 
-def _arm_order(by_policy: dict[str, list[SweepRun]], reference: str) -> list[str]:
-    """The reference first, then by median mean validation loss."""
+def _better(ours: tuple[float, float], theirs: tuple[float, float], measure: Measure) -> bool:
+    """Better on both the mean and the worst group."""
+    if measure.higher_is_better:
+        return ours[0] > theirs[0] and ours[1] > theirs[1]
+    return ours[0] < theirs[0] and ours[1] < theirs[1]
+
+
+def _arm_order(by_policy: dict[str, list[SweepRun]], reference: str, split: str) -> list[str]:
+    """The reference first, then best median mean on ``split`` first."""
 
     def key(policy: str) -> tuple[bool, float]:
-        median = float(np.median([_summary(run.losses["validation"])[0] for run in by_policy[policy]]))
-        return policy != reference, median if np.isfinite(median) else np.inf  # (a diverged run: last)
+        runs = by_policy[policy]
+        median = float(np.median([_summary(run.values[split], run.measure)[0] for run in runs]))
+        if not np.isfinite(median):
+            return policy != reference, np.inf  # (a diverged run: last)
+        return policy != reference, -median if runs[0].measure.higher_is_better else median
 
     return sorted(by_policy, key=key)
 
@@ -139,44 +191,46 @@ def sweep_tables(runs: list[SweepRun], reference: str = REFERENCE) -> str:
     out = []
     for settings, by_policy in _comparisons(runs).items():
         group = [run for arm in by_policy.values() for run in arm]
-        splits = [s for s in SPLITS if all(s in run.losses for run in group)]
+        measure = group[0].measure
+        splits = [s for s in SPLITS if all(s in run.values for run in group)]
         paired_with = {run.seed: run for run in by_policy.get(reference, [])}
         out.append(f"### {settings or 'default settings'}\n")
-        head = ["policy", "seeds"] + [f"{s} {what}" for s in splits for what in ("mean", "worst domain")]
+        head = ["policy", "seeds"] + [
+            f"{s} {what}" for s in splits for what in (f"mean {measure.name}", f"worst {measure.group}")
+        ]
         head.append(f"seeds better than {reference} (same seed; mean and worst, {splits[-1]})")
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for policy in _arm_order(by_policy, reference):
+        policies = _arm_order(by_policy, reference, splits[0])
+        for policy in policies:
             arm = by_policy[policy]
             cells = [policy, ",".join(str(run.seed) for run in arm)]
             for split in splits:
-                pairs = [_summary(run.losses[split]) for run in arm]
+                pairs = [_summary(run.values[split], measure) for run in arm]
                 cells += [_spread([p[0] for p in pairs]), _spread([p[1] for p in pairs])]
             paired = [run for run in arm if run.seed in paired_with]
             if policy == reference or not paired:
                 cells.append("-" if policy == reference else f"no {reference} run with these seeds")
             else:
                 split = splits[-1]
-                ours = [_summary(run.losses[split]) for run in paired]
-                theirs = [_summary(paired_with[run.seed].losses[split]) for run in paired]
-                better = sum(
-                    mean < ref_mean and worst < ref_worst for (mean, worst), (ref_mean, ref_worst) in zip(ours, theirs)
-                )
+                ours = [_summary(run.values[split], measure) for run in paired]
+                theirs = [_summary(paired_with[run.seed].values[split], measure) for run in paired]
+                better = sum(_better(a, b, measure) for a, b in zip(ours, theirs))
                 cells.append(f"{better} of {len(paired)}")
             out.append("| " + " | ".join(cells) + " |")
-        domains = sorted(group[0].losses["validation"])
-        policies = _arm_order(by_policy, reference)
-        out += ["", f"Validation loss per domain, median over seeds ({settings or 'default settings'}):", ""]
-        out += ["| domain | " + " | ".join(policies) + " |", "|" + "---|" * (len(policies) + 1)]
-        for domain in domains:
-            medians = [np.median([run.losses["validation"][domain] for run in by_policy[p]]) for p in policies]
-            out.append(f"| {domain} | " + " | ".join(f"{m:.4f}" for m in medians) + " |")
+        split = splits[0]
+        out += ["", f"{split.capitalize()} {measure.name} per {measure.group}, median over seeds "
+                f"({settings or 'default settings'}):", ""]  # fmt: skip
+        out += [f"| {measure.group} | " + " | ".join(policies) + " |", "|" + "---|" * (len(policies) + 1)]
+        for name in sorted(group[0].values[split]):
+            medians = [np.median([run.values[split][name] for run in by_policy[p]]) for p in policies]
+            out.append(f"| {name} | " + " | ".join(f"{m:.4f}" for m in medians) + " |")
         out.append("")
     return "\n".join(out)
 
 
 def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, dpi: int = 120) -> None:
-    """Validation loss per domain and policy: a bar at the median over seeds, a whisker from the best seed to the
-    worst. One panel per settings."""
+    """Validation loss (the VLM recipe: clean test accuracy) per domain (question type) and policy: a bar at the median
+    over seeds, a whisker from the best seed to the worst. One panel per settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,20 +239,21 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
     from dataflex.plotting import domain_colors
 
     comparisons = _comparisons(runs)
-    domains_most = max(len(run.losses["validation"]) for run in runs)
+    domains_most = max(len(next(iter(run.values.values()))) for run in runs)
     fig, axes = plt.subplots(
         len(comparisons), 1, figsize=(max(6.5, 0.9 * (domains_most + 1) + 2), 3.6 * len(comparisons))
     )
     for ax, (settings, by_policy) in zip(np.atleast_1d(axes), comparisons.items()):
         group = [run for arm in by_policy.values() for run in arm]
-        policies = _arm_order(by_policy, reference)
-        domains = sorted(group[0].losses["validation"])
+        measure, split = group[0].measure, next(s for s in SPLITS if all(s in run.values for run in group))
+        policies = _arm_order(by_policy, reference, split)
+        domains = sorted(group[0].values[split])
         columns = [*domains, "mean", "worst"]
         width = 0.8 / len(policies)
         for i, (policy, color) in enumerate(zip(policies, domain_colors(len(policies)))):
             values = np.array(
                 [
-                    [*(run.losses["validation"][d] for d in domains), *_summary(run.losses["validation"])]
+                    [*(run.values[split][d] for d in domains), *_summary(run.values[split], measure)]
                     for run in by_policy[policy]
                 ]  # fmt: skip
             )
@@ -207,10 +262,10 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
             error = np.vstack([median - values.min(axis=0), values.max(axis=0) - median])
             ax.bar(x, median, width, yerr=error, capsize=2, color=color, label=f"{policy} ({len(values)} seeds)")
         ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-        finite = [v for run in group for v in run.losses["validation"].values() if np.isfinite(v)]
-        if finite:  # (bars start near the lowest loss, so differences between policies show)
+        finite = [v for run in group for v in run.values[split].values() if np.isfinite(v)]
+        if finite:  # (bars start near the lowest value, so differences between policies show)
             ax.set_ylim(bottom=max(0.0, min(finite) - 0.1 * abs(min(finite))))
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel(f"{split} {measure.name}")
         ax.set_title(settings or "default settings", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -224,10 +279,9 @@ def summarize_sweep(root: Path, reference: str = REFERENCE) -> str:
     root = Path(root)
     runs = collect_runs(root)
     again = f"python -m dataflex.sweep {root}" + (f" --reference {reference}" if reference != REFERENCE else "")
-    text = (
-        f"Every finished run under {root} (median [min, max] over seeds; loss in nats per byte for the bundled "
-        f"recipes). Rerun: {again}\n\n" + sweep_tables(runs, reference)
-    )
+    units = "; ".join(sorted({run.measure.unit for run in runs}))
+    text = f"Every finished run under {root} (median [min, max] over seeds; {units}). Rerun: {again}\n\n"
+    text += sweep_tables(runs, reference)
     from dataflex.state import write_text_atomic
 
     write_text_atomic(root / "sweep_summary.md", text)

@@ -1,7 +1,7 @@
 """The Hydra callback that ends a recipe's multirun with its comparison table and plot (:mod:`dataflex.sweep`).
 
-Registered in ``configs/trainer.yaml``, ``configs/mixture.yaml`` and ``configs/instruct.yaml`` (compared with
-its ``detector=none`` runs) under ``hydra.callbacks.sweep_summary``
+Registered in ``configs/trainer.yaml``, ``configs/mixture.yaml``, ``configs/instruct.yaml`` (compared with
+its ``detector=none`` runs) and ``configs/vlm.yaml`` (on clean test accuracy) under ``hydra.callbacks.sweep_summary``
 (``~hydra.callbacks.sweep_summary`` on the command line turns it off). It lives with the recipes because it is
 Hydra's: the core ``dataflex`` modules import neither Hydra nor transformers.
 """

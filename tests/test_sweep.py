@@ -71,9 +71,9 @@ def test_runs_that_cannot_be_compared_are_refused_naming_them(tmp_path):
         summarize_sweep(tmp_path / "a")
     write_run(tmp_path / "b", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
     write_run(tmp_path / "b", "odm", 0, dict.fromkeys(("code", "math"), 1.0))  # another corpus, same settings
-    with pytest.raises(ValueError, match=r"validation losses over different domains.*\['code', 'math'\]"):
+    with pytest.raises(ValueError, match=r"validation loss over different domains.*\['code', 'math'\]"):
         summarize_sweep(tmp_path / "b")
-    with pytest.raises(ValueError, match=r"validation losses over different domains"):  # the plot on its own too
+    with pytest.raises(ValueError, match=r"validation loss over different domains"):  # the plot on its own too
         plot_sweep(collect_runs(tmp_path / "b"), tmp_path / "b.png")
     write_run(tmp_path / "c", "uniform", 0, dict.fromkeys(DOMAINS, 2.0))
     (tmp_path / "c" / "results.json").write_text("{}")  # not inside <policy>/seed<k>
@@ -143,3 +143,30 @@ def test_a_diverged_run_is_named_not_ordered_among_the_others(tmp_path):
     assert text.index("| uniform |") < text.index("| odm |") < text.index("| ado |")
     assert "| code | 2.0000 | 1.5000 | nan |" in text
     assert (tmp_path / "sweep_summary.png").is_file()
+
+
+def test_a_vlm_sweep_is_compared_on_clean_accuracy_higher_being_better(tmp_path):
+    """The VLM recipe reports clean test accuracy per question type: its best arm is the highest, its worst
+    question type the lowest, and a seed beats uniform by being higher on both."""
+    uniform = {0: [0.5, 0.7], 1: [0.6, 0.8]}
+    rho = {0: [0.55, 0.75], 1: [0.75, 0.7]}  # both seeds higher on mean and worst
+    weak = {0: [0.4, 0.6], 1: [0.5, 0.9]}  # seed 1: uniform's mean (0.7), a lower worst (0.5 < 0.6)
+    for policy, arms in (("uniform", uniform), ("rho", rho), ("weak", weak)):
+        for seed, accuracies in arms.items():
+            folder = tmp_path / policy / f"seed{seed}"
+            folder.mkdir(parents=True)
+            by_question = dict(zip(("what digit", "is it even"), accuracies))
+            result = {"method": policy, "seed": seed, "accuracy": 0.0, "accuracy_by_question": by_question}
+            (folder / "results.json").write_text(json.dumps(result))
+    text = summarize_sweep(tmp_path)
+    assert "test mean clean accuracy | test worst question type" in text and "validation" not in text
+    assert text.index("| uniform |") < text.index("| rho |") < text.index("| weak |")  # best first after uniform
+    assert row(text, "rho")[2:5] == ["0.6875 [0.6500, 0.7250]", "0.6250 [0.5500, 0.7000]", "2 of 2"]
+    assert row(text, "weak")[3:5] == ["0.4500 [0.4000, 0.5000]", "0 of 2"]
+    assert "| is it even | 0.7500 | 0.7250 | 0.7500 |" in text  # per question type, uniform then rho then weak
+    assert "higher is better" in text and (tmp_path / "sweep_summary.png").stat().st_size > 5000
+    # results of another recipe in the same table are not compared with these
+    write_run(tmp_path, "odm", 0, dict.fromkeys(DOMAINS, 2.0))
+    mixed = r"different measures in one comparison: .*odm/seed0 reports loss, .*seed0 clean accuracy"
+    with pytest.raises(ValueError, match=mixed):
+        summarize_sweep(tmp_path)

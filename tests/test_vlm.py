@@ -353,6 +353,37 @@ def test_vlm_recipe_cli_runs_and_resumes(tmp_path):
     assert bad.returncode != 0 and "method='bogus'; valid values are" in bad.stderr
 
 
+@pytest.mark.slow  # four short recipe runs from the command line (~1 min); .ci/run runs it
+def test_a_vlm_sweep_ends_with_its_clean_accuracy_summary_beside_uniform(tmp_path):
+    """``-m method=uniform,loss_easy seed=0,1``: when the multirun ends, the recipe's Hydra callback compares the
+    methods on clean test accuracy per question type (higher is better) and writes sweep_summary.md and .png."""
+    import json
+    import subprocess
+    import sys
+
+    from dataflex.sweep import VLM_ACCURACY, collect_runs
+
+    sweep = tmp_path / "sweep"
+    small = ["steps=4", "save_steps=100", "warmup=1", "update_every=2", "batch_size=8", "num_images=60"]
+    cmd = [sys.executable, "-m", "dataflex.recipes.vlm", "-m", "method=uniform,loss_easy", "seed=0,1", *small]
+    run = subprocess.run([*cmd, f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    runs = collect_runs(sweep)
+    assert sorted((r.policy, r.seed) for r in runs) == [
+        ("loss_easy", 0),
+        ("loss_easy", 1),
+        ("uniform", 0),
+        ("uniform", 1),
+    ]
+    assert {r.measure for r in runs} == {VLM_ACCURACY}
+    summary = (sweep / "sweep_summary.md").read_text()
+    assert summary in run.stdout and (sweep / "sweep_summary.png").is_file()
+    assert "test mean clean accuracy" in summary and "| uniform | 0,1 |" in summary and "| loss_easy | 0,1 |" in summary
+    accuracy = json.loads((sweep / "uniform" / "seed0" / runs[0].settings / "results.json").read_text())
+    for question, value in accuracy["accuracy_by_question"].items():  # the per-question rows are these numbers
+        assert f"| {question} | " in summary and 0.0 <= value <= 1.0
+
+
 def test_a_damaged_measurement_record_is_refused_before_a_resume(tmp_path):
     """The recipes' noise share and warm-up detection after a resume come from the record kept with each
     checkpoint: a changed digit in it still parsed and was reported as the run's share; its digest refuses it."""
