@@ -10,6 +10,8 @@ import pytest
 from stack_worker import check_identical_ranks_and_exact_resume
 from test_distributed import run_one_process, run_two_processes
 
+from dataflex.hf import last_complete_checkpoint
+
 pytest.importorskip("deepspeed")
 
 
@@ -18,6 +20,14 @@ pytest.importorskip("deepspeed")
 def test_zero_two_processes_identical_ranks_and_exact_resume(tmp_path, stage):
     run_two_processes("stack_worker.py", tmp_path, str(stage))
     check_identical_ranks_and_exact_resume(tmp_path, str(stage))
+    # The resume the README gives after a crash takes DeepSpeed's checkpoints (weights and every rank's optimizer
+    # shard in global_step<n>, their sums recorded) and skips one whose rank-1 shard changed on disk.
+    for run in ("full", "crash"):
+        assert last_complete_checkpoint(tmp_path / run) == str(tmp_path / run / "checkpoint-8")
+    (shard,) = (tmp_path / "crash" / "checkpoint-8").glob("global_step8/zero_pp_rank_1_*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.warns(UserWarning, match="skipping .*checkpoint-8"):
+        assert last_complete_checkpoint(tmp_path / "crash") == str(tmp_path / "crash" / "checkpoint-4")
 
 
 @pytest.mark.slow
