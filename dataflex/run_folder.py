@@ -28,16 +28,36 @@ import numpy as np
 from dataflex.state import read_json, write_json_atomic
 
 __all__ = [
+    "MAX_FOLDER_NAME",
     "RUN_SETTINGS",
     "claim_run_folder",
     "config_settings",
     "describe_differences",
+    "folder_name",
     "holds_a_run",
     "settings_digest",
     "weights_summary",
 ]
 
 RUN_SETTINGS = "run_settings.json"
+#: Longest name (bytes) a recipe gives one folder of a run's path. File systems refuse names over 255 bytes, and the
+#: recipes name a run's folder by every override of its command, which a few long ones (a weight per domain, a
+#: data path) pass.
+MAX_FOLDER_NAME = 200
+
+
+def folder_name(overrides: str) -> str:
+    """``overrides`` (Hydra's ``job.override_dirname``) as the path of a run's folder below its ``seed<k>``.
+
+    Unchanged when every ``/``-separated part fits in :data:`MAX_FOLDER_NAME` bytes; else one folder named by the
+    start of the overrides (``/`` as ``_``) and a digest of all of them, so each command keeps a folder of its own
+    and the start still says what the run is. (Hydra itself fails on a name too long for the file system.)
+    """
+    if all(len(part.encode()) <= MAX_FOLDER_NAME for part in overrides.split("/")):
+        return overrides
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:16]
+    start = overrides.replace("/", "_").encode()[: MAX_FOLDER_NAME - len(digest) - 1].decode(errors="ignore")
+    return f"{start}~{digest}"
 
 
 def config_settings(cfg: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:

@@ -232,10 +232,12 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
-    from dataflex.recipes.settings import check_instruct_settings
+    from dataflex.recipes.settings import check_instruct_settings, register_folder_resolver
     from dataflex.run_folder import claim_run_folder, config_settings
     from dataflex.testbeds.noisy_instruct import noisy_instructions
     from dataflex.testbeds.tiny import default_data_dir
+
+    register_folder_resolver()  # the config names the run's folder through it
 
     @hydra.main(config_path="../configs", config_name="instruct", version_base=None)
     def main(cfg: DictConfig) -> None:

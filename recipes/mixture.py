@@ -184,6 +184,10 @@ def _hydra_main() -> None:
     from hydra.utils import instantiate
     from omegaconf import DictConfig
 
+    from dataflex.recipes.settings import register_folder_resolver
+
+    register_folder_resolver()  # the config names the run's folder through it
+
     @hydra.main(config_path="../configs", config_name="mixture", version_base=None)
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig

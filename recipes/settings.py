@@ -13,6 +13,7 @@ from typing import Any
 from dataflex.checks import is_real, is_whole
 
 __all__ = [
+    "register_folder_resolver",
     "check_instruct_settings",
     "check_mixture_law_settings",
     "check_select_offline_settings",
@@ -282,3 +283,14 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
     positive_int("data.max_len", cfg.data.max_len)
     optional_positive_int("data.val_per_domain", cfg.data.val_per_domain)
     optional_positive_int("data.train_per_domain", cfg.data.train_per_domain)
+
+
+def register_folder_resolver() -> None:
+    """Make ``${dataflex_folder:${hydra:job.override_dirname}}`` available to the recipes' configs, which name each
+    run's folder by its overrides: :func:`dataflex.run_folder.folder_name` keeps that name within what a file
+    system takes. Call before ``hydra.main`` runs (it resolves the run folder first)."""
+    from omegaconf import OmegaConf
+
+    from dataflex.run_folder import folder_name
+
+    OmegaConf.register_new_resolver("dataflex_folder", folder_name, replace=True)

@@ -202,7 +202,10 @@ def _hydra_main() -> None:
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
+    from dataflex.recipes.settings import register_folder_resolver
     from dataflex.run_folder import claim_run_folder, config_settings
+
+    register_folder_resolver()  # the config names the run's folder through it
 
     @hydra.main(config_path="../configs", config_name="trainer", version_base=None)
     def main(cfg: DictConfig) -> None:

@@ -247,9 +247,11 @@ def _hydra_main() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig
 
-    from dataflex.recipes.settings import check_vlm_settings
+    from dataflex.recipes.settings import check_vlm_settings, register_folder_resolver
     from dataflex.run_folder import claim_run_folder, config_settings
     from dataflex.testbeds.digits import digits_vqa
+
+    register_folder_resolver()  # the config names the run's folder through it
 
     @hydra.main(config_path="../configs", config_name="vlm", version_base=None)
     def main(cfg: DictConfig) -> None:

@@ -17,12 +17,13 @@ POLICY_FILES = sorted(p.stem for p in (CONFIGS / "policy").glob("*.yaml"))
 MODEL_FILES = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 DATA_FILES = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 NEEDS_PREPARE = {"doremi", "doremi_online"}  # their stages need data and models: covered in test_doremi_ado.py
+REQUIRED = {"static": ["policy.weights={a: 0.75, b: 0.25}"]}  # settings a policy's config leaves to the command
 
 
 @pytest.mark.parametrize("policy", POLICY_FILES)
 def test_policy_configs_compose_and_instantiate(policy):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = compose(config_name="callback", overrides=[f"policy={policy}"])
+        cfg = compose(config_name="callback", overrides=[f"policy={policy}", *REQUIRED.get(policy, [])])
     cb = instantiate(cfg.callback, domains=["a", "b", "a"])
     if policy in NEEDS_PREPARE:
         assert callable(cb.policy.prepare)
@@ -37,7 +38,8 @@ def test_policy_configs_compose_and_instantiate(policy):
 def test_mixture_configs_compose_and_instantiate(model, data):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         for policy in POLICY_FILES:
-            cfg = compose(config_name="mixture", overrides=[f"policy={policy}", f"model={model}", f"data={data}"])
+            overrides = [f"policy={policy}", f"model={model}", f"data={data}", *REQUIRED.get(policy, [])]
+            cfg = compose(config_name="mixture", overrides=overrides)
             assert instantiate(cfg.policy) is not None
     net = instantiate(cfg.model, seed=0)
     assert net.config.vocab_size == 257 and cfg.data.max_len <= net.config.max_position_embeddings

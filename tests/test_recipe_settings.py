@@ -246,3 +246,19 @@ def test_a_folder_name_and_its_recorded_settings_leave_out_the_same_keys(recipe,
     excluded = config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
     module = importlib.import_module(f"dataflex.recipes.{recipe}")
     assert excluded == [naming, "seed", *module.SAME_RESULT]
+
+
+def test_a_folder_name_longer_than_a_file_system_takes_is_shortened_to_one_of_its_own():
+    """The recipes name a run's folder by its overrides; a weight per domain passes the 255 bytes a file name may
+    have (Hydra failed with "File name too long"). Such a name keeps its start and gets a digest of the whole."""
+    from dataflex.run_folder import MAX_FOLDER_NAME, folder_name
+
+    assert folder_name("lr=0.01,steps=100") == "lr=0.01,steps=100"
+    assert folder_name("data.path=/data/é/corpus,lr=0.01") == "data.path=/data/é/corpus,lr=0.01"  # short parts
+    weights = "policy.weights={" + ", ".join(f"domain_{i}: 0.0625" for i in range(16)) + "}"
+    long = folder_name(f"lr=0.01,{weights}")
+    assert len(long.encode()) <= MAX_FOLDER_NAME and "/" not in long and long.startswith("lr=0.01,policy.weights={")
+    assert folder_name(f"lr=0.01,{weights}") == long  # the same command: the same folder
+    assert folder_name(f"lr=0.02,{weights}") != long and folder_name(f"lr=0.01,{weights[:-1]}") != long
+    accents = folder_name("data.path=/" + "é" * 300)  # cut at a character, not inside one
+    assert len(accents.encode()) <= MAX_FOLDER_NAME and accents.encode().decode() == accents

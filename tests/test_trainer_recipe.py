@@ -173,3 +173,46 @@ def test_a_sweep_ends_with_its_summary_beside_uniform(tmp_path):
     settings_row = next(line for line in summary.splitlines() if line.startswith("### "))
     assert settings_row == "### " + runs[0].settings  # the other overrides name the table
     assert "| uniform | 0,1 |" in summary and "| odm | 0,1 |" in summary and " of 2 |" in summary
+
+
+@pytest.mark.slow  # (three short recipe runs; .ci/run runs it)
+def test_a_static_mixture_from_the_command_line_gets_a_folder_the_file_system_takes(tmp_path):
+    """``policy=static policy.weights={...}`` with a weight per domain: the run's folder, named by its overrides,
+    would pass 255 bytes (Hydra failed with "File name too long"); it is shortened, the run trains on those weights,
+    and the same command again resumes in the same folder. Without the weights the command is refused naming them."""
+    import json
+    import subprocess
+    import sys
+
+    from dataflex.run_folder import MAX_FOLDER_NAME
+
+    small = ["steps=4", "batch_size=4", "save_steps=4", "update_every=2", "data.train_per_domain=6",
+             "data.val_per_domain=2", "data.max_len=48", "model.n_layer=1", "model.n_embd=32",
+             "model.n_head=2"]  # fmt: skip
+    domains = [
+        "biomedical",
+        "code",
+        "competition_math",
+        "encyclopedia",
+        "fiction",
+        "grade_math",
+        "literature",
+        "trivia",
+    ]
+    weights = {d: 0.3 if d == "code" else 0.1 for d in domains}
+    cmd = [sys.executable, "-m", "dataflex.recipes.trainer", "policy=static", *small]
+    override = "policy.weights={" + ", ".join(f"{d}: {w}" for d, w in weights.items()) + "}"
+    for _ in range(2):
+        run = subprocess.run([*cmd, override], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "trainer" / "static" / "seed0").iterdir()
+    assert len(folder.name.encode()) <= MAX_FOLDER_NAME and "~" in folder.name
+    assert "already finished" in run.stdout + run.stderr  # the rerun found the first run's folder
+    result = json.loads((folder / "results.json").read_text())
+    assert result["policy"] == "Static"
+    logged = json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert {
+        k[len("dataflex/weight/") :]: v for k, v in logged[0].items() if k.startswith("dataflex/weight/")
+    } == weights
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert missing.returncode != 0 and "Missing mandatory value: policy.weights" in missing.stderr
