@@ -12,9 +12,10 @@ multirun of the Trainer, mixture, instruction or VLM recipe ends (their configs 
 test accuracy per question type, higher being better (its mean over question types and its worst question type).
 
 Runs are compared only with runs of the same other overrides (the folder below ``seed<k>``): a sweep over
-``lr`` gets one table per learning rate. Results that cannot be compared are refused, naming the folders:
-two runs claiming one policy, settings and seed, or runs of one table evaluated on different domains (their
-mean and worst domain would be over different sets).
+``lr`` gets one table per learning rate. Overrides of the policy's (detector's) own settings make other arms of
+one table instead (``temperature(tau=2)`` and ``temperature(tau=4)`` beside ``uniform``). Results that cannot be
+compared are refused, naming the folders: two runs claiming one policy, settings and seed, or runs of one table
+evaluated on different domains (their mean and worst domain would be over different sets).
 """
 
 from __future__ import annotations
@@ -103,10 +104,29 @@ def collect_runs(root: Path) -> list[SweepRun]:
         seed = int(parts[at][len("seed") :])
         if "seed" in result and int(result["seed"]) != seed:
             raise ValueError(f"{path} records seed {result['seed']} but sits in folder {parts[at]!r}; moved by hand?")
-        runs.append(SweepRun(parts[at - 1], "/".join(parts[at + 1 :]), seed, values, path.parent, measure))
+        arm, settings = _arm_and_settings(parts[at - 1], "/".join(parts[at + 1 :]))
+        runs.append(SweepRun(arm, settings, seed, values, path.parent, measure))
     if not runs:
         raise ValueError(f"no results.json under {root}: no job of the sweep has finished (or it is another folder)")
     return runs
+
+
+#: Overrides of the arm's own config group (``policy.tau=2``, ``detector.drop=0.2``): they make another arm of the
+#: same comparison, not another comparison, so ``temperature`` at two ``tau`` both meet ``uniform`` in one table.
+ARM_OPTIONS = ("policy.", "detector.")
+
+
+def _arm_and_settings(policy: str, settings: str) -> tuple[str, str]:
+    """``("temperature(tau=2)", "lr=0.01")`` from ``"temperature"`` and ``"lr=0.01,policy.tau=2"``. The folder name
+    joins ``key=value`` items with commas, which a value may hold too (``{a: 0.5, b: 0.5}``): an item starts at a
+    comma followed by a key and ``=``. A name the recipe shortened (``~<digest>`` at its end, see
+    :func:`dataflex.run_folder.folder_name`) has lost its last items, so it is not split: a table of its own."""
+    if not settings or re.search(r"~[0-9a-f]{16}$", settings):
+        return policy, settings
+    items = re.split(r",(?=[\w.+~-]+=)", settings)
+    own = [item.split(".", 1)[1] for item in items if item.startswith(ARM_OPTIONS)]
+    rest = [item for item in items if not item.startswith(ARM_OPTIONS)]
+    return (f"{policy}({','.join(own)})" if own else policy), ",".join(rest)
 
 
 def _spread(values: Sequence[float]) -> str:

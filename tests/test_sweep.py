@@ -170,3 +170,24 @@ def test_a_vlm_sweep_is_compared_on_clean_accuracy_higher_being_better(tmp_path)
     mixed = r"different measures in one comparison: .*odm/seed0 reports loss, .*seed0 clean accuracy"
     with pytest.raises(ValueError, match=mixed):
         summarize_sweep(tmp_path)
+
+
+def test_a_policys_own_settings_make_arms_of_one_table_beside_uniform(tmp_path):
+    """``-m policy=temperature policy.tau=2,4`` and ``-m policy=uniform`` into one sweep folder: the temperatures
+    are two arms of the table uniform is in, not tables of their own without it; other overrides still split."""
+    for seed in (0, 1):
+        write_run(tmp_path, "uniform", seed, dict.fromkeys(DOMAINS, 2.0), "lr=0.01")
+        write_run(tmp_path, "temperature", seed, dict.fromkeys(DOMAINS, 1.9), "lr=0.01,policy.tau=2")
+        write_run(tmp_path, "temperature", seed, dict.fromkeys(DOMAINS, 2.1), "lr=0.01,policy.tau=4")
+        write_run(tmp_path, "static", seed, dict.fromkeys(DOMAINS, 1.8), "lr=0.01,policy.weights={code: 0.5, web: 0.5}")
+        write_run(tmp_path, "temperature", seed, dict.fromkeys(DOMAINS, 1.0), "lr=0.1,policy.tau=2")
+    text = summarize_sweep(tmp_path)
+    first, second = text.split("### lr=0.1")
+    assert row(first, "temperature(tau=2)")[4] == "2 of 2" and row(first, "temperature(tau=4)")[4] == "0 of 2"
+    assert row(first, "static(weights={code: 0.5, web: 0.5})")[2].startswith("1.8000")
+    assert row(second, "temperature(tau=2)")[4] == "no uniform run with these seeds"
+    # a folder name the recipe shortened has lost its last overrides: its own table, never grouped by a prefix
+    write_run(
+        tmp_path, "static", 0, dict.fromkeys(DOMAINS, 1.7), "lr=0.01,policy.weights={code: 0.5, w~0123456789abcdef"
+    )
+    assert "### lr=0.01,policy.weights={code: 0.5, w~0123456789abcdef" in summarize_sweep(tmp_path)
