@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from dataflex.state import read_json, write_json_atomic
 
 __all__ = [
     "MAX_FOLDER_NAME",
+    "MAX_OVERRIDE",
     "RUN_SETTINGS",
     "claim_run_folder",
     "config_settings",
     "describe_differences",
     "folder_name",
     "holds_a_run",
+    "split_overrides",
     "settings_digest",
     "weights_summary",
 ]
@@ -46,18 +49,48 @@ RUN_SETTINGS = "run_settings.json"
 MAX_FOLDER_NAME = 200
 
 
+#: An override longer than this (bytes) is shortened first when a folder name does not fit: its value's start
+#: and a digest of the whole, so every other override stays readable (and a sweep can still tell them apart).
+MAX_OVERRIDE = 48
+
+
+def split_overrides(overrides: str) -> list[str]:
+    """Hydra's ``job.override_dirname`` back into its ``key=value`` items. They are joined with commas, which a value
+    may hold too (``{a: 0.5, b: 0.5}``): an item starts at a comma followed by a key and ``=``."""
+    return re.split(r",(?=[\w.+~-]+=)", overrides) if overrides else []
+
+
+def _fits(name: str) -> bool:
+    return all(len(part.encode()) <= MAX_FOLDER_NAME for part in name.split("/"))
+
+
+def _cut(text: str, size: int) -> str:
+    """The first ``size`` bytes of ``text``, cut at a character."""
+    return text.encode()[:size].decode(errors="ignore")
+
+
 def folder_name(overrides: str) -> str:
     """``overrides`` (Hydra's ``job.override_dirname``) as the path of a run's folder below its ``seed<k>``.
 
-    Unchanged when every ``/``-separated part fits in :data:`MAX_FOLDER_NAME` bytes; else one folder named by the
-    start of the overrides (``/`` as ``_``) and a digest of all of them, so each command keeps a folder of its own
-    and the start still says what the run is. (Hydra itself fails on a name too long for the file system.)
+    Unchanged when every ``/``-separated part fits in :data:`MAX_FOLDER_NAME` bytes. Else each override longer than
+    :data:`MAX_OVERRIDE` keeps its key and its value's start and ends in ``~`` and a digest of it
+    (``policy.weights={code: 0.3, trivia: 0.1, fi~3f2a9c1e``); if that still does not fit, one folder is named by
+    the start of the overrides (``/`` as ``_``) and a 16-digit digest of all of them. Either way each command keeps
+    a folder of its own and the name still says what the run is. (Hydra itself fails on a name too long for the
+    file system.)
     """
-    if all(len(part.encode()) <= MAX_FOLDER_NAME for part in overrides.split("/")):
+    if _fits(overrides):
         return overrides
+    items = []
+    for item in split_overrides(overrides):
+        if len(item.encode()) > MAX_OVERRIDE:
+            item = f"{_cut(item, MAX_OVERRIDE - 9)}~{hashlib.sha256(item.encode()).hexdigest()[:8]}"
+        items.append(item)
+    shortened = ",".join(items)
+    if _fits(shortened):
+        return shortened
     digest = hashlib.sha256(overrides.encode()).hexdigest()[:16]
-    start = overrides.replace("/", "_").encode()[: MAX_FOLDER_NAME - len(digest) - 1].decode(errors="ignore")
-    return f"{start}~{digest}"
+    return f"{_cut(overrides.replace('/', '_'), MAX_FOLDER_NAME - len(digest) - 1)}~{digest}"
 
 
 def config_settings(cfg: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:

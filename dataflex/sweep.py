@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataflex.run_folder import split_overrides
+
 __all__ = [
     "LOSS",
     "VLM_ACCURACY",
@@ -117,13 +119,12 @@ ARM_OPTIONS = ("policy.", "detector.")
 
 
 def _arm_and_settings(policy: str, settings: str) -> tuple[str, str]:
-    """``("temperature(tau=2)", "lr=0.01")`` from ``"temperature"`` and ``"lr=0.01,policy.tau=2"``. The folder name
-    joins ``key=value`` items with commas, which a value may hold too (``{a: 0.5, b: 0.5}``): an item starts at a
-    comma followed by a key and ``=``. A name the recipe shortened (``~<digest>`` at its end, see
-    :func:`dataflex.run_folder.folder_name`) has lost its last items, so it is not split: a table of its own."""
+    """``("temperature(tau=2)", "lr=0.01")`` from ``"temperature"`` and ``"lr=0.01,policy.tau=2"``. A name the recipe
+    cut to its start (a 16-digit ``~<digest>`` at its end, see :func:`dataflex.run_folder.folder_name`) has lost its
+    last items, so it is not split: a table of its own. (Long items shortened one by one keep their keys.)"""
     if not settings or re.search(r"~[0-9a-f]{16}$", settings):
         return policy, settings
-    items = re.split(r",(?=[\w.+~-]+=)", settings)
+    items = split_overrides(settings)
     own = [item.split(".", 1)[1] for item in items if item.startswith(ARM_OPTIONS)]
     rest = [item for item in items if not item.startswith(ARM_OPTIONS)]
     return (f"{policy}({','.join(own)})" if own else policy), ",".join(rest)

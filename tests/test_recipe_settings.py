@@ -256,9 +256,12 @@ def test_a_folder_name_longer_than_a_file_system_takes_is_shortened_to_one_of_it
     assert folder_name("lr=0.01,steps=100") == "lr=0.01,steps=100"
     assert folder_name("data.path=/data/é/corpus,lr=0.01") == "data.path=/data/é/corpus,lr=0.01"  # short parts
     weights = "policy.weights={" + ", ".join(f"domain_{i}: 0.0625" for i in range(16)) + "}"
-    long = folder_name(f"lr=0.01,{weights}")
+    long = folder_name(f"lr=0.01,{weights},steps=4")
     assert len(long.encode()) <= MAX_FOLDER_NAME and "/" not in long and long.startswith("lr=0.01,policy.weights={")
-    assert folder_name(f"lr=0.01,{weights}") == long  # the same command: the same folder
-    assert folder_name(f"lr=0.02,{weights}") != long and folder_name(f"lr=0.01,{weights[:-1]}") != long
+    assert long.endswith(",steps=4")  # the long override alone is shortened: the others stay readable
+    assert folder_name(f"lr=0.01,{weights},steps=4") == long  # the same command: the same folder
+    assert folder_name(f"lr=0.02,{weights},steps=4") != long and folder_name(f"lr=0.01,{weights[:-1]},steps=4") != long
+    many = folder_name(",".join(f"key{i}=value{i}" for i in range(40)))  # short items, too many: cut, 16-digit digest
+    assert len(many.encode()) <= MAX_FOLDER_NAME and many.startswith("key0=value0,") and many[-17] == "~"
     accents = folder_name("data.path=/" + "é" * 300)  # cut at a character, not inside one
     assert len(accents.encode()) <= MAX_FOLDER_NAME and accents.encode().decode() == accents

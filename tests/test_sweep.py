@@ -186,7 +186,15 @@ def test_a_policys_own_settings_make_arms_of_one_table_beside_uniform(tmp_path):
     assert row(first, "temperature(tau=2)")[4] == "2 of 2" and row(first, "temperature(tau=4)")[4] == "0 of 2"
     assert row(first, "static(weights={code: 0.5, web: 0.5})")[2].startswith("1.8000")
     assert row(second, "temperature(tau=2)")[4] == "no uniform run with these seeds"
-    # a folder name the recipe shortened has lost its last overrides: its own table, never grouped by a prefix
+    # a weight per domain is too long for a folder name: shortened by the recipe, it is still an arm of this table
+    from dataflex.run_folder import folder_name
+
+    weights = "policy.weights={" + ", ".join(f"domain_{i}: 0.0625" for i in range(16)) + "}"
+    write_run(tmp_path, "static", 0, dict.fromkeys(DOMAINS, 1.6), folder_name(f"lr=0.01,{weights}"))
+    first = summarize_sweep(tmp_path).split("### lr=0.1")[0]
+    (arm,) = [line for line in first.splitlines() if line.startswith("| static(weights={domain_0")]
+    assert "1.6000" in arm and row(first, "uniform")[4] == "-"  # in the table uniform is in
+    # a folder name cut to its start has lost its last overrides: its own table, never grouped by a prefix
     write_run(
         tmp_path, "static", 0, dict.fromkeys(DOMAINS, 1.7), "lr=0.01,policy.weights={code: 0.5, w~0123456789abcdef"
     )
