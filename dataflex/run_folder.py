@@ -37,8 +37,8 @@ __all__ = [
     "describe_differences",
     "folder_name",
     "holds_a_run",
-    "split_overrides",
     "settings_digest",
+    "split_overrides",
     "weights_summary",
 ]
 
@@ -47,8 +47,6 @@ RUN_SETTINGS = "run_settings.json"
 #: recipes name a run's folder by every override of its command, which a few long ones (a weight per domain, a
 #: data path) pass.
 MAX_FOLDER_NAME = 200
-
-
 #: An override longer than this (bytes) is shortened first when a folder name does not fit: its value's start
 #: and a digest of the whole, so every other override stays readable (and a sweep can still tell them apart).
 MAX_OVERRIDE = 48
@@ -74,7 +72,7 @@ def folder_name(overrides: str) -> str:
 
     Unchanged when every ``/``-separated part fits in :data:`MAX_FOLDER_NAME` bytes. Else each override longer than
     :data:`MAX_OVERRIDE` keeps its key and its value's start and ends in ``~`` and a digest of it
-    (``policy.weights={code: 0.3, trivia: 0.1, fi~3f2a9c1e``); if that still does not fit, one folder is named by
+    (``policy.weights={code: 0.3, trivia: 0.1,~39b164b8``); if that still does not fit, one folder is named by
     the start of the overrides (``/`` as ``_``) and a 16-digit digest of all of them. Either way each command keeps
     a folder of its own and the name still says what the run is. (Hydra itself fails on a name too long for the
     file system.)
