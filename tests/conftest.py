@@ -17,6 +17,14 @@ SIZES = [60, 25, 12, 3]
 
 
 @pytest.fixture(autouse=True)
+def no_comet_logging_outside_its_test(monkeypatch, tmp_path):
+    """comet_ml (not a dependency), once installed, hooks other loggers (an MLflow run became a Comet offline
+    experiment) and wrote archives into the working directory: its own test sets where they go."""
+    monkeypatch.setenv("COMET_DISABLE_AUTO_LOGGING", "1")
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+
+
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each test starts as a fresh process would: accelerate keeps one state per process, and a Trainer with
     bf16 or torch_compile in one test would otherwise fix the settings of every later test's Accelerator."""
