@@ -3,7 +3,9 @@
 matplotlib's default cycle repeats after 10 colours, so with more domains two bands of a stacked plot share a
 colour and the legend cannot tell them apart; a single legend column of 40 names runs off the figure. Colours
 here are distinct for any count (tab10, tab20, then evenly spaced samples of a perceptually ordered map), and
-the legend grows columns and the figure widens with the number of domains.
+the legend grows columns and the figure widens with the number of domains. Names are drawn with the characters
+the plot's fonts have: a character none of them has (CJK with matplotlib's bundled fonts) would be an empty box, so
+two such domains would look the same in the legend; it is written as its code point instead.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["domain_colors", "plot_weight_trajectory"]
+__all__ = ["domain_colors", "drawable_names", "plot_weight_trajectory"]
 
 LEGEND_ROWS = 20  # names per legend column
 
@@ -28,6 +30,41 @@ def domain_colors(count: int) -> list:
     if count <= 20:
         return [colormaps["tab20"](i) for i in range(count)]
     return [colormaps["turbo"](x) for x in np.linspace(0.03, 0.97, count)]
+
+
+def _drawable_characters() -> set[int]:
+    """The code points some font of matplotlib's current family list has a glyph for (the fonts it falls back
+    through, generic names such as ``sans-serif`` expanded to their configured lists)."""
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    names = []
+    for family in rcParams["font.family"]:
+        names += rcParams.get(f"font.{family}", [family]) if family in font_manager.font_family_aliases else [family]
+    drawable: set[int] = set()
+    for name in names:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+        except ValueError:  # (not installed)
+            continue
+        drawable |= set(FT2Font(path).get_charmap())
+    return drawable
+
+
+def drawable_names(names: Sequence[str]) -> list[str]:
+    """``names`` as a plot can draw them: each character no font of the plot has becomes its code point
+    (``日本語`` -> ``\\u65e5\\u672c\\u8a9e`` with matplotlib's bundled fonts), so distinct names stay distinct;
+    a dollar sign is escaped, so it is drawn as itself rather than opening a formula."""
+    drawable = _drawable_characters()
+
+    def spell(character: str) -> str:
+        if character == "$":  # two of them would start mathtext ("cost $5 or $6" drawn as a formula)
+            return "\\$"
+        if ord(character) in drawable or character.isspace():
+            return character
+        return f"\\u{ord(character):04x}" if ord(character) <= 0xFFFF else f"\\U{ord(character):08x}"
+
+    return ["".join(spell(c) for c in str(name)) for name in names]
 
 
 def plot_weight_trajectory(
@@ -49,12 +86,12 @@ def plot_weight_trajectory(
     weights = np.asarray(weights, dtype=np.float64)
     columns = max(1, math.ceil(len(domains) / LEGEND_ROWS))
     fig, ax = plt.subplots(figsize=(6.5 + 1.8 * columns, 4.5))
-    ax.stackplot(steps, weights.T, labels=list(domains), colors=domain_colors(len(domains)), step="post")
+    ax.stackplot(steps, weights.T, labels=drawable_names(domains), colors=domain_colors(len(domains)), step="post")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("sampling weight")
     ax.set_xlim(0, max(steps) if len(steps) and max(steps) > 0 else 1)
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(drawable_names([title])[0])
     ax.legend(
         loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8 if len(domains) <= LEGEND_ROWS else 7, ncol=columns
     )

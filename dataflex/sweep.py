@@ -257,7 +257,7 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dataflex.plotting import domain_colors
+    from dataflex.plotting import domain_colors, drawable_names
 
     comparisons = _comparisons(runs)
     domains_most = max(len(next(iter(run.values.values()))) for run in runs)
@@ -269,7 +269,7 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
         measure, split = group[0].measure, next(s for s in SPLITS if all(s in run.values for run in group))
         policies = _arm_order(by_policy, reference, split)
         domains = sorted(group[0].values[split])
-        columns = [*domains, "mean", "worst"]
+        columns = [*domains, "(mean)", "(worst)"]  # (a domain may be called "mean")
         width = 0.8 / len(policies)
         for i, (policy, color) in enumerate(zip(policies, domain_colors(len(policies)))):
             values = np.array(
@@ -281,13 +281,14 @@ def plot_sweep(runs: list[SweepRun], path: Path, *, reference: str = REFERENCE, 
             median = np.median(values, axis=0)
             x = np.arange(len(columns)) + (i - (len(policies) - 1) / 2) * width
             error = np.vstack([median - values.min(axis=0), values.max(axis=0) - median])
-            ax.bar(x, median, width, yerr=error, capsize=2, color=color, label=f"{policy} ({len(values)} seeds)")
-        ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+            label = drawable_names([f"{policy} ({len(values)} seeds)"])[0]
+            ax.bar(x, median, width, yerr=error, capsize=2, color=color, label=label)
+        ax.set_xticks(np.arange(len(columns)), drawable_names(columns), rotation=30, ha="right", fontsize=8)
         finite = [v for run in group for v in run.values[split].values() if np.isfinite(v)]
         if finite:  # (bars start near the lowest value, so differences between policies show)
             ax.set_ylim(bottom=max(0.0, min(finite) - 0.1 * abs(min(finite))))
         ax.set_ylabel(f"{split} {measure.name}")
-        ax.set_title(settings or "default settings", fontsize=9)
+        ax.set_title(drawable_names([settings or "default settings"])[0], fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)

@@ -34,3 +34,25 @@ def test_a_forty_domain_plot_keeps_its_legend_inside_the_figure(tmp_path, monkey
     assert (tmp_path / "w.png").stat().st_size > 0
     legend, figure = seen["legend"], seen["figure"]
     assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1 and figure.y0 <= legend.y0 and legend.y1 <= figure.y1
+
+
+def test_names_the_fonts_cannot_draw_stay_distinct_and_dollars_stay_dollars(tmp_path):
+    """Domain names in a script the plot's fonts lack (CJK with matplotlib's bundled fonts) were drawn as rows of
+    empty boxes, two such domains alike in the legend; two dollar signs made a name a formula."""
+    import warnings
+
+    from matplotlib.text import Text
+
+    from dataflex.plotting import _drawable_characters, drawable_names
+
+    names = ["日本語", "中文", "prose.en", "Café", "cost $5 or $6"]
+    labels = drawable_names(names)
+    assert len(set(labels)) == len(names)
+    assert labels[2:4] == ["prose.en", "Café"]  # what the fonts have is left as it is
+    drawable = _drawable_characters()
+    assert all(ord(c) in drawable for label in labels for c in label)
+    assert Text()._preprocess_math(labels[4]) == ("cost $5 or $6", False)  # drawn as written, not as mathtext
+    weights = np.full((3, len(names)), 1 / len(names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns for each glyph it has to draw as a box
+        plot_weight_trajectory([0, 10, 20], weights, names, tmp_path / "w.png", title="odm 日本語")

@@ -199,3 +199,16 @@ def test_a_policys_own_settings_make_arms_of_one_table_beside_uniform(tmp_path):
         tmp_path, "static", 0, dict.fromkeys(DOMAINS, 1.7), "lr=0.01,policy.weights={code: 0.5, w~0123456789abcdef"
     )
     assert "### lr=0.01,policy.weights={code: 0.5, w~0123456789abcdef" in summarize_sweep(tmp_path)
+
+
+def test_the_sweep_plot_draws_every_domain_and_setting_name_it_is_given(tmp_path):
+    """Domains in a script matplotlib's fonts lack were drawn as empty boxes, alike on the x axis."""
+    import warnings
+
+    for seed in (0, 1):
+        for policy in ("uniform", "odm"):
+            write_run(tmp_path, policy, seed, {"日本語": 2.0 + seed, "中文": 2.5, "cost $5 or $6": 3.0}, "lr=0.01")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns for each glyph it has to draw as a box
+        summarize_sweep(tmp_path)
+    assert "| 日本語 |" in (tmp_path / "sweep_summary.md").read_text()  # the table keeps the names as they are
