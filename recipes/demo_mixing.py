@@ -118,9 +118,23 @@ def width(text: str) -> int:
     return value
 
 
+def data_folder(text: str) -> Path:
+    """argparse type: a folder laid out as ``data/textmix`` (``train/`` and ``validation/`` holding ``.jsonl``)."""
+    folder = Path(text)
+    missing = [split for split in ("train", "validation") if not any((folder / split).glob("*.jsonl"))]
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"{text} has no .jsonl files in {' or '.join(f'{s}/' for s in missing)}; give a folder laid out as "
+            "data/textmix (train/ and validation/ holding .jsonl records with 'text' and 'domain')"
+        )
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir() / "textmix", help="textmix folder")
+    p.add_argument(
+        "--data", type=data_folder, default=default_data_dir() / "textmix", help="a folder laid out as data/textmix"
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--policies", default="uniform,odm", help=f"comma list from {sorted(POLICIES)}")
     p.add_argument("--steps", type=positive_int, default=900)
@@ -164,12 +178,11 @@ def main() -> None:
 
     header = "| domain | " + " | ".join(names) + " |"
     lines = [header, "|" + "---|" * (len(names) + 1)]
-    for d in domains + ["mean", "worst"]:
-        row = []
-        for n in names:
-            v = results[n]["val_loss"]
-            row.append(np.mean(list(v.values())) if d == "mean" else max(v.values()) if d == "worst" else v[d])
-        lines.append(f"| {d} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+    # The summary rows are in bold: a domain may itself be called "mean" or "worst".
+    rows = [(d, [results[n]["val_loss"][d] for n in names]) for d in domains]
+    rows.append(("**mean**", [np.mean(list(results[n]["val_loss"].values())) for n in names]))
+    rows.append(("**worst**", [max(results[n]["val_loss"].values()) for n in names]))
+    lines += [f"| {label} | " + " | ".join(f"{x:.3f}" for x in row) + " |" for label, row in rows]
     lines.append("| train seconds | " + " | ".join(f"{results[n]['seconds']:.0f}" for n in names) + " |")
     table = "\n".join(lines)
     print("\nvalidation loss (nats/byte) per domain, seed", args.seed)
