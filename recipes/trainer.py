@@ -124,7 +124,7 @@ def train_with_callback(
     save_steps: int,
     logging_steps: int,
     max_len: int,
-    report_to: list[str],
+    report_to: str | list[str],
     train_per_domain: int | None = None,
     val_per_domain: int | None = None,
 ) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def train_with_callback(
         learning_rate=lr,
         save_steps=save_steps,
         logging_steps=logging_steps,
-        report_to=list(report_to),
+        report_to=report_to if isinstance(report_to, str) else list(report_to),  # ("none", "all" or one name too)
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
@@ -181,7 +181,7 @@ def train_with_callback(
     )
     dfx = DataFlexCallback(policy, update_every=update_every, warmup_steps=warmup_steps, trainer=trainer)
     resume = last_complete_checkpoint(out_dir)
-    with wandb_run_of_this_job(report_to, out_dir):
+    with wandb_run_of_this_job(args.report_to, out_dir):  # (the Trainer's list: "all" expanded, "none" empty)
         trainer.train(resume_from_checkpoint=resume)
     if resume is not None:
         resumed_at = int(Path(resume).name.split("-")[-1])  # (a checkpoint-<step> folder)
@@ -196,11 +196,25 @@ def train_with_callback(
     }
 
 
+def reporters(value: Any) -> str | list[str]:
+    """``report_to`` from the config as the Trainer takes it: a list (``report_to=[tensorboard,wandb]``) or one
+    name, ``all`` or ``none`` as written on a command line (``report_to=tensorboard``); null means none."""
+    from omegaconf import ListConfig, OmegaConf
+
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, ListConfig | list | tuple) and all(isinstance(v, str) for v in value):
+        return list(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
+    raise ValueError(f"report_to must be a reporter name, 'all', 'none' or a list of names; got {value!r}")
+
+
 def _hydra_main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
 
     from dataflex.recipes.settings import register_folder_resolver
     from dataflex.run_folder import claim_run_folder, config_settings
@@ -228,7 +242,7 @@ def _hydra_main() -> None:
             save_steps=cfg.save_steps,
             logging_steps=cfg.logging_steps,
             max_len=cfg.data.max_len,
-            report_to=list(OmegaConf.to_container(cfg.report_to)),
+            report_to=reporters(cfg.report_to),
             train_per_domain=cfg.data.train_per_domain,
             val_per_domain=cfg.data.val_per_domain,
         )

@@ -89,6 +89,31 @@ def test_the_trainer_config_composes():
     assert cfg.steps == 5 and cfg.policy._target_.endswith("Uniform") and list(cfg.report_to) == []
 
 
+def test_report_to_may_be_one_name_as_the_trainer_takes_it(tmp_path, monkeypatch):
+    """``report_to=tensorboard`` (one name, as the Trainer accepts it) stopped the recipe with "Input cfg is not an
+    OmegaConf config object"; and with ``all`` the Trainer adds wandb itself, which then ran without the recipe's
+    offline setting (wanting a key). Every form reaches the Trainer; wandb logs offline into the job's folder."""
+    from dataflex.recipes.trainer import reporters
+
+    def given(override: str):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+            return reporters(compose(config_name="trainer", overrides=[override]).report_to)
+
+    assert given("report_to=tensorboard") == "tensorboard"
+    assert given("report_to=[tensorboard,wandb]") == ["tensorboard", "wandb"]
+    assert given("report_to=null") == "none" and given("report_to=none") == "none"
+    with pytest.raises(ValueError, match=r"report_to must be a reporter name.*got \[3\]"):
+        given("report_to=[3]")
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb reads its settings once per process: an earlier test's run would keep its folder
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_with_callback(**settings(tmp_path, steps=2, save_steps=2, logging_steps=1, report_to="all"))
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+
+
 @pytest.mark.slow  # (seconds; .ci/run runs it)
 def test_a_seed_override_that_is_not_a_number_is_named_from_the_command_line(tmp_path):
     """The model is built from ``seed`` before the other settings are checked, so it is checked first."""
