@@ -89,7 +89,13 @@ def run_stages(cfg: Any, make_model: Any, data_root: Path, work: Path) -> dict[s
     natural = tokens / tokens.sum()
     prior = natural if cfg.swarm.prior == "natural" else np.full(len(names), 1.0 / len(names))
     mean_len = tokens / np.bincount(encode_domains(train_ds["domain"])[0], minlength=len(names))
-    warn_of_unevaluated_domains(names, load_split(data_root, "validation", cfg.data.max_len, None)["domain"])
+    validation_labels = load_split(data_root, "validation", cfg.data.max_len, None)["domain"]
+    warn_of_unevaluated_domains(names, validation_labels)
+    evaluated = encode_domains(validation_labels)[1]  # (a domain the objective names: refused now, not after the swarm)
+    try:
+        objective_values(np.zeros((1, len(evaluated))), evaluated, cfg.propose.objective)
+    except ValueError as error:
+        raise ValueError(f"propose.{error}") from None
     common = dict(
         make_model=make_model,
         data_root=data_root,

@@ -19,6 +19,8 @@ __all__ = [
     "check_select_offline_settings",
     "check_vlm_settings",
     "fraction",
+    "mixture_objective",
+    "names",
     "one_of",
     "check_model_fits",
     "nonnegative_int",
@@ -88,6 +90,34 @@ def one_of(key: str, value: Any, valid: Any) -> Any:
     if value not in valid:
         raise ValueError(f"{key}={value!r}; valid values are {', '.join(map(str, valid))}")
     return value
+
+
+def names(key: str, value: Any, valid: Any) -> list[str]:
+    """A list of names from ``valid``, or one name written alone (``law.kinds=gp`` on a command line means
+    ``[gp]``; iterating the string would check its letters)."""
+    from collections.abc import Sequence
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence):
+        raise ValueError(f"{key} must be a name or a list of names from {', '.join(map(str, valid))}; got {value!r}")
+    return [one_of(key, name, valid) for name in value]
+
+
+def mixture_objective(key: str, value: Any) -> str | dict[str, float]:
+    """A mixture search's objective: ``mean``, ``worst``, one domain's name, or ``{domain: weight}`` (weights >= 0,
+    not all 0; :func:`dataflex.mixture_search.objective_values` checks the domains once they are known)."""
+    from collections.abc import Mapping
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        weights = dict(value.items())
+        if weights and all(is_real(w) and 0 <= w < float("inf") for w in weights.values()) and sum(weights.values()):
+            return {str(domain): float(weight) for domain, weight in weights.items()}
+    raise ValueError(
+        f"{key} must be mean, worst, a domain name or {{domain: weight}} with weights >= 0, not all 0; got {value!r}"
+    )
 
 
 def check_vlm_settings(cfg: Any, methods: Any, resolve: Any = lambda p: p) -> None:
@@ -235,16 +265,13 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
         index = nonnegative_int("swarm.run_index", cfg.swarm.run_index)
         if index >= cfg.swarm.size:
             raise ValueError(f"swarm.run_index={index} is outside the swarm's 0..{cfg.swarm.size - 1}")
-    kinds = list(cfg.law.kinds)
+    cfg.law.kinds = kinds = names("law.kinds", cfg.law.kinds, LAW_KINDS)  # (one name given alone: a list of it)
     if not kinds:
         raise ValueError("law.kinds must name at least one law kind")
-    for kind in kinds:
-        one_of("law.kinds", kind, LAW_KINDS)
     folds = positive_int("law.folds", cfg.law.folds)
     if not 2 <= folds <= cfg.swarm.size:
         raise ValueError(f"law.folds must be in [2, swarm.size={cfg.swarm.size}]; got {folds}")
-    if not isinstance(cfg.propose.objective, str):
-        raise ValueError(f"propose.objective must be mean, worst or a domain name; got {cfg.propose.objective!r}")
+    cfg.propose.objective = mixture_objective("propose.objective", cfg.propose.objective)
     if cfg.propose.no_worse_than not in (None, "prior"):
         raise ValueError(f"propose.no_worse_than must be null or prior; got {cfg.propose.no_worse_than!r}")
     if cfg.propose.no_worse_than is not None and "own_share" in kinds:
@@ -278,8 +305,7 @@ def check_mixture_law_settings(cfg: Any, stages: Any, baselines: Any = ("uniform
             f"with swarm.stages={cfg.swarm.stages} the schedule's stages start at main steps {starts}, and "
             f"{off} are not multiples of main.update_every={cfg.main.update_every} (weights change only at updates)"
         )
-    for name in cfg.main.baselines:
-        one_of("main.baselines", name, baselines)
+    cfg.main.baselines = names("main.baselines", cfg.main.baselines, baselines)
     positive_int("data.max_len", cfg.data.max_len)
     optional_positive_int("data.val_per_domain", cfg.data.val_per_domain)
     optional_positive_int("data.train_per_domain", cfg.data.train_per_domain)

@@ -609,6 +609,10 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
             "main.baselines=[uniform,doremii]",
             "main.baselines='doremii'; valid values are uniform, natural, odm, doremi",
         ),
+        ("main.baselines=doremii", "main.baselines='doremii'; valid values are"),  # (one name alone: not its letters)
+        ("propose.objective={code:abc}", r"propose.objective must be .*\{domain: weight\}.*got \{'code': 'abc'\}"),
+        ("propose.objective={code:0}", r"propose.objective must be .*not all 0; got \{'code': 0\}"),
+        ("propose.objective=[code]", r"propose.objective must be mean, worst, .*got \['code'\]"),
     ],
 )
 def test_bad_mixture_law_overrides_name_the_key(override, message):
@@ -625,6 +629,35 @@ def test_bad_mixture_law_overrides_name_the_key(override, message):
         cfg = compose(config_name="mixture_law", overrides=override.split(" "))
     with pytest.raises(ValueError, match=message):
         check_mixture_law_settings(cfg, STAGES)
+
+
+def test_one_name_where_a_list_belongs_and_a_weighted_objective_are_taken_as_meant(tmp_path):
+    """``law.kinds=gp`` on a command line was checked letter by letter ("law.kinds='g'"); a weighted objective,
+    which the search takes, was refused by the recipe; and an objective naming a domain that is not evaluated was
+    refused only after the whole swarm had run."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dataflex.recipes.mixture_law import STAGES, run_stages
+    from dataflex.recipes.settings import check_mixture_law_settings
+    from dataflex.testbeds.tiny import default_data_dir
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    overrides = ["law.kinds=gp", "main.baselines=natural", "propose.objective={code:2,fiction:1}"]
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose(config_name="mixture_law", overrides=overrides)
+        check_mixture_law_settings(cfg, STAGES)
+        assert list(cfg.law.kinds) == ["gp"] and list(cfg.main.baselines) == ["natural"]
+        assert dict(cfg.propose.objective) == {"code": 2.0, "fiction": 1.0}
+        cfg = compose(
+            config_name="mixture_law", overrides=["propose.objective={code:1,cod:1}", "data.train_per_domain=5"]
+        )
+    with pytest.raises(
+        ValueError, match=r"propose.objective weights must be >= 0 over evaluated domains \['biomedical'"
+    ):
+        run_stages(cfg, lambda: None, default_data_dir() / "textmix", tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # before any proxy run
 
 
 def test_a_swarm_too_small_for_the_law_is_refused_before_any_run(tmp_path):
