@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def collect_runs(root: Path) -> list[SweepRun]:
                 f"{path}: not inside a <policy>/seed<k> folder of a recipe's sweep (the recipes' hydra.sweep.subdir); "
                 "give the sweep folder itself"
             )
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = _read_result(path)
         measure = VLM_ACCURACY if isinstance(result.get("accuracy_by_question"), dict) else LOSS
         if measure is VLM_ACCURACY:  # (its validation answers are the noisy given ones: test is the clean split)
             values = {"test": result["accuracy_by_question"]}
@@ -103,14 +104,30 @@ def collect_runs(root: Path) -> list[SweepRun]:
                     f"{path} has no per-domain 'validation_loss' (nor the VLM recipe's 'accuracy_by_question'); "
                     f"keys there: {sorted(result)}"
                 )
+        for split, by_group in values.items():
+            bad = {k: v for k, v in by_group.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+            if bad:
+                raise ValueError(f"{path}: the {split} values must be numbers; got {bad} (edited by hand?)")
         seed = int(parts[at][len("seed") :])
-        if "seed" in result and int(result["seed"]) != seed:
+        if "seed" in result and result["seed"] != seed:
             raise ValueError(f"{path} records seed {result['seed']} but sits in folder {parts[at]!r}; moved by hand?")
         arm, settings = _arm_and_settings(parts[at - 1], "/".join(parts[at + 1 :]))
         runs.append(SweepRun(arm, settings, seed, values, path.parent, measure))
     if not runs:
         raise ValueError(f"no results.json under {root}: no job of the sweep has finished (or it is another folder)")
     return runs
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """One job's ``results.json`` as an object; a file that is not one is refused naming it (the recipes write it
+    whole or not at all, so such a file was damaged or written by something else)."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}): rerun its job, or remove the file") from None
+    if not isinstance(result, dict):
+        raise ValueError(f"{path} holds a JSON {type(result).__name__}, not a recipe's results object")
+    return result
 
 
 #: Overrides of the arm's own config group (``policy.tau=2``, ``detector.drop=0.2``): they make another arm of the

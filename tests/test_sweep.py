@@ -212,3 +212,28 @@ def test_the_sweep_plot_draws_every_domain_and_setting_name_it_is_given(tmp_path
         warnings.simplefilter("error")  # matplotlib warns for each glyph it has to draw as a box
         summarize_sweep(tmp_path)
     assert "| 日本語 |" in (tmp_path / "sweep_summary.md").read_text()  # the table keeps the names as they are
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{bad", r"odm/seed1/results.json is not readable JSON \(Expecting property name"),
+        ("[1, 2]", r"odm/seed1/results.json holds a JSON list, not a recipe's results object"),
+        (
+            '{"validation_loss": {"code": "2.1", "math": 2.0, "web": 2.0}}',
+            r"values must be numbers; got \{'code': '2.1'\}",
+        ),
+        (
+            '{"validation_loss": {"code": true, "math": 2.0, "web": 2.0}}',
+            r"values must be numbers; got \{'code': True\}",
+        ),
+    ],
+)
+def test_a_damaged_results_file_is_refused_naming_it(tmp_path, content, message):
+    """A half-edited results.json stopped the summary with a bare JSON error naming no file, or a numpy TypeError."""
+    for seed in (0, 1):
+        write_run(tmp_path, "uniform", seed, dict.fromkeys(DOMAINS, 2.0))
+        write_run(tmp_path, "odm", seed, dict.fromkeys(DOMAINS, 1.9))
+    (tmp_path / "odm" / "seed1" / "results.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        summarize_sweep(tmp_path)
