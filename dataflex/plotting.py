@@ -3,7 +3,8 @@
 matplotlib's default cycle repeats after 10 colours, so with more domains two bands of a stacked plot share a
 colour and the legend cannot tell them apart; a single legend column of 40 names runs off the figure. Colours
 here are distinct for any count (tab10, tab20, then evenly spaced samples of a perceptually ordered map), and
-the legend grows columns and the figure widens with the number of domains. Names are drawn with the characters
+the legend grows columns and the figure widens with the number of domains, up to 60 names (beyond, it names the 60
+domains that reached the largest weights and counts the rest). Names are drawn with the characters
 the plot's fonts have: a character none of them has (CJK with matplotlib's bundled fonts) would be an empty box, so
 two such domains would look the same in the legend; it is written as its code point instead.
 """
@@ -19,6 +20,7 @@ import numpy as np
 __all__ = ["domain_colors", "drawable_names", "plot_weight_trajectory"]
 
 LEGEND_ROWS = 20  # names per legend column
+LEGEND_MAX = 60  # names in a legend at most (three columns); the domains with the largest peak weights
 
 
 def domain_colors(count: int) -> list:
@@ -56,6 +58,8 @@ def drawable_names(names: Sequence[str]) -> list[str]:
     (``日本語`` -> ``\\u65e5\\u672c\\u8a9e`` with matplotlib's bundled fonts), so distinct names stay distinct;
     a dollar sign is escaped, so it is drawn as itself rather than opening a formula."""
     drawable = _drawable_characters()
+    if not drawable:  # (no font file found to ask: leave the names to matplotlib's own fallback)
+        drawable = {ord(c) for name in names for c in str(name)}
 
     def spell(character: str) -> str:
         if character == "$":  # two of them would start mathtext ("cost $5 or $6" drawn as a formula)
@@ -84,17 +88,31 @@ def plot_weight_trajectory(
     import matplotlib.pyplot as plt
 
     weights = np.asarray(weights, dtype=np.float64)
-    columns = max(1, math.ceil(len(domains) / LEGEND_ROWS))
+    # Past LEGEND_MAX domains (clusters as domains) a legend of every name is unreadable and widened the figure
+    # to thousands of pixels: every band is drawn, the legend names the domains that reached the largest weight.
+    shown = np.arange(len(domains))
+    if len(domains) > LEGEND_MAX:
+        shown = np.sort(np.argsort(-weights.max(0), kind="stable")[:LEGEND_MAX])
+    entries = len(shown) + (len(shown) < len(domains))
+    columns = max(1, math.ceil(entries / LEGEND_ROWS))
     fig, ax = plt.subplots(figsize=(6.5 + 1.8 * columns, 4.5))
-    ax.stackplot(steps, weights.T, labels=drawable_names(domains), colors=domain_colors(len(domains)), step="post")
+    bands = ax.stackplot(steps, weights.T, colors=domain_colors(len(domains)), step="post")
+    labels = drawable_names(domains)
+    handles, names = [bands[i] for i in shown], [labels[i] for i in shown]
+    if len(shown) < len(domains):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="none"))
+        names.append(f"... {len(domains) - len(shown)} more domains (lower peak weights)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("sampling weight")
     ax.set_xlim(0, max(steps) if len(steps) and max(steps) > 0 else 1)
     ax.set_ylim(0, 1)
     ax.set_title(drawable_names([title])[0])
     ax.legend(
-        loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8 if len(domains) <= LEGEND_ROWS else 7, ncol=columns
-    )
+        handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8 if entries <= LEGEND_ROWS else 7,
+        ncol=columns,
+    )  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

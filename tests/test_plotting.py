@@ -56,3 +56,30 @@ def test_names_the_fonts_cannot_draw_stay_distinct_and_dollars_stay_dollars(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns for each glyph it has to draw as a box
         plot_weight_trajectory([0, 10, 20], weights, names, tmp_path / "w.png", title="odm 日本語")
+
+
+def test_a_thousand_domains_keep_a_readable_figure_whose_legend_names_the_heaviest(tmp_path, monkeypatch):
+    """Clusters as domains: a legend of 1000 names made an 11580-pixel-wide figure nobody could read."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from dataflex.plotting import LEGEND_MAX
+
+    seen = {}
+    save = plt.Figure.savefig
+
+    def record(fig, path, **kw):
+        save(fig, path, **kw)
+        seen["names"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+    monkeypatch.setattr(plt.Figure, "savefig", record)
+    weights = np.random.default_rng(0).dirichlet(np.ones(1000), size=4)
+    weights[2, 999] += 5.0  # one domain that peaks high at one step only
+    weights /= weights.sum(1, keepdims=True)
+    names = [f"cluster_{i}" for i in range(1000)]
+    plot_weight_trajectory(range(4), weights, names, tmp_path / "w.png", title="t")
+    assert Image.open(tmp_path / "w.png").size[0] < 1800
+    named = seen["names"][:-1]
+    heaviest = np.argsort(-weights.max(0), kind="stable")[:LEGEND_MAX]
+    assert named == [names[i] for i in sorted(heaviest)] and "cluster_999" in named
+    assert seen["names"][-1] == f"... {1000 - LEGEND_MAX} more domains (lower peak weights)"
