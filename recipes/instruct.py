@@ -36,7 +36,7 @@ from dataflex.prompt_support import prompt_support_scores
 from dataflex.run_folder import weights_summary
 from dataflex.selection import select_top
 from dataflex.selectors import FixedSubset
-from dataflex.state import token_digest, write_text_atomic
+from dataflex.state import token_digest, write_checked, write_text_atomic
 from dataflex.suspects import suspects_table
 from dataflex.testbeds.tiny import collate_causal, task_losses, tiny_gpt2
 from dataflex.testbeds.vlm_runs import DetectionProbe, MeasurementRecord, NoiseCounter, training_args
@@ -196,7 +196,9 @@ def train_instruct(
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
-    torch.save(model.state_dict(), out / "final_model.pt")  # what a later test evaluation loads
+    # What a later test evaluation loads: whole or not at all (a rerun of a finished run writes it again), with a
+    # digest beside it, so a damaged copy is refused rather than evaluated (dataflex.state.open_checked).
+    write_checked(out / "final_model.pt", lambda f: torch.save(model.state_dict(), f))
     detection: dict[str, Any] = {}
     if dfx.dynamics is not None:  # the record's detectors, at the first decision and at the end
         detection = {"at_warmup": probe.by_step.get(warmup), "at_end": probe.measure()}

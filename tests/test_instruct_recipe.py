@@ -106,7 +106,14 @@ def test_train_instruct_runs_each_kind_of_detector(noisy, tmp_path, detector):
     )
     result = train_instruct(detector, noisy, **kwargs)
     assert set(result["validation_loss"]) == set(result["test_loss"]) == {"gsm8k", "jeopardy"}
-    assert np.isfinite(result["mean_test_loss"]) and (tmp_path / detector / "final_model.pt").is_file()
+    assert np.isfinite(result["mean_test_loss"])
+    # The final model, whole or not at all, with a digest that refuses a damaged copy.
+    import torch
+
+    from dataflex.state import open_checked
+
+    final = tmp_path / detector / "final_model.pt"
+    assert torch.load(open_checked(final)).keys() and final.with_name("final_model.pt.sha256").is_file()
     if detector == "clean_oracle":
         assert result["noisy_share"] == 0.0
     if detector == "aum":  # the record's detectors are measured at the first decision and at the end

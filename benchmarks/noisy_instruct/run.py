@@ -42,6 +42,7 @@ from benchmarks.report import median_range, write_results
 from dataflex.detectors import detection_quality, plant_threshold_examples
 from dataflex.prompt_support import ANALYZERS, prompt_support_scores
 from dataflex.recipes.instruct import DETECTORS, make_model, train_instruct
+from dataflex.state import open_checked
 from dataflex.testbeds.noisy_instruct import NOISY_TASKS, noisy_instructions, prompt_reliance
 from dataflex.testbeds.tiny import default_data_dir, task_losses
 
@@ -153,7 +154,7 @@ def test_measures(args, data, run: dict[str, Any]) -> dict[str, dict[str, float]
     for cached, measure in measures.values():
         if not cached.is_file():
             if model is None:
-                model = make_model(torch.load(folder / "final_model.pt"), seed=0)
+                model = make_model(torch.load(open_checked(folder / "final_model.pt")), seed=0)
             write_result(cached, measure(model))
     return {name: read_result(cached) for name, (cached, _) in measures.items()}
 

@@ -50,6 +50,7 @@ from benchmarks.report import median_range, strip_plot, write_results
 from dataflex.hf.callbacks import DataFlexCallback
 from dataflex.policies import Natural
 from dataflex.selection import select_random
+from dataflex.state import open_checked, write_checked
 from dataflex.testbeds.tiny import collate_causal, default_data_dir, instruct_dataset, load_jsonl_dir, task_losses
 from dataflex.token_weighting import TokenWeightedLoss, reference_token_losses, rho1
 
@@ -188,7 +189,7 @@ def train_arm(setup: Setup, arm: str, keep: float | None, seed: int) -> dict[str
     shares = [
         h["dataflex/effective_token_share"] for h in trainer.state.log_history if "dataflex/effective_token_share" in h
     ]
-    torch.save(model.state_dict(), folder / "final_model.pt")
+    write_checked(folder / "final_model.pt", lambda f: torch.save(model.state_dict(), f))
     result = {
         "arm": arm,
         "keep": keep,
@@ -211,7 +212,7 @@ def test_losses(setup: Setup, run: dict[str, Any], test_sets: dict[str, Any]) ->
     cached = folder / "test.json"
     if not cached.is_file():
         model = make_base()
-        model.load_state_dict(torch.load(folder / "final_model.pt"))
+        model.load_state_dict(torch.load(open_checked(folder / "final_model.pt")))
         write_result(cached, task_losses(model, test_sets))
     return read_result(cached)
 
