@@ -79,9 +79,10 @@ def warn_if_never_adaptive(policy: Any, decisions: int, update_every: int) -> No
     if decisions >= needed:
         return
     hint = policy.adapting_within(decisions) if hasattr(policy, "adapting_within") else ""
+    updates = "1 update" if decisions == 1 else f"{decisions} updates"
     warnings.warn(
         f"{type(policy).__name__} over {policy.num_domains} domains keeps its initial mixture until its update "
-        f"{needed}, but this run makes {decisions} updates (update_every={update_every}): it will train on the "
+        f"{needed}, but this run makes {updates} (update_every={update_every}): it will train on the "
         f"initial mixture throughout. Use {hint + ', ' if hint else ''}a smaller update_every, or a longer run",
         stacklevel=4,
     )
