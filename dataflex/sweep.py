@@ -320,6 +320,9 @@ def summarize_sweep(root: Path, reference: str = REFERENCE) -> str:
     again = f"python -m dataflex.sweep {root}" + (f" --reference {reference}" if reference != REFERENCE else "")
     units = "; ".join(sorted({run.measure.unit for run in runs}))
     text = f"Every finished run under {root} (median [min, max] over seeds; {units}). Rerun: {again}\n\n"
+    arms = sorted({run.policy for run in runs})
+    if reference not in arms:  # (a misspelt --reference reads like a sweep whose reference jobs all failed)
+        text += f"**No {reference!r} run in this folder to compare with**; its arms: {', '.join(arms)}.\n\n"
     text += sweep_tables(runs, reference)
     from dataflex.state import write_text_atomic
 

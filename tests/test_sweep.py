@@ -237,3 +237,12 @@ def test_a_damaged_results_file_is_refused_naming_it(tmp_path, content, message)
     (tmp_path / "odm" / "seed1" / "results.json").write_text(content)
     with pytest.raises(ValueError, match=message):
         summarize_sweep(tmp_path)
+
+
+def test_a_reference_no_run_has_is_said_at_the_top_naming_the_arms(tmp_path):
+    """``--reference unifrom`` gave a table whose every row read "no unifrom run with these seeds"."""
+    for policy in ("uniform", "odm"):
+        write_run(tmp_path, policy, 0, dict.fromkeys(DOMAINS, 2.0))
+    text = summarize_sweep(tmp_path, reference="unifrom")
+    assert "**No 'unifrom' run in this folder to compare with**; its arms: odm, uniform." in text
+    assert "**No" not in summarize_sweep(tmp_path)
