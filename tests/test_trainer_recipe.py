@@ -89,6 +89,22 @@ def test_the_trainer_config_composes():
     assert cfg.steps == 5 and cfg.policy._target_.endswith("Uniform") and list(cfg.report_to) == []
 
 
+def test_static_weights_for_names_hydra_cannot_key_are_given_as_a_list_in_name_order():
+    """Hydra's grammar takes no quoted dictionary keys, so `Code / Python` cannot key policy.weights on a command
+    line; the README's way round it, a list in the sorted order of the names, reaches Static as meant."""
+    import numpy as np
+    from hydra.errors import OverrideParseException
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        with pytest.raises(OverrideParseException):
+            compose(config_name="trainer", overrides=["policy=static", "policy.weights={'Code / Python':1.0}"])
+        cfg = compose(config_name="trainer", overrides=["policy=static", "policy.weights=[0.5,0.2,0.3]"])
+    policy = instantiate(cfg.policy)
+    policy.bind(["Code / Python", "prose.en", "日本語"], np.array([10, 10, 10]))
+    np.testing.assert_allclose(policy.initial_weights(), [0.5, 0.2, 0.3])
+
+
 def test_report_to_may_be_one_name_as_the_trainer_takes_it(tmp_path, monkeypatch):
     """``report_to=tensorboard`` (one name, as the Trainer accepts it) stopped the recipe with "Input cfg is not an
     OmegaConf config object"; and with ``all`` the Trainer adds wandb itself, which then ran without the recipe's
