@@ -470,6 +470,7 @@ def main_runs(
             write_json_atomic(path, result, digest=True)
         results[arm] = read_json(path)
     summary = {
+        "objective": OmegaConf.to_container(cfg.propose, resolve=True)["objective"],  # (a name, or {domain: weight})
         "proposal": proposed,
         "law": fit["chosen"],
         "held_out_mae": {k: v["mean_mae"] for k, v in fit["held_out"].items()},
@@ -511,6 +512,16 @@ def report_lines(summary: dict[str, Any], names: list[str]) -> list[str]:
     for label, reduce in (("mean", np.mean), ("worst", np.max)):
         cells = " | ".join(f"{reduce(list(arms[a]['test'].values())):.3f}" for a in arms)
         lines.append(f"| **{label}** | {reduce(list(predicted.values())):.3f} | {cells} |")
+    objective = summary.get("objective", "mean")
+    if objective not in ("mean", "worst"):  # what the proposal was chosen for: one domain or weighted domains
+        evaluated = list(predicted)
+
+        def value(losses: dict[str, float]) -> str:
+            return f"{objective_values(np.array([[losses[d] for d in evaluated]]), evaluated, objective)[0]:.3f}"
+
+        label = objective if isinstance(objective, str) else ", ".join(f"{d} {w:g}" for d, w in objective.items())
+        cells = " | ".join(value(arms[a]["test"]) for a in arms)
+        lines.append(f"| **objective ({label})** | {value(predicted)} | {cells} |")
     schedule = summary["proposal"].get("schedule")
     if schedule:
         lines += ["", "Schedule (stage start step: weights):"]

@@ -574,6 +574,16 @@ def test_mixture_law_recipe_runs_every_stage_and_continues_where_it_stopped(tmp_
     careful = json.loads((work / "results.json").read_text())["proposal"]
     assert min(careful["weights"].values()) >= 0.05 - 1e-9
     assert set(careful["spread"]) == set(careful["predicted"]) and min(careful["spread"].values()) > 0
+    # A weighted objective: proposed for it, and its value per arm in the table beside mean and worst.
+    weighted = [*base, "propose.objective={code:2,fiction:1}"]
+    weighted = subprocess.run(weighted, capture_output=True, text=True, cwd=tmp_path)
+    assert weighted.returncode == 0, weighted.stderr[-3000:]
+    summary = json.loads((work / "results.json").read_text())
+    assert summary["objective"] == {"code": 2.0, "fiction": 1.0}
+    law_test = summary["arms"]["law"]["test"]
+    label = "| **objective (code 2, fiction 1)** |"
+    row = next(line for line in weighted.stdout.splitlines() if line.startswith(label))
+    assert row.split("|")[3].strip() == f"{(2 * law_test['code'] + law_test['fiction']) / 3:.3f}"  # (the law arm)
 
 
 @pytest.mark.parametrize(

@@ -83,3 +83,16 @@ def test_a_thousand_domains_keep_a_readable_figure_whose_legend_names_the_heavie
     heaviest = np.argsort(-weights.max(0), kind="stable")[:LEGEND_MAX]
     assert named == [names[i] for i in sorted(heaviest)] and "cluster_999" in named
     assert seen["names"][-1] == f"... {1000 - LEGEND_MAX} more domains (lower peak weights)"
+
+
+def test_a_font_added_to_matplotlibs_family_list_draws_its_characters_unescaped():
+    """The escape is for characters no font of the plot has: a user who lists a font that has them (a CJK font, here
+    STIX for a letter DejaVu lacks) gets them drawn as they are."""
+    import matplotlib
+
+    from dataflex.plotting import drawable_names
+
+    letter = "\u1d81"  # (LATIN SMALL LETTER D WITH PALATAL HOOK: in STIXGeneral, not in DejaVu Sans)
+    assert drawable_names([f"d{letter}"]) == ["d\\u1d81"]
+    with matplotlib.rc_context({"font.family": ["DejaVu Sans", "STIXGeneral"]}):
+        assert drawable_names([f"d{letter}"]) == [f"d{letter}"]
