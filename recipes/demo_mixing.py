@@ -1,6 +1,6 @@
 """Demo: a tiny GPT trained on the 8 textmix domains, uniform mixture vs. ODM, on a stock HF Trainer.
 
-    python recipes/demo_mixing.py                 # under 2 minutes on 2 CPU cores
+    python recipes/demo_mixing.py                 # about 2 minutes on 2 CPU cores
     python recipes/demo_mixing.py --steps 100     # a quick look
 
 Prints per-domain validation loss side by side and writes ``<out>/weights.png`` (ODM's weight
