@@ -11,6 +11,7 @@ two such domains would look the same in the legend; it is written as its code po
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,15 +35,24 @@ def domain_colors(count: int) -> list:
     return [colormaps["turbo"](x) for x in np.linspace(0.03, 0.97, count)]
 
 
-def _drawable_characters() -> set[int]:
+def _drawable_characters() -> frozenset[int]:
     """The code points some font of matplotlib's current family list has a glyph for (the fonts it falls back
     through, generic names such as ``sans-serif`` expanded to their configured lists)."""
     from matplotlib import font_manager, rcParams
-    from matplotlib.ft2font import FT2Font
 
-    names = []
+    names: list[str] = []
     for family in rcParams["font.family"]:
         names += rcParams.get(f"font.{family}", [family]) if family in font_manager.font_family_aliases else [family]
+    return _characters_of(tuple(names))
+
+
+@functools.lru_cache(maxsize=8)
+def _characters_of(names: tuple[str, ...]) -> frozenset[int]:
+    """The code points the installed fonts of ``names`` have (read once per family list: a sweep plot asks per
+    label)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
     drawable: set[int] = set()
     for name in names:
         try:
@@ -50,7 +60,7 @@ def _drawable_characters() -> set[int]:
         except ValueError:  # (not installed)
             continue
         drawable |= set(FT2Font(path).get_charmap())
-    return drawable
+    return frozenset(drawable)
 
 
 def drawable_names(names: Sequence[str]) -> list[str]:

@@ -199,14 +199,14 @@ def train_with_callback(
 def reporters(value: Any) -> str | list[str]:
     """``report_to`` from the config as the Trainer takes it: a list (``report_to=[tensorboard,wandb]``) or one
     name, ``all`` or ``none`` as written on a command line (``report_to=tensorboard``); null means none."""
-    from omegaconf import ListConfig, OmegaConf
+    from collections.abc import Sequence
 
     if value is None:
         return "none"
     if isinstance(value, str):
         return value
-    if isinstance(value, ListConfig | list | tuple) and all(isinstance(v, str) for v in value):
-        return list(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):  # (a ListConfig is a Sequence)
+        return list(value)
     raise ValueError(f"report_to must be a reporter name, 'all', 'none' or a list of names; got {value!r}")
 
 
